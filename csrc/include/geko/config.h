@@ -1,0 +1,59 @@
+// Every GEKO threshold and rate, defined once. Python's GekoConfig reads its
+// defaults from this struct (through _C.Config), so nothing is typed twice.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace geko {
+
+// Bucket codes shared by the kernels, the table and the planner.
+// FREEZE..HARD are the four GEKO buckets (DESIGN.md §3). UNSEEN marks a table
+// entry that was never updated; INVALID marks a statistics row with no valid
+// token or a non-finite value (never stored in the table).
+enum Bucket : int8_t {
+  kInvalid = -1,
+  kFreeze = 0,
+  kLight = 1,
+  kFocus = 2,
+  kHard = 3,
+  kUnseen = 4,
+};
+constexpr int kNumBuckets = 5;  // FREEZE, LIGHT, FOCUS, HARD, UNSEEN
+
+struct Config {
+  // Instant bucket: correct & confidence > freeze_confidence -> FREEZE
+  // (the table also requires q >= freeze_q), correct otherwise -> LIGHT,
+  // wrong & confidence > hard_confidence -> HARD, wrong otherwise -> FOCUS.
+  double freeze_confidence = 0.85;
+  double freeze_q = 0.80;
+  double hard_confidence = 0.60;
+  // A sequence counts as correct when its token accuracy reaches this.
+  double correct_threshold = 0.9;
+  // Q-value: q <- (1 - q_alpha) q + q_alpha r, r = 1 - min(loss / loss_scale, 1).
+  double q_alpha = 0.1;
+  double q_init = 0.5;
+  double loss_scale = 2.0;
+  // EMA of loss (beta1) and of loss differences (beta2): x <- b x + (1 - b) v.
+  double loss_ema_beta = 0.9;
+  double loss_diff_ema_beta = 0.9;
+  // Noise guard: after this many consecutive HARD visits a sample loses its
+  // extra weight (its bucket becomes FOCUS). 0 disables the guard.
+  int32_t noise_guard_visits = 8;
+
+  // Throws std::invalid_argument naming the offending field.
+  void validate() const;
+};
+
+// Instant bucket of one sample from its statistics (no Q gate). Thresholds are
+// compared in float32, as the torch reference and the Triton kernels compare them,
+// so every path agrees exactly. NaN confidence -> INVALID.
+inline int8_t instant_bucket(float confidence, float correct, const Config& c) {
+  if (confidence != confidence) return kInvalid;
+  if (correct >= static_cast<float>(c.correct_threshold)) {
+    return confidence > static_cast<float>(c.freeze_confidence) ? kFreeze : kLight;
+  }
+  return confidence > static_cast<float>(c.hard_confidence) ? kHard : kFocus;
+}
+
+}  // namespace geko

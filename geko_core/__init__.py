@@ -1,0 +1,48 @@
+"""geko_core: a sample-selection engine for PyTorch training.
+
+Scores every sample from the logits of the step that already ran, keeps each sample's
+history in a compiled table, and plans which samples deserve compute next.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._backend import CompiledCoreError, backend_status, compiled_core_error
+
+__all__ = [
+    "BUCKET_FOCUS",
+    "BUCKET_FREEZE",
+    "BUCKET_HARD",
+    "BUCKET_INVALID",
+    "BUCKET_LIGHT",
+    "BUCKET_NAMES",
+    "BUCKET_UNSEEN",
+    "CompiledCoreError",
+    "GekoConfig",
+    "SampleStats",
+    "TokenStats",
+    "backend_status",
+    "compiled_core_error",
+    "__version__",
+]
+
+if compiled_core_error() is None:
+    from .config import (
+        BUCKET_FOCUS,
+        BUCKET_FREEZE,
+        BUCKET_HARD,
+        BUCKET_INVALID,
+        BUCKET_LIGHT,
+        BUCKET_NAMES,
+        BUCKET_UNSEEN,
+        GekoConfig,
+    )
+    from .types import SampleStats, TokenStats
+else:
+    # `import geko_core` still works (so `python -m geko_core.info` can report the
+    # problem); touching anything that needs the compiled core says how to build it.
+    def __getattr__(name: str):
+        if name in __all__:
+            raise CompiledCoreError(compiled_core_error())
+        raise AttributeError(f"module 'geko_core' has no attribute {name!r}")

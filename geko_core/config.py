@@ -1,0 +1,95 @@
+"""GekoConfig: every GEKO threshold and rate in one place.
+
+The defaults are read from the C++ struct ``geko::Config`` (csrc/include/geko/config.h)
+through ``_C.Config``, so the compiled core, the kernels and the torch reference all
+see the same numbers and none of them is typed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ._backend import load_compiled_core
+
+_C = load_compiled_core()
+_DEFAULTS = _C.Config()
+
+#: Bucket codes (DESIGN.md §3). INVALID only appears in statistics, UNSEEN only in the table.
+BUCKET_INVALID: int = _C.BUCKET_INVALID
+BUCKET_FREEZE: int = _C.BUCKET_FREEZE
+BUCKET_LIGHT: int = _C.BUCKET_LIGHT
+BUCKET_FOCUS: int = _C.BUCKET_FOCUS
+BUCKET_HARD: int = _C.BUCKET_HARD
+BUCKET_UNSEEN: int = _C.BUCKET_UNSEEN
+NUM_BUCKETS: int = _C.NUM_BUCKETS
+BUCKET_NAMES: tuple[str, ...] = ("FREEZE", "LIGHT", "FOCUS", "HARD", "UNSEEN")
+
+
+@dataclass(frozen=True)
+class GekoConfig:
+    """Thresholds and rates of the GEKO rules (DESIGN.md §3).
+
+    Attributes:
+        freeze_confidence: a correct sample above this confidence is FREEZE-eligible.
+        freeze_q: FREEZE also needs the sample's Q-value at or above this (table only).
+        hard_confidence: a wrong sample above this confidence is HARD, else FOCUS.
+            Must be below ``freeze_confidence``.
+        correct_threshold: a sequence is correct when its token accuracy reaches this.
+        q_alpha: Q-value step, ``q <- (1 - a) q + a r``.
+        q_init: Q-value of a never-seen sample.
+        loss_scale: reward ``r = 1 - min(loss / loss_scale, 1)``.
+        loss_ema_beta: EMA factor of the loss (ES's beta1).
+        loss_diff_ema_beta: EMA factor of the loss difference (ES's beta2).
+        noise_guard_visits: consecutive HARD visits after which a sample is treated as
+            FOCUS (suspected label noise); 0 disables the guard.
+    """
+
+    freeze_confidence: float = _DEFAULTS.freeze_confidence
+    freeze_q: float = _DEFAULTS.freeze_q
+    hard_confidence: float = _DEFAULTS.hard_confidence
+    correct_threshold: float = _DEFAULTS.correct_threshold
+    q_alpha: float = _DEFAULTS.q_alpha
+    q_init: float = _DEFAULTS.q_init
+    loss_scale: float = _DEFAULTS.loss_scale
+    loss_ema_beta: float = _DEFAULTS.loss_ema_beta
+    loss_diff_ema_beta: float = _DEFAULTS.loss_diff_ema_beta
+    noise_guard_visits: int = _DEFAULTS.noise_guard_visits
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" or field.type is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"GekoConfig.{field.name} must be an int, got {type(value).__name__}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"GekoConfig.{field.name} must be a number, got {type(value).__name__}")
+        self.to_cpp()  # the C++ validator is the one rule; it raises ValueError
+
+    def to_cpp(self) -> "_C.Config":
+        """The equivalent validated ``_C.Config``."""
+        cfg = _C.Config()
+        for field in dataclasses.fields(self):
+            setattr(cfg, field.name, getattr(self, field.name))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GekoConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"GekoConfig: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+def resolve_config(config: GekoConfig | None) -> GekoConfig:
+    """``config`` or the defaults; refuses anything that is not a GekoConfig."""
+    if config is None:
+        return GekoConfig()
+    if not isinstance(config, GekoConfig):
+        raise TypeError(f"config must be a geko_core.GekoConfig, got {type(config).__name__}")
+    return config

@@ -1,0 +1,136 @@
+"""The torch reference: the oracle for every kernel, test and benchmark baseline.
+
+Plain, readable torch. Inputs are assumed validated by the public API
+(``geko_core.stats``); the reference nevertheless treats an out-of-range label as an
+ignored token, as the GPU kernels do, so the two agree on any input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_INVALID, BUCKET_LIGHT, GekoConfig, resolve_config
+from .types import SampleStats, TokenStats
+
+__all__ = ["as_samples", "instant_bucket", "sample_stats_reference", "token_stats_reference"]
+
+
+def as_samples(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """View logits as ``[S, T, V]`` and labels as ``[S, T]`` (``T = 1`` for ``[N, V]``).
+
+    ``shift=True`` applies the causal-LM shift (token t predicts label t+1): views only,
+    no copy.
+    """
+    if logits.dim() == 2:
+        if shift:
+            raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
+        return logits.unsqueeze(1), labels.unsqueeze(1)
+    if shift:
+        return logits[:, :-1, :], labels[:, 1:]
+    return logits, labels
+
+
+def token_stats_reference(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100
+) -> tuple[TokenStats, torch.Tensor]:
+    """Token statistics of ``[S, T, V]`` logits and ``[S, T]`` labels.
+
+    Returns:
+        (TokenStats, finite): ``finite`` is bool ``[S, T]``, False where the row holds a
+        NaN or infinite logit.
+    """
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(compute_dtype)
+    vocab = x.shape[-1]
+    labels = labels.to(torch.int64)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    finite = torch.isfinite(x).all(dim=-1)
+
+    lse = torch.logsumexp(x, dim=-1)
+    x_label = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    probs = torch.softmax(x, dim=-1)
+    loss = lse - x_label
+    confidence = probs.amax(dim=-1)
+    label_prob = torch.exp(x_label - lse)
+    correct = (x.argmax(dim=-1) == safe_labels).to(compute_dtype)  # argmax: first maximal index
+    entropy = lse - (probs * x).sum(dim=-1)
+    sum_p2 = (probs * probs).sum(dim=-1)
+    el2n = torch.sqrt(torch.clamp(sum_p2 - 2.0 * label_prob + 1.0, min=0.0))
+
+    def tok(value: torch.Tensor) -> torch.Tensor:
+        return torch.where(valid, value, torch.zeros_like(value)).to(torch.float32)
+
+    stats = TokenStats(
+        loss=tok(loss),
+        confidence=tok(confidence),
+        label_prob=tok(label_prob),
+        correct=tok(correct),
+        entropy=tok(entropy),
+        el2n=tok(el2n),
+        valid=valid,
+    )
+    return stats, finite
+
+
+def instant_bucket(confidence: torch.Tensor, correct: torch.Tensor, config: GekoConfig) -> torch.Tensor:
+    """Instant bucket (int8) from confidence and correct fraction; NaN confidence -> INVALID."""
+    is_correct = correct >= config.correct_threshold
+    bucket = torch.where(
+        is_correct,
+        torch.where(confidence > config.freeze_confidence, BUCKET_FREEZE, BUCKET_LIGHT),
+        torch.where(confidence > config.hard_confidence, BUCKET_HARD, BUCKET_FOCUS),
+    )
+    bucket = torch.where(torch.isnan(confidence), BUCKET_INVALID, bucket)
+    return bucket.to(torch.int8)
+
+
+def sample_stats_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    per_token: bool = False,
+    config: GekoConfig | None = None,
+) -> SampleStats:
+    """Per-sample statistics (DESIGN.md §2) in plain torch.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, any float dtype.
+        labels: ``[N]`` or ``[B, T]``, integer.
+        ignore_index: label value of tokens to skip.
+        shift: apply the causal-LM shift (3-D only).
+        per_token: also return the token-level values.
+        config: thresholds of the instant bucket.
+
+    Returns:
+        SampleStats with one value per sample (``S = N`` or ``B``).
+    """
+    config = resolve_config(config)
+    logits3, labels3 = as_samples(logits, labels, shift=shift)
+    tokens, finite = token_stats_reference(logits3, labels3, ignore_index=ignore_index)
+    valid_tokens = tokens.valid.sum(dim=1)
+    bad = (~finite & tokens.valid).any(dim=1) | (valid_tokens == 0)
+    denom = valid_tokens.clamp(min=1).to(torch.float64)
+
+    def mean(value: torch.Tensor) -> torch.Tensor:
+        total = torch.where(tokens.valid, value.to(torch.float64), torch.zeros((), dtype=torch.float64, device=value.device)).sum(dim=1)
+        out = (total / denom).to(torch.float32)
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+    confidence = mean(tokens.confidence)
+    correct = mean(tokens.correct)
+    return SampleStats(
+        loss=mean(tokens.loss),
+        confidence=confidence,
+        label_prob=mean(tokens.label_prob),
+        correct=correct,
+        entropy=mean(tokens.entropy),
+        el2n=mean(tokens.el2n),
+        valid_tokens=valid_tokens.to(torch.int32),
+        bucket=instant_bucket(confidence, correct, config),
+        tokens=tokens if per_token else None,
+    )

@@ -1,0 +1,7 @@
+#include "bindings.h"
+
+namespace geko::bindings {
+
+void bind_planner(pybind11::module_& m) { (void)m; }
+
+}  // namespace geko::bindings

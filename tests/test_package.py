@@ -1,0 +1,76 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import geko_core
+from geko_core import GekoConfig
+from geko_core._backend import resolve_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_from_elsewhere(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", "import geko_core, geko_core.kernels; print(geko_core.__version__)"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == geko_core.__version__
+
+
+def test_info_reports_backends_and_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "geko_core.info"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    for needle in ("geko_core: ", "torch: ", "backends:", "cpp:", "omp_max_threads", "avx2"):
+        assert needle in out.stdout
+
+
+def test_config_defaults_come_from_cpp():
+    cfg = GekoConfig()
+    cpp = geko_core.config._C.Config()
+    assert cfg.freeze_confidence == cpp.freeze_confidence == 0.85
+    assert cfg.hard_confidence == 0.60 and cfg.freeze_q == 0.80 and cfg.q_alpha == 0.1 and cfg.q_init == 0.5
+    assert GekoConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hard_confidence": 0.9}, "hard_confidence"),
+        ({"freeze_confidence": 1.5}, "freeze_confidence"),
+        ({"q_alpha": 0.0}, "q_alpha"),
+        ({"loss_scale": float("nan")}, "loss_scale"),
+        ({"noise_guard_visits": -1}, "noise_guard_visits"),
+        ({"loss_ema_beta": 1.0}, "loss_ema_beta"),
+    ],
+)
+def test_config_refuses_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GekoConfig(**kwargs)
+
+
+def test_config_type_errors():
+    with pytest.raises(TypeError, match="noise_guard_visits"):
+        GekoConfig(noise_guard_visits=2.5)
+    with pytest.raises(TypeError, match="freeze_q"):
+        GekoConfig(freeze_q="high")
+    with pytest.raises(ValueError, match="unknown"):
+        GekoConfig.from_dict({"bogus": 1})
+
+
+def test_backend_resolution():
+    assert resolve_backend("cpu", None) == "cpp"
+    assert resolve_backend("cpu", "reference") == "reference"
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend("cpu", "fast")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_backend("cpu", "triton")
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = next(line.split("=", 1)[1].strip().strip("'\"") for line in ci.splitlines() if line.startswith("TEST_COMMAND="))
+    assert command in readme
