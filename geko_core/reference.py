@@ -1,8 +1,9 @@
 """The torch reference: the oracle for every kernel, test and benchmark baseline.
 
 Plain, readable torch. Inputs are assumed validated by the public API
-(``geko_core.stats``); the reference nevertheless treats an out-of-range label as an
-ignored token, as the GPU kernels do, so the two agree on any input.
+(``geko_core.stats``); the reference nevertheless gives an out-of-range label (neither
+``ignore_index`` nor in ``[0, V)``) the meaning the GPU kernels give it, which never read out
+of bounds: the token is bad and its sample invalid, so the two agree on any input.
 """
 
 from __future__ import annotations
@@ -38,16 +39,19 @@ def token_stats_reference(
     """Token statistics of ``[S, T, V]`` logits and ``[S, T]`` labels.
 
     Returns:
-        (TokenStats, finite): ``finite`` is bool ``[S, T]``, False where the row holds a
-        NaN or infinite logit.
+        (TokenStats, good): ``good`` is bool ``[S, T]``, False where the token's row holds a
+        NaN or infinite logit or its label is out of range (not ignore_index, not in [0, V)).
+        Such a token has ``valid == False`` and makes its sample invalid.
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(compute_dtype)
     vocab = x.shape[-1]
     labels = labels.to(torch.int64)
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+    in_range = (labels >= 0) & (labels < vocab)
+    counted = labels != ignore_index
+    valid = counted & in_range
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    finite = torch.isfinite(x).all(dim=-1)
+    good = torch.isfinite(x).all(dim=-1) & (in_range | ~counted)
 
     lse = torch.logsumexp(x, dim=-1)
     x_label = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
@@ -72,7 +76,7 @@ def token_stats_reference(
         el2n=tok(el2n),
         valid=valid,
     )
-    return stats, finite
+    return stats, good
 
 
 def instant_bucket(confidence: torch.Tensor, correct: torch.Tensor, config: GekoConfig) -> torch.Tensor:
@@ -111,9 +115,10 @@ def sample_stats_reference(
     """
     config = resolve_config(config)
     logits3, labels3 = as_samples(logits, labels, shift=shift)
-    tokens, finite = token_stats_reference(logits3, labels3, ignore_index=ignore_index)
+    tokens, good = token_stats_reference(logits3, labels3, ignore_index=ignore_index)
     valid_tokens = tokens.valid.sum(dim=1)
-    bad = (~finite & tokens.valid).any(dim=1) | (valid_tokens == 0)
+    counted = labels3 != ignore_index
+    bad = (~good & counted).any(dim=1) | (valid_tokens == 0)
     denom = valid_tokens.clamp(min=1).to(torch.float64)
 
     def mean(value: torch.Tensor) -> torch.Tensor:

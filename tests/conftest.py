@@ -1,6 +1,10 @@
 import os
 
-# Triton warns when this is unset; tests run with warnings as errors.
+# Triton's @jit reads TRITON_INTERPRET when a kernel module is imported, so the whole test
+# session runs the Triton kernels in the CPU interpreter; ahead-of-time compilation for GPU
+# targets runs in subprocesses with it unset. Triton warns when FP fusion is unset, and the
+# tests run with warnings as errors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
