@@ -1,0 +1,114 @@
+"""``geko-bench``: measured compute savings of every policy on locally made data.
+
+    geko-bench --quick          # about a minute
+    geko-bench                  # the default run (within 15 minutes on 2 cores)
+    geko-bench --smoke          # seconds; what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+__all__ = ["main"]
+
+DEFAULT_TASKS = ("mnist1d", "stdlib-lm")
+DEFAULT_POLICIES = ("full", "random_subset", "infobatch", "es", "geko")
+
+
+class _Progress:
+    """A dependency-free progress bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.started = time.perf_counter()
+
+    def update(self, label: str, advance: int = 0) -> None:
+        self.done += advance
+        if not self.enabled:
+            return
+        width = 28
+        filled = int(width * self.done / max(self.total, 1))
+        elapsed = time.perf_counter() - self.started
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} epochs  {elapsed:5.0f}s  {label[:60]:<60}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="geko-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--quick", action="store_true", help="small data and few epochs (about a minute)")
+    scale.add_argument("--smoke", action="store_true", help="tiny end-to-end check (seconds)")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm")
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of full and Selector policies")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3 (1 with --smoke)")
+    parser.add_argument("--out", default="geko-bench-out", help="output directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from .report import aggregate, format_table, goal_report, write_outputs
+    from .runner import run_one
+    from .tasks import make_task
+
+    scale_name = "smoke" if args.smoke else "quick" if args.quick else "default"
+    seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 3)
+    if seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [make_task(name.strip(), scale_name) for name in args.tasks.split(",") if name.strip()]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    from ..policies import POLICIES
+
+    for policy in policies:
+        if policy != "full" and policy not in POLICIES:
+            parser.error(f"unknown policy {policy!r}")
+    # GEKO runs first in each seed so the random subset can match its budget.
+    ordered = sorted(policies, key=lambda p: {"full": 0, "geko": 1}.get(p, 2))
+    progress = _Progress(sum(t.epochs for t in tasks) * len(policies) * seeds, enabled=not args.no_progress and sys.stderr.isatty())
+    runs = []
+    started = time.perf_counter()
+    for task in tasks:
+        for seed in range(seeds):
+            geko_fraction = None
+            for policy in ordered:
+                options = None
+                if policy == "random_subset":
+                    fraction = geko_fraction if geko_fraction is not None else 0.5
+                    options = {"budget": min(1.0, max(fraction, 1e-3))}
+                label = f"{task.name} {policy} seed {seed}"
+                progress.update(label)
+                result = run_one(task, policy, seed, policy_options=options, on_epoch=lambda e, label=label: progress.update(label, 1))
+                if policy == "geko":
+                    geko_fraction = result["backpropagated"] / (task.num_samples * task.epochs)
+                runs.append(result)
+    progress.close()
+    rows = aggregate(runs)
+    meta = {
+        "command": "geko-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "scale": scale_name,
+        "seeds": seeds,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    written = write_outputs(Path(args.out), runs, rows, meta)
+    print(format_table(rows))
+    report = goal_report(rows)
+    if report:
+        print("\nGoals (DESIGN.md §5):\n" + report)
+    print(f"\n{len(runs)} runs in {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,165 @@
+"""Benchmark tasks: data, model, optimiser and evaluation, the same for every policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import make_mnist1d, make_stdlib_text
+
+__all__ = ["Task", "make_task"]
+
+
+@dataclass
+class Task:
+    """Everything a run needs, independent of the selection policy.
+
+    ``inputs``/``targets`` are the training tensors indexed by dataset index;
+    ``evaluate(model)`` returns the held-out metric; ``higher_is_better`` says its direction.
+    """
+
+    name: str
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    make_model: Callable[[int], nn.Module]
+    evaluate: Callable[[nn.Module], float]
+    metric_name: str
+    higher_is_better: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    config_overrides: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.targets.shape[0])
+
+
+class _CNN1D(nn.Module):
+    def __init__(self, length: int, classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, width, 5, padding=2), nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=2, stride=2), nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=2, stride=2), nn.ReLU(),
+        )
+        self.head = nn.Linear(width * math.ceil(math.ceil(length / 2) / 2), classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
+class _ByteLM(nn.Module):
+    """A small causal transformer over bytes."""
+
+    def __init__(self, seq_len: int, width: int = 64, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Parameter(torch.zeros(seq_len, width))
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        h = self.embed(tokens) + self.position[:t]
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def _mnist1d_task(scale: str, label_noise: float) -> Task:
+    sizes = {"smoke": 2_000, "quick": 10_000, "default": 40_000}
+    epochs = {"smoke": 2, "quick": 6, "default": 12}
+    data = make_mnist1d(sizes[scale], label_noise=label_noise)
+    x_test = torch.from_numpy(data.x_test)
+    y_test = torch.from_numpy(data.y_test)
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return _CNN1D(data.x_train.shape[1], data.num_classes)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        correct = sum(int((model(x_test[i : i + 2048]).argmax(-1) == y_test[i : i + 2048]).sum()) for i in range(0, len(y_test), 2048))
+        model.train()
+        return 100.0 * correct / len(y_test)
+
+    suffix = f"-noise{int(round(label_noise * 100))}" if label_noise else ""
+    return Task(
+        name=f"mnist1d{suffix}",
+        inputs=torch.from_numpy(data.x_train),
+        targets=torch.from_numpy(data.y_train),
+        make_model=make_model,
+        evaluate=evaluate,
+        metric_name="accuracy_%",
+        higher_is_better=True,
+        epochs=epochs[scale],
+        batch_size=128,
+        lr=3e-3,
+        weight_decay=1e-4,
+    )
+
+
+def _stdlib_lm_task(scale: str) -> Task:
+    sizes = {"smoke": (256, 64), "quick": (1024, 256), "default": (3072, 512)}
+    epochs = {"smoke": 2, "quick": 4, "default": 8}
+    seq_len = 64
+    n_train, n_test = sizes[scale]
+    data = make_stdlib_text(n_train, n_test, seq_len=seq_len)
+    train = torch.from_numpy(data.train.astype(np.int64))
+    test = torch.from_numpy(data.test.astype(np.int64))
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return _ByteLM(seq_len)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(test), 256):
+            chunk = test[i : i + 256]
+            logits = model(chunk[:, :-1])
+            total += float(nn.functional.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum"))
+            count += chunk[:, 1:].numel()
+        model.train()
+        return math.exp(total / count)
+
+    return Task(
+        name="stdlib-lm",
+        inputs=train[:, :-1].contiguous(),
+        targets=train[:, 1:].contiguous(),
+        make_model=make_model,
+        evaluate=evaluate,
+        metric_name="perplexity",
+        higher_is_better=False,
+        epochs=epochs[scale],
+        batch_size=32,
+        lr=3e-3,
+        weight_decay=0.0,
+        # A byte-level sequence is "correct" when most of its bytes are predicted.
+        config_overrides={"correct_threshold": 0.6},
+    )
+
+
+def make_task(name: str, scale: str) -> Task:
+    """A task by name: ``mnist1d``, ``mnist1d-noise20``, ``mnist1d-noise40``, ``stdlib-lm``."""
+    if scale not in ("smoke", "quick", "default"):
+        raise ValueError(f"scale must be smoke, quick or default, got {scale!r}")
+    if name == "mnist1d":
+        return _mnist1d_task(scale, 0.0)
+    if name.startswith("mnist1d-noise"):
+        rate = int(name.removeprefix("mnist1d-noise"))
+        return _mnist1d_task(scale, rate / 100.0)
+    if name == "stdlib-lm":
+        return _stdlib_lm_task(scale)
+    raise ValueError(f"unknown task {name!r}; choose mnist1d, mnist1d-noise20, mnist1d-noise40 or stdlib-lm")
