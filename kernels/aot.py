@@ -35,8 +35,9 @@ DEFAULT_CAPABILITIES: tuple[int, ...] = (80, 90)
 _DTYPES = ("fp32", "bf16", "fp16")
 # A typical LLM vocabulary: the largest V tile, the most registers.
 _LARGE_VOCAB = 32000
-# A small vocabulary (classification): one small tile.
+# A small vocabulary (classification): one small tile; and the smallest tile.
 _SMALL_VOCAB = 1000
+_TINY_VOCAB = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,10 @@ class KernelVariant:
     def label(self) -> str:
         consts = ",".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in self.constexprs)
         index = "i64" if any(ty == "i64" for _, ty in self.signature) else "i32"
-        return f"{consts},warps={self.num_warps},idx={index}"
+        # align=16: pointers and row strides divisible by 16 (e.g. V = 32000), vector loads;
+        # align=1: an odd vocabulary such as 50257, element-wise loads
+        align = 16 if self.signature[0][0] in self.aligned else 1
+        return f"{consts},warps={self.num_warps},idx={index},align={align}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +148,13 @@ def kernel_variants() -> list[KernelVariant]:
 
     Every kernel in every logits dtype with the launch configuration of a large vocabulary
     (largest tile, most registers); the statistics kernel also with and without ``WRITE_LSE``,
-    with a small vocabulary, and with 64-bit strides (tensors past 2**31 elements).
+    with small vocabularies, with unaligned rows (odd V) and with 64-bit strides (tensors
+    past 2**31 elements).
     """
     from .sample_stats import reduce_launch_config, stats_launch_config
 
     variants: list[KernelVariant] = []
     large_block, large_warps = stats_launch_config(_LARGE_VOCAB)
-    small_block, small_warps = stats_launch_config(_SMALL_VOCAB)
     stats_aligned = ("logits_ptr", "labels_ptr", "token_ptr", "valid_ptr", "bad_ptr", "lse_ptr", "stride_ls", "stride_lt")
     for dtype in _DTYPES:
         for write_lse in (False, True):
@@ -179,11 +183,23 @@ def kernel_variants() -> list[KernelVariant]:
             "_sample_stats_kernel",
             "bf16",
             _stats_signature("bf16", "i32"),
-            (("BLOCK_V", small_block), ("WRITE_LSE", False)),
-            small_warps,
-            stats_aligned,
+            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
+            large_warps,
+            ("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr"),
         )
     )
+    for vocab in (_SMALL_VOCAB, _TINY_VOCAB):
+        block, warps = stats_launch_config(vocab)
+        variants.append(
+            KernelVariant(
+                "_sample_stats_kernel",
+                "bf16",
+                _stats_signature("bf16", "i32"),
+                (("BLOCK_V", block), ("WRITE_LSE", False)),
+                warps,
+                stats_aligned,
+            )
+        )
     backward_aligned = ("logits_ptr", "labels_ptr", "lse_ptr", "scale_ptr", "grad_ptr", "stride_ls", "stride_lt", "stride_gs", "stride_gt")
     for dtype in _DTYPES:
         variants.append(
@@ -196,6 +212,16 @@ def kernel_variants() -> list[KernelVariant]:
                 backward_aligned,
             )
         )
+    variants.append(
+        KernelVariant(
+            "_cross_entropy_backward_kernel",
+            "bf16",
+            _backward_signature("bf16", "i32"),
+            (("BLOCK_V", large_block),),
+            large_warps,
+            ("labels_ptr", "lse_ptr", "scale_ptr"),
+        )
+    )
     block_t, reduce_warps = reduce_launch_config(4096)
     variants.append(
         KernelVariant(
