@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from geko_core._backend import triton_interpreter_enabled
 from geko_core.config import (
     BUCKET_FOCUS,
     BUCKET_FREEZE,
@@ -258,7 +259,8 @@ def check_inputs(logits3: torch.Tensor, labels3: torch.Tensor) -> None:
 
     Raises:
         TypeError: not tensors, unsupported logits dtype, non-integer labels.
-        ValueError: wrong ranks or shapes, a non-unit stride along V, different devices.
+        ValueError: wrong ranks or shapes, a non-unit stride along V, different devices,
+            CPU tensors without the interpreter.
     """
     if not isinstance(logits3, torch.Tensor) or not isinstance(labels3, torch.Tensor):
         raise TypeError(
@@ -277,10 +279,15 @@ def check_inputs(logits3: torch.Tensor, labels3: torch.Tensor) -> None:
         )
     if logits3.shape[2] < 1:
         raise ValueError("logits3 must have at least one class (V >= 1)")
-    if logits3.stride(2) != 1:
+    if logits3.stride(2) != 1 and logits3.shape[2] > 1:
         raise ValueError(f"logits3 must have stride 1 along V, got strides {logits3.stride()}")
     if labels3.device != logits3.device:
         raise ValueError(f"labels3 is on {labels3.device} but logits3 is on {logits3.device}")
+    if logits3.device.type != "cuda" and not triton_interpreter_enabled():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {logits3.device} "
+            "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)"
+        )
 
 
 def launch_sample_stats(

@@ -300,3 +300,12 @@ def test_launchers_never_synchronise_with_the_host():
         source = inspect.getsource(module)
         for call in (".item(", ".cpu(", ".tolist(", ".numpy(", "synchronize("):
             assert call not in source, f"{module.__name__} calls {call}"
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    if DEVICE != "cpu":
+        pytest.skip("CUDA session")
+    logits, labels = make_batch((1, 2, 5), torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        run(logits, labels)
