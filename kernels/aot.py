@@ -1,0 +1,355 @@
+"""Ahead-of-time compilation of the geko_core kernels for GPU targets, without a GPU.
+
+``triton.compile`` runs the whole pipeline (Triton IR -> LLVM -> PTX -> ``ptxas``) for a
+given ``GPUTarget`` on any machine, so compile errors, register counts, spills and shared
+memory are known before the kernels ever meet a GPU. The register and spill counts come
+from ``ptxas -v`` (Triton only reads them from the driver when a GPU loads the binary).
+
+Usage::
+
+    python -m geko_core.kernels.aot                  # table for sm_80 and sm_90
+    python -m geko_core.kernels.aot --capability 90 --json
+
+Needs TRITON_INTERPRET unset: ``@triton.jit`` reads it when the kernel modules are imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["CompileReport", "KernelVariant", "compile_all", "compile_variant", "format_table", "kernel_variants", "main"]
+
+#: Compute capabilities the kernels are checked for (A100, H100).
+DEFAULT_CAPABILITIES: tuple[int, ...] = (80, 90)
+
+_DTYPES = ("fp32", "bf16", "fp16")
+# A typical LLM vocabulary: the largest V tile, the most registers.
+_LARGE_VOCAB = 32000
+# A small vocabulary (classification): one small tile; and the smallest tile.
+_SMALL_VOCAB = 1000
+_TINY_VOCAB = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelVariant:
+    """One specialisation of one kernel: argument types, constexprs, warps."""
+
+    kernel: str
+    dtype: str  # logits dtype, "-" when the kernel does not read logits
+    signature: tuple[tuple[str, str], ...]  # (argument name, Triton type) in order
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    aligned: tuple[str, ...]  # arguments hinted divisible by 16, as Triton specialises them
+
+    @property
+    def label(self) -> str:
+        consts = ",".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in self.constexprs)
+        index = "i64" if any(ty == "i64" for _, ty in self.signature) else "i32"
+        # align=16: pointers and row strides divisible by 16 (e.g. V = 32000), vector loads;
+        # align=1: an odd vocabulary such as 50257, element-wise loads
+        align = 16 if self.signature[0][0] in self.aligned else 1
+        return f"{consts},warps={self.num_warps},idx={index},align={align}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What ptxas says about one compiled variant."""
+
+    kernel: str
+    dtype: str
+    variant: str
+    capability: int
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack_frame: int  # bytes
+    shared: int  # bytes of shared memory (Triton metadata)
+    seconds: float
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+def _stats_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("logits_ptr", f"*{dtype}"),
+        ("labels_ptr", "*i64"),
+        ("token_ptr", "*fp32"),
+        ("valid_ptr", "*i8"),
+        ("bad_ptr", "*i8"),
+        ("lse_ptr", "*fp32"),
+        ("T", "i32"),
+        ("V", "i32"),
+        ("stride_ls", index),
+        ("stride_lt", index),
+        ("stride_ys", "i32"),
+        ("stride_yt", "i32"),
+        ("field_stride", "i32"),
+        ("ignore_index", "i32"),
+        ("BLOCK_V", "constexpr"),
+        ("WRITE_LSE", "constexpr"),
+    )
+
+
+def _backward_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("logits_ptr", f"*{dtype}"),
+        ("labels_ptr", "*i64"),
+        ("lse_ptr", "*fp32"),
+        ("scale_ptr", "*fp32"),
+        ("grad_ptr", f"*{dtype}"),
+        ("T", "i32"),
+        ("V", "i32"),
+        ("stride_ls", index),
+        ("stride_lt", index),
+        ("stride_ys", "i32"),
+        ("stride_yt", "i32"),
+        ("stride_lse_s", "i32"),
+        ("stride_lse_t", "i32"),
+        ("stride_scale_s", "i32"),
+        ("stride_scale_t", "i32"),
+        ("stride_gs", index),
+        ("stride_gt", index),
+        ("ignore_index", "i32"),
+        ("BLOCK_V", "constexpr"),
+    )
+
+
+_REDUCE_SIGNATURE: tuple[tuple[str, str], ...] = (
+    ("token_ptr", "*fp32"),
+    ("valid_ptr", "*i8"),
+    ("bad_ptr", "*i8"),
+    ("sample_ptr", "*fp32"),
+    ("valid_tokens_ptr", "*i32"),
+    ("bucket_ptr", "*i8"),
+    ("S", "i32"),
+    ("T", "i32"),
+    ("field_stride", "i32"),
+    ("correct_threshold", "fp32"),
+    ("freeze_confidence", "fp32"),
+    ("hard_confidence", "fp32"),
+    ("BLOCK_T", "constexpr"),
+)
+
+
+def kernel_variants() -> list[KernelVariant]:
+    """The matrix checked by the tests and printed by the CLI.
+
+    Every kernel in every logits dtype with the launch configuration of a large vocabulary
+    (largest tile, most registers); the statistics kernel also with and without ``WRITE_LSE``,
+    with small vocabularies, with unaligned rows (odd V) and with 64-bit strides (tensors
+    past 2**31 elements).
+    """
+    from .sample_stats import reduce_launch_config, stats_launch_config
+
+    variants: list[KernelVariant] = []
+    large_block, large_warps = stats_launch_config(_LARGE_VOCAB)
+    stats_aligned = ("logits_ptr", "labels_ptr", "token_ptr", "valid_ptr", "bad_ptr", "lse_ptr", "stride_ls", "stride_lt")
+    for dtype in _DTYPES:
+        for write_lse in (False, True):
+            variants.append(
+                KernelVariant(
+                    "_sample_stats_kernel",
+                    dtype,
+                    _stats_signature(dtype, "i32"),
+                    (("BLOCK_V", large_block), ("WRITE_LSE", write_lse)),
+                    large_warps,
+                    stats_aligned,
+                )
+            )
+    variants.append(
+        KernelVariant(
+            "_sample_stats_kernel",
+            "bf16",
+            _stats_signature("bf16", "i64"),
+            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
+            large_warps,
+            stats_aligned,
+        )
+    )
+    variants.append(
+        KernelVariant(
+            "_sample_stats_kernel",
+            "bf16",
+            _stats_signature("bf16", "i32"),
+            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
+            large_warps,
+            ("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr"),
+        )
+    )
+    for vocab in (_SMALL_VOCAB, _TINY_VOCAB):
+        block, warps = stats_launch_config(vocab)
+        variants.append(
+            KernelVariant(
+                "_sample_stats_kernel",
+                "bf16",
+                _stats_signature("bf16", "i32"),
+                (("BLOCK_V", block), ("WRITE_LSE", False)),
+                warps,
+                stats_aligned,
+            )
+        )
+    backward_aligned = ("logits_ptr", "labels_ptr", "lse_ptr", "scale_ptr", "grad_ptr", "stride_ls", "stride_lt", "stride_gs", "stride_gt")
+    for dtype in _DTYPES:
+        variants.append(
+            KernelVariant(
+                "_cross_entropy_backward_kernel",
+                dtype,
+                _backward_signature(dtype, "i32"),
+                (("BLOCK_V", large_block),),
+                large_warps,
+                backward_aligned,
+            )
+        )
+    variants.append(
+        KernelVariant(
+            "_cross_entropy_backward_kernel",
+            "bf16",
+            _backward_signature("bf16", "i32"),
+            (("BLOCK_V", large_block),),
+            large_warps,
+            ("labels_ptr", "lse_ptr", "scale_ptr"),
+        )
+    )
+    block_t, reduce_warps = reduce_launch_config(4096)
+    variants.append(
+        KernelVariant(
+            "_sample_reduce_kernel",
+            "-",
+            _REDUCE_SIGNATURE,
+            (("BLOCK_T", block_t),),
+            reduce_warps,
+            ("token_ptr", "valid_ptr", "bad_ptr", "sample_ptr", "valid_tokens_ptr", "bucket_ptr"),
+        )
+    )
+    return variants
+
+
+def _kernel_function(name: str):
+    from . import cross_entropy, sample_stats
+
+    for module in (sample_stats, cross_entropy):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise ValueError(f"unknown kernel {name!r}")
+
+
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _parse_ptxas_log(log: str, kernel: str) -> tuple[int, int, int, int]:
+    """(registers, spill stores, spill loads, stack frame) from ``ptxas -v`` output."""
+    registers = _PTXAS_REGISTERS.search(log)
+    spills = _PTXAS_SPILLS.search(log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"could not read register/spill counts of {kernel} from the ptxas log:\n{log}")
+    stack, stores, loads = (int(value) for value in spills.groups())
+    return int(registers.group(1)), stores, loads, stack
+
+
+def compile_variant(variant: KernelVariant, capability: int) -> CompileReport:
+    """Compile one variant for ``sm_<capability>`` and read its resource usage.
+
+    Raises:
+        RuntimeError: the kernels were imported under TRITON_INTERPRET=1, or ptxas said
+            nothing parsable. Compilation errors propagate as Triton raises them.
+    """
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = _kernel_function(variant.kernel)
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(
+            f"{variant.kernel} is a {type(fn).__name__}, not a JITFunction: the kernels were imported with "
+            "TRITON_INTERPRET=1. Run the ahead-of-time compilation in a process without it."
+        )
+    names = [name for name, _ in variant.signature]
+    if names != list(fn.arg_names):
+        raise RuntimeError(f"aot signature of {variant.kernel} is out of date: {names} != {fn.arg_names}")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in variant.aligned}
+    source = ASTSource(fn=fn, signature=dict(variant.signature), constexprs=dict(variant.constexprs), attrs=attrs)
+    log = io.StringIO()
+    start = time.perf_counter()
+    # A cache hit skips ptxas, whose log is the only source of the register counts.
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": variant.num_warps})
+    seconds = time.perf_counter() - start
+    registers, stores, loads, stack = _parse_ptxas_log(log.getvalue(), variant.kernel)
+    return CompileReport(
+        kernel=variant.kernel,
+        dtype=variant.dtype,
+        variant=variant.label,
+        capability=capability,
+        registers=registers,
+        spill_stores=stores,
+        spill_loads=loads,
+        stack_frame=stack,
+        shared=int(compiled.metadata.shared),
+        seconds=seconds,
+    )
+
+
+def compile_all(capabilities: Sequence[int] = DEFAULT_CAPABILITIES) -> list[CompileReport]:
+    """Compile every variant of ``kernel_variants()`` for every capability."""
+    return [compile_variant(variant, capability) for capability in capabilities for variant in kernel_variants()]
+
+
+def format_table(reports: Sequence[CompileReport]) -> str:
+    """A markdown table: kernel x target x dtype -> registers, spills, shared memory."""
+    lines = [
+        "| kernel | target | dtype | variant | registers | spills (st/ld bytes) | stack | shared | compile s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in reports:
+        lines.append(
+            f"| {r.kernel} | sm_{r.capability} | {r.dtype} | {r.variant} | {r.registers} | "
+            f"{r.spill_stores}/{r.spill_loads} | {r.stack_frame} | {r.shared} | {r.seconds:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: print the resource table; exit status 1 when any variant spills."""
+    parser = argparse.ArgumentParser(prog="python -m geko_core.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--capability",
+        type=int,
+        action="append",
+        help="compute capability to compile for, e.g. 80 or 90 (repeatable; default: 80 and 90)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
+    capabilities = tuple(args.capability) if args.capability else DEFAULT_CAPABILITIES
+    reports = compile_all(capabilities)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) | {"spills": r.spills} for r in reports], indent=2))
+    else:
+        print(format_table(reports))
+    spilling = [r for r in reports if r.spills or r.stack_frame]
+    if spilling:
+        print(f"{len(spilling)} variant(s) spill or use a stack frame", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

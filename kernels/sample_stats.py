@@ -1,0 +1,413 @@
+"""Fused per-sample statistics of ``[S, T, V]`` logits (DESIGN.md §2), Triton GPU path.
+
+Two launches, no host synchronisation:
+
+1. ``_sample_stats_kernel``: one program per token (row of V logits). An online softmax over
+   V tiles in fp32 gives, from a single read of the row, the log-sum-exp, the loss, the
+   confidence, the label probability, the argmax, the entropy and the EL2N norm. It writes
+   six fp32 values and two int8 flags per token (``O(S*T)`` bytes), and optionally the
+   log-sum-exp for the backward of the fused cross-entropy (``WRITE_LSE``).
+2. ``_sample_reduce_kernel``: one program per sample. Masked mean over the sample's valid
+   tokens, ``valid_tokens`` and the instant bucket. Plain tree sums, so the result is
+   deterministic (no atomics).
+
+The torch oracle is ``geko_core.reference.sample_stats_reference``; the semantics (what is
+valid, what invalidates a sample) are its semantics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from geko_core._backend import triton_interpreter_enabled
+from geko_core.config import (
+    BUCKET_FOCUS,
+    BUCKET_FREEZE,
+    BUCKET_HARD,
+    BUCKET_INVALID,
+    BUCKET_LIGHT,
+    GekoConfig,
+    resolve_config,
+)
+from geko_core.types import SampleStats, TokenStats
+
+__all__ = ["sample_stats_triton"]
+
+# Largest V tile one program holds in registers. Tests lower it to exercise several tiles on
+# tiny vocabularies.
+MAX_BLOCK_V = 4096
+# Logits per thread in a tile. 8 keeps the statistics kernel at 40-49 registers on sm_80 and
+# sm_90 with no spills; 16 reaches 80-93 registers and spills on sm_90 (kernels/aot.py).
+VALUES_PER_THREAD = 8
+# Token tile of the per-sample reduction.
+MAX_BLOCK_T = 512
+
+# Order of the float fields in the token and sample buffers; matches SampleStats/TokenStats.
+NUM_FIELDS = 6
+
+# Bucket codes, defined once in csrc/include/geko/config.h; constexpr globals so the kernel
+# can read them.
+_FREEZE = tl.constexpr(BUCKET_FREEZE)
+_LIGHT = tl.constexpr(BUCKET_LIGHT)
+_FOCUS = tl.constexpr(BUCKET_FOCUS)
+_HARD = tl.constexpr(BUCKET_HARD)
+_INVALID = tl.constexpr(BUCKET_INVALID)
+
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _sample_stats_kernel(
+    logits_ptr,  # [S, T, V] fp32/bf16/fp16, stride along V == 1
+    labels_ptr,  # [S, T] int64 (or int32), any strides
+    token_ptr,  # fp32 [6, S, T] contiguous: loss, confidence, label_prob, correct, entropy, el2n
+    valid_ptr,  # int8 [S, T]: label != ignore_index and 0 <= label < V
+    bad_ptr,  # int8 [S, T]: counted token with an out-of-range label or a non-finite logit
+    lse_ptr,  # fp32 [S, T] contiguous, written when WRITE_LSE
+    T,
+    V,
+    stride_ls,
+    stride_lt,
+    stride_ys,
+    stride_yt,
+    field_stride,  # S * T, distance between two fields of token_ptr
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
+    # Maths (DESIGN.md §2), per row x of V logits with label y, all in fp32:
+    #   m = max x, d = sum exp(x - m), lse = m + log d, p = exp(x - lse)
+    #   loss = lse - x_y, confidence = max p = 1 / d, label_prob = exp(x_y - m) / d
+    #   entropy = lse - sum p x = log d - sum exp(x - m) (x - m) / d
+    #   el2n = ||p - onehot(y)|| = sqrt((1 - p_y)^2 + sum_{j != y} p_j^2)
+    #        = sqrt(r^2 + q) / d  with  r = sum_{j != y} exp(x_j - m),  q = sum_{j != y} exp(2 (x_j - m))
+    # The sums are kept relative to the running max and rescaled when it grows (online
+    # softmax), so the row is read once. Entropy's sum is relative to m and EL2N's sums
+    # leave the label out, so neither cancels: lse - sum p x loses digits for large logits,
+    # and sqrt(sum p^2 - 2 p_y + 1) for p_y near 1 (a well-learned token).
+
+    # 1. locate the row; int64 before multiplying by strides (S*T*V overflows int32)
+    row = tl.program_id(0).to(tl.int64)
+    s = row // T
+    t = row % T
+    row_ptr = logits_ptr + s * stride_ls + t * stride_lt
+    label = tl.load(labels_ptr + s * stride_ys + t * stride_yt).to(tl.int64)
+    counted = label != ignore_index
+    in_range = (label >= 0) & (label < V)
+    valid = counted & in_range
+    # An out-of-range label is never used as an address.
+    safe_label = tl.where(valid, label, 0)
+    x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+
+    # 2. online max / sums over V tiles
+    offsets = tl.arange(0, BLOCK_V)
+    m = -float("inf")  # running max
+    shift = 0.0  # finite reference point: m once some finite value was seen
+    sum_other = 0.0  # r: sum_{j != y} exp(x_j - shift)
+    sum_other_sq = 0.0  # q: sum_{j != y} exp(2 (x_j - shift))
+    sum_ex_other = 0.0  # sum_{j != y} exp(x_j - shift) (x_j - shift)
+    argmax = 0
+    n_nonfinite = 0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        mask = cols < V
+        x = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        # |x| < inf is false for NaN and +-inf
+        n_nonfinite += tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+        # tie_break_left: the lowest index among equal maxima, like torch.argmax
+        tile_max, tile_arg = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        # strict >: on a tie across tiles the earlier tile keeps the argmax
+        argmax = tl.where(tile_max > m, start + tile_arg, argmax)
+        m_new = tl.maximum(m, tile_max)
+        # while every value so far is -inf (e.g. a masked vocabulary), measure from 0 so that
+        # no -inf - -inf = NaN enters the sums
+        shift_new = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift_new)  # 0 on the first finite tile
+        e = tl.exp(x - shift_new)  # 0 for padding and -inf logits
+        # the label's terms are added once, after the loop
+        e_other = tl.where(cols == safe_label, 0.0, e)
+        # 0 * -inf would be NaN: entries whose exp underflowed contribute nothing
+        ex_other = e_other * tl.where(e_other > 0.0, x - shift_new, 0.0)
+        sum_ex_other = alpha * (sum_ex_other - (shift_new - shift) * sum_other) + tl.sum(ex_other, axis=0)
+        sum_other = alpha * sum_other + tl.sum(e_other, axis=0)
+        sum_other_sq = alpha * alpha * sum_other_sq + tl.sum(e_other * e_other, axis=0)
+        m = m_new
+        shift = shift_new
+
+    # 3. token statistics (NaN/inf rows give NaN/inf, as torch's cross-entropy does)
+    e_label = tl.exp(x_label - shift)
+    d = sum_other + e_label
+    log_d = tl.log(d)
+    lse = shift + log_d
+    loss = log_d - (x_label - shift)
+    confidence = 1.0 / d
+    label_prob = e_label / d
+    correct = (argmax == safe_label).to(tl.float32)
+    sum_ex = sum_ex_other + e_label * tl.where(e_label > 0.0, x_label - shift, 0.0)
+    entropy = log_d - sum_ex / d
+    el2n = tl.sqrt(sum_other * sum_other + sum_other_sq) / d
+    bad = counted & ((~in_range) | (n_nonfinite > 0))
+
+    # 4. write O(1) values per token; tokens that are not valid read as 0
+    out = token_ptr + row
+    tl.store(out, tl.where(valid, loss, 0.0))
+    tl.store(out + field_stride, tl.where(valid, confidence, 0.0))
+    tl.store(out + 2 * field_stride, tl.where(valid, label_prob, 0.0))
+    tl.store(out + 3 * field_stride, tl.where(valid, correct, 0.0))
+    tl.store(out + 4 * field_stride, tl.where(valid, entropy, 0.0))
+    tl.store(out + 5 * field_stride, tl.where(valid, el2n, 0.0))
+    tl.store(valid_ptr + row, valid.to(tl.int8))
+    tl.store(bad_ptr + row, bad.to(tl.int8))
+    if WRITE_LSE:
+        tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _sample_reduce_kernel(
+    token_ptr,  # fp32 [6, S, T] from _sample_stats_kernel
+    valid_ptr,  # int8 [S, T]
+    bad_ptr,  # int8 [S, T]
+    sample_ptr,  # fp32 [6, S] out: per-sample means, NaN when the sample is invalid
+    valid_tokens_ptr,  # int32 [S] out
+    bucket_ptr,  # int8 [S] out
+    S,
+    T,
+    field_stride,  # S * T
+    correct_threshold,  # fp32: the reference compares in float32, so do we
+    freeze_confidence,
+    hard_confidence,
+    BLOCK_T: tl.constexpr,
+):
+    # 1. masked sums over the sample's tokens, in per-lane accumulators reduced once at the
+    #    end: deterministic, no atomics
+    sample = tl.program_id(0).to(tl.int64)
+    base = sample * T
+    offsets = tl.arange(0, BLOCK_T)
+    acc_loss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_conf = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_label_prob = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_correct = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_entropy = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_el2n = tl.zeros([BLOCK_T], dtype=tl.float32)
+    acc_valid = tl.zeros([BLOCK_T], dtype=tl.int32)
+    acc_bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offsets
+        mask = cols < T
+        ptrs = token_ptr + base + cols
+        valid = tl.load(valid_ptr + base + cols, mask=mask, other=0) != 0
+        acc_valid += valid.to(tl.int32)
+        acc_bad += tl.load(bad_ptr + base + cols, mask=mask, other=0).to(tl.int32)
+        acc_loss += tl.where(valid, tl.load(ptrs, mask=mask, other=0.0), 0.0)
+        acc_conf += tl.where(valid, tl.load(ptrs + field_stride, mask=mask, other=0.0), 0.0)
+        acc_label_prob += tl.where(valid, tl.load(ptrs + 2 * field_stride, mask=mask, other=0.0), 0.0)
+        acc_correct += tl.where(valid, tl.load(ptrs + 3 * field_stride, mask=mask, other=0.0), 0.0)
+        acc_entropy += tl.where(valid, tl.load(ptrs + 4 * field_stride, mask=mask, other=0.0), 0.0)
+        acc_el2n += tl.where(valid, tl.load(ptrs + 5 * field_stride, mask=mask, other=0.0), 0.0)
+
+    # 2. means; a sample with no valid token or a bad token is invalid (NaN)
+    valid_tokens = tl.sum(acc_valid, axis=0)
+    invalid = (valid_tokens == 0) | (tl.sum(acc_bad, axis=0) > 0)
+    denom = tl.maximum(valid_tokens, 1).to(tl.float32)
+    nan = float("nan")
+    loss = tl.where(invalid, nan, tl.sum(acc_loss, axis=0) / denom)
+    confidence = tl.where(invalid, nan, tl.sum(acc_conf, axis=0) / denom)
+    label_prob = tl.where(invalid, nan, tl.sum(acc_label_prob, axis=0) / denom)
+    correct = tl.where(invalid, nan, tl.sum(acc_correct, axis=0) / denom)
+    entropy = tl.where(invalid, nan, tl.sum(acc_entropy, axis=0) / denom)
+    el2n = tl.where(invalid, nan, tl.sum(acc_el2n, axis=0) / denom)
+
+    # 3. instant bucket from the float32 means, as geko::instant_bucket and the reference do
+    is_correct = correct >= correct_threshold
+    bucket = tl.where(
+        is_correct,
+        tl.where(confidence > freeze_confidence, _FREEZE, _LIGHT),
+        tl.where(confidence > hard_confidence, _HARD, _FOCUS),
+    )
+    bucket = tl.where(confidence != confidence, _INVALID, bucket)
+
+    # 4. write
+    tl.store(sample_ptr + sample, loss)
+    tl.store(sample_ptr + S + sample, confidence)
+    tl.store(sample_ptr + 2 * S + sample, label_prob)
+    tl.store(sample_ptr + 3 * S + sample, correct)
+    tl.store(sample_ptr + 4 * S + sample, entropy)
+    tl.store(sample_ptr + 5 * S + sample, el2n)
+    tl.store(valid_tokens_ptr + sample, valid_tokens)
+    tl.store(bucket_ptr + sample, bucket.to(tl.int8))
+
+
+def stats_launch_config(vocab: int) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` of the token kernel for a vocabulary of ``vocab``."""
+    block_v = max(16, min(triton.next_power_of_2(vocab), MAX_BLOCK_V))
+    num_warps = max(1, min(16, block_v // (32 * VALUES_PER_THREAD)))
+    return block_v, num_warps
+
+
+def reduce_launch_config(tokens: int) -> tuple[int, int]:
+    """``(BLOCK_T, num_warps)`` of the per-sample reduction for ``tokens`` tokens per sample."""
+    block_t = max(16, min(triton.next_power_of_2(max(tokens, 1)), MAX_BLOCK_T))
+    return block_t, 4 if block_t >= 512 else 1
+
+
+def check_inputs(logits3: torch.Tensor, labels3: torch.Tensor) -> None:
+    """Validate the launcher inputs (metadata only: no host synchronisation).
+
+    Raises:
+        TypeError: not tensors, unsupported logits dtype, non-integer labels.
+        ValueError: wrong ranks or shapes, a non-unit stride along V, different devices,
+            CPU tensors without the interpreter.
+    """
+    if not isinstance(logits3, torch.Tensor) or not isinstance(labels3, torch.Tensor):
+        raise TypeError(
+            f"logits3 and labels3 must be torch.Tensor, got {type(logits3).__name__} and {type(labels3).__name__}"
+        )
+    if logits3.dim() != 3:
+        raise ValueError(f"logits3 must be [S, T, V], got shape {tuple(logits3.shape)}")
+    if logits3.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"logits3 must be float32, bfloat16 or float16, got {logits3.dtype}")
+    if labels3.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels3 must be int64 (or int32), got {labels3.dtype}")
+    if tuple(labels3.shape) != tuple(logits3.shape[:2]):
+        raise ValueError(
+            f"labels3 must be [S, T] = {tuple(logits3.shape[:2])} to match logits3 {tuple(logits3.shape)}, "
+            f"got {tuple(labels3.shape)}"
+        )
+    if logits3.shape[2] < 1:
+        raise ValueError("logits3 must have at least one class (V >= 1)")
+    if logits3.stride(2) != 1 and logits3.shape[2] > 1:
+        raise ValueError(f"logits3 must have stride 1 along V, got strides {logits3.stride()}")
+    if labels3.device != logits3.device:
+        raise ValueError(f"labels3 is on {labels3.device} but logits3 is on {logits3.device}")
+    if logits3.device.type != "cuda" and not triton_interpreter_enabled():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {logits3.device} "
+            "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)"
+        )
+
+
+def launch_sample_stats(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    *,
+    ignore_index: int,
+    config: GekoConfig,
+    per_token: bool,
+    write_lse: bool,
+) -> tuple[SampleStats, torch.Tensor, torch.Tensor | None]:
+    """Run both kernels; shared by ``sample_stats_triton`` and the cross-entropy forward.
+
+    Returns:
+        (stats, token_loss, lse): ``token_loss`` fp32 ``[S, T]`` (0 for tokens that are not
+        valid), ``lse`` fp32 ``[S, T]`` when ``write_lse`` else None.
+    """
+    check_inputs(logits3, labels3)
+    config = resolve_config(config)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    num_samples, seq_len, vocab = logits3.shape
+    num_tokens = num_samples * seq_len
+    device = logits3.device
+
+    token_values = torch.empty((NUM_FIELDS, num_samples, seq_len), dtype=torch.float32, device=device)
+    # int8 0/1 so that valid can be viewed as bool without a copy
+    token_valid = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
+    token_bad = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
+    lse = torch.empty((num_samples, seq_len), dtype=torch.float32, device=device) if write_lse else None
+    sample_values = torch.empty((NUM_FIELDS, num_samples), dtype=torch.float32, device=device)
+    valid_tokens = torch.empty((num_samples,), dtype=torch.int32, device=device)
+    bucket = torch.empty((num_samples,), dtype=torch.int8, device=device)
+
+    with _device_guard(device):
+        if num_tokens > 0:
+            block_v, num_warps = stats_launch_config(vocab)
+            _sample_stats_kernel[(num_tokens,)](
+                logits3,
+                labels3,
+                token_values,
+                token_valid,
+                token_bad,
+                lse if write_lse else token_values,  # unused when WRITE_LSE is False
+                seq_len,
+                vocab,
+                logits3.stride(0),
+                logits3.stride(1),
+                labels3.stride(0),
+                labels3.stride(1),
+                num_tokens,
+                ignore_index,
+                BLOCK_V=block_v,
+                WRITE_LSE=write_lse,
+                num_warps=num_warps,
+            )
+        if num_samples > 0:
+            block_t, num_warps = reduce_launch_config(seq_len)
+            _sample_reduce_kernel[(num_samples,)](
+                token_values,
+                token_valid,
+                token_bad,
+                sample_values,
+                valid_tokens,
+                bucket,
+                num_samples,
+                seq_len,
+                num_tokens,
+                float(config.correct_threshold),
+                float(config.freeze_confidence),
+                float(config.hard_confidence),
+                BLOCK_T=block_t,
+                num_warps=num_warps,
+            )
+
+    tokens = None
+    if per_token:
+        tokens = TokenStats(*token_values.unbind(0), valid=token_valid.view(torch.bool))
+    stats = SampleStats(*sample_values.unbind(0), valid_tokens=valid_tokens, bucket=bucket, tokens=tokens)
+    return stats, token_values[0], lse
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the logits' GPU (Triton launches on the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def sample_stats_triton(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    *,
+    ignore_index: int,
+    config: GekoConfig,
+    per_token: bool,
+) -> SampleStats:
+    """Per-sample statistics of ``[S, T, V]`` logits with the fused Triton kernels.
+
+    Reads the logits once, writes ``O(S*T)`` bytes, never synchronises with the host.
+
+    Args:
+        logits3: ``[S, T, V]`` float32/bfloat16/float16 on a CUDA device (or the CPU under
+            ``TRITON_INTERPRET=1``), stride 1 along V; other strides are free (a slice of a
+            wider tensor, the causal shift view ``logits[:, :-1]``), nothing is copied.
+        labels3: ``[S, T]`` int64 (int32 accepted), any strides, same device.
+        ignore_index: label of tokens to skip.
+        config: bucket thresholds (compared in float32).
+        per_token: also return the token-level values (``SampleStats.tokens``).
+
+    Returns:
+        SampleStats on the logits' device: float32 fields ``[S]`` (NaN for invalid samples),
+        int32 ``valid_tokens``, int8 ``bucket`` (-1 for invalid samples). A sample is invalid
+        when it has no valid token, a counted token whose label is out of range, or a
+        non-finite logit in a counted token's row.
+
+    Raises:
+        TypeError, ValueError: see ``check_inputs``.
+    """
+    stats, _, _ = launch_sample_stats(
+        logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token, write_lse=False
+    )
+    return stats
