@@ -61,8 +61,10 @@ def token_stats_reference(
     label_prob = torch.exp(x_label - lse)
     correct = (x.argmax(dim=-1) == safe_labels).to(compute_dtype)  # argmax: first maximal index
     entropy = lse - (probs * x).sum(dim=-1)
-    sum_p2 = (probs * probs).sum(dim=-1)
-    el2n = torch.sqrt(torch.clamp(sum_p2 - 2.0 * label_prob + 1.0, min=0.0))
+    # ||p - onehot(y)||^2 = (1 - p_y)^2 + sum_{j != y} p_j^2, with 1 - p_y summed from the
+    # other classes: the textbook form sum p^2 - 2 p_y + 1 cancels catastrophically when p_y -> 1.
+    others = probs.scatter(-1, safe_labels.unsqueeze(-1), 0.0)
+    el2n = torch.sqrt(others.sum(dim=-1) ** 2 + (others * others).sum(dim=-1))
 
     def tok(value: torch.Tensor) -> torch.Tensor:
         return torch.where(valid, value, torch.zeros_like(value)).to(torch.float32)
