@@ -106,4 +106,5 @@ PYBIND11_MODULE(_C, m) {
   geko::bindings::bind_table(m);
   geko::bindings::bind_stats(m);
   geko::bindings::bind_planner(m);
+  geko::bindings::bind_angle(m);
 }

@@ -11,5 +11,6 @@ void bind_config(pybind11::module_& m);   // bindings.cpp
 void bind_table(pybind11::module_& m);    // bind_table.cpp
 void bind_stats(pybind11::module_& m);    // bind_stats.cpp
 void bind_planner(pybind11::module_& m);  // bind_planner.cpp
+void bind_angle(pybind11::module_& m);    // bind_angle.cpp
 
 }  // namespace geko::bindings
