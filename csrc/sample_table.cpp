@@ -143,13 +143,11 @@ void check_unit_interval(const float* values, size_t count, const char* name) {
   }
 }
 
-int threads_for(size_t work) {
-#ifdef _OPENMP
-  return work < kMinParallelBatch ? 1 : std::max(1, omp_get_max_threads());
-#else
-  (void)work;
-  return 1;
-#endif
+void check_num_threads(int num_threads) {
+  if (num_threads < 0 || num_threads > kMaxThreads) {
+    throw std::invalid_argument("num_threads must be in [0, " + std::to_string(kMaxThreads) + "] (0: OpenMP's default), got " +
+                                std::to_string(num_threads));
+  }
 }
 
 // Applies the updates whose index lies in [lo, lo + span), in batch order.
@@ -226,8 +224,31 @@ std::string check_record(const SampleRecord& r) {
   return "";
 }
 
-SampleTable::SampleTable(int64_t num_samples, const Config& config) : num_samples_(num_samples), config_(config) {
+int SampleTable::threads_for(size_t work) const {
+#ifdef _OPENMP
+  if (work < kMinParallelBatch) return 1;
+  return num_threads_ == 0 ? std::max(1, omp_get_max_threads()) : num_threads_;
+#else
+  (void)work;
+  return 1;
+#endif
+}
+
+int SampleTable::num_threads() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return num_threads_;
+}
+
+void SampleTable::set_num_threads(int num_threads) {
+  check_num_threads(num_threads);
+  std::lock_guard<std::mutex> lock(mutex_);
+  num_threads_ = num_threads;
+}
+
+SampleTable::SampleTable(int64_t num_samples, const Config& config, int num_threads)
+    : num_samples_(num_samples), config_(config), num_threads_(num_threads) {
   config_.validate();
+  check_num_threads(num_threads);
   const int64_t max_samples = static_cast<int64_t>(std::numeric_limits<size_t>::max() / (2 * sizeof(SampleRecord)));
   if (num_samples < 1 || num_samples > max_samples) {
     throw std::invalid_argument("num_samples must be in [1, " + std::to_string(max_samples) + "], got " +
@@ -344,7 +365,12 @@ void SampleTable::load(const void* records, size_t nbytes_in, const Config& conf
   const auto* src = static_cast<const unsigned char*>(records);
   const int64_t n = num_samples_;
   int64_t first_bad = n;
-#pragma omp parallel for schedule(static) reduction(min : first_bad) num_threads(threads_for(static_cast<size_t>(n)))
+  int threads;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    threads = threads_for(static_cast<size_t>(n));
+  }
+#pragma omp parallel for schedule(static) reduction(min : first_bad) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
     SampleRecord r;
     std::memcpy(&r, src + static_cast<size_t>(i) * sizeof(SampleRecord), sizeof(r));

@@ -143,7 +143,8 @@ py::list layout() {
 void bind_table(py::module_& m) {
   py::class_<SampleTable>(m, "SampleTable",
                           "Per-sample state, one 32-byte record per sample (use geko_core.SampleTable).")
-      .def(py::init<int64_t, const Config&>(), py::arg("num_samples"), py::arg("config"))
+      .def(py::init<int64_t, const Config&, int>(), py::arg("num_samples"), py::arg("config"), py::arg("num_threads") = 1,
+           py::call_guard<py::gil_scoped_release>())
       .def("update", &update, py::arg("indices"), py::arg("loss"), py::arg("confidence"), py::arg("correct"),
            py::arg("step"),
            "Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.")
@@ -165,11 +166,20 @@ void bind_table(py::module_& m) {
       .def("load", &load, py::arg("records"), py::arg("config"), py::arg("updates"), py::arg("nonfinite_skipped"),
            "Replace config, counters and records (uint8, num_samples * 32 bytes) after validating them.")
       .def("records_view", &records_view, "Read-only [num_samples, 32] uint8 view of the records.")
+      // Getters wait for the table's mutex: let other Python threads run meanwhile.
+      .def_property("num_threads",
+                    py::cpp_function(&SampleTable::num_threads, py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(&SampleTable::set_num_threads, py::call_guard<py::gil_scoped_release>()),
+                    "OpenMP threads of updates and scans (0: OpenMP's default).")
       .def_property_readonly("num_samples", &SampleTable::num_samples)
       .def_property_readonly("nbytes", &SampleTable::nbytes)
-      .def_property_readonly("config", &SampleTable::config)
-      .def_property_readonly("updates", [](const SampleTable& t) { return t.counters().updates; })
-      .def_property_readonly("nonfinite_skipped", [](const SampleTable& t) { return t.counters().nonfinite_skipped; })
+      .def_property_readonly("config", py::cpp_function(&SampleTable::config, py::call_guard<py::gil_scoped_release>()))
+      .def_property_readonly(
+          "updates", py::cpp_function([](const SampleTable& t) { return t.counters().updates; },
+                                      py::call_guard<py::gil_scoped_release>()))
+      .def_property_readonly(
+          "nonfinite_skipped", py::cpp_function([](const SampleTable& t) { return t.counters().nonfinite_skipped; },
+                                                py::call_guard<py::gil_scoped_release>()))
       .def_static("layout", &layout, "[(name, numpy dtype str, byte offset)] of the record fields.");
   m.attr("SAMPLE_RECORD_SIZE") = sizeof(SampleRecord);
   m.attr("MAX_STEP") = kMaxStep;

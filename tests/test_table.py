@@ -146,16 +146,36 @@ def test_update_matches_reference(config_name, index_dtype):
     assert counts.sum() == num_samples
 
 
-def test_large_batches_take_the_parallel_path_and_match_reference():
-    # Batches above 32768 are applied by several OpenMP threads, each owning a table range.
+@pytest.mark.parametrize("num_threads", [2, 3, 0])
+def test_parallel_updates_match_reference(num_threads):
+    # Batches from 32768 on are split over the threads, each owning a range of the table.
     num_samples, size = 60_000, 80_000
-    table, reference = SampleTable(num_samples), ReferenceTable(num_samples)
+    table = SampleTable(num_samples, num_threads=num_threads)
+    serial, reference = SampleTable(num_samples, num_threads=1), ReferenceTable(num_samples)
     rng = np.random.default_rng(3)
     for step in range(4):
         batch = random_batch(rng, num_samples, size, nonfinite=0.01)
-        table.update(*batch, step=step)
-        reference.update(*batch, step=step)
+        for target in (table, serial, reference):
+            target.update(*batch, step=step)
     assert_matches_reference(table, reference)
+    assert_same_state(serial.state_dict(), table.state_dict())
+    np.testing.assert_array_equal(table.bucket_counts_array(), reference.bucket_counts())
+    indices = rng.integers(0, num_samples, 40_000)
+    np.testing.assert_array_equal(table.buckets(indices), reference.fields["bucket"][indices])
+
+
+def test_num_threads_setting():
+    table = SampleTable(10)
+    assert table.num_threads == 1
+    table.num_threads = 4
+    assert table.num_threads == 4
+    with pytest.raises(ValueError, match="num_threads must be in"):
+        table.num_threads = -1
+    with pytest.raises(TypeError, match="num_threads"):
+        table.num_threads = 2.0
+    with pytest.raises(ValueError, match="5000"):
+        SampleTable(10, num_threads=5000)
+    assert table.num_threads == 4
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
