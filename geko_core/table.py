@@ -620,8 +620,9 @@ def _read_checkpoint(
     # 3. Content.
     if header.get("byteorder") != sys.byteorder:
         raise CheckpointError(f"{path}: written on a {header.get('byteorder')}-endian machine, this one is {sys.byteorder}-endian")
-    if [tuple(entry) for entry in header.get("fields", [])] != _LAYOUT:
-        raise CheckpointError(f"{path}: record layout {header.get('fields')} differs from this build's {_LAYOUT}")
+    fields = header.get("fields")
+    if not isinstance(fields, list) or [tuple(e) if isinstance(e, list) else e for e in fields] != _LAYOUT:
+        raise CheckpointError(f"{path}: record layout {fields} differs from this build's {_LAYOUT}")
     if expected_num_samples is not None and num_samples != expected_num_samples:
         raise CheckpointError(f"{path}: holds {num_samples} samples but this table has {expected_num_samples}")
     try:

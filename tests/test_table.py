@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 import struct
 import threading
@@ -666,6 +667,15 @@ def _header_end(data: bytes) -> int:
     return 16 + struct.unpack_from("<I", data, 12)[0]
 
 
+def _rewrite_header(data: bytes, change) -> bytes:
+    """The file with its JSON header edited and a valid checksum: only content checks can refuse it."""
+    header = json.loads(data[16 : _header_end(data)])
+    change(header)
+    encoded = json.dumps(header).encode()
+    rebuilt = data[:8] + struct.pack("<II", 1, len(encoded)) + encoded + data[_header_end(data) :]
+    return bytes(_rewrite_crc(bytearray(rebuilt)))
+
+
 CORRUPTIONS = {
     "empty": (lambda d, other: b"", "too short"),
     "truncated_preamble": (lambda d, other: d[:10], "too short"),
@@ -679,6 +689,19 @@ CORRUPTIONS = {
     "wrong_magic": (lambda d, other: b"NOTGEKO\0" + d[8:], "wrong magic"),
     "wrong_version": (lambda d, other: d[:8] + struct.pack("<I", 99) + d[12:], "format version 99 is not supported"),
     "other_num_samples": (lambda d, other: other, "holds 90 samples but this table has 80"),
+    "valid_checksum_bad_config": (
+        lambda d, other: _rewrite_header(d, lambda h: h["config"].update(q_alpha=0.0)), "invalid config: .*q_alpha"
+    ),
+    "valid_checksum_other_layout": (
+        lambda d, other: _rewrite_header(d, lambda h: h["fields"][0].__setitem__(1, "<f8")), "record layout"
+    ),
+    "valid_checksum_fields_not_lists": (lambda d, other: _rewrite_header(d, lambda h: h.update(fields=[1, 2])), "record layout"),
+    "valid_checksum_bad_counters": (
+        lambda d, other: _rewrite_header(d, lambda h: h.update(counters={"updates_applied": "many"})), "counters must be"
+    ),
+    "valid_checksum_other_byteorder": (
+        lambda d, other: _rewrite_header(d, lambda h: h.update(byteorder="middle")), "middle-endian"
+    ),
     "valid_checksum_bad_record": (
         lambda d, other: bytes(_rewrite_crc(bytearray(d[: _header_end(d) + 29] + bytes([9]) + d[_header_end(d) + 30 :]))),
         "sample 0: bucket code 9",
