@@ -362,6 +362,9 @@ class SampleTable:
             ``{"format_version": int, "num_samples": int, "config": dict,
             "counters": {"updates_applied": int, "nonfinite_skipped": int},
             <field>: np.ndarray [N] for every field of ``field()``}``. The arrays are copies.
+            ``load_state_dict`` also takes them as CPU tensors: convert them with
+            ``torch.from_numpy`` to store the state in a checkpoint that
+            ``torch.load(..., weights_only=True)`` reads.
         """
         with self._lock:
             state: dict[str, Any] = {

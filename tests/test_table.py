@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import pickle
 import struct
@@ -546,11 +547,14 @@ def test_state_dict_roundtrip_continues_identically():
     assert_same_state(table.state_dict(), restored.state_dict())
 
 
-def test_state_dict_accepts_torch_tensors():
+def test_state_dict_of_tensors_survives_torch_save_with_weights_only_load():
     table = trained_table(30)
-    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype != np.uint32 else v for k, v in table.state_dict().items()}
+    state = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in table.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     restored = SampleTable(30)
-    restored.load_state_dict(state)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert_same_state(table.state_dict(), restored.state_dict())
 
 
