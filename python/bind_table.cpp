@@ -1,7 +1,189 @@
+// Bindings of geko::SampleTable. The public class is geko_core.table.SampleTable,
+// which converts user input (torch tensors, float64, bool, strided arrays) before
+// calling in here; these bindings still trust nothing: every array is checked for
+// dtype, rank, contiguity and alignment, and every index against the table size.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "bindings.h"
+#include "geko/sample_table.h"
+
+namespace py = pybind11;
 
 namespace geko::bindings {
 
-void bind_table(pybind11::module_& m) { (void)m; }
+namespace {
+
+// A readable 1-D, contiguous, aligned, native-endian array of T; returns its length.
+template <typename T>
+size_t require_vector(const py::array& array, const char* name, const char* dtype_name) {
+  if (!py::isinstance<py::array_t<T>>(array)) {
+    throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " +
+                         py::str(array.dtype()).cast<std::string>());
+  }
+  if (array.ndim() != 1) {
+    throw std::invalid_argument(std::string(name) + " must be 1-D, got " + std::to_string(array.ndim()) +
+                                " dimensions");
+  }
+  const size_t count = static_cast<size_t>(array.shape(0));
+  if (count > 1 && array.strides(0) != static_cast<py::ssize_t>(sizeof(T))) {
+    throw std::invalid_argument(std::string(name) + " must be contiguous");
+  }
+  if (reinterpret_cast<uintptr_t>(array.data()) % alignof(T) != 0) {
+    throw std::invalid_argument(std::string(name) + " must be aligned");
+  }
+  return count;
+}
+
+bool is_int32(const py::array& a) { return py::isinstance<py::array_t<int32_t>>(a); }
+
+void require_int_indices(const py::array& indices) {
+  if (!is_int32(indices) && !py::isinstance<py::array_t<int64_t>>(indices)) {
+    throw py::type_error("indices must have dtype int32 or int64, got " + py::str(indices.dtype()).cast<std::string>());
+  }
+}
+
+void update(SampleTable& table, const py::array& indices, const py::array& loss, const py::array& confidence,
+            const py::array& correct, int64_t step) {
+  require_int_indices(indices);
+  const size_t count = is_int32(indices) ? require_vector<int32_t>(indices, "indices", "int32")
+                                         : require_vector<int64_t>(indices, "indices", "int64");
+  const size_t n_loss = require_vector<float>(loss, "loss", "float32");
+  const size_t n_conf = require_vector<float>(confidence, "confidence", "float32");
+  const size_t n_correct = require_vector<float>(correct, "correct", "float32");
+  if (n_loss != count || n_conf != count || n_correct != count) {
+    throw std::invalid_argument("indices, loss, confidence and correct must have the same length, got " +
+                                std::to_string(count) + ", " + std::to_string(n_loss) + ", " +
+                                std::to_string(n_conf) + " and " + std::to_string(n_correct));
+  }
+  const auto* l = static_cast<const float*>(loss.data());
+  const auto* c = static_cast<const float*>(confidence.data());
+  const auto* k = static_cast<const float*>(correct.data());
+  py::gil_scoped_release release;
+  if (is_int32(indices)) {
+    table.update(static_cast<const int32_t*>(indices.data()), l, c, k, count, step);
+  } else {
+    table.update(static_cast<const int64_t*>(indices.data()), l, c, k, count, step);
+  }
+}
+
+py::array_t<int8_t> buckets(const SampleTable& table, const py::array& indices) {
+  require_int_indices(indices);
+  const bool narrow = is_int32(indices);
+  const size_t count = narrow ? require_vector<int32_t>(indices, "indices", "int32")
+                              : require_vector<int64_t>(indices, "indices", "int64");
+  py::array_t<int8_t> out(static_cast<py::ssize_t>(count));
+  int8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (narrow) {
+      table.buckets(static_cast<const int32_t*>(indices.data()), count, dst);
+    } else {
+      table.buckets(static_cast<const int64_t*>(indices.data()), count, dst);
+    }
+  }
+  return out;
+}
+
+py::dtype field_dtype(const FieldInfo& field) {
+  return py::dtype(std::string(1, field.kind) + std::to_string(field.size));
+}
+
+py::array copy_field(const SampleTable& table, const std::string& name) {
+  const auto& fields = record_fields();
+  for (const FieldInfo& field : fields) {
+    if (name != field.name) continue;
+    py::array out(field_dtype(field), std::vector<py::ssize_t>{static_cast<py::ssize_t>(table.num_samples())});
+    void* dst = out.mutable_data();
+    py::gil_scoped_release release;
+    table.copy_field(name, dst);
+    return out;
+  }
+  std::string known;
+  for (const FieldInfo& field : fields) known += (known.empty() ? "" : ", ") + std::string(field.name);
+  throw std::invalid_argument("unknown field '" + name + "'; the fields are " + known);
+}
+
+void load(SampleTable& table, const py::array& records, const Config& config, uint64_t updates,
+          uint64_t nonfinite_skipped) {
+  const size_t nbytes = require_vector<uint8_t>(records, "records", "uint8");
+  const void* src = records.data();
+  TableCounters counters;
+  counters.updates = updates;
+  counters.nonfinite_skipped = nonfinite_skipped;
+  py::gil_scoped_release release;
+  table.load(src, nbytes, config, counters);
+}
+
+// Read-only [num_samples, 32] uint8 view of the records, keeping the table alive.
+py::array records_view(const py::object& self) {
+  const auto& table = self.cast<const SampleTable&>();
+  py::array view(py::dtype::of<uint8_t>(),
+                 {static_cast<py::ssize_t>(table.num_samples()), static_cast<py::ssize_t>(sizeof(SampleRecord))},
+                 {static_cast<py::ssize_t>(sizeof(SampleRecord)), py::ssize_t{1}}, table.data(), self);
+  view.attr("setflags")(py::arg("write") = false);
+  return view;
+}
+
+py::list layout() {
+  py::list out;
+  for (const FieldInfo& field : record_fields()) {
+    out.append(py::make_tuple(field.name, py::str(field_dtype(field).attr("str")), field.offset));
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_table(py::module_& m) {
+  py::class_<SampleTable>(m, "SampleTable",
+                          "Per-sample state, one 32-byte record per sample (use geko_core.SampleTable).")
+      .def(py::init<int64_t, const Config&, int>(), py::arg("num_samples"), py::arg("config"), py::arg("num_threads") = 1,
+           py::call_guard<py::gil_scoped_release>())
+      .def("update", &update, py::arg("indices"), py::arg("loss"), py::arg("confidence"), py::arg("correct"),
+           py::arg("step"),
+           "Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.")
+      .def("buckets", &buckets, py::arg("indices"), "Bucket code (int8) of each index.")
+      .def(
+          "bucket_counts",
+          [](const SampleTable& table) {
+            BucketCounts counts;
+            {
+              py::gil_scoped_release release;
+              counts = table.bucket_counts();
+            }
+            py::array_t<int64_t> out(kNumBuckets);
+            for (int b = 0; b < kNumBuckets; ++b) out.mutable_at(b) = counts[b];
+            return out;
+          },
+          "int64[5]: number of samples in FREEZE, LIGHT, FOCUS, HARD, UNSEEN.")
+      .def("copy_field", &copy_field, py::arg("name"), "A copy of one field of every record.")
+      .def("load", &load, py::arg("records"), py::arg("config"), py::arg("updates"), py::arg("nonfinite_skipped"),
+           "Replace config, counters and records (uint8, num_samples * 32 bytes) after validating them.")
+      .def("records_view", &records_view, "Read-only [num_samples, 32] uint8 view of the records.")
+      // Getters wait for the table's mutex: let other Python threads run meanwhile.
+      .def_property("num_threads",
+                    py::cpp_function(&SampleTable::num_threads, py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(&SampleTable::set_num_threads, py::call_guard<py::gil_scoped_release>()),
+                    "OpenMP threads of updates and scans (0: OpenMP's default).")
+      .def_property_readonly("num_samples", &SampleTable::num_samples)
+      .def_property_readonly("nbytes", &SampleTable::nbytes)
+      .def_property_readonly("config", py::cpp_function(&SampleTable::config, py::call_guard<py::gil_scoped_release>()))
+      .def_property_readonly(
+          "updates", py::cpp_function([](const SampleTable& t) { return t.counters().updates; },
+                                      py::call_guard<py::gil_scoped_release>()))
+      .def_property_readonly(
+          "nonfinite_skipped", py::cpp_function([](const SampleTable& t) { return t.counters().nonfinite_skipped; },
+                                                py::call_guard<py::gil_scoped_release>()))
+      .def_static("layout", &layout, "[(name, numpy dtype str, byte offset)] of the record fields.");
+  m.attr("SAMPLE_RECORD_SIZE") = sizeof(SampleRecord);
+  m.attr("MAX_STEP") = kMaxStep;
+  m.attr("FLAG_SUSPECTED_NOISY") = static_cast<int>(kFlagSuspectedNoisy);
+}
 
 }  // namespace geko::bindings

@@ -1,0 +1,650 @@
+"""SampleTable: the per-sample state of a whole dataset, 32 bytes per sample.
+
+The records live in the compiled core (``csrc/sample_table.cpp``); this module converts
+user input, holds the lock that makes multi-step operations (state dicts, checkpoints)
+consistent, and reads and writes checkpoint files.
+
+Checkpoint file format (version 1, little-endian integers)::
+
+    magic     8 bytes   b"GEKOTBL\\0"
+    version   uint32    FORMAT_VERSION
+    hlen      uint32    length of the header
+    header    hlen      UTF-8 JSON: num_samples, record_size, byteorder, fields
+                        [[name, numpy dtype, offset], ...], config, counters, geko_core
+    payload   N * 32    the records, byte for byte as in memory
+    crc32     uint32    zlib.crc32 of everything before it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import operator
+import os
+import struct
+import sys
+import threading
+import uuid
+import zlib
+from collections.abc import Mapping
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from ._backend import load_compiled_core
+from .config import BUCKET_NAMES, GekoConfig, resolve_config
+from .types import SampleStats
+
+__all__ = [
+    "FLAG_SUSPECTED_NOISY",
+    "FORMAT_VERSION",
+    "MAX_STEP",
+    "RECORD_DTYPE",
+    "CheckpointError",
+    "SampleTable",
+]
+
+_C = load_compiled_core()
+
+#: Version of state dicts and checkpoint files this module writes and reads.
+FORMAT_VERSION = 1
+#: Largest step a table stores (steps are int32; ``last_step`` is -1 before the first update).
+MAX_STEP: int = _C.MAX_STEP
+#: Bit of the ``flags`` field: the noise guard lowered this HARD sample to FOCUS.
+FLAG_SUSPECTED_NOISY: int = _C.FLAG_SUSPECTED_NOISY
+
+_LAYOUT: list[tuple[str, str, int]] = [tuple(entry) for entry in _C.SampleTable.layout()]
+_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in _LAYOUT)
+#: numpy dtype of one record (32 bytes), as ``SampleTable.records()`` returns them.
+RECORD_DTYPE = np.dtype(
+    {
+        "names": list(_FIELDS),
+        "formats": [dtype for _, dtype, _ in _LAYOUT],
+        "offsets": [offset for _, _, offset in _LAYOUT],
+        "itemsize": _C.SAMPLE_RECORD_SIZE,
+    }
+)
+
+_MAGIC = b"GEKOTBL\0"
+_PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
+_CRC = struct.Struct("<I")
+_MAX_HEADER_BYTES = 1 << 20
+_CHUNK_RECORDS = 1 << 20  # 32 MiB per read/write: large tables are streamed, never copied whole
+
+PathLike = Union[str, "os.PathLike[str]"]
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or state dict that cannot be loaded: corrupt, truncated, of another
+    format version or layout, or for another number of samples. The table is unchanged."""
+
+
+# ---------------------------------------------------------------------------------------
+# Input conversion. The compiled core takes 1-D, contiguous, aligned, native arrays of
+# exact dtypes (and checks them again); everything else is converted here, once.
+
+
+def _as_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            # Copying would hide a device synchronisation inside the table; the caller
+            # decides when (and whether asynchronously) to bring statistics to the host.
+            raise ValueError(
+                f"{name} is on device {value.device}; SampleTable takes CPU data, pass {name}.cpu()"
+            )
+        value = value.detach().resolve_conj().resolve_neg()
+        if value.dtype in (torch.bfloat16, torch.float16):
+            value = value.float()  # numpy has no bfloat16; float16 -> float32 is exact
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _vector(array: np.ndarray, name: str) -> None:
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
+
+
+def _indices(value: Any, num_samples: int) -> np.ndarray:
+    array = _as_numpy(value, "indices")
+    _vector(array, "indices")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"indices must be an integer array, got dtype {array.dtype}")
+    if array.dtype != np.int32 and array.dtype != np.int64:
+        if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size:
+            too_big = np.flatnonzero(array > np.iinfo(np.int64).max)
+            if too_big.size:
+                position = int(too_big[0])
+                raise IndexError(
+                    f"index {int(array[position])} at position {position} is out of range "
+                    f"for a table of {num_samples} samples"
+                )
+        array = array.astype(np.int64)
+    return np.require(array, requirements=["C", "A"])
+
+
+def _floats(value: Any, name: str, *, allow_bool: bool = False) -> np.ndarray:
+    array = _as_numpy(value, name)
+    _vector(array, name)
+    if array.dtype.kind != "f" and not (allow_bool and array.dtype == np.bool_):
+        expected = "a float or bool array" if allow_bool else "a float array"
+        raise TypeError(f"{name} must be {expected}, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: skipped, counted
+        return np.require(array, dtype=np.float32, requirements=["C", "A"])
+
+
+def _thread_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _step(step: Any) -> int:
+    if isinstance(step, bool) or (isinstance(step, torch.Tensor) and step.dtype == torch.bool):
+        raise TypeError("step must be an integer, got bool")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an integer, got {type(step).__name__}") from None
+    if not 0 <= value <= MAX_STEP:
+        raise ValueError(f"step must be in [0, {MAX_STEP}], got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class SampleTable:
+    """Per-sample state of N samples, 32 bytes each (DESIGN.md §3).
+
+    Each sample holds its Q-value, an EMA of its loss and of its loss differences, its
+    latest loss, confidence and correct fraction, its bucket, visit count, last-visit step
+    and consecutive-HARD count (noise guard). Never-updated samples are in bucket UNSEEN.
+
+    Per update of sample i with finite (loss, confidence, correct) at ``step``:
+
+    * ``r = 1 - min(max(loss, 0) / loss_scale, 1)``, ``q <- (1 - q_alpha) q + q_alpha r``;
+    * first visit: ``loss_ema = loss``, ``loss_diff_ema = 0``; later
+      ``loss_diff_ema <- b2 loss_diff_ema + (1 - b2)(loss - last_loss)`` and
+      ``loss_ema <- b1 loss_ema + (1 - b1) loss``;
+    * bucket = the instant bucket of (confidence, correct); FREEZE also needs the new
+      ``q >= freeze_q`` (else LIGHT); a sample HARD for ``noise_guard_visits`` consecutive
+      visits becomes FOCUS and carries ``FLAG_SUSPECTED_NOISY`` until it leaves HARD;
+    * ``visits += 1`` (saturating), ``last_step = step``, latest values stored
+      (``last_correct`` as ``round(255 * correct)``).
+
+    Parallelism: ``num_threads`` OpenMP threads apply large batches and run scans. One
+    thread with software prefetch already exceeds 20 M random updates/s, and a parallel
+    region waits for its slowest thread when the machine's cores are busy (data-loader
+    workers, other jobs), so the default is 1. With more, each thread owns a range of the
+    table and applies only its indices: the result never depends on the thread count.
+
+    Thread safety: every method may be called from several threads. Calls are serialised
+    by one lock per table (a Python lock here, plus a mutex in the compiled core); the
+    compiled work runs with the GIL released, so other Python threads keep running.
+    ``records()`` views read the memory without the lock.
+
+    Args:
+        num_samples: N >= 1 (up to hundreds of millions: 32 B each).
+        config: thresholds and rates; ``GekoConfig()`` when None.
+        num_threads: OpenMP threads of updates and scans, 0 for OpenMP's default.
+
+    Raises:
+        TypeError: num_samples or num_threads not an int, or config not a GekoConfig.
+        ValueError: num_samples < 1, num_threads outside [0, 1024].
+        MemoryError: the records do not fit in memory.
+    """
+
+    def __init__(self, num_samples: int, config: GekoConfig | None = None, *, num_threads: int = 1) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        config = resolve_config(config)
+        self._c = _C.SampleTable(int(num_samples), config.to_cpp(), _thread_count(num_threads))
+        self._config = config
+        self._lock = threading.RLock()
+
+    # -- updates ---------------------------------------------------------------------
+
+    def update(
+        self,
+        indices: ArrayLike,
+        loss: ArrayLike,
+        confidence: ArrayLike,
+        correct: ArrayLike,
+        step: int,
+    ) -> None:
+        """Apply one batch of per-sample statistics, in batch order.
+
+        Everything is validated before any record changes; on error the table is as it was.
+        Input may be numpy arrays or CPU torch tensors, any stride.
+
+        Args:
+            indices: integer ``[n]`` (int32/int64 used as is, other integer types
+                converted), each in ``[0, N)``; a repeated index is applied once per
+                occurrence, in order.
+            loss: float ``[n]`` (float64 is converted to float32 once).
+            confidence: float ``[n]``, in ``[0, 1]``.
+            correct: float or bool ``[n]``: correct fraction in ``[0, 1]`` (token accuracy for
+                sequences, 0/1 for classification).
+            step: training step in ``[0, MAX_STEP]``, stored as ``last_step``.
+
+        A sample whose loss, confidence or correct is NaN or infinite is left unchanged and
+        counted in ``nonfinite_skipped``; the rest of the batch applies.
+
+        Raises:
+            IndexError: an index outside ``[0, N)`` (the message names the first one).
+            TypeError: indices not integer, values not float (bool for correct), step not int.
+            ValueError: not 1-D, lengths differ, a non-CPU tensor, a finite confidence or
+                correct outside [0, 1], or a step out of range.
+        """
+        step = _step(step)
+        idx = _indices(indices, self.num_samples)
+        loss_a = _floats(loss, "loss")
+        conf_a = _floats(confidence, "confidence")
+        correct_a = _floats(correct, "correct", allow_bool=True)
+        lengths = (idx.shape[0], loss_a.shape[0], conf_a.shape[0], correct_a.shape[0])
+        if len(set(lengths)) != 1:
+            raise ValueError(
+                "indices, loss, confidence and correct must have the same length, got "
+                + ", ".join(str(n) for n in lengths)
+            )
+        with self._lock:
+            self._c.update(idx, loss_a, conf_a, correct_a, step)
+
+    def update_from_stats(self, indices: ArrayLike, stats: SampleStats, step: int) -> None:
+        """``update(indices, stats.loss, stats.confidence, stats.correct, step)``.
+
+        Invalid samples of ``stats`` (NaN fields) are skipped and counted in
+        ``nonfinite_skipped``. The statistics must be on the CPU.
+        """
+        self.update(indices, stats.loss, stats.confidence, stats.correct, step)
+
+    # -- reads -----------------------------------------------------------------------
+
+    def buckets(self, indices: ArrayLike) -> np.ndarray:
+        """int8 ``[n]``: bucket code of each index (FREEZE 0, LIGHT 1, FOCUS 2, HARD 3, UNSEEN 4).
+
+        Raises:
+            IndexError: an index outside ``[0, N)``.
+            TypeError: indices not integer.
+        """
+        idx = _indices(indices, self.num_samples)
+        with self._lock:
+            return self._c.buckets(idx)
+
+    def bucket_counts(self) -> dict[str, int]:
+        """Number of samples per bucket, ``{"FREEZE": .., "LIGHT": .., "FOCUS": .., "HARD": .., "UNSEEN": ..}``.
+
+        The counts sum to N. One parallel scan of the records.
+        """
+        return dict(zip(BUCKET_NAMES, (int(c) for c in self.bucket_counts_array())))
+
+    def bucket_counts_array(self) -> np.ndarray:
+        """int64 ``[5]``: samples per bucket code, indexed by the code."""
+        with self._lock:
+            return self._c.bucket_counts()
+
+    def field(self, name: str) -> np.ndarray:
+        """A copy of one field of every sample, ``[N]``.
+
+        Fields and dtypes: ``q``, ``loss_ema``, ``loss_diff_ema``, ``last_loss``,
+        ``last_confidence`` float32; ``visits`` uint32; ``last_step`` int32 (-1: never
+        updated); ``last_correct`` uint8 (``round(255 * correct)``); ``bucket`` int8;
+        ``hard_streak`` uint8; ``flags`` uint8 (``FLAG_SUSPECTED_NOISY``).
+
+        Raises:
+            ValueError: unknown field name.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"field name must be a str, got {type(name).__name__}")
+        with self._lock:
+            return self._c.copy_field(name)
+
+    def records(self) -> np.ndarray:
+        """Zero-copy read-only view ``[N]`` of the records, dtype ``RECORD_DTYPE``.
+
+        The view keeps the table's memory alive and reflects later updates and loads. It
+        reads without the table's lock: while another thread updates, it may show a batch
+        half applied. Use ``field()`` or ``state_dict()`` for consistent copies.
+        """
+        return self._c.records_view().view(RECORD_DTYPE)[:, 0]
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of samples."""
+        return self._c.num_samples
+
+    def __len__(self) -> int:
+        return self._c.num_samples
+
+    @property
+    def config(self) -> GekoConfig:
+        """The thresholds and rates in use (replaced by ``load_state_dict`` / ``load``)."""
+        return self._config
+
+    @property
+    def num_threads(self) -> int:
+        """OpenMP threads of updates and scans (0: OpenMP's default); settable."""
+        return self._c.num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: int) -> None:
+        self._c.num_threads = _thread_count(value)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of per-sample state: 32 * N."""
+        return self._c.nbytes
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Sample-updates skipped because loss, confidence or correct was NaN or infinite."""
+        return self._c.nonfinite_skipped
+
+    @property
+    def updates_applied(self) -> int:
+        """Sample-updates applied since the table was created (saved with its state)."""
+        return self._c.updates
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleTable(num_samples={self.num_samples}, nbytes={self.nbytes}, "
+            f"updates_applied={self.updates_applied}, nonfinite_skipped={self.nonfinite_skipped})"
+        )
+
+    # -- state dicts -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as plain Python values and numpy arrays (torch convention).
+
+        Returns:
+            ``{"format_version": int, "num_samples": int, "config": dict,
+            "counters": {"updates_applied": int, "nonfinite_skipped": int},
+            <field>: np.ndarray [N] for every field of ``field()``}``. The arrays are copies.
+            ``load_state_dict`` also takes them as CPU tensors: convert them with
+            ``torch.from_numpy`` to store the state in a checkpoint that
+            ``torch.load(..., weights_only=True)`` reads.
+        """
+        with self._lock:
+            state: dict[str, Any] = {
+                "format_version": FORMAT_VERSION,
+                "num_samples": self.num_samples,
+                "config": self._config.to_dict(),
+                "counters": self._counters(),
+            }
+            for name in _FIELDS:
+                state[name] = self._c.copy_field(name)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the whole state (records, config and counters) by ``state_dict``.
+
+        Everything is checked before anything is replaced: keys, format version, number of
+        samples, field dtypes and shapes, the config, and that every record is one the
+        update rule can produce (bucket codes, flags, visit/step consistency, q in [0, 1]).
+
+        Raises:
+            TypeError: state_dict is not a mapping.
+            CheckpointError: anything else wrong; the table is unchanged.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        expected = {"format_version", "num_samples", "config", "counters", *_FIELDS}
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected, key=str)
+        if missing or unexpected:
+            raise CheckpointError(f"state dict keys do not match: missing {missing}, unexpected {unexpected}")
+        _check_version(state_dict["format_version"], "state dict")
+        num_samples = state_dict["num_samples"]
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+            raise CheckpointError(f"num_samples must be an int, got {num_samples!r}")
+        self._check_num_samples(int(num_samples), "the state dict")
+        config = _parse_config(state_dict["config"])
+        counters = _parse_counters(state_dict["counters"])
+        buffer = np.empty(self.num_samples * RECORD_DTYPE.itemsize, dtype=np.uint8)
+        records = buffer.view(RECORD_DTYPE)
+        for name in _FIELDS:
+            records[name] = self._field_from_state(name, state_dict[name])
+        self._install(buffer, config, counters)
+
+    def _field_from_state(self, name: str, value: Any) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                raise CheckpointError(f"field {name!r} is on device {value.device}; load CPU data")
+            value = value.detach().numpy()
+        if not isinstance(value, np.ndarray):
+            raise CheckpointError(f"field {name!r} must be a numpy array, got {type(value).__name__}")
+        expected = RECORD_DTYPE.fields[name][0]
+        if value.dtype != expected or value.shape != (self.num_samples,):
+            raise CheckpointError(
+                f"field {name!r} must be {expected} of shape ({self.num_samples},), "
+                f"got {value.dtype} of shape {tuple(value.shape)}"
+            )
+        return value
+
+    # -- files -----------------------------------------------------------------------
+
+    def save(self, path: PathLike) -> None:
+        """Write the whole state to ``path`` atomically.
+
+        The file is written next to ``path`` under a temporary name, flushed and fsynced,
+        then renamed over ``path`` (and the directory fsynced): a crash or error at any
+        point leaves either the previous file or the new one, never a mix. The records are
+        streamed from the table's memory, never copied whole. Updates wait meanwhile.
+        """
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        with self._lock:
+            header = json.dumps(
+                {
+                    "num_samples": self.num_samples,
+                    "record_size": RECORD_DTYPE.itemsize,
+                    "byteorder": sys.byteorder,
+                    "fields": [list(entry) for entry in _LAYOUT],
+                    "config": self._config.to_dict(),
+                    "counters": self._counters(),
+                    "geko_core": _package_version(),
+                },
+                sort_keys=True,
+            ).encode("utf-8")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                with open(fd, "wb") as file:
+                    _write_checkpoint(file, header, self._c.records_view())
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        _fsync_directory(directory)
+
+    def load(self, path: PathLike) -> None:
+        """Replace the whole state (records, config, counters) by the checkpoint at ``path``.
+
+        The file is read and verified completely (magic, format version, size, checksum,
+        layout, number of samples, config, every record) before anything is replaced; this
+        needs N * 32 bytes of temporary memory.
+
+        Raises:
+            CheckpointError: the file is not a table checkpoint, is truncated or corrupt, has
+                another format version or layout, or holds another number of samples. The
+                table is unchanged.
+            OSError: the file cannot be read.
+        """
+        buffer, config, counters = _read_checkpoint(path, expected_num_samples=self.num_samples)
+        self._install(buffer, config, counters)
+
+    @classmethod
+    def from_file(cls, path: PathLike) -> "SampleTable":
+        """A new table holding the checkpoint at ``path`` (its size and config come from the file).
+
+        Raises:
+            CheckpointError, OSError: as ``load``.
+        """
+        buffer, config, counters = _read_checkpoint(path, expected_num_samples=None)
+        table = cls(buffer.size // RECORD_DTYPE.itemsize, config)
+        table._install(buffer, config, counters)
+        return table
+
+    def __reduce__(self):
+        return (_table_from_state, (self.state_dict(),))
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _counters(self) -> dict[str, int]:
+        return {"updates_applied": self._c.updates, "nonfinite_skipped": self._c.nonfinite_skipped}
+
+    def _check_num_samples(self, num_samples: int, source: str) -> None:
+        if num_samples != self.num_samples:
+            raise CheckpointError(
+                f"{source} holds {num_samples} samples but this table has {self.num_samples}"
+            )
+
+    def _install(self, buffer: np.ndarray, config: GekoConfig, counters: dict[str, int]) -> None:
+        with self._lock:
+            try:
+                self._c.load(buffer, config.to_cpp(), counters["updates_applied"], counters["nonfinite_skipped"])
+            except ValueError as exc:
+                raise CheckpointError(f"invalid table state: {exc}") from None
+            self._config = config
+
+
+def _table_from_state(state: Mapping[str, Any]) -> SampleTable:
+    table = SampleTable(int(state["num_samples"]), _parse_config(state["config"]))
+    table.load_state_dict(state)
+    return table
+
+
+def _package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _check_version(version: Any, source: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has format version {version!r}; this geko_core reads version {FORMAT_VERSION}"
+        )
+
+
+def _parse_config(values: Any) -> GekoConfig:
+    if not isinstance(values, Mapping):
+        raise CheckpointError(f"config must be a mapping, got {type(values).__name__}")
+    try:
+        return GekoConfig.from_dict(dict(values))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid config: {exc}") from None
+
+
+def _parse_counters(values: Any) -> dict[str, int]:
+    names = ("updates_applied", "nonfinite_skipped")
+    if not isinstance(values, Mapping) or set(values) != set(names):
+        raise CheckpointError(f"counters must be a mapping with keys {list(names)}, got {values!r}")
+    counters = {}
+    for name in names:
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64:
+            raise CheckpointError(f"counter {name} must be an int in [0, 2**64), got {value!r}")
+        counters[name] = int(value)
+    return counters
+
+
+def _write_checkpoint(file, header: bytes, records: np.ndarray) -> None:
+    """Preamble, header, the records chunk by chunk, then the CRC of all of it."""
+    preamble = _PREAMBLE.pack(_MAGIC, FORMAT_VERSION, len(header))
+    crc = zlib.crc32(header, zlib.crc32(preamble))
+    file.write(preamble)
+    file.write(header)
+    for start in range(0, records.shape[0], _CHUNK_RECORDS):
+        chunk = records[start : start + _CHUNK_RECORDS]
+        crc = zlib.crc32(chunk, crc)
+        file.write(chunk)
+    file.write(_CRC.pack(crc))
+
+
+def _read_checkpoint(
+    path: PathLike, expected_num_samples: int | None
+) -> tuple[np.ndarray, GekoConfig, dict[str, int]]:
+    """Read and verify a whole checkpoint; (records as uint8, config, counters)."""
+    path = os.fspath(path)
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+
+        def fail(reason: str) -> CheckpointError:
+            return CheckpointError(f"{path}: {reason}")
+
+        # 1. Preamble and header: enough to know the expected size.
+        preamble = file.read(_PREAMBLE.size)
+        if len(preamble) < _PREAMBLE.size:
+            raise fail(f"truncated: {size} bytes is too short for a SampleTable checkpoint")
+        magic, version, header_length = _PREAMBLE.unpack(preamble)
+        if magic != _MAGIC:
+            raise fail("not a geko_core SampleTable checkpoint (wrong magic bytes)")
+        if version != FORMAT_VERSION:
+            raise fail(f"format version {version} is not supported; this geko_core reads version {FORMAT_VERSION}")
+        if header_length > _MAX_HEADER_BYTES or _PREAMBLE.size + header_length + _CRC.size > size:
+            raise fail(f"truncated or corrupt: header length {header_length} does not fit a {size}-byte file")
+        header_bytes = file.read(header_length)
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+            num_samples = header["num_samples"]
+            record_size = header["record_size"]
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError):
+            raise fail("corrupt header") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (num_samples, record_size)):
+            raise fail("corrupt header: num_samples and record_size must be positive ints")
+        expected_size = _PREAMBLE.size + header_length + num_samples * record_size + _CRC.size
+        if size < expected_size:
+            raise fail(f"truncated: expected {expected_size} bytes for {num_samples} samples, the file has {size}")
+        if size > expected_size:
+            raise fail(f"corrupt: expected {expected_size} bytes for {num_samples} samples, the file has {size}")
+        if record_size != RECORD_DTYPE.itemsize:
+            raise fail(f"record size {record_size} differs from this build's {RECORD_DTYPE.itemsize}")
+        # 2. Payload and checksum, before any field of the header is trusted further.
+        buffer = np.empty(num_samples * record_size, dtype=np.uint8)
+        crc = zlib.crc32(header_bytes, zlib.crc32(preamble))
+        view = memoryview(buffer)
+        chunk_bytes = _CHUNK_RECORDS * record_size
+        for start in range(0, buffer.size, chunk_bytes):
+            chunk = view[start : start + chunk_bytes]
+            if file.readinto(chunk) != len(chunk):
+                raise fail("truncated while reading the records")
+            crc = zlib.crc32(chunk, crc)
+        stored = file.read(_CRC.size)
+        if len(stored) != _CRC.size:
+            raise fail("truncated: the checksum is missing")
+        if _CRC.unpack(stored)[0] != crc:
+            raise fail("checksum mismatch: the file is corrupt")
+    # 3. Content.
+    if header.get("byteorder") != sys.byteorder:
+        raise CheckpointError(f"{path}: written on a {header.get('byteorder')}-endian machine, this one is {sys.byteorder}-endian")
+    fields = header.get("fields")
+    if not isinstance(fields, list) or [tuple(e) if isinstance(e, list) else e for e in fields] != _LAYOUT:
+        raise CheckpointError(f"{path}: record layout {fields} differs from this build's {_LAYOUT}")
+    if expected_num_samples is not None and num_samples != expected_num_samples:
+        raise CheckpointError(f"{path}: holds {num_samples} samples but this table has {expected_num_samples}")
+    try:
+        config = _parse_config(header.get("config"))
+        counters = _parse_counters(header.get("counters"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return buffer, config, counters
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable; some platforms cannot open directories, which is fine."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
