@@ -18,9 +18,11 @@ __all__ = [
     "BUCKET_LIGHT",
     "BUCKET_NAMES",
     "BUCKET_UNSEEN",
+    "CheckpointError",
     "CompiledCoreError",
     "GekoConfig",
     "SampleStats",
+    "SampleTable",
     "TokenStats",
     "backend_status",
     "compiled_core_error",
@@ -38,6 +40,7 @@ if compiled_core_error() is None:
         BUCKET_UNSEEN,
         GekoConfig,
     )
+    from .table import CheckpointError, SampleTable
     from .types import SampleStats, TokenStats
 else:
     # `import geko_core` still works (so `python -m geko_core.info` can report the

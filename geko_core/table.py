@@ -301,6 +301,21 @@ class SampleTable:
         with self._lock:
             return self._c.copy_field(name)
 
+    def gather(self, name: str, indices: ArrayLike) -> np.ndarray:
+        """One field of the samples ``indices``, ``[n]`` (a copy; dtypes as in :meth:`field`).
+
+        Raises:
+            IndexError: an index outside ``[0, N)``.
+            ValueError: unknown field name.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"field name must be a str, got {type(name).__name__}")
+        if name not in _FIELDS:
+            raise ValueError(f"unknown field {name!r}; fields are {list(_FIELDS)}")
+        idx = _indices(indices, self.num_samples)
+        with self._lock:
+            return self.records()[name][idx]
+
     def records(self) -> np.ndarray:
         """Zero-copy read-only view ``[N]`` of the records, dtype ``RECORD_DTYPE``.
 
