@@ -570,3 +570,23 @@ def test_random_permutation_is_uniform():
         bins[int(np.flatnonzero(p == 0)[0]) * 8 // n] += 1
     chi2 = float(((bins - runs / 8) ** 2 / (runs / 8)).sum())
     assert chi2 < 7 + Z * math.sqrt(14)
+
+
+def test_empty_and_degenerate_plans():
+    empty = EpochPlanner(0, num_replicas=2, rank=1).plan(np.zeros(0, dtype=np.int8), GOOD_RATES, epoch=0)
+    assert len(empty) == 0 and empty.indices.dtype == np.int64 and empty.weights.dtype == np.float32
+    assert list(empty) == []
+    frozen = np.zeros(40, dtype=np.int8)
+    nothing = EpochPlanner(40).plan(frozen, (0, 1, 1, 1, 1), epoch=0)
+    assert len(nothing) == 0 and nothing.epoch_size == 0
+    everything = EpochPlanner(40).plan(frozen, (1, 1, 1, 1, 1), epoch=0)
+    assert sorted(everything.indices.tolist()) == list(range(40)) and np.all(everything.weights == 1)
+    # one draw over three ranks: every rank gets one entry, two of them weightless padding
+    single = np.full(5, FREEZE, dtype=np.int8)
+    single[2] = HARD
+    shards = [EpochPlanner(5, num_replicas=3, rank=r).plan(single, (0, 1, 1, 1, 1), epoch=0) for r in range(3)]
+    assert [s.indices.tolist() for s in shards] == [[2], [2], [2]]
+    assert [float(s.weights[0]) for s in shards] == [1.0, 0.0, 0.0]
+    # a rate of exactly 5 gives five copies of each HARD sample
+    five = EpochPlanner(5).plan(single, (0, 1, 1, 5, 1), epoch=0)
+    assert five.indices.tolist() == [2] * 5 and np.all(five.weights == np.float32(0.2))
