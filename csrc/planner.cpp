@@ -154,15 +154,24 @@ Expanded expand(int64_t n, CopiesFn copies_of, CategoryFn category_of) {
 
 // ids: the global epoch in id space (all ranks hold the same list). index_of
 // and weight_of map an id to the sample index and its importance weight.
+// chunk_size >= 0 keeps only the first chunk_size entries of the shuffled plan:
+// a uniformly random part of it, so scaling the weights by m / chunk_size keeps
+// weighted sums unbiased.
 template <class IndexFn, class WeightFn>
 PlanResult finish(std::vector<int64_t> ids, int64_t epoch, const ShardOptions& o, uint64_t shuffle_sub,
-                  IndexFn index_of, WeightFn weight_of) {
+                  IndexFn index_of, WeightFn weight_of, int64_t chunk_size = -1) {
   if (o.shuffle) shuffle_in_place(ids, o.seed, static_cast<uint64_t>(epoch), shuffle_sub);
+  const int64_t drawn = static_cast<int64_t>(ids.size());
+  float scale = 1.0f;
+  if (chunk_size >= 0 && chunk_size < drawn) {
+    scale = chunk_size > 0 ? static_cast<float>(static_cast<double>(drawn) / static_cast<double>(chunk_size)) : 0.0f;
+    ids.resize(static_cast<size_t>(chunk_size));
+  }
   const int64_t m = static_cast<int64_t>(ids.size());
   const int64_t replicas = o.num_replicas;
   const int64_t per_rank = o.drop_last ? m / replicas : (m + replicas - 1) / replicas;
   PlanResult result;
-  result.epoch_size = m;
+  result.epoch_size = drawn;
   result.total_size = per_rank * replicas;
   result.indices.resize(static_cast<size_t>(per_rank));
   result.weights.resize(static_cast<size_t>(per_rank));
@@ -172,7 +181,7 @@ PlanResult finish(std::vector<int64_t> ids, int64_t epoch, const ShardOptions& o
     const int64_t pos = o.rank + j * replicas;
     if (pos < m) {
       result.indices[j] = index_of(ids[pos]);
-      result.weights[j] = weight_of(ids[pos]);
+      result.weights[j] = weight_of(ids[pos]) * scale;
     } else {  // padding wraps around (pos >= m implies m > 0); it carries no weight
       result.indices[j] = index_of(ids[(pos - m) % m]);
       result.weights[j] = 0.0f;
@@ -213,8 +222,12 @@ EpochPlanner::EpochPlanner(int64_t num_samples, const ShardOptions& options)
 }
 
 PlanResult EpochPlanner::plan(const int8_t* buckets, int64_t n, const std::array<double, kNumBuckets>& rates,
-                              int64_t epoch, const int64_t* last_visit64, const int32_t* last_visit32) const {
+                              int64_t epoch, const int64_t* last_visit64, const int32_t* last_visit32,
+                              int64_t chunk_size) const {
   // 1. validate everything before any work
+  require(chunk_size >= -1, "chunk_size must be >= 0 (or absent), got " + std::to_string(chunk_size));
+  require(chunk_size < 0 || options_.shuffle,
+          "chunk_size needs shuffle=True: a chunk is the head of the shuffled epoch, a uniformly random part of it");
   require(n == num_samples_, "buckets has " + std::to_string(n) + " entries, the planner was built for num_samples=" +
                                  std::to_string(num_samples_));
   require(epoch >= 0, "epoch must be >= 0, got " + std::to_string(epoch));
@@ -297,7 +310,7 @@ PlanResult EpochPlanner::plan(const int8_t* buckets, int64_t n, const std::array
   // 4. shuffle, shard, weights
   PlanResult result = finish(
       std::move(expanded.ids), epoch, options_, kSubBuckets, [](int64_t i) { return i; },
-      [&](int64_t i) { return weight[buckets[i]]; });
+      [&](int64_t i) { return weight[buckets[i]]; }, chunk_size);
   result.bucket_draws = expanded.category_draws;
   return result;
 }

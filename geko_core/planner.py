@@ -162,8 +162,8 @@ class EpochPlan:
         indices: int64 ``[len]``, read-only.
         weights: float32 ``[len]``, read-only; importance weight of each entry (0 on padding).
         epoch, rank, num_replicas: what the plan was made for.
-        epoch_size: global number of draws before padding / dropping.
-        total_size: global length after padding / dropping (``len * num_replicas``).
+        epoch_size: global number of draws of the epoch, before chunking, padding or dropping.
+        total_size: global length after chunking, padding or dropping (``len * num_replicas``).
         bucket_draws: global draws per bucket code (bucket plans; for InfoBatch plans the
             LIGHT slot counts well-learned samples and the FOCUS slot the others).
         kind: ``"buckets"``, ``"infobatch"`` or ``"gaussian_window"``.
@@ -322,6 +322,7 @@ class EpochPlanner:
         epoch: int,
         last_visit_step: Any = None,
         freeze_revisit: float | None = None,
+        chunk_size: int | None = None,
     ) -> EpochPlan:
         """The next epoch (this rank's shard).
 
@@ -339,6 +340,11 @@ class EpochPlanner:
             last_visit_step: optional int32/int64 ``[N]``; smaller = staler. Without it the
                 revisited frozen samples are a uniformly random subset.
             freeze_revisit: overrides ``rates[FREEZE]`` when given.
+            chunk_size: for step-based training: keep only the first ``chunk_size`` entries
+                (globally, before sharding) of the shuffled epoch, with weights multiplied by
+                ``epoch_size / chunk_size``. The head of a uniformly shuffled unbiased plan is a
+                uniformly random part of it, so the rescaled weights stay unbiased. Pass a new
+                ``epoch`` (a chunk counter) and fresh buckets for each chunk. Needs ``shuffle``.
 
         Returns:
             EpochPlan of this rank.
@@ -358,7 +364,12 @@ class EpochPlanner:
         if freeze_revisit is not None:
             rate_list[0] = _real(freeze_revisit, "freeze_revisit")
         visits = _last_visit(last_visit_step, codes.shape[0])
-        result = self._impl.plan(codes, rate_list, epoch, visits)
+        chunk = -1
+        if chunk_size is not None:
+            chunk = _int(chunk_size, "chunk_size", low=0)
+            if not self.shuffle:
+                raise ValueError("chunk_size needs shuffle=True: a chunk is the head of the shuffled epoch")
+        result = self._impl.plan(codes, rate_list, epoch, visits, chunk)
         return EpochPlan._from_core(result, epoch=epoch, rank=self.rank, num_replicas=self.num_replicas, kind="buckets")
 
     def __repr__(self) -> str:

@@ -134,7 +134,7 @@ void bind_planner(py::module_& m) {
            py::arg("drop_last"))
       .def_property_readonly("num_samples", &EpochPlanner::num_samples)
       .def("plan", [](const EpochPlanner& planner, const py::array& buckets, const std::array<double, kNumBuckets>& rates,
-                      int64_t epoch, const py::object& last_visit) {
+                      int64_t epoch, const py::object& last_visit, int64_t chunk_size) {
         const int8_t* b = data_of<int8_t>(buckets, "buckets", "int8");
         const int64_t* lv64 = nullptr;
         const int32_t* lv32 = nullptr;
@@ -156,10 +156,11 @@ void bind_planner(py::module_& m) {
         PlanResult r;
         {
           py::gil_scoped_release release;
-          r = planner.plan(b, n, rates, epoch, lv64, lv32);
+          r = planner.plan(b, n, rates, epoch, lv64, lv32, chunk_size);
         }
         return to_dict(std::move(r));
-      }, py::arg("buckets"), py::arg("rates"), py::arg("epoch"), py::arg("last_visit_step"));
+      }, py::arg("buckets"), py::arg("rates"), py::arg("epoch"), py::arg("last_visit_step"),
+         py::arg("chunk_size") = -1);
 
   m.def("infobatch_plan", [](const py::array& scores, int64_t epoch, int64_t num_epochs, double prune_ratio, double delta,
                              uint64_t seed, int64_t num_replicas, int64_t rank, bool shuffle, bool drop_last) {

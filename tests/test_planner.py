@@ -590,3 +590,29 @@ def test_empty_and_degenerate_plans():
     # a rate of exactly 5 gives five copies of each HARD sample
     five = EpochPlanner(5).plan(single, (0, 1, 1, 5, 1), epoch=0)
     assert five.indices.tolist() == [2] * 5 and np.all(five.weights == np.float32(0.2))
+
+
+def test_chunks_for_step_based_training():
+    n, chunk = 300, 64
+    buckets = mixed_buckets(n, seed=8)
+    rates = (0.1, 0.4, 1.0, 2.5, 1.0)
+    planner = EpochPlanner(n, seed=3, num_replicas=2, rank=1)
+    whole = EpochPlanner(n, seed=3).plan(buckets, rates, epoch=2)
+    part = EpochPlanner(n, seed=3).plan(buckets, rates, epoch=2, chunk_size=chunk)
+    assert np.array_equal(part.indices, whole.indices[:chunk])  # the head of the shuffled epoch
+    np.testing.assert_allclose(part.weights, whole.weights[:chunk] * np.float32(whole.epoch_size / chunk), rtol=1e-6)
+    assert part.epoch_size == whole.epoch_size and len(planner.plan(buckets, rates, epoch=2, chunk_size=chunk)) == 32
+    # unbiased: mean over chunks of the weighted sum, against the dataset sum
+    values = np.random.default_rng(1).gamma(2.0, size=n)
+    single = EpochPlanner(n, seed=3)
+    estimates = np.array([
+        np.sum(p.weights * values[p.indices]) / n
+        for p in (single.plan(buckets, rates, epoch=e, chunk_size=chunk) for e in range(2000))
+    ])
+    assert abs(estimates.mean() - values.mean()) < Z * estimates.std() / math.sqrt(len(estimates))
+    assert len(single.plan(buckets, rates, epoch=0, chunk_size=0)) == 0
+    assert len(single.plan(buckets, rates, epoch=2, chunk_size=10**6)) == whole.epoch_size
+    with pytest.raises(ValueError, match="shuffle"):
+        EpochPlanner(n, shuffle=False).plan(buckets, rates, epoch=0, chunk_size=5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        single.plan(buckets, rates, epoch=0, chunk_size=-2)

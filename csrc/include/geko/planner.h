@@ -33,8 +33,8 @@ struct ShardOptions {
 struct PlanResult {
   std::vector<int64_t> indices;  // this rank's shard, in training order
   std::vector<float> weights;    // importance weight of each entry (0 for padding)
-  int64_t epoch_size = 0;        // global number of draws, before padding / dropping
-  int64_t total_size = 0;        // global length after padding / dropping (= shard length * num_replicas)
+  int64_t epoch_size = 0;        // global number of draws of the epoch, before chunking / padding / dropping
+  int64_t total_size = 0;        // global length after chunking, padding / dropping (= shard length * num_replicas)
   // Global draws per bucket (bucket plans); draws of kept / pruned-but-kept
   // samples for InfoBatch are in [kFocus] / [kLight]; zeros otherwise.
   std::array<int64_t, kNumBuckets> bucket_draws{};
@@ -55,8 +55,13 @@ class EpochPlanner {
   // ceil(rates[kFreeze] * n_freeze) stalest frozen samples (ties broken at
   // random; a uniformly random subset without last_visit), each weighing
   // n_freeze / n_revisited.
+  //
+  // chunk_size >= 0 (step-based training; needs shuffle): keep only the first
+  // chunk_size entries of the shuffled global plan, weights scaled by
+  // epoch_size / chunk_size (a uniformly random part of an unbiased plan stays
+  // unbiased after that rescaling). -1: the whole epoch.
   PlanResult plan(const int8_t* buckets, int64_t n, const std::array<double, kNumBuckets>& rates, int64_t epoch,
-                  const int64_t* last_visit64, const int32_t* last_visit32) const;
+                  const int64_t* last_visit64, const int32_t* last_visit32, int64_t chunk_size = -1) const;
 
   int64_t num_samples() const { return num_samples_; }
   const ShardOptions& options() const { return options_; }
