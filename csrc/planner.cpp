@@ -516,10 +516,14 @@ WeightedSampleResult weighted_sample(const T* w, int64_t n, int64_t k, uint64_t 
   const int64_t m = positive;
   const int64_t chunks = num_chunks(m);
   std::vector<double> prefix(static_cast<size_t>(chunks + 1), 0.0);
+  std::vector<double> pi_in_order(static_cast<size_t>(m));  // gathered once: the walk below reads it in order
 #pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     double s = 0.0;
-    for (int64_t j = c * kChunk; j < std::min(m, (c + 1) * kChunk); ++j) s += pi_of(perm[j]);
+    for (int64_t j = c * kChunk; j < std::min(m, (c + 1) * kChunk); ++j) {
+      pi_in_order[j] = pi_of(perm[j]);
+      s += pi_in_order[j];
+    }
     prefix[c + 1] = s;
   }
   for (int64_t c = 0; c < chunks; ++c) prefix[c + 1] += prefix[c];
@@ -539,7 +543,7 @@ WeightedSampleResult weighted_sample(const T* w, int64_t n, int64_t k, uint64_t 
     int64_t before = points_below(cum);
     int64_t local = 0;
     for (int64_t j = c * kChunk; j < end; ++j) {
-      cum = j + 1 == end ? prefix[c + 1] : std::min(cum + pi_of(perm[j]), prefix[c + 1]);
+      cum = j + 1 == end ? prefix[c + 1] : std::min(cum + pi_in_order[j], prefix[c + 1]);
       const int64_t after = points_below(cum);
       if (after > before) {
         drawn[j] = 1;
@@ -552,8 +556,12 @@ WeightedSampleResult weighted_sample(const T* w, int64_t n, int64_t k, uint64_t 
   int64_t got = 0;
   for (int64_t c = 0; c < chunks; ++c) got += drawn_per_chunk[c + 1];
   out.indices.reserve(static_cast<size_t>(k));
+  out.inclusion.reserve(static_cast<size_t>(k));
   for (int64_t j = 0; j < m; ++j) {
-    if (drawn[j]) out.indices.push_back(perm[j]);
+    if (drawn[j]) {
+      out.indices.push_back(perm[j]);
+      out.inclusion.push_back(pi_in_order[j]);
+    }
   }
   // Rounding can, in principle, put two points in one unit of probability ~1;
   // fill such a shortfall with the largest undrawn inclusion probabilities.
@@ -565,10 +573,11 @@ WeightedSampleResult weighted_sample(const T* w, int64_t n, int64_t k, uint64_t 
     const int64_t need = k - got;
     std::nth_element(rest.begin(), rest.begin() + (need - 1), rest.end(),
                      [&](int64_t a, int64_t b) { return pi_of(a) != pi_of(b) ? pi_of(a) > pi_of(b) : a < b; });
-    out.indices.insert(out.indices.end(), rest.begin(), rest.begin() + need);
+    for (int64_t j = 0; j < need; ++j) {
+      out.indices.push_back(rest[j]);
+      out.inclusion.push_back(pi_of(rest[j]));
+    }
   }
-  out.inclusion.resize(out.indices.size());
-  for (size_t j = 0; j < out.indices.size(); ++j) out.inclusion[j] = pi_of(out.indices[j]);
   return out;
 }
 
