@@ -59,8 +59,8 @@ MountainCurriculum::MountainCurriculum(std::vector<CurriculumPhase> phases, bool
   require(phases_.back().end == 1.0, "MountainCurriculum: the last phase must end at 1.0, got " + fmt(phases_.back().end));
   require(std::isfinite(max_rate_) && max_rate_ >= 1.0 && max_rate_ <= kMaxRate,
           "MountainCurriculum: max_rate must be in [1, " + fmt(kMaxRate) + "], got " + fmt(max_rate_));
-  require(std::isfinite(min_rate_) && min_rate_ >= 0.0 && min_rate_ <= 1.0,
-          "MountainCurriculum: min_rate must be in [0, 1], got " + fmt(min_rate_));
+  require(std::isfinite(min_rate_) && (min_rate_ == 0.0 || (min_rate_ >= kMinPositiveRate && min_rate_ <= 1.0)),
+          "MountainCurriculum: min_rate must be 0 or in [" + fmt(kMinPositiveRate) + ", 1], got " + fmt(min_rate_));
   require(std::isfinite(freeze_revisit_) && freeze_revisit_ >= 0.0 && freeze_revisit_ <= 1.0,
           "MountainCurriculum: freeze_revisit must be in [0, 1], got " + fmt(freeze_revisit_));
   double start = 0.0;
@@ -112,7 +112,10 @@ std::array<double, kNumBuckets> MountainCurriculum::rates(double p) const {
   // Interpolating two valid phases can never give all-zero weights (each
   // phase has a positive sum and the mix is convex), so reference > 0.
   const double reference = w.focus > 0.0 ? w.focus : std::max(w.hard, w.light);
-  auto rate = [&](double weight) { return std::clamp(weight / reference, min_rate_, max_rate_); };
+  auto rate = [&](double weight) {
+    const double r = std::clamp(weight / reference, min_rate_, max_rate_);
+    return r > 0.0 && r < kMinPositiveRate ? kMinPositiveRate : r;
+  };
   std::array<double, kNumBuckets> out{};
   out[kFreeze] = freeze_revisit_;
   out[kLight] = rate(w.light);

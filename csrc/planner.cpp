@@ -237,6 +237,9 @@ PlanResult EpochPlanner::plan(const int8_t* buckets, int64_t n, const std::array
     const double hi = b == kFreeze ? 1.0 : kMaxRate;
     require(std::isfinite(rates[b]) && rates[b] >= 0.0 && rates[b] <= hi,
             std::string("rate of ") + kNames[b] + " must be finite and in [0, " + fmt(hi) + "], got " + fmt(rates[b]));
+    require(b == kFreeze || rates[b] == 0.0 || rates[b] >= kMinPositiveRate,  // FREEZE weighs n_freeze / k
+            std::string("rate of ") + kNames[b] + " must be 0 or >= " + fmt(kMinPositiveRate) +
+                " (its importance weight 1/rate must stay representable), got " + fmt(rates[b]));
   }
   int64_t n_freeze = 0;
   for (int64_t start = 0; start < n; start += 4096) {

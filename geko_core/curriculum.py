@@ -126,8 +126,9 @@ class MountainCurriculum:
             ``DEFAULT_PHASES`` (WARMUP, ASCENT, PEAK, DESCENT, CONSOLIDATE).
         smooth: interpolate linearly between phase midpoints instead of switching at ends.
         max_rate: the most copies of one sample per epoch, in [1, 5].
-        min_rate: the least expected copies of a LIGHT/FOCUS/HARD sample, in [0, 1]
-            (0 lets a bucket vanish, which makes importance weights undefined for it).
+        min_rate: the least expected copies of a LIGHT/FOCUS/HARD sample, 0 or in [1e-6, 1]
+            (0 lets a bucket vanish, which makes importance weights undefined for it; a
+            positive rate is never below 1e-6, so weights stay <= 1e6).
         freeze_revisit: fraction of FREEZE samples revisited per epoch, in [0, 1].
 
     Raises:

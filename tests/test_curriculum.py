@@ -56,6 +56,11 @@ def test_rates_cap_floor_and_zero_focus():
     assert c.rates(0.9) == pytest.approx((0.0, 1 / 3, 0.2, 1.0, 1.0))
 
 
+def test_tiny_rates_stay_representable():
+    c = MountainCurriculum([("A", 1.0, 1e-12, 1.0, 0.0)], min_rate=0.0)
+    assert c.rates(0.5)[HARD] == 1e-6 and c.rates(0.5)[LIGHT] == 0.0
+
+
 def test_smooth_interpolates_between_midpoints():
     c = MountainCurriculum(smooth=True)
     mids = [0.075, 0.25, 0.5, 0.75, 0.925]
@@ -125,6 +130,7 @@ def test_progress_type_refused():
         (None, {"max_rate": 0.5}, "max_rate"),
         (None, {"min_rate": -0.1}, "min_rate"),
         (None, {"min_rate": 1.5}, "min_rate"),
+        (None, {"min_rate": 1e-9}, "min_rate"),
         (None, {"freeze_revisit": 1.5}, "freeze_revisit"),
         (None, {"freeze_revisit": math.nan}, "freeze_revisit"),
     ],

@@ -463,6 +463,7 @@ def test_bad_buckets_refused(planner):
         ((0.05, 0.5, math.nan, 2.5, 1.0), "FOCUS"),
         ((0.05, 0.5, 1.0, 2.5, math.inf), "UNSEEN"),
         ((1.5, 0.5, 1.0, 2.5, 1.0), "FREEZE"),
+        ((0.05, 1e-9, 1.0, 2.5, 1.0), "LIGHT must be 0 or >= 1e-06"),
     ],
 )
 def test_bad_rates_refused(planner, rates, message):
@@ -616,3 +617,38 @@ def test_chunks_for_step_based_training():
         EpochPlanner(n, shuffle=False).plan(buckets, rates, epoch=0, chunk_size=5)
     with pytest.raises(ValueError, match="chunk_size"):
         single.plan(buckets, rates, epoch=0, chunk_size=-2)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    codes=st.lists(st.integers(0, 4), max_size=60),
+    rates=st.tuples(st.floats(0, 1), *[st.just(0.0) | st.floats(1e-6, 5)] * 4),
+    replicas=st.integers(1, 4),
+    drop_last=st.booleans(),
+    seed=st.integers(0, 2**64 - 1),
+    epoch=st.integers(0, 2**40),
+)
+def test_any_plan_is_consistent(codes, rates, replicas, drop_last, seed, epoch):
+    buckets = np.array(codes, dtype=np.int8)
+    n = len(buckets)
+    whole = EpochPlanner(n, seed=seed).plan(buckets, rates, epoch=epoch)
+    copies = copies_per_sample(whole.indices, n) if n else np.zeros(0, dtype=np.int64)
+    for b in (LIGHT, FOCUS, HARD, UNSEEN):
+        c = copies[buckets == b]
+        assert np.all((c >= math.floor(rates[b])) & (c <= math.ceil(rates[b])))
+        sel = buckets[whole.indices] == b
+        assert not sel.any() if rates[b] == 0 else np.all(whole.weights[sel] == np.float32(1.0 / rates[b]))
+    n_freeze = int((buckets == FREEZE).sum())
+    assert copies[buckets == FREEZE].sum() == planner_mod._C.freeze_revisit_count(rates[FREEZE], n_freeze)
+    shards = [
+        EpochPlanner(n, seed=seed, num_replicas=replicas, rank=r, drop_last=drop_last).plan(buckets, rates, epoch=epoch)
+        for r in range(replicas)
+    ]
+    assert len({len(s) for s in shards}) == 1
+    interleaved = np.stack([s.indices for s in shards], axis=1).reshape(-1) if len(shards[0]) else np.zeros(0, np.int64)
+    m = min(len(interleaved), len(whole))
+    assert np.array_equal(interleaved[:m], whole.indices[:m])

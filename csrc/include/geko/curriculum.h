@@ -28,6 +28,8 @@ std::vector<CurriculumPhase> default_curriculum_phases();
 // The largest rate the planner accepts for any bucket: a sample appears at
 // most this many times in one epoch (HARD's "up to 5x").
 constexpr double kMaxRate = 5.0;
+// The smallest positive rate: importance weights (1 / rate) stay <= 1e6.
+constexpr double kMinPositiveRate = 1e-6;
 // Defaults of the curriculum's rate mapping (see MountainCurriculum::rates).
 constexpr double kDefaultMinRate = 0.1;        // no bucket below this: importance weights stay <= 10
 constexpr double kDefaultFreezeRevisit = 0.05;  // fraction of FREEZE samples revisited per epoch
@@ -54,6 +56,8 @@ class MountainCurriculum {
   //   HARD  = clamp(hard / reference, min_rate, max_rate)
   //   FOCUS = clamp(focus / reference, min_rate, max_rate)   (1 when focus > 0)
   //   LIGHT = clamp(light / reference, min_rate, max_rate)
+  //   (a positive rate below kMinPositiveRate, possible only with min_rate 0,
+  //   becomes kMinPositiveRate)
   //   UNSEEN = 1 (a sample must be seen once to be scored)
   //   FREEZE = freeze_revisit (the fraction of frozen samples revisited)
   // All weights zero cannot happen (refused at construction).

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "geko/config.h"
+#include "geko/curriculum.h"  // kMaxRate, kMinPositiveRate
 
 namespace geko {
 
@@ -45,7 +46,7 @@ class EpochPlanner {
   EpochPlanner(int64_t num_samples, const ShardOptions& options);
 
   // buckets: [num_samples] codes 0..4. rates: expected copies per epoch of a
-  // sample in each bucket (bucket-code order), finite, in [0, kMaxRate];
+  // sample in each bucket (bucket-code order), finite, 0 or in [kMinPositiveRate, kMaxRate];
   // rates[kFreeze] is the revisit fraction, in [0, 1].
   // last_visit: optional [num_samples] (exactly one of the two pointers or
   // none); FREEZE revisits go to the smallest values first.
