@@ -20,11 +20,20 @@ __all__ = [
     "BUCKET_UNSEEN",
     "CheckpointError",
     "CompiledCoreError",
+    "CurriculumPhase",
+    "DEFAULT_PHASES",
+    "EpochPlan",
+    "EpochPlanner",
+    "MountainCurriculum",
     "GekoConfig",
     "SampleStats",
     "SampleTable",
     "TokenStats",
     "backend_status",
+    "gainrl_update_mu",
+    "gaussian_window_plan",
+    "infobatch_plan",
+    "weighted_sample",
     "compiled_core_error",
     "__version__",
 ]
@@ -40,6 +49,8 @@ if compiled_core_error() is None:
         BUCKET_UNSEEN,
         GekoConfig,
     )
+    from .curriculum import DEFAULT_PHASES, CurriculumPhase, MountainCurriculum
+    from .planner import EpochPlan, EpochPlanner, gainrl_update_mu, gaussian_window_plan, infobatch_plan, weighted_sample
     from .table import CheckpointError, SampleTable
     from .types import SampleStats, TokenStats
 else:
