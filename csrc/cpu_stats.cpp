@@ -1,0 +1,502 @@
+#include "geko/cpu_stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace geko {
+
+namespace {
+
+template <typename To, typename From>
+inline To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "size mismatch");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// exp(x) underflows to 0 in float32 below this; flushing there keeps e * (x - m) finite.
+constexpr float kExpUnderflow = -87.0f;
+
+}  // namespace
+
+// ---------------------------------------------------------------- conversions
+
+float bf16_to_float(uint16_t bits) { return bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+
+uint16_t float_to_bf16(float value) {
+  uint32_t bits = bit_cast<uint32_t>(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float fp16_to_float(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  const uint32_t magnitude = bits & 0x7fffu;
+  // Placing the half exponent/mantissa at float positions and scaling by 2^112
+  // rebiases the exponent and handles subnormals exactly; inf/NaN keep all-ones.
+  uint32_t out = bit_cast<uint32_t>(bit_cast<float>(magnitude << 13) * 0x1p112f);
+  if (magnitude >= 0x7c00u) out = (magnitude << 13) | 0x7f800000u;
+  return bit_cast<float>(out | sign);
+}
+
+uint16_t float_to_fp16(float value) {
+  uint32_t bits = bit_cast<uint32_t>(value);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  bits &= 0x7fffffffu;
+  if (bits >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (bits > 0x7f800000u ? 0x0200u : 0u));
+  if (bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf (>= 65520)
+  if (bits < 0x38800000u) {
+    // Below the smallest normal half: adding 0.5f rounds (to nearest even) to a
+    // multiple of 2^-24, the half subnormal step, which lands in the low mantissa bits.
+    const float rounded = bit_cast<float>(bits) + 0.5f;
+    return static_cast<uint16_t>(sign | (bit_cast<uint32_t>(rounded) - 0x3f000000u));
+  }
+  bits += 0xc8000fffu + ((bits >> 13) & 1u);  // exponent -= 112, round to nearest even
+  return static_cast<uint16_t>(sign | (bits >> 13));
+}
+
+namespace {
+
+// ---------------------------------------------------------------- element access
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static float load(const float* p) { return *p; }
+  static void store(float* p, float v) { *p = v; }
+};
+template <>
+struct Elem<double> {
+  static float load(const double* p) { return static_cast<float>(*p); }
+  static void store(double* p, float v) { *p = static_cast<double>(v); }
+};
+struct BF16 {
+  uint16_t bits;
+};
+struct FP16 {
+  uint16_t bits;
+};
+template <>
+struct Elem<BF16> {
+  static float load(const BF16* p) { return bf16_to_float(p->bits); }
+  static void store(BF16* p, float v) { p->bits = float_to_bf16(v); }
+};
+template <>
+struct Elem<FP16> {
+  static float load(const FP16* p) { return fp16_to_float(p->bits); }
+  static void store(FP16* p, float v) { p->bits = float_to_fp16(v); }
+};
+
+#ifdef __AVX2__
+
+// exp(x) for x <= 0 (the kernels only ever exponentiate x - max or x - lse):
+// Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial,
+// 2^n through the exponent bits. Below kExpUnderflow the result is exactly 0;
+// NaN propagates. Max relative error ~2 ulp.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(kExpUnderflow);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(lo, x);  // (lo, x) order: a NaN x is returned unchanged
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
+}
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+};
+template <>
+struct Vec<double> {
+  static __m256 load(const double* p) {
+    return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
+  }
+  static void store(double* p, __m256 v) {
+    _mm256_storeu_pd(p, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(p + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+};
+template <>
+struct Vec<BF16> {
+  static __m256 load(const BF16* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static void store(BF16* p, __m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x0040));
+    rounded = _mm256_and_si256(_mm256_blendv_epi8(rounded, quiet, nan), _mm256_set1_epi32(0xffff));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+};
+template <>
+struct Vec<FP16> {
+  static __m256 load(const FP16* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);
+    const __m256i magnitude = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
+    const __m256i shifted = _mm256_slli_epi32(magnitude, 13);
+    const __m256i scaled = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(shifted), _mm256_set1_ps(0x1p112f)));
+    const __m256i special = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7bff));
+    const __m256i inf_nan = _mm256_or_si256(shifted, _mm256_set1_epi32(0x7f800000));
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_blendv_epi8(scaled, inf_nan, special), sign));
+  }
+  static void store(FP16* p, __m256 v) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) p[i].bits = float_to_fp16(tmp[i]);
+  }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#endif  // __AVX2__
+
+// Row reductions of one token: max (first index of it), and with m = max,
+// d = sum exp(x - m), s1 = sum exp(x - m) (x - m), s2 = sum exp(2 (x - m)).
+struct RowSums {
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t argmax = 0;
+  bool finite = true;
+  float d = 0.0f;
+  float s1 = 0.0f;
+  float s2 = 0.0f;
+};
+
+// 1. max / first argmax / finiteness. Two passes over the row: it is at most
+//    1 MB (262144 fp32) and stays in L2 for the second pass, so DRAM is read once.
+template <typename T>
+RowSums row_sums(const T* row, int64_t vocab) {
+  RowSums out;
+  int64_t i = 0;
+  float check = 0.0f;  // sum of x * 0: 0 for finite rows, NaN otherwise
+#ifdef __AVX2__
+  const int64_t vec_end = vocab & ~int64_t{7};
+  if (vec_end > 0) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256i vidx = _mm256_set1_epi32(-1);
+    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i step = _mm256_set1_epi32(8);
+    __m256 vcheck = zero;
+    for (; i < vec_end; i += 8) {
+      const __m256 x = Vec<T>::load(row + i);
+      // Strict > keeps the first maximal index of each lane.
+      const __m256 greater = _mm256_cmp_ps(x, vmax, _CMP_GT_OQ);
+      vmax = _mm256_blendv_ps(vmax, x, greater);
+      vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(idx), greater));
+      vcheck = _mm256_fmadd_ps(x, zero, vcheck);
+      idx = _mm256_add_epi32(idx, step);
+    }
+    alignas(32) float lane_max[8];
+    alignas(32) int32_t lane_idx[8];
+    _mm256_store_ps(lane_max, vmax);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
+    int64_t best_idx = -1;
+    for (int l = 0; l < 8; ++l) {
+      if (lane_idx[l] < 0) continue;
+      if (best_idx < 0 || lane_max[l] > out.max || (lane_max[l] == out.max && lane_idx[l] < best_idx)) {
+        out.max = lane_max[l];
+        best_idx = lane_idx[l];
+      }
+    }
+    out.argmax = best_idx < 0 ? 0 : best_idx;
+    check = hsum(vcheck);
+  }
+#endif
+  for (; i < vocab; ++i) {
+    const float x = Elem<T>::load(row + i);
+    check += x * 0.0f;
+    if (x > out.max) {
+      out.max = x;
+      out.argmax = i;
+    }
+  }
+  out.finite = (check == 0.0f);
+  if (!out.finite) return out;
+
+  // 2. exponential sums around the max (cancellation-free entropy: s1 uses x - m).
+  const float m = out.max;
+  i = 0;
+#ifdef __AVX2__
+  const int64_t vec16_end = vocab & ~int64_t{15};
+  const int64_t vec8_end = vocab & ~int64_t{7};
+  {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    for (; i < vec16_end; i += 16) {
+      const __m256 t0 = _mm256_sub_ps(Vec<T>::load(row + i), vm);
+      const __m256 t1 = _mm256_sub_ps(Vec<T>::load(row + i + 8), vm);
+      const __m256 e0 = exp_nonpositive(t0);
+      const __m256 e1 = exp_nonpositive(t1);
+      d0 = _mm256_add_ps(d0, e0);
+      d1 = _mm256_add_ps(d1, e1);
+      a0 = _mm256_fmadd_ps(e0, t0, a0);
+      a1 = _mm256_fmadd_ps(e1, t1, a1);
+      b0 = _mm256_fmadd_ps(e0, e0, b0);
+      b1 = _mm256_fmadd_ps(e1, e1, b1);
+    }
+    for (; i < vec8_end; i += 8) {
+      const __m256 t0 = _mm256_sub_ps(Vec<T>::load(row + i), vm);
+      const __m256 e0 = exp_nonpositive(t0);
+      d0 = _mm256_add_ps(d0, e0);
+      a0 = _mm256_fmadd_ps(e0, t0, a0);
+      b0 = _mm256_fmadd_ps(e0, e0, b0);
+    }
+    out.d = hsum(_mm256_add_ps(d0, d1));
+    out.s1 = hsum(_mm256_add_ps(a0, a1));
+    out.s2 = hsum(_mm256_add_ps(b0, b1));
+  }
+#endif
+  for (; i < vocab; ++i) {
+    const float t = Elem<T>::load(row + i) - m;
+    const float e = t < kExpUnderflow ? 0.0f : std::exp(t);
+    out.d += e;
+    out.s1 += e * t;
+    out.s2 += e * e;
+  }
+  return out;
+}
+
+struct TokenValues {
+  float loss, confidence, label_prob, correct, entropy, el2n, lse;
+};
+
+inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) {
+  if (!r.finite) return {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
+  const float log_d = std::log(r.d);
+  TokenValues v;
+  v.loss = (r.max - x_label) + log_d;  // lse - x[y], without cancelling the large m
+  v.lse = r.max + log_d;
+  v.confidence = 1.0f / r.d;  // exp(m - lse)
+  v.label_prob = std::exp(-v.loss);
+  v.correct = r.argmax == label ? 1.0f : 0.0f;
+  v.entropy = log_d - r.s1 / r.d;  // lse - sum p x, written around m
+  const float sum_p2 = r.s2 / (r.d * r.d);
+  v.el2n = std::sqrt(std::max(sum_p2 - 2.0f * v.label_prob + 1.0f, 0.0f));
+  return v;
+}
+
+template <typename T>
+void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, float* const tok[7],
+                uint8_t* valid_out, uint8_t* bad_out) {
+  const T* base = static_cast<const T*>(lv.data);
+  const int64_t rows = lv.samples * lv.tokens;
+  const int64_t vocab = lv.vocab;
+#pragma omp parallel for schedule(dynamic, 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = r / lv.tokens;
+    const int64_t t = r % lv.tokens;
+    const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+    const bool counted = label != ignore_index;
+    const bool in_range = label >= 0 && label < vocab;
+    const bool valid = counted && in_range;
+    valid_out[r] = valid ? 1 : 0;
+    if (!valid) {
+      // Never read a row whose label is not usable; an out-of-range counted label
+      // spoils its sample, as in the reference.
+      bad_out[r] = counted ? 1 : 0;
+      for (int k = 0; k < 7; ++k)
+        if (tok[k] != nullptr) tok[k][r] = 0.0f;
+      continue;
+    }
+    const T* row = base + s * lv.sample_stride + t * lv.token_stride;
+    const RowSums sums = row_sums(row, vocab);
+    const TokenValues v = token_values(sums, Elem<T>::load(row + label), label);
+    bad_out[r] = sums.finite ? 0 : 1;
+    const float values[7] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n, v.lse};
+    for (int k = 0; k < 7; ++k)
+      if (tok[k] != nullptr) tok[k][r] = values[k];
+  }
+}
+
+template <typename T>
+void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse, const float* token_scale,
+                   int64_t ignore_index, T* grad, int64_t grad_sample_stride, int64_t grad_token_stride) {
+  const T* base = static_cast<const T*>(lv.data);
+  const int64_t rows = lv.samples * lv.tokens;
+  const int64_t vocab = lv.vocab;
+#pragma omp parallel for schedule(dynamic, 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = r / lv.tokens;
+    const int64_t t = r % lv.tokens;
+    const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+    const T* row = base + s * lv.sample_stride + t * lv.token_stride;
+    T* out = grad + s * grad_sample_stride + t * grad_token_stride;
+    const bool valid = label != ignore_index && label >= 0 && label < vocab;
+    int64_t i = 0;
+    if (!valid) {
+#ifdef __AVX2__
+      for (; i + 8 <= vocab; i += 8) Vec<T>::store(out + i, _mm256_setzero_ps());
+#endif
+      for (; i < vocab; ++i) Elem<T>::store(out + i, 0.0f);
+      continue;
+    }
+    const float l = lse[r];
+    const float scale = token_scale[r];
+    // Read x[y] first: in place, the row is overwritten by the loop below.
+    const float x_label = Elem<T>::load(row + label);
+#ifdef __AVX2__
+    const __m256 vl = _mm256_set1_ps(l);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (; i + 8 <= vocab; i += 8) {
+      const __m256 p = exp_nonpositive(_mm256_sub_ps(Vec<T>::load(row + i), vl));
+      Vec<T>::store(out + i, _mm256_mul_ps(p, vs));
+    }
+#endif
+    for (; i < vocab; ++i) {
+      const float tt = Elem<T>::load(row + i) - l;
+      const float p = tt < kExpUnderflow ? 0.0f : std::exp(tt);
+      Elem<T>::store(out + i, p * scale);
+    }
+    const float tl = x_label - l;
+    const float p_label = tl < kExpUnderflow ? 0.0f : std::exp(tl);
+    Elem<T>::store(out + label, (p_label - 1.0f) * scale);
+  }
+}
+
+void check_views(const LogitsView& lv, const LabelsView& yv) {
+  if (lv.data == nullptr && lv.samples * lv.tokens > 0) throw std::invalid_argument("logits: null data pointer");
+  if (yv.data == nullptr && lv.samples * lv.tokens > 0) throw std::invalid_argument("labels: null data pointer");
+  if (lv.samples < 0 || lv.tokens < 0) throw std::invalid_argument("logits: negative shape");
+  if (lv.vocab < 2 || lv.vocab > kMaxVocab)
+    throw std::invalid_argument("logits: vocabulary size must be in [2, " + std::to_string(kMaxVocab) + "], got " +
+                                std::to_string(lv.vocab));
+  if (lv.sample_stride < 0 || lv.token_stride < 0 || yv.sample_stride < 0 || yv.token_stride < 0)
+    throw std::invalid_argument("negative strides are not supported");
+}
+
+}  // namespace
+
+void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_t ignore_index,
+                      const Config& config, const SampleStatsOutput& out, const TokenStatsOutput& tokens) {
+  check_views(logits, labels);
+  if (out.loss == nullptr || out.confidence == nullptr || out.label_prob == nullptr || out.correct == nullptr ||
+      out.entropy == nullptr || out.el2n == nullptr || out.valid_tokens == nullptr || out.bucket == nullptr)
+    throw std::invalid_argument("sample_stats_cpu: every per-sample output is required");
+  const int64_t S = logits.samples;
+  const int64_t T = logits.tokens;
+  const int64_t rows = S * T;
+
+  // Token values go to the caller's buffers when given, else to scratch (O(S T), small).
+  std::vector<float> scratch;
+  float* tok[7] = {tokens.loss, tokens.confidence, tokens.label_prob, tokens.correct,
+                   tokens.entropy, tokens.el2n, tokens.lse};
+  int missing = 0;
+  for (int k = 0; k < 6; ++k) missing += tok[k] == nullptr ? 1 : 0;
+  scratch.resize(static_cast<size_t>(missing) * static_cast<size_t>(rows));
+  for (int k = 0, used = 0; k < 6; ++k) {
+    if (tok[k] == nullptr) tok[k] = scratch.data() + static_cast<size_t>(used++) * static_cast<size_t>(rows);
+  }
+  std::vector<uint8_t> valid_scratch;
+  uint8_t* valid = tokens.valid;
+  if (valid == nullptr) {
+    valid_scratch.resize(static_cast<size_t>(rows));
+    valid = valid_scratch.data();
+  }
+  std::vector<uint8_t> bad(static_cast<size_t>(rows));
+
+  switch (logits.dtype) {
+    case ScalarType::kFloat32: token_pass<float>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kFloat64: token_pass<double>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kBFloat16: token_pass<BF16>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kFloat16: token_pass<FP16>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    default: throw std::invalid_argument("sample_stats_cpu: unsupported logits dtype");
+  }
+
+  // 3. per-sample means over valid tokens, in double like the reference, and the bucket.
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    double sums[6] = {0, 0, 0, 0, 0, 0};
+    int64_t count = 0;
+    bool spoiled = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = s * T + t;
+      spoiled |= bad[r] != 0;
+      if (!valid[r]) continue;
+      ++count;
+      for (int k = 0; k < 6; ++k) sums[k] += static_cast<double>(tok[k][r]);
+    }
+    float means[6];
+    for (int k = 0; k < 6; ++k)
+      means[k] = (spoiled || count == 0) ? kNaN : static_cast<float>(sums[k] / static_cast<double>(count));
+    out.loss[s] = means[0];
+    out.confidence[s] = means[1];
+    out.label_prob[s] = means[2];
+    out.correct[s] = means[3];
+    out.entropy[s] = means[4];
+    out.el2n[s] = means[5];
+    out.valid_tokens[s] = static_cast<int32_t>(count);
+    out.bucket[s] = instant_bucket(means[1], means[3], config);
+  }
+}
+
+void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const float* lse,
+                                const float* token_scale, int64_t ignore_index, void* grad,
+                                int64_t grad_sample_stride, int64_t grad_token_stride) {
+  check_views(logits, labels);
+  if (logits.samples * logits.tokens == 0) return;
+  if (lse == nullptr || token_scale == nullptr || grad == nullptr)
+    throw std::invalid_argument("cross_entropy_backward_cpu: lse, token_scale and grad are required");
+  if (grad_sample_stride < 0 || grad_token_stride < 0) throw std::invalid_argument("grad: negative strides");
+  switch (logits.dtype) {
+    case ScalarType::kFloat32:
+      backward_pass<float>(logits, labels, lse, token_scale, ignore_index, static_cast<float*>(grad),
+                           grad_sample_stride, grad_token_stride);
+      break;
+    case ScalarType::kFloat64:
+      backward_pass<double>(logits, labels, lse, token_scale, ignore_index, static_cast<double*>(grad),
+                            grad_sample_stride, grad_token_stride);
+      break;
+    case ScalarType::kBFloat16:
+      backward_pass<BF16>(logits, labels, lse, token_scale, ignore_index, static_cast<BF16*>(grad),
+                          grad_sample_stride, grad_token_stride);
+      break;
+    case ScalarType::kFloat16:
+      backward_pass<FP16>(logits, labels, lse, token_scale, ignore_index, static_cast<FP16*>(grad),
+                          grad_sample_stride, grad_token_stride);
+      break;
+    default: throw std::invalid_argument("cross_entropy_backward_cpu: unsupported logits dtype");
+  }
+}
+
+}  // namespace geko
