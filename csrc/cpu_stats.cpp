@@ -25,7 +25,8 @@ inline To bit_cast(From from) {
 }
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-// exp(x) underflows to 0 in float32 below this; flushing there keeps e * (x - m) finite.
+// exp(x) is ~1e-38 here: below it an element adds nothing to the row sums, and
+// clamping keeps e * (x - m) finite when x is far below the max.
 constexpr float kExpUnderflow = -87.0f;
 
 }  // namespace
@@ -103,27 +104,29 @@ struct Elem<FP16> {
 
 #ifdef __AVX2__
 
-// exp(x) for x <= 0 (the kernels only ever exponentiate x - max or x - lse):
-// Cephes-style range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial,
-// 2^n through the exponent bits. Below kExpUnderflow the result is exactly 0;
-// NaN propagates. Max relative error ~2 ulp.
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(kExpUnderflow);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(lo, x);  // (lo, x) order: a NaN x is returned unchanged
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n)));
+// exp(x) for x <= 0 (the kernels only exponentiate x - max or x - lse).
+// x is first clamped to kExpUnderflow (NaN passes through); the caller uses the
+// clamped value, so an element far below the max contributes ~1e-38, i.e. nothing.
+// Range reduction x = n ln2 + r (|r| <= ln2/2) with n from the 1.5 * 2^23 rounding
+// trick, whose low mantissa bits also give 2^n by an integer add to the exponent;
+// degree-6 Taylor polynomial. Max relative error ~2e-7.
+inline __m256 clamp_exp_arg(__m256 x) { return _mm256_max_ps(_mm256_set1_ps(kExpUnderflow), x); }
+
+inline __m256 exp_clamped(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(k, magic);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f), x);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // bits(k) = bits(magic) + n and bits(magic) << 23 == 0, so (bits(k) << 23) == n << 23.
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(k), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
 }
 
 template <typename T>
@@ -200,74 +203,95 @@ struct RowSums {
   float s2 = 0.0f;
 };
 
-// 1. max / first argmax / finiteness. Two passes over the row: it is at most
-//    1 MB (262144 fp32) and stays in L2 for the second pass, so DRAM is read once.
 template <typename T>
 RowSums row_sums(const T* row, int64_t vocab) {
   RowSums out;
+  // 1. max and finiteness (sum of x * 0 is 0 for a finite row, NaN otherwise).
+  //    The row (<= 1 MB) stays in L2 for the passes below, so DRAM is read once.
   int64_t i = 0;
-  float check = 0.0f;  // sum of x * 0: 0 for finite rows, NaN otherwise
+  float check = 0.0f;
+  float m = -std::numeric_limits<float>::infinity();
 #ifdef __AVX2__
-  const int64_t vec_end = vocab & ~int64_t{7};
-  if (vec_end > 0) {
+  const int64_t vec32_end = vocab & ~int64_t{31};
+  const int64_t vec8_end = vocab & ~int64_t{7};
+  if (vec8_end > 0) {
     const __m256 zero = _mm256_setzero_ps();
-    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    __m256i vidx = _mm256_set1_epi32(-1);
-    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i step = _mm256_set1_epi32(8);
-    __m256 vcheck = zero;
-    for (; i < vec_end; i += 8) {
-      const __m256 x = Vec<T>::load(row + i);
-      // Strict > keeps the first maximal index of each lane.
-      const __m256 greater = _mm256_cmp_ps(x, vmax, _CMP_GT_OQ);
-      vmax = _mm256_blendv_ps(vmax, x, greater);
-      vidx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(vidx), _mm256_castsi256_ps(idx), greater));
-      vcheck = _mm256_fmadd_ps(x, zero, vcheck);
-      idx = _mm256_add_epi32(idx, step);
+    const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    __m256 c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+    for (; i < vec32_end; i += 32) {  // four independent chains: max/fma latency, not throughput
+      const __m256 x0 = Vec<T>::load(row + i);
+      const __m256 x1 = Vec<T>::load(row + i + 8);
+      const __m256 x2 = Vec<T>::load(row + i + 16);
+      const __m256 x3 = Vec<T>::load(row + i + 24);
+      m0 = _mm256_max_ps(m0, x0);
+      m1 = _mm256_max_ps(m1, x1);
+      m2 = _mm256_max_ps(m2, x2);
+      m3 = _mm256_max_ps(m3, x3);
+      c0 = _mm256_fmadd_ps(x0, zero, c0);
+      c1 = _mm256_fmadd_ps(x1, zero, c1);
+      c2 = _mm256_fmadd_ps(x2, zero, c2);
+      c3 = _mm256_fmadd_ps(x3, zero, c3);
     }
-    alignas(32) float lane_max[8];
-    alignas(32) int32_t lane_idx[8];
-    _mm256_store_ps(lane_max, vmax);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_idx), vidx);
-    int64_t best_idx = -1;
-    for (int l = 0; l < 8; ++l) {
-      if (lane_idx[l] < 0) continue;
-      if (best_idx < 0 || lane_max[l] > out.max || (lane_max[l] == out.max && lane_idx[l] < best_idx)) {
-        out.max = lane_max[l];
-        best_idx = lane_idx[l];
-      }
+    for (; i < vec8_end; i += 8) {
+      const __m256 x0 = Vec<T>::load(row + i);
+      m0 = _mm256_max_ps(m0, x0);
+      c0 = _mm256_fmadd_ps(x0, zero, c0);
     }
-    out.argmax = best_idx < 0 ? 0 : best_idx;
-    check = hsum(vcheck);
+    const __m256 vmax = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    for (int l = 0; l < 8; ++l) m = std::max(m, lanes[l]);
+    check = hsum(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
   }
 #endif
   for (; i < vocab; ++i) {
     const float x = Elem<T>::load(row + i);
     check += x * 0.0f;
-    if (x > out.max) {
-      out.max = x;
-      out.argmax = i;
-    }
+    m = std::max(m, x);
   }
+  out.max = m;
   out.finite = (check == 0.0f);
   if (!out.finite) return out;
 
-  // 2. exponential sums around the max (cancellation-free entropy: s1 uses x - m).
-  const float m = out.max;
+  // 2. argmax: the first index equal to the max (ties -> lowest index); stops there.
+  i = 0;
+  out.argmax = -1;
+#ifdef __AVX2__
+  {
+    const __m256 vm = _mm256_set1_ps(m);
+    for (; i < vec8_end; i += 8) {
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ));
+      if (mask != 0) {
+        out.argmax = i + __builtin_ctz(static_cast<unsigned>(mask));
+        break;
+      }
+    }
+  }
+#endif
+  if (out.argmax < 0) {
+    for (; i < vocab; ++i) {
+      if (Elem<T>::load(row + i) == m) {
+        out.argmax = i;
+        break;
+      }
+    }
+  }
+
+  // 3. exponential sums around the max (s1 uses x - m: no cancellation in the entropy).
   i = 0;
 #ifdef __AVX2__
   const int64_t vec16_end = vocab & ~int64_t{15};
-  const int64_t vec8_end = vocab & ~int64_t{7};
   {
     const __m256 vm = _mm256_set1_ps(m);
     __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
     for (; i < vec16_end; i += 16) {
-      const __m256 t0 = _mm256_sub_ps(Vec<T>::load(row + i), vm);
-      const __m256 t1 = _mm256_sub_ps(Vec<T>::load(row + i + 8), vm);
-      const __m256 e0 = exp_nonpositive(t0);
-      const __m256 e1 = exp_nonpositive(t1);
+      const __m256 t0 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vm));
+      const __m256 t1 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i + 8), vm));
+      const __m256 e0 = exp_clamped(t0);
+      const __m256 e1 = exp_clamped(t1);
       d0 = _mm256_add_ps(d0, e0);
       d1 = _mm256_add_ps(d1, e1);
       a0 = _mm256_fmadd_ps(e0, t0, a0);
@@ -276,8 +300,8 @@ RowSums row_sums(const T* row, int64_t vocab) {
       b1 = _mm256_fmadd_ps(e1, e1, b1);
     }
     for (; i < vec8_end; i += 8) {
-      const __m256 t0 = _mm256_sub_ps(Vec<T>::load(row + i), vm);
-      const __m256 e0 = exp_nonpositive(t0);
+      const __m256 t0 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vm));
+      const __m256 e0 = exp_clamped(t0);
       d0 = _mm256_add_ps(d0, e0);
       a0 = _mm256_fmadd_ps(e0, t0, a0);
       b0 = _mm256_fmadd_ps(e0, e0, b0);
@@ -288,8 +312,8 @@ RowSums row_sums(const T* row, int64_t vocab) {
   }
 #endif
   for (; i < vocab; ++i) {
-    const float t = Elem<T>::load(row + i) - m;
-    const float e = t < kExpUnderflow ? 0.0f : std::exp(t);
+    const float t = std::max(Elem<T>::load(row + i) - m, kExpUnderflow);
+    const float e = std::exp(t);
     out.d += e;
     out.s1 += e * t;
     out.s2 += e * e;
@@ -379,13 +403,13 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse,
     const __m256 vl = _mm256_set1_ps(l);
     const __m256 vs = _mm256_set1_ps(scale);
     for (; i + 8 <= vocab; i += 8) {
-      const __m256 p = exp_nonpositive(_mm256_sub_ps(Vec<T>::load(row + i), vl));
+      const __m256 p = exp_clamped(clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vl)));
       Vec<T>::store(out + i, _mm256_mul_ps(p, vs));
     }
 #endif
     for (; i < vocab; ++i) {
       const float tt = Elem<T>::load(row + i) - l;
-      const float p = tt < kExpUnderflow ? 0.0f : std::exp(tt);
+      const float p = tt < kExpUnderflow ? 0.0f : std::exp(tt);  // NaN stays NaN
       Elem<T>::store(out + i, p * scale);
     }
     const float tl = x_label - l;
