@@ -192,13 +192,15 @@ inline float hsum(__m256 v) {
 
 #endif  // __AVX2__
 
-// Row reductions of one token: max (first index of it), and with m = max,
-// d = sum exp(x - m), s1 = sum exp(x - m) (x - m), s2 = sum exp(2 (x - m)).
+// Row reductions of one token: max (first index of it), and with m = max, over the
+// elements below the max: d = sum exp(x - m), s1 = sum exp(x - m) (x - m),
+// s2 = sum exp(2 (x - m)). The full softmax denominator is ties + d.
 struct RowSums {
   float max = -std::numeric_limits<float>::infinity();
   int64_t argmax = 0;
   bool finite = true;
-  float d = 0.0f;
+  int64_t ties = 0;   // elements equal to the max (>= 1 for a finite row)
+  float d = 0.0f;     // sums over the other elements
   float s1 = 0.0f;
   float s2 = 0.0f;
 };
@@ -278,20 +280,29 @@ RowSums row_sums(const T* row, int64_t vocab) {
     }
   }
 
-  // 3. exponential sums around the max (s1 uses x - m: no cancellation in the entropy).
+  // 3. exponential sums around the max, leaving out the elements equal to it (each
+  //    contributes exactly 1 to d and s2 and 0 to s1; counted in `ties`). Keeping the
+  //    1s out keeps d - 1 exact, so a confident row's loss = log1p(d - 1) and its
+  //    el2n = ||p - onehot|| do not drown in the rounding of 1 + tiny.
+  //    s1 uses x - m, so the entropy has no cancellation either.
   i = 0;
+  int64_t ties = 0;
 #ifdef __AVX2__
   const int64_t vec16_end = vocab & ~int64_t{15};
   {
     const __m256 vm = _mm256_set1_ps(m);
-    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 d0 = zero, d1 = zero, a0 = zero, a1 = zero, b0 = zero, b1 = zero;
+    __m256i n0 = _mm256_setzero_si256(), n1 = _mm256_setzero_si256();
     for (; i < vec16_end; i += 16) {
       const __m256 t0 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vm));
       const __m256 t1 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i + 8), vm));
-      const __m256 e0 = exp_clamped(t0);
-      const __m256 e1 = exp_clamped(t1);
+      const __m256 at_max0 = _mm256_cmp_ps(t0, zero, _CMP_EQ_OQ);
+      const __m256 at_max1 = _mm256_cmp_ps(t1, zero, _CMP_EQ_OQ);
+      const __m256 e0 = _mm256_andnot_ps(at_max0, exp_clamped(t0));
+      const __m256 e1 = _mm256_andnot_ps(at_max1, exp_clamped(t1));
+      n0 = _mm256_sub_epi32(n0, _mm256_castps_si256(at_max0));  // mask lanes are -1
+      n1 = _mm256_sub_epi32(n1, _mm256_castps_si256(at_max1));
       d0 = _mm256_add_ps(d0, e0);
       d1 = _mm256_add_ps(d1, e1);
       a0 = _mm256_fmadd_ps(e0, t0, a0);
@@ -301,7 +312,9 @@ RowSums row_sums(const T* row, int64_t vocab) {
     }
     for (; i < vec8_end; i += 8) {
       const __m256 t0 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vm));
-      const __m256 e0 = exp_clamped(t0);
+      const __m256 at_max0 = _mm256_cmp_ps(t0, zero, _CMP_EQ_OQ);
+      const __m256 e0 = _mm256_andnot_ps(at_max0, exp_clamped(t0));
+      n0 = _mm256_sub_epi32(n0, _mm256_castps_si256(at_max0));
       d0 = _mm256_add_ps(d0, e0);
       a0 = _mm256_fmadd_ps(e0, t0, a0);
       b0 = _mm256_fmadd_ps(e0, e0, b0);
@@ -309,15 +322,23 @@ RowSums row_sums(const T* row, int64_t vocab) {
     out.d = hsum(_mm256_add_ps(d0, d1));
     out.s1 = hsum(_mm256_add_ps(a0, a1));
     out.s2 = hsum(_mm256_add_ps(b0, b1));
+    alignas(32) int32_t counts[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(counts), _mm256_add_epi32(n0, n1));
+    for (int l = 0; l < 8; ++l) ties += counts[l];
   }
 #endif
   for (; i < vocab; ++i) {
     const float t = std::max(Elem<T>::load(row + i) - m, kExpUnderflow);
+    if (t == 0.0f) {
+      ++ties;
+      continue;
+    }
     const float e = std::exp(t);
     out.d += e;
     out.s1 += e * t;
     out.s2 += e * e;
   }
+  out.ties = ties;
   return out;
 }
 
@@ -327,16 +348,29 @@ struct TokenValues {
 
 inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) {
   if (!r.finite) return {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
-  const float log_d = std::log(r.d);
+  // denominator D = ties + d >= 1; excess = D - 1 is exact even when tiny.
+  const float excess = static_cast<float>(r.ties - 1) + r.d;
+  const float denom = 1.0f + excess;
+  const float log_denom = std::log1p(excess);
+  const bool label_is_argmax = r.argmax == label;
   TokenValues v;
-  v.loss = (r.max - x_label) + log_d;  // lse - x[y], without cancelling the large m
-  v.lse = r.max + log_d;
-  v.confidence = 1.0f / r.d;  // exp(m - lse)
+  v.lse = r.max + log_denom;
+  v.loss = label_is_argmax ? log_denom : (r.max - x_label) + log_denom;  // lse - x[y] without cancelling m
+  v.confidence = 1.0f / denom;  // exp(m - lse)
   v.label_prob = std::exp(-v.loss);
-  v.correct = r.argmax == label ? 1.0f : 0.0f;
-  v.entropy = log_d - r.s1 / r.d;  // lse - sum p x, written around m
-  const float sum_p2 = r.s2 / (r.d * r.d);
-  v.el2n = std::sqrt(std::max(sum_p2 - 2.0f * v.label_prob + 1.0f, 0.0f));
+  v.correct = label_is_argmax ? 1.0f : 0.0f;
+  v.entropy = log_denom - r.s1 / denom;  // lse - sum p x, written around m
+  float el2n_sq;
+  if (x_label == r.max) {
+    // ||p - onehot||^2 = (1 - p_y)^2 + sum_{i != y} p_i^2 with 1 - p_y = excess / D and
+    // the other maxima (ties - 1 of them, each p = 1 / D) plus the sub-max elements.
+    const float one_minus_py = excess / denom;
+    el2n_sq = one_minus_py * one_minus_py + (static_cast<float>(r.ties - 1) + r.s2) / (denom * denom);
+  } else {
+    // p_y <= 1/2 here: no cancellation in sum p^2 - 2 p_y + 1.
+    el2n_sq = (static_cast<float>(r.ties) + r.s2) / (denom * denom) - 2.0f * v.label_prob + 1.0f;
+  }
+  v.el2n = std::sqrt(std::max(el2n_sq, 0.0f));
   return v;
 }
 
@@ -434,6 +468,7 @@ void check_views(const LogitsView& lv, const LabelsView& yv) {
 void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_t ignore_index,
                       const Config& config, const SampleStatsOutput& out, const TokenStatsOutput& tokens) {
   check_views(logits, labels);
+  if (logits.samples == 0) return;  // empty batch: nothing to write (outputs may be null)
   if (out.loss == nullptr || out.confidence == nullptr || out.label_prob == nullptr || out.correct == nullptr ||
       out.entropy == nullptr || out.el2n == nullptr || out.valid_tokens == nullptr || out.bucket == nullptr)
     throw std::invalid_argument("sample_stats_cpu: every per-sample output is required");
