@@ -25,9 +25,13 @@ inline To bit_cast(From from) {
 }
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-// exp(x) is ~1e-38 here: below it an element adds nothing to the row sums, and
-// clamping keeps e * (x - m) finite when x is far below the max.
-constexpr float kExpUnderflow = -87.0f;
+// Exponents are computed in log2 units, clamped at 2^-125 (~2e-38): below that an
+// element adds nothing next to the max's 1, and the clamp keeps e * (x - m) finite
+// (and 2^n normal) when x is far below the max.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kExp2Underflow = -125.0f;
+constexpr float kExpUnderflow = kExp2Underflow * kLn2;
 
 }  // namespace
 
@@ -104,28 +108,26 @@ struct Elem<FP16> {
 
 #ifdef __AVX2__
 
-// exp(x) for x <= 0 (the kernels only exponentiate x - max or x - lse).
-// x is first clamped to kExpUnderflow (NaN passes through); the caller uses the
-// clamped value, so an element far below the max contributes ~1e-38, i.e. nothing.
-// Range reduction x = n ln2 + r (|r| <= ln2/2) with n from the 1.5 * 2^23 rounding
-// trick, whose low mantissa bits also give 2^n by an integer add to the exponent;
-// degree-6 Taylor polynomial. Max relative error ~2e-7.
-inline __m256 clamp_exp_arg(__m256 x) { return _mm256_max_ps(_mm256_set1_ps(kExpUnderflow), x); }
+// exp(t) for t <= 0 (the kernels only exponentiate x - max or x - lse), as 2^u with
+// u = t log2(e), clamped at kExp2Underflow (NaN passes through). u = n + f with
+// n = round(u) from the 1.5 * 2^23 trick, whose low mantissa bits also give 2^n by an
+// integer add to the exponent field; 2^f (|f| <= 1/2) is a degree-5 minimax polynomial
+// with p(0) = 1 exactly. Max relative error ~2e-7. Callers keep u: the row sums use it
+// (s1 is accumulated in log2 units and rescaled once per row).
+inline __m256 log2_units(__m256 t) {
+  return _mm256_max_ps(_mm256_set1_ps(kExp2Underflow), _mm256_mul_ps(t, _mm256_set1_ps(kLog2e)));
+}
 
-inline __m256 exp_clamped(__m256 x) {
-  const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m256 k = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
-  const __m256 n = _mm256_sub_ps(k, magic);
-  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945309f), x);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // bits(k) = bits(magic) + n and bits(magic) << 23 == 0, so (bits(k) << 23) == n << 23.
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(k), 23);
+inline __m256 exp2_clamped(__m256 u) {
+  const __m256 n = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(u, n);
+  __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  // 2^n * p by adding n to p's exponent field (n >= -125 keeps the result normal).
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
 }
 
@@ -192,15 +194,14 @@ inline float hsum(__m256 v) {
 
 #endif  // __AVX2__
 
-// Row reductions of one token: max (first index of it), and with m = max, over the
-// elements below the max: d = sum exp(x - m), s1 = sum exp(x - m) (x - m),
-// s2 = sum exp(2 (x - m)). The full softmax denominator is ties + d.
+// Row reductions of one token: max m, its first index, and over the other elements
+// d = sum exp(x - m), s1 = sum exp(x - m) (x - m), s2 = sum exp(2 (x - m)).
+// The softmax denominator is D = 1 + d.
 struct RowSums {
   float max = -std::numeric_limits<float>::infinity();
   int64_t argmax = 0;
   bool finite = true;
-  int64_t ties = 0;   // elements equal to the max (>= 1 for a finite row)
-  float d = 0.0f;     // sums over the other elements
+  float d = 0.0f;  // sums over every element but the argmax
   float s1 = 0.0f;
   float s2 = 0.0f;
 };
@@ -262,6 +263,14 @@ RowSums row_sums(const T* row, int64_t vocab) {
 #ifdef __AVX2__
   {
     const __m256 vm = _mm256_set1_ps(m);
+    for (; i < vec32_end; i += 32) {  // test 32 at a time, locate within them after
+      const __m256 eq = _mm256_or_ps(
+          _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ),
+                       _mm256_cmp_ps(Vec<T>::load(row + i + 8), vm, _CMP_EQ_OQ)),
+          _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i + 16), vm, _CMP_EQ_OQ),
+                       _mm256_cmp_ps(Vec<T>::load(row + i + 24), vm, _CMP_EQ_OQ)));
+      if (_mm256_movemask_ps(eq) != 0) break;
+    }
     for (; i < vec8_end; i += 8) {
       const int mask = _mm256_movemask_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ));
       if (mask != 0) {
@@ -280,65 +289,74 @@ RowSums row_sums(const T* row, int64_t vocab) {
     }
   }
 
-  // 3. exponential sums around the max, leaving out the elements equal to it (each
-  //    contributes exactly 1 to d and s2 and 0 to s1; counted in `ties`). Keeping the
-  //    1s out keeps d - 1 exact, so a confident row's loss = log1p(d - 1) and its
-  //    el2n = ||p - onehot|| do not drown in the rounding of 1 + tiny.
-  //    s1 uses x - m, so the entropy has no cancellation either.
+  // 3. exponential sums around the max over every element except the argmax (it
+  //    contributes exactly 1 to the softmax denominator and to sum p^2 numerators, 0 to
+  //    s1). Leaving it out keeps D - 1 exact, so a confident row's loss = log1p(D - 1)
+  //    and its el2n = ||p - onehot|| do not drown in the rounding of 1 + tiny. s1 uses
+  //    x - m, so the entropy has no cancellation either.
+  const int64_t skip = out.argmax;
   i = 0;
-  int64_t ties = 0;
+  float s1_log2 = 0.0f;
 #ifdef __AVX2__
-  const int64_t vec16_end = vocab & ~int64_t{15};
   {
+    // Two sets of FMA accumulators (4-cycle latency: one set would cap the loop at 4
+    // cycles per vector); d is a plain add, one set fits, and the constants stay in registers.
     const __m256 vm = _mm256_set1_ps(m);
-    const __m256 zero = _mm256_setzero_ps();
-    __m256 d0 = zero, d1 = zero, a0 = zero, a1 = zero, b0 = zero, b1 = zero;
-    __m256i n0 = _mm256_setzero_si256(), n1 = _mm256_setzero_si256();
-    for (; i < vec16_end; i += 16) {
-      const __m256 t0 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vm));
-      const __m256 t1 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i + 8), vm));
-      const __m256 at_max0 = _mm256_cmp_ps(t0, zero, _CMP_EQ_OQ);
-      const __m256 at_max1 = _mm256_cmp_ps(t1, zero, _CMP_EQ_OQ);
-      const __m256 e0 = _mm256_andnot_ps(at_max0, exp_clamped(t0));
-      const __m256 e1 = _mm256_andnot_ps(at_max1, exp_clamped(t1));
-      n0 = _mm256_sub_epi32(n0, _mm256_castps_si256(at_max0));  // mask lanes are -1
-      n1 = _mm256_sub_epi32(n1, _mm256_castps_si256(at_max1));
+    __m256 d0 = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
+    __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    const auto body = [&](int64_t lo, int64_t hi) {
+      int64_t j = lo;
+      for (; j + 16 <= hi; j += 16) {
+        const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
+        const __m256 u1 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j + 8), vm));
+        const __m256 e0 = exp2_clamped(u0);
+        const __m256 e1 = exp2_clamped(u1);
+        d0 = _mm256_add_ps(d0, _mm256_add_ps(e0, e1));
+        a0 = _mm256_fmadd_ps(e0, u0, a0);
+        a1 = _mm256_fmadd_ps(e1, u1, a1);
+        b0 = _mm256_fmadd_ps(e0, e0, b0);
+        b1 = _mm256_fmadd_ps(e1, e1, b1);
+      }
+      for (; j < hi; j += 8) {
+        const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
+        const __m256 e0 = exp2_clamped(u0);
+        d0 = _mm256_add_ps(d0, e0);
+        a0 = _mm256_fmadd_ps(e0, u0, a0);
+        b0 = _mm256_fmadd_ps(e0, e0, b0);
+      }
+    };
+    const int64_t skip_block = skip & ~int64_t{7};
+    const int64_t first_end = std::min(skip_block, vec8_end);
+    body(0, first_end);
+    i = first_end;
+    if (i == skip_block && i < vec8_end) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(skip - i))));
+      const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vm));
+      const __m256 e0 = _mm256_andnot_ps(drop, exp2_clamped(u0));
       d0 = _mm256_add_ps(d0, e0);
-      d1 = _mm256_add_ps(d1, e1);
-      a0 = _mm256_fmadd_ps(e0, t0, a0);
-      a1 = _mm256_fmadd_ps(e1, t1, a1);
-      b0 = _mm256_fmadd_ps(e0, e0, b0);
-      b1 = _mm256_fmadd_ps(e1, e1, b1);
+      a1 = _mm256_fmadd_ps(e0, u0, a1);
+      b1 = _mm256_fmadd_ps(e0, e0, b1);
+      i += 8;
     }
-    for (; i < vec8_end; i += 8) {
-      const __m256 t0 = clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vm));
-      const __m256 at_max0 = _mm256_cmp_ps(t0, zero, _CMP_EQ_OQ);
-      const __m256 e0 = _mm256_andnot_ps(at_max0, exp_clamped(t0));
-      n0 = _mm256_sub_epi32(n0, _mm256_castps_si256(at_max0));
-      d0 = _mm256_add_ps(d0, e0);
-      a0 = _mm256_fmadd_ps(e0, t0, a0);
-      b0 = _mm256_fmadd_ps(e0, e0, b0);
-    }
-    out.d = hsum(_mm256_add_ps(d0, d1));
-    out.s1 = hsum(_mm256_add_ps(a0, a1));
-    out.s2 = hsum(_mm256_add_ps(b0, b1));
-    alignas(32) int32_t counts[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(counts), _mm256_add_epi32(n0, n1));
-    for (int l = 0; l < 8; ++l) ties += counts[l];
+    body(i, vec8_end);
+    i = vec8_end;
+    a0 = _mm256_add_ps(a0, a1);
+    b0 = _mm256_add_ps(b0, b1);
+    out.d = hsum(d0);
+    s1_log2 = hsum(a0);
+    out.s2 = hsum(b0);
   }
 #endif
   for (; i < vocab; ++i) {
-    const float t = std::max(Elem<T>::load(row + i) - m, kExpUnderflow);
-    if (t == 0.0f) {
-      ++ties;
-      continue;
-    }
-    const float e = std::exp(t);
+    if (i == skip) continue;
+    const float u = std::max((Elem<T>::load(row + i) - m) * kLog2e, kExp2Underflow);
+    const float e = std::exp2(u);
     out.d += e;
-    out.s1 += e * t;
+    s1_log2 += e * u;
     out.s2 += e * e;
   }
-  out.ties = ties;
+  out.s1 = s1_log2 * kLn2;
   return out;
 }
 
@@ -348,10 +366,9 @@ struct TokenValues {
 
 inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) {
   if (!r.finite) return {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
-  // denominator D = ties + d >= 1; excess = D - 1 is exact even when tiny.
-  const float excess = static_cast<float>(r.ties - 1) + r.d;
-  const float denom = 1.0f + excess;
-  const float log_denom = std::log1p(excess);
+  // D = 1 + d; d = D - 1 is exact, however small.
+  const float denom = 1.0f + r.d;
+  const float log_denom = std::log1p(r.d);
   const bool label_is_argmax = r.argmax == label;
   TokenValues v;
   v.lse = r.max + log_denom;
@@ -361,14 +378,13 @@ inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) 
   v.correct = label_is_argmax ? 1.0f : 0.0f;
   v.entropy = log_denom - r.s1 / denom;  // lse - sum p x, written around m
   float el2n_sq;
-  if (x_label == r.max) {
-    // ||p - onehot||^2 = (1 - p_y)^2 + sum_{i != y} p_i^2 with 1 - p_y = excess / D and
-    // the other maxima (ties - 1 of them, each p = 1 / D) plus the sub-max elements.
-    const float one_minus_py = excess / denom;
-    el2n_sq = one_minus_py * one_minus_py + (static_cast<float>(r.ties - 1) + r.s2) / (denom * denom);
+  if (label_is_argmax) {
+    // ||p - onehot||^2 = (1 - p_y)^2 + sum_{i != y} p_i^2, with 1 - p_y = d / D.
+    const float one_minus_py = r.d / denom;
+    el2n_sq = one_minus_py * one_minus_py + r.s2 / (denom * denom);
   } else {
     // p_y <= 1/2 here: no cancellation in sum p^2 - 2 p_y + 1.
-    el2n_sq = (static_cast<float>(r.ties) + r.s2) / (denom * denom) - 2.0f * v.label_prob + 1.0f;
+    el2n_sq = (1.0f + r.s2) / (denom * denom) - 2.0f * v.label_prob + 1.0f;
   }
   v.el2n = std::sqrt(std::max(el2n_sq, 0.0f));
   return v;
@@ -437,7 +453,7 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse,
     const __m256 vl = _mm256_set1_ps(l);
     const __m256 vs = _mm256_set1_ps(scale);
     for (; i + 8 <= vocab; i += 8) {
-      const __m256 p = exp_clamped(clamp_exp_arg(_mm256_sub_ps(Vec<T>::load(row + i), vl)));
+      const __m256 p = exp2_clamped(log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vl)));
       Vec<T>::store(out + i, _mm256_mul_ps(p, vs));
     }
 #endif
