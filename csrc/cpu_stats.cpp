@@ -207,7 +207,7 @@ struct RowSums {
 };
 
 template <typename T>
-RowSums row_sums(const T* row, int64_t vocab) {
+RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   RowSums out;
   // 1. max and finiteness (sum of x * 0 is 0 for a finite row, NaN otherwise).
   //    The row (<= 1 MB) stays in L2 for the passes below, so DRAM is read once.
@@ -307,6 +307,12 @@ RowSums row_sums(const T* row, int64_t vocab) {
     const auto body = [&](int64_t lo, int64_t hi) {
       int64_t j = lo;
       for (; j + 16 <= hi; j += 16) {
+        // While this row is exponentiated from L2, pull the next one in from DRAM, so
+        // its max pass does not wait for memory (16 elements of the row ~ its lines).
+        if (next_row != nullptr) {
+          const char* ahead = reinterpret_cast<const char*>(next_row + j);
+          for (size_t q = 0; q < (16 * sizeof(T) + 63) / 64; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T1);
+        }
         const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
         const __m256 u1 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j + 8), vm));
         const __m256 e0 = exp2_clamped(u0);
@@ -414,7 +420,13 @@ void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index
       continue;
     }
     const T* row = base + s * lv.sample_stride + t * lv.token_stride;
-    const RowSums sums = row_sums(row, vocab);
+    const T* next_row = nullptr;
+    if (r + 1 < rows) {
+      const int64_t s_next = (r + 1) / lv.tokens;
+      const int64_t t_next = (r + 1) % lv.tokens;
+      next_row = base + s_next * lv.sample_stride + t_next * lv.token_stride;
+    }
+    const RowSums sums = row_sums(row, vocab, next_row);
     const TokenValues v = token_values(sums, Elem<T>::load(row + label), label);
     bad_out[r] = sums.finite ? 0 : 1;
     const float values[7] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n, v.lse};
