@@ -267,3 +267,59 @@ def test_triton_backend_matches_torch(reduction, inplace):
     torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.equal(stats.bucket, sample_stats_reference(logits, labels, shift=True).bucket)
+
+
+def _fake_triton_cross_entropy():
+    """A torch stand-in that honours the Triton launchers' contract, to test the glue of
+    the autograd Function (views, shift, in place, reductions) before the kernels land."""
+    import types
+
+    module = types.ModuleType("geko_core.kernels.cross_entropy")
+    calls = {"forward": 0, "backward": 0}
+
+    def forward(logits3, labels3, *, ignore_index, config, per_token):
+        assert logits3.dim() == 3 and logits3.stride(-1) == 1 and labels3.dtype == torch.int64
+        calls["forward"] += 1
+        stats = sample_stats_reference(logits3, labels3, ignore_index=ignore_index, per_token=True, config=config)
+        token_loss = torch.where(stats.tokens.valid, stats.tokens.loss, torch.zeros(()))
+        lse = torch.logsumexp(logits3.float(), dim=-1)
+        return stats._replace(tokens=stats.tokens if per_token else None), token_loss, lse
+
+    def backward(logits3, labels3, lse, token_scale, *, ignore_index, inplace):
+        calls["backward"] += 1
+        vocab = logits3.shape[-1]
+        valid = (labels3 != ignore_index) & (labels3 >= 0) & (labels3 < vocab)
+        onehot = F.one_hot(torch.where(valid, labels3, 0), vocab).float()
+        grad = (torch.exp(logits3.float() - lse[..., None]) - onehot) * (token_scale * valid)[..., None]
+        grad = grad.to(logits3.dtype)
+        if inplace:
+            return logits3.copy_(grad)
+        return grad
+
+    module.cross_entropy_forward_triton = forward
+    module.cross_entropy_backward_triton = backward
+    return module, calls
+
+
+@pytest.mark.parametrize("shape,shift", [((6, 13), False), ((2, 5, 19), True), ((2, 5, 19), False)])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_glue_with_a_stand_in_kernel(monkeypatch, shape, shift, inplace, reduction):
+    pytest.importorskip("triton")
+    import sys
+
+    import geko_core.kernels  # noqa: F401 - the parent package must exist
+
+    module, calls = _fake_triton_cross_entropy()
+    monkeypatch.setitem(sys.modules, "geko_core.kernels.cross_entropy", module)
+    logits, labels = make(shape, torch.float32, ignore_every=4)
+    weight = torch.rand(shape[0]) + 0.5
+    kwargs = dict(shift=shift, sample_weight=weight, reduction=reduction)
+    got_loss, got_grad, stats = loss_and_grad(
+        lambda x: cross_entropy_with_stats(x, labels, backend="triton", inplace_backward=inplace, **kwargs), logits
+    )
+    assert calls == {"forward": 1, "backward": 1}
+    ref_loss, ref_grad, _ = loss_and_grad(lambda x: torch_loss(x, labels, weight=weight, shift=shift, reduction=reduction), logits)
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.bucket, sample_stats_reference(logits, labels, shift=shift).bucket)
