@@ -9,6 +9,10 @@ Gradients are taken with ``torch.autograd.grad`` (no ``.grad`` accumulation copy
 non-leaf logits in a model. Peak memory is the growth of the process's peak RSS over the
 inputs, each variant in a fresh subprocess.
 
+Every variant that allocates a logits-sized buffer pays its first-touch page faults, which
+dominate on machines with slow faults (VMs); ``THP_MEM_ALLOC_ENABLE=1`` (torch's
+transparent-huge-page allocation) removes most of that for every variant alike.
+
 Run either way:
     python benchmarks/bench_loss.py
     pytest benchmarks/bench_loss.py -s

@@ -100,6 +100,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return _reduce(token_loss.sum(dim=1), valid_tokens, weight, options["reduction"])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
         logits, labels3, lse, valid_tokens, weight = ctx.saved_tensors
         options = ctx.options
