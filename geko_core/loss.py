@@ -60,6 +60,11 @@ def _kernel_views(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tu
     return logits3, labels3.to(torch.int64)
 
 
+def _dummy_labels(logits: torch.Tensor, shift: bool) -> torch.Tensor:
+    # as_samples only looks at the labels' shape to build the logits view.
+    return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """One autograd node for the C++ and Triton paths; the statistics leave through ``out``."""
 
@@ -114,7 +119,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if options["backend"] == "cpp":
             core = load_compiled_core()
             if inplace and shares_logits:
-                grad = logits
+                grad = logits.detach()  # the same storage, now holding the gradient
                 core.cross_entropy_backward(
                     logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
                     None, options["ignore_index"],
@@ -136,18 +141,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=inplace and shares_logits
         )
         if inplace and shares_logits:
-            grad = logits
+            grad = logits.detach()
         else:
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             as_samples(grad, _dummy_labels(grad, shift), shift=shift)[0].copy_(grad3)
         if shift:
             grad[:, -1].zero_()
         return grad, None, None, None, None
-
-
-def _dummy_labels(logits: torch.Tensor, shift: bool) -> torch.Tensor:
-    # as_samples only looks at the labels' shape to build the logits view.
-    return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
 
 
 def _reference_loss(
