@@ -60,7 +60,7 @@ def _kernel_views(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tu
     return logits3, labels3.to(torch.int64)
 
 
-def _dummy_labels(logits: torch.Tensor, shift: bool) -> torch.Tensor:
+def _dummy_labels(logits: torch.Tensor) -> torch.Tensor:
     # as_samples only looks at the labels' shape to build the logits view.
     return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
 
@@ -111,7 +111,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         options = ctx.options
         shift = options["shift"]
         inplace = options["inplace"]
-        logits3, _ = _kernel_views(logits, _dummy_labels(logits, shift), shift)
+        logits3, _ = _kernel_views(logits, _dummy_labels(logits), shift)
         token_scale = _token_scale(
             grad_output, valid_tokens, weight if ctx.has_weight else None, options["reduction"], labels3.shape[1]
         )
@@ -126,7 +126,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 )
             else:
                 grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-                grad3, _ = as_samples(grad, _dummy_labels(grad, shift), shift=shift)
+                grad3, _ = as_samples(grad, _dummy_labels(grad), shift=shift)
                 core.cross_entropy_backward(
                     logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
                     grad3.__dlpack__(), options["ignore_index"],
@@ -144,7 +144,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             grad = logits.detach()
         else:
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            as_samples(grad, _dummy_labels(grad, shift), shift=shift)[0].copy_(grad3)
+            as_samples(grad, _dummy_labels(grad), shift=shift)[0].copy_(grad3)
         if shift:
             grad[:, -1].zero_()
         return grad, None, None, None, None
