@@ -15,7 +15,7 @@ namespace geko {
 
 enum class ScalarType : int8_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// Largest vocabulary the kernels accept (argmax lanes are int32, rows fit in L2).
+// Largest vocabulary the kernels accept (a 1 MB fp32 row still fits in L2 for the second pass).
 constexpr int64_t kMaxVocab = 262144;
 
 struct LogitsView {
