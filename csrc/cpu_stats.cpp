@@ -1,0 +1,589 @@
+#include "geko/cpu_stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace geko {
+
+namespace {
+
+template <typename To, typename From>
+inline To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "size mismatch");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Exponents are computed in log2 units, clamped at 2^-125 (~2e-38): below that an
+// element adds nothing next to the max's 1, and the clamp keeps e * (x - m) finite
+// (and 2^n normal) when x is far below the max.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kExp2Underflow = -125.0f;
+constexpr float kExpUnderflow = kExp2Underflow * kLn2;
+
+}  // namespace
+
+// ---------------------------------------------------------------- conversions
+
+float bf16_to_float(uint16_t bits) { return bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+
+uint16_t float_to_bf16(float value) {
+  uint32_t bits = bit_cast<uint32_t>(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float fp16_to_float(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  const uint32_t magnitude = bits & 0x7fffu;
+  // Placing the half exponent/mantissa at float positions and scaling by 2^112
+  // rebiases the exponent and handles subnormals exactly; inf/NaN keep all-ones.
+  uint32_t out = bit_cast<uint32_t>(bit_cast<float>(magnitude << 13) * 0x1p112f);
+  if (magnitude >= 0x7c00u) out = (magnitude << 13) | 0x7f800000u;
+  return bit_cast<float>(out | sign);
+}
+
+uint16_t float_to_fp16(float value) {
+  uint32_t bits = bit_cast<uint32_t>(value);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  bits &= 0x7fffffffu;
+  if (bits >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (bits > 0x7f800000u ? 0x0200u : 0u));
+  if (bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to inf (>= 65520)
+  if (bits < 0x38800000u) {
+    // Below the smallest normal half: adding 0.5f rounds (to nearest even) to a
+    // multiple of 2^-24, the half subnormal step, which lands in the low mantissa bits.
+    const float rounded = bit_cast<float>(bits) + 0.5f;
+    return static_cast<uint16_t>(sign | (bit_cast<uint32_t>(rounded) - 0x3f000000u));
+  }
+  bits += 0xc8000fffu + ((bits >> 13) & 1u);  // exponent -= 112, round to nearest even
+  return static_cast<uint16_t>(sign | (bits >> 13));
+}
+
+namespace {
+
+// ---------------------------------------------------------------- element access
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static float load(const float* p) { return *p; }
+  static void store(float* p, float v) { *p = v; }
+};
+template <>
+struct Elem<double> {
+  static float load(const double* p) { return static_cast<float>(*p); }
+  static void store(double* p, float v) { *p = static_cast<double>(v); }
+};
+struct BF16 {
+  uint16_t bits;
+};
+struct FP16 {
+  uint16_t bits;
+};
+template <>
+struct Elem<BF16> {
+  static float load(const BF16* p) { return bf16_to_float(p->bits); }
+  static void store(BF16* p, float v) { p->bits = float_to_bf16(v); }
+};
+template <>
+struct Elem<FP16> {
+  static float load(const FP16* p) { return fp16_to_float(p->bits); }
+  static void store(FP16* p, float v) { p->bits = float_to_fp16(v); }
+};
+
+#ifdef __AVX2__
+
+// exp(t) for t <= 0 (the kernels only exponentiate x - max or x - lse), as 2^u with
+// u = t log2(e), clamped at kExp2Underflow (NaN passes through). u = n + f with
+// n = round(u) from the 1.5 * 2^23 trick, whose low mantissa bits also give 2^n by an
+// integer add to the exponent field; 2^f (|f| <= 1/2) is a degree-5 minimax polynomial
+// with p(0) = 1 exactly. Max relative error ~2e-7. Callers keep u: the row sums use it
+// (s1 is accumulated in log2 units and rescaled once per row).
+inline __m256 log2_units(__m256 t) {
+  return _mm256_max_ps(_mm256_set1_ps(kExp2Underflow), _mm256_mul_ps(t, _mm256_set1_ps(kLog2e)));
+}
+
+inline __m256 exp2_clamped(__m256 u) {
+  const __m256 n = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(u, n);
+  __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  // 2^n * p by adding n to p's exponent field (n >= -125 keeps the result normal).
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
+}
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+};
+template <>
+struct Vec<double> {
+  static __m256 load(const double* p) {
+    return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
+  }
+  static void store(double* p, __m256 v) {
+    _mm256_storeu_pd(p, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(p + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+};
+template <>
+struct Vec<BF16> {
+  static __m256 load(const BF16* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static void store(BF16* p, __m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x0040));
+    rounded = _mm256_and_si256(_mm256_blendv_epi8(rounded, quiet, nan), _mm256_set1_epi32(0xffff));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+};
+template <>
+struct Vec<FP16> {
+  static __m256 load(const FP16* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)), 16);
+    const __m256i magnitude = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
+    const __m256i shifted = _mm256_slli_epi32(magnitude, 13);
+    const __m256i scaled = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(shifted), _mm256_set1_ps(0x1p112f)));
+    const __m256i special = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7bff));
+    const __m256i inf_nan = _mm256_or_si256(shifted, _mm256_set1_epi32(0x7f800000));
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_blendv_epi8(scaled, inf_nan, special), sign));
+  }
+  static void store(FP16* p, __m256 v) {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) p[i].bits = float_to_fp16(tmp[i]);
+  }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#endif  // __AVX2__
+
+// Row reductions of one token: max m, its first index, and over the other elements
+// d = sum exp(x - m), s1 = sum exp(x - m) (x - m), s2 = sum exp(2 (x - m)).
+// The softmax denominator is D = 1 + d.
+struct RowSums {
+  float max = -std::numeric_limits<float>::infinity();
+  int64_t argmax = 0;
+  bool finite = true;
+  float d = 0.0f;  // sums over every element but the argmax
+  float s1 = 0.0f;
+  float s2 = 0.0f;
+};
+
+template <typename T>
+RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
+  RowSums out;
+  // 1. max and finiteness (sum of x * 0 is 0 for a finite row, NaN otherwise).
+  //    The row (<= 1 MB) stays in L2 for the passes below, so DRAM is read once.
+  int64_t i = 0;
+  float check = 0.0f;
+  float m = -std::numeric_limits<float>::infinity();
+#ifdef __AVX2__
+  const int64_t vec32_end = vocab & ~int64_t{31};
+  const int64_t vec8_end = vocab & ~int64_t{7};
+  if (vec8_end > 0) {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    __m256 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    __m256 c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+    for (; i < vec32_end; i += 32) {  // four independent chains: max/fma latency, not throughput
+      const __m256 x0 = Vec<T>::load(row + i);
+      const __m256 x1 = Vec<T>::load(row + i + 8);
+      const __m256 x2 = Vec<T>::load(row + i + 16);
+      const __m256 x3 = Vec<T>::load(row + i + 24);
+      m0 = _mm256_max_ps(m0, x0);
+      m1 = _mm256_max_ps(m1, x1);
+      m2 = _mm256_max_ps(m2, x2);
+      m3 = _mm256_max_ps(m3, x3);
+      c0 = _mm256_fmadd_ps(x0, zero, c0);
+      c1 = _mm256_fmadd_ps(x1, zero, c1);
+      c2 = _mm256_fmadd_ps(x2, zero, c2);
+      c3 = _mm256_fmadd_ps(x3, zero, c3);
+    }
+    for (; i < vec8_end; i += 8) {
+      const __m256 x0 = Vec<T>::load(row + i);
+      m0 = _mm256_max_ps(m0, x0);
+      c0 = _mm256_fmadd_ps(x0, zero, c0);
+    }
+    const __m256 vmax = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    for (int l = 0; l < 8; ++l) m = std::max(m, lanes[l]);
+    check = hsum(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+  }
+#endif
+  for (; i < vocab; ++i) {
+    const float x = Elem<T>::load(row + i);
+    check += x * 0.0f;
+    m = std::max(m, x);
+  }
+  out.max = m;
+  out.finite = (check == 0.0f);
+  if (!out.finite) return out;
+
+  // 2. argmax: the first index equal to the max (ties -> lowest index); stops there.
+  i = 0;
+  out.argmax = -1;
+#ifdef __AVX2__
+  {
+    const __m256 vm = _mm256_set1_ps(m);
+    for (; i < vec32_end; i += 32) {  // test 32 at a time, locate within them after
+      const __m256 eq = _mm256_or_ps(
+          _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ),
+                       _mm256_cmp_ps(Vec<T>::load(row + i + 8), vm, _CMP_EQ_OQ)),
+          _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i + 16), vm, _CMP_EQ_OQ),
+                       _mm256_cmp_ps(Vec<T>::load(row + i + 24), vm, _CMP_EQ_OQ)));
+      if (_mm256_movemask_ps(eq) != 0) break;
+    }
+    for (; i < vec8_end; i += 8) {
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ));
+      if (mask != 0) {
+        out.argmax = i + __builtin_ctz(static_cast<unsigned>(mask));
+        break;
+      }
+    }
+  }
+#endif
+  if (out.argmax < 0) {
+    for (; i < vocab; ++i) {
+      if (Elem<T>::load(row + i) == m) {
+        out.argmax = i;
+        break;
+      }
+    }
+  }
+
+  // 3. exponential sums around the max over every element except the argmax (it
+  //    contributes exactly 1 to the softmax denominator and to sum p^2 numerators, 0 to
+  //    s1). Leaving it out keeps D - 1 exact, so a confident row's loss = log1p(D - 1)
+  //    and its el2n = ||p - onehot|| do not drown in the rounding of 1 + tiny. s1 uses
+  //    x - m, so the entropy has no cancellation either.
+  const int64_t skip = out.argmax;
+  i = 0;
+  float s1_log2 = 0.0f;
+#ifdef __AVX2__
+  {
+    // Two sets of FMA accumulators (4-cycle latency: one set would cap the loop at 4
+    // cycles per vector); d is a plain add, one set fits, and the constants stay in registers.
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 d0 = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
+    __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    const auto body = [&](int64_t lo, int64_t hi) {
+      int64_t j = lo;
+      for (; j + 16 <= hi; j += 16) {
+        // While this row is exponentiated from L2, pull the next one in from DRAM, so
+        // its max pass does not wait for memory (16 elements of the row ~ its lines).
+        if (next_row != nullptr) {
+          const char* ahead = reinterpret_cast<const char*>(next_row + j);
+          for (size_t q = 0; q < (16 * sizeof(T) + 63) / 64; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T1);
+        }
+        const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
+        const __m256 u1 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j + 8), vm));
+        const __m256 e0 = exp2_clamped(u0);
+        const __m256 e1 = exp2_clamped(u1);
+        d0 = _mm256_add_ps(d0, _mm256_add_ps(e0, e1));
+        a0 = _mm256_fmadd_ps(e0, u0, a0);
+        a1 = _mm256_fmadd_ps(e1, u1, a1);
+        b0 = _mm256_fmadd_ps(e0, e0, b0);
+        b1 = _mm256_fmadd_ps(e1, e1, b1);
+      }
+      for (; j < hi; j += 8) {
+        const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
+        const __m256 e0 = exp2_clamped(u0);
+        d0 = _mm256_add_ps(d0, e0);
+        a0 = _mm256_fmadd_ps(e0, u0, a0);
+        b0 = _mm256_fmadd_ps(e0, e0, b0);
+      }
+    };
+    const int64_t skip_block = skip & ~int64_t{7};
+    const int64_t first_end = std::min(skip_block, vec8_end);
+    body(0, first_end);
+    i = first_end;
+    if (i == skip_block && i < vec8_end) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(skip - i))));
+      const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vm));
+      const __m256 e0 = _mm256_andnot_ps(drop, exp2_clamped(u0));
+      d0 = _mm256_add_ps(d0, e0);
+      a1 = _mm256_fmadd_ps(e0, u0, a1);
+      b1 = _mm256_fmadd_ps(e0, e0, b1);
+      i += 8;
+    }
+    body(i, vec8_end);
+    i = vec8_end;
+    a0 = _mm256_add_ps(a0, a1);
+    b0 = _mm256_add_ps(b0, b1);
+    out.d = hsum(d0);
+    s1_log2 = hsum(a0);
+    out.s2 = hsum(b0);
+  }
+#endif
+  for (; i < vocab; ++i) {
+    if (i == skip) continue;
+    const float u = std::max((Elem<T>::load(row + i) - m) * kLog2e, kExp2Underflow);
+    const float e = std::exp2(u);
+    out.d += e;
+    s1_log2 += e * u;
+    out.s2 += e * e;
+  }
+  out.s1 = s1_log2 * kLn2;
+  return out;
+}
+
+struct TokenValues {
+  float loss, confidence, label_prob, correct, entropy, el2n, lse;
+};
+
+inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) {
+  if (!r.finite) return {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
+  // D = 1 + d; d = D - 1 is exact, however small.
+  const float denom = 1.0f + r.d;
+  const float log_denom = std::log1p(r.d);
+  const bool label_is_argmax = r.argmax == label;
+  TokenValues v;
+  v.lse = r.max + log_denom;
+  v.loss = label_is_argmax ? log_denom : (r.max - x_label) + log_denom;  // lse - x[y] without cancelling m
+  v.confidence = 1.0f / denom;  // exp(m - lse)
+  v.label_prob = std::exp(-v.loss);
+  v.correct = label_is_argmax ? 1.0f : 0.0f;
+  v.entropy = log_denom - r.s1 / denom;  // lse - sum p x, written around m
+  float el2n_sq;
+  if (label_is_argmax) {
+    // ||p - onehot||^2 = (1 - p_y)^2 + sum_{i != y} p_i^2, with 1 - p_y = d / D.
+    const float one_minus_py = r.d / denom;
+    el2n_sq = one_minus_py * one_minus_py + r.s2 / (denom * denom);
+  } else {
+    // p_y <= 1/2 here: no cancellation in sum p^2 - 2 p_y + 1.
+    el2n_sq = (1.0f + r.s2) / (denom * denom) - 2.0f * v.label_prob + 1.0f;
+  }
+  v.el2n = std::sqrt(std::max(el2n_sq, 0.0f));
+  return v;
+}
+
+template <typename T>
+void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, float* const tok[7],
+                uint8_t* valid_out, uint8_t* bad_out) {
+  const T* base = static_cast<const T*>(lv.data);
+  const int64_t rows = lv.samples * lv.tokens;
+  const int64_t vocab = lv.vocab;
+#pragma omp parallel for schedule(dynamic, 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = r / lv.tokens;
+    const int64_t t = r % lv.tokens;
+    const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+    const bool counted = label != ignore_index;
+    const bool in_range = label >= 0 && label < vocab;
+    const bool valid = counted && in_range;
+    valid_out[r] = valid ? 1 : 0;
+    if (!valid) {
+      // Never read a row whose label is not usable; an out-of-range counted label
+      // spoils its sample, as in the reference.
+      bad_out[r] = counted ? 1 : 0;
+      for (int k = 0; k < 7; ++k)
+        if (tok[k] != nullptr) tok[k][r] = 0.0f;
+      continue;
+    }
+    const T* row = base + s * lv.sample_stride + t * lv.token_stride;
+    const T* next_row = nullptr;
+    if (r + 1 < rows) {
+      const int64_t s_next = (r + 1) / lv.tokens;
+      const int64_t t_next = (r + 1) % lv.tokens;
+      next_row = base + s_next * lv.sample_stride + t_next * lv.token_stride;
+    }
+    const RowSums sums = row_sums(row, vocab, next_row);
+    const TokenValues v = token_values(sums, Elem<T>::load(row + label), label);
+    bad_out[r] = sums.finite ? 0 : 1;
+    const float values[7] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n, v.lse};
+    for (int k = 0; k < 7; ++k)
+      if (tok[k] != nullptr) tok[k][r] = values[k];
+  }
+}
+
+template <typename T>
+void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse, const float* token_scale,
+                   int64_t ignore_index, T* grad, int64_t grad_sample_stride, int64_t grad_token_stride) {
+  const T* base = static_cast<const T*>(lv.data);
+  const int64_t rows = lv.samples * lv.tokens;
+  const int64_t vocab = lv.vocab;
+#pragma omp parallel for schedule(dynamic, 8)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = r / lv.tokens;
+    const int64_t t = r % lv.tokens;
+    const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+    const T* row = base + s * lv.sample_stride + t * lv.token_stride;
+    T* out = grad + s * grad_sample_stride + t * grad_token_stride;
+    const bool valid = label != ignore_index && label >= 0 && label < vocab;
+    int64_t i = 0;
+    if (!valid) {
+#ifdef __AVX2__
+      for (; i + 8 <= vocab; i += 8) Vec<T>::store(out + i, _mm256_setzero_ps());
+#endif
+      for (; i < vocab; ++i) Elem<T>::store(out + i, 0.0f);
+      continue;
+    }
+    const float l = lse[r];
+    const float scale = token_scale[r];
+    // Read x[y] first: in place, the row is overwritten by the loop below.
+    const float x_label = Elem<T>::load(row + label);
+#ifdef __AVX2__
+    const __m256 vl = _mm256_set1_ps(l);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (; i + 8 <= vocab; i += 8) {
+      const __m256 p = exp2_clamped(log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vl)));
+      Vec<T>::store(out + i, _mm256_mul_ps(p, vs));
+    }
+#endif
+    for (; i < vocab; ++i) {
+      const float tt = Elem<T>::load(row + i) - l;
+      const float p = tt < kExpUnderflow ? 0.0f : std::exp(tt);  // NaN stays NaN
+      Elem<T>::store(out + i, p * scale);
+    }
+    const float tl = x_label - l;
+    const float p_label = tl < kExpUnderflow ? 0.0f : std::exp(tl);
+    Elem<T>::store(out + label, (p_label - 1.0f) * scale);
+  }
+}
+
+void check_views(const LogitsView& lv, const LabelsView& yv) {
+  if (lv.data == nullptr && lv.samples * lv.tokens > 0) throw std::invalid_argument("logits: null data pointer");
+  if (yv.data == nullptr && lv.samples * lv.tokens > 0) throw std::invalid_argument("labels: null data pointer");
+  if (lv.samples < 0 || lv.tokens < 0) throw std::invalid_argument("logits: negative shape");
+  if (lv.vocab < 2 || lv.vocab > kMaxVocab)
+    throw std::invalid_argument("logits: vocabulary size must be in [2, " + std::to_string(kMaxVocab) + "], got " +
+                                std::to_string(lv.vocab));
+  if (lv.sample_stride < 0 || lv.token_stride < 0 || yv.sample_stride < 0 || yv.token_stride < 0)
+    throw std::invalid_argument("negative strides are not supported");
+}
+
+}  // namespace
+
+void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_t ignore_index,
+                      const Config& config, const SampleStatsOutput& out, const TokenStatsOutput& tokens) {
+  check_views(logits, labels);
+  if (logits.samples == 0) return;  // empty batch: nothing to write (outputs may be null)
+  if (out.loss == nullptr || out.confidence == nullptr || out.label_prob == nullptr || out.correct == nullptr ||
+      out.entropy == nullptr || out.el2n == nullptr || out.valid_tokens == nullptr || out.bucket == nullptr)
+    throw std::invalid_argument("sample_stats_cpu: every per-sample output is required");
+  const int64_t S = logits.samples;
+  const int64_t T = logits.tokens;
+  const int64_t rows = S * T;
+
+  // Token values go to the caller's buffers when given, else to scratch (O(S T), small).
+  std::vector<float> scratch;
+  float* tok[7] = {tokens.loss, tokens.confidence, tokens.label_prob, tokens.correct,
+                   tokens.entropy, tokens.el2n, tokens.lse};
+  int missing = 0;
+  for (int k = 0; k < 6; ++k) missing += tok[k] == nullptr ? 1 : 0;
+  scratch.resize(static_cast<size_t>(missing) * static_cast<size_t>(rows));
+  for (int k = 0, used = 0; k < 6; ++k) {
+    if (tok[k] == nullptr) tok[k] = scratch.data() + static_cast<size_t>(used++) * static_cast<size_t>(rows);
+  }
+  std::vector<uint8_t> valid_scratch;
+  uint8_t* valid = tokens.valid;
+  if (valid == nullptr) {
+    valid_scratch.resize(static_cast<size_t>(rows));
+    valid = valid_scratch.data();
+  }
+  std::vector<uint8_t> bad(static_cast<size_t>(rows));
+
+  switch (logits.dtype) {
+    case ScalarType::kFloat32: token_pass<float>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kFloat64: token_pass<double>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kBFloat16: token_pass<BF16>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kFloat16: token_pass<FP16>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    default: throw std::invalid_argument("sample_stats_cpu: unsupported logits dtype");
+  }
+
+  // 3. per-sample means over valid tokens, in double like the reference, and the bucket.
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < S; ++s) {
+    double sums[6] = {0, 0, 0, 0, 0, 0};
+    int64_t count = 0;
+    bool spoiled = false;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = s * T + t;
+      spoiled |= bad[r] != 0;
+      if (!valid[r]) continue;
+      ++count;
+      for (int k = 0; k < 6; ++k) sums[k] += static_cast<double>(tok[k][r]);
+    }
+    float means[6];
+    for (int k = 0; k < 6; ++k)
+      means[k] = (spoiled || count == 0) ? kNaN : static_cast<float>(sums[k] / static_cast<double>(count));
+    out.loss[s] = means[0];
+    out.confidence[s] = means[1];
+    out.label_prob[s] = means[2];
+    out.correct[s] = means[3];
+    out.entropy[s] = means[4];
+    out.el2n[s] = means[5];
+    out.valid_tokens[s] = static_cast<int32_t>(count);
+    out.bucket[s] = instant_bucket(means[1], means[3], config);
+  }
+}
+
+void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const float* lse,
+                                const float* token_scale, int64_t ignore_index, void* grad,
+                                int64_t grad_sample_stride, int64_t grad_token_stride) {
+  check_views(logits, labels);
+  if (logits.samples * logits.tokens == 0) return;
+  if (lse == nullptr || token_scale == nullptr || grad == nullptr)
+    throw std::invalid_argument("cross_entropy_backward_cpu: lse, token_scale and grad are required");
+  if (grad_sample_stride < 0 || grad_token_stride < 0) throw std::invalid_argument("grad: negative strides");
+  switch (logits.dtype) {
+    case ScalarType::kFloat32:
+      backward_pass<float>(logits, labels, lse, token_scale, ignore_index, static_cast<float*>(grad),
+                           grad_sample_stride, grad_token_stride);
+      break;
+    case ScalarType::kFloat64:
+      backward_pass<double>(logits, labels, lse, token_scale, ignore_index, static_cast<double*>(grad),
+                            grad_sample_stride, grad_token_stride);
+      break;
+    case ScalarType::kBFloat16:
+      backward_pass<BF16>(logits, labels, lse, token_scale, ignore_index, static_cast<BF16*>(grad),
+                          grad_sample_stride, grad_token_stride);
+      break;
+    case ScalarType::kFloat16:
+      backward_pass<FP16>(logits, labels, lse, token_scale, ignore_index, static_cast<FP16*>(grad),
+                          grad_sample_stride, grad_token_stride);
+      break;
+    default: throw std::invalid_argument("cross_entropy_backward_cpu: unsupported logits dtype");
+  }
+}
+
+}  // namespace geko

@@ -1,0 +1,277 @@
+"""Fused cross-entropy with per-sample statistics: ``cross_entropy_with_stats``.
+
+The loss and the statistics of ``geko_core.sample_stats`` come from the same pass over
+the logits. On CPU tensors the C++ kernels run forward (statistics + token loss +
+log-sum-exp) and backward (``softmax - onehot``, scaled per token); on CUDA tensors the
+Triton kernels do; ``backend="reference"`` is plain differentiable torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import load_compiled_core
+from .config import GekoConfig, resolve_config
+from .reference import as_samples, sample_stats_reference
+from .stats import prepare_inputs, stats_cpp
+from .types import SampleStats
+
+__all__ = ["cross_entropy_with_stats"]
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def _reduce(
+    token_loss_sum: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """Loss from per-sample sums of token losses ``[S]`` and valid-token counts ``[S]``."""
+    weighted = token_loss_sum if weight is None else token_loss_sum * weight
+    if reduction == "none":
+        return weighted / valid_tokens.clamp(min=1).to(weighted.dtype)
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    return total / valid_tokens.sum().to(weighted.dtype)  # 0 / 0 = NaN, as F.cross_entropy
+
+
+def _token_scale(
+    grad_output: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str, tokens: int
+) -> torch.Tensor:
+    """d loss / d token_loss, float32 ``[S, T]`` (the kernels zero non-valid tokens)."""
+    samples = valid_tokens.shape[0]
+    g = grad_output.to(torch.float32)
+    scale = torch.ones(samples, dtype=torch.float32, device=valid_tokens.device) if weight is None else weight
+    if reduction == "none":
+        scale = g * scale / valid_tokens.clamp(min=1).to(torch.float32)
+    elif reduction == "sum":
+        scale = g * scale
+    else:
+        scale = g * scale / valid_tokens.sum().to(torch.float32)
+    return scale[:, None].expand(samples, tokens).contiguous()
+
+
+def _kernel_views(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits3, labels3 = as_samples(logits, labels, shift=shift)
+    if logits3.stride(-1) != 1:
+        logits3 = logits3.contiguous()
+    return logits3, labels3.to(torch.int64)
+
+
+def _dummy_labels(logits: torch.Tensor) -> torch.Tensor:
+    # as_samples only looks at the labels' shape to build the logits view.
+    return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """One autograd node for the C++ and Triton paths; the statistics leave through ``out``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weight: torch.Tensor | None,
+        options: dict,
+        out: list,
+    ) -> torch.Tensor:
+        logits3, labels3 = _kernel_views(logits, labels, options["shift"])
+        if options["backend"] == "cpp":
+            stats, token_loss, lse = stats_cpp(
+                logits3,
+                labels3,
+                ignore_index=options["ignore_index"],
+                config=options["config"],
+                per_token=options["per_token"],
+                token_loss=True,
+            )
+        else:
+            from .kernels.cross_entropy import cross_entropy_forward_triton
+
+            stats, token_loss, lse = cross_entropy_forward_triton(
+                logits3,
+                labels3,
+                ignore_index=options["ignore_index"],
+                config=options["config"],
+                per_token=options["per_token"],
+            )
+        out.append(stats)
+        valid_tokens = stats.valid_tokens
+        ctx.options = options
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(logits, labels3, lse, valid_tokens, weight if weight is not None else lse.new_empty(0))
+        return _reduce(token_loss.sum(dim=1), valid_tokens, weight, options["reduction"])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        logits, labels3, lse, valid_tokens, weight = ctx.saved_tensors
+        options = ctx.options
+        shift = options["shift"]
+        inplace = options["inplace"]
+        logits3, _ = _kernel_views(logits, _dummy_labels(logits), shift)
+        token_scale = _token_scale(
+            grad_output, valid_tokens, weight if ctx.has_weight else None, options["reduction"], labels3.shape[1]
+        )
+        shares_logits = logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+        if options["backend"] == "cpp":
+            core = load_compiled_core()
+            if inplace and shares_logits:
+                grad = logits.detach()  # the same storage, now holding the gradient
+                core.cross_entropy_backward(
+                    logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
+                    None, options["ignore_index"],
+                )
+            else:
+                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+                grad3, _ = as_samples(grad, _dummy_labels(grad), shift=shift)
+                core.cross_entropy_backward(
+                    logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
+                    grad3.__dlpack__(), options["ignore_index"],
+                )
+            if shift:
+                grad[:, -1].zero_()  # the last position predicts nothing
+            return grad, None, None, None, None
+
+        from .kernels.cross_entropy import cross_entropy_backward_triton
+
+        grad3 = cross_entropy_backward_triton(
+            logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=inplace and shares_logits
+        )
+        if inplace and shares_logits:
+            grad = logits.detach()
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            as_samples(grad, _dummy_labels(grad), shift=shift)[0].copy_(grad3)
+        if shift:
+            grad[:, -1].zero_()
+        return grad, None, None, None, None
+
+
+def _reference_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    weight: torch.Tensor | None,
+    reduction: str,
+) -> torch.Tensor:
+    logits3, labels3 = as_samples(logits, labels, shift=shift)
+    samples, tokens, vocab = logits3.shape
+    x = logits3 if logits3.dtype == torch.float64 else logits3.float()
+    labels3 = labels3.to(torch.int64)
+    valid = (labels3 != ignore_index) & (labels3 >= 0) & (labels3 < vocab)
+    # F.cross_entropy masks ignored tokens out of both the loss and the gradient.
+    target = torch.where(valid, labels3, torch.full_like(labels3, -100))
+    token_loss = F.cross_entropy(x.reshape(-1, vocab), target.reshape(-1), ignore_index=-100, reduction="none")
+    token_loss = token_loss.reshape(samples, tokens)
+    w = None if weight is None else weight.to(token_loss.dtype)
+    return _reduce(token_loss.sum(dim=1), valid.sum(dim=1), w, reduction)
+
+
+def cross_entropy_with_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    sample_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    per_token: bool = False,
+    config: GekoConfig | None = None,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Differentiable cross-entropy and the per-sample statistics, from one pass.
+
+    Reductions (``w_s`` is ``sample_weight[s]``, 1 when None; ``l_st`` the token loss;
+    sums run over valid tokens, i.e. label != ignore_index and in ``[0, V)``):
+
+    * ``"none"``: ``[S]`` per-sample loss ``w_s * mean_t l_st`` (0 for a sample without
+      valid tokens);
+    * ``"sum"``: ``sum_s w_s sum_t l_st``;
+    * ``"mean"``: that sum divided by the number of valid tokens in the batch. Without
+      weights this is ``F.cross_entropy(..., reduction="mean")``; with importance weights
+      (1 / inclusion probability) it is the unbiased InfoBatch-style estimate; weights are
+      not renormalised. No valid token in the batch gives NaN, as torch does.
+
+    A NaN or inf logit in a valid token's row makes that sample's loss NaN (so a mean or
+    sum is NaN too, as with torch) and marks the sample invalid in the statistics.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64, any strides
+            (see ``sample_stats``).
+        labels: ``[N]`` or ``[B, T]``, integer.
+        ignore_index: label of tokens that do not count.
+        shift: causal-LM shift (3-D only); the gradient of the last position is 0.
+        sample_weight: optional float ``[S]`` (``S = N`` or ``B``) per-sample weights, e.g.
+            the planner's importance weights. Treated as constants: no gradient flows to
+            them.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        per_token: also return token-level statistics.
+        config: thresholds of the instant bucket.
+        backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
+            ``"reference"`` (plain torch, differentiable in float64; use it for gradcheck).
+        inplace_backward: the fused backends write the gradient into the logits' own
+            storage (as Liger-Kernel does) instead of allocating one: saves a logits-sized
+            buffer, but the logits tensor is overwritten by its gradient during backward, so
+            do not use it afterwards. Ignored on the reference path, and when the logits had
+            to be copied (non-contiguous last dimension).
+
+    Returns:
+        (loss, stats): ``loss`` is float32 (float64 on the reference path for float64
+        logits), a scalar or ``[S]`` for ``"none"``; its gradient flows to ``logits`` only,
+        in the logits' dtype. ``stats`` is the detached ``SampleStats`` of ``sample_stats``.
+
+    Raises:
+        TypeError, ValueError: as ``sample_stats``; also an unknown reduction, a
+            ``sample_weight`` that is not a float tensor of shape ``[S]`` on the logits'
+            device.
+    """
+    config = resolve_config(config)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    for flag_name, flag in (("per_token", per_token), ("inplace_backward", inplace_backward)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+    logits3, labels3, name = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend)
+    weight: torch.Tensor | None = None
+    if sample_weight is not None:
+        if not isinstance(sample_weight, torch.Tensor):
+            raise TypeError(f"sample_weight must be a torch.Tensor or None, got {type(sample_weight).__name__}")
+        if not sample_weight.is_floating_point():
+            raise TypeError(f"sample_weight must be a floating-point tensor, got {sample_weight.dtype}")
+        if sample_weight.shape != (logits3.shape[0],):
+            raise ValueError(
+                f"sample_weight must have shape [{logits3.shape[0]}] (one weight per sample), "
+                f"got {tuple(sample_weight.shape)}"
+            )
+        if sample_weight.device != logits.device:
+            raise ValueError(f"sample_weight is on {sample_weight.device}, logits on {logits.device}")
+        weight = sample_weight.detach()
+
+    if name == "reference":
+        loss = _reference_loss(logits, labels, ignore_index=ignore_index, shift=shift, weight=weight, reduction=reduction)
+        with torch.no_grad():
+            stats = sample_stats_reference(
+                logits.detach(), labels, ignore_index=ignore_index, shift=shift, per_token=per_token, config=config
+            )
+        return loss, stats
+
+    if weight is not None:
+        weight = weight.to(torch.float32)
+    options = {
+        "backend": name,
+        "ignore_index": ignore_index,
+        "shift": shift,
+        "reduction": reduction,
+        "per_token": per_token,
+        "config": config,
+        "inplace": inplace_backward,
+    }
+    out: list = []
+    loss = _FusedCrossEntropy.apply(logits, labels, weight, options, out)
+    return loss, out[0]

@@ -1,0 +1,228 @@
+"""Per-sample statistics of one training step: ``sample_stats`` (DESIGN.md §2).
+
+One pass over the logits gives, per token, the cross-entropy, the max-probability
+(confidence), the probability of the label, whether the argmax is the label, the softmax
+entropy and the EL2N score ``||softmax - onehot||_2``; per sample, their means over the
+sample's valid tokens and the instant GEKO bucket.
+
+Backends (chosen by ``geko_core._backend.resolve_backend``): the Triton kernels for CUDA
+tensors, the compiled OpenMP kernels for CPU tensors, the torch reference on request
+(``backend="reference"``). Discrete outputs (``valid_tokens``, ``correct``, ``bucket`` and
+invalidity) are identical on every path; the float outputs agree with the reference to
+about 1e-5 relative for float32 logits (float32 accumulation). Low-precision logits
+(bfloat16, float16) are read as they are and accumulated in float32 everywhere. Float64
+logits are exact on the reference path; the C++ path computes them in float32 (a float64
+value beyond the float32 range therefore reads as infinite and invalidates its sample).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._backend import load_compiled_core, resolve_backend
+from .config import GekoConfig, resolve_config
+from .reference import as_samples, sample_stats_reference
+from .types import SampleStats, TokenStats
+
+__all__ = ["MAX_VOCAB", "sample_stats"]
+
+#: Largest vocabulary any backend accepts.
+MAX_VOCAB = 262_144
+
+
+class PreparedInputs(NamedTuple):
+    """Validated inputs, viewed as the kernels see them."""
+
+    logits3: torch.Tensor  # [S, T, V], stride(-1) == 1
+    labels3: torch.Tensor  # [S, T] int64
+    backend: str  # "cpp", "triton" or "reference"
+
+
+def _check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return ignore_index
+
+
+def prepare_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    backend: str | None,
+) -> PreparedInputs:
+    """Validate ``logits`` / ``labels`` and view them as ``[S, T, V]`` / ``[S, T]`` int64.
+
+    Shared by ``sample_stats`` and ``cross_entropy_with_stats``. Everything is checked
+    before any kernel runs. A last dimension that is not contiguous costs one copy of the
+    logits; every other layout (row slices, column slices of a wider tensor, the shift) is
+    a view.
+
+    Raises:
+        TypeError: non-tensor inputs, non-float logits, non-integer or bool labels,
+            non-int ignore_index, non-bool shift.
+        ValueError: mismatched shapes or devices, a vocabulary outside [2, 262144],
+            ``shift=True`` on 2-D logits, an unknown or unusable backend, and (CPU tensors)
+            a label outside [0, V) that is not ``ignore_index``.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (float32, bfloat16, float16, float64), got {logits.dtype}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    ignore_index = _check_ignore_index(ignore_index)
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
+            f"(expected {tuple(logits.shape[:-1])})"
+        )
+    vocab = logits.shape[-1]
+    if not 2 <= vocab <= MAX_VOCAB:
+        raise ValueError(f"vocabulary size (logits.shape[-1]) must be in [2, {MAX_VOCAB}], got {vocab}")
+    if labels.device != logits.device:
+        raise ValueError(f"logits and labels must be on the same device, got {logits.device} and {labels.device}")
+    if shift and logits.dim() != 3:
+        raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
+    name = resolve_backend(logits.device.type, backend)
+
+    logits3, labels3 = as_samples(logits, labels, shift=shift)
+    if logits.device.type == "cpu" and labels3.numel() > 0:
+        # On the GPU an out-of-range label only invalidates its sample (checking would cost
+        # a host sync); on the CPU it is almost always a bug, so say so.
+        out_of_range = (labels3 != ignore_index) & ((labels3 < 0) | (labels3 >= vocab))
+        if bool(out_of_range.any()):
+            position = tuple(int(i) for i in out_of_range.nonzero()[0])
+            value = int(labels3[position])
+            raise ValueError(
+                f"label {value} at (sample, token) {position} is outside [0, {vocab}) "
+                f"and is not ignore_index ({ignore_index})"
+            )
+    if logits3.stride(-1) != 1:
+        logits3 = logits3.contiguous()  # the kernels read rows as contiguous vectors
+    if labels3.dtype != torch.int64:
+        labels3 = labels3.to(torch.int64)
+    return PreparedInputs(logits3, labels3, name)
+
+
+def _empty_token_stats(samples: int, tokens: int) -> TokenStats:
+    def f() -> torch.Tensor:
+        return torch.empty(samples, tokens, dtype=torch.float32)
+
+    return TokenStats(f(), f(), f(), f(), f(), f(), torch.empty(samples, tokens, dtype=torch.bool))
+
+
+def stats_cpp(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    *,
+    ignore_index: int,
+    config: GekoConfig,
+    per_token: bool,
+    token_loss: bool = False,
+) -> tuple[SampleStats, torch.Tensor | None, torch.Tensor | None]:
+    """Run the C++ forward kernel on validated ``[S, T, V]`` / ``[S, T]`` int64 CPU views.
+
+    Returns:
+        (SampleStats, token_loss, lse): the last two are float32 ``[S, T]`` when
+        ``token_loss=True`` (0 for non-valid tokens), else None.
+    """
+    core = load_compiled_core()
+    samples, tokens = labels3.shape
+    floats = [torch.empty(samples, dtype=torch.float32) for _ in range(6)]
+    valid_tokens = torch.empty(samples, dtype=torch.int32)
+    bucket = torch.empty(samples, dtype=torch.int8)
+    token_out = _empty_token_stats(samples, tokens) if per_token else None
+    loss_tok: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    token_capsules = None
+    if token_out is not None:
+        token_capsules = [t.__dlpack__() for t in token_out]
+        loss_tok = token_out.loss
+    elif token_loss:
+        loss_tok = torch.empty(samples, tokens, dtype=torch.float32)
+        token_capsules = [loss_tok.__dlpack__(), None, None, None, None, None, None]
+    if token_loss:
+        lse = torch.empty(samples, tokens, dtype=torch.float32)
+    core.stats_forward(
+        logits3.detach().__dlpack__(),
+        labels3.__dlpack__(),
+        ignore_index,
+        config.to_cpp(),
+        [t.__dlpack__() for t in (*floats, valid_tokens, bucket)],
+        token_capsules,
+        None if lse is None else lse.__dlpack__(),
+    )
+    stats = SampleStats(*floats, valid_tokens, bucket, tokens=token_out)
+    return stats, (loss_tok if token_loss else None), lse
+
+
+def sample_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    per_token: bool = False,
+    config: GekoConfig | None = None,
+    backend: str | None = None,
+) -> SampleStats:
+    """Per-sample statistics of a batch, in one pass over the logits.
+
+    Args:
+        logits: ``[N, V]`` (classification) or ``[B, T, V]`` (sequences); float32,
+            bfloat16, float16 or float64; any strides (a column slice of a wider tensor is
+            read in place; only a non-contiguous last dimension costs one copy);
+            ``2 <= V <= 262144``. Never modified; gradients are not tracked.
+        labels: ``[N]`` or ``[B, T]``, any integer dtype, on the logits' device.
+        ignore_index: label of tokens that do not count (padding, prompt).
+        shift: causal-LM shift: token ``t`` is scored against label ``t + 1``
+            (``logits[:, :-1]`` with ``labels[:, 1:]``, as views); 3-D only.
+        per_token: also return the token-level values (``SampleStats.tokens``, each
+            ``[S, T]``; ``T = 1`` for 2-D logits, ``T - 1`` with ``shift``).
+        config: thresholds of the instant bucket (defaults: ``GekoConfig()``).
+        backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
+            ``"reference"``.
+
+    Returns:
+        SampleStats with one entry per sample (``S = N`` or ``B``). A sample with no valid
+        token, or whose counted tokens include a row with a NaN/inf logit (or, on the GPU, a
+        label out of range), is invalid: NaN floats, bucket ``BUCKET_INVALID``.
+        ``valid_tokens`` still counts its tokens with an in-range label. In the per-token
+        output, tokens that do not count are 0 (``valid`` False); on the C++ path a counted
+        token with a non-finite row is NaN in every float field.
+
+        Empty inputs: ``S == 0`` gives empty outputs; ``T == 0`` (or ``T == 1`` with
+        ``shift``) gives ``S`` invalid samples.
+
+    Raises:
+        TypeError, ValueError: see ``prepare_inputs``; on CPU tensors a label outside
+            ``[0, V)`` other than ``ignore_index`` is a ValueError naming it.
+    """
+    config = resolve_config(config)
+    if not isinstance(per_token, bool):
+        raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
+    logits3, labels3, name = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend)
+    if name == "reference":
+        with torch.no_grad():
+            return sample_stats_reference(
+                logits.detach(), labels, ignore_index=ignore_index, shift=shift, per_token=per_token, config=config
+            )
+    if name == "triton":
+        from .kernels.sample_stats import sample_stats_triton
+
+        with torch.no_grad():
+            return sample_stats_triton(
+                logits3.detach(), labels3, ignore_index=ignore_index, config=config, per_token=per_token
+            )
+    stats, _, _ = stats_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)
+    return stats
