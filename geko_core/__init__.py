@@ -35,6 +35,8 @@ __all__ = [
     "infobatch_plan",
     "weighted_sample",
     "compiled_core_error",
+    "cross_entropy_with_stats",
+    "sample_stats",
     "__version__",
 ]
 
@@ -51,6 +53,8 @@ if compiled_core_error() is None:
     )
     from .curriculum import DEFAULT_PHASES, CurriculumPhase, MountainCurriculum
     from .planner import EpochPlan, EpochPlanner, gainrl_update_mu, gaussian_window_plan, infobatch_plan, weighted_sample
+    from .loss import cross_entropy_with_stats
+    from .stats import sample_stats
     from .table import CheckpointError, SampleTable
     from .types import SampleStats, TokenStats
 else:

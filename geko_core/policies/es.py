@@ -70,9 +70,10 @@ class ESPolicy(Policy):
         k = min(batch, max(1, int(np.ceil(self.select_fraction * batch))))
         score = self.scores(indices)
         score = np.maximum(score, 0.0) + self.floor * max(float(score.mean()), 1e-12)
-        positions, inclusion = weighted_sample(score, k, seed=hash((self.selector.seed, step)) & 0x7FFFFFFF)
+        # Keyed by (seed, step): the draw is reproducible after a resume.
+        positions, inclusion = weighted_sample(score, k, seed=self.selector.seed, epoch=step)
         positions = np.asarray(positions, dtype=np.int64)
-        inclusion = np.asarray(inclusion, dtype=np.float64)[positions] if len(inclusion) == batch else np.asarray(inclusion, dtype=np.float64)
+        inclusion = np.asarray(inclusion, dtype=np.float64)
         weights = (k / (batch * inclusion)).astype(np.float32)
         return positions, weights
 

@@ -18,9 +18,8 @@ class GekoPolicy(Policy):
     of an epoch equals that of a full epoch.
 
     Args:
-        curriculum: a :class:`~geko_core.MountainCurriculum`; the default phases otherwise.
-        freeze_revisit: fraction of FREEZE samples revisited each epoch (stalest first), so
-            forgetting is caught.
+        curriculum: a :class:`~geko_core.MountainCurriculum` (phases, rate limits and the
+            FREEZE revisit fraction); the default one otherwise.
         importance_weights: weight copies by 1 / expected inclusion (unbiased mode).
         max_weight: cap on an importance weight (variance guard); ``None`` for no cap.
     """
@@ -31,7 +30,6 @@ class GekoPolicy(Policy):
         self,
         curriculum: Any = None,
         *,
-        freeze_revisit: float = 0.05,
         importance_weights: bool = True,
         max_weight: float | None = None,
     ) -> None:
@@ -42,12 +40,9 @@ class GekoPolicy(Policy):
             curriculum = MountainCurriculum()
         if not isinstance(curriculum, MountainCurriculum):
             raise TypeError(f"curriculum must be a MountainCurriculum, got {type(curriculum).__name__}")
-        if not 0.0 <= freeze_revisit <= 1.0:
-            raise ValueError(f"freeze_revisit must be in [0, 1], got {freeze_revisit}")
         if max_weight is not None and not max_weight >= 1.0:
             raise ValueError(f"max_weight must be >= 1 or None, got {max_weight}")
         self.curriculum = curriculum
-        self.freeze_revisit = float(freeze_revisit)
         self.importance_weights = bool(importance_weights)
         self.max_weight = max_weight
         self._planner = None
@@ -68,7 +63,6 @@ class GekoPolicy(Policy):
             rates,
             epoch=epoch,
             last_visit_step=table.field("last_step"),
-            freeze_revisit=self.freeze_revisit,
         )
         weights = np.asarray(plan.weights, dtype=np.float32)
         if not self.importance_weights:
