@@ -26,9 +26,12 @@ __all__ = [
     "EpochPlanner",
     "MountainCurriculum",
     "GekoConfig",
+    "GekoSampler",
     "SampleStats",
     "SampleTable",
+    "Selector",
     "TokenStats",
+    "WithIndex",
     "backend_status",
     "gainrl_update_mu",
     "gaussian_window_plan",
@@ -53,7 +56,9 @@ if compiled_core_error() is None:
     )
     from .curriculum import DEFAULT_PHASES, CurriculumPhase, MountainCurriculum
     from .planner import EpochPlan, EpochPlanner, gainrl_update_mu, gaussian_window_plan, infobatch_plan, weighted_sample
+    from . import policies
     from .loss import cross_entropy_with_stats
+    from .selector import GekoSampler, Selector, WithIndex
     from .stats import sample_stats
     from .table import CheckpointError, SampleTable
     from .types import SampleStats, TokenStats

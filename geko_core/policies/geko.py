@@ -14,14 +14,23 @@ class GekoPolicy(Policy):
 
     Per-bucket rates (expected copies per epoch) come from the curriculum at the current
     training progress; the planner draws the epoch and gives every copy its importance
-    weight ``1 / rate``, so with ``importance_weights=True`` the expected summed gradient
-    of an epoch equals that of a full epoch.
+    weight ``1 / rate``.
+
+    Weighting modes:
+
+    * ``"thinning"`` (default): a sample drawn at a rate below 1 (thinned LIGHT, revisited
+      FREEZE) is weighted ``1 / rate``, as InfoBatch rescales the samples it keeps, so
+      skipping easy samples does not bias the gradient; a HARD sample drawn more than once
+      keeps weight 1 per copy, so it really gets more attention.
+    * ``"unbiased"``: every copy weighted ``1 / rate``: the expected summed gradient of an
+      epoch equals a full epoch's, and the curriculum only changes the variance.
+    * ``"none"``: weight 1 everywhere (the curriculum's emphasis, uncorrected).
 
     Args:
         curriculum: a :class:`~geko_core.MountainCurriculum` (phases, rate limits and the
             FREEZE revisit fraction); the default one otherwise.
-        importance_weights: weight copies by 1 / expected inclusion (unbiased mode).
-        max_weight: cap on an importance weight (variance guard); ``None`` for no cap.
+        weighting: ``"thinning"``, ``"unbiased"`` or ``"none"`` (above).
+        max_weight: cap on a weight (variance guard); ``None`` for no cap.
     """
 
     name = "geko"
@@ -30,7 +39,7 @@ class GekoPolicy(Policy):
         self,
         curriculum: Any = None,
         *,
-        importance_weights: bool = True,
+        weighting: str = "thinning",
         max_weight: float | None = None,
     ) -> None:
         super().__init__()
@@ -40,10 +49,12 @@ class GekoPolicy(Policy):
             curriculum = MountainCurriculum()
         if not isinstance(curriculum, MountainCurriculum):
             raise TypeError(f"curriculum must be a MountainCurriculum, got {type(curriculum).__name__}")
+        if weighting not in ("thinning", "unbiased", "none"):
+            raise ValueError(f"weighting must be 'thinning', 'unbiased' or 'none', got {weighting!r}")
         if max_weight is not None and not max_weight >= 1.0:
             raise ValueError(f"max_weight must be >= 1 or None, got {max_weight}")
         self.curriculum = curriculum
-        self.importance_weights = bool(importance_weights)
+        self.weighting = weighting
         self.max_weight = max_weight
         self._planner = None
         self._last_rates: np.ndarray | None = None
@@ -65,9 +76,11 @@ class GekoPolicy(Policy):
             last_visit_step=table.field("last_step"),
         )
         weights = np.asarray(plan.weights, dtype=np.float32)
-        if not self.importance_weights:
+        if self.weighting == "none":
             weights = np.ones_like(weights)
-        elif self.max_weight is not None:
+        elif self.weighting == "thinning":
+            weights = np.maximum(weights, np.float32(1.0))
+        if self.max_weight is not None:
             weights = np.minimum(weights, np.float32(self.max_weight))
         return Plan(np.asarray(plan.indices, dtype=np.int64), weights)
 

@@ -1,0 +1,277 @@
+"""The Selector in real (small) training loops: every policy, resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import geko_core
+from geko_core import Selector, WithIndex
+from geko_core.policies import Plan, Policy
+
+POLICIES = ["geko", "infobatch", "es", "eswp", "uniform", "random_subset"]
+
+
+def make_blobs(n: int, *, dims: int = 16, classes: int = 4, seed: int = 0, noise: float = 2.5):
+    centers = torch.randn(classes, dims, generator=torch.Generator().manual_seed(1234)) * 2.0
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + noise * torch.randn(n, dims, generator=g)
+    return x, y
+
+
+TRAIN = make_blobs(1200, seed=1)
+TEST = make_blobs(400, seed=2)
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def accuracy(model) -> float:
+    with torch.no_grad():
+        return (model(TEST[0]).argmax(-1) == TEST[1]).float().mean().item()
+
+
+def train(policy: str, epochs: int = 6, *, seed: int = 0, policy_options=None, config=None):
+    model = make_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sel = Selector(len(TRAIN[1]), policy=policy, epochs=epochs, seed=seed, policy_options=policy_options, config=config)
+    loader = DataLoader(WithIndex(TensorDataset(*TRAIN)), batch_size=32, sampler=sel.sampler)
+    for _ in range(epochs):
+        for idx, x, y in loader:
+            if sel.policy.meta_batch:
+                with torch.no_grad():
+                    meta_logits = model(x)
+                pos, w = sel.select(idx, meta_logits, y)
+                loss = sel.loss(model(x[pos]), y[pos], idx[pos], weights=w, observe=False)
+            else:
+                loss = sel.loss(model(x), y, idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model, sel
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return {p: train(p, policy_options={"budget": 0.6} if p == "random_subset" else None) for p in POLICIES}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_trains_to_held_out_accuracy(trained, policy):
+    model, sel = trained[policy]
+    assert accuracy(model) >= 0.88, policy  # uniform reaches about 0.92
+    m = sel.metrics()
+    assert m["policy"] == policy and m["forwarded"] >= m["backpropagated"] > 0
+    assert len(sel.history) == 5  # one entry per finished epoch (the 6th is still current)
+
+
+def test_geko_and_infobatch_backpropagate_fewer_samples_than_uniform(trained):
+    full = trained["uniform"][1].metrics()["backpropagated"]
+    assert full == 6 * 1200
+    for policy in ("geko", "infobatch", "es", "eswp"):
+        assert trained[policy][1].metrics()["backpropagated"] < full, policy
+    assert trained["random_subset"][1].metrics()["backpropagated"] == 6 * 720
+
+
+def test_geko_epochs_really_shrink(trained):
+    sel = trained["geko"][1]
+    lengths = [h["epoch_backpropagated"] for h in sel.history]
+    assert lengths[0] == 1200  # all UNSEEN at the start: the whole data set
+    assert min(lengths[1:]) < 1200
+    # LIGHT is thinned and weighted 1 / rate; HARD copies keep weight 1.
+    sel.set_epoch(3)  # plan a PEAK-phase epoch (progress 0.5) from the table as it is now
+    indices, weights = sel.plan()
+    buckets = sel.table.buckets(indices)
+    assert (weights[buckets == geko_core.BUCKET_LIGHT] > 1).all()
+    assert (weights[buckets == geko_core.BUCKET_HARD] == 1).all()
+
+
+def test_frozen_samples_are_skipped_but_revisited():
+    # A faster Q-value (q_alpha=0.5) lets samples pass the FREEZE gate within a few visits.
+    model, sel = train("geko", epochs=6, config=geko_core.GekoConfig(q_alpha=0.5))
+    assert accuracy(model) >= 0.88
+    frozen = sel.table.field("bucket") == geko_core.BUCKET_FREEZE
+    assert frozen.sum() > 100
+    sel.set_epoch(sel.epoch + 1)
+    indices, weights = sel.plan()
+    planned_frozen = frozen[indices]
+    # about 5% of the frozen samples are revisited (stalest first), each standing for ~20
+    assert 0 < planned_frozen.sum() <= int(np.ceil(0.05 * frozen.sum())) + 1
+    np.testing.assert_allclose(weights[planned_frozen], frozen.sum() / planned_frozen.sum(), rtol=1e-5)
+
+
+def test_sampler_length_is_the_plan_and_advances_itself():
+    sel = Selector(100, policy="uniform", epochs=3, seed=0)
+    first = list(sel.sampler)
+    assert len(sel.sampler) == 100 and sorted(first) == list(range(100))
+    second = list(sel.sampler)
+    assert sel.epoch == 1 and sorted(second) == list(range(100)) and second != first
+    sel.sampler.set_epoch(0)
+    assert list(sel.sampler) == first  # deterministic in (seed, epoch)
+
+
+def test_with_index():
+    ds = WithIndex(TensorDataset(torch.arange(5.0), torch.arange(5)))
+    assert ds[3] == (3, torch.tensor(3.0), torch.tensor(3)) and len(ds) == 5
+    assert WithIndex([10, 11])[1] == (1, 11)
+    with pytest.raises(TypeError, match="map-style"):
+        WithIndex(iter([1, 2]))
+
+
+def _run(sel, model, opt, loader, stop_after=None, record=None):
+    steps = 0
+    for idx, x, y in loader:
+        if record is not None:
+            record.extend(idx.tolist())
+        loss = sel.loss(model(x), y, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+        if stop_after is not None and steps == stop_after:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("policy", ["geko", "infobatch"])
+def test_resume_mid_epoch_is_exact(policy):
+    ds = WithIndex(TensorDataset(*TRAIN))
+
+    def fresh():
+        model = make_model(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sel = Selector(len(ds), policy=policy, epochs=4, seed=7)
+        return model, opt, sel, DataLoader(ds, batch_size=50, sampler=sel.sampler)
+
+    model, opt, sel, loader = fresh()
+    full_order: list[int] = []
+    for _ in range(4):
+        _run(sel, model, opt, loader, record=full_order)
+    reference_table = sel.table.state_dict()
+
+    model, opt, sel, loader = fresh()
+    order: list[int] = []
+    _run(sel, model, opt, loader, record=order)
+    _run(sel, model, opt, loader, stop_after=7, record=order)  # stop inside epoch 1
+    saved = (sel.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+
+    model, opt, sel, loader = fresh()
+    sel.load_state_dict(saved[0])
+    model.load_state_dict(saved[1])
+    opt.load_state_dict(saved[2])
+    _run(sel, model, opt, loader, record=order)  # the rest of epoch 1
+    for _ in range(2):
+        _run(sel, model, opt, loader, record=order)
+    assert order == full_order
+    for key, value in reference_table.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(sel.table.state_dict()[key], value, err_msg=key)
+
+
+def test_bad_input_is_refused_and_changes_nothing():
+    sel = Selector(50, policy="geko", epochs=2)
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    sel.loss(logits, labels, torch.tensor([0, 1, 2, 3]))
+    before = sel.state_dict()
+    with pytest.raises(TypeError, match="WithIndex"):
+        sel.loss(logits, labels, torch.randn(4))
+    with pytest.raises(ValueError, match="WithIndex"):
+        sel.loss(logits, labels, torch.tensor([0, 1, 2]))
+    with pytest.raises(IndexError, match="50"):
+        sel.loss(logits, labels, torch.tensor([0, 1, 2, 50]))
+    with pytest.raises(ValueError):
+        sel.loss(logits, torch.tensor([0, 1]), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(TypeError, match="meta-batch"):
+        sel.select(torch.tensor([0, 1, 2, 3]), logits, labels)
+    after = sel.state_dict()
+    for key in ("epoch", "position", "step", "counters"):
+        assert after[key] == before[key]
+    for key, value in before["table"].items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(after["table"][key], value)
+    other = Selector(51, policy="geko", epochs=2)
+    with pytest.raises(ValueError, match="different dataset"):
+        other.load_state_dict(before)
+    with pytest.raises(ValueError, match="policy"):
+        Selector(50, policy="uniform", epochs=2).load_state_dict(before)
+    with pytest.raises(ValueError, match="exactly one"):
+        Selector(50, policy="geko")
+    with pytest.raises(ValueError, match="unknown policy"):
+        Selector(50, policy="magic", epochs=1)
+
+
+def test_custom_policy_object():
+    class EveryOther(Policy):
+        name = "every_other"
+
+        def plan_epoch(self, epoch, progress):
+            idx = np.arange(epoch % 2, self.num_samples, 2, dtype=np.int64)
+            return Plan(idx, np.full(len(idx), 2.0, dtype=np.float32))
+
+    sel = Selector(10, policy=EveryOther(), epochs=2)
+    assert list(sel.sampler) == [0, 2, 4, 6, 8]
+    assert sel.weights(torch.tensor([0, 2])).tolist() == [2.0, 2.0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sel = Selector(64, policy="geko", epochs=2, seed=3)
+        seen = []
+        g = torch.Generator().manual_seed(100 + rank)
+        for idx in sel.sampler:
+            seen.append(idx)
+        # feed the rank's shard in batches of 8 with deterministic fake logits
+        for start in range(0, len(seen), 8):
+            idx = torch.tensor(seen[start : start + 8])
+            logits = torch.randn(len(idx), 5, generator=g)
+            labels = idx % 5
+            sel.observe(idx, logits, labels)
+        np.save(os.path.join(out_dir, f"shard{rank}.npy"), np.asarray(seen))
+        torch.save(sel.table.state_dict(), os.path.join(out_dir, f"table{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_ranks_share_one_table(tmp_path):
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    shards = [np.load(tmp_path / f"shard{r}.npy") for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 32
+    assert not set(shards[0]) & set(shards[1]) and sorted(np.concatenate(shards)) == list(range(64))
+    tables = [torch.load(tmp_path / f"table{r}.pt", weights_only=False) for r in range(2)]
+    for key, value in tables[0].items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(tables[1][key], value, err_msg=key)
+    # One process fed the same samples in rank order holds the same table.
+    single = Selector(64, policy="geko", epochs=2, seed=3, num_replicas=1, rank=0)
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    for start in range(0, 32, 8):
+        for r in range(2):
+            idx = torch.from_numpy(shards[r][start : start + 8])
+            logits = torch.randn(len(idx), 5, generator=gens[r])
+            stats = geko_core.sample_stats(logits, idx % 5)
+            single.table.update(idx.numpy(), stats.loss.numpy(), stats.confidence.numpy(), stats.correct.numpy(), 0)
+    ref = single.table.state_dict()
+    for key in ("q", "loss_ema", "bucket", "visits"):
+        if key in ref:
+            np.testing.assert_array_equal(tables[0][key], ref[key], err_msg=key)
