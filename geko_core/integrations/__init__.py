@@ -1,0 +1,2 @@
+"""Integrations with training frameworks. Each submodule imports its framework lazily;
+``import geko_core`` never imports them."""
