@@ -396,13 +396,17 @@ inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) 
   return v;
 }
 
+// Below this many logits a pass runs on the calling thread: waking an OpenMP team costs
+// more than the work, and its spinning workers would compete with torch's own threads.
+constexpr int64_t kParallelMinElements = int64_t{1} << 18;
+
 template <typename T>
 void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, float* const tok[7],
                 uint8_t* valid_out, uint8_t* bad_out) {
   const T* base = static_cast<const T*>(lv.data);
   const int64_t rows = lv.samples * lv.tokens;
   const int64_t vocab = lv.vocab;
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for schedule(dynamic, 8) if (rows * vocab >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t s = r / lv.tokens;
     const int64_t t = r % lv.tokens;
@@ -441,7 +445,7 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse,
   const T* base = static_cast<const T*>(lv.data);
   const int64_t rows = lv.samples * lv.tokens;
   const int64_t vocab = lv.vocab;
-#pragma omp parallel for schedule(dynamic, 8)
+#pragma omp parallel for schedule(dynamic, 8) if (rows * vocab >= kParallelMinElements)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t s = r / lv.tokens;
     const int64_t t = r % lv.tokens;
@@ -531,7 +535,7 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
   }
 
   // 3. per-sample means over valid tokens, in double like the reference, and the bucket.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (S * T >= kParallelMinElements)
   for (int64_t s = 0; s < S; ++s) {
     double sums[6] = {0, 0, 0, 0, 0, 0};
     int64_t count = 0;

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .report import aggregate, format_table, goal_report, write_outputs
-    from .runner import run_one
+    from .runner import run_one, warm_up
     from .tasks import make_task
 
     scale_name = "smoke" if args.smoke else "quick" if args.quick else "default"
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     started = time.perf_counter()
     for task in tasks:
+        warm_up(task)
         for seed in range(seeds):
             geko_fraction = None
             for policy in ordered:

@@ -20,7 +20,27 @@ from ..config import GekoConfig
 from ..selector import Selector
 from .tasks import Task
 
-__all__ = ["run_one"]
+__all__ = ["run_one", "warm_up"]
+
+
+def warm_up(task: Task) -> None:
+    """Run a few untimed steps of the task's model and of the fused loss, so one-time costs
+    (thread pools, allocator growth, kernel selection, lazy imports) land in no policy's time."""
+    from ..loss import cross_entropy_with_stats
+
+    model = task.make_model(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)
+    idx = torch.arange(min(task.batch_size, task.num_samples))
+    for fused in (False, True, False, True):
+        logits = model(task.inputs[idx])
+        if fused:
+            loss, _ = cross_entropy_with_stats(logits, task.targets[idx])
+        else:
+            loss = _flat_ce(logits, task.targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    task.evaluate(model)
 
 
 def _lr_at(base: float, progress: float) -> float:
