@@ -49,7 +49,7 @@ NUM_WARPS = 4
 MAX_BLOCK_D_NORMS = 512
 MAX_BLOCK_D_SUMS = 64
 # Largest token / chunk tile of the finalize kernel. Tests lower these to cross tiles.
-MAX_BLOCK_T = 1024
+MAX_BLOCK_T = 512
 MAX_BLOCK_CHUNKS = 1024
 
 # Token status written by phase 1.
@@ -235,11 +235,12 @@ def sums_launch_config(dim: int, tokens: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def finalize_launch_config(tokens: int, num_chunks: int) -> tuple[int, int]:
-    """``(BLOCK_T, BLOCK_C)`` of the finalize kernel."""
+def finalize_launch_config(tokens: int, num_chunks: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_C, num_warps)`` of the finalize kernel. Token tiles stop at 512:
+    with 1024 (8 counters per thread) sm_80 spilled 16 bytes."""
     block_t = max(16, min(triton.next_power_of_2(max(tokens, 1)), MAX_BLOCK_T))
     block_c = max(16, min(triton.next_power_of_2(max(num_chunks, 1)), MAX_BLOCK_CHUNKS))
-    return block_t, block_c
+    return block_t, block_c, 1 if block_t < 512 else 4
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -330,7 +331,7 @@ def angle_concentration_triton(
             BLOCK_D=sums_block_d,
             num_warps=NUM_WARPS,
         )
-        block_t, block_c = finalize_launch_config(tokens, num_chunks)
+        block_t, block_c, num_warps = finalize_launch_config(tokens, num_chunks)
         _angle_finalize_kernel[(batch,)](
             status,
             partials,
@@ -343,6 +344,6 @@ def angle_concentration_triton(
             HAS_PREFIX=has_prefix,
             BLOCK_T=block_t,
             BLOCK_C=block_c,
-            num_warps=1 if block_t < 512 else 4,
+            num_warps=num_warps,
         )
     return AngleStats(concentration, valid_tokens, cross)
