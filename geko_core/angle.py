@@ -291,6 +291,8 @@ def angle_concentration(
             checked (that would synchronise with the host): out-of-range ones give NaN.
         backend: None (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or ``"reference"``.
 
+    The result carries no gradient (hidden states that require grad are detached).
+
     Returns:
         AngleStats on hidden's device: float32 ``concentration`` ``[B]`` (mean pairwise
         cosine of the valid tokens; NaN with fewer than 2 valid tokens or a non-finite
@@ -306,6 +308,7 @@ def angle_concentration(
     """
     check_angle_inputs(hidden, mask, prefix_len, allow_float64=backend == "reference")
     chosen = resolve_backend(hidden.device.type, backend)
+    hidden = hidden.detach()  # a measurement, not a loss: no graph (and DLPack refuses grads)
     if chosen == "reference":
         return angle_concentration_reference(hidden, mask, prefix_len)
     if chosen == "cpp":

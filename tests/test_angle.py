@@ -382,6 +382,14 @@ def test_empty_inputs(backend):
     assert no_tokens.concentration.isnan().all() and no_tokens.cross.isnan().all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_states_requiring_grad(backend):
+    hidden = make_hidden(2, 4, 6).requires_grad_(True)
+    got = run(backend, hidden, None, 1)
+    assert not got.concentration.requires_grad
+    assert_matches_reference(got, hidden.detach(), None, 1)
+
+
 # ------------------------------------------------------------------------------------------
 # bad input
 
