@@ -77,9 +77,12 @@ def _angle_norms_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # 1. which tokens; int64 before any stride product (B*T*D passes 2**31)
-    b = tl.program_id(0).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # 1. which tokens; int64 before any stride product (B*T*D passes 2**31). One flat grid
+    #    axis (sequence-major): the second grid axis is limited to 65535 tiles.
+    pid = tl.program_id(0).to(tl.int64)
+    num_tiles = tl.cdiv(T, BLOCK_T)
+    b = pid // num_tiles
+    offs_t = (pid % num_tiles).to(tl.int32) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = offs_t < T
     valid = in_t
     if HAS_MASK:
@@ -287,6 +290,12 @@ def angle_concentration_triton(
     cross = torch.empty((batch,), dtype=torch.float32, device=device) if has_prefix else None
     if batch == 0:
         return AngleStats(concentration, valid_tokens, cross)
+    if tokens == 0:  # no token buffers to hand the kernels (null pointers): every sequence is empty
+        concentration.fill_(float("nan"))
+        valid_tokens.zero_()
+        if cross is not None:
+            cross.fill_(float("nan"))
+        return AngleStats(concentration, valid_tokens, cross)
 
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)  # same bytes, a pointer type every Triton version loads
@@ -298,24 +307,23 @@ def angle_concentration_triton(
     partials = torch.empty((batch, num_chunks, 2), dtype=torch.float32, device=device)
 
     with _device_guard(device):
-        if tokens > 0:
-            block_t, block_d = norms_launch_config(dim, tokens)
-            _angle_norms_kernel[(batch, triton.cdiv(tokens, block_t))](
-                hidden,
-                hidden if mask is None else mask,  # unused when HAS_MASK is False
-                inv_norm,
-                status,
-                tokens,
-                dim,
-                hidden.stride(0),
-                hidden.stride(1),
-                0 if mask is None else mask.stride(0),
-                0 if mask is None else mask.stride(1),
-                HAS_MASK=mask is not None,
-                BLOCK_T=block_t,
-                BLOCK_D=block_d,
-                num_warps=NUM_WARPS,
-            )
+        block_t, block_d = norms_launch_config(dim, tokens)
+        _angle_norms_kernel[(batch * triton.cdiv(tokens, block_t),)](
+            hidden,
+            hidden if mask is None else mask,  # unused when HAS_MASK is False
+            inv_norm,
+            status,
+            tokens,
+            dim,
+            hidden.stride(0),
+            hidden.stride(1),
+            0 if mask is None else mask.stride(0),
+            0 if mask is None else mask.stride(1),
+            HAS_MASK=mask is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=NUM_WARPS,
+        )
         _angle_sums_kernel[(batch, num_chunks)](
             hidden,
             inv_norm,
