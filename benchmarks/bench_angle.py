@@ -3,12 +3,14 @@ and against the explicit O(T²) form (batched Gram matrix), measured side by sid
 
     pytest benchmarks/bench_angle.py -q -s
 
-Also prints ``hidden.sum()`` (one read of the hidden states, the floor of any pass over
-them). Shared, noisy machines: read the ratios, not the absolute times.
+Also prints a plain sum over the same bytes (one read of the hidden states, the floor of any
+pass over them). Shared, noisy machines: read the ratios, not the absolute times. On a CUDA
+machine (TRITON_INTERPRET unset) the Triton path is timed against the reference too.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -75,12 +77,53 @@ def test_bench_angle_cpu(benchmark, name):
     cpp_ms = median_ms(cpp)
     reference_ms = median_ms(lambda: angle_concentration_reference(hidden, mask, prefix), iters=5)
     gram_ms = median_ms(lambda: gram_concentration(hidden, mask, prefix), iters=3)
-    read_ms = median_ms(lambda: hidden.sum())
+    # a pure read of the same bytes (torch's bf16/fp16 sum converts slowly; int32 does not)
+    raw = hidden if dtype == torch.float32 else hidden.view(torch.int32)
+    read_ms = median_ms(lambda: raw.sum())
     gbytes = hidden.numel() * hidden.element_size() / 1e9
     print(
         f"\n{name}: cpp {cpp_ms:.2f} ms ({gbytes / cpp_ms * 1e3:.1f} GB/s, {torch.get_num_threads()} threads) | "
         f"torch reference O(T·d) {reference_ms:.2f} ms -> {reference_ms / cpp_ms:.1f}x | "
         f"O(T²) Gram {gram_ms:.2f} ms -> {gram_ms / cpp_ms:.1f}x | "
-        f"hidden.sum() {read_ms:.2f} ms -> cpp at {read_ms / cpp_ms:.0%} of its speed"
+        f"one read (sum) {read_ms:.2f} ms -> cpp at {read_ms / cpp_ms:.0%} of its speed"
     )
     benchmark.pedantic(cpp, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="the Triton benchmark needs CUDA and TRITON_INTERPRET unset",
+)
+@pytest.mark.parametrize("shape", [(8, 512, 1024), (8, 4096, 4096), (2, 32768, 4096)])
+def test_bench_angle_triton(benchmark, shape):
+    hidden = (torch.randn(shape, device="cuda") + 0.3 * torch.randn(shape[-1], device="cuda")).to(torch.bfloat16)
+    mask = torch.ones(shape[:2], dtype=torch.int64, device="cuda")
+    prefix = shape[1] // 8
+
+    def timed(fn, iters=20):
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+
+    def kernel():
+        return angle_concentration(hidden, mask, prefix, backend="triton")
+
+    torch.testing.assert_close(
+        kernel().concentration, angle_concentration_reference(hidden, mask, prefix).concentration, atol=1e-5, rtol=1e-4
+    )
+    kernel_ms = timed(kernel)
+    reference_ms = timed(lambda: angle_concentration_reference(hidden, mask, prefix), iters=5)
+    read_ms = timed(lambda: hidden.view(torch.int32).sum())
+    gbytes = hidden.numel() * hidden.element_size() / 1e9
+    print(
+        f"\n{shape} bf16: triton {kernel_ms:.3f} ms ({gbytes / kernel_ms * 1e3:.0f} GB/s of hidden states) | "
+        f"torch reference {reference_ms:.3f} ms -> {reference_ms / kernel_ms:.1f}x | "
+        f"one read {read_ms:.3f} ms -> {read_ms / kernel_ms:.0%} (two reads: 50% is the floor)"
+    )
+    benchmark.pedantic(lambda: (kernel(), torch.cuda.synchronize()), rounds=10, warmup_rounds=2)
