@@ -44,35 +44,113 @@ inline float fp16_bits_to_float(uint16_t bits) {
   return value;
 }
 
-// One token's row as fp32: the row itself for fp32 input, else converted into `buffer`.
-const float* row_as_float(const HiddenView& h, const char* row, float* buffer) {
-  const int64_t d = h.dim;
-  switch (h.dtype) {
-    case HiddenDtype::kFloat32:
-      return reinterpret_cast<const float*>(row);
-    case HiddenDtype::kBFloat16: {
-      const auto* src = reinterpret_cast<const uint16_t*>(row);
-      for (int64_t i = 0; i < d; ++i) buffer[i] = bf16_bits_to_float(src[i]);
-      return buffer;
-    }
-    case HiddenDtype::kFloat16: {
-      const auto* src = reinterpret_cast<const uint16_t*>(row);
-      for (int64_t i = 0; i < d; ++i) buffer[i] = fp16_bits_to_float(src[i]);
-      return buffer;
-    }
+// Element i of a row of dtype D, as fp32 (inlined into the loops below; bf16 is a shift,
+// fp16 a few integer operations, both vectorise).
+template <HiddenDtype D>
+inline float load(const void* row, int64_t i) {
+  if constexpr (D == HiddenDtype::kFloat32) {
+    return static_cast<const float*>(row)[i];
+  } else if constexpr (D == HiddenDtype::kBFloat16) {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(row)[i]);
+  } else {
+    return fp16_bits_to_float(static_cast<const uint16_t*>(row)[i]);
   }
-  return buffer;
 }
 
-float sum_of_squares(const float* x, int64_t d) {
+template <HiddenDtype D>
+float sum_of_squares(const void* row, int64_t d) {
   float lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) lanes[k] += x[i + k] * x[i + k];
-  for (int k = 0; i < d; ++i, ++k) lanes[k] += x[i] * x[i];
+    for (int k = 0; k < kLanes; ++k) {
+      const float v = load<D>(row, i + k);
+      lanes[k] += v * v;
+    }
+  for (int k = 0; i < d; ++i, ++k) {
+    const float v = load<D>(row, i);
+    lanes[k] += v * v;
+  }
   float total = 0.0f;
   for (int k = 0; k < kLanes; ++k) total += lanes[k];
   return total;
+}
+
+// Tokens whose normalised rows are added to s together: s is loaded and stored once per
+// group instead of once per token (the accumulation is bound by those loads and stores).
+constexpr int kGroup = 4;
+
+// s += Σ_k weight[k] · row[k] (and s_P += the same when `prefix` is not null). Unused slots
+// repeat row 0 with weight 0: rows in a group are finite, so they add exactly 0.
+template <HiddenDtype D>
+void add_group(float* __restrict s, float* __restrict prefix, const void* const* rows, const float* weight,
+               int64_t d) {
+  const void* r0 = rows[0];
+  const void* r1 = rows[1];
+  const void* r2 = rows[2];
+  const void* r3 = rows[3];
+  const float w0 = weight[0], w1 = weight[1], w2 = weight[2], w3 = weight[3];
+  if (prefix == nullptr) {
+    for (int64_t i = 0; i < d; ++i)
+      s[i] += (load<D>(r0, i) * w0 + load<D>(r1, i) * w1) + (load<D>(r2, i) * w2 + load<D>(r3, i) * w3);
+  } else {
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = (load<D>(r0, i) * w0 + load<D>(r1, i) * w1) + (load<D>(r2, i) * w2 + load<D>(r3, i) * w3);
+      s[i] += v;
+      prefix[i] += v;
+    }
+  }
+}
+
+struct SequenceResult {
+  int64_t valid = 0;
+  int64_t nonzero = 0;
+  int64_t valid_prefix = 0;
+  bool bad = false;
+};
+
+// One sequence: counts, and s (and s_P) accumulated into `total` / `prefix_total`.
+template <HiddenDtype D>
+SequenceResult sequence_sums(const HiddenView& h, const TokenMaskView& mask, int64_t b, int64_t prefix,
+                             float* total, float* prefix_total) {
+  const size_t esize = D == HiddenDtype::kFloat32 ? 4 : 2;
+  const char* base = static_cast<const char*>(h.data);
+  const int64_t d = h.dim;
+  SequenceResult r;
+  const void* rows[kGroup];
+  float weight[kGroup];
+  int pending = 0;
+  bool pending_prefix = false;
+  auto flush = [&]() {
+    if (pending == 0) return;
+    for (int k = pending; k < kGroup; ++k) {
+      rows[k] = rows[0];
+      weight[k] = 0.0f;
+    }
+    add_group<D>(total, pending_prefix ? prefix_total : nullptr, rows, weight, d);
+    pending = 0;
+  };
+  for (int64_t t = 0; t < h.tokens; ++t) {
+    if (mask.data != nullptr && mask.data[b * mask.batch_stride + t * mask.token_stride] == 0) continue;
+    ++r.valid;
+    const bool in_prefix = t < prefix;
+    r.valid_prefix += in_prefix;
+    if (r.bad) continue;  // the sequence is already invalid: only count
+    const void* row = base + static_cast<size_t>(b * h.batch_stride + t * h.token_stride) * esize;
+    const float sumsq = sum_of_squares<D>(row, d);
+    if (!std::isfinite(sumsq)) {
+      r.bad = true;
+      continue;
+    }
+    if (sumsq == 0.0f) continue;  // x̂ = 0: counted, contributes nothing
+    ++r.nonzero;
+    if (pending > 0 && in_prefix != pending_prefix) flush();  // groups never straddle the prefix end
+    pending_prefix = in_prefix;
+    rows[pending] = row;
+    weight[pending] = 1.0f / std::sqrt(sumsq);
+    if (++pending == kGroup) flush();
+  }
+  if (!r.bad) flush();
+  return r;
 }
 
 // Dot product of two fp32 vectors, accumulated in double (d terms: cheap, and the result is
@@ -85,8 +163,6 @@ double dot(const float* a, const float* b, int64_t d) {
   for (int k = 0; i < d; ++i, ++k) lanes[k] += static_cast<double>(a[i]) * b[i];
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
-
-size_t element_size(HiddenDtype dtype) { return dtype == HiddenDtype::kFloat32 ? 4 : 2; }
 
 void check(const HiddenView& h, const int64_t* prefix_len, const AngleOutput& out) {
   if (h.data == nullptr && h.batch * h.tokens * h.dim != 0)
@@ -118,13 +194,10 @@ void angle_concentration_cpu(const HiddenView& h, const TokenMaskView& mask, con
   check(h, prefix_len, out);
   const int64_t d = h.dim;
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  const char* base = static_cast<const char*>(h.data);
-  const size_t esize = element_size(h.dtype);
 
 #pragma omp parallel
   {
-    // Per-thread scratch, reused across sequences: the converted row, s and s_P.
-    std::vector<float> row_buffer(h.dtype == HiddenDtype::kFloat32 ? 0 : static_cast<size_t>(d));
+    // Per-thread scratch, reused across sequences: s and s_P.
     std::vector<float> total(static_cast<size_t>(d));
     std::vector<float> prefix_total(prefix_len != nullptr ? static_cast<size_t>(d) : 0);
 
@@ -133,31 +206,20 @@ void angle_concentration_cpu(const HiddenView& h, const TokenMaskView& mask, con
       std::fill(total.begin(), total.end(), 0.0f);
       std::fill(prefix_total.begin(), prefix_total.end(), 0.0f);
       const int64_t prefix = prefix_len != nullptr ? prefix_len[b] : 0;
-      int64_t valid = 0, nonzero = 0, valid_prefix = 0;
-      bool bad = false;
-      for (int64_t t = 0; t < h.tokens; ++t) {
-        if (mask.data != nullptr && mask.data[b * mask.batch_stride + t * mask.token_stride] == 0) continue;
-        ++valid;
-        const bool in_prefix = t < prefix;
-        valid_prefix += in_prefix;
-        if (bad) continue;  // the sequence is already invalid: only count
-        const char* row = base + static_cast<size_t>(b * h.batch_stride + t * h.token_stride) * esize;
-        const float* x = row_as_float(h, row, row_buffer.data());
-        const float sumsq = sum_of_squares(x, d);
-        if (!std::isfinite(sumsq)) {
-          bad = true;
-          continue;
-        }
-        if (sumsq == 0.0f) continue;  // x̂ = 0: counted, contributes nothing
-        ++nonzero;
-        const float inv_norm = 1.0f / std::sqrt(sumsq);
-        float* s = total.data();
-        for (int64_t i = 0; i < d; ++i) s[i] += x[i] * inv_norm;
-        if (in_prefix) {
-          float* sp = prefix_total.data();
-          for (int64_t i = 0; i < d; ++i) sp[i] += x[i] * inv_norm;
-        }
+      SequenceResult r;
+      switch (h.dtype) {
+        case HiddenDtype::kFloat32:
+          r = sequence_sums<HiddenDtype::kFloat32>(h, mask, b, prefix, total.data(), prefix_total.data());
+          break;
+        case HiddenDtype::kBFloat16:
+          r = sequence_sums<HiddenDtype::kBFloat16>(h, mask, b, prefix, total.data(), prefix_total.data());
+          break;
+        case HiddenDtype::kFloat16:
+          r = sequence_sums<HiddenDtype::kFloat16>(h, mask, b, prefix, total.data(), prefix_total.data());
+          break;
       }
+      const int64_t valid = r.valid, nonzero = r.nonzero, valid_prefix = r.valid_prefix;
+      const bool bad = r.bad;
       out.valid_tokens[b] = static_cast<int32_t>(valid);
       const bool ok = valid >= 2 && !bad;
       if (ok) {
