@@ -494,3 +494,12 @@ def test_triton_launcher_never_synchronises():
     source = inspect.getsource(kernel_module.angle_concentration_triton)
     for call in (".item(", ".tolist(", ".cpu(", "synchronize", ".nonzero(", "int(", "bool("):
         assert call not in source, call
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_large_hidden_size(backend):
+    """d = 16384 (the largest hidden size the issue names): 256 feature chunks in Triton."""
+    hidden = make_hidden(2, 3, 16384, torch.bfloat16)
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    got = run(backend, hidden, mask, 1)
+    assert_matches_reference(got, hidden, mask, 1)
