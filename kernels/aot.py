@@ -223,11 +223,13 @@ def angle_kernel_variants() -> list[KernelVariant]:
 
     def norms(dtype: str, mask: str, has_mask: bool, index: str = "i32", aligned=norms_aligned) -> KernelVariant:
         consts = (("HAS_MASK", has_mask), ("BLOCK_T", norms_t), ("BLOCK_D", norms_d))
-        return KernelVariant("_angle_norms_kernel", dtype, _angle_norms_signature(dtype, mask, index), consts, NUM_WARPS, aligned)
+        signature = _angle_norms_signature(dtype, mask, index)
+        return KernelVariant("_angle_norms_kernel", dtype, signature, consts, NUM_WARPS, aligned)
 
     def sums(dtype: str, has_prefix: bool, index: str = "i32", aligned=sums_aligned) -> KernelVariant:
         consts = (("HAS_PREFIX", has_prefix), ("BLOCK_T", sums_t), ("BLOCK_D", sums_d))
-        return KernelVariant("_angle_sums_kernel", dtype, _angle_sums_signature(dtype, index), consts, NUM_WARPS, aligned)
+        signature = _angle_sums_signature(dtype, index)
+        return KernelVariant("_angle_sums_kernel", dtype, signature, consts, NUM_WARPS, aligned)
 
     for dtype in _DTYPES:
         variants.append(norms(dtype, "i64", True))

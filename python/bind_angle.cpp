@@ -56,7 +56,8 @@ void angle_forward(const py::object& hidden_obj, const py::object& mask_obj, con
   }
   const int64_t* prefix = nullptr;
   if (!prefix_obj.is_none())
-    prefix = reinterpret_cast<const int64_t*>(dlpack::checked_buffer(prefix_obj, Kind::kInt64, batch_shape, "prefix_len"));
+    prefix = reinterpret_cast<const int64_t*>(
+        dlpack::checked_buffer(prefix_obj, Kind::kInt64, batch_shape, "prefix_len"));
 
   AngleOutput out;
   out.concentration =

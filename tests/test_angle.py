@@ -282,7 +282,8 @@ def test_zero_vectors_count_with_cosine_zero(backend):
     pairwise = angle_concentration_pairwise(hidden, None, 2)
     torch.testing.assert_close(got.concentration, pairwise.concentration.float(), atol=1e-6, rtol=1e-5)
     assert got.concentration[1] == 0.0 and got.cross[1] == 0.0 and got.cross[2] == 0.0
-    # removing the zero vector of sequence 0 scales its concentration by (n-1)(n-2) / (n(n-1)): same pair sum, fewer pairs
+    # without the zero vector of sequence 0 the pair sum is the same over fewer pairs:
+    # (n-1)(n-2) instead of n(n-1)
     kept = torch.cat([hidden[:1, :2], hidden[:1, 3:]], dim=1)
     without = run(backend, kept).concentration[0]
     torch.testing.assert_close(got.concentration[0], without * (6 * 5) / (7 * 6), atol=1e-6, rtol=1e-5)
@@ -342,7 +343,8 @@ def test_half_precision_specials(backend, dtype):
     exact = angle_concentration_pairwise(hidden, None, 2).concentration[2].item()
     zeroed = hidden.clone()
     zeroed[2, 3] = 0.0
-    assert got.concentration[2].item() == pytest.approx(angle_concentration_pairwise(zeroed).concentration[2].item(), abs=1e-5)
+    as_zero = angle_concentration_pairwise(zeroed).concentration[2].item()
+    assert got.concentration[2].item() == pytest.approx(as_zero, abs=1e-5)
     if dtype == torch.bfloat16:
         assert abs(got.concentration[2].item() - exact) > 1e-3  # the exact value differs
 
@@ -367,8 +369,9 @@ def test_strided_inputs(backend):
         m = mask[:, :tokens]
         got = run(backend, view, m, 2)
         want = run(backend, view.contiguous(), m.contiguous(), 2)
-        torch.testing.assert_close(got.concentration, want.concentration, equal_nan=True, atol=1e-6, rtol=1e-6, msg=name)
-        torch.testing.assert_close(got.cross, want.cross, equal_nan=True, atol=1e-6, rtol=1e-6, msg=name)
+        close = dict(equal_nan=True, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(got.concentration, want.concentration, **close)
+        torch.testing.assert_close(got.cross, want.cross, **close)
     got = run(backend, wide[:, :, :11], mask_t, 2)
     assert_matches_reference(got, wide[:, :, :11], mask_t.contiguous(), 2)
 

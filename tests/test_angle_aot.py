@@ -44,7 +44,8 @@ def test_angle_kernels_compile_for_sm80_and_sm90_in_every_dtype(compiled):
     assert len(compiled) == 2 * len(aot.angle_kernel_variants())
     variants = {r["variant"] for r in compiled}
     # with and without the mask and the prefix term, 64-bit strides, unaligned rows, bool masks
-    for piece in ("HAS_MASK=0", "HAS_MASK=1", "HAS_PREFIX=0", "HAS_PREFIX=1", "idx=i64", "align=1", "mask=u8", "mask=i64"):
+    pieces = ("HAS_MASK=0", "HAS_MASK=1", "HAS_PREFIX=0", "HAS_PREFIX=1", "idx=i64", "align=1", "mask=u8", "mask=i64")
+    for piece in pieces:
         assert any(piece in v for v in variants), piece
 
 

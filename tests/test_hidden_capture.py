@@ -158,7 +158,8 @@ def tiny_model(kind: str):
     torch.manual_seed(0)
     if kind == "gpt2":
         config = transformers.GPT2Config(
-            n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=101, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+            n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=101,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
         return transformers.GPT2LMHeadModel(config).eval(), "transformer.ln_f"
     config = transformers.LlamaConfig(
