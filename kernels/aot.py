@@ -27,7 +27,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CompileReport", "KernelVariant", "compile_all", "compile_variant", "format_table", "kernel_variants", "main"]
+__all__ = [
+    "CompileReport",
+    "KernelVariant",
+    "angle_kernel_variants",
+    "compile_all",
+    "compile_variant",
+    "format_table",
+    "kernel_variants",
+    "main",
+]
 
 #: Compute capabilities the kernels are checked for (A100, H100).
 DEFAULT_CAPABILITIES: tuple[int, ...] = (80, 90)
@@ -58,7 +67,9 @@ class KernelVariant:
         # align=16: pointers and row strides divisible by 16 (e.g. V = 32000), vector loads;
         # align=1: an odd vocabulary such as 50257, element-wise loads
         align = 16 if self.signature[0][0] in self.aligned else 1
-        return f"{consts},warps={self.num_warps},idx={index},align={align}"
+        # the attention mask's element type (HF int64 or bool/uint8), for kernels that read one
+        mask = "".join(f",mask={ty.lstrip('*')}" for name, ty in self.signature if name == "mask_ptr")
+        return f"{consts}{mask},warps={self.num_warps},idx={index},align={align}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +152,108 @@ _REDUCE_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("hard_confidence", "fp32"),
     ("BLOCK_T", "constexpr"),
 )
+
+
+def _angle_norms_signature(dtype: str, mask: str, index: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("hidden_ptr", f"*{dtype}"),
+        ("mask_ptr", f"*{mask}"),
+        ("inv_norm_ptr", "*fp32"),
+        ("status_ptr", "*i8"),
+        ("T", "i32"),
+        ("D", "i32"),
+        ("stride_hb", index),
+        ("stride_ht", index),
+        ("stride_mb", "i32"),
+        ("stride_mt", "i32"),
+        ("HAS_MASK", "constexpr"),
+        ("BLOCK_T", "constexpr"),
+        ("BLOCK_D", "constexpr"),
+    )
+
+
+def _angle_sums_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("hidden_ptr", f"*{dtype}"),
+        ("inv_norm_ptr", "*fp32"),
+        ("prefix_ptr", "*i64"),
+        ("partial_ptr", "*fp32"),
+        ("T", "i32"),
+        ("D", "i32"),
+        ("num_chunks", "i32"),
+        ("stride_hb", index),
+        ("stride_ht", index),
+        ("HAS_PREFIX", "constexpr"),
+        ("BLOCK_T", "constexpr"),
+        ("BLOCK_D", "constexpr"),
+    )
+
+
+_ANGLE_FINALIZE_SIGNATURE: tuple[tuple[str, str], ...] = (
+    ("status_ptr", "*i8"),
+    ("partial_ptr", "*fp32"),
+    ("prefix_ptr", "*i64"),
+    ("concentration_ptr", "*fp32"),
+    ("cross_ptr", "*fp32"),
+    ("valid_tokens_ptr", "*i32"),
+    ("T", "i32"),
+    ("num_chunks", "i32"),
+    ("HAS_PREFIX", "constexpr"),
+    ("BLOCK_T", "constexpr"),
+    ("BLOCK_C", "constexpr"),
+)
+
+# A large model's hidden size and context: the largest tiles of the angle kernels (the
+# tiles stop growing at d = 512 / 64 and T = 1024, so 16384 x 32768 compiles the same).
+_HIDDEN_DIM = 4096
+_CONTEXT = 4096
+
+
+def angle_kernel_variants() -> list[KernelVariant]:
+    """The angle-concentration kernels (``kernels/angle.py``): every dtype with an int64
+    attention mask and with/without the prefix term, plus a bool mask, no mask, 64-bit
+    strides (``B·T·d`` past 2**31) and an odd hidden size (unaligned rows)."""
+    from .angle import NUM_WARPS, finalize_launch_config, norms_launch_config, sums_launch_config
+
+    variants: list[KernelVariant] = []
+    norms_t, norms_d = norms_launch_config(_HIDDEN_DIM, _CONTEXT)
+    sums_t, sums_d = sums_launch_config(_HIDDEN_DIM, _CONTEXT)
+    norms_aligned = ("hidden_ptr", "mask_ptr", "inv_norm_ptr", "status_ptr", "stride_hb", "stride_ht")
+    sums_aligned = ("hidden_ptr", "inv_norm_ptr", "prefix_ptr", "partial_ptr", "stride_hb", "stride_ht")
+
+    def norms(dtype: str, mask: str, has_mask: bool, index: str = "i32", aligned=norms_aligned) -> KernelVariant:
+        consts = (("HAS_MASK", has_mask), ("BLOCK_T", norms_t), ("BLOCK_D", norms_d))
+        signature = _angle_norms_signature(dtype, mask, index)
+        return KernelVariant("_angle_norms_kernel", dtype, signature, consts, NUM_WARPS, aligned)
+
+    def sums(dtype: str, has_prefix: bool, index: str = "i32", aligned=sums_aligned) -> KernelVariant:
+        consts = (("HAS_PREFIX", has_prefix), ("BLOCK_T", sums_t), ("BLOCK_D", sums_d))
+        signature = _angle_sums_signature(dtype, index)
+        return KernelVariant("_angle_sums_kernel", dtype, signature, consts, NUM_WARPS, aligned)
+
+    for dtype in _DTYPES:
+        variants.append(norms(dtype, "i64", True))
+        for has_prefix in (False, True):
+            variants.append(sums(dtype, has_prefix))
+    variants.append(norms("bf16", "u8", True))
+    variants.append(norms("bf16", "bf16", False))
+    variants.append(norms("bf16", "i64", True, index="i64"))
+    variants.append(norms("bf16", "i64", True, aligned=("mask_ptr", "inv_norm_ptr", "status_ptr")))
+    variants.append(sums("bf16", True, index="i64"))
+    variants.append(sums("bf16", True, aligned=("inv_norm_ptr", "prefix_ptr", "partial_ptr")))
+    block_t, block_c, finalize_warps = finalize_launch_config(_CONTEXT, _HIDDEN_DIM // sums_d)
+    for has_prefix in (False, True):
+        variants.append(
+            KernelVariant(
+                "_angle_finalize_kernel",
+                "-",
+                _ANGLE_FINALIZE_SIGNATURE,
+                (("HAS_PREFIX", has_prefix), ("BLOCK_T", block_t), ("BLOCK_C", block_c)),
+                finalize_warps,
+                ("status_ptr", "partial_ptr", "prefix_ptr", "concentration_ptr", "cross_ptr", "valid_tokens_ptr"),
+            )
+        )
+    return variants
 
 
 def kernel_variants() -> list[KernelVariant]:
@@ -233,13 +346,14 @@ def kernel_variants() -> list[KernelVariant]:
             ("token_ptr", "valid_ptr", "bad_ptr", "sample_ptr", "valid_tokens_ptr", "bucket_ptr"),
         )
     )
+    variants.extend(angle_kernel_variants())
     return variants
 
 
 def _kernel_function(name: str):
-    from . import cross_entropy, sample_stats
+    from . import angle, cross_entropy, sample_stats
 
-    for module in (sample_stats, cross_entropy):
+    for module in (sample_stats, cross_entropy, angle):
         if hasattr(module, name):
             return getattr(module, name)
     raise ValueError(f"unknown kernel {name!r}")
@@ -306,9 +420,17 @@ def compile_variant(variant: KernelVariant, capability: int) -> CompileReport:
     )
 
 
-def compile_all(capabilities: Sequence[int] = DEFAULT_CAPABILITIES) -> list[CompileReport]:
-    """Compile every variant of ``kernel_variants()`` for every capability."""
-    return [compile_variant(variant, capability) for capability in capabilities for variant in kernel_variants()]
+def compile_all(
+    capabilities: Sequence[int] = DEFAULT_CAPABILITIES, kernels: Sequence[str] | None = None
+) -> list[CompileReport]:
+    """Compile every variant of ``kernel_variants()`` (only of ``kernels`` when given) for
+    every capability."""
+    variants = [v for v in kernel_variants() if kernels is None or v.kernel in kernels]
+    if kernels is not None:
+        unknown = set(kernels) - {v.kernel for v in variants}
+        if unknown:
+            raise ValueError(f"unknown kernel(s): {sorted(unknown)}")
+    return [compile_variant(variant, capability) for capability in capabilities for variant in variants]
 
 
 def format_table(reports: Sequence[CompileReport]) -> str:
@@ -334,12 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         help="compute capability to compile for, e.g. 80 or 90 (repeatable; default: 80 and 90)",
     )
+    parser.add_argument("--kernel", action="append", help="compile only this kernel (repeatable; default: all)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
     capabilities = tuple(args.capability) if args.capability else DEFAULT_CAPABILITIES
-    reports = compile_all(capabilities)
+    reports = compile_all(capabilities, args.kernel)
     if args.json:
         print(json.dumps([dataclasses.asdict(r) | {"spills": r.spills} for r in reports], indent=2))
     else:

@@ -18,7 +18,15 @@ pytest.importorskip("triton")
 from geko_core._backend import triton_interpreter_enabled  # noqa: E402
 from geko_core.kernels import aot  # noqa: E402
 
-KERNELS = {"_sample_stats_kernel", "_sample_reduce_kernel", "_cross_entropy_backward_kernel"}
+KERNELS = {
+    "_sample_stats_kernel",
+    "_sample_reduce_kernel",
+    "_cross_entropy_backward_kernel",
+    # angle concentration (tests/test_angle_aot.py checks them in detail)
+    "_angle_norms_kernel",
+    "_angle_sums_kernel",
+    "_angle_finalize_kernel",
+}
 
 
 @pytest.fixture(scope="module")
