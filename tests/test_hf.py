@@ -210,33 +210,46 @@ def test_uniform_matches_a_plain_trainer(tmp_path, arch):
 
 
 # -- resume -----------------------------------------------------------------------------------------
-def test_resume_mid_epoch_is_exact(tmp_path):
-    data = make_data(40)
-    kwargs = dict(num_train_epochs=3, gradient_accumulation_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=4, learning_rate=3e-2)
+def _selector_file(checkpoint):
+    state = torch.load(checkpoint / "geko_selector.pt", weights_only=True)  # readable without unpickling code
+    return state["epoch"], state["position"], len(state["plan_indices"]["__geko_ndarray__"])
+
+
+def test_resume_is_exact(tmp_path):
+    """Resume in a fresh Trainer, mid-epoch and at an epoch's end, in epochs that have shrunk
+    (where the Trainer's own epoch arithmetic would be wrong): the same batches follow, the
+    same table and the same weights result."""
+    data = make_data(64)
+    kwargs = dict(
+        num_train_epochs=6, gradient_accumulation_steps=2, per_device_train_batch_size=4, learning_rate=3e-2,
+        save_strategy="steps", save_steps=1,
+    )
     full = RecordingGekoTrainer(model=tiny_llama(), args=make_args(tmp_path, "full", **kwargs), train_dataset=data)
     full.train()
-    checkpoint = tmp_path / "full" / "checkpoint-8"
-    state_file = checkpoint / "geko_selector.pt"
-    assert state_file.is_file()
-    assert not [f for f in os.listdir(checkpoint) if f.endswith(".tmp")]
-    saved = torch.load(state_file, weights_only=True)  # readable without unpickling code
-    assert 0 < saved["position"] < len(saved["plan_indices"]["__geko_ndarray__"]), "checkpoint-8 should be mid-epoch"
-    assert saved["epoch"] >= 1
-
-    resumed = RecordingGekoTrainer(model=tiny_llama(seed=5), args=make_args(tmp_path, "resumed", **kwargs), train_dataset=data)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-
-    after = [batch for step, batch in full.seen if step >= 8]
-    assert resumed.seen and [batch for _, batch in resumed.seen] == after
-    assert resumed.state.global_step == full.state.global_step
-    a, b = full.selector.state_dict(), resumed.selector.state_dict()
-    for key in ("epoch", "position", "step", "counters"):
-        assert a[key] == b[key], key
-    for key, value in a["table"].items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(b["table"][key], value, err_msg=lambda m, key=key: f"{key}: {m}")
-    for (key, x), (_, y) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    updates_per_full_epoch = 8
+    assert full.state.global_step < 6 * updates_per_full_epoch  # epochs shrank
+    checkpoints = {int(p.name.split("-")[1]): p for p in (tmp_path / "full").glob("checkpoint-*")}
+    assert not [f for p in checkpoints.values() for f in os.listdir(p) if f.endswith(".tmp")]
+    info = {step: _selector_file(path) for step, path in checkpoints.items()}
+    mid = [s for s, (epoch, pos, n) in info.items() if 0 < pos < n and epoch >= 3]
+    last = full.state.global_step
+    ends = [s for s, (epoch, pos, n) in info.items() if pos == n and 3 <= epoch and s < last and s // updates_per_full_epoch != epoch + 1]
+    assert mid and ends
+    for step in (min(mid), max(ends)):
+        name = f"resumed{step}"
+        resumed = RecordingGekoTrainer(model=tiny_llama(seed=5), args=make_args(tmp_path, name, **kwargs), train_dataset=data)
+        resumed.train(resume_from_checkpoint=str(checkpoints[step]))
+        after = [batch for s, batch in full.seen if s >= step]
+        assert resumed.seen and [batch for _, batch in resumed.seen] == after, step
+        assert resumed.state.global_step == full.state.global_step
+        a, b = full.selector.state_dict(), resumed.selector.state_dict()
+        for key in ("epoch", "position", "step", "counters"):
+            assert a[key] == b[key], key
+        for key, value in a["table"].items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(b["table"][key], value, err_msg=key)
+        for (key, x), (_, y) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_resume_needs_the_selector_state(tmp_path):
