@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -382,7 +383,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     out = Path({out!r})
-    args = make_args(out, "ddp", num_train_epochs=2, per_device_train_batch_size=4, ddp_backend="gloo")
+    args = make_args(out, "ddp", num_train_epochs=2, per_device_train_batch_size=4, ddp_backend="gloo", ddp_find_unused_parameters=False)
     trainer = RecordingGekoTrainer(model=tiny_llama(), args=args, train_dataset=make_data(24))
     trainer.train()
     rank = int(os.environ["RANK"])
@@ -392,7 +393,7 @@ _DDP_SCRIPT = textwrap.dedent(
         "seen": trainer.seen, "steps": trainer.state.global_step, "world": trainer.args.world_size,
         "history": [[h["epoch_backpropagated"]] for h in sel.history],
         "table": {{k: v.tolist() for k, v in table.items() if hasattr(v, "tolist")}},
-        "weights": float(sum(p.double().sum() for p in trainer.model.parameters())),
+        "weights": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
     }}, open(out / f"rank{{rank}}.json", "w"))
     """
 )
@@ -402,8 +403,11 @@ def test_ddp_two_processes(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
