@@ -40,6 +40,16 @@ from geko_core.integrations.hf import (  # noqa: E402
 VOCAB, SEQ = 256, 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and two cores shared with other jobs make
+    # OpenMP's spinning threads slow everything down badly.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -299,6 +309,28 @@ def test_torch_compiled_model_trains(tmp_path):
     output = trainer.train()
     assert np.isfinite(output.training_loss) and output.global_step == 2
     assert trainer.selector.metrics()["backpropagated"] == 16
+
+
+@pytest.mark.slow
+# Something on inductor's import path still uses torch.jit.script_method.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_compiled_model_trains(tmp_path):
+    """The default torch.compile backend (inductor, C++ codegen on CPU): about 10 s."""
+    trainer = GekoTrainer(model=tiny_llama(), args=make_args(tmp_path, torch_compile=True, num_train_epochs=1), train_dataset=make_data(16))
+    output = trainer.train()
+    assert np.isfinite(output.training_loss) and trainer.selector.metrics()["backpropagated"] == 16
+
+
+def test_evaluation_does_not_feed_the_selector(tmp_path):
+    data = make_data(16)
+    trainer = GekoTrainer(model=tiny_llama(), args=make_args(tmp_path, num_train_epochs=1), train_dataset=data, eval_dataset=data)
+    trainer.train()
+    before = trainer.selector.state_dict()
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"])
+    trainer.evaluate(trainer.train_dataset)  # items that carry geko_index
+    after = trainer.selector.state_dict()
+    assert after["counters"] == before["counters"] and after["position"] == before["position"]
 
 
 # peft 0.21 still calls a transformers 5 deprecated alias while wrapping the model.

@@ -242,7 +242,7 @@ def load_selector_state(selector: Selector, path: str) -> None:
 # -- Selector internals in one place ----------------------------------------------------------
 def _remaining_in_epoch(selector: Selector) -> int:
     """Samples of this rank's current plan not yet consumed by training (plans the epoch)."""
-    length = selector.sampler.__len__()  # plans the epoch, or moves past a consumed one
+    length = len(selector.sampler)  # plans the epoch, or moves past a consumed one
     return max(length - selector._position, 0)
 
 
@@ -508,12 +508,14 @@ class GekoTrainer(Trainer):
         return self._geko_shift
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if GEKO_INDEX_KEY not in inputs:
+        if not model.training or GEKO_INDEX_KEY not in inputs:
             if model.training:
                 raise ValueError(
                     f"a training batch without {GEKO_INDEX_KEY!r}: GekoTrainer's data loader adds it; "
                     "do not replace get_train_dataloader's dataset or collator"
                 )
+            # Evaluation: the Selector only learns from training batches.
+            inputs = {k: v for k, v in inputs.items() if k != GEKO_INDEX_KEY}
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if "labels" not in inputs:
             raise ValueError("GekoTrainer needs 'labels' in every training batch (-100 marks tokens that do not count)")
@@ -535,6 +537,11 @@ class GekoTrainer(Trainer):
             loss = selector.loss(logits, labels, idx, shift=shift, reduction="mean")
             self.loss_is_scaled_for_ga = False
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluating on the (index-carrying) training set must not pass the index to the model.
+        inputs = {k: v for k, v in inputs.items() if k != GEKO_INDEX_KEY}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # -- metrics and checkpoints ------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
