@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -239,6 +240,12 @@ def test_resume_is_exact(tmp_path):
     full.train()
     updates_per_full_epoch = 8
     assert full.state.global_step < 6 * updates_per_full_epoch  # epochs shrank
+    # Every epoch ends in an optimizer step, also when its last accumulation group is short.
+    per_epoch = [h["epoch_backpropagated"] for h in full.selector.history]
+    per_epoch.append(full.selector.metrics()["backpropagated"] - sum(per_epoch))
+    assert len(per_epoch) == 6
+    assert any(math.ceil(n / 4) % 2 for n in per_epoch), "no epoch with a short accumulation group"
+    assert full.state.global_step == full.selector.step_count == sum(math.ceil(math.ceil(n / 4) / 2) for n in per_epoch)
     checkpoints = {int(p.name.split("-")[1]): p for p in (tmp_path / "full").glob("checkpoint-*")}
     assert not [f for p in checkpoints.values() for f in os.listdir(p) if f.endswith(".tmp")]
     info = {step: _selector_file(path) for step, path in checkpoints.items()}
@@ -301,6 +308,31 @@ def test_bf16_autocast(tmp_path):
     output = trainer.train()
     assert dtypes == {torch.bfloat16}  # the forward ran under bf16 autocast
     assert np.isfinite(output.training_loss) and trainer.selector.metrics()["backpropagated"] == 16
+
+
+class HalfLogits(torch.nn.Module):
+    """Returns the logits in a 16-bit dtype, as a GPU autocast forward does."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.inner, self.dtype = tiny_llama(), dtype
+
+    def forward(self, input_ids, attention_mask=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        out["logits"] = out["logits"].to(self.dtype)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_logits(tmp_path, dtype):
+    # On CPU, fp16=True does not autocast (accelerate), so the 16-bit logits are made by hand.
+    model = HalfLogits(dtype)
+    before = model.inner.lm_head.weight.detach().clone()
+    trainer = GekoTrainer(model=model, args=make_args(tmp_path, num_train_epochs=1), train_dataset=make_data(16), geko_shift=True)
+    output = trainer.train()
+    assert np.isfinite(output.training_loss) and output.training_loss == pytest.approx(np.log(VOCAB), rel=0.05)
+    assert not torch.equal(model.inner.lm_head.weight, before)
+    assert trainer.selector.metrics()["buckets"]["UNSEEN"] == 0
 
 
 def test_torch_compiled_model_trains(tmp_path):

@@ -20,8 +20,8 @@ Indices
     (:class:`GekoIndexCollator`): it takes the indices out before calling the user's collator
     (so any collator works, padding ones included) and puts them back as an int64 ``[B]``
     tensor. ``"geko_index"`` is added to the Trainer's signature columns, so it survives
-    ``remove_unused_columns=True``; :meth:`GekoTrainer.compute_loss` removes it (and the
-    labels) before ``model(**inputs)``.
+    ``remove_unused_columns=True`` (so do ``"labels"``, even when ``model.forward`` does not
+    take them); :meth:`GekoTrainer.compute_loss` removes both before ``model(**inputs)``.
 Sampler and DDP
     ``_get_train_sampler`` returns ``selector.sampler``. Under DDP the Selector already gives
     each rank its own shard (padded to the same length on every rank, so ranks stay in
@@ -403,8 +403,11 @@ class GekoTrainer(Trainer):
     # -- data -----------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if GEKO_INDEX_KEY not in self._signature_columns:
-            self._signature_columns.append(GEKO_INDEX_KEY)
+        # The index, and the labels even for a model whose forward does not take them (the
+        # loss is computed here, not by the model).
+        for column in (GEKO_INDEX_KEY, "labels"):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         return self.selector.sampler
