@@ -240,6 +240,8 @@ def load_selector_state(selector: Selector, path: str) -> None:
 
 
 # -- Selector internals in one place ----------------------------------------------------------
+# The Selector has no public accessor for its position inside the epoch; these three helpers
+# are the only code here that reads its private fields.
 def _remaining_in_epoch(selector: Selector) -> int:
     """Samples of this rank's current plan not yet consumed by training (plans the epoch)."""
     length = len(selector.sampler)  # plans the epoch, or moves past a consumed one
