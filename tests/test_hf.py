@@ -98,12 +98,11 @@ def make_args(tmp_path, name: str = "run", **overrides) -> TrainingArguments:
 
 
 class Recorder:
-    """Mixin recording the dataset indices and the loss of every training micro-batch."""
+    """Mixin recording the dataset indices of every training micro-batch, with the global step."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen: list[tuple[int, list[int]]] = []
-        self.logits_dtypes: set[torch.dtype] = set()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if GEKO_INDEX_KEY in inputs and model.training:

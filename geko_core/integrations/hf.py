@@ -38,7 +38,8 @@ Training length and learning-rate schedule
     counter: at progress ``p`` it takes the value the schedule has at step
     ``p * max_steps``. A geko run therefore goes through the whole schedule (warm-up,
     decay) in its shorter run, and a uniform run gets exactly the plain Trainer's schedule.
-    (Schedulers other than ``LambdaLR``, e.g. reduce-on-plateau, are left as they are.)
+    (Schedulers other than ``LambdaLR``, e.g. reduce-on-plateau, and schedulers passed in
+    through ``optimizers=`` are left as they are.)
     With ``max_steps > 0`` the Selector is built with ``total_steps=max_steps``: the Trainer
     runs that many optimizer steps over as many (shorter) epochs as needed, and the schedule
     is the plain step-based one; this buys better steps, not fewer.
@@ -451,9 +452,10 @@ class GekoTrainer(Trainer):
         return (num_train_epochs, updates_per_epoch, num_examples, num_train_samples, total_batch, full_batches, max_steps)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        created_here = self.lr_scheduler is None
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.args.max_steps > 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            return scheduler
+        if not created_here or self.args.max_steps > 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return scheduler  # a scheduler passed in by the user is theirs to plan
         selector = self.selector
 
         def follow_progress(fn: Callable[[float], float]) -> Callable[[int], float]:
