@@ -1,0 +1,604 @@
+"""Hugging Face Transformers integration: :class:`GekoTrainer`, a ``transformers.Trainer``
+that trains on the Selector's shrinking epochs.
+
+    from geko_core.integrations.hf import GekoTrainer
+
+    trainer = GekoTrainer(model=model, args=args, train_dataset=ds, geko_policy="geko")
+    trainer.train()
+    print(trainer.selector.metrics()["saved_fraction"])
+
+``train_dataset`` is any map-style dataset of dict items (``input_ids``, ``labels`` and
+whatever else the collator takes), as with a plain Trainer. transformers, accelerate and peft
+are optional: this module imports them, ``import geko_core`` never does. Written against the
+training loop of transformers 5.x (tested with 5.23; it needs ``Trainer._run_epoch``).
+
+Decisions
+---------
+Indices
+    The training set is wrapped in :class:`GekoIndexedDataset`, which adds an integer
+    ``"geko_index"`` to every item. The data collator is wrapped too
+    (:class:`GekoIndexCollator`): it takes the indices out before calling the user's collator
+    (so any collator works, padding ones included) and puts them back as an int64 ``[B]``
+    tensor. ``"geko_index"`` is added to the Trainer's signature columns, so it survives
+    ``remove_unused_columns=True`` (so do ``"labels"``, even when ``model.forward`` does not
+    take them); :meth:`GekoTrainer.compute_loss` removes both before ``model(**inputs)``.
+Sampler and DDP
+    ``_get_train_sampler`` returns ``selector.sampler``. Under DDP the Selector already gives
+    each rank its own shard (padded to the same length on every rank, so ranks stay in
+    lockstep), so the ``BatchSamplerShard`` that ``accelerator.prepare`` puts around it is made
+    a passthrough (one process, no even-batches padding), as the Trainer does for its own
+    rank-aware ``BatchRebalanceSampler``. The Selector all-gathers statistics, so every rank
+    holds the same table.
+Training length and learning-rate schedule
+    With ``max_steps <= 0`` (the usual case) the Selector is built with
+    ``epochs=num_train_epochs`` (an integer) and the Trainer runs exactly those epochs, each as
+    long as the Selector plans it: fewer optimizer steps, which is the saving. ``max_steps``
+    (for the progress bar and the schedule) is computed from the *full* epoch length, and the
+    learning-rate schedule follows the Selector's training progress instead of the step
+    counter: at progress ``p`` it takes the value the schedule has at step
+    ``p * max_steps``. A geko run therefore goes through the whole schedule (warm-up,
+    decay) in its shorter run, and a uniform run gets exactly the plain Trainer's schedule.
+    (Schedulers other than ``LambdaLR``, e.g. reduce-on-plateau, and schedulers passed in
+    through ``optimizers=`` are left as they are.)
+    With ``max_steps > 0`` the Selector is built with ``total_steps=max_steps``: the Trainer
+    runs that many optimizer steps over as many (shorter) epochs as needed, and the schedule
+    is the plain step-based one; this buys better steps, not fewer.
+    Each epoch's real length is passed to the Trainer's epoch loop, so the last
+    gradient-accumulation group of a short epoch still ends in an optimizer step.
+Loss
+    ``compute_loss`` runs the model without labels and calls ``selector.loss(logits, labels,
+    idx, shift=...)``: per-sequence statistics over tokens whose label is not -100, with the
+    causal shift for causal LMs (detected as the Trainer detects it: the model's loss is
+    ``ForCausalLMLoss``, or its class is one of transformers' causal-LM classes; override with
+    ``geko_shift=``). When the Trainer passes
+    ``num_items_in_batch`` (valid target tokens of the whole accumulated batch, gathered over
+    ranks), the loss is ``sum_s w_s * sum_t loss_st / num_items_in_batch`` (reduction
+    ``"sum"`` divided by it, times the number of processes as the Trainer does for DDP): with
+    all weights 1 this is the model's own loss; otherwise it is the per-micro-batch token mean
+    and the Trainer divides by the accumulation steps. ``w_s`` are the Selector's importance
+    weights.
+Optimizer steps
+    A callback calls ``selector.step()`` at every real optimizer step (``on_step_end``), so
+    the curriculum and the table's visit steps follow optimizer steps, not micro-batches. It
+    also sets ``state.epoch`` from the Selector's own position (the Trainer's fraction assumes
+    full-length epochs).
+Metrics
+    ``log`` adds ``selector.metrics()`` to training logs as ``geko/...`` entries (bucket
+    counts, forwarded, backpropagated, saved_fraction, epoch_length, phase, ...).
+Checkpoints and resume
+    ``_save_checkpoint`` writes ``selector.state_dict()`` to ``geko_selector.pt`` in the
+    checkpoint folder (``geko_selector_rank<r>.pt`` per rank under DDP), through a temporary
+    file and ``os.replace``, *before* the Trainer writes its state, so any checkpoint the
+    Trainer can resume from holds the Selector's state. Arrays are stored as tensors, so
+    ``torch.load(weights_only=True)`` reads it. At ``train(resume_from_checkpoint=...)`` the
+    state is loaded before the data loader is built. The Selector resumes at its own position
+    inside the epoch, so the Trainer must not skip batches: ``args.ignore_data_skip`` is
+    forced to True, and the epoch the Trainer resumes in is the Selector's epoch (the
+    Trainer's own guess, ``global_step // steps_per_epoch``, assumes full-length epochs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+try:
+    import transformers
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "geko_core.integrations.hf needs transformers (and accelerate): pip install 'geko_core[hf]'"
+    ) from error
+
+from ..selector import Selector
+
+__all__ = [
+    "GEKO_INDEX_KEY",
+    "GekoIndexCollator",
+    "GekoIndexedDataset",
+    "GekoTrainer",
+    "load_selector_state",
+    "save_selector_state",
+    "selector_state_file",
+]
+
+#: Name of the field that carries each example's dataset index through the collator.
+GEKO_INDEX_KEY = "geko_index"
+_STATE_FILE = "geko_selector.pt"
+_ARRAY_TAG = "__geko_ndarray__"
+
+
+# -- data -------------------------------------------------------------------------------------
+class GekoIndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset of dict items, each with its index added as ``"geko_index"``.
+
+    Args:
+        dataset: map-style dataset (``__getitem__`` and ``__len__``) whose items are mappings,
+            e.g. ``{"input_ids": [...], "labels": [...]}`` or a ``datasets.Dataset``.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not (
+            hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        ):
+            raise TypeError(
+                f"GekoTrainer needs a map-style train_dataset (with __getitem__ and __len__), got {type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"GekoTrainer needs dataset items that are mappings (e.g. {{'input_ids': ..., 'labels': ...}}), "
+                f"got {type(item).__name__} at index {index}"
+            )
+        if GEKO_INDEX_KEY in item:
+            raise ValueError(f"dataset items already hold a {GEKO_INDEX_KEY!r} field; rename it")
+        return {**item, GEKO_INDEX_KEY: int(index)}
+
+
+class GekoIndexCollator:
+    """Wraps a data collator: takes ``"geko_index"`` out of the features, collates the rest
+    with ``collator``, and returns the batch with ``"geko_index"`` as an int64 ``[B]`` tensor.
+    Features without the field (evaluation sets) pass through unchanged."""
+
+    def __init__(self, collator: Callable[[list], Any]) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list) -> Any:
+        if not features or not isinstance(features[0], Mapping) or GEKO_INDEX_KEY not in features[0]:
+            return self.collator(features)
+        indices = torch.tensor([int(f[GEKO_INDEX_KEY]) for f in features], dtype=torch.int64)
+        batch = self.collator([{k: v for k, v in f.items() if k != GEKO_INDEX_KEY} for f in features])
+        batch[GEKO_INDEX_KEY] = indices
+        return batch
+
+
+# -- checkpoint files ---------------------------------------------------------------------------
+def _to_storable(value: Any) -> Any:
+    """Selector state with numpy arrays as tagged tensors and numpy scalars as Python
+    numbers: what ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(value, np.ndarray):
+        return {_ARRAY_TAG: torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _to_storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_storable(v) for v in value)
+    return value
+
+
+def _from_storable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARRAY_TAG}:
+            return value[_ARRAY_TAG].numpy()
+        return {k: _from_storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_from_storable(v) for v in value)
+    return value
+
+
+def selector_state_file(checkpoint_dir: str, rank: int = 0, world_size: int = 1) -> str:
+    """Path of the Selector's state in a Trainer checkpoint folder."""
+    name = _STATE_FILE if world_size <= 1 else f"geko_selector_rank{rank}.pt"
+    return os.path.join(checkpoint_dir, name)
+
+
+def save_selector_state(selector: Selector, path: str, *, drop_last: bool = False, batch_size: int | None = None) -> None:
+    """Write ``selector.state_dict()`` to ``path`` atomically (temporary file + ``os.replace``).
+
+    The Selector marks an epoch finished once its sampler has been iterated to the end, which
+    a prefetching DataLoader can do before training has consumed the last batches. What is
+    saved says "finished" only when training has consumed the epoch (or, with
+    ``drop_last``, all but a remainder smaller than ``batch_size``), so a resume never skips
+    batches that were prefetched but not trained on.
+    """
+    state = selector.state_dict()
+    if state["plan_indices"] is not None:
+        remaining = len(state["plan_indices"]) - int(state["position"])
+        state["yield_finished"] = remaining <= 0 or (drop_last and batch_size is not None and remaining < batch_size)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".geko_selector.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(_to_storable(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_selector_state(selector: Selector, path: str) -> None:
+    """Restore a state written by :func:`save_selector_state` into ``selector``.
+
+    Raises:
+        FileNotFoundError: no state at ``path`` (a checkpoint written without GekoTrainer?).
+        ValueError: the state belongs to another data set, policy or rank layout.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no Selector state at {path}: this checkpoint was not written by GekoTrainer, so it cannot resume the selection exactly"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    selector.load_state_dict(_from_storable(state))
+
+
+# -- Selector internals in one place ----------------------------------------------------------
+# The Selector has no public accessor for its position inside the epoch; these three helpers
+# are the only code here that reads its private fields.
+def _remaining_in_epoch(selector: Selector) -> int:
+    """Samples of this rank's current plan not yet consumed by training (plans the epoch)."""
+    length = len(selector.sampler)  # plans the epoch, or moves past a consumed one
+    return max(length - selector._position, 0)
+
+
+def _epoch_consumed(selector: Selector) -> bool:
+    plan = selector._plan
+    if plan is None:
+        return False
+    return selector._yield_finished or (selector._position >= len(plan.indices) and selector._position > 0)
+
+
+def _epoch_fraction(selector: Selector) -> float:
+    plan = selector._plan
+    within = selector._position / len(plan.indices) if plan is not None and len(plan.indices) else 0.0
+    return selector.epoch + min(within, 1.0)
+
+
+# -- callback -----------------------------------------------------------------------------------
+class _GekoStepCallback(TrainerCallback):
+    """Counts optimizer steps for the Selector and keeps ``state.epoch`` truthful."""
+
+    def __init__(self, trainer: "GekoTrainer") -> None:
+        self._trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        selector = self._trainer._selector
+        if selector is not None:
+            selector.step()
+            state.epoch = _epoch_fraction(selector)
+        return control
+
+
+# -- trainer ------------------------------------------------------------------------------------
+class GekoTrainer(Trainer):
+    """A ``transformers.Trainer`` whose training epochs are planned by a geko Selector.
+
+    Takes every argument of ``transformers.Trainer`` plus:
+
+    Args:
+        selector: a ready :class:`~geko_core.Selector` for ``len(train_dataset)`` samples; by
+            default one is built at the start of training from the options below, the
+            training arguments (epochs or ``max_steps``, ``data_seed``/``seed``) and the
+            process layout.
+        geko_policy: policy name or object of the Selector built by default (``"geko"``,
+            ``"infobatch"``, ``"uniform"``, ``"random_subset"``; the meta-batch policies
+            ``"es"``/``"eswp"`` need a forward pass before selection and are refused).
+        geko_options: ``policy_options`` of that Selector.
+        geko_config: its :class:`~geko_core.GekoConfig`.
+        geko_shift: causal shift of the labels in the loss and statistics; None detects it
+            as the Trainer does (True for causal language models).
+
+    Attributes:
+        selector: the Selector (built on first access once ``train_dataset`` is known).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        selector: Selector | None = None,
+        geko_policy: Any = "geko",
+        geko_options: dict[str, Any] | None = None,
+        geko_config: Any = None,
+        geko_shift: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not hasattr(Trainer, "_run_epoch"):
+            raise ImportError(
+                f"GekoTrainer needs the epoch loop of transformers 5 (Trainer._run_epoch); found transformers {transformers.__version__}"
+            )
+        if selector is not None and not isinstance(selector, Selector):
+            raise TypeError(f"selector must be a geko_core.Selector or None, got {type(selector).__name__}")
+        if geko_shift is not None and not isinstance(geko_shift, bool):
+            raise TypeError(f"geko_shift must be a bool or None, got {type(geko_shift).__name__}")
+        bound = inspect.signature(Trainer.__init__).bind_partial(None, *args, **kwargs).arguments
+        if bound.get("train_dataset") is not None:
+            GekoIndexedDataset(bound["train_dataset"])  # refuses iterable datasets before the Trainer does
+        super().__init__(*args, **kwargs)
+        if self.train_dataset is not None:
+            self.train_dataset = GekoIndexedDataset(self.train_dataset)
+        self.data_collator = GekoIndexCollator(self.data_collator)
+        self._selector = selector
+        self._geko_policy = geko_policy
+        self._geko_options = geko_options
+        self._geko_config = geko_config
+        self._geko_shift = geko_shift
+        if selector is not None:
+            self._adopt(selector)
+        # The Selector resumes at its own position; the Trainer must not fast-forward the data.
+        self.args.ignore_data_skip = True
+        self.add_callback(_GekoStepCallback(self))
+
+    # -- the Selector ---------------------------------------------------------------------------
+    @property
+    def selector(self) -> Selector:
+        if self._selector is None:
+            self._selector = self._build_selector()
+            self._adopt(self._selector)
+        return self._selector
+
+    def _build_selector(self) -> Selector:
+        if self.train_dataset is None:
+            raise ValueError("GekoTrainer needs a train_dataset to build its Selector")
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        if args.max_steps > 0:
+            length = {"total_steps": int(args.max_steps)}
+        else:
+            length = {"epochs": self._whole_epochs()}
+        return Selector(
+            len(self.train_dataset),
+            policy=self._geko_policy,
+            seed=int(seed),
+            config=self._geko_config,
+            policy_options=self._geko_options,
+            num_replicas=max(int(args.world_size), 1),
+            rank=int(args.process_index) if args.world_size > 1 else 0,
+            **length,
+        )
+
+    def _whole_epochs(self) -> int:
+        epochs = self.args.num_train_epochs
+        if epochs <= 0 or float(epochs) != int(epochs):
+            raise ValueError(
+                f"GekoTrainer plans whole epochs: num_train_epochs must be a positive integer (got {epochs}); "
+                "or set max_steps to train for a number of optimizer steps"
+            )
+        return int(epochs)
+
+    def _adopt(self, selector: Selector) -> None:
+        if selector.policy.meta_batch:
+            raise ValueError(
+                f"policy {selector.policy.name!r} selects inside a forwarded meta-batch, which GekoTrainer does not do; "
+                "use 'geko', 'infobatch', 'uniform' or 'random_subset'"
+            )
+        if self.train_dataset is not None and selector.num_samples != len(self.train_dataset):
+            raise ValueError(
+                f"the Selector has {selector.num_samples} samples but train_dataset has {len(self.train_dataset)}"
+            )
+        args = self.args
+        if args.max_steps > 0:
+            if selector.total_steps != args.max_steps:
+                raise ValueError(
+                    f"with max_steps={args.max_steps} the Selector must be built with total_steps={args.max_steps}, "
+                    f"got total_steps={selector.total_steps}, epochs={selector.epochs}"
+                )
+        elif selector.epochs != self._whole_epochs():
+            raise ValueError(
+                f"the Selector plans epochs={selector.epochs} (total_steps={selector.total_steps}) but "
+                f"num_train_epochs={args.num_train_epochs}"
+            )
+        world = max(int(args.world_size), 1)
+        if selector.num_replicas != world:
+            raise ValueError(f"the Selector shards over {selector.num_replicas} processes, the Trainer runs {world}")
+        if selector.step_count == 0:
+            # Count optimizer steps from the first one (the callback calls step()); otherwise the
+            # Selector counts one per micro-batch until the first explicit step.
+            selector._explicit_steps = True
+
+    # -- data -----------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # The index, and the labels even for a model whose forward does not take them (the
+        # loss is computed here, not by the model).
+        for column in (GEKO_INDEX_KEY, "labels"):
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        return self.selector.sampler
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.train_dataset is not None and not isinstance(self.train_dataset, GekoIndexedDataset):
+            self.train_dataset = GekoIndexedDataset(self.train_dataset)
+        if not isinstance(self.data_collator, GekoIndexCollator):
+            self.data_collator = GekoIndexCollator(self.data_collator)
+        dataloader = super().get_train_dataloader()
+        # The Selector already gives this rank its shard; accelerate's BatchSamplerShard would
+        # shard it again (and pad the last batch with samples from the epoch's start).
+        shard = getattr(dataloader, "batch_sampler", None)
+        inner = getattr(shard, "batch_sampler", None)
+        if inner is not None and getattr(inner, "sampler", None) is self.selector.sampler:
+            shard.num_processes = 1
+            shard.process_index = 0
+            shard.even_batches = False
+        return dataloader
+
+    def _epoch_batches(self, samples: int) -> int:
+        batch = self._train_batch_size
+        return samples // batch if self.args.dataloader_drop_last else math.ceil(samples / batch)
+
+    # -- training length ------------------------------------------------------------------------
+    def set_initial_training_values(self, args, dataloader):
+        values = list(super().set_initial_training_values(args, dataloader))
+        (num_train_epochs, _, num_examples, num_train_samples, total_batch, _, max_steps) = values
+        selector = self.selector
+        gas = args.gradient_accumulation_steps
+        full_batches = max(self._epoch_batches(math.ceil(selector.num_samples / selector.num_replicas)), 1)
+        updates_per_epoch = max(math.ceil(full_batches / gas), 1)
+        if args.max_steps > 0:
+            # Shorter epochs: as many as it takes; DefaultFlowCallback stops at max_steps.
+            num_train_epochs = sys.maxsize
+        else:
+            num_train_epochs = selector.epochs
+            max_steps = selector.epochs * updates_per_epoch
+        return (num_train_epochs, updates_per_epoch, num_examples, num_train_samples, total_batch, full_batches, max_steps)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        created_here = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if not created_here or self.args.max_steps > 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return scheduler  # a scheduler passed in by the user is theirs to plan
+        selector = self.selector
+
+        def follow_progress(fn: Callable[[float], float]) -> Callable[[int], float]:
+            def factor(_step: int) -> float:
+                return fn(selector.progress() * num_training_steps)
+
+            return factor
+
+        # The step argument is ignored: shorter epochs must not stop the schedule half-way.
+        scheduler.lr_lambdas = [follow_progress(fn) for fn in scheduler.lr_lambdas]
+        return scheduler
+
+    def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        selector = self.selector
+        if resume_from_checkpoint is not None:
+            load_selector_state(
+                selector, selector_state_file(resume_from_checkpoint, selector.rank, selector.num_replicas)
+            )
+        return super()._inner_training_loop(
+            batch_size=batch_size,
+            args=args,
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial):
+        epochs_trained, _ = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is None:
+            return epochs_trained, 0
+        selector = self.selector
+        return selector.epoch + int(_epoch_consumed(selector)), 0
+
+    def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, **kwargs):
+        selector = self.selector
+        selector.set_epoch(epoch)
+        batches = self._epoch_batches(_remaining_in_epoch(selector))
+        if batches == 0:  # nothing planned for this rank this epoch
+            self.control = self.callback_handler.on_epoch_end(self.args, self.state, self.control)
+            return None
+        updates = math.ceil(batches / self.args.gradient_accumulation_steps)
+        return super()._run_epoch(
+            model=model,
+            epoch=epoch,
+            train_dataloader=train_dataloader,
+            steps_in_epoch=batches,
+            num_update_steps_per_epoch=updates,
+            **kwargs,
+        )
+
+    # -- loss -----------------------------------------------------------------------------------
+    def _shift(self) -> bool:
+        if self._geko_shift is None:
+            self._geko_shift = _is_causal_lm(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
+        return self._geko_shift
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training or GEKO_INDEX_KEY not in inputs:
+            if model.training:
+                raise ValueError(
+                    f"a training batch without {GEKO_INDEX_KEY!r}: GekoTrainer's data loader adds it; "
+                    "do not replace get_train_dataloader's dataset or collator"
+                )
+            # Evaluation: the Selector only learns from training batches.
+            inputs = {k: v for k, v in inputs.items() if k != GEKO_INDEX_KEY}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if "labels" not in inputs:
+            raise ValueError("GekoTrainer needs 'labels' in every training batch (-100 marks tokens that do not count)")
+        idx = inputs[GEKO_INDEX_KEY]
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k not in (GEKO_INDEX_KEY, "labels")}
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        selector = self.selector
+        shift = self._shift()
+        if num_items_in_batch is not None:
+            loss = selector.loss(logits, labels, idx, shift=shift, reduction="sum")
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # DDP averages gradients over ranks while num_items_in_batch counts all ranks.
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            self.loss_is_scaled_for_ga = True
+        else:
+            loss = selector.loss(logits, labels, idx, shift=shift, reduction="mean")
+            self.loss_is_scaled_for_ga = False
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluating on the (index-carrying) training set must not pass the index to the model.
+        inputs = {k: v for k, v in inputs.items() if k != GEKO_INDEX_KEY}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # -- metrics and checkpoints ------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._selector is not None and ("loss" in logs or "train_loss" in logs):
+            logs = {**logs, **_flat_metrics(self._selector.metrics())}
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if self._selector is not None:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            selector = self._selector
+            save_selector_state(
+                selector,
+                selector_state_file(folder, selector.rank, selector.num_replicas),
+                drop_last=self.args.dataloader_drop_last,
+                batch_size=self._train_batch_size,
+            )
+        super()._save_checkpoint(model, trial)
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    """A decoder-only language model (its labels are the inputs, shifted by one inside the loss)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model
+    if hasattr(base, "get_base_model"):  # PEFT
+        base = base.get_base_model()
+    base = getattr(base, "_orig_mod", base)  # torch.compile
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return False
+    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``selector.metrics()`` as flat ``geko/<name>`` scalars (and the phase name)."""
+    out: dict[str, Any] = {}
+    for name, value in metrics.items():
+        key = name if name.startswith("geko/") else f"geko/{name}"
+        if name == "buckets":
+            for bucket, count in value.items():
+                out[f"geko/bucket_{bucket}"] = int(count)
+        elif isinstance(value, (bool, np.bool_)):
+            out[key] = int(value)
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            out[key] = value.item() if isinstance(value, np.generic) else value
+        elif isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            for i, v in enumerate(value):
+                out[f"{key}_{i}"] = v
+    return out
