@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from ._backend import CompiledCoreError, backend_status, compiled_core_error
 
 __all__ = [
+    "AngleStats",
     "BUCKET_FOCUS",
     "BUCKET_FREEZE",
     "BUCKET_HARD",
@@ -32,7 +33,10 @@ __all__ = [
     "Selector",
     "TokenStats",
     "WithIndex",
+    "angle_concentration",
+    "angle_concentration_reference",
     "backend_status",
+    "capture_hidden_states",
     "gainrl_update_mu",
     "gaussian_window_plan",
     "infobatch_plan",
@@ -57,6 +61,8 @@ if compiled_core_error() is None:
     from .curriculum import DEFAULT_PHASES, CurriculumPhase, MountainCurriculum
     from .planner import EpochPlan, EpochPlanner, gainrl_update_mu, gaussian_window_plan, infobatch_plan, weighted_sample
     from . import policies
+    from .angle import AngleStats, angle_concentration, angle_concentration_reference
+    from .integrations.hidden import capture_hidden_states
     from .loss import cross_entropy_with_stats
     from .selector import GekoSampler, Selector, WithIndex
     from .stats import sample_stats

@@ -103,6 +103,9 @@ class Selector:
         num_replicas, rank: distributed sharding; taken from ``torch.distributed`` when it
             is initialised and these are None.
         backend: statistics backend (None = automatic; see ``geko_core.backend_status``).
+        explicit_steps: count optimizer steps only through :meth:`step` from the start
+            (gradient accumulation); by default every batch is a step until ``step()`` is
+            first called.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class Selector:
         num_replicas: int | None = None,
         rank: int | None = None,
         backend: str | None = None,
+        explicit_steps: bool = False,
     ) -> None:
         from .table import SampleTable
 
@@ -153,7 +157,7 @@ class Selector:
 
         self.epoch = 0
         self._step = 0
-        self._explicit_steps = False
+        self._explicit_steps = bool(explicit_steps)
         self._plan: Plan | None = None
         self._position = 0  # samples of this rank's plan consumed by training
         self._yield_finished = False
@@ -178,6 +182,31 @@ class Selector:
         length = len(self._plan.indices) if self._plan is not None else 0
         within = self._position / length if length else 0.0
         return min((self.epoch + within) / self.epochs, 1.0)
+
+    @property
+    def position(self) -> int:
+        """Samples of this rank's current plan consumed by training (loss/observe calls)."""
+        return self._position
+
+    @property
+    def remaining(self) -> int:
+        """Samples of this rank's current plan not yet consumed by training (plans the epoch,
+        or moves past a consumed one, like ``len(sampler)``)."""
+        return max(self._current_plan_length() - self._position, 0)
+
+    @property
+    def epoch_consumed(self) -> bool:
+        """The current epoch has been iterated to its end or fully trained on."""
+        return self._epoch_consumed()
+
+    def epoch_progress(self) -> float:
+        """Epochs done plus the consumed share of the current one."""
+        length = len(self._plan.indices) if self._plan is not None else 0
+        return self.epoch + (min(self._position / length, 1.0) if length else 0.0)
+
+    def count_steps_explicitly(self) -> None:
+        """From now on only :meth:`step` advances the step count (gradient accumulation)."""
+        self._explicit_steps = True
 
     def step(self) -> None:
         """Count one optimizer step explicitly (for gradient accumulation). Once called, the
@@ -206,7 +235,9 @@ class Selector:
         self._yield_finished = False
 
     def _epoch_consumed(self) -> bool:
-        return self._plan is not None and (self._yield_finished or self._position >= len(self._plan.indices))
+        if self._plan is None:
+            return False
+        return self._yield_finished or (self._position >= len(self._plan.indices) and self._position > 0)
 
     def _advance(self) -> None:
         self._record_history()
@@ -458,7 +489,9 @@ class Selector:
             "position": self._position,
             "step": self._step,
             "explicit_steps": self._explicit_steps,
-            "yield_finished": self._yield_finished,
+            # "consumed by training": a DataLoader prefetches, so the sampler may have run to
+            # the end of an epoch whose last batches were never trained on.
+            "yield_finished": self._plan is not None and self._position >= len(self._plan.indices),
             "plan_indices": None if self._plan is None else self._plan.indices.copy(),
             "plan_weights": None if self._plan is None else self._plan.weights.copy(),
             "counters": {"forwarded": self._forwarded, "backpropagated": self._backpropagated, "epoch_start": list(self._epoch_start_counts)},

@@ -295,7 +295,7 @@ def test_saved_state_ignores_prefetched_samples(tmp_path):
     save_selector_state(sel, path, drop_last=True, batch_size=8)
     fresh = Selector(12, policy="geko", epochs=2, seed=1)
     load_selector_state(fresh, path)
-    assert fresh.state_dict()["yield_finished"] is True
+    assert fresh.epoch_consumed is True
 
 
 # -- precision, compile, PEFT --------------------------------------------------------------------------

@@ -240,26 +240,18 @@ def load_selector_state(selector: Selector, path: str) -> None:
     selector.load_state_dict(_from_storable(state))
 
 
-# -- Selector internals in one place ----------------------------------------------------------
-# The Selector has no public accessor for its position inside the epoch; these three helpers
-# are the only code here that reads its private fields.
+# -- Selector position ---------------------------------------------------------------------------
 def _remaining_in_epoch(selector: Selector) -> int:
     """Samples of this rank's current plan not yet consumed by training (plans the epoch)."""
-    length = len(selector.sampler)  # plans the epoch, or moves past a consumed one
-    return max(length - selector._position, 0)
+    return selector.remaining
 
 
 def _epoch_consumed(selector: Selector) -> bool:
-    plan = selector._plan
-    if plan is None:
-        return False
-    return selector._yield_finished or (selector._position >= len(plan.indices) and selector._position > 0)
+    return selector.epoch_consumed
 
 
 def _epoch_fraction(selector: Selector) -> float:
-    plan = selector._plan
-    within = selector._position / len(plan.indices) if plan is not None and len(plan.indices) else 0.0
-    return selector.epoch + min(within, 1.0)
+    return selector.epoch_progress()
 
 
 # -- callback -----------------------------------------------------------------------------------
@@ -401,7 +393,7 @@ class GekoTrainer(Trainer):
         if selector.step_count == 0:
             # Count optimizer steps from the first one (the callback calls step()); otherwise the
             # Selector counts one per micro-batch until the first explicit step.
-            selector._explicit_steps = True
+            selector.count_steps_explicitly()
 
     # -- data -----------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
