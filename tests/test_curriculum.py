@@ -21,7 +21,7 @@ def test_defaults_are_the_design_phases():
     assert all(p.lr_multiplier == 1.0 for p in DEFAULT_PHASES)
     c = MountainCurriculum()
     assert c.phases == DEFAULT_PHASES and not c.smooth
-    assert (c.max_rate, c.min_rate, c.freeze_revisit) == (5.0, 0.1, 0.05)
+    assert (c.max_rate, c.min_rate, c.freeze_revisit) == (5.0, 0.5, 0.05)
 
 
 @pytest.mark.parametrize(
@@ -40,11 +40,13 @@ def test_piecewise_phase_and_weights(p, name):
 def test_rates_mapping():
     c = MountainCurriculum()
     # PEAK (5, 2, 0): HARD 5/2, FOCUS 1, LIGHT 0 -> thinned to min_rate, UNSEEN 1, FREEZE = revisit.
-    assert c.rates(0.5) == (0.05, 0.1, 1.0, 2.5, 1.0)
+    assert c.rates(0.5) == (0.05, 0.5, 1.0, 2.5, 1.0)
     # WARMUP (1, 2, 3): LIGHT 1.5, HARD 0.5.
     assert c.rates(0.0) == (0.05, 1.5, 1.0, 0.5, 1.0)
-    r = c.rates(0.2)  # ASCENT (2, 3, 1)
-    assert r[HARD] == pytest.approx(2 / 3) and r[LIGHT] == pytest.approx(1 / 3) and r[FOCUS] == 1.0
+    r = c.rates(0.2)  # ASCENT (2, 3, 1): LIGHT 1/3 floored at min_rate 0.5
+    assert r[HARD] == pytest.approx(2 / 3) and r[LIGHT] == 0.5 and r[FOCUS] == 1.0
+    r = MountainCurriculum(min_rate=0.1).rates(0.2)
+    assert r[LIGHT] == pytest.approx(1 / 3)
 
 
 def test_rates_cap_floor_and_zero_focus():
