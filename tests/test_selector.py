@@ -275,3 +275,14 @@ def test_ddp_two_ranks_share_one_table(tmp_path):
     for key in ("q", "loss_ema", "bucket", "visits"):
         if key in ref:
             np.testing.assert_array_equal(tables[0][key], ref[key], err_msg=key)
+
+
+def test_geko_budget_caps_the_expected_epoch():
+    model, sel = train("geko", epochs=4, policy_options={"budget": 0.3})
+    lengths = [h["epoch_backpropagated"] for h in sel.history]
+    assert lengths[0] == 1200  # UNSEEN samples are always drawn once
+    # every later epoch is about 30% of the data (binomial noise allowed)
+    assert all(abs(n - 360) < 60 for n in lengths[1:]), lengths
+    assert accuracy(model) >= 0.85
+    with pytest.raises(ValueError, match="budget"):
+        Selector(10, policy="geko", epochs=1, policy_options={"budget": 1.5})
