@@ -427,10 +427,10 @@ class Selector:
             if event is not None:
                 event.synchronize()
             batch = StatsBatch(
-                indices=indices,
-                loss=loss.numpy().astype(np.float32, copy=False),
-                confidence=confidence.numpy().astype(np.float32, copy=False),
-                correct=correct.numpy().astype(np.float32, copy=False),
+                indices=np.ascontiguousarray(indices, dtype=np.int64),
+                loss=np.ascontiguousarray(loss.numpy(), dtype=np.float32),
+                confidence=np.ascontiguousarray(confidence.numpy(), dtype=np.float32),
+                correct=np.ascontiguousarray(correct.numpy(), dtype=np.float32),
             )
             started = time.perf_counter()
             self.policy.observe(batch, self._step)

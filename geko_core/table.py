@@ -252,6 +252,17 @@ class SampleTable:
         with self._lock:
             self._c.update(idx, loss_a, conf_a, correct_a, step)
 
+    def update_arrays(self, indices: np.ndarray, loss: np.ndarray, confidence: np.ndarray, correct: np.ndarray, step: int) -> None:
+        """:meth:`update` for callers that already hold contiguous numpy arrays of the exact
+        dtypes (indices int64, the rest float32), e.g. the Selector on every step.
+
+        Skips the Python-side conversions only: the compiled table still checks dtypes,
+        shapes, lengths, every index and every value before it writes anything, and raises
+        the same errors.
+        """
+        with self._lock:
+            self._c.update(indices, loss, confidence, correct, step)
+
     def update_from_stats(self, indices: ArrayLike, stats: SampleStats, step: int) -> None:
         """``update(indices, stats.loss, stats.confidence, stats.correct, step)``.
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(seeds):
             geko_fraction = None
             for policy in ordered:
-                options = None
+                options = task.policy_options.get(policy)
                 if policy == "random_subset":
                     fraction = geko_fraction if geko_fraction is not None else 0.5
                     options = {"budget": min(1.0, max(fraction, 1e-3))}

@@ -70,7 +70,7 @@ class Policy:
     # -- learning ---------------------------------------------------------------------------
     def observe(self, batch: StatsBatch, step: int) -> None:
         assert self.selector is not None
-        self.selector.table.update(batch.indices, batch.loss, batch.confidence, batch.correct, step)
+        self.selector.table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, step)
 
     def select(self, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """For meta-batch policies: positions to back-propagate and their weights."""
