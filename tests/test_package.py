@@ -74,3 +74,16 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line.split("=", 1)[1].strip().strip("'\"") for line in ci.splitlines() if line.startswith("TEST_COMMAND="))
     assert command in readme
+
+
+def test_stub_mirrors_the_bindings():
+    import ast
+
+    stub = (Path(geko_core.__file__).parent / "_C.pyi").read_text()
+    tree = ast.parse(stub)
+    stub_all = next(
+        ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "__all__"
+    )
+    compiled = geko_core.config._C
+    public = sorted(name for name in dir(compiled) if not name.startswith("_"))
+    assert sorted(stub_all) == public
