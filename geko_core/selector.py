@@ -396,7 +396,7 @@ class Selector:
         return array.astype(np.int64, copy=False)
 
     def _observe(self, indices: np.ndarray, stats: SampleStats, *, forwarded: int) -> None:
-        values = (stats.loss, stats.confidence, stats.correct)
+        values = (stats.loss, stats.confidence, stats.correct, stats.el2n)
         device = stats.loss.device
         local_count = len(indices)
         if _distributed() and self.num_replicas > 1:
@@ -423,7 +423,7 @@ class Selector:
 
     def _flush(self, keep_last: bool = False) -> None:
         while len(self._pending) > (1 if keep_last else 0):
-            indices, loss, confidence, correct, event = self._pending.pop(0)
+            indices, loss, confidence, correct, el2n, event = self._pending.pop(0)
             if event is not None:
                 event.synchronize()
             batch = StatsBatch(
@@ -431,6 +431,7 @@ class Selector:
                 loss=loss.numpy().astype(np.float32, copy=False),
                 confidence=confidence.numpy().astype(np.float32, copy=False),
                 correct=correct.numpy().astype(np.float32, copy=False),
+                el2n=el2n.numpy().astype(np.float32, copy=False),
             )
             started = time.perf_counter()
             self.policy.observe(batch, self._step)
