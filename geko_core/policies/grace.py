@@ -25,13 +25,15 @@ The GRACE paper's formulas are not public here; these are the rules this policy 
   A fresh ``i`` has ``h_i = s_i``.
 * **Coverage strata.** Spherical k-means on the normalised embeddings with
   ``C = num_clusters`` or ``ceil(sqrt(K))`` centroids (``K`` the coreset size), warm-started
-  from the previous round's centroids (first round: ``C`` random embedded samples; an empty
-  cluster is re-seeded with a random sample), ``kmeans_iters`` Lloyd steps per round:
+  from the previous round's centroids (first round: k-means++ seeding with the distance
+  ``1 - cos``, O(N C d); an empty cluster is re-seeded with a random sample), ``kmeans_iters`` Lloyd steps per round:
   O(N C d kmeans_iters). Samples without an embedding form one extra stratum.
 * **Coreset** (K = ``round(budget * N)``). Stratum ``c`` of size ``n_c`` gets the quota
   ``q_c = max(1, floor(K n_c / N))`` (capped at ``n_c``), then the remainder is handed out one
-  at a time by largest fractional part ``K n_c / N - floor(K n_c / N)`` (or taken back from the
-  largest quotas above 1), so every stratum is covered whenever ``K >= C``. Inside a stratum
+  at a time by largest fractional part ``K n_c / N - floor(K n_c / N)`` (ties: lower stratum),
+  or, when the quotas exceed ``K``, taken back one at a time from the largest quota (above 1
+  while one exists; ties: smaller ``K n_c / N``, then higher stratum), so every stratum is
+  covered whenever ``K >= C``. Inside a stratum
   the ``round((1 - diversity) q_c)`` samples of highest ``h`` (ties: lower index) are taken,
   and the other ``q_c - round((1 - diversity) q_c)`` are drawn uniformly without replacement
   from the rest of the stratum. O(N log N) per round.
@@ -363,7 +365,7 @@ class GracePolicy(Policy):
         c = min(self.num_clusters or math.ceil(math.sqrt(size)), len(embedded))
         rng = self.rng(epoch, purpose=11)
         if self.centroids is None or self.centroids.shape[0] != c or self.centroids.shape[1] != x.shape[1]:
-            self.centroids = x[torch.from_numpy(rng.choice(len(embedded), c, replace=False)).to(device)].clone()
+            self.centroids = self._seed_centroids(x, c, rng)
         centroids = self.centroids.to(device)
         assign = None
         for _ in range(self.kmeans_iters):
@@ -380,6 +382,22 @@ class GracePolicy(Policy):
         strata[:] = c  # the stratum of samples without an embedding
         strata[embedded] = assign.cpu().numpy()
         return strata
+
+    @staticmethod
+    def _seed_centroids(x: torch.Tensor, c: int, rng: np.random.Generator) -> torch.Tensor:
+        """k-means++ seeding with the cosine distance ``1 - cos``: O(N C d)."""
+        first = int(rng.integers(len(x)))
+        chosen = [first]
+        distance = (1.0 - x @ x[first]).clamp_min(0).double().cpu().numpy()
+        for _ in range(1, c):
+            total = distance.sum()
+            if total <= 0:  # fewer distinct directions than centroids: any sample will do
+                nxt = int(rng.integers(len(x)))
+            else:
+                nxt = int(rng.choice(len(x), p=distance / total))
+            chosen.append(nxt)
+            distance = np.minimum(distance, (1.0 - x @ x[nxt]).clamp_min(0).double().cpu().numpy())
+        return x[torch.tensor(chosen, device=x.device)].clone()
 
     @staticmethod
     def quotas(sizes: np.ndarray, total: int) -> np.ndarray:
@@ -401,7 +419,7 @@ class GracePolicy(Policy):
             big = np.flatnonzero(q > 1)
             if len(big) == 0:
                 big = np.flatnonzero(q > 0)
-            for s in big[np.lexsort((big, -q[big]))][: -diff]:
+            for s in big[np.lexsort((-big, exact[big], -q[big]))][: -diff]:
                 q[s] -= 1
             diff = total - int(q.sum())
         return q
