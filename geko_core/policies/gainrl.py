@@ -20,8 +20,7 @@ The exact rules (also in ``docs/policies.md``):
   adj_min, adj_max), 0, N - 1)`` (:func:`geko_core.gainrl_update_mu`). Above ``beta`` the
   window moves on to less concentrated data, below it moves back. Without any report since
   the last plan, ``auto_accuracy=True`` uses the mean ``correct`` of the statistics observed
-  since then (0 moves nothing only when ``beta`` equals it; pass ``auto_accuracy=False`` to
-  keep ``mu`` fixed until a report).
+  since then (pass ``auto_accuracy=False`` to keep ``mu`` fixed until a report).
 * **Weights.** 1 (GAIN-RL is a curriculum: the point is to change what the model sees), or
   ``weighting="importance"`` for ``1 / pi_j`` (the inclusion probability of the draw).
 """
