@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from geko_core import Selector, WithIndex, angle_concentration
 from geko_core.policies import GainRLPolicy, StatsBatch
 
-from test_selector import TEST, TRAIN, accuracy, make_model
+from test_selector import TRAIN, accuracy, make_model
 
 
 def expected_mu(mu, acc, ang, *, n, alpha, beta, acc_scale=1.0, adj_min=None, adj_max=None, num):
