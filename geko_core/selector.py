@@ -91,8 +91,8 @@ class Selector:
 
     Args:
         num_samples: size of the (index-yielding) training set.
-        policy: ``"geko"``, ``"infobatch"``, ``"es"``, ``"eswp"``, ``"uniform"``,
-            ``"random_subset"``, or a :class:`~geko_core.policies.Policy` object.
+        policy: ``"geko"``, ``"infobatch"``, ``"es"``, ``"eswp"``, ``"gainrl"``, ``"grace"``,
+            ``"uniform"``, ``"random_subset"``, or a :class:`~geko_core.policies.Policy` object.
         epochs: planned number of epochs (training progress = epochs done + share of the
             current one). Give this or ``total_steps``.
         total_steps: planned number of optimizer steps (progress = steps / total_steps);
@@ -396,7 +396,7 @@ class Selector:
         return array.astype(np.int64, copy=False)
 
     def _observe(self, indices: np.ndarray, stats: SampleStats, *, forwarded: int) -> None:
-        values = (stats.loss, stats.confidence, stats.correct)
+        values = (stats.loss, stats.confidence, stats.correct, stats.el2n)
         device = stats.loss.device
         local_count = len(indices)
         if _distributed() and self.num_replicas > 1:
@@ -423,7 +423,7 @@ class Selector:
 
     def _flush(self, keep_last: bool = False) -> None:
         while len(self._pending) > (1 if keep_last else 0):
-            indices, loss, confidence, correct, event = self._pending.pop(0)
+            indices, loss, confidence, correct, el2n, event = self._pending.pop(0)
             if event is not None:
                 event.synchronize()
             batch = StatsBatch(
@@ -431,6 +431,7 @@ class Selector:
                 loss=np.ascontiguousarray(loss.numpy(), dtype=np.float32),
                 confidence=np.ascontiguousarray(confidence.numpy(), dtype=np.float32),
                 correct=np.ascontiguousarray(correct.numpy(), dtype=np.float32),
+                el2n=np.ascontiguousarray(el2n.numpy(), dtype=np.float32),
             )
             started = time.perf_counter()
             self.policy.observe(batch, self._step)

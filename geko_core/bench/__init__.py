@@ -20,6 +20,8 @@ __all__ = ["main"]
 
 DEFAULT_TASKS = ("mnist1d", "stdlib-lm")
 DEFAULT_POLICIES = ("full", "random_subset", "infobatch", "es", "geko")
+# Also available with --policies: eswp, gainrl, grace, uniform (the runner feeds GAIN-RL its
+# angles and GRACE its embeddings from the model being trained; see runner.py).
 
 
 class _Progress:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument("--quick", action="store_true", help="small data and few epochs (about a minute)")
     scale.add_argument("--smoke", action="store_true", help="tiny end-to-end check (seconds)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm")
-    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of full and Selector policies")
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of full and Selector policies (also: eswp, gainrl, grace, uniform)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3 (1 with --smoke)")
     parser.add_argument("--out", default="geko-bench-out", help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .report import aggregate, format_table, goal_report, write_outputs
-    from .runner import run_one, warm_up
+    from .runner import bench_policy_options, run_one, warm_up
     from .tasks import make_task
 
     scale_name = "smoke" if args.smoke else "quick" if args.quick else "default"
@@ -84,10 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(seeds):
             geko_fraction = None
             for policy in ordered:
-                options = task.policy_options.get(policy)
-                if policy == "random_subset":
-                    fraction = geko_fraction if geko_fraction is not None else 0.5
-                    options = {"budget": min(1.0, max(fraction, 1e-3))}
+                # Budgeted policies (random subset, GAIN-RL, GRACE) match GEKO's measured share.
+                fraction = geko_fraction if geko_fraction is not None else 0.5
+                options = bench_policy_options(policy, task, min(1.0, max(fraction, 1e-3)))
                 label = f"{task.name} {policy} seed {seed}"
                 progress.update(label)
                 result = run_one(task, policy, seed, policy_options=options, on_epoch=lambda e, label=label: progress.update(label, 1))

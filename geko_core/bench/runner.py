@@ -18,9 +18,70 @@ import torch.nn.functional as F
 
 from ..config import GekoConfig
 from ..selector import Selector
-from .tasks import Task
+from .tasks import Task, _CNN1D
 
-__all__ = ["run_one", "warm_up"]
+__all__ = ["bench_policy_options", "run_one", "warm_up"]
+
+# Samples per forward pass when the runner computes angles or embeddings for a policy.
+_SIDE_CHUNK = 512
+
+
+def bench_policy_options(policy: str, task: Task, budget: float) -> dict[str, Any] | None:
+    """Constructor options of a policy in the benchmark at a given budget (fraction of N).
+
+    GAIN-RL's window is scaled to the data set (sigma = N/10 positions, n = N/20 per move):
+    the paper's 1000/500 are for data sets of tens of thousands of prompts.
+    """
+    n = task.num_samples
+    if policy in task.policy_options:
+        return dict(task.policy_options[policy])
+    if policy == "random_subset":
+        return {"budget": budget}
+    if policy == "gainrl":
+        return {"samples_per_epoch": budget, "sigma": max(n / 10.0, 1.0), "n": max(n / 20.0, 1.0)}
+    if policy == "grace":
+        return {"budget": budget}
+    return None
+
+
+@torch.no_grad()
+def _token_states(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``[B, T, d]`` per-position hidden states: for the MNIST-1D CNN its last convolution's
+    output (positions x channels); otherwise the output of the last block (via
+    ``capture_hidden_states``)."""
+    from ..integrations.hidden import capture_hidden_states
+
+    if isinstance(model, _CNN1D):
+        return model.features(inputs.unsqueeze(1)).transpose(1, 2)
+    with capture_hidden_states(model, layer=-1) as capture:
+        model(inputs)
+    return capture.hidden
+
+
+def _feed_policy(selector: Selector, model: torch.nn.Module, inputs: torch.Tensor, epoch: int) -> int:
+    """Give GAIN-RL its angles (once, from the initial model, as GAIN-RL orders the data
+    before training) and GRACE the embeddings it asks for (mean-pooled token states of the
+    current model). Returns the samples forwarded to do so."""
+    from ..angle import angle_concentration
+
+    policy = selector.policy
+    if policy.name == "gainrl" and epoch == 0:
+        wanted = np.arange(selector.num_samples, dtype=np.int64)
+    elif policy.name == "grace":
+        wanted = policy.stale_embeddings()
+    else:
+        return 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(wanted), _SIDE_CHUNK):
+        idx = wanted[start : start + _SIDE_CHUNK]
+        states = _token_states(model, inputs[torch.from_numpy(idx)])
+        if policy.name == "gainrl":
+            policy.set_angles(idx, angle_concentration(states).concentration)
+        else:
+            policy.set_embeddings(idx, states.float().mean(dim=1))
+    model.train(was_training)
+    return len(wanted)
 
 
 def warm_up(task: Task) -> None:
@@ -103,9 +164,12 @@ def run_one(
     else:
         config = GekoConfig(**task.config_overrides)
         selector = Selector(n, policy=policy, epochs=epochs, seed=seed, config=config, policy_options=policy_options)
+        side_forwarded = 0  # forward passes made to feed a policy (angles, embeddings)
         for epoch in range(epochs):
             started = time.perf_counter()
+            side_forwarded += _feed_policy(selector, model, x, epoch)
             order = np.fromiter(iter(selector.sampler), dtype=np.int64)
+            right = counted = 0
             for start in range(0, len(order), batch):
                 idx = torch.from_numpy(order[start : start + batch])
                 _set_lr(optimizer, _lr_at(task.lr, selector.progress()))
@@ -116,10 +180,18 @@ def run_one(
                     positions, weights = selector.select(idx, meta_logits, yb)
                     loss = selector.loss(model(xb[positions]), yb[positions], idx[positions], weights=weights, observe=False)
                 else:
-                    loss = selector.loss(model(xb), yb, idx)
+                    logits = model(xb)
+                    loss = selector.loss(logits, yb, idx)
+                    if selector.policy.name == "gainrl":
+                        with torch.no_grad():
+                            right += int((logits.argmax(-1) == yb).sum())
+                            counted += yb.numel()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+            if selector.policy.name == "gainrl" and counted:
+                # GAIN-RL's reward: the training (token) accuracy of the round just trained.
+                selector.policy.report(right / counted)
             train_seconds += time.perf_counter() - started
             metrics = selector.metrics()
             curve.append((metrics["backpropagated"], task.evaluate(model)))
@@ -127,7 +199,7 @@ def run_one(
             if on_epoch:
                 on_epoch(epoch)
         final = selector.metrics()
-        forwarded, backpropagated = final["forwarded"], final["backpropagated"]
+        forwarded, backpropagated = final["forwarded"] + side_forwarded, final["backpropagated"]
         overhead = final["overhead_seconds"]
 
     return {

@@ -5,7 +5,9 @@ from __future__ import annotations
 from .base import Plan, Policy, StatsBatch
 from .baselines import RandomSubsetPolicy, UniformPolicy
 from .es import ESPolicy, ESWPPolicy
+from .gainrl import GainRLPolicy
 from .geko import GekoPolicy
+from .grace import GracePolicy
 from .infobatch import InfoBatchPolicy
 
 POLICIES: dict[str, type[Policy]] = {
@@ -13,6 +15,8 @@ POLICIES: dict[str, type[Policy]] = {
     "infobatch": InfoBatchPolicy,
     "es": ESPolicy,
     "eswp": ESWPPolicy,
+    "gainrl": GainRLPolicy,
+    "grace": GracePolicy,
     "uniform": UniformPolicy,
     "random_subset": RandomSubsetPolicy,
 }
@@ -34,7 +38,9 @@ def make_policy(policy: str | Policy, **options) -> Policy:
 __all__ = [
     "ESPolicy",
     "ESWPPolicy",
+    "GainRLPolicy",
     "GekoPolicy",
+    "GracePolicy",
     "InfoBatchPolicy",
     "POLICIES",
     "Plan",

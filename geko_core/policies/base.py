@@ -22,13 +22,15 @@ class StatsBatch:
     """Statistics of one batch, on the host, as the table consumes them.
 
     All arrays are ``[B]``: ``indices`` int64 dataset indices; ``loss``, ``confidence``,
-    ``correct`` float32 (NaN for invalid samples).
+    ``correct`` float32 (NaN for invalid samples); ``el2n`` float32 ``||softmax - onehot||_2``
+    (NaN for invalid samples), or None when whoever built the batch did not provide it.
     """
 
     indices: np.ndarray
     loss: np.ndarray
     confidence: np.ndarray
     correct: np.ndarray
+    el2n: np.ndarray | None = None
 
 
 @dataclass
