@@ -534,6 +534,8 @@ class Selector:
             epoch_start = tuple(_nonnegative_int(c, "counters.epoch_start") for c in counters["epoch_start"])
             if len(epoch_start) != 2:
                 raise ValueError(f"counters.epoch_start must hold 2 counts, got {len(epoch_start)}")
+            if not isinstance(state["history"], list):
+                raise ValueError(f"Selector state history must be a list, got {type(state['history']).__name__}")
             history = [dict(h) for h in state["history"]]
             table_state, policy_state = state["table"], state["policy_state"]
         except KeyError as exc:
@@ -558,11 +560,14 @@ class Selector:
         scratch = SampleTable(self.num_samples, self.config)
         scratch.load_state_dict(table_state)
         before_policy = self.policy.state_dict()
-        self.policy.load_state_dict(policy_state)  # raises before changing (policies validate first)
         try:
+            self.policy.load_state_dict(policy_state)
             self.table.load_state_dict(table_state)
-        except Exception:
+        except Exception as exc:
+            # A policy may have replaced part of its state before refusing the rest.
             self.policy.load_state_dict(before_policy)
+            if isinstance(exc, KeyError):
+                raise ValueError(f"Selector state's policy_state is missing {exc}") from None
             raise
         self._pending.clear()
         self.epoch = epoch

@@ -585,3 +585,51 @@ def test_selector_fuzz(data, n, policy):
                 selector.load_state_dict(state)
         except DOCUMENTED:
             assert_same(before, selector.state_dict())
+
+
+# -- regressions found by the fuzzers above ----------------------------------------------------------
+
+
+def test_gather_refuses_negative_indices():
+    table = SampleTable(3)
+    with pytest.raises(IndexError, match="index -1 at position 1"):
+        table.gather("q", np.array([0, -1]))  # numpy indexing would have wrapped to sample 2
+
+
+def test_selector_loss_with_bad_labels_does_not_plan_the_epoch():
+    selector = Selector(6, "geko", epochs=2)
+    with pytest.raises(ValueError, match="label 7"):
+        selector.loss(torch.zeros(2, 3), torch.tensor([0, 7]), torch.tensor([0, 1]))
+    assert selector.state_dict()["plan_indices"] is None  # planned later, from the table as it is then
+
+
+def test_selector_select_with_bad_labels_does_not_plan_the_epoch():
+    selector = Selector(6, "es", epochs=2)
+    with pytest.raises(ValueError, match="label 7"):
+        selector.select(torch.tensor([0, 1]), torch.zeros(2, 3), torch.tensor([0, 7]))
+    assert selector.state_dict()["plan_indices"] is None
+
+
+_MALFORMED = [
+    (key, value)
+    for key in ["counters", "history", "epoch", "step", "position", "table", "policy_state"]
+    for value in ["missing", {}, -1, None]
+    if not (key == "policy_state" and value in ({}, None))  # the valid empty state of geko
+] + [("policy_state", {}), ("policy_state", {"low_streak": np.zeros(8, np.int32)})]
+
+
+@pytest.mark.parametrize(("key", "value"), _MALFORMED)
+def test_selector_load_state_dict_refuses_malformed_entries_and_changes_nothing(key, value):
+    policy = "eswp" if key == "policy_state" and isinstance(value, dict) else "geko"
+    source = Selector(8, policy, epochs=2, seed=3)
+    source.observe_stats(np.arange(4), sample_stats(torch.randn(4, 3), torch.tensor([0, 1, 2, 0])))
+    target = Selector(8, policy, epochs=2, seed=3)
+    before = target.state_dict()
+    state = source.state_dict()
+    if value == "missing":
+        del state[key]
+    else:
+        state[key] = value
+    with pytest.raises((ValueError, TypeError)):
+        target.load_state_dict(state)
+    assert_same(before, target.state_dict())
