@@ -548,7 +548,7 @@ class Selector:
             try:
                 indices = np.asarray(indices, dtype=np.int64)
                 weights = np.asarray(weights, dtype=np.float32)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise ValueError(f"Selector state has a malformed plan: {exc}") from None
             _check_plan(Plan(indices, weights), self.num_samples)
             if not 0 <= position <= len(indices):

@@ -5,12 +5,15 @@
   its completed saves (never a mix, never an older one than the last completed save).
 * Every truncation and every single-bit flip of a checkpoint file is refused with
   ``CheckpointError`` and leaves the loading table unchanged (CRC32 over the whole file).
+  The Selector's state file (``geko_core.checkpoint``, used by GekoTrainer) refuses
+  truncations and every bit flip that changes its content.
 * In a 2-process gloo run where one rank raises before the Selector's all-gather, the
   other rank raises once the process group's ``timeout`` expires (or as soon as gloo sees
   the peer's connection close) instead of waiting forever.
 
 ``GEKO_FAULT_KILLS`` (default 24) sets how many forked savers are killed; a tenth of that
-(at least 2) are fresh interpreters started with subprocess.
+(at least 2) are fresh interpreters started with subprocess. ``GEKO_FAULT_FLIPS`` (default
+400) sets how many bit flips of a Selector state file are tried.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from geko_core.checkpoint import CHECKSUM_KEY, content_crc32, load_verified, save_verified
+from geko_core.selector import Selector
 from geko_core.table import CheckpointError, SampleTable
 
 KILLS = int(os.environ.get("GEKO_FAULT_KILLS", "24"))
+FLIPS = int(os.environ.get("GEKO_FAULT_FLIPS", "400"))  # bit flips of the Selector state file
 NUM_SAMPLES = 40_000  # 1.3 MB per checkpoint: a save takes long enough to be hit mid-write
 BATCH = 512
 
@@ -289,3 +296,119 @@ def test_failing_rank_does_not_hang_the_other(tmp_path, peer_exits):
     assert outcome != "returned", "rank 0 finished a collective its peer never joined"
     # Bounded by the process group's timeout (plus start-up slack), not by gloo's 30-minute default.
     assert float(elapsed) < timeout + 30
+
+
+# -- the Selector's checkpoint state (GekoTrainer's geko_selector.pt) --------------------------------
+
+
+def _storable(value):
+    """What GekoTrainer stores: numpy arrays as tensors (the HF integration tags them)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, dict):
+        return {k: _storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_storable(v) for v in value)
+    return value
+
+
+def _selector_state():
+    import geko_core
+
+    selector = Selector(32, "infobatch", epochs=3, seed=1)
+    list(selector.sampler)
+    selector.observe_stats(np.arange(8), geko_core.sample_stats(torch.randn(8, 4), torch.arange(8) % 4))
+    return _storable(selector.state_dict())
+
+
+def _same_content(a, b) -> bool:
+    return content_crc32(a) == content_crc32(b) and repr(type(a)) == repr(type(b))
+
+
+def test_selector_state_file_is_readable_by_plain_torch_load(tmp_path):
+    state = _selector_state()
+    save_verified(state, str(tmp_path / "s.pt"))
+    plain = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert set(plain) == set(state) | {CHECKSUM_KEY}
+    assert _same_content(load_verified(str(tmp_path / "s.pt")), state)
+
+
+def test_selector_state_truncations_and_bit_flips_are_refused(tmp_path):
+    state = _selector_state()
+    path = tmp_path / "s.pt"
+    save_verified(state, str(path))
+    data = path.read_bytes()
+    broken = tmp_path / "broken.pt"
+    rng = random.Random(0)
+    lengths = sorted({0, 1, len(data) - 1, *rng.sample(range(len(data)), min(200, len(data)))})
+    for length in lengths:
+        broken.write_bytes(data[:length])
+        with pytest.raises(ValueError):
+            load_verified(str(broken))
+    refused = identical = 0
+    for position in rng.sample(range(len(data)), min(FLIPS, len(data))):
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << rng.randrange(8)
+        broken.write_bytes(bytes(flipped))
+        try:
+            loaded = load_verified(str(broken))
+        except ValueError:
+            refused += 1
+        else:
+            # a flip in archive metadata that carries no content (timestamps, padding)
+            assert _same_content(loaded, state), f"bit flip at byte {position} loaded silently changed state"
+            identical += 1
+    print(f"{len(lengths)} truncations refused; bit flips: {refused} refused, {identical} loaded identical content")
+    assert refused > 0
+
+
+def test_kill_during_selector_state_save(tmp_path):
+    path = str(tmp_path / "geko_selector.pt")
+    states = [_selector_state()]
+    for k in range(1, 4):
+        states.append({**states[0], "step": k})
+    save_verified(states[0], path)
+    context = multiprocessing.get_context("fork")
+    rng = random.Random(2)
+
+    def saver():
+        k = 0
+        while True:
+            k = k % 3 + 1
+            save_verified(states[k], path)
+
+    for _ in range(max(4, KILLS // 3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child = context.Process(target=saver, daemon=True)
+            child.start()
+        time.sleep(rng.uniform(0.0, 0.05))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        loaded = load_verified(path)  # never torn
+        assert any(_same_content(loaded, s) for s in states)
+
+
+def test_hf_save_selector_state_is_checksummed(tmp_path):
+    hf = pytest.importorskip("geko_core.integrations.hf", exc_type=ImportError)
+    selector = Selector(16, "geko", epochs=2)
+    path = tmp_path / "geko_selector.pt"
+    hf.save_selector_state(selector, str(path))
+    hf.load_selector_state(Selector(16, "geko", epochs=2), str(path))
+    data = path.read_bytes()
+    refused = 0
+    for position in range(0, len(data), max(1, len(data) // 64)):
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        target = Selector(16, "geko", epochs=2)
+        before = target.state_dict()
+        try:
+            hf.load_selector_state(target, str(path))
+        except ValueError:
+            refused += 1
+            assert content_crc32(_storable(target.state_dict())) == content_crc32(_storable(before))
+    assert refused > 0
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError):
+        hf.load_selector_state(Selector(16, "geko", epochs=2), str(path))
