@@ -106,6 +106,18 @@ class Selector:
         explicit_steps: count optimizer steps only through :meth:`step` from the start
             (gradient accumulation); by default every batch is a step until ``step()`` is
             first called.
+
+    Thread safety: a Selector is *not* thread-safe; drive it from the one thread that runs
+    the training loop (DataLoader workers are separate processes and never touch it). Its
+    ``table`` alone may be shared: :class:`~geko_core.SampleTable` serialises its calls.
+
+    Distributed runs: every ``loss``/``observe``/``select`` call all-gathers the batch's
+    statistics, so all ranks must make the same calls. If one rank fails and never joins,
+    the others block in the all-gather until the process group's timeout
+    (``torch.distributed.init_process_group(timeout=...)``; PyTorch's default is 30
+    minutes for gloo, 10 for NCCL) and then raise, or at once if gloo sees the failed
+    rank's process exit. Pass a timeout longer than your slowest step but well below the
+    default when a hang must be caught early.
     """
 
     def __init__(
