@@ -190,13 +190,14 @@ def test_table_update_fuzz(data, n, threads):
         except DOCUMENTED:
             assert_same(before, table.state_dict())
         else:
-            reference.update(
-                np.asarray(idx).astype(np.int64),
-                np.asarray(loss, dtype=np.float64).astype(np.float32),
-                np.asarray(confidence, dtype=np.float64).astype(np.float32),
-                np.asarray(correct, dtype=np.float64).astype(np.float32),
-                int(step),
-            )
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, as in the table
+                reference.update(
+                    np.asarray(idx).astype(np.int64),
+                    np.asarray(loss, dtype=np.float64).astype(np.float32),
+                    np.asarray(confidence, dtype=np.float64).astype(np.float32),
+                    np.asarray(correct, dtype=np.float64).astype(np.float32),
+                    int(step),
+                )
         for original, now in zip(inputs, (idx, loss, confidence, correct)):
             assert_unmodified(original, now)
         for name, values in reference.fields.items():
@@ -633,3 +634,20 @@ def test_selector_load_state_dict_refuses_malformed_entries_and_changes_nothing(
     with pytest.raises((ValueError, TypeError)):
         target.load_state_dict(state)
     assert_same(before, target.state_dict())
+
+
+def test_int32_labels_with_a_huge_ignore_index_are_checked_as_int64():
+    """torch wrapped ignore_index=2**63-1 to -1 when comparing with int32 labels, so the
+    label -1 passed the range check as if ignored and the C++ path disagreed with the reference."""
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="label -1"):
+        sample_stats(logits, torch.tensor([0, -1], dtype=torch.int32), ignore_index=2**63 - 1, backend="cpp")
+
+
+def test_cross_entropy_backward_with_no_tokens():
+    """[B, 0, V] logits: the backward used to refuse its own empty token_scale buffer
+    ("token_scale: must be contiguous": an expanded empty tensor keeps stride 0)."""
+    x = torch.zeros(2, 0, 3, requires_grad=True)
+    loss, _ = cross_entropy_with_stats(x, torch.zeros(2, 0, dtype=torch.int64), reduction="sum", backend="cpp")
+    loss.backward()
+    assert x.grad is not None and x.grad.shape == (2, 0, 3)
