@@ -644,10 +644,13 @@ def test_int32_labels_with_a_huge_ignore_index_are_checked_as_int64():
         sample_stats(logits, torch.tensor([0, -1], dtype=torch.int32), ignore_index=2**63 - 1, backend="cpp")
 
 
-def test_cross_entropy_backward_with_no_tokens():
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("batch", [0, 2])
+def test_cross_entropy_backward_with_no_tokens(batch, shift):
     """[B, 0, V] logits: the backward used to refuse its own empty token_scale buffer
-    ("token_scale: must be contiguous": an expanded empty tensor keeps stride 0)."""
-    x = torch.zeros(2, 0, 3, requires_grad=True)
-    loss, _ = cross_entropy_with_stats(x, torch.zeros(2, 0, dtype=torch.int64), reduction="sum", backend="cpp")
+    ("token_scale: must be contiguous": an expanded empty tensor keeps stride 0), and with
+    shift=True to index the last position of an empty token dimension."""
+    x = torch.zeros(batch, 0, 3, requires_grad=True)
+    loss, _ = cross_entropy_with_stats(x, torch.zeros(batch, 0, dtype=torch.int64), shift=shift, reduction="sum", backend="cpp")
     loss.backward()
-    assert x.grad is not None and x.grad.shape == (2, 0, 3)
+    assert x.grad is not None and x.grad.shape == (batch, 0, 3)
