@@ -131,7 +131,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                     logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
                     grad3.__dlpack__(), options["ignore_index"],
                 )
-            if shift:
+            if shift and grad.shape[1] > 0:
                 grad[:, -1].zero_()  # the last position predicts nothing
             return grad, None, None, None, None
 
@@ -145,7 +145,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         else:
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             as_samples(grad, _dummy_labels(grad), shift=shift)[0].copy_(grad3)
-        if shift:
+        if shift and grad.shape[1] > 0:
             grad[:, -1].zero_()
         return grad, None, None, None, None
 

@@ -106,6 +106,18 @@ class Selector:
         explicit_steps: count optimizer steps only through :meth:`step` from the start
             (gradient accumulation); by default every batch is a step until ``step()`` is
             first called.
+
+    Thread safety: a Selector is *not* thread-safe; drive it from the one thread that runs
+    the training loop (DataLoader workers are separate processes and never touch it). Its
+    ``table`` alone may be shared: :class:`~geko_core.SampleTable` serialises its calls.
+
+    Distributed runs: every ``loss``/``observe``/``select`` call all-gathers the batch's
+    statistics, so all ranks must make the same calls. If one rank fails and never joins,
+    the others block in the all-gather until the process group's timeout
+    (``torch.distributed.init_process_group(timeout=...)``; PyTorch's default is 30
+    minutes for gloo, 10 for NCCL) and then raise, or at once if gloo sees the failed
+    rank's process exit. Pass a timeout longer than your slowest step but well below the
+    default when a hang must be caught early.
     """
 
     def __init__(
@@ -317,13 +329,22 @@ class Selector:
         from .loss import cross_entropy_with_stats
 
         indices = self._indices(idx, expected=logits.shape[0] if logits.dim() >= 1 else None)
+        planned = self._plan is not None
         self._ensure_plan()
         if weights is None:
             weights = torch.from_numpy(self._weight_of[indices].copy()).to(logits.device, non_blocking=True)
-        loss, stats = cross_entropy_with_stats(
-            logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
-            reduction=reduction, config=self.config, backend=self.backend,
-        )
+        try:
+            loss, stats = cross_entropy_with_stats(
+                logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
+                reduction=reduction, config=self.config, backend=self.backend,
+            )
+        except BaseException:
+            if not planned:
+                # Bad input changes nothing: the epoch is planned later, from the table as it
+                # will be then, exactly as if this call had not happened.
+                self._plan = None
+                self._weight_of.fill(1.0)
+            raise
         self._backpropagated += len(indices)
         if observe:
             self._observe(indices, stats, forwarded=len(indices))
@@ -365,8 +386,9 @@ class Selector:
         if not self.policy.meta_batch:
             raise TypeError(f"policy {self.policy.name!r} does not select inside a meta-batch; use Selector.loss")
         indices = self._indices(idx, expected=logits.shape[0] if logits.dim() >= 1 else None)
-        self._ensure_plan()
+        # Statistics first: bad input raises before the epoch is planned (nothing changes).
         stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
+        self._ensure_plan()
         self._observe(indices, stats, forwarded=len(indices))
         self._flush()  # selection needs this batch's scores now
         positions, weights = self.policy.select(indices, self._step)
@@ -514,41 +536,65 @@ class Selector:
             raise ValueError(
                 f"Selector state is for rank {state.get('rank')} of {state.get('num_replicas')}, this is rank {self.rank} of {self.num_replicas}"
             )
+        # Parse every plain field before anything changes: a missing or malformed entry
+        # raises here and leaves this Selector as it was.
+        try:
+            epoch, step, position = (_nonnegative_int(state[k], k) for k in ("epoch", "step", "position"))
+            explicit_steps, yield_finished = bool(state["explicit_steps"]), bool(state["yield_finished"])
+            counters = state["counters"]
+            forwarded = _nonnegative_int(counters["forwarded"], "counters.forwarded")
+            backpropagated = _nonnegative_int(counters["backpropagated"], "counters.backpropagated")
+            epoch_start = tuple(_nonnegative_int(c, "counters.epoch_start") for c in counters["epoch_start"])
+            if len(epoch_start) != 2:
+                raise ValueError(f"counters.epoch_start must hold 2 counts, got {len(epoch_start)}")
+            if not isinstance(state["history"], list):
+                raise ValueError(f"Selector state history must be a list, got {type(state['history']).__name__}")
+            history = [dict(h) for h in state["history"]]
+            table_state, policy_state = state["table"], state["policy_state"]
+        except KeyError as exc:
+            raise ValueError(f"Selector state is missing {exc}") from None
+        except TypeError as exc:
+            raise ValueError(f"Selector state is malformed: {exc}") from None
         indices, weights = state.get("plan_indices"), state.get("plan_weights")
         plan = None
         if indices is not None:
-            indices = np.asarray(indices, dtype=np.int64)
-            weights = np.asarray(weights, dtype=np.float32)
+            try:
+                indices = np.asarray(indices, dtype=np.int64)
+                weights = np.asarray(weights, dtype=np.float32)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise ValueError(f"Selector state has a malformed plan: {exc}") from None
             _check_plan(Plan(indices, weights), self.num_samples)
-            if not 0 <= int(state["position"]) <= len(indices):
-                raise ValueError(f"Selector state position {state['position']} is outside its plan of {len(indices)}")
+            if not 0 <= position <= len(indices):
+                raise ValueError(f"Selector state position {position} is outside its plan of {len(indices)}")
             plan = Plan(indices.copy(), weights.copy())
         # Validate the table and policy state on scratch copies first: nothing changes on error.
         from .table import SampleTable
 
         scratch = SampleTable(self.num_samples, self.config)
-        scratch.load_state_dict(state["table"])
+        scratch.load_state_dict(table_state)
         before_policy = self.policy.state_dict()
-        self.policy.load_state_dict(state["policy_state"])  # raises before changing (policies validate first)
         try:
-            self.table.load_state_dict(state["table"])
-        except Exception:
+            self.policy.load_state_dict(policy_state)
+            self.table.load_state_dict(table_state)
+        except Exception as exc:
+            # A policy may have replaced part of its state before refusing the rest.
             self.policy.load_state_dict(before_policy)
+            if isinstance(exc, KeyError):
+                raise ValueError(f"Selector state's policy_state is missing {exc}") from None
             raise
         self._pending.clear()
-        self.epoch = int(state["epoch"])
-        self._step = int(state["step"])
-        self._explicit_steps = bool(state["explicit_steps"])
+        self.epoch = epoch
+        self._step = step
+        self._explicit_steps = explicit_steps
         self._plan = None
         if plan is not None:
             self._set_plan(plan)
-        self._yield_finished = bool(state["yield_finished"])
-        self._position = int(state["position"])
-        counters = state["counters"]
-        self._forwarded = int(counters["forwarded"])
-        self._backpropagated = int(counters["backpropagated"])
-        self._epoch_start_counts = tuple(int(c) for c in counters["epoch_start"])
-        self.history = [dict(h) for h in state["history"]]
+        self._yield_finished = yield_finished
+        self._position = position
+        self._forwarded = forwarded
+        self._backpropagated = backpropagated
+        self._epoch_start_counts = epoch_start
+        self.history = history
 
 
 def _check_plan(plan: Plan, num_samples: int) -> None:
@@ -560,6 +606,12 @@ def _check_plan(plan: Plan, num_samples: int) -> None:
         raise IndexError(f"plan holds an index outside [0, {num_samples})")
     if not np.isfinite(plan.weights).all() or (plan.weights < 0).any():
         raise ValueError("plan weights must be finite and non-negative")
+
+
+def _nonnegative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"Selector state {name} must be a non-negative int, got {value!r}")
+    return int(value)
 
 
 def _distributed() -> bool:

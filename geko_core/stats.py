@@ -96,6 +96,10 @@ def prepare_inputs(
     name = resolve_backend(logits.device.type, backend)
 
     logits3, labels3 = as_samples(logits, labels, shift=shift)
+    if labels3.dtype != torch.int64:
+        # Before comparing with ignore_index: torch would wrap a large ignore_index to the
+        # labels' narrower dtype (2**63 - 1 becomes -1 for int32 labels).
+        labels3 = labels3.to(torch.int64)
     if logits.device.type == "cpu" and labels3.numel() > 0:
         # On the GPU an out-of-range label only invalidates its sample (checking would cost
         # a host sync); on the CPU it is almost always a bug, so say so.
@@ -109,8 +113,6 @@ def prepare_inputs(
             )
     if logits3.stride(-1) != 1:
         logits3 = logits3.contiguous()  # the kernels read rows as contiguous vectors
-    if labels3.dtype != torch.int64:
-        labels3 = labels3.to(torch.int64)
     return PreparedInputs(logits3, labels3, name)
 
 

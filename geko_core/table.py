@@ -324,6 +324,15 @@ class SampleTable:
         if name not in _FIELDS:
             raise ValueError(f"unknown field {name!r}; fields are {list(_FIELDS)}")
         idx = _indices(indices, self.num_samples)
+        if idx.size:
+            # numpy indexing would wrap a negative index around; the table never does.
+            bad = np.flatnonzero((idx < 0) | (idx >= self.num_samples))
+            if bad.size:
+                position = int(bad[0])
+                raise IndexError(
+                    f"index {int(idx[position])} at position {position} is out of range "
+                    f"for a table of {self.num_samples} samples"
+                )
         with self._lock:
             return self.records()[name][idx]
 

@@ -84,6 +84,11 @@ struct View {
   std::vector<int64_t> strides;  // in elements
 
   bool contiguous() const {
+    // An empty tensor addresses no element: torch gives it arbitrary strides (an expanded
+    // [S, 0] tensor keeps stride 0) and calls it contiguous, and so do we.
+    for (int64_t d : shape) {
+      if (d == 0) return true;
+    }
     int64_t expected = 1;
     for (size_t i = shape.size(); i-- > 0;) {
       if (shape[i] != 1 && strides[i] != expected) return false;

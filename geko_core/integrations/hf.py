@@ -83,7 +83,6 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -98,6 +97,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "geko_core.integrations.hf needs transformers (and accelerate): pip install 'geko_core[hf]'"
     ) from error
 
+from ..checkpoint import load_verified, save_verified
 from ..selector import Selector
 
 __all__ = [
@@ -210,19 +210,9 @@ def save_selector_state(selector: Selector, path: str, *, drop_last: bool = Fals
     if state["plan_indices"] is not None:
         remaining = len(state["plan_indices"]) - int(state["position"])
         state["yield_finished"] = remaining <= 0 or (drop_last and batch_size is not None and remaining < batch_size)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".geko_selector.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(_to_storable(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # Atomic (temporary file, fsync, rename) and checksummed: a torn or bit-flipped file is
+    # refused by load_selector_state instead of resuming from silently wrong state.
+    save_verified(_to_storable(state), path)
 
 
 def load_selector_state(selector: Selector, path: str) -> None:
@@ -230,14 +220,14 @@ def load_selector_state(selector: Selector, path: str) -> None:
 
     Raises:
         FileNotFoundError: no state at ``path`` (a checkpoint written without GekoTrainer?).
-        ValueError: the state belongs to another data set, policy or rank layout.
+        ValueError: the state belongs to another data set, policy or rank layout, or the
+            file is truncated or corrupt (checksum mismatch); the Selector is then unchanged.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no Selector state at {path}: this checkpoint was not written by GekoTrainer, so it cannot resume the selection exactly"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    selector.load_state_dict(_from_storable(state))
+    selector.load_state_dict(_from_storable(load_verified(path)))
 
 
 # -- Selector position ---------------------------------------------------------------------------
