@@ -82,7 +82,10 @@ def _shard(plan: Plan, num_replicas: int, rank: int) -> Plan:
     per_rank = math.ceil(total / num_replicas) if total else 0
     padded = per_rank * num_replicas
     take = np.arange(padded) % max(total, 1)
-    indices, weights = plan.indices[take], plan.weights[take]
+    indices, weights = plan.indices[take], plan.weights[take].copy()
+    # The wrapped-around padding repeats samples already in the epoch: weight 0 keeps the
+    # epoch's weighted sum unbiased, as the planner's own padding does.
+    weights[total:] = 0.0
     return Plan(indices[rank::num_replicas].copy(), weights[rank::num_replicas].copy())
 
 
