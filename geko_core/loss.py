@@ -198,8 +198,10 @@ def cross_entropy_with_stats(
       (1 / inclusion probability) it is the unbiased InfoBatch-style estimate; weights are
       not renormalised. No valid token in the batch gives NaN, as torch does.
 
-    A NaN or inf logit in a valid token's row makes that sample's loss NaN (so a mean or
-    sum is NaN too, as with torch) and marks the sample invalid in the statistics.
+    A NaN or inf logit in a valid token's row makes that sample's loss NaN on the fused
+    (C++/Triton) paths, so a mean or sum is NaN too, and marks the sample invalid in the
+    statistics. This differs from ``F.cross_entropy`` for ``-inf`` logits (masked classes),
+    which torch handles as probability 0: mask with a large negative finite value instead.
 
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64, any strides
