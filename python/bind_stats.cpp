@@ -12,6 +12,7 @@
 
 #include "geko/config.h"
 #include "geko/cpu_stats.h"
+#include "dlpack_view.h"
 
 namespace py = pybind11;
 
@@ -19,151 +20,14 @@ namespace geko::bindings {
 
 namespace {
 
-// The DLPack C ABI (legacy, unversioned "dltensor" capsules), declared locally.
-struct DLDevice {
-  int32_t device_type;
-  int32_t device_id;
-};
-struct DLDataType {
-  uint8_t code;
-  uint8_t bits;
-  uint16_t lanes;
-};
-struct DLTensor {
-  void* data;
-  DLDevice device;
-  int32_t ndim;
-  DLDataType dtype;
-  int64_t* shape;
-  int64_t* strides;
-  uint64_t byte_offset;
-};
-struct DLManagedTensor {
-  DLTensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensor*);
-};
-
-constexpr int32_t kDLCPU = 1;
-constexpr uint8_t kDLInt = 0;
-constexpr uint8_t kDLUInt = 1;
-constexpr uint8_t kDLFloat = 2;
-constexpr uint8_t kDLBfloat = 4;
-constexpr uint8_t kDLBool = 6;
-
-enum class Kind { kFloat32, kFloat64, kBFloat16, kFloat16, kInt64, kInt32, kInt8, kBool, kOther };
-
-// A checked, non-owning view of a DLPack tensor. The capsule is left unconsumed, so
-// its producer's destructor still frees it; the caller keeps it alive during the call.
-struct Tensor {
-  char* data = nullptr;
-  Kind kind = Kind::kOther;
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;  // elements
-
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
-  bool contiguous() const {
-    // An empty tensor addresses no element: torch gives it arbitrary strides (an expanded
-    // [S, 0] tensor keeps stride 0) and calls it contiguous, and so do we.
-    for (int64_t d : shape) {
-      if (d == 0) return true;
-    }
-    int64_t expected = 1;
-    for (size_t i = shape.size(); i-- > 0;) {
-      if (shape[i] != 1 && strides[i] != expected) return false;
-      expected *= shape[i];
-    }
-    return true;
-  }
-};
-
-const char* kind_name(Kind kind) {
-  switch (kind) {
-    case Kind::kFloat32: return "float32";
-    case Kind::kFloat64: return "float64";
-    case Kind::kBFloat16: return "bfloat16";
-    case Kind::kFloat16: return "float16";
-    case Kind::kInt64: return "int64";
-    case Kind::kInt32: return "int32";
-    case Kind::kInt8: return "int8";
-    case Kind::kBool: return "bool";
-    default: return "unsupported dtype";
-  }
-}
-
-Kind kind_of(const DLDataType& t) {
-  if (t.lanes != 1) return Kind::kOther;
-  if (t.code == kDLFloat && t.bits == 32) return Kind::kFloat32;
-  if (t.code == kDLFloat && t.bits == 64) return Kind::kFloat64;
-  if (t.code == kDLFloat && t.bits == 16) return Kind::kFloat16;
-  if (t.code == kDLBfloat && t.bits == 16) return Kind::kBFloat16;
-  if (t.code == kDLInt && t.bits == 64) return Kind::kInt64;
-  if (t.code == kDLInt && t.bits == 32) return Kind::kInt32;
-  if (t.code == kDLInt && t.bits == 8) return Kind::kInt8;
-  if ((t.code == kDLBool || t.code == kDLUInt) && t.bits == 8) return Kind::kBool;
-  return Kind::kOther;
-}
-
-Tensor from_capsule(const py::handle& obj, const char* name) {
-  if (!PyCapsule_CheckExact(obj.ptr()))
-    throw py::type_error(std::string(name) + ": expected a DLPack capsule (tensor.__dlpack__()), got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  if (!PyCapsule_IsValid(obj.ptr(), "dltensor"))
-    throw std::invalid_argument(std::string(name) + ": not an unconsumed 'dltensor' capsule");
-  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(obj.ptr(), "dltensor"));
-  if (managed == nullptr) throw py::error_already_set();
-  const DLTensor& t = managed->dl_tensor;
-  if (t.device.device_type != kDLCPU)
-    throw std::invalid_argument(std::string(name) + ": the C++ kernels need CPU tensors (DLPack device type " +
-                                std::to_string(t.device.device_type) + ")");
-  if (t.ndim < 0 || t.ndim > 8) throw std::invalid_argument(std::string(name) + ": bad number of dimensions");
-  Tensor out;
-  out.kind = kind_of(t.dtype);
-  out.shape.assign(t.shape, t.shape + t.ndim);
-  out.strides.resize(static_cast<size_t>(t.ndim));
-  if (t.strides != nullptr) {
-    out.strides.assign(t.strides, t.strides + t.ndim);
-  } else {  // null strides mean compact row-major
-    int64_t expected = 1;
-    for (int32_t i = t.ndim - 1; i >= 0; --i) {
-      out.strides[i] = expected;
-      expected *= t.shape[i];
-    }
-  }
-  for (int32_t i = 0; i < t.ndim; ++i) {
-    if (out.shape[i] < 0) throw std::invalid_argument(std::string(name) + ": negative size");
-    if (out.strides[i] < 0) throw std::invalid_argument(std::string(name) + ": negative strides are not supported");
-  }
-  out.data = static_cast<char*>(t.data) + t.byte_offset;
-  return out;
-}
-
-void require_kind(const Tensor& t, Kind kind, const char* name) {
-  if (t.kind != kind)
-    throw py::type_error(std::string(name) + ": expected " + kind_name(kind) + ", got " + kind_name(t.kind));
-}
-
-void require_shape(const Tensor& t, const std::vector<int64_t>& shape, const char* name) {
-  if (t.shape != shape) {
-    std::string want, got;
-    for (int64_t d : shape) want += std::to_string(d) + ",";
-    for (int64_t d : t.shape) got += std::to_string(d) + ",";
-    throw std::invalid_argument(std::string(name) + ": expected shape [" + want + "], got [" + got + "]");
-  }
-}
-
-// Output or side input: exactly `shape`, `kind`, compact row-major.
-char* checked_buffer(const py::handle& obj, Kind kind, const std::vector<int64_t>& shape, const char* name) {
-  Tensor t = from_capsule(obj, name);
-  require_kind(t, kind, name);
-  require_shape(t, shape, name);
-  if (!t.contiguous()) throw std::invalid_argument(std::string(name) + ": must be contiguous");
-  return t.data;
-}
+// The DLPack consumer is shared with the angle bindings (dlpack_view.h).
+using dlpack::checked_buffer;
+using dlpack::from_capsule;
+using dlpack::Kind;
+using dlpack::kind_name;
+using dlpack::require_kind;
+using dlpack::require_shape;
+using Tensor = dlpack::View;
 
 struct Inputs {
   LogitsView logits;
