@@ -14,15 +14,14 @@ metadata that carries no content -- loads to exactly what was saved.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import struct
-import tempfile
 import zlib
 from typing import Any
 
 import numpy as np
 import torch
+
+from ._atomic import atomic_write
 
 __all__ = ["CHECKSUM_KEY", "content_crc32", "load_verified", "save_verified"]
 
@@ -86,25 +85,8 @@ def save_verified(state: dict[str, Any], path: str) -> None:
     if CHECKSUM_KEY in state:
         raise ValueError(f"state must not hold the reserved key {CHECKSUM_KEY!r}")
     framed = {**state, CHECKSUM_KEY: {"crc32": content_crc32(state), "encoding": _ENCODING}}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".geko_ckpt.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(framed, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with contextlib.suppress(OSError):
-        directory_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+    with atomic_write(path) as handle:
+        torch.save(framed, handle)
 
 
 def load_verified(path: str) -> dict[str, Any]:

@@ -629,7 +629,7 @@ def _all_gather_padded(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     length = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=device)
     lengths = [torch.zeros_like(length) for _ in range(world)]
     dist.all_gather(lengths, length)
-    sizes = [int(n.item()) for n in lengths]
+    sizes = torch.cat(lengths).tolist()  # one host sync per step, only in distributed runs
     longest = max(sizes)
     out = []
     for tensor in tensors:

@@ -17,14 +17,12 @@ Checkpoint file format (version 1, little-endian integers)::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import operator
 import os
 import struct
 import sys
 import threading
-import uuid
 import zlib
 from collections.abc import Mapping
 from typing import Any, Union
@@ -32,6 +30,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
 from ._backend import load_compiled_core
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .types import SampleStats
@@ -468,9 +467,6 @@ class SampleTable:
         point leaves either the previous file or the new one, never a mix. The records are
         streamed from the table's memory, never copied whole. Updates wait meanwhile.
         """
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         with self._lock:
             header = json.dumps(
                 {
@@ -484,18 +480,8 @@ class SampleTable:
                 },
                 sort_keys=True,
             ).encode("utf-8")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            try:
-                with open(fd, "wb") as file:
-                    _write_checkpoint(file, header, self._c.records_view())
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
-        _fsync_directory(directory)
+            with atomic_write(path) as file:
+                _write_checkpoint(file, header, self._c.records_view())
 
     def load(self, path: PathLike) -> None:
         """Replace the whole state (records, config, counters) by the checkpoint at ``path``.
@@ -669,17 +655,3 @@ def _read_checkpoint(
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return buffer, config, counters
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable; some platforms cannot open directories, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_write
+
 __all__ = ["ClassificationData", "TextData", "cache_dir", "make_mnist1d", "make_stdlib_text"]
 
 
@@ -43,12 +45,8 @@ class ClassificationData:
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def make_mnist1d(num_samples: int = 40_000, *, label_noise: float = 0.0, seed: int = 42, test_fraction: float = 0.2) -> ClassificationData:

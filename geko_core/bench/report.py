@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._atomic import atomic_write
 
 from ..config import BUCKET_NAMES
 
@@ -78,9 +80,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as handle:
+        handle.write(text.encode("utf-8"))
 
 
 def write_outputs(out_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[Path]:
@@ -92,12 +93,11 @@ def write_outputs(out_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str
     written.append(results)
     table = out_dir / "results.csv"
     fields = ["task", "policy", "seed", "metric_name", "metric", "forwarded", "backpropagated", "train_seconds", "overhead_seconds", "overhead_share"]
-    tmp = table.with_name(table.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(runs)
-    os.replace(tmp, table)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(runs)
+    _atomic_write_text(table, buffer.getvalue())
     written.append(table)
     written += _plots(out_dir, runs)
     return written

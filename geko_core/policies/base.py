@@ -66,13 +66,12 @@ class Policy:
     # -- planning ---------------------------------------------------------------------------
     def plan_epoch(self, epoch: int, progress: float) -> Plan:
         """The global plan of ``epoch`` at training ``progress`` in [0, 1]; deterministic in
-        (the selector's seed, epoch, the table's state)."""
-        raise NotImplementedError
+        (the selector's seed, epoch, the table's state). Every policy must define it."""
+        raise NotImplementedError(f"policy {self.name!r} does not define plan_epoch")
 
     # -- learning ---------------------------------------------------------------------------
     def observe(self, batch: StatsBatch, step: int) -> None:
-        assert self.selector is not None
-        self.selector.table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, step)
+        self._bound().table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, step)
 
     def select(self, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """For meta-batch policies: positions to back-propagate and their weights."""
@@ -90,12 +89,15 @@ class Policy:
             raise ValueError(f"policy {self.name!r} has no state but got keys {sorted(state)}")
 
     # -- helpers ----------------------------------------------------------------------------
+    def _bound(self) -> "Selector":
+        if self.selector is None:
+            raise RuntimeError(f"policy {self.name!r} is not bound to a Selector; pass it as Selector(policy=...)")
+        return self.selector
+
     @property
     def num_samples(self) -> int:
-        assert self.selector is not None
-        return self.selector.num_samples
+        return self._bound().num_samples
 
     def rng(self, epoch: int, purpose: int = 0) -> np.random.Generator:
         """A generator keyed by (seed, epoch, purpose): plans never depend on call history."""
-        assert self.selector is not None
-        return np.random.default_rng([self.selector.seed, epoch, purpose, 0x6E6B])
+        return np.random.default_rng([self._bound().seed, epoch, purpose, 0x6E6B])

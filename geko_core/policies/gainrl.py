@@ -152,7 +152,7 @@ class GainRLPolicy(Policy):
             concentration: float ``[M]`` (e.g. ``angle_concentration(...).concentration``);
                 NaN marks "no score" (the sample moves to the unscored part).
         """
-        assert self.selector is not None, "bind the policy to a Selector first"
+        self._bound()
         if hasattr(indices, "detach"):
             indices = indices.detach().cpu().numpy()
         idx = np.asarray(indices)
@@ -168,7 +168,7 @@ class GainRLPolicy(Policy):
 
     def report(self, accuracy: float, angle: float | None = None) -> float:
         """The accuracy (or reward) of the last round; moves the window now. Returns the new mu."""
-        assert self.selector is not None, "bind the policy to a Selector first"
+        self._bound()
         acc = _finite_real(accuracy, "accuracy")
         ang = 0.0 if angle is None else _finite_real(angle, "angle")
         self._move(acc, ang)

@@ -229,7 +229,7 @@ class GracePolicy(Policy):
     def stale_embeddings(self) -> np.ndarray:
         """int64 dataset indices whose embeddings to (re)compute now: every sample without one,
         or else the ``refresh_count()`` oldest (ties by index)."""
-        assert self.selector is not None, "bind the policy to a Selector first"
+        self._bound()
         missing = np.flatnonzero(self.embedded_round < 0)
         if len(missing):
             return missing.astype(np.int64)
@@ -242,7 +242,7 @@ class GracePolicy(Policy):
         The first call fixes ``d`` and the device; the graph rows of these samples are marked
         for recomputation.
         """
-        assert self.selector is not None, "bind the policy to a Selector first"
+        self._bound()
         idx = self._check_indices(indices)
         if isinstance(embeddings, np.ndarray):
             embeddings = torch.from_numpy(embeddings)
@@ -270,7 +270,7 @@ class GracePolicy(Policy):
             neighbours: int ``[N, k]``; entries in ``[-1, N)``, -1 = no neighbour, never the
                 row itself. Rows are kept until their sample's embedding changes.
         """
-        assert self.selector is not None, "bind the policy to a Selector first"
+        self._bound()
         if isinstance(neighbours, torch.Tensor):
             neighbours = neighbours.detach().cpu().numpy()
         nb = np.asarray(neighbours)
