@@ -1,3 +1,4 @@
+#include "geko/check.h"
 #include "geko/curriculum.h"
 
 #include <algorithm>
@@ -10,15 +11,8 @@ namespace geko {
 
 namespace {
 
-std::string fmt(double x) {
-  std::ostringstream out;
-  out << x;
-  return out.str();
-}
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
-}
+using detail::fmt;
+using detail::require;
 
 void check_progress(double p) {
   require(std::isfinite(p) && p >= 0.0 && p <= 1.0, "MountainCurriculum: progress must be in [0, 1], got " + fmt(p));

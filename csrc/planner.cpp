@@ -1,3 +1,4 @@
+#include "geko/check.h"
 #include "geko/planner.h"
 
 #include <algorithm>
@@ -21,15 +22,8 @@ constexpr int64_t kChunk = int64_t{1} << 15;
 
 int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-std::string fmt(double x) {
-  std::ostringstream out;
-  out << x;
-  return out.str();
-}
-
-void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
-}
+using detail::fmt;
+using detail::require;
 
 // ---------------------------------------------------------------------------
 // Shuffle: Rao-Sandelius. Each element goes to one of `blocks` blocks chosen by
