@@ -150,7 +150,8 @@ Expanded expand(int64_t n, CopiesFn copies_of, CategoryFn category_of) {
 // and weight_of map an id to the sample index and its importance weight.
 // chunk_size >= 0 keeps only the first chunk_size entries of the shuffled plan:
 // a uniformly random part of it, so scaling the weights by m / chunk_size keeps
-// weighted sums unbiased.
+// weighted sums unbiased. The global plan is then split by shard_plan, the one
+// sharder of the project.
 template <class IndexFn, class WeightFn>
 PlanResult finish(std::vector<int64_t> ids, int64_t epoch, const ShardOptions& o, uint64_t shuffle_sub,
                   IndexFn index_of, WeightFn weight_of, int64_t chunk_size = -1) {
@@ -162,24 +163,27 @@ PlanResult finish(std::vector<int64_t> ids, int64_t epoch, const ShardOptions& o
     ids.resize(static_cast<size_t>(chunk_size));
   }
   const int64_t m = static_cast<int64_t>(ids.size());
-  const int64_t replicas = o.num_replicas;
-  const int64_t per_rank = o.drop_last ? m / replicas : (m + replicas - 1) / replicas;
+  std::vector<int64_t> indices(static_cast<size_t>(m));
+  std::vector<float> weights(static_cast<size_t>(m));
+  const int64_t chunks = num_chunks(m);
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t j = 0; j < m; ++j) {
+    indices[j] = index_of(ids[j]);
+    weights[j] = weight_of(ids[j]) * scale;
+  }
   PlanResult result;
   result.epoch_size = drawn;
-  result.total_size = per_rank * replicas;
-  result.indices.resize(static_cast<size_t>(per_rank));
-  result.weights.resize(static_cast<size_t>(per_rank));
-  const int64_t chunks = num_chunks(per_rank);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (int64_t j = 0; j < per_rank; ++j) {
-    const int64_t pos = o.rank + j * replicas;
-    if (pos < m) {
-      result.indices[j] = index_of(ids[pos]);
-      result.weights[j] = weight_of(ids[pos]) * scale;
-    } else {  // padding wraps around (pos >= m implies m > 0); it carries no weight
-      result.indices[j] = index_of(ids[(pos - m) % m]);
-      result.weights[j] = 0.0f;
-    }
+  if (o.num_replicas == 1) {  // the global plan is this rank's: no copy
+    result.total_size = m;
+    result.real = m;
+    result.indices = std::move(indices);
+    result.weights = std::move(weights);
+  } else {
+    Shard shard = shard_plan(indices.data(), weights.data(), m, o.num_replicas, o.rank, o.drop_last);
+    result.total_size = shard.total_size;
+    result.real = shard.real;
+    result.indices = std::move(shard.indices);
+    result.weights = std::move(shard.weights);
   }
   return result;
 }
@@ -198,6 +202,33 @@ void ShardOptions::validate() const {
   require(num_replicas >= 1, "num_replicas must be >= 1, got " + std::to_string(num_replicas));
   require(rank >= 0 && rank < num_replicas,
           "rank must be in [0, num_replicas=" + std::to_string(num_replicas) + "), got " + std::to_string(rank));
+}
+
+Shard shard_plan(const int64_t* indices, const float* weights, int64_t m, int64_t num_replicas, int64_t rank,
+                 bool drop_last) {
+  require(m >= 0, "a plan must have >= 0 entries, got " + std::to_string(m));
+  require(num_replicas >= 1, "num_replicas must be >= 1, got " + std::to_string(num_replicas));
+  require(rank >= 0 && rank < num_replicas,
+          "rank must be in [0, num_replicas=" + std::to_string(num_replicas) + "), got " + std::to_string(rank));
+  const int64_t per_rank = drop_last ? m / num_replicas : (m + num_replicas - 1) / num_replicas;
+  Shard out;
+  out.total_size = per_rank * num_replicas;
+  out.real = std::max<int64_t>(0, std::min<int64_t>(per_rank, (m - rank + num_replicas - 1) / num_replicas));
+  out.indices.resize(static_cast<size_t>(per_rank));
+  out.weights.resize(static_cast<size_t>(per_rank));
+  const int64_t chunks = num_chunks(per_rank);
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t j = 0; j < per_rank; ++j) {
+    const int64_t pos = rank + j * num_replicas;
+    if (pos < m) {
+      out.indices[j] = indices[pos];
+      out.weights[j] = weights[pos];
+    } else {  // padding wraps around (pos >= m implies m > 0); it carries no weight
+      out.indices[j] = indices[(pos - m) % m];
+      out.weights[j] = 0.0f;
+    }
+  }
+  return out;
 }
 
 int64_t freeze_revisit_count(double fraction, int64_t n_freeze) {

@@ -9,7 +9,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'random_permutation', 'stats_forward', 'weighted_sample']
+__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
 class Config:
     """
     C++ mirror of geko_core.GekoConfig (defaults live here).
@@ -214,6 +214,10 @@ def infobatch_plan(scores: numpy.ndarray, epoch: typing.SupportsInt | typing.Sup
 def random_permutation(n: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
     """
     A uniformly random permutation of range(n), O(n), deterministic for (seed, epoch).
+    """
+def shard_plan(indices: numpy.ndarray, weights: numpy.ndarray, num_replicas: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex, drop_last: bool) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32], int, int]:
+    """
+    This rank's share of a global plan: (indices, weights, total_size, real entries).
     """
 def stats_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, sample_out: collections.abc.Sequence, token_out: typing.Any = None, lse_out: typing.Any = None) -> None:
     """

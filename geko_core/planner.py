@@ -19,7 +19,9 @@ sum over the dataset of v``: the weighted loss has the full-data gradient in exp
 
 Sharding follows ``torch.utils.data.DistributedSampler``: the global plan (shuffled when
 ``shuffle=True``) is padded by wrapping around to a multiple of ``num_replicas`` (or its
-tail dropped with ``drop_last=True``), and rank ``r`` takes positions ``r, r + R, r + 2R, ...``.
+tail dropped with ``drop_last=True``), and rank ``r`` takes positions ``r, r + R, r + 2R, ...``;
+the core's ``shard_plan`` is the one implementation of that rule (``geko_core.epoch`` uses it
+for policies' plans too). Plans come back as :class:`~geko_core.epoch.EpochPlan`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ._backend import load_compiled_core
+from .epoch import EpochPlan
 
 _C = load_compiled_core()
 
@@ -140,147 +143,6 @@ def _float_array(values: Any, name: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
         return array.astype(np.float64)
     raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
-
-
-def _readonly(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
-
-
-# -- the plan -----------------------------------------------------------------------------------
-
-
-class EpochPlan:
-    """This rank's part of one epoch: sample indices in training order and their weights.
-
-    Iterating yields the indices from ``position`` on and advances ``position``, so a plan
-    can be consumed in pieces. A DataLoader prefetches from its sampler, so a trainer that
-    wants an exact resume point should count the samples it actually trained on and
-    ``seek()`` to that count after ``load_state_dict``.
-
-    Attributes:
-        indices: int64 ``[len]``, read-only.
-        weights: float32 ``[len]``, read-only; importance weight of each entry (0 on padding).
-        epoch, rank, num_replicas: what the plan was made for.
-        epoch_size: global number of draws of the epoch, before chunking, padding or dropping.
-        total_size: global length after chunking, padding or dropping (``len * num_replicas``).
-        bucket_draws: global draws per bucket code (bucket plans; for InfoBatch plans the
-            LIGHT slot counts well-learned samples and the FOCUS slot the others).
-        kind: ``"buckets"``, ``"infobatch"`` or ``"gaussian_window"``.
-    """
-
-    def __init__(
-        self,
-        indices: np.ndarray,
-        weights: np.ndarray,
-        *,
-        epoch: int,
-        rank: int = 0,
-        num_replicas: int = 1,
-        epoch_size: int | None = None,
-        total_size: int | None = None,
-        bucket_draws: Sequence[int] = (0,) * 5,
-        kind: str = "buckets",
-        position: int = 0,
-    ) -> None:
-        indices = np.asarray(indices)
-        weights = np.asarray(weights)
-        if indices.dtype != np.int64 or indices.ndim != 1:
-            raise TypeError(f"indices must be a 1-D int64 array, got {indices.dtype} with shape {indices.shape}")
-        if weights.dtype != np.float32 or weights.shape != indices.shape:
-            raise TypeError(f"weights must be float32 of shape {indices.shape}, got {weights.dtype} {weights.shape}")
-        self.indices = _readonly(indices)
-        self.weights = _readonly(weights)
-        self.epoch = int(epoch)
-        self.rank = int(rank)
-        self.num_replicas = int(num_replicas)
-        self.epoch_size = int(len(indices) if epoch_size is None else epoch_size)
-        self.total_size = int(len(indices) * self.num_replicas if total_size is None else total_size)
-        self.bucket_draws = tuple(int(x) for x in bucket_draws)
-        self.kind = str(kind)
-        self._position = 0
-        self.seek(position)
-
-    @classmethod
-    def _from_core(cls, result: dict, *, epoch: int, rank: int, num_replicas: int, kind: str) -> "EpochPlan":
-        return cls(
-            result["indices"],
-            result["weights"],
-            epoch=epoch,
-            rank=rank,
-            num_replicas=num_replicas,
-            epoch_size=result["epoch_size"],
-            total_size=result["total_size"],
-            bucket_draws=result["bucket_draws"],
-            kind=kind,
-        )
-
-    def __len__(self) -> int:
-        return int(self.indices.shape[0])
-
-    @property
-    def position(self) -> int:
-        """Index of the next entry ``__iter__`` yields."""
-        return self._position
-
-    def seek(self, position: int) -> None:
-        """Continue from ``position`` (0 <= position <= len)."""
-        self._position = _int(position, "position", low=0, high=len(self))
-
-    def __iter__(self) -> Iterator[int]:
-        while self._position < len(self):
-            index = int(self.indices[self._position])
-            self._position += 1
-            yield index
-
-    def remaining(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indices, weights) from ``position`` to the end, as read-only views."""
-        return self.indices[self._position :], self.weights[self._position :]
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: the arrays themselves (about 12 bytes per entry),
-        so a resume does not depend on the table having kept its state."""
-        return {
-            "indices": self.indices.copy(),
-            "weights": self.weights.copy(),
-            "position": self._position,
-            "epoch": self.epoch,
-            "rank": self.rank,
-            "num_replicas": self.num_replicas,
-            "epoch_size": self.epoch_size,
-            "total_size": self.total_size,
-            "bucket_draws": list(self.bucket_draws),
-            "kind": self.kind,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "EpochPlan":
-        missing = {"indices", "weights", "position", "epoch"} - set(state)
-        if missing:
-            raise ValueError(f"EpochPlan state is missing {sorted(missing)}")
-        return cls(
-            np.array(state["indices"], dtype=np.int64),
-            np.array(state["weights"], dtype=np.float32),
-            epoch=state["epoch"],
-            rank=state.get("rank", 0),
-            num_replicas=state.get("num_replicas", 1),
-            epoch_size=state.get("epoch_size"),
-            total_size=state.get("total_size"),
-            bucket_draws=state.get("bucket_draws", (0,) * 5),
-            kind=state.get("kind", "buckets"),
-            position=state["position"],
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        """Become the plan saved in ``state`` (validated before anything changes)."""
-        other = EpochPlan.from_state_dict(state)
-        self.__dict__.update(other.__dict__)
-
-    def __repr__(self) -> str:
-        return (
-            f"EpochPlan(kind={self.kind!r}, epoch={self.epoch}, rank={self.rank}/{self.num_replicas}, "
-            f"len={len(self)}, position={self._position}, epoch_size={self.epoch_size})"
-        )
 
 
 class EpochPlanner:

@@ -1,5 +1,8 @@
 """The plug-and-play Selector: three touch-points in any training loop.
 
+The Selector serves the loop; an epoch's life (plan, shard, position, weights, saved state)
+lives in :mod:`geko_core.epoch`, the selection rules in :mod:`geko_core.policies`.
+
     sel = geko_core.Selector(num_samples=len(ds), policy="geko", epochs=E, seed=0)
     loader = DataLoader(geko_core.WithIndex(ds), batch_size=B, sampler=sel.sampler)
     for epoch in range(E):
@@ -10,8 +13,9 @@
 
 from __future__ import annotations
 
-import math
 import time
+import warnings
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -19,12 +23,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
-from .policies import Plan, Policy, StatsBatch, make_policy
+from .epoch import EpochPlan, Plan
+from .policies import Policy, PolicyContext, StatsBatch, TableView, make_policy
 from .types import SampleStats
 
 __all__ = ["GekoSampler", "Selector", "WithIndex"]
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2: the epoch object's state (per-position weights, padding, trained position)
 _WITH_INDEX_HINT = (
     "wrap your dataset in geko_core.WithIndex(dataset) so every batch starts with the samples' "
     "dataset indices, and pass those indices to the Selector"
@@ -56,15 +61,19 @@ class WithIndex(Dataset):
 class GekoSampler(Sampler[int]):
     """The Selector's sampler: yields this rank's planned indices of the current epoch.
 
-    Its length is the planned epoch length, so epochs really shrink. It moves to the next
-    epoch by itself once an epoch has been consumed, and also accepts ``set_epoch``.
+    It behaves as ``DistributedSampler`` does: ``len()`` only answers (the current epoch's
+    planned length), ``set_epoch`` moves to an epoch, and iterating yields from the position
+    training has reached. An epoch ends when training has consumed it (the Selector then
+    moves on by itself) or when the DataLoader has run through it and dropped an incomplete
+    last batch. ``state_dict``/``load_state_dict`` carry the epoch, its plan and the trained
+    position, so torchdata's ``StatefulDataLoader`` checkpoints the sampler with the loader.
     """
 
     def __init__(self, selector: "Selector") -> None:
         self._selector = selector
 
     def __len__(self) -> int:
-        return self._selector._current_plan_length()
+        return self._selector._epoch_length()
 
     def __iter__(self) -> Iterator[int]:
         return self._selector._iterate()
@@ -72,21 +81,13 @@ class GekoSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self._selector.set_epoch(epoch)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's position: epoch, the epoch's plan and the samples trained."""
+        return self._selector._sampler_state()
 
-def _shard(plan: Plan, num_replicas: int, rank: int) -> Plan:
-    """This rank's share of a global plan, as DistributedSampler shards: pad by wrapping
-    around to a multiple of ``num_replicas``, then take every ``num_replicas``-th entry."""
-    if num_replicas == 1:
-        return plan
-    total = len(plan.indices)
-    per_rank = math.ceil(total / num_replicas) if total else 0
-    padded = per_rank * num_replicas
-    take = np.arange(padded) % max(total, 1)
-    indices, weights = plan.indices[take], plan.weights[take].copy()
-    # The wrapped-around padding repeats samples already in the epoch: weight 0 keeps the
-    # epoch's weighted sum unbiased, as the planner's own padding does.
-    weights[total:] = 0.0
-    return Plan(indices[rank::num_replicas].copy(), weights[rank::num_replicas].copy())
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (the table comes with ``Selector.load_state_dict``)."""
+        self._selector._load_sampler_state(state)
 
 
 class Selector:
@@ -109,6 +110,9 @@ class Selector:
         explicit_steps: count optimizer steps only through :meth:`step` from the start
             (gradient accumulation); by default every batch is a step until ``step()`` is
             first called.
+        batch_size, drop_last: the DataLoader's. With ``drop_last=True`` (which needs
+            ``batch_size``) every epoch is planned in whole batches, so the samples a
+            DataLoader would drop are never drawn and a resume continues exactly.
 
     Thread safety: a Selector is *not* thread-safe; drive it from the one thread that runs
     the training loop (DataLoader workers are separate processes and never touch it). Its
@@ -137,53 +141,62 @@ class Selector:
         rank: int | None = None,
         backend: str | None = None,
         explicit_steps: bool = False,
+        batch_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         from .table import SampleTable
 
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        num_samples = check_int(num_samples, "num_samples", low=1)
         if (epochs is None) == (total_steps is None):
             raise ValueError("give exactly one of epochs= or total_steps=")
-        for name, value in (("epochs", epochs), ("total_steps", total_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        epochs = None if epochs is None else check_int(epochs, "epochs", low=1)
+        total_steps = None if total_steps is None else check_int(total_steps, "total_steps", low=1)
+        seed = check_int(seed, "seed", low=0)
+        batch_size = None if batch_size is None else check_int(batch_size, "batch_size", low=1)
+        drop_last = check_bool(drop_last, "drop_last")
+        if drop_last and batch_size is None:
+            raise ValueError("drop_last=True needs the DataLoader's batch_size= to plan epochs in whole batches")
         if num_replicas is None and rank is None and _distributed():
             num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-        num_replicas = 1 if num_replicas is None else int(num_replicas)
-        rank = 0 if rank is None else int(rank)
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+        num_replicas = 1 if num_replicas is None else check_int(num_replicas, "num_replicas", low=1)
+        rank = 0 if rank is None else check_int(rank, "rank", low=0, high=num_replicas - 1)
 
-        self.num_samples = int(num_samples)
-        self.epochs = None if epochs is None else int(epochs)
-        self.total_steps = None if total_steps is None else int(total_steps)
-        self.seed = int(seed)
+        self.num_samples = num_samples
+        self.epochs = epochs
+        self.total_steps = total_steps
+        self.seed = seed
         self.config = resolve_config(config)
         self.num_replicas = num_replicas
         self.rank = rank
         self.backend = backend
+        self.batch_size = batch_size
+        self.drop_last = drop_last
         self.table = SampleTable(self.num_samples, self.config)
+        #: What policies see of the run (frozen).
+        self.context = PolicyContext(
+            num_samples=num_samples, seed=seed, epochs=epochs, total_steps=total_steps,
+            rank=rank, world_size=num_replicas, table=TableView(self.table),
+        )
         self.policy = make_policy(policy, **(policy_options or {}))
-        self.policy.bind(self)
+        self.policy.bind(self.context)
+        self.policy.on_epoch(0)
         self.sampler = GekoSampler(self)
         self.history: list[dict[str, Any]] = []
 
         self.epoch = 0
         self._step = 0
         self._explicit_steps = bool(explicit_steps)
-        self._plan: Plan | None = None
-        self._position = 0  # samples of this rank's plan consumed by training
-        self._yield_finished = False
-        self._weight_of = np.ones(self.num_samples, dtype=np.float32)
+        self._plan: EpochPlan | None = None
+        self._batch_seen = 0  # largest batch trained in the current epoch
+        self._last_batch: tuple[np.ndarray, np.ndarray] | None = None  # indices, weights of the last observed batch
         self._pending: list[tuple[Any, ...]] = []
         self._forwarded = 0
         self._backpropagated = 0
         self._epoch_start_counts = (0, 0)
-        # Seconds spent planning epochs and updating the table/policy: the selection overhead.
-        self._overhead = 0.0
-        self._planning_seconds = 0.0
+        # Wall-clock of the whole Selector calls a training loop pays (the overhead), and of
+        # planning; _depth keeps nested calls from counting twice.
+        self._seconds = dict.fromkeys(_TIMED, 0.0)
+        self._depth = 0
 
     # -- progress -----------------------------------------------------------------------------
     @property
@@ -194,30 +207,34 @@ class Selector:
         """Training progress in [0, 1] (by steps with total_steps=, by epochs otherwise)."""
         if self.total_steps is not None:
             return min(self._step / self.total_steps, 1.0)
-        length = len(self._plan.indices) if self._plan is not None else 0
-        within = self._position / length if length else 0.0
-        return min((self.epoch + within) / self.epochs, 1.0)
+        return min(self.epoch_progress() / self.epochs, 1.0)
+
+    @property
+    def epoch_plan(self) -> EpochPlan:
+        """This rank's :class:`~geko_core.epoch.EpochPlan` of the current epoch (planned now if
+        it is not yet). Read it; the Selector moves its position."""
+        return self._current()
 
     @property
     def position(self) -> int:
         """Samples of this rank's current plan consumed by training (loss/observe calls)."""
-        return self._position
+        return 0 if self._plan is None else self._plan.position
 
     @property
     def remaining(self) -> int:
-        """Samples of this rank's current plan not yet consumed by training (plans the epoch,
-        or moves past a consumed one, like ``len(sampler)``)."""
-        return max(self._current_plan_length() - self._position, 0)
+        """Samples of this rank's current plan not yet consumed by training (plans the
+        current epoch if needed; never moves to another epoch)."""
+        return self._current().remaining
 
     @property
     def epoch_consumed(self) -> bool:
-        """The current epoch has been iterated to its end or fully trained on."""
-        return self._epoch_consumed()
+        """Training has consumed the current epoch's plan (it moves on at the next iteration)."""
+        return self._plan is not None and self._plan.trained
 
     def epoch_progress(self) -> float:
         """Epochs done plus the consumed share of the current one."""
-        length = len(self._plan.indices) if self._plan is not None else 0
-        return self.epoch + (min(self._position / length, 1.0) if length else 0.0)
+        plan = self._plan
+        return self.epoch + (plan.position / len(plan) if plan is not None and len(plan) else 0.0)
 
     def count_steps_explicitly(self) -> None:
         """From now on only :meth:`step` advances the step count (gradient accumulation)."""
@@ -229,80 +246,83 @@ class Selector:
         self._explicit_steps = True
         self._step += 1
 
-    # -- planning -----------------------------------------------------------------------------
-    def _ensure_plan(self) -> Plan:
+    # -- the epoch ----------------------------------------------------------------------------
+    def _current(self) -> EpochPlan:
+        """The current epoch's plan, planned from the table as it is now if not yet planned."""
         if self._plan is None:
             self._flush()
             started = time.perf_counter()
-            plan = self.policy.plan_epoch(self.epoch, self.progress())
-            _check_plan(plan, self.num_samples)
-            local = _shard(plan, self.num_replicas, self.rank)
-            self._set_plan(local)
+            plan = self.policy.plan_epoch(self.context, self.epoch, self.progress())
+            if not isinstance(plan, Plan):
+                raise TypeError(f"a policy's plan_epoch must return geko_core.policies.Plan, got {type(plan).__name__}")
+            self._plan = EpochPlan.from_plan(
+                plan.checked(self.num_samples), epoch=self.epoch, num_replicas=self.num_replicas, rank=self.rank,
+                batch_size=self.batch_size, drop_last=self.drop_last,
+            )
             elapsed = time.perf_counter() - started
-            self._planning_seconds += elapsed
-            self._overhead += elapsed
+            self._seconds["planning"] += elapsed
+            if self._depth == 0:
+                self._seconds["total"] += elapsed
         return self._plan
 
-    def _set_plan(self, plan: Plan) -> None:
-        self._plan = plan
-        self._weight_of.fill(1.0)
-        self._weight_of[plan.indices] = plan.weights
-        self._yield_finished = False
-
-    def _epoch_consumed(self) -> bool:
-        if self._plan is None:
-            return False
-        return self._yield_finished or (self._position >= len(self._plan.indices) and self._position > 0)
+    def _epoch_length(self) -> int:
+        return len(self._current())
 
     def _advance(self) -> None:
-        self._record_history()
-        self.epoch += 1
-        self._plan = None
-        self._position = 0
+        self._move_to(self.epoch + 1)
 
-    def _current_plan_length(self) -> int:
-        if self._plan is not None and self._position >= len(self._plan.indices) and self._position > 0:
-            self._advance()
-        return len(self._ensure_plan().indices)
-
-    def _iterate(self) -> Iterator[int]:
-        if self._epoch_consumed():
-            self._advance()
-        plan = self._ensure_plan()
-        epoch = self.epoch
-        for i in range(self._position, len(plan.indices)):
-            if self.epoch != epoch or self._plan is not plan:
-                return  # set_epoch or a resume replaced the plan under this iterator
-            yield int(plan.indices[i])
-        self._yield_finished = True
-
-    def set_epoch(self, epoch: int) -> None:
-        """Jump to ``epoch`` (DistributedSampler's convention); a no-op for the current one."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        if epoch == self.epoch:
-            return
+    def _move_to(self, epoch: int) -> None:
         self._flush()
         if self._plan is not None:
             self._record_history()
-        self.epoch = int(epoch)
+            self._plan.stop_iteration()
+        self.epoch = epoch
         self._plan = None
-        self._position = 0
+        self._batch_seen = 0
+        self.policy.on_epoch(epoch)
+
+    def _iterate(self) -> Iterator[int]:
+        plan = self._plan
+        if plan is not None and plan.exhausted:
+            dropped = plan.remaining
+            if dropped == 0 or (self._batch_seen and dropped < self._batch_seen):
+                if dropped and not self.drop_last:
+                    warnings.warn(
+                        f"the DataLoader dropped the last {dropped} samples of epoch {self.epoch} (drop_last=True?): "
+                        f"pass batch_size= and drop_last=True to the Selector so that epochs are planned in whole "
+                        f"batches and a resume is exact",
+                        stacklevel=3,
+                    )
+                self._advance()
+            # else: the loop stopped early (break); continue the epoch from the trained position
+        elif plan is not None and len(plan) and plan.trained:
+            self._advance()
+        return self._current().iterate()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Jump to ``epoch`` (DistributedSampler's convention); a no-op for the current one."""
+        epoch = check_int(epoch, "epoch", low=0)
+        if epoch != self.epoch:
+            self._move_to(epoch)
 
     def plan(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's planned indices and importance weights of the current epoch (copies)."""
-        plan = self._ensure_plan()
+        plan = self._current()
         return plan.indices.copy(), plan.weights.copy()
 
     # -- observing ----------------------------------------------------------------------------
     def weights(self, idx: Any) -> torch.Tensor:
-        """Importance weights (float32) of the samples ``idx`` in the current plan."""
-        indices = self._indices(idx)
-        self._ensure_plan()
-        out = torch.from_numpy(self._weight_of[indices].copy())
-        if isinstance(idx, torch.Tensor) and idx.device.type != "cpu":
-            out = out.to(idx.device, non_blocking=True)
-        return out
+        """Importance weights (float32) of the batch ``idx``: the batch about to be trained
+        (at the plan's position), or the one just observed."""
+        with self._timed("weights"):
+            indices = self._indices(idx)
+            plan = self._current()
+            at = plan.locate(indices)
+            if at < 0 and self._last_batch is not None and np.array_equal(self._last_batch[0], indices):
+                values = self._last_batch[1]
+            else:
+                values = plan.batch_weights(indices, at)
+            return _on_device(torch.from_numpy(np.array(values, dtype=np.float32)), idx)
 
     def loss(
         self,
@@ -322,7 +342,8 @@ class Selector:
             logits: ``[B, V]`` or ``[B, T, V]``.
             labels: ``[B]`` or ``[B, T]``.
             idx: ``[B]`` dataset indices (from :class:`WithIndex`).
-            weights: per-sample loss weights; default: the plan's importance weights.
+            weights: per-sample loss weights; default: the plan's importance weights of these
+                positions (0 on padding copies).
             observe: update the table from these statistics (False after ``select``, which
                 already observed the forward pass).
 
@@ -331,49 +352,48 @@ class Selector:
         """
         from .loss import cross_entropy_with_stats
 
-        indices = self._indices(idx, expected=logits.shape[0] if logits.dim() >= 1 else None)
-        planned = self._plan is not None
-        self._ensure_plan()
-        if weights is None:
-            weights = torch.from_numpy(self._weight_of[indices].copy()).to(logits.device, non_blocking=True)
-        try:
+        with self._timed("loss"):
+            indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
+            self._check_before_planning(logits, labels, ignore_index, shift)
+            plan = self._current()
+            at = plan.locate(indices)
+            if weights is None:
+                batch_weights = np.array(plan.batch_weights(indices, at), dtype=np.float32)
+                weights = torch.from_numpy(batch_weights).to(logits.device, non_blocking=True)
+            else:
+                batch_weights = None
             loss, stats = cross_entropy_with_stats(
                 logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
                 reduction=reduction, config=self.config, backend=self.backend,
             )
-        except BaseException:
-            if not planned:
-                # Bad input changes nothing: the epoch is planned later, from the table as it
-                # will be then, exactly as if this call had not happened.
-                self._plan = None
-                self._weight_of.fill(1.0)
-            raise
-        self._backpropagated += len(indices)
-        if observe:
-            self._observe(indices, stats, forwarded=len(indices))
-        else:
-            self._forwarded += len(indices)
-        return loss
+            self._backpropagated += len(indices)
+            if observe:
+                self._observe(indices, stats, at, batch_weights)
+            else:
+                self._forwarded += len(indices)
+            return loss
 
     def observe(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> SampleStats:
         """Score a batch the caller trained with its own loss; counts it as forwarded and
         back-propagated. Returns the statistics."""
         from .stats import sample_stats
 
-        indices = self._indices(idx, expected=logits.shape[0] if logits.dim() >= 1 else None)
-        stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
-        self._backpropagated += len(indices)
-        self._observe(indices, stats, forwarded=len(indices))
-        return stats
+        with self._timed("observe"):
+            indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
+            stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
+            self._backpropagated += len(indices)
+            self._observe_located(indices, stats)
+            return stats
 
     def observe_stats(self, idx: Any, stats: SampleStats, *, backpropagated: bool = True) -> None:
         """Feed statistics computed elsewhere (e.g. by ``cross_entropy_with_stats``)."""
-        if not isinstance(stats, SampleStats):
-            raise TypeError(f"stats must be a geko_core.SampleStats, got {type(stats).__name__}")
-        indices = self._indices(idx, expected=stats.loss.shape[0])
-        if backpropagated:
-            self._backpropagated += len(indices)
-        self._observe(indices, stats, forwarded=len(indices))
+        with self._timed("observe"):
+            if not isinstance(stats, SampleStats):
+                raise TypeError(f"stats must be a geko_core.SampleStats, got {type(stats).__name__}")
+            indices = self._indices(idx, expected=stats.loss.shape[0])
+            if backpropagated:
+                self._backpropagated += len(indices)
+            self._observe_located(indices, stats)
 
     def select(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta-batch selection (policies "es", "eswp"): score a forwarded meta-batch
@@ -381,22 +401,37 @@ class Selector:
 
         Returns:
             ``(positions, weights)``: int64 positions into the meta-batch and float32 loss
-            weights, on the logits' device. Back-propagate ``model(x[positions])`` with
-            ``sel.loss(..., idx[positions], weights=weights, observe=False)``.
+            weights, on the logits' device: the policy's selection weight times the plan's
+            importance weight of each position, so the weighted loss of the selected samples
+            has the meta-batch's weighted loss as its expectation. Back-propagate
+            ``model(x[positions])`` with ``sel.loss(..., idx[positions], weights=weights,
+            observe=False)``.
         """
         from .stats import sample_stats
 
-        if not self.policy.meta_batch:
-            raise TypeError(f"policy {self.policy.name!r} does not select inside a meta-batch; use Selector.loss")
-        indices = self._indices(idx, expected=logits.shape[0] if logits.dim() >= 1 else None)
-        # Statistics first: bad input raises before the epoch is planned (nothing changes).
-        stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
-        self._ensure_plan()
-        self._observe(indices, stats, forwarded=len(indices))
-        self._flush()  # selection needs this batch's scores now
-        positions, weights = self.policy.select(indices, self._step)
-        device = logits.device
-        return torch.from_numpy(positions).to(device), torch.from_numpy(weights).to(device)
+        with self._timed("select"):
+            if not self.policy.meta_batch:
+                raise TypeError(f"policy {self.policy.name!r} does not select inside a meta-batch; use Selector.loss")
+            indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
+            # Statistics first: bad input raises before the epoch is planned (nothing changes).
+            stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
+            plan = self._current()
+            at = plan.locate(indices)
+            plan_weights = np.array(plan.batch_weights(indices, at), dtype=np.float32)
+            self._observe(indices, stats, at, plan_weights)
+            self._flush()  # selection needs this batch's scores now
+            positions, weights = self.policy.select(self.context, indices, self._step)
+            weights = (np.asarray(weights, dtype=np.float32) * plan_weights[positions]).astype(np.float32)
+            device = logits.device
+            return torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(device), torch.from_numpy(weights).to(device)
+
+    def _check_before_planning(self, logits: Any, labels: Any, ignore_index: int, shift: bool) -> None:
+        """Bad input must change nothing; planning an epoch does (policies keep state), so the
+        rare call that would plan checks its tensors first."""
+        if self._plan is None:
+            from .stats import prepare_inputs
+
+            prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
 
     def _indices(self, idx: Any, expected: int | None = None) -> np.ndarray:
         if isinstance(idx, torch.Tensor):
@@ -420,16 +455,30 @@ class Selector:
             raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {self.num_samples} samples")
         return array.astype(np.int64, copy=False)
 
-    def _observe(self, indices: np.ndarray, stats: SampleStats, *, forwarded: int) -> None:
-        values = (stats.loss, stats.confidence, stats.correct, stats.el2n)
+    def _observe_located(self, indices: np.ndarray, stats: SampleStats) -> None:
+        plan = self._current()
+        at = plan.locate(indices)
+        self._observe(indices, stats, at, np.array(plan.batch_weights(indices, at), dtype=np.float32))
+
+    def _observe(self, indices: np.ndarray, stats: SampleStats, at: int, weights: np.ndarray | None) -> None:
+        """Queue a trained batch's statistics for the table, move the epoch's position, count
+        the step; the epoch ends here when training has consumed it."""
+        plan = self._current()
+        count = len(indices)
+        values = [stats.loss, stats.confidence, stats.correct, stats.el2n]
         device = stats.loss.device
-        local_count = len(indices)
+        real = plan.real_mask(at, count)
+        table_indices = indices
+        if real is not None:  # padding copies are trained with weight 0 but never update the table
+            table_indices = indices[real]
+            keep = torch.from_numpy(real).to(device)
+            values = [v[keep] for v in values]
         if _distributed() and self.num_replicas > 1:
-            idx_t = torch.from_numpy(indices).to(device)
+            idx_t = torch.from_numpy(np.ascontiguousarray(table_indices)).to(device)
             idx_t, *values = _all_gather_padded([idx_t, *values])
-            indices = idx_t.cpu().numpy()
+            table_indices = idx_t.cpu().numpy()
         if device.type == "cpu":
-            self._pending.append((indices, *[v.detach() for v in values], None))
+            self._pending.append((table_indices, *[v.detach() for v in values], None, self._step_of_batch(), self.epoch))
         else:
             # No host synchronisation: copy into pinned buffers and apply one step late.
             host = [torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for v in values]
@@ -437,18 +486,25 @@ class Selector:
                 h.copy_(v.detach(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((indices, *host, event))
-        self._forwarded += forwarded
-        self._position += local_count
+            self._pending.append((table_indices, *host, event, self._step_of_batch(), self.epoch))
+        self._forwarded += count
+        plan.advance(count)
+        self._batch_seen = max(self._batch_seen, count)
+        self._last_batch = (indices.copy(), weights if weights is not None else np.ones(count, dtype=np.float32))
         if not self._explicit_steps:
             self._step += 1
         # Apply everything but the newest entry when it is still in flight on a GPU.
-        keep_last = device.type != "cpu"
-        self._flush(keep_last=keep_last)
+        self._flush(keep_last=device.type != "cpu")
+        if len(plan) and plan.trained:
+            self._advance()
+
+    def _step_of_batch(self) -> int:
+        # The table stamps a batch with the step it is trained in (counted after it by default).
+        return self._step if self._explicit_steps else self._step + 1
 
     def _flush(self, keep_last: bool = False) -> None:
         while len(self._pending) > (1 if keep_last else 0):
-            indices, loss, confidence, correct, el2n, event = self._pending.pop(0)
+            indices, loss, confidence, correct, el2n, event, step, epoch = self._pending.pop(0)
             if event is not None:
                 event.synchronize()
             batch = StatsBatch(
@@ -457,18 +513,33 @@ class Selector:
                 confidence=np.ascontiguousarray(confidence.numpy(), dtype=np.float32),
                 correct=np.ascontiguousarray(correct.numpy(), dtype=np.float32),
                 el2n=np.ascontiguousarray(el2n.numpy(), dtype=np.float32),
+                step=step,
+                epoch=epoch,
             )
-            started = time.perf_counter()
-            self.policy.observe(batch, self._step)
-            self._overhead += time.perf_counter() - started
+            self.policy.observe(batch, self.table)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        # A call refused for bad input changes nothing, its clock included.
+        self._depth += 1
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        elapsed = time.perf_counter() - started
+        self._seconds[name] += elapsed
+        if self._depth == 0:
+            self._seconds["total"] += elapsed
 
     # -- reporting ----------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
-        """Bucket counts, samples forwarded / back-propagated, saved fraction, phase."""
+        """Bucket counts, samples forwarded / back-propagated, saved fraction, phase, and the
+        wall-clock of the Selector's calls (``overhead_seconds``: the whole ``loss``,
+        ``select``, ``observe``, ``weights`` calls and planning, as a training loop pays them)."""
         self._flush()
         counts = self.table.bucket_counts()
-        seen_epochs = self.epoch + (self._position / len(self._plan.indices) if self._plan is not None and len(self._plan.indices) else 0.0)
-        full = seen_epochs * self.num_samples / self.num_replicas
+        full = self.epoch_progress() * self.num_samples / self.num_replicas
         out: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self._step,
@@ -478,10 +549,11 @@ class Selector:
             "forwarded": self._forwarded,
             "backpropagated": self._backpropagated,
             "saved_fraction": (1.0 - self._backpropagated / full) if full > 0 else 0.0,
-            "epoch_length": len(self._plan.indices) if self._plan is not None else None,
+            "epoch_length": len(self._plan) if self._plan is not None else None,
             "nonfinite_skipped": int(self.table.nonfinite_skipped),
-            "overhead_seconds": self._overhead,
-            "planning_seconds": self._planning_seconds,
+            "overhead_seconds": self._seconds["total"],
+            "planning_seconds": self._seconds["planning"],
+            "seconds": {name: self._seconds[name] for name in _TIMED if name != "total"},
         }
         curriculum = getattr(self.policy, "curriculum", None)
         if curriculum is not None:
@@ -499,8 +571,11 @@ class Selector:
 
     # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: table, policy state, epoch, position inside
-        the epoch, step and the current plan (plain arrays and numbers)."""
+        """Everything needed to continue exactly: table, policy state, epoch, the epoch's plan
+        with the position training reached, step and counters (plain arrays and numbers).
+
+        The position counts samples *trained on*, not samples a DataLoader has prefetched, so
+        a state saved at any point resumes with the next batch training would have seen."""
         self._flush()
         return {
             "format_version": STATE_FORMAT_VERSION,
@@ -511,16 +586,11 @@ class Selector:
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
-            "epoch": self.epoch,
-            "position": self._position,
+            **self._sampler_state(),
             "step": self._step,
             "explicit_steps": self._explicit_steps,
-            # "consumed by training": a DataLoader prefetches, so the sampler may have run to
-            # the end of an epoch whose last batches were never trained on.
-            "yield_finished": self._plan is not None and self._position >= len(self._plan.indices),
-            "plan_indices": None if self._plan is None else self._plan.indices.copy(),
-            "plan_weights": None if self._plan is None else self._plan.weights.copy(),
             "counters": {"forwarded": self._forwarded, "backpropagated": self._backpropagated, "epoch_start": list(self._epoch_start_counts)},
+            "seconds": dict(self._seconds),
             "history": [dict(h) for h in self.history],
         }
 
@@ -542,8 +612,8 @@ class Selector:
         # Parse every plain field before anything changes: a missing or malformed entry
         # raises here and leaves this Selector as it was.
         try:
-            epoch, step, position = (_nonnegative_int(state[k], k) for k in ("epoch", "step", "position"))
-            explicit_steps, yield_finished = bool(state["explicit_steps"]), bool(state["yield_finished"])
+            step = _nonnegative_int(state["step"], "step")
+            explicit_steps = bool(state["explicit_steps"])
             counters = state["counters"]
             forwarded = _nonnegative_int(counters["forwarded"], "counters.forwarded")
             backpropagated = _nonnegative_int(counters["backpropagated"], "counters.backpropagated")
@@ -553,23 +623,13 @@ class Selector:
             if not isinstance(state["history"], list):
                 raise ValueError(f"Selector state history must be a list, got {type(state['history']).__name__}")
             history = [dict(h) for h in state["history"]]
+            seconds = {name: float(state.get("seconds", {}).get(name, 0.0)) for name in _TIMED}
             table_state, policy_state = state["table"], state["policy_state"]
+            epoch, plan, batch_seen = self._parse_sampler_state(state)
         except KeyError as exc:
             raise ValueError(f"Selector state is missing {exc}") from None
         except TypeError as exc:
             raise ValueError(f"Selector state is malformed: {exc}") from None
-        indices, weights = state.get("plan_indices"), state.get("plan_weights")
-        plan = None
-        if indices is not None:
-            try:
-                indices = np.asarray(indices, dtype=np.int64)
-                weights = np.asarray(weights, dtype=np.float32)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise ValueError(f"Selector state has a malformed plan: {exc}") from None
-            _check_plan(Plan(indices, weights), self.num_samples)
-            if not 0 <= position <= len(indices):
-                raise ValueError(f"Selector state position {position} is outside its plan of {len(indices)}")
-            plan = Plan(indices.copy(), weights.copy())
         # Validate the table and policy state on scratch copies first: nothing changes on error.
         from .table import SampleTable
 
@@ -586,29 +646,78 @@ class Selector:
                 raise ValueError(f"Selector state's policy_state is missing {exc}") from None
             raise
         self._pending.clear()
-        self.epoch = epoch
+        self._install_epoch(epoch, plan, batch_seen)
         self._step = step
         self._explicit_steps = explicit_steps
-        self._plan = None
-        if plan is not None:
-            self._set_plan(plan)
-        self._yield_finished = yield_finished
-        self._position = position
         self._forwarded = forwarded
         self._backpropagated = backpropagated
         self._epoch_start_counts = epoch_start
+        self._seconds = seconds
         self.history = history
 
+    def _sampler_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "epoch_plan": None if self._plan is None else self._plan.state_dict(),
+            "batch_seen": self._batch_seen,
+        }
 
-def _check_plan(plan: Plan, num_samples: int) -> None:
-    if not isinstance(plan, Plan):
-        raise TypeError(f"a policy's plan_epoch must return geko_core.policies.Plan, got {type(plan).__name__}")
-    if plan.indices.ndim != 1 or plan.weights.shape != plan.indices.shape:
-        raise ValueError(f"plan indices and weights must be 1-D of equal length, got {plan.indices.shape} and {plan.weights.shape}")
-    if len(plan.indices) and (plan.indices.min() < 0 or plan.indices.max() >= num_samples):
-        raise IndexError(f"plan holds an index outside [0, {num_samples})")
-    if not np.isfinite(plan.weights).all() or (plan.weights < 0).any():
-        raise ValueError("plan weights must be finite and non-negative")
+    def _parse_sampler_state(self, state: dict[str, Any]) -> tuple[int, EpochPlan | None, int]:
+        epoch = _nonnegative_int(state["epoch"], "epoch")
+        batch_seen = _nonnegative_int(state.get("batch_seen", 0), "batch_seen")
+        plan = None
+        if state["epoch_plan"] is not None:
+            plan = EpochPlan.from_state_dict(state["epoch_plan"])
+            if (plan.epoch, plan.rank, plan.num_replicas) != (epoch, self.rank, self.num_replicas):
+                raise ValueError(
+                    f"Selector state's plan is for epoch {plan.epoch}, rank {plan.rank} of {plan.num_replicas}; "
+                    f"expected epoch {epoch}, rank {self.rank} of {self.num_replicas}"
+                )
+            if len(plan) and int(plan.indices.max()) >= self.num_samples:
+                raise IndexError(f"Selector state's plan holds an index outside [0, {self.num_samples})")
+        return epoch, plan, batch_seen
+
+    def _install_epoch(self, epoch: int, plan: EpochPlan | None, batch_seen: int) -> None:
+        if self._plan is not None:
+            self._plan.stop_iteration()
+        self.epoch = epoch
+        self._plan = plan
+        self._batch_seen = batch_seen
+        self._last_batch = None
+        self.policy.on_epoch(epoch)
+
+    def _load_sampler_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"sampler state must be a dict, got {type(state).__name__}")
+        try:
+            epoch, plan, batch_seen = self._parse_sampler_state(state)
+        except KeyError as exc:
+            raise ValueError(f"sampler state is missing {exc}") from None
+        self._flush()
+        self._install_epoch(epoch, plan, batch_seen)
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+_TIMED = ("loss", "select", "observe", "weights", "planning", "total")
+
+
+def _on_device(values: torch.Tensor, like: Any) -> torch.Tensor:
+    if isinstance(like, torch.Tensor) and like.device.type != "cpu":
+        return values.to(like.device, non_blocking=True)
+    return values
 
 
 def _nonnegative_int(value: Any, name: str) -> int:

@@ -70,6 +70,7 @@ py::dict to_dict(PlanResult&& r) {
   d["weights"] = to_numpy(std::move(r.weights));
   d["epoch_size"] = r.epoch_size;
   d["total_size"] = r.total_size;
+  d["real"] = r.real;
   d["bucket_draws"] = py::cast(std::vector<int64_t>(r.bucket_draws.begin(), r.bucket_draws.end()));
   return d;
 }
@@ -209,6 +210,23 @@ void bind_planner(py::module_& m) {
     return to_dict(std::move(r));
   }, py::arg("order"), py::arg("mu"), py::arg("sigma"), py::arg("k"), py::arg("epoch"), py::arg("method"),
      py::arg("seed"), py::arg("num_replicas"), py::arg("rank"), py::arg("shuffle"), py::arg("drop_last"));
+
+  m.def("shard_plan", [](const py::array& indices, const py::array& weights, int64_t num_replicas, int64_t rank,
+                         bool drop_last) {
+    const int64_t* idx = data_of<int64_t>(indices, "indices", "int64");
+    const float* w = data_of<float>(weights, "weights", "float32");
+    if (weights.shape(0) != indices.shape(0)) {
+      throw py::value_error("weights has " + std::to_string(weights.shape(0)) + " entries, indices has " +
+                            std::to_string(indices.shape(0)));
+    }
+    Shard r;
+    {
+      py::gil_scoped_release release;
+      r = shard_plan(idx, w, indices.shape(0), num_replicas, rank, drop_last);
+    }
+    return py::make_tuple(to_numpy(std::move(r.indices)), to_numpy(std::move(r.weights)), r.total_size, r.real);
+  }, py::arg("indices"), py::arg("weights"), py::arg("num_replicas"), py::arg("rank"), py::arg("drop_last"),
+     "This rank's share of a global plan: (indices, weights, total_size, real entries).");
 
   m.def("random_permutation", [](int64_t n, uint64_t seed, uint64_t epoch) {
     if (n < 0) throw py::value_error("n must be >= 0, got " + std::to_string(n));

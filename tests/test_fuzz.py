@@ -601,22 +601,30 @@ def test_selector_loss_with_bad_labels_does_not_plan_the_epoch():
     selector = Selector(6, "geko", epochs=2)
     with pytest.raises(ValueError, match="label 7"):
         selector.loss(torch.zeros(2, 3), torch.tensor([0, 7]), torch.tensor([0, 1]))
-    assert selector.state_dict()["plan_indices"] is None  # planned later, from the table as it is then
+    assert selector.state_dict()["epoch_plan"] is None  # planned later, from the table as it is then
 
 
 def test_selector_select_with_bad_labels_does_not_plan_the_epoch():
     selector = Selector(6, "es", epochs=2)
     with pytest.raises(ValueError, match="label 7"):
         selector.select(torch.tensor([0, 1]), torch.zeros(2, 3), torch.tensor([0, 7]))
-    assert selector.state_dict()["plan_indices"] is None
+    assert selector.state_dict()["epoch_plan"] is None
 
 
 _MALFORMED = [
     (key, value)
-    for key in ["counters", "history", "epoch", "step", "position", "table", "policy_state"]
+    for key in ["counters", "history", "epoch", "step", "epoch_plan", "table", "policy_state"]
     for value in ["missing", {}, -1, None]
     if not (key == "policy_state" and value in ({}, None))  # the valid empty state of geko
-] + [("policy_state", {}), ("policy_state", {"low_streak": np.zeros(8, np.int32)})]
+    and not (key == "epoch_plan" and value is None)  # a state saved before the epoch was planned
+] + [
+    ("policy_state", {}),
+    ("policy_state", {"low_streak": np.zeros(8, np.int32)}),
+    ("epoch_plan", {"indices": np.array([0, 9]), "weights": np.ones(2, np.float32), "position": 0, "epoch": 0}),
+    ("epoch_plan", {"indices": np.array([0, 1]), "weights": np.ones(2, np.float32), "position": 3, "epoch": 0}),
+    ("epoch_plan", {"indices": np.array([0, 1]), "weights": np.array([1, -1], np.float32), "position": 0, "epoch": 0}),
+    ("epoch_plan", {"indices": np.array([0, 1]), "weights": np.ones(2, np.float32), "position": 0, "epoch": 1}),
+]
 
 
 @pytest.mark.parametrize(("key", "value"), _MALFORMED)
@@ -631,7 +639,7 @@ def test_selector_load_state_dict_refuses_malformed_entries_and_changes_nothing(
         del state[key]
     else:
         state[key] = value
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError, IndexError)):
         target.load_state_dict(state)
     assert_same(before, target.state_dict())
 

@@ -88,12 +88,12 @@ def test_auto_accuracy_uses_the_observed_correct_fraction():
     nan = np.full(8, np.nan, dtype=np.float32)
     correct_with_invalid = np.concatenate([correct, nan[:2]])
     idx = np.arange(10, dtype=np.int64)
-    policy.observe(StatsBatch(idx, np.ones(10, np.float32), np.ones(10, np.float32), correct_with_invalid), 0)
+    policy.observe(StatsBatch(idx, np.ones(10, np.float32), np.ones(10, np.float32), correct_with_invalid, step=0), sel.table)
     sel.set_epoch(1)
     sel.plan()
     assert policy.mu == pytest.approx(expected_mu(0.0, 7 / 8, 0.0, n=100.0, alpha=2.0, beta=0.5, num=500))
     # A report takes precedence over the observed accuracy.
-    policy.observe(StatsBatch(idx, np.ones(10, np.float32), np.ones(10, np.float32), correct_with_invalid), 1)
+    policy.observe(StatsBatch(idx, np.ones(10, np.float32), np.ones(10, np.float32), correct_with_invalid, step=1), sel.table)
     before = policy.report(0.5)  # tanh(0) = 0: no move
     sel.set_epoch(2)
     sel.plan()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from geko_core import Selector, WithIndex
+from geko_core import SampleTable, Selector, WithIndex
 from geko_core.policies import GracePolicy, StatsBatch
 from geko_core.policies.grace import knn_graph
 
@@ -18,7 +18,8 @@ def feed(policy: GracePolicy, indices, el2n, step: int = 0) -> None:
     indices = np.asarray(indices, dtype=np.int64)
     el2n = np.asarray(el2n, dtype=np.float32)
     ones = np.ones(len(indices), dtype=np.float32)
-    policy.observe(StatsBatch(indices, ones, ones * 0.5, ones, el2n), step)
+    # The policy's own state is under test; a scratch table takes the default table update.
+    policy.observe(StatsBatch(indices, ones, ones * 0.5, ones, el2n, step=step, epoch=policy.epoch), SampleTable(policy.num_samples))
 
 
 def brute_force(x: torch.Tensor, k: int, rows, valid=None):
@@ -247,7 +248,7 @@ def test_bad_input():
         policy.set_embeddings(np.array([2]), torch.zeros(1, 3))
     ones = np.ones(2, dtype=np.float32)
     with pytest.raises(ValueError, match="el2n"):
-        policy.observe(StatsBatch(np.array([0, 1]), ones, ones, ones), 0)
+        policy.observe(StatsBatch(np.array([0, 1]), ones, ones, ones), SampleTable(policy.num_samples))
     with pytest.raises(ValueError, match="its own"):
         policy.set_graph(np.tile(np.arange(20)[:, None], (1, 2)))
     with pytest.raises(IndexError):

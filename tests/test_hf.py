@@ -149,7 +149,7 @@ def test_geko_backpropagates_fewer_sequences_than_uniform(geko_and_uniform):
     # Shorter epochs are fewer optimizer steps, and the Trainer ran all six epochs.
     assert geko_out.global_step == geko.selector.step_count < uniform_out.global_step
     assert geko.state.epoch == pytest.approx(6.0)
-    assert len(geko.selector.history) == 5
+    assert len(geko.selector.history) == 6  # every epoch finished
     assert np.isfinite(geko_out.training_loss)
 
 
@@ -223,7 +223,10 @@ def test_uniform_matches_a_plain_trainer(tmp_path, arch):
 # -- resume -----------------------------------------------------------------------------------------
 def _selector_file(checkpoint):
     state = torch.load(checkpoint / "geko_selector.pt", weights_only=True)  # readable without unpickling code
-    return state["epoch"], state["position"], len(state["plan_indices"]["__geko_ndarray__"])
+    plan = state["epoch_plan"]
+    if plan is None:  # saved at an epoch's end: the Selector has moved to the next, not yet planned
+        return state["epoch"], 0, 0
+    return state["epoch"], plan["position"], len(plan["indices"]["__geko_ndarray__"])
 
 
 def test_resume_is_exact(tmp_path):
@@ -241,8 +244,7 @@ def test_resume_is_exact(tmp_path):
     assert full.state.global_step < 6 * updates_per_full_epoch  # epochs shrank
     # Every epoch ends in an optimizer step, also when its last accumulation group is short.
     per_epoch = [h["epoch_backpropagated"] for h in full.selector.history]
-    per_epoch.append(full.selector.metrics()["backpropagated"] - sum(per_epoch))
-    assert len(per_epoch) == 6
+    assert len(per_epoch) == 6 and sum(per_epoch) == full.selector.metrics()["backpropagated"]
     assert any(math.ceil(n / 4) % 2 for n in per_epoch), "no epoch with a short accumulation group"
     assert full.state.global_step == full.selector.step_count == sum(math.ceil(math.ceil(n / 4) / 2) for n in per_epoch)
     checkpoints = {int(p.name.split("-")[1]): p for p in (tmp_path / "full").glob("checkpoint-*")}
@@ -250,9 +252,11 @@ def test_resume_is_exact(tmp_path):
     info = {step: _selector_file(path) for step, path in checkpoints.items()}
     mid = [s for s, (epoch, pos, n) in info.items() if 0 < pos < n and epoch >= 3]
     last = full.state.global_step
-    ends = [s for s, (epoch, pos, n) in info.items() if pos == n and 3 <= epoch and s < last and s // updates_per_full_epoch != epoch + 1]
+    ends = [s for s, (epoch, pos, n) in info.items() if n == 0 and 3 <= epoch and s < last]
     assert mid and ends
-    for step in (min(mid), max(ends)):
+    # Prefer an epoch end where the Trainer's own arithmetic (steps // full epoch) is wrong.
+    end = max([s for s in ends if s // updates_per_full_epoch != info[s][0]] or ends)
+    for step in (min(mid), end):
         name = f"resumed{step}"
         resumed = RecordingGekoTrainer(model=tiny_llama(seed=5), args=make_args(tmp_path, name, **kwargs), train_dataset=data)
         resumed.train(resume_from_checkpoint=str(checkpoints[step]))
@@ -260,8 +264,9 @@ def test_resume_is_exact(tmp_path):
         assert resumed.seen and [batch for _, batch in resumed.seen] == after, step
         assert resumed.state.global_step == full.state.global_step
         a, b = full.selector.state_dict(), resumed.selector.state_dict()
-        for key in ("epoch", "position", "step", "counters"):
+        for key in ("epoch", "step", "counters"):
             assert a[key] == b[key], key
+        assert a["epoch_plan"] is None and b["epoch_plan"] is None  # both finished the run
         for key, value in a["table"].items():
             if isinstance(value, np.ndarray):
                 np.testing.assert_array_equal(b["table"][key], value, err_msg=key)
@@ -291,11 +296,9 @@ def test_saved_state_ignores_prefetched_samples(tmp_path):
     fresh = Selector(12, policy="geko", epochs=2, seed=1)
     load_selector_state(fresh, path)
     assert list(fresh.sampler) == order[6:]
-    # With drop_last, a remainder smaller than a batch counts as consumed.
-    save_selector_state(sel, path, drop_last=True, batch_size=8)
-    fresh = Selector(12, policy="geko", epochs=2, seed=1)
-    load_selector_state(fresh, path)
-    assert fresh.epoch_consumed is True
+    # With drop_last, the epoch is planned in whole batches: nothing is left to drop.
+    whole = Selector(12, policy="geko", epochs=2, seed=1, batch_size=8, drop_last=True)
+    assert len(whole.sampler) == 8 and list(whole.sampler) == order[:8]
 
 
 # -- precision, compile, PEFT --------------------------------------------------------------------------
@@ -361,7 +364,7 @@ def test_evaluation_does_not_feed_the_selector(tmp_path):
     assert np.isfinite(metrics["eval_loss"])
     trainer.evaluate(trainer.train_dataset)  # items that carry geko_index
     after = trainer.selector.state_dict()
-    assert after["counters"] == before["counters"] and after["position"] == before["position"]
+    assert after["counters"] == before["counters"] and after["epoch"] == before["epoch"] and after["epoch_plan"] == before["epoch_plan"] is None
 
 
 # peft 0.21 still calls a transformers 5 deprecated alias while wrapping the model.

@@ -248,28 +248,34 @@ def test_shuffle_false_keeps_index_order():
 
 
 def test_resume_mid_epoch():
+    """The epoch object resumes from the position *trained*, not from how far it was iterated."""
     n = 500
     plan = EpochPlanner(n, seed=2).plan(mixed_buckets(n), (0.1, 0.5, 1, 2.5, 1), epoch=6)
     full = list(EpochPlan.from_state_dict(plan.state_dict()))
     it = iter(plan)
-    first = [next(it) for _ in range(37)]
-    assert plan.position == 37
+    first = [next(it) for _ in range(45)]  # a DataLoader reads ahead ...
+    plan.advance(37)  # ... of what training consumed
+    assert plan.position == 37 and plan.remaining == len(plan) - 37 and not plan.exhausted
     state = plan.state_dict()
     resumed = EpochPlan.from_state_dict(state)
     assert resumed.position == 37 and len(resumed) == len(plan)
-    rest_idx, rest_w = resumed.remaining()
+    rest_idx, rest_w = resumed.remaining_entries()
     assert np.array_equal(rest_idx, plan.indices[37:]) and np.array_equal(rest_w, plan.weights[37:])
-    assert first + list(resumed) == full
+    assert first[:37] + list(resumed) == full
     other = EpochPlanner(n, seed=99).plan(mixed_buckets(n), (0.1, 0.5, 1, 2.5, 1), epoch=0)
     other.load_state_dict(state)
-    assert list(other) == full[37:] and other.epoch == 6
+    assert list(other) == full[37:] and other.epoch == 6 and other.exhausted
     other.seek(0)
     assert list(other) == full
     with pytest.raises(ValueError, match="position"):
         other.seek(len(other) + 1)
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict({"indices": []})
-    assert other.position == len(other)  # the failed load changed nothing
+    assert other.position == 0 and other.epoch == 6  # the failed load changed nothing
+    # A new iteration ends an older one (a DataLoader iterated again restarts its sampler).
+    old = iter(other)
+    next(old)
+    assert list(iter(other))[:1] == full[:1] and list(old) == []
     with pytest.raises(ValueError, match="read-only"):
         plan.indices[0] = 1
 

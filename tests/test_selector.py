@@ -71,7 +71,7 @@ def test_every_policy_trains_to_held_out_accuracy(trained, policy):
     assert accuracy(model) >= 0.88, policy  # uniform reaches about 0.92
     m = sel.metrics()
     assert m["policy"] == policy and m["forwarded"] >= m["backpropagated"] > 0
-    assert len(sel.history) == 5  # one entry per finished epoch (the 6th is still current)
+    assert len(sel.history) == 6  # one entry per finished epoch: the Selector moves on when training consumed one
 
 
 def test_geko_and_infobatch_backpropagate_fewer_samples_than_uniform(trained):
@@ -109,14 +109,25 @@ def test_frozen_samples_are_skipped_but_revisited():
     np.testing.assert_allclose(weights[planned_frozen], frozen.sum() / planned_frozen.sum(), rtol=1e-5)
 
 
-def test_sampler_length_is_the_plan_and_advances_itself():
+def test_sampler_length_has_no_side_effects_and_epochs_move_as_in_distributed_sampler():
     sel = Selector(100, policy="uniform", epochs=3, seed=0)
+    assert len(sel.sampler) == 100 and len(sel.sampler) == 100 and sel.epoch == 0 and sel.history == []
     first = list(sel.sampler)
-    assert len(sel.sampler) == 100 and sorted(first) == list(range(100))
+    assert sorted(first) == list(range(100))
+    # Iterated but never trained on: iterating again gives the same epoch (nothing was consumed).
+    assert list(sel.sampler) == first and sel.epoch == 0
+    sel.sampler.set_epoch(1)
     second = list(sel.sampler)
     assert sel.epoch == 1 and sorted(second) == list(range(100)) and second != first
     sel.sampler.set_epoch(0)
     assert list(sel.sampler) == first  # deterministic in (seed, epoch)
+    # Training through an epoch moves to the next one at its last batch; len() then answers
+    # for the new epoch without moving again.
+    for start in range(0, 100, 25):
+        idx = torch.tensor(first[start : start + 25])
+        sel.loss(torch.randn(25, 3), idx % 3, idx)
+    assert sel.epoch == 1 and len(sel.sampler) == 100 and sel.epoch == 1
+    assert list(sel.sampler) == second
 
 
 def test_with_index():
@@ -193,8 +204,9 @@ def test_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(TypeError, match="meta-batch"):
         sel.select(torch.tensor([0, 1, 2, 3]), logits, labels)
     after = sel.state_dict()
-    for key in ("epoch", "position", "step", "counters"):
+    for key in ("epoch", "step", "counters"):
         assert after[key] == before[key]
+    assert after["epoch_plan"]["position"] == before["epoch_plan"]["position"] == 4
     for key, value in before["table"].items():
         if isinstance(value, np.ndarray):
             np.testing.assert_array_equal(after["table"][key], value)
@@ -213,8 +225,8 @@ def test_custom_policy_object():
     class EveryOther(Policy):
         name = "every_other"
 
-        def plan_epoch(self, epoch, progress):
-            idx = np.arange(epoch % 2, self.num_samples, 2, dtype=np.int64)
+        def plan_epoch(self, context, epoch, progress):
+            idx = np.arange(epoch % 2, context.num_samples, 2, dtype=np.int64)
             return Plan(idx, np.full(len(idx), 2.0, dtype=np.float32))
 
     sel = Selector(10, policy=EveryOther(), epochs=2)

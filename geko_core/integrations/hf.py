@@ -197,19 +197,13 @@ def selector_state_file(checkpoint_dir: str, rank: int = 0, world_size: int = 1)
     return os.path.join(checkpoint_dir, name)
 
 
-def save_selector_state(selector: Selector, path: str, *, drop_last: bool = False, batch_size: int | None = None) -> None:
+def save_selector_state(selector: Selector, path: str) -> None:
     """Write ``selector.state_dict()`` to ``path`` atomically (temporary file + ``os.replace``).
 
-    The Selector marks an epoch finished once its sampler has been iterated to the end, which
-    a prefetching DataLoader can do before training has consumed the last batches. What is
-    saved says "finished" only when training has consumed the epoch (or, with
-    ``drop_last``, all but a remainder smaller than ``batch_size``), so a resume never skips
-    batches that were prefetched but not trained on.
+    The state's position counts the samples training consumed, not those a DataLoader
+    prefetched, so a resume continues with the next batch training would have seen.
     """
     state = selector.state_dict()
-    if state["plan_indices"] is not None:
-        remaining = len(state["plan_indices"]) - int(state["position"])
-        state["yield_finished"] = remaining <= 0 or (drop_last and batch_size is not None and remaining < batch_size)
     # Atomic (temporary file, fsync, rename) and checksummed: a torn or bit-flipped file is
     # refused by load_selector_state instead of resuming from silently wrong state.
     save_verified(_to_storable(state), path)
@@ -230,20 +224,6 @@ def load_selector_state(selector: Selector, path: str) -> None:
     selector.load_state_dict(_from_storable(load_verified(path)))
 
 
-# -- Selector position ---------------------------------------------------------------------------
-def _remaining_in_epoch(selector: Selector) -> int:
-    """Samples of this rank's current plan not yet consumed by training (plans the epoch)."""
-    return selector.remaining
-
-
-def _epoch_consumed(selector: Selector) -> bool:
-    return selector.epoch_consumed
-
-
-def _epoch_fraction(selector: Selector) -> float:
-    return selector.epoch_progress()
-
-
 # -- callback -----------------------------------------------------------------------------------
 class _GekoStepCallback(TrainerCallback):
     """Counts optimizer steps for the Selector and keeps ``state.epoch`` truthful."""
@@ -255,7 +235,7 @@ class _GekoStepCallback(TrainerCallback):
         selector = self._trainer._selector
         if selector is not None:
             selector.step()
-            state.epoch = _epoch_fraction(selector)
+            state.epoch = selector.epoch_progress()
         return control
 
 
@@ -343,6 +323,8 @@ class GekoTrainer(Trainer):
             policy_options=self._geko_options,
             num_replicas=max(int(args.world_size), 1),
             rank=int(args.process_index) if args.world_size > 1 else 0,
+            batch_size=self._train_batch_size,
+            drop_last=bool(args.dataloader_drop_last),
             **length,
         )
 
@@ -376,6 +358,11 @@ class GekoTrainer(Trainer):
             raise ValueError(
                 f"the Selector plans epochs={selector.epochs} (total_steps={selector.total_steps}) but "
                 f"num_train_epochs={args.num_train_epochs}"
+            )
+        if args.dataloader_drop_last and (not selector.drop_last or selector.batch_size != self._train_batch_size):
+            raise ValueError(
+                f"dataloader_drop_last=True: build the Selector with batch_size={self._train_batch_size}, drop_last=True "
+                f"(got batch_size={selector.batch_size}, drop_last={selector.drop_last}) so that its epochs are whole batches"
             )
         world = max(int(args.world_size), 1)
         if selector.num_replicas != world:
@@ -471,12 +458,12 @@ class GekoTrainer(Trainer):
         if resume_from_checkpoint is None:
             return epochs_trained, 0
         selector = self.selector
-        return selector.epoch + int(_epoch_consumed(selector)), 0
+        return selector.epoch + int(selector.epoch_consumed), 0
 
     def _run_epoch(self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, **kwargs):
         selector = self.selector
         selector.set_epoch(epoch)
-        batches = self._epoch_batches(_remaining_in_epoch(selector))
+        batches = self._epoch_batches(selector.remaining)
         if batches == 0:  # nothing planned for this rank this epoch
             self.control = self.callback_handler.on_epoch_end(self.args, self.state, self.control)
             return None
@@ -544,12 +531,7 @@ class GekoTrainer(Trainer):
         if self._selector is not None:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             selector = self._selector
-            save_selector_state(
-                selector,
-                selector_state_file(folder, selector.rank, selector.num_replicas),
-                drop_last=self.args.dataloader_drop_last,
-                batch_size=self._train_batch_size,
-            )
+            save_selector_state(selector, selector_state_file(folder, selector.rank, selector.num_replicas))
         super()._save_checkpoint(model, trial)
 
 

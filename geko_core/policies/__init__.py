@@ -1,8 +1,8 @@
-"""Selection policies on the shared core (DESIGN.md §3-4)."""
+"""Selection policies on the shared core (docs/design.md §3-4)."""
 
 from __future__ import annotations
 
-from .base import Plan, Policy, StatsBatch
+from .base import Plan, Policy, PolicyContext, StatsBatch, TableView
 from .baselines import RandomSubsetPolicy, UniformPolicy
 from .es import ESPolicy, ESWPPolicy
 from .gainrl import GainRLPolicy
@@ -45,8 +45,10 @@ __all__ = [
     "POLICIES",
     "Plan",
     "Policy",
+    "PolicyContext",
     "RandomSubsetPolicy",
     "StatsBatch",
+    "TableView",
     "UniformPolicy",
     "make_policy",
 ]

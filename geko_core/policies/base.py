@@ -1,9 +1,16 @@
 """The policy interface: how a selection method plugs into the Selector.
 
-A policy decides which samples an epoch contains (``plan_epoch``) and learns from the
-statistics the training loop produces (``observe``). The Selector owns everything else:
-the table, step and epoch counting, sharding, resume and metrics. Write your own policy by
-subclassing :class:`Policy`.
+A policy answers two questions and nothing else:
+
+* ``plan_epoch(context, epoch, progress)``: which samples the next epoch holds, as a global
+  :class:`~geko_core.epoch.Plan` (the same on every rank; the epoch object shards it);
+* ``observe(batch, table)``: what to learn from a batch's statistics (by default, update
+  the shared :class:`~geko_core.SampleTable`).
+
+It sees the run through a frozen :class:`PolicyContext` (dataset size, seed, length of the
+run, rank, world size and a read-only view of the table), never through the Selector. The
+Selector owns everything else: the epoch object, step counting, sharding, resume, metrics.
+Write your own policy by subclassing :class:`Policy`.
 """
 
 from __future__ import annotations
@@ -13,8 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..epoch import Plan
+
 if TYPE_CHECKING:  # pragma: no cover
-    from ..selector import Selector
+    from ..table import SampleTable
+
+__all__ = ["Plan", "Policy", "PolicyContext", "StatsBatch", "TableView"]
 
 
 @dataclass
@@ -24,6 +35,7 @@ class StatsBatch:
     All arrays are ``[B]``: ``indices`` int64 dataset indices; ``loss``, ``confidence``,
     ``correct`` float32 (NaN for invalid samples); ``el2n`` float32 ``||softmax - onehot||_2``
     (NaN for invalid samples), or None when whoever built the batch did not provide it.
+    ``step`` is the optimizer step the batch belongs to, ``epoch`` the Selector's epoch.
     """
 
     indices: np.ndarray
@@ -31,25 +43,76 @@ class StatsBatch:
     confidence: np.ndarray
     correct: np.ndarray
     el2n: np.ndarray | None = None
+    step: int = 0
+    epoch: int = 0
 
 
-@dataclass
-class Plan:
-    """An epoch's global sample list (identical on every rank before sharding).
+class TableView:
+    """Read-only access to a :class:`~geko_core.SampleTable` for planning."""
 
-    ``indices`` int64 ``[M]`` dataset indices in visiting order (a sample may repeat);
-    ``weights`` float32 ``[M]`` importance weights (1 / expected copies) or ones.
+    __slots__ = ("_table",)
+
+    def __init__(self, table: "SampleTable") -> None:
+        self._table = table
+
+    @property
+    def num_samples(self) -> int:
+        return self._table.num_samples
+
+    @property
+    def config(self):
+        return self._table.config
+
+    def field(self, name: str) -> np.ndarray:
+        """A copy of one field for every sample (see ``SampleTable.field``)."""
+        return self._table.field(name)
+
+    def gather(self, name: str, indices: Any) -> np.ndarray:
+        return self._table.gather(name, indices)
+
+    def buckets(self, indices: Any) -> np.ndarray:
+        return self._table.buckets(indices)
+
+    def bucket_counts(self) -> dict[str, int]:
+        return self._table.bucket_counts()
+
+    def bucket_counts_array(self) -> np.ndarray:
+        return self._table.bucket_counts_array()
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may know about the run; fixed for the Selector's lifetime.
+
+    Attributes:
+        num_samples: dataset size N.
+        seed: seed of every plan.
+        epochs: planned number of epochs, or None when the run is counted in steps.
+        total_steps: planned optimizer steps, or None when the run is counted in epochs.
+        rank, world_size: this process and the number of processes (plans are global: every
+            rank computes the same one).
+        table: read-only view of the shared table.
     """
 
-    indices: np.ndarray
-    weights: np.ndarray
+    num_samples: int
+    seed: int
+    epochs: int | None
+    total_steps: int | None
+    rank: int
+    world_size: int
+    table: TableView
+
+    def rng(self, epoch: int, purpose: int = 0) -> np.random.Generator:
+        """A generator keyed by (seed, epoch, purpose): plans never depend on call history."""
+        return np.random.default_rng([self.seed, epoch, purpose, 0x6E6B])
 
 
 class Policy:
     """Base class of selection policies.
 
-    Subclasses implement :meth:`plan_epoch`; :meth:`observe` defaults to updating the shared
-    :class:`~geko_core.SampleTable`.
+    Subclasses implement :meth:`plan_epoch`; :meth:`observe` defaults to updating the table;
+    :meth:`bind` is where a policy allocates per-sample state and checks that the run suits
+    it (e.g. a known number of epochs).
     """
 
     name: str = "custom"
@@ -57,24 +120,34 @@ class Policy:
     meta_batch: bool = False
 
     def __init__(self) -> None:
-        self.selector: Selector | None = None
+        self.num_samples: int | None = None
+        self.epoch = 0  # the Selector's current epoch (see on_epoch)
 
-    def bind(self, selector: Selector) -> None:
-        """Called once by the Selector that owns this policy."""
-        self.selector = selector
+    def bind(self, context: PolicyContext) -> None:
+        """Called once by the Selector that owns this policy, before anything else."""
+        if self.num_samples is not None:
+            raise ValueError(f"policy {self.name!r} already belongs to a Selector; make a new policy object per Selector")
+        self.num_samples = context.num_samples
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called when the Selector moves to ``epoch`` (before the epoch is planned) and after a
+        resume. Policies with user-facing methods that stamp rounds (GRACE) read ``self.epoch``."""
+        self.epoch = epoch
 
     # -- planning ---------------------------------------------------------------------------
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
         """The global plan of ``epoch`` at training ``progress`` in [0, 1]; deterministic in
-        (the selector's seed, epoch, the table's state). Every policy must define it."""
+        (``context.seed``, epoch, the table's state, the policy's state). Every policy must
+        define it."""
         raise NotImplementedError(f"policy {self.name!r} does not define plan_epoch")
 
     # -- learning ---------------------------------------------------------------------------
-    def observe(self, batch: StatsBatch, step: int) -> None:
-        self._bound().table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, step)
+    def observe(self, batch: StatsBatch, table: "SampleTable") -> None:
+        table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, batch.step)
 
-    def select(self, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """For meta-batch policies: positions to back-propagate and their weights."""
+    def select(self, context: PolicyContext, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """For meta-batch policies: positions to back-propagate and their weights relative to
+        the meta-batch mean (the Selector multiplies in the plan's weights)."""
         raise TypeError(f"policy {self.name!r} does not select inside a meta-batch; use Selector.loss")
 
     # -- reporting and resume ---------------------------------------------------------------
@@ -89,15 +162,7 @@ class Policy:
             raise ValueError(f"policy {self.name!r} has no state but got keys {sorted(state)}")
 
     # -- helpers ----------------------------------------------------------------------------
-    def _bound(self) -> "Selector":
-        if self.selector is None:
+    def _bound(self) -> int:
+        if self.num_samples is None:
             raise RuntimeError(f"policy {self.name!r} is not bound to a Selector; pass it as Selector(policy=...)")
-        return self.selector
-
-    @property
-    def num_samples(self) -> int:
-        return self._bound().num_samples
-
-    def rng(self, epoch: int, purpose: int = 0) -> np.random.Generator:
-        """A generator keyed by (seed, epoch, purpose): plans never depend on call history."""
-        return np.random.default_rng([self._bound().seed, epoch, purpose, 0x6E6B])
+        return self.num_samples

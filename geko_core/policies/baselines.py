@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Plan, Policy
+from .base import Plan, Policy, PolicyContext
 
 
 class UniformPolicy(Policy):
@@ -14,8 +14,8 @@ class UniformPolicy(Policy):
 
     name = "uniform"
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
-        order = self.rng(epoch).permutation(self.num_samples).astype(np.int64)
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
+        order = context.rng(epoch).permutation(context.num_samples).astype(np.int64)
         return Plan(order, np.ones(len(order), dtype=np.float32))
 
 
@@ -41,10 +41,10 @@ class RandomSubsetPolicy(Policy):
         self.budget = float(budget)
         self.rescale = bool(rescale)
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
-        n = self.num_samples
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
+        n = context.num_samples
         size = max(1, int(round(self.budget * n)))
-        chosen = self.rng(epoch).permutation(n)[:size].astype(np.int64)
+        chosen = context.rng(epoch).permutation(n)[:size].astype(np.int64)
         weight = 1.0 / self.budget if self.rescale else 1.0
         return Plan(chosen, np.full(size, weight, dtype=np.float32))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Plan, Policy
+from .base import Plan, Policy, PolicyContext, TableView
 
 
 class ESPolicy(Policy):
@@ -49,12 +49,11 @@ class ESPolicy(Policy):
         self.lam = float(lam)
         self.floor = float(floor)
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
-        order = self.rng(epoch).permutation(self.num_samples).astype(np.int64)
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
+        order = context.rng(epoch).permutation(context.num_samples).astype(np.int64)
         return Plan(order, np.ones(len(order), dtype=np.float32))
 
-    def scores(self, indices: np.ndarray) -> np.ndarray:
-        table = self.selector.table
+    def scores(self, table: TableView, indices: np.ndarray) -> np.ndarray:
         loss_ema = table.gather("loss_ema", indices).astype(np.float64)
         diff_ema = table.gather("loss_diff_ema", indices).astype(np.float64)
         score = loss_ema + self.lam * np.abs(diff_ema)
@@ -63,15 +62,15 @@ class ESPolicy(Policy):
         fallback = score[seen].max() if seen.any() else 1.0
         return np.where(seen & np.isfinite(score), score, fallback)
 
-    def select(self, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def select(self, context: PolicyContext, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         from ..planner import weighted_sample
 
         batch = len(indices)
         k = min(batch, max(1, int(np.ceil(self.select_fraction * batch))))
-        score = self.scores(indices)
+        score = self.scores(context.table, indices)
         score = np.maximum(score, 0.0) + self.floor * max(float(score.mean()), 1e-12)
         # Keyed by (seed, step): the draw is reproducible after a resume.
-        positions, inclusion = weighted_sample(score, k, seed=self.selector.seed, epoch=step)
+        positions, inclusion = weighted_sample(score, k, seed=context.seed, epoch=step)
         positions = np.asarray(positions, dtype=np.int64)
         inclusion = np.asarray(inclusion, dtype=np.float64)
         weights = (k / (batch * inclusion)).astype(np.float32)
@@ -113,25 +112,25 @@ class ESWPPolicy(ESPolicy):
         self.low_streak: np.ndarray | None = None
         self.pruned_last_epoch = 0
 
-    def bind(self, selector) -> None:
-        super().bind(selector)
-        if selector.epochs is None:
+    def bind(self, context: PolicyContext) -> None:
+        if context.epochs is None:
             raise ValueError("policy 'eswp' anneals over a known number of epochs: pass epochs= to the Selector")
-        self.low_streak = np.zeros(selector.num_samples, dtype=np.int32)
+        super().bind(context)
+        self.low_streak = np.zeros(context.num_samples, dtype=np.int32)
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
-        n = self.num_samples
-        rng = self.rng(epoch, purpose=1)
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
+        n = context.num_samples
+        rng = context.rng(epoch, purpose=1)
         keep = np.ones(n, dtype=bool)
         weights = np.ones(n, dtype=np.float32)
         all_indices = np.arange(n, dtype=np.int64)
-        seen = self.selector.table.gather("visits", all_indices) > 0
+        seen = context.table.gather("visits", all_indices) > 0
         if epoch > 0 and seen.any():
-            score = self.scores(all_indices)
+            score = self.scores(context.table, all_indices)
             threshold = np.quantile(score[seen], self.prune_quantile)
             low = seen & (score < threshold)
             self.low_streak = np.where(low, self.low_streak + 1, 0).astype(np.int32)
-            if epoch < self.delta * self.selector.epochs:
+            if epoch < self.delta * context.epochs:
                 candidates = self.low_streak >= self.patience
                 drop = candidates & (rng.random(n) < self.prune_ratio)
                 keep &= ~drop

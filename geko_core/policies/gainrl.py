@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Plan, Policy, StatsBatch
+from .base import Plan, Policy, PolicyContext, StatsBatch
 
 
 def _finite_real(value: object, name: str) -> float:
@@ -118,13 +118,14 @@ class GainRLPolicy(Policy):
         self._observed_correct = 0.0
         self._observed_count = 0
 
-    def bind(self, selector) -> None:
-        super().bind(selector)
-        self.angles = np.full(selector.num_samples, np.nan, dtype=np.float32)
-        if self.mu > selector.num_samples - 1:
-            raise ValueError(f"mu0 must be <= N - 1 = {selector.num_samples - 1}, got {self.mu}")
-        if self._initial_angles is not None:
-            values = self._check_values(self._initial_angles, selector.num_samples, "angles")
+    def bind(self, context: PolicyContext) -> None:
+        n = context.num_samples
+        if self.mu > n - 1:
+            raise ValueError(f"mu0 must be <= N - 1 = {n - 1}, got {self.mu}")
+        values = None if self._initial_angles is None else self._check_values(self._initial_angles, n, "angles")
+        super().bind(context)
+        self.angles = np.full(n, np.nan, dtype=np.float32)
+        if values is not None:
             self.angles[:] = values
         self._initial_angles = None
         self._rebuild_order()
@@ -195,8 +196,8 @@ class GainRLPolicy(Policy):
         self.order = np.concatenate(parts).astype(np.int64)
 
     # -- the policy --------------------------------------------------------------------------
-    def observe(self, batch: StatsBatch, step: int) -> None:
-        super().observe(batch, step)
+    def observe(self, batch: StatsBatch, table) -> None:
+        super().observe(batch, table)
         correct = batch.correct[np.isfinite(batch.correct)]
         self._observed_correct += float(correct.sum())
         self._observed_count += int(correct.size)
@@ -207,7 +208,7 @@ class GainRLPolicy(Policy):
             return min(int(self.samples_per_epoch), self.num_samples)
         return max(1, int(round(float(self.samples_per_epoch) * self.num_samples)))
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
         from ..planner import gaussian_window_plan
 
         if epoch > 0 and self._reported is None and self.auto_accuracy and self._observed_count > 0:
@@ -220,7 +221,7 @@ class GainRLPolicy(Policy):
         # order only one side exists, so widen sigma to k / 30 when k is that many sigmas wide.
         sigma = max(self.sigma, k / 30.0)
         plan = gaussian_window_plan(
-            self.order, mu=self.mu, sigma=sigma, num_samples_to_draw=k, seed=self.selector.seed, epoch=epoch,
+            self.order, mu=self.mu, sigma=sigma, num_samples_to_draw=k, seed=context.seed, epoch=epoch,
         )
         indices = np.asarray(plan.indices, dtype=np.int64)
         if self.weighting == "importance":

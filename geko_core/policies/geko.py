@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Plan, Policy
+from .base import Plan, Policy, PolicyContext
 
 
 class GekoPolicy(Policy):
@@ -72,14 +72,15 @@ class GekoPolicy(Policy):
         self._planner = None
         self._last_rates: np.ndarray | None = None
 
-    def bind(self, selector) -> None:
-        super().bind(selector)
+    def bind(self, context: PolicyContext) -> None:
+        super().bind(context)
         from ..planner import EpochPlanner
 
-        self._planner = EpochPlanner(selector.num_samples, seed=selector.seed)
+        # A global plan: the epoch object shards it.
+        self._planner = EpochPlanner(context.num_samples, seed=context.seed)
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
-        table = self.selector.table
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
+        table = context.table
         rates = np.asarray(self.curriculum.rates(progress), dtype=np.float64)
         buckets = table.field("bucket")
         if self.budget is not None:

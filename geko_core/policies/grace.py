@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Plan, Policy, StatsBatch
+from .base import Plan, Policy, PolicyContext, StatsBatch
 
 __all__ = ["GracePolicy", "knn_graph"]
 
@@ -198,9 +198,9 @@ class GracePolicy(Policy):
         self.scores: np.ndarray | None = None  # float32 [N], h of the last plan
         self._last: dict[str, Any] = {}
 
-    def bind(self, selector) -> None:
-        super().bind(selector)
-        n = selector.num_samples
+    def bind(self, context: PolicyContext) -> None:
+        super().bind(context)
+        n = context.num_samples
         self.observed = np.full(n, np.nan, dtype=np.float32)
         self.seen_round = np.full(n, -1, dtype=np.int64)
         self.embedded_round = np.full(n, -1, dtype=np.int64)
@@ -260,7 +260,7 @@ class GracePolicy(Policy):
         elif emb.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"embeddings have d={emb.shape[1]}, earlier ones d={self.embeddings.shape[1]}")
         self.embeddings[torch.from_numpy(idx).to(self.embeddings.device)] = emb.to(self.embeddings.device)
-        self.embedded_round[idx] = self.selector.epoch
+        self.embedded_round[idx] = self.epoch
         self.row_dirty[idx] = True
 
     def set_graph(self, neighbours: Any) -> None:
@@ -284,18 +284,18 @@ class GracePolicy(Policy):
         if (nb == np.arange(n)[:, None]).any():
             raise ValueError("a row of neighbours lists its own sample")
         self.neighbours = nb.astype(np.int64, copy=True)
-        self.row_round[:] = self.selector.epoch
+        self.row_round[:] = self.epoch
         self.row_dirty[:] = False
 
     # -- learning ----------------------------------------------------------------------------
-    def observe(self, batch: StatsBatch, step: int) -> None:
+    def observe(self, batch: StatsBatch, table) -> None:
         if batch.el2n is None:
             raise ValueError("policy 'grace' needs el2n in the statistics (StatsBatch.el2n); the Selector provides it")
-        super().observe(batch, step)
+        super().observe(batch, table)
         finite = np.isfinite(batch.el2n)
         idx = batch.indices[finite]
         self.observed[idx] = batch.el2n[finite]
-        self.seen_round[idx] = self.selector.epoch
+        self.seen_round[idx] = batch.epoch
 
     # -- the rules ---------------------------------------------------------------------------
     def refresh_graph(self) -> int:
@@ -320,7 +320,7 @@ class GracePolicy(Policy):
         valid = torch.from_numpy(embedded).to(device)
         idx, _ = knn_graph(self.embeddings, k, rows=torch.from_numpy(due).to(device), valid=valid, block_size=self.block_size)
         self.neighbours[due] = idx.cpu().numpy()
-        self.row_round[due] = self.selector.epoch
+        self.row_round[due] = self.epoch
         self.row_dirty[due] = False
         return len(due)
 
@@ -354,7 +354,7 @@ class GracePolicy(Policy):
             used = int(has.sum())
         return h, used
 
-    def _update_strata(self, epoch: int, size: int) -> np.ndarray:
+    def _update_strata(self, context: PolicyContext, epoch: int, size: int) -> np.ndarray:
         n = self.num_samples
         strata = np.zeros(n, dtype=np.int64)
         if self.embeddings is None:
@@ -363,7 +363,7 @@ class GracePolicy(Policy):
         device = self.embeddings.device
         x = torch.nn.functional.normalize(self.embeddings[torch.from_numpy(embedded).to(device)], dim=1)
         c = min(self.num_clusters or math.ceil(math.sqrt(size)), len(embedded))
-        rng = self.rng(epoch, purpose=11)
+        rng = context.rng(epoch, purpose=11)
         if self.centroids is None or self.centroids.shape[0] != c or self.centroids.shape[1] != x.shape[1]:
             self.centroids = self._seed_centroids(x, c, rng)
         centroids = self.centroids.to(device)
@@ -424,9 +424,9 @@ class GracePolicy(Policy):
             diff = total - int(q.sum())
         return q
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
-        n = self.num_samples
-        rng = self.rng(epoch, purpose=12)
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
+        n = context.num_samples
+        rng = context.rng(epoch, purpose=12)
         rows = self.refresh_graph()
         if epoch < self.warmup_epochs:
             self._last = {"coreset": n, "graph_rows_refreshed": rows, "warmup": True}
@@ -434,7 +434,7 @@ class GracePolicy(Policy):
             return Plan(order, np.ones(n, dtype=np.float32))
         size = max(1, int(round(self.budget * n)))
         h, propagated = self.propagated_scores(epoch)
-        strata = self._update_strata(epoch, size)
+        strata = self._update_strata(context, epoch, size)
         sizes = np.bincount(strata)
         q = self.quotas(sizes, size)
         chosen: list[np.ndarray] = []

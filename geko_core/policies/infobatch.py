@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Plan, Policy, StatsBatch
+from .base import Plan, Policy, PolicyContext, StatsBatch
 
 
 class InfoBatchPolicy(Policy):
@@ -31,27 +31,27 @@ class InfoBatchPolicy(Policy):
         self.delta = float(delta)
         self.scores: np.ndarray | None = None
 
-    def bind(self, selector) -> None:
-        super().bind(selector)
-        if selector.epochs is None:
+    def bind(self, context: PolicyContext) -> None:
+        if context.epochs is None:
             raise ValueError("policy 'infobatch' anneals over a known number of epochs: pass epochs= to the Selector")
-        self.scores = np.full(selector.num_samples, self.initial_score, dtype=np.float32)
+        super().bind(context)
+        self.scores = np.full(context.num_samples, self.initial_score, dtype=np.float32)
 
-    def observe(self, batch: StatsBatch, step: int) -> None:
-        super().observe(batch, step)
+    def observe(self, batch: StatsBatch, table) -> None:
+        super().observe(batch, table)
         finite = np.isfinite(batch.loss)
         self.scores[batch.indices[finite]] = batch.loss[finite]
 
-    def plan_epoch(self, epoch: int, progress: float) -> Plan:
+    def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
         from ..planner import infobatch_plan
 
         plan = infobatch_plan(
             self.scores,
             epoch=epoch,
-            num_epochs=self.selector.epochs,
+            num_epochs=context.epochs,
             prune_ratio=self.prune_ratio,
             delta=self.delta,
-            seed=self.selector.seed,
+            seed=context.seed,
         )
         return Plan(np.asarray(plan.indices, dtype=np.int64), np.asarray(plan.weights, dtype=np.float32))
 

@@ -31,11 +31,28 @@ struct ShardOptions {
   void validate() const;  // std::invalid_argument
 };
 
+// One rank's share of a global plan, split as torch's DistributedSampler does:
+// pad by wrapping around to a multiple of num_replicas (padding weighs 0) or,
+// with drop_last, drop the tail; rank r takes positions r, r + R, r + 2R, ...
+// The only sharder of the project: planner functions and the Python epoch
+// object (geko_core/epoch.py) both call it.
+struct Shard {
+  std::vector<int64_t> indices;
+  std::vector<float> weights;
+  int64_t total_size = 0;  // shard length * num_replicas
+  int64_t real = 0;        // leading entries of this shard that are not padding
+};
+
+// std::invalid_argument for a bad rank / replica count.
+Shard shard_plan(const int64_t* indices, const float* weights, int64_t m, int64_t num_replicas, int64_t rank,
+                 bool drop_last);
+
 struct PlanResult {
   std::vector<int64_t> indices;  // this rank's shard, in training order
   std::vector<float> weights;    // importance weight of each entry (0 for padding)
   int64_t epoch_size = 0;        // global number of draws of the epoch, before chunking / padding / dropping
   int64_t total_size = 0;        // global length after chunking, padding / dropping (= shard length * num_replicas)
+  int64_t real = 0;              // leading entries of this shard that are not padding
   // Global draws per bucket (bucket plans); draws of kept / pruned-but-kept
   // samples for InfoBatch are in [kFocus] / [kLight]; zeros otherwise.
   std::array<int64_t, kNumBuckets> bucket_draws{};
