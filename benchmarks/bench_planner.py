@@ -4,7 +4,7 @@ Run: ``pytest benchmarks/bench_planner.py -s`` (``-s`` shows the side-by-side ra
 Sizes: ``GEKO_BENCH_PLANNER_N`` (default 10_000_000) and ``GEKO_BENCH_NUMPY_N`` for numpy's
 ``Generator.choice(replace=False, p=...)``, which is much slower (default: the same N).
 
-Goal (DESIGN.md §5): a 10 M-sample weighted epoch planned in <= 1 s.
+Goal (docs/design.md §5): a 10 M-sample weighted epoch planned in <= 1 s.
 Baselines, measured in the same run:
 * ``plan()``: ``torch.randperm(N)``, what an ordinary shuffled epoch costs;
 * ``weighted_sample(w, N/2)``: ``torch.multinomial(w, N/2, replacement=False)`` and

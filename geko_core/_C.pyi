@@ -197,7 +197,7 @@ def curriculum_progress(step: typing.SupportsInt | typing.SupportsIndex, total_s
     ...
 def default_curriculum_phases() -> list[tuple[str, float, float, float, float, float]]:
     """
-    The five phases of DESIGN.md §3 as (name, end, hard, focus, light, lr_multiplier).
+    The five phases of docs/design.md §3 as (name, end, hard, focus, light, lr_multiplier).
     """
 def fp16_round(arg0: typing.SupportsFloat | typing.SupportsIndex) -> float:
     """

@@ -295,7 +295,7 @@ def infobatch_plan(
     shuffle: bool = True,
     drop_last: bool = False,
 ) -> EpochPlan:
-    """InfoBatch's epoch (DESIGN.md §4): prune / rescale / anneal.
+    """InfoBatch's epoch (docs/design.md §4): prune / rescale / anneal.
 
     Samples whose score (InfoBatch keeps the last loss, initialised to 3.0) is below the mean
     score are "well learned"; while ``epoch < delta * num_epochs`` each of them is kept with
@@ -340,7 +340,7 @@ def gaussian_window_plan(
     shuffle: bool = True,
     drop_last: bool = False,
 ) -> EpochPlan:
-    """GAIN-RL's draw (DESIGN.md §4): a Gaussian window over a sorted order.
+    """GAIN-RL's draw (docs/design.md §4): a Gaussian window over a sorted order.
 
     Position ``j`` of ``order`` gets weight ``exp(-(j - mu)^2 / (2 sigma^2))``;
     ``num_samples_to_draw`` distinct positions are drawn without replacement with
@@ -391,7 +391,7 @@ def gainrl_update_mu(
     adj_min: float | None = None,
     adj_max: float | None = None,
 ) -> float:
-    """GAIN-RL's window move (DESIGN.md §4).
+    """GAIN-RL's window move (docs/design.md §4).
 
     ``dmu = n * tanh(alpha * (accuracy / acc_scale - beta)) + n * tanh(alpha * angle)``,
     clamped to ``[adj_min, adj_max]`` (None: no bound beyond the natural ``[-2n, 2n]``);

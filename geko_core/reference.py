@@ -102,7 +102,7 @@ def sample_stats_reference(
     per_token: bool = False,
     config: GekoConfig | None = None,
 ) -> SampleStats:
-    """Per-sample statistics (DESIGN.md §2) in plain torch.
+    """Per-sample statistics (docs/design.md §2) in plain torch.
 
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, any float dtype.

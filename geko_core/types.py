@@ -24,7 +24,7 @@ class TokenStats(NamedTuple):
 
 
 class SampleStats(NamedTuple):
-    """Per-sample statistics of one pass over the logits (DESIGN.md §2), each ``[S]``.
+    """Per-sample statistics of one pass over the logits (docs/design.md §2), each ``[S]``.
 
     A sample's value is the mean of its valid tokens' values. A sample with no valid
     token, or with a non-finite logit in a valid token's row, is invalid: its float

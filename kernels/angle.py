@@ -1,4 +1,4 @@
-"""Angle concentration of token hidden states (GAIN-RL, DESIGN.md §4), Triton GPU path.
+"""Angle concentration of token hidden states (GAIN-RL, docs/design.md §4), Triton GPU path.
 
 ``Σ_{i<j} cos(xᵢ, xⱼ) = (‖Σ x̂ᵢ‖² − Σ ‖x̂ᵢ‖²) / 2`` needs each token's full norm before its
 normalised vector can be summed, and the sum ``s`` is a d-vector (d up to 16384: 64 KB of

@@ -1,4 +1,4 @@
-"""Fused per-sample statistics of ``[S, T, V]`` logits (DESIGN.md §2), Triton GPU path.
+"""Fused per-sample statistics of ``[S, T, V]`` logits (docs/design.md §2), Triton GPU path.
 
 Two launches, no host synchronisation:
 
@@ -79,7 +79,7 @@ def _sample_stats_kernel(
     BLOCK_V: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
-    # Maths (DESIGN.md §2), per row x of V logits with label y, all in fp32:
+    # Maths (docs/design.md §2), per row x of V logits with label y, all in fp32:
     #   m = max x, d = sum exp(x - m), lse = m + log d, p = exp(x - lse)
     #   loss = lse - x_y, confidence = max p = 1 / d, label_prob = exp(x_y - m) / d
     #   entropy = lse - sum p x = log d - sum exp(x - m) (x - m) / d

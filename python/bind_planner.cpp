@@ -90,7 +90,7 @@ void bind_planner(py::module_& m) {
     std::vector<PhaseTuple> out;
     for (const auto& p : default_curriculum_phases()) out.push_back(phase_to_tuple(p));
     return out;
-  }, "The five phases of DESIGN.md §3 as (name, end, hard, focus, light, lr_multiplier).");
+  }, "The five phases of docs/design.md §3 as (name, end, hard, focus, light, lr_multiplier).");
 
   py::class_<MountainCurriculum>(m, "MountainCurriculum")
       .def(py::init([](const std::vector<PhaseTuple>& phases, bool smooth, double max_rate, double min_rate,

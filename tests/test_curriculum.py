@@ -5,7 +5,7 @@ import pytest
 
 from geko_core.curriculum import DEFAULT_PHASES, CurriculumPhase, MountainCurriculum, progress
 
-# DESIGN.md §3, typed here on purpose: the test checks the compiled defaults against the design.
+# docs/design.md §3, typed here on purpose: the test checks the compiled defaults against the design.
 DESIGN_PHASES = [
     ("WARMUP", 0.15, (1, 2, 3)),
     ("ASCENT", 0.35, (2, 3, 1)),

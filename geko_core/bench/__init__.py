@@ -19,9 +19,10 @@ import torch
 __all__ = ["main"]
 
 DEFAULT_TASKS = ("mnist1d", "stdlib-lm")
-DEFAULT_POLICIES = ("full", "random_subset", "infobatch", "es", "geko")
-# Also available with --policies: eswp, gainrl, grace, uniform (the runner feeds GAIN-RL its
-# angles and GRACE its embeddings from the model being trained; see runner.py).
+DEFAULT_POLICIES = ("full", "uniform", "random_subset", "infobatch", "es", "geko")
+# "uniform" is full training through the Selector: its wall-clock against "full" is the
+# like-for-like cost of the Selector. Also available with --policies: eswp, gainrl, grace (the
+# runner feeds GAIN-RL its angles and GRACE its embeddings from the model being trained).
 
 
 class _Progress:
@@ -111,6 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     report = goal_report(rows)
     if report:
-        print("\nGoals (DESIGN.md §5):\n" + report)
+        print("\nGoals (docs/design.md §5):\n" + report)
     print(f"\n{len(runs)} runs in {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in written))
     return 0

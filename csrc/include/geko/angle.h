@@ -1,5 +1,5 @@
 // CPU kernel of the angle concentration of token hidden states (GAIN-RL,
-// DESIGN.md §4): per sequence, the mean pairwise cosine similarity of its valid
+// docs/design.md §4): per sequence, the mean pairwise cosine similarity of its valid
 // tokens in O(T·d) from  Σ_{i<j} cos(x_i, x_j) = (‖Σ x̂_i‖² − Σ ‖x̂_i‖²) / 2,
 // and the mean cosine between prefix and non-prefix tokens, (s_P · s_Q) / (n_P n_Q).
 // Plain C++17, OpenMP over sequences, loops shaped for AVX2 auto-vectorisation.

@@ -8,7 +8,7 @@
 namespace geko {
 
 // Bucket codes shared by the kernels, the table and the planner.
-// FREEZE..HARD are the four GEKO buckets (DESIGN.md §3). UNSEEN marks a table
+// FREEZE..HARD are the four GEKO buckets (docs/design.md §3). UNSEEN marks a table
 // entry that was never updated; INVALID marks a statistics row with no valid
 // token or a non-finite value (never stored in the table).
 enum Bucket : int8_t {

@@ -1,4 +1,4 @@
-// Mountain curriculum (DESIGN.md §3): training progress p in [0, 1] -> bucket
+// Mountain curriculum (docs/design.md §3): training progress p in [0, 1] -> bucket
 // weights (HARD, FOCUS, LIGHT) -> per-bucket sampling rates for the planner.
 #pragma once
 
@@ -22,7 +22,7 @@ struct CurriculumPhase {
   double lr_multiplier = 1.0;
 };
 
-// The five phases of DESIGN.md §3, defined once.
+// The five phases of docs/design.md §3, defined once.
 std::vector<CurriculumPhase> default_curriculum_phases();
 
 // The largest rate the planner accepts for any bucket: a sample appears at
@@ -88,7 +88,7 @@ class MountainCurriculum {
 // step / total_steps, refused unless 0 <= step <= total_steps and total_steps > 0.
 double curriculum_progress(int64_t step, int64_t total_steps);
 
-// GAIN-RL window update (DESIGN.md §4):
+// GAIN-RL window update (docs/design.md §4):
 //   dmu = n tanh(alpha (accuracy / acc_scale - beta)) + n tanh(alpha angle),
 // clamped to [adj_min, adj_max]; the new mu is clamped to [0, num_positions - 1].
 double gainrl_update_mu(double mu, double accuracy, double angle, double n, double alpha, double beta,

@@ -93,7 +93,7 @@ class EpochPlanner {
 // relative tolerance of 1e-9 so that e.g. 0.05 * 200 gives 10, not 11.
 int64_t freeze_revisit_count(double fraction, int64_t n_freeze);
 
-// InfoBatch (DESIGN.md §4): samples with score < mean(score) are well learned;
+// InfoBatch (docs/design.md §4): samples with score < mean(score) are well learned;
 // before epoch delta * num_epochs each is kept with probability 1 - prune_ratio
 // and weighs 1 / (1 - prune_ratio); every other sample is kept with weight 1.
 // From that epoch on, the full data with weight 1.
@@ -120,7 +120,7 @@ template <class T>
 WeightedSampleResult weighted_sample(const T* w, int64_t n, int64_t k, uint64_t seed, uint64_t epoch,
                                      WeightedMethod method);
 
-// GAIN-RL (DESIGN.md §4): position j of `order` (sample indices sorted by the
+// GAIN-RL (docs/design.md §4): position j of `order` (sample indices sorted by the
 // policy's score) has weight exp(-(j - mu)^2 / (2 sigma^2)); draw k distinct
 // positions with weighted_sample, plan order[position] with weight 1 / pi.
 PlanResult gaussian_window_plan(const int64_t* order, int64_t n, double mu, double sigma, int64_t k, int64_t epoch,
