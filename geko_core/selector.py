@@ -113,6 +113,10 @@ class Selector:
         batch_size, drop_last: the DataLoader's. With ``drop_last=True`` (which needs
             ``batch_size``) every epoch is planned in whole batches, so the samples a
             DataLoader would drop are never drawn and a resume continues exactly.
+        sample_tokens: optional int ``[N]``: the tokens each sample costs (for a language
+            model, its response tokens). Budgets in tokens need it, and ``metrics()`` then
+            reports the share of tokens saved. Tokens forwarded and back-propagated are
+            counted from the statistics either way.
 
     Thread safety: a Selector is *not* thread-safe; drive it from the one thread that runs
     the training loop (DataLoader workers are separate processes and never touch it). Its
@@ -143,6 +147,7 @@ class Selector:
         explicit_steps: bool = False,
         batch_size: int | None = None,
         drop_last: bool = False,
+        sample_tokens: Any = None,
     ) -> None:
         from .table import SampleTable
 
@@ -156,6 +161,18 @@ class Selector:
         drop_last = check_bool(drop_last, "drop_last")
         if drop_last and batch_size is None:
             raise ValueError("drop_last=True needs the DataLoader's batch_size= to plan epochs in whole batches")
+        if sample_tokens is not None:
+            if isinstance(sample_tokens, torch.Tensor):
+                sample_tokens = sample_tokens.detach().cpu().numpy()
+            sample_tokens = np.asarray(sample_tokens)
+            if sample_tokens.dtype == np.bool_ or not np.issubdtype(sample_tokens.dtype, np.integer):
+                raise TypeError(f"sample_tokens must hold integer token counts, got dtype {sample_tokens.dtype}")
+            if sample_tokens.shape != (num_samples,):
+                raise ValueError(f"sample_tokens must have shape ({num_samples},), got {sample_tokens.shape}")
+            if (sample_tokens < 0).any() or sample_tokens.sum() == 0:
+                raise ValueError("sample_tokens must be >= 0 with a positive total")
+            sample_tokens = sample_tokens.astype(np.int64)
+            sample_tokens.flags.writeable = False
         if num_replicas is None and rank is None and _distributed():
             num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         num_replicas = 1 if num_replicas is None else check_int(num_replicas, "num_replicas", low=1)
@@ -175,7 +192,7 @@ class Selector:
         #: What policies see of the run (frozen).
         self.context = PolicyContext(
             num_samples=num_samples, seed=seed, epochs=epochs, total_steps=total_steps,
-            rank=rank, world_size=num_replicas, table=TableView(self.table),
+            rank=rank, world_size=num_replicas, table=TableView(self.table), sample_tokens=sample_tokens,
         )
         self.policy = make_policy(policy, **(policy_options or {}))
         self.policy.bind(self.context)
@@ -193,6 +210,9 @@ class Selector:
         self._forwarded = 0
         self._backpropagated = 0
         self._epoch_start_counts = (0, 0)
+        # Tokens (valid label tokens: response tokens for a masked prompt), kept as tensors on
+        # the statistics' device so that counting never synchronises with a GPU.
+        self._tokens: dict[str, Any] = {"forwarded": 0, "backpropagated": 0}
         # Wall-clock of the whole Selector calls a training loop pays (the overhead), and of
         # planning; _depth keeps nested calls from counting twice.
         self._seconds = dict.fromkeys(_TIMED, 0.0)
@@ -367,10 +387,12 @@ class Selector:
                 reduction=reduction, config=self.config, backend=self.backend,
             )
             self._backpropagated += len(indices)
+            self._count_tokens(stats, "backpropagated")
             if observe:
                 self._observe(indices, stats, at, batch_weights)
             else:
                 self._forwarded += len(indices)
+                self._count_tokens(stats, "forwarded")
             return loss
 
     def observe(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> SampleStats:
@@ -382,6 +404,7 @@ class Selector:
             indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
             stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
             self._backpropagated += len(indices)
+            self._count_tokens(stats, "backpropagated")
             self._observe_located(indices, stats)
             return stats
 
@@ -393,6 +416,7 @@ class Selector:
             indices = self._indices(idx, expected=stats.loss.shape[0])
             if backpropagated:
                 self._backpropagated += len(indices)
+                self._count_tokens(stats, "backpropagated")
             self._observe_located(indices, stats)
 
     def select(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,6 +512,7 @@ class Selector:
             event.record()
             self._pending.append((table_indices, *host, event, self._step_of_batch(), self.epoch))
         self._forwarded += count
+        self._count_tokens(stats, "forwarded")
         plan.advance(count)
         self._batch_seen = max(self._batch_seen, count)
         self._last_batch = (indices.copy(), weights if weights is not None else np.ones(count, dtype=np.float32))
@@ -497,6 +522,13 @@ class Selector:
         self._flush(keep_last=device.type != "cpu")
         if len(plan) and plan.trained:
             self._advance()
+
+    def _count_tokens(self, stats: SampleStats, kind: str) -> None:
+        self._tokens[kind] = self._tokens[kind] + stats.valid_tokens.sum(dtype=torch.int64)
+
+    def _token_count(self, kind: str) -> int:
+        value = self._tokens[kind]
+        return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
     def _step_of_batch(self) -> int:
         # The table stamps a batch with the step it is trained in (counted after it by default).
@@ -549,12 +581,17 @@ class Selector:
             "forwarded": self._forwarded,
             "backpropagated": self._backpropagated,
             "saved_fraction": (1.0 - self._backpropagated / full) if full > 0 else 0.0,
+            "forwarded_tokens": self._token_count("forwarded"),
+            "backpropagated_tokens": self._token_count("backpropagated"),
             "epoch_length": len(self._plan) if self._plan is not None else None,
             "nonfinite_skipped": int(self.table.nonfinite_skipped),
             "overhead_seconds": self._seconds["total"],
             "planning_seconds": self._seconds["planning"],
             "seconds": {name: self._seconds[name] for name in _TIMED if name != "total"},
         }
+        if self.context.sample_tokens is not None:
+            full_tokens = self.epoch_progress() * float(self.context.sample_tokens.sum()) / self.num_replicas
+            out["saved_token_fraction"] = (1.0 - out["backpropagated_tokens"] / full_tokens) if full_tokens > 0 else 0.0
         curriculum = getattr(self.policy, "curriculum", None)
         if curriculum is not None:
             out["phase"] = curriculum.phase(self.progress())[1]
@@ -566,6 +603,7 @@ class Selector:
         start_fwd, start_bwd = self._epoch_start_counts
         entry["epoch_forwarded"] = self._forwarded - start_fwd
         entry["epoch_backpropagated"] = self._backpropagated - start_bwd
+        entry["epoch_backpropagated_tokens"] = entry["backpropagated_tokens"] - (self.history[-1]["backpropagated_tokens"] if self.history else 0)
         self._epoch_start_counts = (self._forwarded, self._backpropagated)
         self.history.append(entry)
 
@@ -589,7 +627,10 @@ class Selector:
             **self._sampler_state(),
             "step": self._step,
             "explicit_steps": self._explicit_steps,
-            "counters": {"forwarded": self._forwarded, "backpropagated": self._backpropagated, "epoch_start": list(self._epoch_start_counts)},
+            "counters": {
+                "forwarded": self._forwarded, "backpropagated": self._backpropagated, "epoch_start": list(self._epoch_start_counts),
+                "forwarded_tokens": self._token_count("forwarded"), "backpropagated_tokens": self._token_count("backpropagated"),
+            },
             "seconds": dict(self._seconds),
             "history": [dict(h) for h in self.history],
         }
@@ -618,6 +659,7 @@ class Selector:
             forwarded = _nonnegative_int(counters["forwarded"], "counters.forwarded")
             backpropagated = _nonnegative_int(counters["backpropagated"], "counters.backpropagated")
             epoch_start = tuple(_nonnegative_int(c, "counters.epoch_start") for c in counters["epoch_start"])
+            tokens = {kind: _nonnegative_int(counters.get(f"{kind}_tokens", 0), f"counters.{kind}_tokens") for kind in ("forwarded", "backpropagated")}
             if len(epoch_start) != 2:
                 raise ValueError(f"counters.epoch_start must hold 2 counts, got {len(epoch_start)}")
             if not isinstance(state["history"], list):
@@ -652,6 +694,7 @@ class Selector:
         self._forwarded = forwarded
         self._backpropagated = backpropagated
         self._epoch_start_counts = epoch_start
+        self._tokens = tokens
         self._seconds = seconds
         self.history = history
 

@@ -101,12 +101,55 @@ def test_frozen_samples_are_skipped_but_revisited():
     assert accuracy(model) >= 0.88
     frozen = sel.table.field("bucket") == geko_core.BUCKET_FREEZE
     assert frozen.sum() > 100
-    sel.set_epoch(sel.epoch + 1)
+    sel.set_epoch(3)  # a PEAK-phase epoch planned from the table as it is now
     indices, weights = sel.plan()
     planned_frozen = frozen[indices]
-    # about 5% of the frozen samples are revisited (stalest first), each standing for ~20
-    assert 0 < planned_frozen.sum() <= int(np.ceil(0.05 * frozen.sum())) + 1
+    # The guard's revisit fraction: at least 20%, raised by the measured forgetting.
+    revisit = sel.metrics()["geko/rates"][geko_core.BUCKET_FREEZE]
+    assert revisit == pytest.approx(min(1.0, 0.2 + 2.0 * sel.policy.forgetting))
+    assert planned_frozen.sum() == int(np.ceil(revisit * frozen.sum() - 1e-9))
     np.testing.assert_allclose(weights[planned_frozen], frozen.sum() / planned_frozen.sum(), rtol=1e-5)
+    # The last phase runs on the full data, FREEZE included.
+    sel.set_epoch(5)
+    indices, _ = sel.plan()
+    assert set(indices.tolist()) == set(range(1200))
+
+
+def test_quality_guard_measures_forgetting_and_raises_revisits():
+    """Frozen samples that come back wrong are failed revisits: they return to training and the
+    forgetting rate raises the next epoch's revisit fraction."""
+    sel = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9))
+    idx = np.arange(400)
+    labels = torch.from_numpy(idx % 4)
+    right = F.one_hot(labels, 4).float() * 10.0  # confident and right
+    for _ in range(3):
+        sel.observe_stats(idx, geko_core.sample_stats(right, labels))
+    assert sel.table.bucket_counts()["FREEZE"] == 400
+    sel.set_epoch(4)
+    plan, _ = sel.plan()
+    assert len(plan) == 80 and sel.policy.forgetting == 0.0  # 20% revisited
+    # Half the revisited samples are now confidently wrong: forgotten.
+    wrong = F.one_hot((labels + 1) % 4, 4).float() * 10.0
+    logits = torch.where(torch.from_numpy(np.arange(80) < 40)[:, None], wrong[plan], right[plan])
+    before = sel.metrics()["geko/revisits"]  # the 2nd and 3rd passes above observed frozen samples
+    sel.observe_stats(plan, geko_core.sample_stats(logits, labels[plan]))
+    assert sel.metrics()["geko/failed_revisits"] == 40 and sel.metrics()["geko/revisits"] == before + 80
+    counts = sel.table.bucket_counts()
+    assert counts["FREEZE"] == 360 and counts["HARD"] == 40  # back in training at once
+    sel.set_epoch(5)
+    sel.plan()
+    assert sel.policy.forgetting == pytest.approx(0.25)  # smoothed: 0.5 * 0 + 0.5 * (40 / 80)
+    assert sel.metrics()["geko/rates"][geko_core.BUCKET_FREEZE] == pytest.approx(0.7)
+    # Resume keeps the measurement.
+    other = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9))
+    other.load_state_dict(sel.state_dict())
+    assert other.policy.forgetting == pytest.approx(0.25) and other.metrics()["geko/revisits"] == before + 80
+    # Without the guard, the curriculum's 5% and no full-data final phase.
+    plain = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9), policy_options={"guard": False})
+    for _ in range(3):
+        plain.observe_stats(idx, geko_core.sample_stats(right, labels))
+    plain.set_epoch(9)
+    assert len(plain.plan()[0]) == 20
 
 
 def test_sampler_length_has_no_side_effects_and_epochs_move_as_in_distributed_sampler():
@@ -298,3 +341,41 @@ def test_geko_budget_caps_the_expected_epoch():
     assert accuracy(model) >= 0.85
     with pytest.raises(ValueError, match="budget"):
         Selector(10, policy="geko", epochs=1, policy_options={"budget": 1.5})
+
+
+def test_tokens_are_counted_and_budgets_can_be_set_in_tokens():
+    """For language models compute is paid in (response) tokens: counted from the statistics,
+    and the random subset and GEKO can be budgeted in them."""
+    n, t, v = 40, 6, 7
+    g = torch.Generator().manual_seed(0)
+    lengths = 1 + torch.arange(n) % 5  # response tokens per sample
+    labels = torch.randint(0, v, (n, t), generator=g)
+    labels[torch.arange(t)[None, :] < (t - lengths)[:, None]] = -100  # the prompt is masked
+    sel = Selector(n, policy="uniform", epochs=2, sample_tokens=lengths.numpy())
+    for idx in torch.tensor(list(sel.sampler)).split(8):
+        sel.loss(torch.randn(len(idx), t + 1, v, generator=g), torch.cat([labels[idx], torch.full((len(idx), 1), -100)], 1), idx, shift=True)
+    m = sel.metrics()
+    # With shift=True the label of position t+1 is predicted at position t: every response token counts.
+    assert m["forwarded_tokens"] == m["backpropagated_tokens"] == int(lengths.sum())
+    assert m["saved_token_fraction"] == pytest.approx(0.0, abs=1e-12)
+
+    tokens = np.where(np.arange(1000) < 100, 50, 1)  # 10% of the samples hold 5000 of 5900 tokens
+    subset = Selector(1000, policy="random_subset", epochs=1, sample_tokens=tokens, policy_options={"budget": 0.3, "unit": "tokens"})
+    chosen, _ = subset.plan()
+    assert 0.3 * tokens.sum() <= tokens[chosen].sum() <= 0.3 * tokens.sum() + 50
+    with pytest.raises(ValueError, match="sample_tokens"):
+        Selector(1000, policy="random_subset", epochs=1, policy_options={"unit": "tokens"})
+    with pytest.raises(ValueError, match="shape"):
+        Selector(10, policy="uniform", epochs=1, sample_tokens=np.ones(9, dtype=np.int64))
+
+    geko = Selector(1000, policy="geko", epochs=4, sample_tokens=tokens, policy_options={"budget": 0.5, "budget_unit": "tokens"})
+    idx = np.arange(1000)
+    y = torch.from_numpy(idx % 3)
+    geko.observe_stats(idx, geko_core.sample_stats(torch.randn(1000, 3, generator=g), y))
+    geko.set_epoch(1)
+    plans = [geko.epoch_plan.indices.copy()]
+    for epoch in range(2, 3):
+        geko.set_epoch(epoch)
+        plans.append(geko.epoch_plan.indices.copy())
+    spent = [tokens[p].sum() / tokens.sum() for p in plans]
+    assert all(s < 0.6 for s in spent), spent  # about half the tokens (binomial noise), never the 100% of no budget

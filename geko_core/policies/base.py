@@ -92,6 +92,9 @@ class PolicyContext:
         rank, world_size: this process and the number of processes (plans are global: every
             rank computes the same one).
         table: read-only view of the shared table.
+        sample_tokens: int64 ``[N]`` tokens each sample costs (for language models, its
+            response tokens), read-only; None when the run is counted in samples. Budgets in
+            tokens need it.
     """
 
     num_samples: int
@@ -101,6 +104,7 @@ class PolicyContext:
     rank: int
     world_size: int
     table: TableView
+    sample_tokens: np.ndarray | None = None
 
     def rng(self, epoch: int, purpose: int = 0) -> np.random.Generator:
         """A generator keyed by (seed, epoch, purpose): plans never depend on call history."""

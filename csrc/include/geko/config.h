@@ -28,8 +28,12 @@ struct Config {
   double freeze_confidence = 0.85;
   double freeze_q = 0.80;
   double hard_confidence = 0.60;
-  // A sequence counts as correct when its token accuracy reaches this.
-  double correct_threshold = 0.9;
+  // A sequence counts as correct when its token accuracy (over its valid, i.e.
+  // unmasked, tokens) reaches this. 1.0: every response token argmax-right, the
+  // exact match greedy decoding reproduces, so "learned" means "answered right";
+  // for a classifier (one token) any threshold in (0, 1] is the same rule. Lower it
+  // (e.g. 0.9) for pre-training-like data where no sequence is ever exact.
+  double correct_threshold = 1.0;
   // Q-value: q <- (1 - q_alpha) q + q_alpha r, r = 1 - min(loss / loss_scale, 1).
   // 0.3, not the seeds' 0.1: with 0.1 a sample needs ~9 confident visits to pass the FREEZE gate,
   // which thinned epochs never give it (geko-bench: FREEZE stayed empty for 12 epochs).
