@@ -93,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"{task.name} {policy} seed {seed}"
                 progress.update(label)
                 result = run_one(task, policy, seed, policy_options=options, on_epoch=lambda e, label=label: progress.update(label, 1))
-                if policy == "geko":
-                    geko_fraction = result["backpropagated"] / (task.num_samples * task.epochs)
+                if policy == "geko":  # its share of the samples, or of the tokens for a language model
+                    if result["backpropagated_tokens"] is not None:
+                        geko_fraction = result["backpropagated_tokens"] / (result["total_tokens"] * task.epochs)
+                    else:
+                        geko_fraction = result["backpropagated"] / (task.num_samples * task.epochs)
                 runs.append(result)
     progress.close()
     rows = aggregate(runs)

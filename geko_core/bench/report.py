@@ -38,6 +38,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                "higher_is_better": group[0]["higher_is_better"]}
         for field in ("metric", "forwarded", "backpropagated", "train_seconds", "overhead_share"):
             row[field], row[field + "_std"] = _mean_std([r[field] for r in group])
+        # Language models: compute is paid in (response) tokens; savings are counted in them.
+        row["unit"] = "tokens" if group[0].get("backpropagated_tokens") is not None else "samples"
+        if row["unit"] == "tokens":
+            for field in ("forwarded_tokens", "backpropagated_tokens"):
+                row[field], row[field + "_std"] = _mean_std([r[field] for r in group])
         if policy == "full":
             full[task] = row
         rows.append(row)
@@ -45,12 +50,21 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = full.get(row["task"])
         if base is None:
             continue
-        row["backprop_saved_%"] = 100.0 * (1.0 - row["backpropagated"] / base["backpropagated"])
+        spent = "backpropagated_tokens" if row["unit"] == "tokens" else "backpropagated"
+        row["backprop_saved_%"] = 100.0 * (1.0 - row[spent] / base[spent])
+        saved = [100.0 * (1.0 - r[spent] / base[spent]) for r in runs if r["task"] == row["task"] and r["policy"] == row["policy"]]
+        row["backprop_saved_%_std"] = _mean_std(saved)[1]
+        walls = [100.0 * (1.0 - r["train_seconds"] / base["train_seconds"]) for r in runs if r["task"] == row["task"] and r["policy"] == row["policy"]]
+        row["wall_saved_%_std"] = _mean_std(walls)[1]
         row["wall_saved_%"] = 100.0 * (1.0 - row["train_seconds"] / base["train_seconds"])
         if row["higher_is_better"]:
             row["metric_delta"] = row["metric"] - base["metric"]
+            noise = (row["metric_std"] ** 2 + base["metric_std"] ** 2) ** 0.5
         else:  # perplexity: relative change in %
             row["metric_delta"] = 100.0 * (row["metric"] / base["metric"] - 1.0)
+            noise = 100.0 * (row["metric_std"] ** 2 + base["metric_std"] ** 2) ** 0.5 / base["metric"]
+        # A difference smaller than the seeds' spread is called what it is.
+        row["within_noise"] = row["policy"] != "full" and abs(row["metric_delta"]) <= noise
     return rows
 
 
@@ -70,11 +84,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             row["task"],
             POLICY_LABELS.get(row["policy"], row["policy"]),
             f"{row['metric']:.2f} ± {row['metric_std']:.2f}",
-            "" if delta is None or row["policy"] == "full" else f"{delta:+.2f} {unit}",
-            f"{row['backpropagated']:.0f}",
-            "" if "backprop_saved_%" not in row else f"{row['backprop_saved_%']:.1f}%",
+            "" if delta is None or row["policy"] == "full" else f"{delta:+.2f} {unit}" + (" (noise)" if row.get("within_noise") else ""),
+            f"{row['backpropagated_tokens']:.0f} tok" if row.get("unit") == "tokens" else f"{row['backpropagated']:.0f}",
+            "" if "backprop_saved_%" not in row else f"{row['backprop_saved_%']:.1f} ± {row['backprop_saved_%_std']:.1f}%",
             f"{row['train_seconds']:.1f} ± {row['train_seconds_std']:.1f}",
-            "" if "wall_saved_%" not in row else f"{row['wall_saved_%']:.1f}%",
+            "" if "wall_saved_%" not in row else f"{row['wall_saved_%']:.1f} ± {row['wall_saved_%_std']:.1f}%",
             f"{100 * row['overhead_share']:.2f}%",
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]

@@ -1,6 +1,7 @@
 """One training run of a task under one policy, with honest accounting.
 
-Every run counts the samples actually forwarded and back-propagated and times the training
+Every run counts the samples actually forwarded and back-propagated — for language models
+also their label (response) tokens, the unit LLM compute is paid in — and times the training
 loop (evaluation excluded). "full" is plain PyTorch training with no geko_core in the loop:
 the baseline for wall-clock. Every policy sees the same model initialisation, optimiser and
 learning-rate schedule (cosine over training progress measured in epochs).
@@ -36,7 +37,8 @@ def bench_policy_options(policy: str, task: Task, budget: float) -> dict[str, An
     if policy in task.policy_options:
         return dict(task.policy_options[policy])
     if policy == "random_subset":
-        return {"budget": budget}
+        # Matched in the unit compute is paid in: tokens for language models.
+        return {"budget": budget, "unit": "tokens"} if sample_tokens(task) is not None else {"budget": budget}
     if policy == "gainrl":
         return {"samples_per_epoch": budget, "sigma": max(n / 10.0, 1.0), "n": max(n / 20.0, 1.0)}
     if policy == "grace":
@@ -95,9 +97,9 @@ def warm_up(task: Task) -> None:
     for fused in (False, True, False, True):
         logits = model(task.inputs[idx])
         if fused:
-            loss, _ = cross_entropy_with_stats(logits, task.targets[idx])
+            loss, _ = cross_entropy_with_stats(logits, task.targets[idx], shift=bool(getattr(task, "shift", False)))
         else:
-            loss = _flat_ce(logits, task.targets[idx])
+            loss = _flat_ce(logits, task.targets[idx], bool(getattr(task, "shift", False)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,8 +115,20 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def _flat_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+def _flat_ce(logits: torch.Tensor, targets: torch.Tensor, shift: bool = False) -> torch.Tensor:
+    if shift:  # causal LM: position t predicts the label of position t + 1
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def sample_tokens(task: Task) -> np.ndarray | None:
+    """Label tokens each sample costs (after the causal shift), or None for a classifier."""
+    targets = task.targets
+    if targets.dim() < 2:
+        return None
+    if getattr(task, "shift", False):
+        targets = targets[:, 1:]
+    return (targets != -100).sum(dim=1).numpy().astype(np.int64)
 
 
 def run_one(
@@ -140,8 +154,12 @@ def run_one(
     curve: list[tuple[int, float]] = []
     bucket_flow: list[dict[str, int]] = []
     forwarded = backpropagated = 0
+    tokens = sample_tokens(task)
+    forwarded_tokens = backpropagated_tokens = 0
+    shift = bool(getattr(task, "shift", False))
     train_seconds = 0.0
     overhead = 0.0
+    geko_metrics: dict[str, Any] = {}
 
     if policy == "full":
         generator = torch.Generator().manual_seed(seed)
@@ -151,19 +169,25 @@ def run_one(
             for start in range(0, n, batch):
                 idx = order[start : start + batch]
                 _set_lr(optimizer, _lr_at(task.lr, (epoch + start / n) / epochs))
-                loss = _flat_ce(model(x[idx]), y[idx])
+                loss = _flat_ce(model(x[idx]), y[idx], shift)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 forwarded += len(idx)
                 backpropagated += len(idx)
+                if tokens is not None:
+                    spent = int(tokens[idx.numpy()].sum())
+                    forwarded_tokens += spent
+                    backpropagated_tokens += spent
             train_seconds += time.perf_counter() - started
             curve.append((backpropagated, task.evaluate(model)))
             if on_epoch:
                 on_epoch(epoch)
     else:
         config = GekoConfig(**task.config_overrides)
-        selector = Selector(n, policy=policy, epochs=epochs, seed=seed, config=config, policy_options=policy_options)
+        selector = Selector(
+            n, policy=policy, epochs=epochs, seed=seed, config=config, policy_options=policy_options, sample_tokens=tokens,
+        )
         side_forwarded = 0  # forward passes made to feed a policy (angles, embeddings)
         for epoch in range(epochs):
             started = time.perf_counter()
@@ -177,11 +201,11 @@ def run_one(
                 if selector.policy.meta_batch:
                     with torch.no_grad():
                         meta_logits = model(xb)
-                    positions, weights = selector.select(idx, meta_logits, yb)
-                    loss = selector.loss(model(xb[positions]), yb[positions], idx[positions], weights=weights, observe=False)
+                    positions, weights = selector.select(idx, meta_logits, yb, shift=shift)
+                    loss = selector.loss(model(xb[positions]), yb[positions], idx[positions], weights=weights, observe=False, shift=shift)
                 else:
                     logits = model(xb)
-                    loss = selector.loss(logits, yb, idx)
+                    loss = selector.loss(logits, yb, idx, shift=shift)
                     if selector.policy.name == "gainrl":
                         with torch.no_grad():
                             right += int((logits.argmax(-1) == yb).sum())
@@ -200,7 +224,11 @@ def run_one(
                 on_epoch(epoch)
         final = selector.metrics()
         forwarded, backpropagated = final["forwarded"] + side_forwarded, final["backpropagated"]
+        forwarded_tokens, backpropagated_tokens = final["forwarded_tokens"], final["backpropagated_tokens"]
+        if tokens is not None and side_forwarded:
+            forwarded_tokens += side_forwarded * float(tokens.mean())  # the side passes' forwards, at the mean length
         overhead = final["overhead_seconds"]
+        geko_metrics = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("geko/") and k != "geko/rates"}
 
     return {
         "task": task.name,
@@ -211,6 +239,10 @@ def run_one(
         "epochs": epochs,
         "forwarded": int(forwarded),
         "backpropagated": int(backpropagated),
+        "forwarded_tokens": int(forwarded_tokens) if tokens is not None else None,
+        "backpropagated_tokens": int(backpropagated_tokens) if tokens is not None else None,
+        "total_tokens": int(tokens.sum()) if tokens is not None else None,
+        "guard": geko_metrics if policy == "geko" else {},
         "train_seconds": train_seconds,
         "overhead_seconds": overhead,
         "overhead_share": overhead / train_seconds if train_seconds > 0 else 0.0,
