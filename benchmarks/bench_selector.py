@@ -1,0 +1,101 @@
+"""Per-step cost of the Selector at small shapes, against plain ``F.cross_entropy``, in one run.
+
+A training step through the Selector pays ``sel.loss`` (fused loss + statistics, the plan's
+weights, the table update, step counting) and its backward; a plain step pays
+``F.cross_entropy`` and its backward. At small shapes the difference is fixed overhead
+(conversions, allocations, Python), which the goal bounds: ``sel.loss`` forward + backward
+at most 100 µs more than ``F.cross_entropy`` forward + backward at [128, 10] and
+[128, 1000], on one thread.
+
+Each timing is the median of many repeats of one step; the difference and the ratio are
+computed from medians measured side by side, interleaved, in the same process.
+
+Run either way:
+    python benchmarks/bench_selector.py
+    pytest benchmarks/bench_selector.py -s
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geko_core import Selector
+
+SHAPES = ((128, 10), (128, 1000))
+GOAL_US = 100.0
+REPEATS = 300
+
+
+def _time(step, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def measure(shape: tuple[int, int], repeats: int = REPEATS) -> dict[str, float]:
+    """Median seconds of one plain step and one Selector step at ``shape``."""
+    batch, classes = shape
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(batch, classes, generator=generator)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    # A data set of many batches so that every step is a real position of the plan.
+    num_batches = 4 * repeats + 64
+    sel = Selector(batch * num_batches, policy="geko", epochs=1, seed=0)
+    order = torch.from_numpy(sel.epoch_plan.indices.copy())
+    position = [0]
+
+    def plain() -> None:
+        x = base.clone().requires_grad_(True)
+        F.cross_entropy(x, labels).backward()
+
+    def through_selector() -> None:
+        x = base.clone().requires_grad_(True)
+        start = position[0]
+        idx = order[start : start + batch]
+        position[0] = start + batch
+        sel.loss(x, labels, idx).backward()
+
+    for _ in range(20):  # warm-up: lazy imports, allocator growth
+        plain()
+        through_selector()
+    plain_times, selector_times = [], []
+    for _ in range(repeats // 10):  # interleaved rounds: drift hits both alike
+        plain_times += _time(plain, 10)
+        selector_times += _time(through_selector, 10)
+    return {"plain": statistics.median(plain_times), "selector": statistics.median(selector_times)}
+
+
+def report() -> list[str]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    lines = []
+    try:
+        for shape in SHAPES:
+            m = measure(shape)
+            extra_us = 1e6 * (m["selector"] - m["plain"])
+            lines.append(
+                f"[{shape[0]}, {shape[1]}] fp32, one thread: F.cross_entropy fwd+bwd {1e6 * m['plain']:.0f} µs, "
+                f"sel.loss fwd+bwd {1e6 * m['selector']:.0f} µs: +{extra_us:.0f} µs per step "
+                f"({m['selector'] / m['plain']:.2f}x; goal <= +{GOAL_US:.0f} µs: {'met' if extra_us <= GOAL_US else 'NOT met'})"
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return lines
+
+
+def test_selector_step_cost() -> None:
+    lines = report()
+    print("\n" + "\n".join(lines))
+    assert len(lines) == len(SHAPES) and all(np.isfinite(float(line.split("+")[1].split(" ")[0])) for line in lines)
+
+
+if __name__ == "__main__":
+    print("\n".join(report()))
