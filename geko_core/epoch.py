@@ -229,13 +229,20 @@ class EpochPlan:
     def __iter__(self) -> Iterator[int]:
         return self.iterate()
 
-    def iterate(self) -> Iterator[int]:
-        """Yield the indices from ``position`` on. A new iteration ends any older one (a
-        DataLoader that is iterated again restarts its sampler)."""
+    def iterate(self, start: int | None = None) -> Iterator[int]:
+        """Yield the indices from ``start`` (default: ``position``) on. A new iteration ends any
+        older one (a DataLoader that is iterated again restarts its sampler)."""
         self._iteration += 1
         token = self._iteration
         self._exhausted = False
-        return self._generate(token, self._position)
+        start = self._position if start is None else _count(start, "start", len(self))
+        self._yielded = start
+        return self._generate(token, start)
+
+    @property
+    def yielded(self) -> int:
+        """Where the current (or last) iteration stands: its start plus the entries it yielded."""
+        return self._yielded
 
     def _generate(self, token: int, start: int) -> Iterator[int]:
         for i in range(start, len(self)):

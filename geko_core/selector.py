@@ -76,18 +76,25 @@ class GekoSampler(Sampler[int]):
         return self._selector._epoch_length()
 
     def __iter__(self) -> Iterator[int]:
-        return self._selector._iterate()
+        # A generator: nothing happens before the first next() (loaders call iter() more than
+        # once while they restore a checkpoint).
+        yield from self._selector._iterate()
 
     def set_epoch(self, epoch: int) -> None:
         self._selector.set_epoch(epoch)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's position: epoch, the epoch's plan and the samples trained."""
-        return self._selector._sampler_state()
+    def state_dict(self) -> dict[str, int]:
+        """Where the sampler's iteration stands: ``{"epoch": e, "yielded": n}``, plain ints,
+        constant time, no side effect. A loader that checkpoints its sampler (torchdata's
+        ``StatefulDataLoader`` snapshots it when it hands a batch to a worker) restores the
+        iteration with it; the plan, the trained position and the table come with
+        ``Selector.state_dict``."""
+        return self._selector._iteration_state()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict` (the table comes with ``Selector.load_state_dict``)."""
-        self._selector._load_sampler_state(state)
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next iteration start where ``state`` says (after
+        ``Selector.load_state_dict``). Never plans, changes the epoch or the trained position."""
+        self._selector._load_iteration_state(state)
 
 
 class Selector:
@@ -204,6 +211,7 @@ class Selector:
         self._step = 0
         self._explicit_steps = bool(explicit_steps)
         self._plan: EpochPlan | None = None
+        self._iteration_start: int | None = None  # set by GekoSampler.load_state_dict, used once
         self._batch_seen = 0  # largest batch trained in the current epoch
         self._last_batch: tuple[np.ndarray, np.ndarray] | None = None  # indices, weights of the last observed batch
         self._pending: list[tuple[Any, ...]] = []
@@ -294,8 +302,10 @@ class Selector:
     def _move_to(self, epoch: int) -> None:
         self._flush()
         if self._plan is not None:
-            self._record_history()
+            if self._plan.position > 0 or self._plan.exhausted:  # an epoch that ran
+                self._record_history()
             self._plan.stop_iteration()
+        self._iteration_start = None
         self.epoch = epoch
         self._plan = None
         self._batch_seen = 0
@@ -317,7 +327,12 @@ class Selector:
             # else: the loop stopped early (break); continue the epoch from the trained position
         elif plan is not None and len(plan) and plan.trained:
             self._advance()
-        return self._current().iterate()
+        plan = self._current()
+        start, self._iteration_start = self._iteration_start, None
+        if start is not None and start >= len(plan) and len(plan):  # the loader had finished this epoch
+            self._advance()
+            plan, start = self._current(), None
+        return plan.iterate(start)
 
     def set_epoch(self, epoch: int) -> None:
         """Jump to ``epoch`` (DistributedSampler's convention); a no-op for the current one."""
@@ -624,7 +639,7 @@ class Selector:
             "seed": self.seed,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
-            **self._sampler_state(),
+            **self._epoch_state(),
             "step": self._step,
             "explicit_steps": self._explicit_steps,
             "counters": {
@@ -698,7 +713,7 @@ class Selector:
         self._seconds = seconds
         self.history = history
 
-    def _sampler_state(self) -> dict[str, Any]:
+    def _epoch_state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "epoch_plan": None if self._plan is None else self._plan.state_dict(),
@@ -727,17 +742,33 @@ class Selector:
         self._plan = plan
         self._batch_seen = batch_seen
         self._last_batch = None
+        self._iteration_start = None
         self.policy.on_epoch(epoch)
 
-    def _load_sampler_state(self, state: dict[str, Any]) -> None:
+    def _iteration_state(self) -> dict[str, int]:
+        plan = self._plan
+        if plan is None:
+            return {"epoch": self.epoch, "yielded": 0}
+        return {"epoch": plan.epoch, "yielded": plan.yielded}
+
+    def _load_iteration_state(self, state: dict[str, int]) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"sampler state must be a dict, got {type(state).__name__}")
         try:
-            epoch, plan, batch_seen = self._parse_sampler_state(state)
+            epoch = _nonnegative_int(state["epoch"], "sampler epoch")
+            yielded = _nonnegative_int(state["yielded"], "sampler yielded")
         except KeyError as exc:
             raise ValueError(f"sampler state is missing {exc}") from None
-        self._flush()
-        self._install_epoch(epoch, plan, batch_seen)
+        if epoch == self.epoch - 1:
+            return  # the loader stood at the end of the epoch the Selector has finished
+        if epoch != self.epoch:
+            raise ValueError(
+                f"sampler state is for epoch {epoch} but the Selector is in epoch {self.epoch}: "
+                "restore the Selector's state (Selector.load_state_dict) from the same checkpoint first"
+            )
+        if self._plan is not None and yielded > len(self._plan):
+            raise ValueError(f"sampler state has yielded {yielded} samples of an epoch of {len(self._plan)}")
+        self._iteration_start = yielded
 
 
 def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:

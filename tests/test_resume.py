@@ -306,3 +306,56 @@ def test_resume_with_uneven_ddp_shards(tmp_path, world):
         # Every rank holds the same table (statistics are all-gathered).
         visits = [results[r][policy][3] for r in range(world)]
         assert all(np.array_equal(v, visits[0]) for v in visits), policy
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("policy", ["geko", "infobatch", "eswp"])
+# torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch 2.13 deprecates.
+@pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+def test_stateful_dataloader_checkpoints_the_sampler(policy, workers):
+    """torchdata's StatefulDataLoader saves the sampler's iteration with the loader (with
+    workers it snapshots the sampler when it hands a batch to a worker); restored after the
+    Selector's own state, the run continues with the batch an uninterrupted one trains next."""
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    n, kw = 26, dict(batch=4, drop_last=False)
+    extra = {"num_workers": workers, "persistent_workers": True, "prefetch_factor": 2} if workers else {}
+
+    def loader_for(sel):
+        return stateful.StatefulDataLoader(WithIndex(Labels(n)), batch_size=4, sampler=sel.sampler, **extra)
+
+    sel = make_selector(policy, n, accumulate=1, **kw)
+    full: list = []
+    run(sel, loader_for(sel), full, accumulate=1, set_epoch=True)
+    reference = table_arrays(sel)
+
+    sel = make_selector(policy, n, accumulate=1, **kw)
+    loader = loader_for(sel)
+    part: list = []
+    run(sel, loader, part, accumulate=1, set_epoch=True, stop_after=9)
+    saved = {"selector": sel.state_dict(), "loader": loader.state_dict()}
+    assert set(saved["loader"]) and all(isinstance(v, int) for v in sel.sampler.state_dict().values())
+    del loader
+
+    sel = make_selector(policy, n, accumulate=1, **kw)
+    sel.load_state_dict(saved["selector"])
+    loader = loader_for(sel)
+    loader.load_state_dict(saved["loader"])
+    run(sel, loader, part, accumulate=1, set_epoch=True)
+    assert part == full
+    for key, value in reference.items():
+        np.testing.assert_array_equal(table_arrays(sel)[key], value, err_msg=key)
+
+
+def test_sampler_state_is_checked():
+    sel = Selector(10, policy="uniform", epochs=2, seed=0)
+    with pytest.raises(ValueError, match="epoch 3"):
+        sel.sampler.load_state_dict({"epoch": 3, "yielded": 0})
+    with pytest.raises(ValueError, match="missing"):
+        sel.sampler.load_state_dict({"epoch": 0})
+    with pytest.raises(ValueError, match="yielded"):
+        sel.sampler.load_state_dict({"epoch": 0, "yielded": -1})
+    list(sel.sampler)
+    with pytest.raises(ValueError, match="of an epoch of 10"):
+        sel.sampler.load_state_dict({"epoch": 0, "yielded": 11})
+    sel.sampler.load_state_dict({"epoch": 0, "yielded": 4})
+    assert len(list(sel.sampler)) == 6
