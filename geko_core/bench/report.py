@@ -166,6 +166,28 @@ def _plots(out_dir: Path, runs: list[dict[str, Any]]) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
+
+        guarded = [r for r in task_runs if r["policy"] == "geko" and r.get("guard_flow")]
+        if guarded:
+            # The quality guard: the share of FREEZE revisits that failed (forgetting) and the
+            # revisit fraction it set, per epoch, every seed.
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for r in guarded:
+                epochs = np.arange(1, len(r["guard_flow"]) + 1)
+                measured = [g["measured"] if g["measured"] is not None else np.nan for g in r["guard_flow"]]
+                ax.plot(epochs, measured, marker="o", markersize=3, label=f"failed revisits, seed {r['seed']}")
+                ax.plot(epochs, [g["revisit"] for g in r["guard_flow"]], linestyle="--", label=f"revisit fraction, seed {r['seed']}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("fraction")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{task}: GEKO forgetting (failed FREEZE revisits) and revisit fraction")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            path = out_dir / f"{task}_geko_forgetting.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
     return written
 
 

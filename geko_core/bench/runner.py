@@ -153,6 +153,7 @@ def run_one(
     x, y = task.inputs, task.targets
     curve: list[tuple[int, float]] = []
     bucket_flow: list[dict[str, int]] = []
+    guard_flow: list[dict[str, Any]] = []  # GEKO's quality guard, per epoch
     forwarded = backpropagated = 0
     tokens = sample_tokens(task)
     forwarded_tokens = backpropagated_tokens = 0
@@ -220,6 +221,13 @@ def run_one(
             metrics = selector.metrics()
             curve.append((metrics["backpropagated"], task.evaluate(model)))
             bucket_flow.append(dict(metrics["buckets"]))
+            if "geko/revisits" in metrics:
+                seen = metrics["geko/revisits"] - sum(g["revisits"] for g in guard_flow)
+                failed = metrics["geko/failed_revisits"] - sum(g["failed"] for g in guard_flow)
+                guard_flow.append({
+                    "revisits": seen, "failed": failed, "measured": failed / seen if seen else None,
+                    "revisit": float(metrics["geko/rates"][0]) if "geko/rates" in metrics else None,
+                })
             if on_epoch:
                 on_epoch(epoch)
         final = selector.metrics()
@@ -251,4 +259,5 @@ def run_one(
         "metric": curve[-1][1],
         "curve": curve,
         "bucket_flow": bucket_flow,
+        "guard_flow": guard_flow,
     }
