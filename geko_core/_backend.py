@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -25,6 +27,7 @@ __all__ = [
     "compiled_core_error",
     "load_compiled_core",
     "resolve_backend",
+    "source_tree_root",
 ]
 
 BUILD_HINT = (
@@ -43,6 +46,28 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
+def source_tree_root() -> Path | None:
+    """The source checkout this package is imported from, when it has no compiled core.
+
+    From a checkout's root, ``import geko_core`` finds the ``geko_core/`` folder of the
+    sources before the installed package (the working directory comes first on
+    ``sys.path``); that folder holds no ``_C``. Recognised by the checkout's
+    ``pyproject.toml`` and ``csrc/`` next to the package folder, and no ``_C`` extension in
+    any folder of the package (an editable install keeps it outside the sources).
+    """
+    import geko_core
+
+    package = Path(__file__).resolve().parent
+    root = package.parent
+    if not ((root / "pyproject.toml").is_file() and (root / "csrc").is_dir()):
+        return None
+    for folder in getattr(geko_core, "__path__", [str(package)]):
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            if (Path(folder) / f"_C{suffix}").exists():
+                return None
+    return root
+
+
 @functools.lru_cache(maxsize=None)
 def _import_compiled_core() -> tuple[ModuleType | None, str | None]:
     from . import __version__
@@ -50,6 +75,13 @@ def _import_compiled_core() -> tuple[ModuleType | None, str | None]:
     try:
         module = importlib.import_module("geko_core._C")
     except ImportError as exc:  # missing, or an undefined symbol / ABI problem
+        root = source_tree_root()
+        if root is not None:
+            return None, (
+                f"geko_core._C could not be imported: you are importing the source tree at {root}; "
+                "run from another folder or install with `pip install -e .` "
+                f"(the import failed with: {exc})"
+            )
         return None, f"geko_core._C could not be imported ({exc}). {BUILD_HINT}"
     built = module.build_info().get("version")
     if built != __version__:
@@ -121,8 +153,11 @@ def resolve_backend(device_type: str, requested: str | None) -> str:
         ValueError: unknown backend name, or a backend that cannot take these tensors.
         CompiledCoreError: the C++ backend was needed but is not built.
     """
-    if requested not in (None, "triton", "cpp", "reference"):
-        raise ValueError(f"backend must be None, 'triton', 'cpp' or 'reference', got {requested!r}")
+    # Imported here: `import geko_core` stays free of torch, so that a broken install can
+    # still report itself (`python -m geko_core.info`).
+    from ._checks import check_choice
+
+    check_choice(requested, "backend", (None, "triton", "cpp", "reference"))
     if requested == "reference":
         return "reference"
     if requested is None:

@@ -39,6 +39,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from ._backend import load_compiled_core, resolve_backend
+from ._checks import check_same_device, check_tensor
 
 __all__ = [
     "AngleStats",
@@ -97,34 +98,21 @@ def check_angle_inputs(
         TypeError: not tensors, non-float hidden states, non-integer/bool mask or prefix.
         ValueError: wrong ranks or shapes, different devices, prefix out of ``[0, T]``.
     """
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden must be a torch.Tensor [B, T, d], got {type(hidden).__name__}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, d] (3-D), got shape {tuple(hidden.shape)}")
+    if isinstance(hidden, torch.Tensor) and hidden.dtype == torch.float64 and not allow_float64:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype} (float64: reference backend only)")
     allowed = _COMPILED_DTYPES + ((torch.float64,) if allow_float64 else ())
-    if hidden.dtype not in allowed:
-        extra = " (float64: reference backend only)" if hidden.dtype == torch.float64 else ""
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"hidden must be {names}, got {hidden.dtype}{extra}")
+    check_tensor(hidden, "hidden", dtype=allowed, ndim=3, layout="[B, T, d]")
     batch, tokens, dim = hidden.shape
     if dim < 1:
         raise ValueError(f"hidden must have a hidden size d >= 1, got shape {tuple(hidden.shape)}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be None or a torch.Tensor [B, T], got {type(mask).__name__}")
-        if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"mask must be bool or an integer tensor (1 = valid token), got {mask.dtype}")
-        if tuple(mask.shape) != (batch, tokens):
-            raise ValueError(f"mask must be [B, T] = {(batch, tokens)} to match hidden, got {tuple(mask.shape)}")
-        if mask.device != hidden.device:
-            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+    if check_tensor(mask, "mask", dtype="integer_or_bool", shape=(batch, tokens), layout="[B, T]", optional=True) is not None:
+        check_same_device(mask, "mask", hidden, "hidden")
     if isinstance(prefix_len, torch.Tensor):
         if prefix_len.dtype.is_floating_point or prefix_len.dtype.is_complex or prefix_len.dtype == torch.bool:
             raise TypeError(f"prefix_len must be an int or an integer tensor [B], got {prefix_len.dtype}")
         if tuple(prefix_len.shape) != (batch,):
             raise ValueError(f"prefix_len tensor must be [B] = ({batch},), got {tuple(prefix_len.shape)}")
-        if prefix_len.device != hidden.device:
-            raise ValueError(f"prefix_len is on {prefix_len.device} but hidden is on {hidden.device}")
+        check_same_device(prefix_len, "prefix_len", hidden, "hidden")
         if prefix_len.device.type == "cpu" and batch > 0:
             low, high = int(prefix_len.min()), int(prefix_len.max())
             if low < 0 or high > tokens:

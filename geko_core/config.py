@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ._backend import load_compiled_core
+from ._checks import check_int, check_real
 
 _C = load_compiled_core()
 _DEFAULTS = _C.Config()
@@ -58,12 +59,9 @@ class GekoConfig:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "int" or field.type is int:
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise TypeError(f"GekoConfig.{field.name} must be an int, got {type(value).__name__}")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"GekoConfig.{field.name} must be a number, got {type(value).__name__}")
+            check = check_int if field.type in ("int", int) else check_real
+            # Plain Python numbers from here on (a numpy scalar would not survive to_dict -> JSON).
+            object.__setattr__(self, field.name, check(getattr(self, field.name), f"GekoConfig.{field.name}"))
         self.to_cpp()  # the C++ validator is the one rule; it raises ValueError
 
     def to_cpp(self) -> "_C.Config":

@@ -27,10 +27,10 @@ phase whose interval holds ``p``.
 
 from __future__ import annotations
 
-from numbers import Integral, Real
 from typing import Iterable, NamedTuple, Sequence
 
 from ._backend import load_compiled_core
+from ._checks import check_bool, check_int, check_real
 
 _C = load_compiled_core()
 
@@ -77,18 +77,6 @@ class PhaseInfo(NamedTuple):
 DEFAULT_PHASES: tuple[CurriculumPhase, ...] = tuple(CurriculumPhase(*p) for p in _C.default_curriculum_phases())
 
 
-def _check_number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
 def progress(step: int, total_steps: int) -> float:
     """Training progress ``step / total_steps`` in [0, 1], counted in optimizer steps.
 
@@ -96,8 +84,8 @@ def progress(step: int, total_steps: int) -> float:
         TypeError: a non-integer argument.
         ValueError: ``total_steps <= 0`` or ``step`` outside ``[0, total_steps]``.
     """
-    step = _check_int(step, "step")
-    total_steps = _check_int(total_steps, "total_steps")
+    step = check_int(step, "step")
+    total_steps = check_int(total_steps, "total_steps")
     return _C.curriculum_progress(step, total_steps)
 
 
@@ -114,7 +102,7 @@ def _as_phase(item: object, position: int) -> CurriculumPhase:
     if not isinstance(phase.name, str):
         raise TypeError(f"phases[{position}].name must be a str, got {type(phase.name).__name__}")
     for field in ("end", "hard", "focus", "light", "lr_multiplier"):
-        _check_number(getattr(phase, field), f"phases[{position}].{field}")
+        check_real(getattr(phase, field), f"phases[{position}].{field}")
     return phase
 
 
@@ -148,14 +136,12 @@ class MountainCurriculum:
     ) -> None:
         phase_list = list(DEFAULT_PHASES if phases is None else phases)
         checked = [_as_phase(p, i) for i, p in enumerate(phase_list)]
-        if not isinstance(smooth, bool):
-            raise TypeError(f"smooth must be a bool, got {type(smooth).__name__}")
         self._impl = _C.MountainCurriculum(
             [tuple(p) for p in checked],
-            smooth,
-            _check_number(max_rate, "max_rate"),
-            _check_number(min_rate, "min_rate"),
-            _check_number(freeze_revisit, "freeze_revisit"),
+            check_bool(smooth, "smooth"),
+            check_real(max_rate, "max_rate"),
+            check_real(min_rate, "min_rate"),
+            check_real(freeze_revisit, "freeze_revisit"),
         )
         self._phases = tuple(CurriculumPhase(*p) for p in self._impl.phases)
 
@@ -181,22 +167,22 @@ class MountainCurriculum:
 
     def weights(self, p: float) -> BucketWeights:
         """Relative (hard, focus, light) weights at progress ``p`` in [0, 1]."""
-        return BucketWeights(*self._impl.weights(_check_number(p, "p")))
+        return BucketWeights(*self._impl.weights(check_real(p, "p")))
 
     def phase(self, p: float) -> PhaseInfo:
         """Index and name of the phase whose interval holds ``p``."""
-        index = self._impl.phase_index(_check_number(p, "p"))
+        index = self._impl.phase_index(check_real(p, "p"))
         return PhaseInfo(index, self._phases[index].name)
 
     def lr_multiplier(self, p: float) -> float:
         """The phase's learning-rate multiplier at ``p``; apply it yourself if you want it."""
-        return self._impl.lr_multiplier(_check_number(p, "p"))
+        return self._impl.lr_multiplier(check_real(p, "p"))
 
     def rates(self, p: float) -> tuple[float, float, float, float, float]:
         """Expected copies per epoch of one sample of each bucket, in bucket-code order
         (FREEZE, LIGHT, FOCUS, HARD, UNSEEN); see the module docstring for the mapping.
         Pass it to ``EpochPlanner.plan``."""
-        return tuple(self._impl.rates(_check_number(p, "p")))  # type: ignore[return-value]
+        return tuple(self._impl.rates(check_real(p, "p")))  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         names = ", ".join(f"{p.name}<{p.end:g}" for p in self._phases)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import load_compiled_core
+from ._checks import check_bool, check_choice, check_same_device, check_tensor
 from .config import GekoConfig, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .stats import prepare_inputs, stats_cpp
@@ -204,8 +205,8 @@ def cross_entropy_with_stats(
     which torch handles as probability 0: mask with a large negative finite value instead.
 
     Args:
-        logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64, any strides
-            (see ``sample_stats``).
+        logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64 (float64 not
+            on the Triton backend), any strides (see ``sample_stats``).
         labels: ``[N]`` or ``[B, T]``, integer.
         ignore_index: label of tokens that do not count.
         shift: causal-LM shift (3-D only); the gradient of the last position is 0.
@@ -234,32 +235,29 @@ def cross_entropy_with_stats(
             device.
     """
     config = resolve_config(config)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    for flag_name, flag in (("per_token", per_token), ("inplace_backward", inplace_backward)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
-    logits3, labels3, name = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend)
-    weight: torch.Tensor | None = None
-    if sample_weight is not None:
-        if not isinstance(sample_weight, torch.Tensor):
-            raise TypeError(f"sample_weight must be a torch.Tensor or None, got {type(sample_weight).__name__}")
-        if not sample_weight.is_floating_point():
-            raise TypeError(f"sample_weight must be a floating-point tensor, got {sample_weight.dtype}")
-        if sample_weight.shape != (logits3.shape[0],):
-            raise ValueError(
-                f"sample_weight must have shape [{logits3.shape[0]}] (one weight per sample), "
-                f"got {tuple(sample_weight.shape)}"
-            )
-        if sample_weight.device != logits.device:
-            raise ValueError(f"sample_weight is on {sample_weight.device}, logits on {logits.device}")
-        weight = sample_weight.detach()
+    check_choice(reduction, "reduction", _REDUCTIONS)
+    per_token = check_bool(per_token, "per_token")
+    inplace_backward = check_bool(inplace_backward, "inplace_backward")
+    logits3, labels3, name, ignore_index, shift = prepare_inputs(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend
+    )
+    weight = check_tensor(
+        sample_weight,
+        "sample_weight",
+        dtype="floating",
+        shape=(logits3.shape[0],),
+        layout="[S] (one weight per sample)",
+        optional=True,
+    )
+    if weight is not None:
+        check_same_device(weight, "sample_weight", logits, "logits")
+        weight = weight.detach()
 
     if name == "reference":
         loss = _reference_loss(logits, labels, ignore_index=ignore_index, shift=shift, weight=weight, reduction=reduction)
         with torch.no_grad():
             stats = sample_stats_reference(
-                logits.detach(), labels, ignore_index=ignore_index, shift=shift, per_token=per_token, config=config
+                logits3.detach(), labels3, ignore_index=ignore_index, per_token=per_token, config=config
             )
         return loss, stats
 

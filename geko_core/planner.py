@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ._backend import load_compiled_core
+from ._checks import check_array_1d, check_bool, check_float_array, check_int, check_real, check_seed, check_shard
 from .epoch import EpochPlan
 
 _C = load_compiled_core()
@@ -51,55 +52,18 @@ _NUM_BUCKETS = _C.NUM_BUCKETS
 _METHODS = ("systematic", "exponential")
 
 
-# -- argument checks (the C++ core checks again; these give Python-level types) ---------------
+# -- argument checks: the shared ones (geko_core._checks); the C++ core checks again --------------
+
+_int = check_int
+_real = check_real
+_bool = check_bool
+_seed = check_seed
+_shard_args = check_shard
+_array_1d = check_array_1d
 
 
-def _int(value: object, name: str, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
-
-
-def _real(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def _bool(value: object, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _seed(value: object) -> int:
-    return _int(value, "seed", low=0, high=2**64 - 1)
-
-
-def _shard_args(num_replicas: object, rank: object) -> tuple[int, int]:
-    replicas = _int(num_replicas, "num_replicas", low=1)
-    rank = _int(rank, "rank", low=0)
-    if rank >= replicas:
-        raise ValueError(f"rank must be in [0, num_replicas={replicas}), got {rank}")
-    return replicas, rank
-
-
-def _array_1d(values: Any, name: str) -> np.ndarray:
-    """A 1-D numpy view of a numpy array, CPU torch tensor or sequence (no copy when possible)."""
-    device = getattr(values, "device", None)
-    if device is not None and getattr(device, "type", "cpu") != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got a tensor on {device}")
-    if hasattr(values, "detach") and hasattr(values, "numpy"):
-        values = values.detach().numpy()
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
-    return array
+def _float_array(values: Any, name: str) -> np.ndarray:
+    return check_float_array(values, name, allow_int=True)
 
 
 def _first_bad(mask: np.ndarray) -> int:

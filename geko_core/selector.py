@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ._checks import check_bool, check_int
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .epoch import EpochPlan, Plan
 from .policies import Policy, PolicyContext, StatsBatch, TableView, make_policy
@@ -769,20 +770,6 @@ class Selector:
         if self._plan is not None and yielded > len(self._plan):
             raise ValueError(f"sampler state has yielded {yielded} samples of an epoch of {len(self._plan)}")
         self._iteration_start = yielded
-
-
-def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
-    return int(value)
-
-
-def check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 _TIMED = ("loss", "select", "observe", "weights", "planning", "total")

@@ -12,7 +12,8 @@ invalidity) are identical on every path; the float outputs agree with the refere
 about 1e-5 relative for float32 logits (float32 accumulation). Low-precision logits
 (bfloat16, float16) are read as they are and accumulated in float32 everywhere. Float64
 logits are exact on the reference path; the C++ path computes them in float32 (a float64
-value beyond the float32 range therefore reads as infinite and invalidates its sample).
+value beyond the float32 range therefore reads as infinite and invalidates its sample); the
+Triton kernels do not read them (TypeError).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import load_compiled_core, resolve_backend
+from ._checks import check_bool, check_int, check_same_device, check_tensor
 from .config import GekoConfig, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .types import SampleStats, TokenStats
@@ -30,6 +32,9 @@ __all__ = ["MAX_VOCAB", "sample_stats"]
 
 #: Largest vocabulary any backend accepts.
 MAX_VOCAB = 262_144
+#: Logits dtypes of the public functions, and those the Triton kernels read.
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+TRITON_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class PreparedInputs(NamedTuple):
@@ -38,12 +43,8 @@ class PreparedInputs(NamedTuple):
     logits3: torch.Tensor  # [S, T, V], stride(-1) == 1
     labels3: torch.Tensor  # [S, T] int64
     backend: str  # "cpp", "triton" or "reference"
-
-
-def _check_ignore_index(ignore_index: object) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return ignore_index
+    ignore_index: int
+    shift: bool
 
 
 def prepare_inputs(
@@ -56,44 +57,38 @@ def prepare_inputs(
 ) -> PreparedInputs:
     """Validate ``logits`` / ``labels`` and view them as ``[S, T, V]`` / ``[S, T]`` int64.
 
-    Shared by ``sample_stats`` and ``cross_entropy_with_stats``. Everything is checked
-    before any kernel runs. A last dimension that is not contiguous costs one copy of the
-    logits; every other layout (row slices, column slices of a wider tensor, the shift) is
-    a view.
+    The public door of ``sample_stats`` and ``cross_entropy_with_stats``: everything is
+    checked here, before any kernel runs, and nothing behind it checks again. A last
+    dimension that is not contiguous costs one copy of the logits; every other layout (row
+    slices, column slices of a wider tensor, the shift) is a view.
 
     Raises:
-        TypeError: non-tensor inputs, non-float logits, non-integer or bool labels,
-            non-int ignore_index, non-bool shift.
+        TypeError: non-tensor inputs, logits that are not float32/bfloat16/float16/float64
+            (float64 on the Triton backend), non-integer or bool labels, non-int
+            ignore_index, non-bool shift.
         ValueError: mismatched shapes or devices, a vocabulary outside [2, 262144],
             ``shift=True`` on 2-D logits, an unknown or unusable backend, and (CPU tensors)
             a label outside [0, V) that is not ``ignore_index``.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor (float32, bfloat16, float16, float64), got {logits.dtype}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    ignore_index = _check_ignore_index(ignore_index)
-    if not isinstance(shift, bool):
-        raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    check_tensor(logits, "logits", dtype=LOGITS_DTYPES, ndim=(2, 3), layout="[N, V] or [B, T, V]")
+    check_tensor(labels, "labels", dtype="integer")
+    ignore_index = check_int(ignore_index, "ignore_index")
+    shift = check_bool(shift, "shift")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
             f"(expected {tuple(logits.shape[:-1])})"
         )
-    vocab = logits.shape[-1]
-    if not 2 <= vocab <= MAX_VOCAB:
-        raise ValueError(f"vocabulary size (logits.shape[-1]) must be in [2, {MAX_VOCAB}], got {vocab}")
-    if labels.device != logits.device:
-        raise ValueError(f"logits and labels must be on the same device, got {logits.device} and {labels.device}")
+    vocab = check_int(logits.shape[-1], "vocabulary size (logits.shape[-1])", low=2, high=MAX_VOCAB)
+    check_same_device(labels, "labels", logits, "logits")
     if shift and logits.dim() != 3:
         raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
     name = resolve_backend(logits.device.type, backend)
+    if name == "triton" and logits.dtype not in TRITON_LOGITS_DTYPES:
+        raise TypeError(
+            f"logits must be float32, bfloat16 or float16 on the Triton backend, got {logits.dtype} "
+            "(float64 logits run on the 'cpp' and 'reference' backends)"
+        )
 
     logits3, labels3 = as_samples(logits, labels, shift=shift)
     if labels3.dtype != torch.int64:
@@ -113,7 +108,7 @@ def prepare_inputs(
             )
     if logits3.stride(-1) != 1:
         logits3 = logits3.contiguous()  # the kernels read rows as contiguous vectors
-    return PreparedInputs(logits3, labels3, name)
+    return PreparedInputs(logits3, labels3, name, ignore_index, shift)
 
 
 def _empty_token_stats(samples: int, tokens: int) -> TokenStats:
@@ -182,7 +177,7 @@ def sample_stats(
 
     Args:
         logits: ``[N, V]`` (classification) or ``[B, T, V]`` (sequences); float32,
-            bfloat16, float16 or float64; any strides (a column slice of a wider tensor is
+            bfloat16, float16 or float64 (not on the Triton backend); any strides (a column slice of a wider tensor is
             read in place; only a non-contiguous last dimension costs one copy);
             ``2 <= V <= 262144``. Never modified; gradients are not tracked.
         labels: ``[N]`` or ``[B, T]``, any integer dtype, on the logits' device.
@@ -211,20 +206,17 @@ def sample_stats(
             ``[0, V)`` other than ``ignore_index`` is a ValueError naming it.
     """
     config = resolve_config(config)
-    if not isinstance(per_token, bool):
-        raise TypeError(f"per_token must be a bool, got {type(per_token).__name__}")
-    logits3, labels3, name = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=backend)
-    if name == "reference":
-        with torch.no_grad():
-            return sample_stats_reference(
-                logits.detach(), labels, ignore_index=ignore_index, shift=shift, per_token=per_token, config=config
-            )
-    if name == "triton":
-        from .kernels.sample_stats import sample_stats_triton
+    per_token = check_bool(per_token, "per_token")
+    logits3, labels3, name, ignore_index, _ = prepare_inputs(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend
+    )
+    logits3 = logits3.detach()
+    with torch.no_grad():
+        if name == "reference":
+            return sample_stats_reference(logits3, labels3, ignore_index=ignore_index, per_token=per_token, config=config)
+        if name == "triton":
+            from .kernels.sample_stats import sample_stats_triton
 
-        with torch.no_grad():
-            return sample_stats_triton(
-                logits3.detach(), labels3, ignore_index=ignore_index, config=config, per_token=per_token
-            )
+            return sample_stats_triton(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)
     stats, _, _ = stats_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)
     return stats

@@ -18,7 +18,6 @@ Checkpoint file format (version 1, little-endian integers)::
 from __future__ import annotations
 
 import json
-import operator
 import os
 import struct
 import sys
@@ -32,6 +31,7 @@ import torch
 
 from ._atomic import atomic_write
 from ._backend import load_compiled_core
+from ._checks import check_float_array, check_index_array, check_int
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .types import SampleStats
 
@@ -82,73 +82,25 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------
 # Input conversion. The compiled core takes 1-D, contiguous, aligned, native arrays of
-# exact dtypes (and checks them again); everything else is converted here, once.
+# exact dtypes (and checks them again, indices included); everything else is converted
+# here, once, by the shared checks.
 
 
-def _as_numpy(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu":
-            # Copying would hide a device synchronisation inside the table; the caller
-            # decides when (and whether asynchronously) to bring statistics to the host.
-            raise ValueError(
-                f"{name} is on device {value.device}; SampleTable takes CPU data, pass {name}.cpu()"
-            )
-        value = value.detach().resolve_conj().resolve_neg()
-        if value.dtype in (torch.bfloat16, torch.float16):
-            value = value.float()  # numpy has no bfloat16; float16 -> float32 is exact
-        return value.numpy()
-    return np.asarray(value)
-
-
-def _vector(array: np.ndarray, name: str) -> None:
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(array.shape)}")
-
-
-def _indices(value: Any, num_samples: int) -> np.ndarray:
-    array = _as_numpy(value, "indices")
-    _vector(array, "indices")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"indices must be an integer array, got dtype {array.dtype}")
-    if array.dtype != np.int32 and array.dtype != np.int64:
-        if array.dtype.kind == "u" and array.dtype.itemsize == 8 and array.size:
-            too_big = np.flatnonzero(array > np.iinfo(np.int64).max)
-            if too_big.size:
-                position = int(too_big[0])
-                raise IndexError(
-                    f"index {int(array[position])} at position {position} is out of range "
-                    f"for a table of {num_samples} samples"
-                )
-        array = array.astype(np.int64)
-    return np.require(array, requirements=["C", "A"])
+def _indices(value: Any, num_samples: int, *, check_range: bool = False) -> np.ndarray:
+    return check_index_array(
+        value, "indices", num_samples, what=f"a table of {num_samples} samples", check_range=check_range
+    )
 
 
 def _floats(value: Any, name: str, *, allow_bool: bool = False) -> np.ndarray:
-    array = _as_numpy(value, name)
-    _vector(array, name)
-    if array.dtype.kind != "f" and not (allow_bool and array.dtype == np.bool_):
-        expected = "a float or bool array" if allow_bool else "a float array"
-        raise TypeError(f"{name} must be {expected}, got dtype {array.dtype}")
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: skipped, counted
-        return np.require(array, dtype=np.float32, requirements=["C", "A"])
+    # float64 beyond float32's range becomes inf: the update skips and counts it.
+    return check_float_array(value, name, dtype=np.float32, allow_bool=allow_bool)
 
 
-def _thread_count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"num_threads must be an int, got {type(value).__name__}")
-    return int(value)
-
-
-def _step(step: Any) -> int:
-    if isinstance(step, bool) or (isinstance(step, torch.Tensor) and step.dtype == torch.bool):
-        raise TypeError("step must be an integer, got bool")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise TypeError(f"step must be an integer, got {type(step).__name__}") from None
-    if not 0 <= value <= MAX_STEP:
-        raise ValueError(f"step must be in [0, {MAX_STEP}], got {value}")
-    return value
+def _field_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"field name must be a str, got {type(name).__name__}")
+    return name
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,10 +148,9 @@ class SampleTable:
     """
 
     def __init__(self, num_samples: int, config: GekoConfig | None = None, *, num_threads: int = 1) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
-            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        num_samples = check_int(num_samples, "num_samples")
         config = resolve_config(config)
-        self._c = _C.SampleTable(int(num_samples), config.to_cpp(), _thread_count(num_threads))
+        self._c = _C.SampleTable(num_samples, config.to_cpp(), check_int(num_threads, "num_threads"))
         self._config = config
         self._lock = threading.RLock()
 
@@ -237,7 +188,7 @@ class SampleTable:
             ValueError: not 1-D, lengths differ, a non-CPU tensor, a finite confidence or
                 correct outside [0, 1], or a step out of range.
         """
-        step = _step(step)
+        step = check_int(step, "step", low=0, high=MAX_STEP)
         idx = _indices(indices, self.num_samples)
         loss_a = _floats(loss, "loss")
         conf_a = _floats(confidence, "confidence")
@@ -306,8 +257,7 @@ class SampleTable:
         Raises:
             ValueError: unknown field name.
         """
-        if not isinstance(name, str):
-            raise TypeError(f"field name must be a str, got {type(name).__name__}")
+        name = _field_name(name)
         with self._lock:
             return self._c.copy_field(name)
 
@@ -318,20 +268,10 @@ class SampleTable:
             IndexError: an index outside ``[0, N)``.
             ValueError: unknown field name.
         """
-        if not isinstance(name, str):
-            raise TypeError(f"field name must be a str, got {type(name).__name__}")
-        if name not in _FIELDS:
-            raise ValueError(f"unknown field {name!r}; fields are {list(_FIELDS)}")
-        idx = _indices(indices, self.num_samples)
-        if idx.size:
-            # numpy indexing would wrap a negative index around; the table never does.
-            bad = np.flatnonzero((idx < 0) | (idx >= self.num_samples))
-            if bad.size:
-                position = int(bad[0])
-                raise IndexError(
-                    f"index {int(idx[position])} at position {position} is out of range "
-                    f"for a table of {self.num_samples} samples"
-                )
+        if _field_name(name) not in _FIELDS:
+            raise ValueError(f"unknown field {name!r}; the fields are {', '.join(_FIELDS)}")
+        # numpy indexing would wrap a negative index around: checked here, not by the core
+        idx = _indices(indices, self.num_samples, check_range=True)
         with self._lock:
             return self.records()[name][idx]
 
@@ -364,7 +304,7 @@ class SampleTable:
 
     @num_threads.setter
     def num_threads(self, value: int) -> None:
-        self._c.num_threads = _thread_count(value)
+        self._c.num_threads = check_int(value, "num_threads")
 
     @property
     def nbytes(self) -> int:
