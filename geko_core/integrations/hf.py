@@ -10,7 +10,20 @@ that trains on the Selector's shrinking epochs.
 ``train_dataset`` is any map-style dataset of dict items (``input_ids``, ``labels`` and
 whatever else the collator takes), as with a plain Trainer. transformers, accelerate and peft
 are optional: this module imports them, ``import geko_core`` never does. Written against the
-training loop of transformers 5.x (tested with 5.23; it needs ``Trainer._run_epoch``).
+training loop of transformers 5.x (tested with 5.23 and 5.24; it needs ``Trainer._run_epoch``).
+
+Everything below lives in :class:`GekoTrainerMixin`; ``GekoTrainer`` is that mixin on
+``transformers.Trainer``. To give another Trainer subclass the same machinery, put the mixin
+before that class among the bases::
+
+    class MyGekoTrainer(GekoTrainerMixin, MyTrainer):   # MyTrainer subclasses transformers.Trainer
+        pass
+
+The mixin replaces the training loss (the Selector's weighted loss from the model's logits)
+and defers to the other class everywhere else: evaluation loss, ``prediction_step``, logging
+and checkpoint writing still run the other class's versions. A class the other way round
+(the Trainer class first) is refused when it is defined: the Trainer's methods would shadow
+the mixin's. TRL's ``SFTTrainer`` is composed this way in :mod:`geko_core.integrations.trl`.
 
 Decisions
 ---------
@@ -21,7 +34,7 @@ Indices
     (so any collator works, padding ones included) and puts them back as an int64 ``[B]``
     tensor. ``"geko_index"`` is added to the Trainer's signature columns, so it survives
     ``remove_unused_columns=True`` (so do ``"labels"``, even when ``model.forward`` does not
-    take them); :meth:`GekoTrainer.compute_loss` removes both before ``model(**inputs)``.
+    take them); :meth:`GekoTrainerMixin.compute_loss` removes both before ``model(**inputs)``.
 Sampler and DDP
     ``_get_train_sampler`` returns ``selector.sampler``. Under DDP the Selector already gives
     each rank its own shard (padded to the same length on every rank, so ranks stay in
@@ -105,6 +118,7 @@ __all__ = [
     "GekoIndexCollator",
     "GekoIndexedDataset",
     "GekoTrainer",
+    "GekoTrainerMixin",
     "load_selector_state",
     "save_selector_state",
     "selector_state_file",
@@ -228,7 +242,7 @@ def load_selector_state(selector: Selector, path: str) -> None:
 class _GekoStepCallback(TrainerCallback):
     """Counts optimizer steps for the Selector and keeps ``state.epoch`` truthful."""
 
-    def __init__(self, trainer: "GekoTrainer") -> None:
+    def __init__(self, trainer: "GekoTrainerMixin") -> None:
         self._trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -236,31 +250,52 @@ class _GekoStepCallback(TrainerCallback):
         if selector is not None:
             selector.step()
             state.epoch = selector.epoch_progress()
+            if selector.total_steps is None and control.should_training_stop and selector.epoch < selector.epochs:
+                # The Trainer's step estimate assumes epochs of N samples; the Selector's can be
+                # longer (HARD copies). The run ends with the Selector's last epoch, not there.
+                control.should_training_stop = False
+                state.max_steps = state.global_step + 1
         return control
 
 
 # -- trainer ------------------------------------------------------------------------------------
-class GekoTrainer(Trainer):
-    """A ``transformers.Trainer`` whose training epochs are planned by a geko Selector.
+class GekoTrainerMixin:
+    """The Selector wiring of :class:`GekoTrainer`, for any ``transformers.Trainer`` subclass.
 
-    Takes every argument of ``transformers.Trainer`` plus:
+    Put it before the Trainer class it extends among the bases::
 
-    Args:
-        selector: a ready :class:`~geko_core.Selector` for ``len(train_dataset)`` samples; by
-            default one is built at the start of training from the options below, the
-            training arguments (epochs or ``max_steps``, ``data_seed``/``seed``) and the
-            process layout.
-        geko_policy: policy name or object of the Selector built by default (``"geko"``,
-            ``"infobatch"``, ``"uniform"``, ``"random_subset"``; the meta-batch policies
-            ``"es"``/``"eswp"`` need a forward pass before selection and are refused).
-        geko_options: ``policy_options`` of that Selector.
-        geko_config: its :class:`~geko_core.GekoConfig`.
-        geko_shift: causal shift of the labels in the loss and statistics; None detects it
-            as the Trainer does (True for causal language models).
+        class MyGekoTrainer(GekoTrainerMixin, MyTrainer):   # MyTrainer subclasses transformers.Trainer
+            pass
 
-    Attributes:
-        selector: the Selector (built on first access once ``train_dataset`` is known).
+    It overrides the Trainer's sampler, data loader, training length, scheduler, epoch loop,
+    ``compute_loss`` (training batches only), ``prediction_step``, ``log`` and
+    ``_save_checkpoint``, and calls ``super()`` in each, so the other class's versions still
+    run where the mixin defers to them (evaluation loss, logging, checkpoint writing). A
+    training loss the other class computes in its own ``compute_loss`` is replaced by the
+    Selector's weighted loss; subclasses change how through three hooks:
+    :meth:`_geko_labels` (the labels the statistics and the loss count),
+    :meth:`_geko_model_inputs` (what the model is called with) and :meth:`_geko_loss` (the
+    weighted loss from the logits). :class:`~geko_core.integrations.trl.GekoSFTTrainer` is
+    such a composition.
+
+    Takes the keyword arguments documented in :class:`GekoTrainer`; every other argument goes
+    to the Trainer class.
     """
+
+    #: Batch fields the data loader adds for the Selector (never passed to the model).
+    _geko_batch_keys: tuple[str, ...] = (GEKO_INDEX_KEY,)
+    #: Wraps the data collator; puts the indices back into each training batch.
+    _geko_collator_class: type = GekoIndexCollator
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(GekoTrainerMixin):
+            # The Trainer's methods would shadow the mixin's, and its __init__ never reaches it.
+            raise TypeError(
+                f"{cls.__name__}: GekoTrainerMixin must come before the transformers.Trainer class among the bases, "
+                "e.g. class MyTrainer(GekoTrainerMixin, SomeTrainer)"
+            )
 
     def __init__(
         self,
@@ -272,21 +307,27 @@ class GekoTrainer(Trainer):
         geko_shift: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        name = type(self).__name__
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{name}: GekoTrainerMixin extends a transformers.Trainer class; "
+                "e.g. class MyTrainer(GekoTrainerMixin, SomeTrainer)"
+            )
         if not hasattr(Trainer, "_run_epoch"):
             raise ImportError(
-                f"GekoTrainer needs the epoch loop of transformers 5 (Trainer._run_epoch); found transformers {transformers.__version__}"
+                f"{name} needs the epoch loop of transformers 5 (Trainer._run_epoch); found transformers {transformers.__version__}"
             )
         if selector is not None and not isinstance(selector, Selector):
             raise TypeError(f"selector must be a geko_core.Selector or None, got {type(selector).__name__}")
         if geko_shift is not None and not isinstance(geko_shift, bool):
             raise TypeError(f"geko_shift must be a bool or None, got {type(geko_shift).__name__}")
-        bound = inspect.signature(Trainer.__init__).bind_partial(None, *args, **kwargs).arguments
-        if bound.get("train_dataset") is not None:
-            GekoIndexedDataset(bound["train_dataset"])  # refuses iterable datasets before the Trainer does
+        train_dataset = _bound_argument(super().__init__, args, kwargs, "train_dataset")
+        if train_dataset is not None:
+            GekoIndexedDataset(train_dataset)  # refuses iterable datasets before the Trainer does
         super().__init__(*args, **kwargs)
         if self.train_dataset is not None:
             self.train_dataset = GekoIndexedDataset(self.train_dataset)
-        self.data_collator = GekoIndexCollator(self.data_collator)
+        self.data_collator = self._geko_collator_class(self.data_collator)
         self._selector = selector
         self._geko_policy = geko_policy
         self._geko_options = geko_options
@@ -308,7 +349,7 @@ class GekoTrainer(Trainer):
 
     def _build_selector(self) -> Selector:
         if self.train_dataset is None:
-            raise ValueError("GekoTrainer needs a train_dataset to build its Selector")
+            raise ValueError(f"{type(self).__name__} needs a train_dataset to build its Selector")
         args = self.args
         seed = args.data_seed if args.data_seed is not None else args.seed
         if args.max_steps > 0:
@@ -326,13 +367,18 @@ class GekoTrainer(Trainer):
             batch_size=self._train_batch_size,
             drop_last=bool(args.dataloader_drop_last),
             **length,
+            **self._geko_selector_options(),
         )
+
+    def _geko_selector_options(self) -> dict[str, Any]:
+        """Further keyword arguments of the Selector built by default (e.g. ``sample_tokens``)."""
+        return {}
 
     def _whole_epochs(self) -> int:
         epochs = self.args.num_train_epochs
         if epochs <= 0 or float(epochs) != int(epochs):
             raise ValueError(
-                f"GekoTrainer plans whole epochs: num_train_epochs must be a positive integer (got {epochs}); "
+                f"{type(self).__name__} plans whole epochs: num_train_epochs must be a positive integer (got {epochs}); "
                 "or set max_steps to train for a number of optimizer steps"
             )
         return int(epochs)
@@ -340,7 +386,7 @@ class GekoTrainer(Trainer):
     def _adopt(self, selector: Selector) -> None:
         if selector.policy.meta_batch:
             raise ValueError(
-                f"policy {selector.policy.name!r} selects inside a forwarded meta-batch, which GekoTrainer does not do; "
+                f"policy {selector.policy.name!r} selects inside a forwarded meta-batch, which {type(self).__name__} does not do; "
                 "use 'geko', 'infobatch', 'uniform' or 'random_subset'"
             )
         if self.train_dataset is not None and selector.num_samples != len(self.train_dataset):
@@ -487,36 +533,52 @@ class GekoTrainer(Trainer):
         if not model.training or GEKO_INDEX_KEY not in inputs:
             if model.training:
                 raise ValueError(
-                    f"a training batch without {GEKO_INDEX_KEY!r}: GekoTrainer's data loader adds it; "
+                    f"a training batch without {GEKO_INDEX_KEY!r}: {type(self).__name__}'s data loader adds it; "
                     "do not replace get_train_dataloader's dataset or collator"
                 )
             # Evaluation: the Selector only learns from training batches.
-            inputs = {k: v for k, v in inputs.items() if k != GEKO_INDEX_KEY}
+            inputs = self._geko_without_batch_keys(inputs)
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if "labels" not in inputs:
-            raise ValueError("GekoTrainer needs 'labels' in every training batch (-100 marks tokens that do not count)")
+            raise ValueError(f"{type(self).__name__} needs 'labels' in every training batch (-100 marks tokens that do not count)")
         idx = inputs[GEKO_INDEX_KEY]
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k not in (GEKO_INDEX_KEY, "labels")}
-        outputs = model(**model_inputs)
+        labels = self._geko_labels(inputs)
+        outputs = model(**self._geko_model_inputs(inputs))
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-        selector = self.selector
-        shift = self._shift()
         if num_items_in_batch is not None:
-            loss = selector.loss(logits, labels, idx, shift=shift, reduction="sum")
+            loss = self._geko_loss(logits, labels, idx, inputs, reduction="sum")
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 # DDP averages gradients over ranks while num_items_in_batch counts all ranks.
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             self.loss_is_scaled_for_ga = True
         else:
-            loss = selector.loss(logits, labels, idx, shift=shift, reduction="mean")
+            loss = self._geko_loss(logits, labels, idx, inputs, reduction="mean")
             self.loss_is_scaled_for_ga = False
         return (loss, outputs) if return_outputs else loss
 
+    def _geko_labels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Labels of a training batch as the statistics and the loss count them (-100: not counted)."""
+        return inputs["labels"]
+
+    def _geko_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """What the model is called with: the batch without the labels (the loss is computed
+        here, not by the model) and without the Selector's fields."""
+        return {k: v for k, v in inputs.items() if k != "labels" and k not in self._geko_batch_keys}
+
+    def _geko_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, inputs: Mapping[str, Any], *, reduction: str
+    ) -> torch.Tensor:
+        """The Selector's weighted loss of a training batch (``"sum"`` or ``"mean"`` over valid
+        target tokens); it feeds the batch's per-sample statistics to the Selector."""
+        return self.selector.loss(logits, labels, idx, shift=self._shift(), reduction=reduction)
+
+    def _geko_without_batch_keys(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in inputs.items() if k not in self._geko_batch_keys}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluating on the (index-carrying) training set must not pass the index to the model.
-        inputs = {k: v for k, v in inputs.items() if k != GEKO_INDEX_KEY}
+        inputs = self._geko_without_batch_keys(inputs)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # -- metrics and checkpoints ------------------------------------------------------------------
@@ -535,6 +597,32 @@ class GekoTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
 
+class GekoTrainer(GekoTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` whose training epochs are planned by a geko Selector.
+
+    Takes every argument of ``transformers.Trainer`` plus:
+
+    Args:
+        selector: a ready :class:`~geko_core.Selector` for ``len(train_dataset)`` samples; by
+            default one is built at the start of training from the options below, the
+            training arguments (epochs or ``max_steps``, ``data_seed``/``seed``) and the
+            process layout.
+        geko_policy: policy name or object of the Selector built by default (``"geko"``,
+            ``"infobatch"``, ``"uniform"``, ``"random_subset"``; the meta-batch policies
+            ``"es"``/``"eswp"`` need a forward pass before selection and are refused).
+        geko_options: ``policy_options`` of that Selector.
+        geko_config: its :class:`~geko_core.GekoConfig`.
+        geko_shift: causal shift of the labels in the loss and statistics; None detects it
+            as the Trainer does (True for causal language models).
+
+    Attributes:
+        selector: the Selector (built on first access once ``train_dataset`` is known).
+
+    All of it is :class:`GekoTrainerMixin`; compose that with another Trainer subclass the
+    same way (``class MyGekoTrainer(GekoTrainerMixin, MyTrainer)``).
+    """
+
+
 def _is_causal_lm(model: torch.nn.Module) -> bool:
     """A decoder-only language model (its labels are the inputs, shifted by one inside the loss)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -546,6 +634,14 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
         return False
     return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _bound_argument(init: Callable[..., Any], args: tuple, kwargs: dict[str, Any], name: str) -> Any:
+    """The value ``init(*args, **kwargs)`` would receive as ``name`` (None when it cannot tell)."""
+    try:
+        return inspect.signature(init).bind_partial(*args, **kwargs).arguments.get(name)
+    except (TypeError, ValueError):  # the Trainer class raises its own error for bad arguments
+        return None
 
 
 def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
