@@ -99,7 +99,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 try:
@@ -112,6 +111,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from ..checkpoint import load_verified, save_verified
 from ..selector import Selector
+from ._common import flat_metrics, from_storable, to_storable
 
 __all__ = [
     "GEKO_INDEX_KEY",
@@ -127,7 +127,6 @@ __all__ = [
 #: Name of the field that carries each example's dataset index through the collator.
 GEKO_INDEX_KEY = "geko_index"
 _STATE_FILE = "geko_selector.pt"
-_ARRAY_TAG = "__geko_ndarray__"
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -181,30 +180,6 @@ class GekoIndexCollator:
 
 
 # -- checkpoint files ---------------------------------------------------------------------------
-def _to_storable(value: Any) -> Any:
-    """Selector state with numpy arrays as tagged tensors and numpy scalars as Python
-    numbers: what ``torch.load(weights_only=True)`` accepts."""
-    if isinstance(value, np.ndarray):
-        return {_ARRAY_TAG: torch.from_numpy(np.ascontiguousarray(value))}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _to_storable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_storable(v) for v in value)
-    return value
-
-
-def _from_storable(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_ARRAY_TAG}:
-            return value[_ARRAY_TAG].numpy()
-        return {k: _from_storable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_from_storable(v) for v in value)
-    return value
-
-
 def selector_state_file(checkpoint_dir: str, rank: int = 0, world_size: int = 1) -> str:
     """Path of the Selector's state in a Trainer checkpoint folder."""
     name = _STATE_FILE if world_size <= 1 else f"geko_selector_rank{rank}.pt"
@@ -220,7 +195,7 @@ def save_selector_state(selector: Selector, path: str) -> None:
     state = selector.state_dict()
     # Atomic (temporary file, fsync, rename) and checksummed: a torn or bit-flipped file is
     # refused by load_selector_state instead of resuming from silently wrong state.
-    save_verified(_to_storable(state), path)
+    save_verified(to_storable(state), path)
 
 
 def load_selector_state(selector: Selector, path: str) -> None:
@@ -235,7 +210,7 @@ def load_selector_state(selector: Selector, path: str) -> None:
         raise FileNotFoundError(
             f"no Selector state at {path}: this checkpoint was not written by GekoTrainer, so it cannot resume the selection exactly"
         )
-    selector.load_state_dict(_from_storable(load_verified(path)))
+    selector.load_state_dict(from_storable(load_verified(path)))
 
 
 # -- callback -----------------------------------------------------------------------------------
@@ -584,7 +559,7 @@ class GekoTrainerMixin:
     # -- metrics and checkpoints ------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._selector is not None and ("loss" in logs or "train_loss" in logs):
-            logs = {**logs, **_flat_metrics(self._selector.metrics())}
+            logs = {**logs, **flat_metrics(self._selector.metrics())}
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -642,23 +617,3 @@ def _bound_argument(init: Callable[..., Any], args: tuple, kwargs: dict[str, Any
         return inspect.signature(init).bind_partial(*args, **kwargs).arguments.get(name)
     except (TypeError, ValueError):  # the Trainer class raises its own error for bad arguments
         return None
-
-
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``selector.metrics()`` as flat ``geko/<name>`` scalars (and the phase name)."""
-    out: dict[str, Any] = {}
-    for name, value in metrics.items():
-        key = name if name.startswith("geko/") else f"geko/{name}"
-        if name == "buckets":
-            for bucket, count in value.items():
-                out[f"geko/bucket_{bucket}"] = int(count)
-        elif isinstance(value, (bool, np.bool_)):
-            out[key] = int(value)
-        elif isinstance(value, (int, float, np.integer, np.floating)):
-            out[key] = value.item() if isinstance(value, np.generic) else value
-        elif isinstance(value, str):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-            for i, v in enumerate(value):
-                out[f"{key}_{i}"] = v
-    return out
