@@ -165,16 +165,16 @@ void check_num_threads(int num_threads) {
   }
 }
 
-// Applies the updates whose index lies in [lo, lo + span), in batch order.
-// Each thread owns one range of the table, so no record is touched by two
-// threads and every sample sees its updates in order.
 #ifdef __AVX2__
 
 // Eight updates at once. A record is eight 32-bit words, so eight records
 // transposed are one vector per field; the rule is then the scalar rule lane by
-// lane, with the same operations in the same order (IEEE double arithmetic, one
-// rounding to float where the scalar code rounds), hence the same bits. About a
-// quarter of the instructions of eight scalar updates, and no branch on the data.
+// lane, with the same operations (IEEE double arithmetic, one rounding to float
+// where the scalar code rounds), hence the same bits, and no branch on the data.
+// On this project's machine the scalar rule cost 17-33 ns per update on records
+// already in cache (a branch-free scalar version measured no faster), as much as
+// fetching a record from DRAM; eight at a time leave the memory as the bound
+// (4096 random updates on 10 M samples: 40 -> 22 ns per update in alternating runs).
 
 // In-place 8x8 transpose of 32-bit lanes (its own inverse).
 inline void transpose8(__m256 r[8]) {
