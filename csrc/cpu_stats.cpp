@@ -110,10 +110,10 @@ struct Elem<FP16> {
 
 // exp(t) for t <= 0 (the kernels only exponentiate x - max or x - lse), as 2^u with
 // u = t log2(e), clamped at kExp2Underflow (NaN passes through). u = n + f with
-// n = round(u) from the 1.5 * 2^23 trick, whose low mantissa bits also give 2^n by an
-// integer add to the exponent field; 2^f (|f| <= 1/2) is a degree-5 minimax polynomial
-// with p(0) = 1 exactly. Max relative error ~2e-7. Callers keep u: the row sums use it
-// (s1 is accumulated in log2 units and rescaled once per row).
+// n = round(u), whose bits also give 2^n by an integer add to the exponent field;
+// 2^f (|f| <= 1/2) is a degree-5 minimax polynomial with p(0) = 1 exactly. Max relative
+// error ~2e-7. Callers keep u: the row sums use it (s1 is accumulated in log2 units and
+// rescaled once per row).
 inline __m256 log2_units(__m256 t) {
   return _mm256_max_ps(_mm256_set1_ps(kExp2Underflow), _mm256_mul_ps(t, _mm256_set1_ps(kLog2e)));
 }
@@ -128,6 +128,38 @@ inline __m256 exp2_clamped(__m256 u) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   // 2^n * p by adding n to p's exponent field (n >= -125 keeps the result normal).
   const __m256i pow2n = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
+}
+
+// exp2_clamped() for the row sums, whose rows are known finite (u is never NaN), two
+// instructions cheaper: adding 1.5 * 2^23 rounds u to an integer (to nearest even, as
+// _mm256_round_ps) held in the low mantissa bits, whose shift into the exponent field
+// is 2^n (the low 9 bits of n are n modulo 2^32 once in place), and subtracting it back
+// gives n exactly: two adds instead of a round (2 uops) and a conversion. Same n, f and
+// result bits as exp2_clamped() for the same degree. kDegree 5 for fp32/fp64 logits;
+// kDegree 4 for bf16/fp16 logits, one FMA less per 8 elements for a max relative error
+// of ~3e-6 instead of ~2e-7: a thousandth of the rounding of the 16-bit inputs themselves
+// and well within the 2e-5 the parity tests allow against float64.
+template <int kDegree>
+inline __m256 exp2_finite(__m256 u) {
+  static_assert(kDegree == 4 || kDegree == 5, "degree 4 or 5");
+  const __m256 shifter = _mm256_set1_ps(0x1.8p23f);
+  const __m256 big = _mm256_add_ps(u, shifter);
+  const __m256 n = _mm256_sub_ps(big, shifter);
+  const __m256 f = _mm256_sub_ps(u, n);
+  __m256 p;
+  if (kDegree == 5) {
+    p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
+  } else {
+    p = _mm256_fmadd_ps(f, _mm256_set1_ps(9.582829662e-03f), _mm256_set1_ps(5.590640008e-02f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402409911e-01f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931241751e-01f));
+  }
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(big), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
 }
 
@@ -185,6 +217,77 @@ struct Vec<FP16> {
   }
 };
 
+// Sixteen elements as two float vectors, in some lane order: the row sums do not care
+// which lane holds which element, and offset_a/offset_b say it where they do (the
+// argmax's lane is masked out). bf16 widens by interleaving zeros below each value (one
+// unpack per 8 elements, no shift), which leaves elements 0-3, 8-11 in a and 4-7, 12-15 in b.
+template <typename T>
+struct Vec16 {
+  static void load(const T* p, __m256& a, __m256& b) {
+    a = Vec<T>::load(p);
+    b = Vec<T>::load(p + 8);
+  }
+  static __m256i offset_a() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static __m256i offset_b() { return _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15); }
+};
+template <>
+struct Vec16<BF16> {
+  static void load(const BF16* p, __m256& a, __m256& b) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), raw));
+    b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), raw));
+  }
+  static __m256i offset_a() { return _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11); }
+  static __m256i offset_b() { return _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15); }
+};
+
+// First index in [begin, end) whose element equals m, or -1. bf16 compares the stored
+// bits, 16 elements per instruction, when m is not a zero (+0 and -0 compare equal as
+// floats but not as bits; a finite row has no NaN).
+template <typename T>
+int64_t find_first(const T* row, int64_t begin, int64_t end, float m) {
+  int64_t i = begin;
+  const __m256 vm = _mm256_set1_ps(m);
+  for (; i + 32 <= end; i += 32) {  // test 32 at a time, locate within them after
+    const __m256 eq = _mm256_or_ps(
+        _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ),
+                     _mm256_cmp_ps(Vec<T>::load(row + i + 8), vm, _CMP_EQ_OQ)),
+        _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i + 16), vm, _CMP_EQ_OQ),
+                     _mm256_cmp_ps(Vec<T>::load(row + i + 24), vm, _CMP_EQ_OQ)));
+    if (_mm256_movemask_ps(eq) != 0) break;
+  }
+  for (; i + 8 <= end; i += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ));
+    if (mask != 0) return i + __builtin_ctz(static_cast<unsigned>(mask));
+  }
+  for (; i < end; ++i)
+    if (Elem<T>::load(row + i) == m) return i;
+  return -1;
+}
+template <>
+int64_t find_first<BF16>(const BF16* row, int64_t begin, int64_t end, float m) {
+  const uint16_t bits = float_to_bf16(m);  // exact: m is one of the row's values
+  if ((bits & 0x7fffu) == 0) {
+    for (int64_t i = begin; i < end; ++i)
+      if (Elem<BF16>::load(row + i) == m) return i;
+    return -1;
+  }
+  const __m256i vm = _mm256_set1_epi16(static_cast<int16_t>(bits));
+  int64_t i = begin;
+  for (; i + 32 <= end; i += 32) {
+    const __m256i e0 = _mm256_cmpeq_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)), vm);
+    const __m256i e1 = _mm256_cmpeq_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 16)), vm);
+    if (!_mm256_testz_si256(_mm256_or_si256(e0, e1), _mm256_or_si256(e0, e1))) {
+      const uint32_t m0 = static_cast<uint32_t>(_mm256_movemask_epi8(e0));
+      if (m0 != 0) return i + __builtin_ctz(m0) / 2;
+      return i + 16 + __builtin_ctz(static_cast<uint32_t>(_mm256_movemask_epi8(e1))) / 2;
+    }
+  }
+  for (; i < end; ++i)
+    if (row[i].bits == bits) return i;
+  return -1;
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -216,17 +319,16 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   float m = -std::numeric_limits<float>::infinity();
 #ifdef __AVX2__
   const int64_t vec32_end = vocab & ~int64_t{31};
-  const int64_t vec8_end = vocab & ~int64_t{7};
-  if (vec8_end > 0) {
+  const int64_t vec16_end = vocab & ~int64_t{15};
+  if (vec16_end > 0) {
     const __m256 zero = _mm256_setzero_ps();
     const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
     __m256 c0 = zero, c1 = zero, c2 = zero, c3 = zero;
+    __m256 x0, x1, x2, x3;
     for (; i < vec32_end; i += 32) {  // four independent chains: max/fma latency, not throughput
-      const __m256 x0 = Vec<T>::load(row + i);
-      const __m256 x1 = Vec<T>::load(row + i + 8);
-      const __m256 x2 = Vec<T>::load(row + i + 16);
-      const __m256 x3 = Vec<T>::load(row + i + 24);
+      Vec16<T>::load(row + i, x0, x1);
+      Vec16<T>::load(row + i + 16, x2, x3);
       m0 = _mm256_max_ps(m0, x0);
       m1 = _mm256_max_ps(m1, x1);
       m2 = _mm256_max_ps(m2, x2);
@@ -236,10 +338,12 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
       c2 = _mm256_fmadd_ps(x2, zero, c2);
       c3 = _mm256_fmadd_ps(x3, zero, c3);
     }
-    for (; i < vec8_end; i += 8) {
-      const __m256 x0 = Vec<T>::load(row + i);
+    for (; i < vec16_end; i += 16) {
+      Vec16<T>::load(row + i, x0, x1);
       m0 = _mm256_max_ps(m0, x0);
+      m1 = _mm256_max_ps(m1, x1);
       c0 = _mm256_fmadd_ps(x0, zero, c0);
+      c1 = _mm256_fmadd_ps(x1, zero, c1);
     }
     const __m256 vmax = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
     alignas(32) float lanes[8];
@@ -258,36 +362,17 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   if (!out.finite) return out;
 
   // 2. argmax: the first index equal to the max (ties -> lowest index); stops there.
-  i = 0;
-  out.argmax = -1;
 #ifdef __AVX2__
-  {
-    const __m256 vm = _mm256_set1_ps(m);
-    for (; i < vec32_end; i += 32) {  // test 32 at a time, locate within them after
-      const __m256 eq = _mm256_or_ps(
-          _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ),
-                       _mm256_cmp_ps(Vec<T>::load(row + i + 8), vm, _CMP_EQ_OQ)),
-          _mm256_or_ps(_mm256_cmp_ps(Vec<T>::load(row + i + 16), vm, _CMP_EQ_OQ),
-                       _mm256_cmp_ps(Vec<T>::load(row + i + 24), vm, _CMP_EQ_OQ)));
-      if (_mm256_movemask_ps(eq) != 0) break;
-    }
-    for (; i < vec8_end; i += 8) {
-      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(Vec<T>::load(row + i), vm, _CMP_EQ_OQ));
-      if (mask != 0) {
-        out.argmax = i + __builtin_ctz(static_cast<unsigned>(mask));
-        break;
-      }
+  out.argmax = find_first(row, 0, vocab, m);
+#else
+  out.argmax = -1;
+  for (i = 0; i < vocab; ++i) {
+    if (Elem<T>::load(row + i) == m) {
+      out.argmax = i;
+      break;
     }
   }
 #endif
-  if (out.argmax < 0) {
-    for (; i < vocab; ++i) {
-      if (Elem<T>::load(row + i) == m) {
-        out.argmax = i;
-        break;
-      }
-    }
-  }
 
   // 3. exponential sums around the max over every element except the argmax (it
   //    contributes exactly 1 to the softmax denominator and to sum p^2 numerators, 0 to
@@ -300,58 +385,62 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
 #ifdef __AVX2__
   {
     // Two sets of FMA accumulators (4-cycle latency: one set would cap the loop at 4
-    // cycles per vector); d is a plain add, one set fits, and the constants stay in registers.
+    // cycles per vector); d is a plain add, one set fits. Sixteen elements per step, not
+    // more: AVX2 has 16 vector registers, and a wider step spilled accumulators to the stack.
     const __m256 vm = _mm256_set1_ps(m);
+    constexpr int kDegree = sizeof(T) == 2 ? 4 : 5;
     __m256 d0 = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
     __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    const auto add16 = [&](__m256 x0, __m256 x1, const __m256* keep0, const __m256* keep1) {
+      const __m256 u0 = log2_units(_mm256_sub_ps(x0, vm));
+      const __m256 u1 = log2_units(_mm256_sub_ps(x1, vm));
+      __m256 e0 = exp2_finite<kDegree>(u0);
+      __m256 e1 = exp2_finite<kDegree>(u1);
+      if (keep0 != nullptr) {
+        e0 = _mm256_and_ps(*keep0, e0);
+        e1 = _mm256_and_ps(*keep1, e1);
+      }
+      d0 = _mm256_add_ps(d0, _mm256_add_ps(e0, e1));
+      a0 = _mm256_fmadd_ps(e0, u0, a0);
+      a1 = _mm256_fmadd_ps(e1, u1, a1);
+      b0 = _mm256_fmadd_ps(e0, e0, b0);
+      b1 = _mm256_fmadd_ps(e1, e1, b1);
+    };
+    // Multiples of 16 elements.
     const auto body = [&](int64_t lo, int64_t hi) {
-      int64_t j = lo;
-      for (; j + 16 <= hi; j += 16) {
+      __m256 x0, x1;
+      for (int64_t j = lo; j < hi; j += 16) {
         // While this row is exponentiated from L2, pull the next one in from DRAM, so
-        // its max pass does not wait for memory (16 elements of the row ~ its lines).
+        // its max pass does not wait for memory.
         if (next_row != nullptr) {
           const char* ahead = reinterpret_cast<const char*>(next_row + j);
           for (size_t q = 0; q < (16 * sizeof(T) + 63) / 64; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T1);
         }
-        const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
-        const __m256 u1 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j + 8), vm));
-        const __m256 e0 = exp2_clamped(u0);
-        const __m256 e1 = exp2_clamped(u1);
-        d0 = _mm256_add_ps(d0, _mm256_add_ps(e0, e1));
-        a0 = _mm256_fmadd_ps(e0, u0, a0);
-        a1 = _mm256_fmadd_ps(e1, u1, a1);
-        b0 = _mm256_fmadd_ps(e0, e0, b0);
-        b1 = _mm256_fmadd_ps(e1, e1, b1);
-      }
-      for (; j < hi; j += 8) {
-        const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + j), vm));
-        const __m256 e0 = exp2_clamped(u0);
-        d0 = _mm256_add_ps(d0, e0);
-        a0 = _mm256_fmadd_ps(e0, u0, a0);
-        b0 = _mm256_fmadd_ps(e0, e0, b0);
+        Vec16<T>::load(row + j, x0, x1);
+        add16(x0, x1, nullptr, nullptr);
       }
     };
-    const int64_t skip_block = skip & ~int64_t{7};
-    const int64_t first_end = std::min(skip_block, vec8_end);
+    const int64_t skip_block = skip & ~int64_t{15};
+    const int64_t first_end = std::min(skip_block, vec16_end);
     body(0, first_end);
     i = first_end;
-    if (i == skip_block && i < vec8_end) {
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256 drop = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(skip - i))));
-      const __m256 u0 = log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vm));
-      const __m256 e0 = _mm256_andnot_ps(drop, exp2_clamped(u0));
-      d0 = _mm256_add_ps(d0, e0);
-      a1 = _mm256_fmadd_ps(e0, u0, a1);
-      b1 = _mm256_fmadd_ps(e0, e0, b1);
-      i += 8;
+    if (i == skip_block && i < vec16_end) {
+      // The block holding the argmax, with its lane masked out.
+      const __m256i at = _mm256_set1_epi32(static_cast<int>(skip - i));
+      const __m256 keep0 = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_a(), at),
+                                                                _mm256_set1_epi32(-1)));
+      const __m256 keep1 = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_b(), at),
+                                                                _mm256_set1_epi32(-1)));
+      __m256 x0, x1;
+      Vec16<T>::load(row + i, x0, x1);
+      add16(x0, x1, &keep0, &keep1);
+      i += 16;
     }
-    body(i, vec8_end);
-    i = vec8_end;
-    a0 = _mm256_add_ps(a0, a1);
-    b0 = _mm256_add_ps(b0, b1);
+    body(i, vec16_end);
+    i = vec16_end;
     out.d = hsum(d0);
-    s1_log2 = hsum(a0);
-    out.s2 = hsum(b0);
+    s1_log2 = hsum(_mm256_add_ps(a0, a1));
+    out.s2 = hsum(_mm256_add_ps(b0, b1));
   }
 #endif
   for (; i < vocab; ++i) {
