@@ -1,6 +1,6 @@
 """CPU statistics kernel against its baselines, measured side by side in one run.
 
-Baselines (issue 3, DESIGN.md §5), on the same tensor:
+Baselines (issue 3, docs/design.md §5), on the same tensor:
 * the torch eager reference ``geko_core.reference.sample_stats_reference`` (goal >= 10x),
 * ``torch.compile`` of that reference (goal >= 2.5x),
 * the memory roof (goal >= 50%): the bytes per second of ``sum()`` over a float32 tensor

@@ -1,4 +1,4 @@
-"""SampleTable throughput against numpy, measured in the same run (DESIGN.md §5: >= 20 M
+"""SampleTable throughput against numpy, measured in the same run (docs/design.md §5: >= 20 M
 sample-updates/s on a 10 M-sample table with random indices, <= 32 B/sample; issue 15:
 >= 20 M/s and >= 3x numpy at 4096 indices per call).
 

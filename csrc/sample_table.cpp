@@ -79,7 +79,7 @@ inline double blend(float keep, float a, float take, float b) {
   return static_cast<double>(keep) * static_cast<double>(a) + static_cast<double>(take) * static_cast<double>(b);
 }
 
-// One update of one sample with finite statistics (DESIGN.md §3).
+// One update of one sample with finite statistics (docs/design.md §3).
 inline void apply_update(SampleRecord& r, float loss, float confidence, float correct, int32_t step,
                          const RuleParams& p) {
   // 1. Q-value: reward 1 for a zero loss, 0 from loss_scale on. The clamp only

@@ -1,4 +1,4 @@
-"""Angle concentration of token hidden states: the GAIN-RL signal (DESIGN.md §4).
+"""Angle concentration of token hidden states: the GAIN-RL signal (docs/design.md §4).
 
 GAIN-RL observes that the more the hidden states of a sequence's tokens point the same way,
 the larger that sequence's gradient. Per sequence we measure the mean pairwise cosine

@@ -16,7 +16,7 @@ from ._checks import check_int, check_real
 _C = load_compiled_core()
 _DEFAULTS = _C.Config()
 
-#: Bucket codes (DESIGN.md §3). INVALID only appears in statistics, UNSEEN only in the table.
+#: Bucket codes (docs/design.md §3). INVALID only appears in statistics, UNSEEN only in the table.
 BUCKET_INVALID: int = _C.BUCKET_INVALID
 BUCKET_FREEZE: int = _C.BUCKET_FREEZE
 BUCKET_LIGHT: int = _C.BUCKET_LIGHT
@@ -29,7 +29,7 @@ BUCKET_NAMES: tuple[str, ...] = ("FREEZE", "LIGHT", "FOCUS", "HARD", "UNSEEN")
 
 @dataclass(frozen=True)
 class GekoConfig:
-    """Thresholds and rates of the GEKO rules (DESIGN.md §3).
+    """Thresholds and rates of the GEKO rules (docs/design.md §3).
 
     Attributes:
         freeze_confidence: a correct sample above this confidence is FREEZE-eligible.

@@ -1,4 +1,4 @@
-"""Mountain curriculum (DESIGN.md §3): training progress -> bucket weights -> sampling rates.
+"""Mountain curriculum (docs/design.md §3): training progress -> bucket weights -> sampling rates.
 
 Progress ``p`` is counted in optimizer steps (``progress(step, total_steps)``), never in
 epochs, because GEKO's epochs shrink. Each phase covers ``[previous end, end)`` of the
@@ -73,7 +73,7 @@ class PhaseInfo(NamedTuple):
     name: str
 
 
-#: The five phases of DESIGN.md §3 (defined once, in csrc/curriculum.cpp).
+#: The five phases of docs/design.md §3 (defined once, in csrc/curriculum.cpp).
 DEFAULT_PHASES: tuple[CurriculumPhase, ...] = tuple(CurriculumPhase(*p) for p in _C.default_curriculum_phases())
 
 

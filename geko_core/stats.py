@@ -1,4 +1,4 @@
-"""Per-sample statistics of one training step: ``sample_stats`` (DESIGN.md §2).
+"""Per-sample statistics of one training step: ``sample_stats`` (docs/design.md §2).
 
 One pass over the logits gives, per token, the cross-entropy, the max-probability
 (confidence), the probability of the label, whether the argmax is the label, the softmax

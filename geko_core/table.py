@@ -107,7 +107,7 @@ def _field_name(name: Any) -> str:
 
 
 class SampleTable:
-    """Per-sample state of N samples, 32 bytes each (DESIGN.md §3).
+    """Per-sample state of N samples, 32 bytes each (docs/design.md §3).
 
     Each sample holds its Q-value, an EMA of its loss and of its loss differences, its
     latest loss, confidence and correct fraction, its bucket, visit count, last-visit step

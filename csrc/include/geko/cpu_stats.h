@@ -1,4 +1,4 @@
-// CPU kernels of the per-sample statistics (DESIGN.md §2) and of the fused
+// CPU kernels of the per-sample statistics (docs/design.md §2) and of the fused
 // cross-entropy (forward statistics + token loss + log-sum-exp, backward
 // softmax - onehot). Plain C++17, OpenMP over rows, AVX2/FMA when compiled for it.
 //

@@ -90,7 +90,7 @@ class SampleTable {
   SampleTable(const SampleTable&) = delete;
   SampleTable& operator=(const SampleTable&) = delete;
 
-  // Applies one batch of statistics (DESIGN.md §3), in batch order (a duplicate
+  // Applies one batch of statistics (docs/design.md §3), in batch order (a duplicate
   // index is applied once per occurrence). Everything is validated before any
   // record changes:
   //   std::out_of_range    an index outside [0, num_samples), naming the first one;
