@@ -8,6 +8,7 @@ see the same numbers and none of them is typed twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from ._backend import load_compiled_core
@@ -65,7 +66,11 @@ class GekoConfig:
         self.to_cpp()  # the C++ validator is the one rule; it raises ValueError
 
     def to_cpp(self) -> "_C.Config":
-        """The equivalent validated ``_C.Config``."""
+        """The equivalent validated ``_C.Config`` (made once per distinct configuration: the
+        statistics call this on every step)."""
+        return _cpp_config(self)
+
+    def _make_cpp(self) -> "_C.Config":
         cfg = _C.Config()
         for field in dataclasses.fields(self):
             setattr(cfg, field.name, getattr(self, field.name))
@@ -91,3 +96,9 @@ def resolve_config(config: GekoConfig | None) -> GekoConfig:
     if not isinstance(config, GekoConfig):
         raise TypeError(f"config must be a geko_core.GekoConfig, got {type(config).__name__}")
     return config
+
+
+@functools.lru_cache(maxsize=64)
+def _cpp_config(config: GekoConfig) -> "_C.Config":
+    # GekoConfig is frozen and hashable; the compiled kernels only read the returned object.
+    return config._make_cpp()

@@ -126,11 +126,13 @@ class GekoPolicy(Policy):
             return
         from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD
 
-        before = table.gather("bucket", batch.indices)
+        # The Selector hands over validated indices: read the records directly (no re-check).
+        buckets = table.records()["bucket"]
+        before = buckets[batch.indices]
         super().observe(batch, table)
         frozen = (before == BUCKET_FREEZE) & np.isfinite(batch.correct)
         if frozen.any():
-            after = table.gather("bucket", batch.indices[frozen])
+            after = buckets[batch.indices[frozen]]
             failed = int(((after == BUCKET_FOCUS) | (after == BUCKET_HARD)).sum())
             self.revisits += int(frozen.sum())
             self.failed_revisits += failed
