@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from .._atomic import atomic_write
 
-__all__ = ["ClassificationData", "TextData", "cache_dir", "make_mnist1d", "make_stdlib_text"]
+__all__ = ["ClassificationData", "TextData", "cache_dir", "load_checked", "make_mnist1d", "make_stdlib_text", "save_checked"]
 
 
 def cache_dir() -> Path:
@@ -42,6 +43,33 @@ class ClassificationData:
     def noisy(self) -> np.ndarray:
         """bool [N]: the training label was flipped."""
         return self.y_train != self.y_train_clean
+
+
+_CHECKED_MAGIC = b"GEKO-CACHE-1\n"
+
+
+def save_checked(path: Path, payload: bytes) -> None:
+    """Write ``payload`` atomically behind a header and its SHA-256 (see ``load_checked``)."""
+    with atomic_write(path) as handle:
+        handle.write(_CHECKED_MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def load_checked(path: Path) -> bytes | None:
+    """The payload ``save_checked`` wrote, or None when the file is missing or damaged.
+
+    A damaged file (wrong header, truncated, any changed byte) is reported with a
+    ``RuntimeWarning`` and ignored, so the caller rebuilds it and writes it again.
+    """
+    try:
+        blob = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    head = len(_CHECKED_MAGIC)
+    payload = blob[head + 32 :]
+    if blob[:head] != _CHECKED_MAGIC or len(blob) < head + 32 or hashlib.sha256(payload).digest() != blob[head : head + 32]:
+        warnings.warn(f"ignoring damaged cache file {path} (checksum mismatch); rebuilding it", RuntimeWarning, stacklevel=2)
+        return None
+    return payload
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -99,21 +127,41 @@ class TextData:
     test: np.ndarray
     num_train_files: int
     num_test_files: int
+    #: windows of the training files that ``train`` does not use (``num_validation``)
+    validation: np.ndarray | None = None
+
+
+#: A standard-library file is held out (test) when its bucket is below this: about 10% of files.
+_HELD_OUT_BUCKETS = 26
+
+
+def _stdlib_file_bucket(relative: str) -> int:
+    """0..255 from a hash of a file's path relative to the standard library: the file's split
+    (``make_stdlib_text`` holds out buckets below ``_HELD_OUT_BUCKETS``)."""
+    return hashlib.sha256(relative.encode()).digest()[0]
 
 
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not (set(p.relative_to(root).parts[:-1]) & skip)]
+    files = []
+    # os.walk pruning the skipped directories: the files of root.rglob("*.py") outside them,
+    # without listing site-packages (seconds on a machine with many packages installed).
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if d not in skip]
+        files += [Path(directory, name) for name in names if name.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def make_stdlib_text(num_train: int = 4096, num_test: int = 512, *, seq_len: int = 128, seed: int = 0) -> TextData:
+def make_stdlib_text(num_train: int = 4096, num_test: int = 512, *, seq_len: int = 128, seed: int = 0, num_validation: int = 0) -> TextData:
     """Byte sequences of the standard library's source, split by file.
 
     A file goes to the held-out set when a hash of its relative path says so (about 10%), so
     train and test never share a file. Sequences are non-overlapping windows of
-    ``seq_len + 1`` bytes, sampled deterministically in ``seed``.
+    ``seq_len + 1`` bytes, sampled deterministically in ``seed``. ``num_validation`` windows
+    are carved out of the training files' windows that ``train`` does not use (drawn after
+    train and test, so those stay the same for any ``num_validation``); they share files
+    with ``train``, so validation perplexity runs a little below test perplexity.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -125,26 +173,34 @@ def make_stdlib_text(num_train: int = 4096, num_test: int = 512, *, seq_len: int
     test_chunks: list[bytes] = []
     n_train_files = n_test_files = 0
     for path in files:
-        digest = hashlib.sha256(path.relative_to(root).as_posix().encode()).digest()
+        bucket = _stdlib_file_bucket(path.relative_to(root).as_posix())
         try:
             blob = path.read_bytes()
         except OSError:
             continue
-        if digest[0] < 26:  # ~10% of files held out
+        if bucket < _HELD_OUT_BUCKETS:
             test_chunks.append(blob)
             n_test_files += 1
         else:
             train_chunks.append(blob)
             n_train_files += 1
 
-    def windows(chunks: list[bytes], count: int, rng: np.random.Generator) -> np.ndarray:
+    width = seq_len + 1
+
+    def windows(chunks: list[bytes], count: int, rng: np.random.Generator, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         stream = np.frombuffer(b"\n".join(chunks), dtype=np.uint8)
-        width = seq_len + 1
-        available = len(stream) // width
-        if available < count:
-            raise ValueError(f"only {available} sequences of {width} bytes available, {count} requested")
-        starts = np.sort(rng.choice(available, size=count, replace=False)) * width
-        return np.stack([stream[s : s + width] for s in starts])
+        candidates = np.arange(len(stream) // width)
+        if exclude is not None:
+            candidates = np.setdiff1d(candidates, exclude)
+        if len(candidates) < count:
+            raise ValueError(f"only {len(candidates)} sequences of {width} bytes available, {count} requested")
+        chosen = candidates[np.sort(rng.choice(len(candidates), size=count, replace=False))]
+        return np.stack([stream[s : s + width] for s in chosen * width]), chosen
 
     rng = np.random.default_rng(seed)
-    return TextData(windows(train_chunks, num_train, rng), windows(test_chunks, num_test, rng), n_train_files, n_test_files)
+    train, used = windows(train_chunks, num_train, rng)
+    test, _ = windows(test_chunks, num_test, rng)
+    validation = None
+    if num_validation:
+        validation, _ = windows(train_chunks, num_validation, np.random.default_rng([seed, 1]), exclude=used)
+    return TextData(train, test, n_train_files, n_test_files, validation)

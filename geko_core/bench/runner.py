@@ -238,8 +238,13 @@ def run_one(
         overhead = final["overhead_seconds"]
         geko_metrics = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("geko/") and k != "geko/rates"}
 
+    # Validation figures are the ones to tune on; the table reports the test split.
+    validation = task.evaluate_validation(model) if getattr(task, "evaluate_validation", None) else None
+    detail = task.evaluate_detail(model, "test") if getattr(task, "evaluate_detail", None) else None
     return {
         "task": task.name,
+        "validation_metric": validation,
+        "detail": detail,
         "policy": policy,
         "seed": seed,
         "policy_options": policy_options or {},

@@ -12,7 +12,7 @@ from torch import nn
 
 from .data import make_mnist1d, make_stdlib_text
 
-__all__ = ["Task", "make_task"]
+__all__ = ["TASK_NAMES", "Task", "make_task"]
 
 
 @dataclass
@@ -20,7 +20,15 @@ class Task:
     """Everything a run needs, independent of the selection policy.
 
     ``inputs``/``targets`` are the training tensors indexed by dataset index;
-    ``evaluate(model)`` returns the held-out metric; ``higher_is_better`` says its direction.
+    ``evaluate(model)`` returns the held-out (test) metric; ``higher_is_better`` says its
+    direction. ``evaluate_validation(model)`` returns the same metric on a validation split
+    disjoint from the training and test data, the one to tune defaults on.
+
+    Language tasks with ``shift=True`` hold ``targets`` aligned with ``inputs`` (-100 on the
+    prompt and the padding) and train with the causal shift,
+    ``sel.loss(logits, targets, idx, shift=True)``. Fine-tuning tasks also give per-family
+    figures (``evaluate_detail(model, split)`` with split ``"validation"`` or ``"test"``) and
+    each training sample's family.
     """
 
     name: str
@@ -37,6 +45,15 @@ class Task:
     config_overrides: dict = field(default_factory=dict)
     #: per-policy constructor options for this task (policy name -> options)
     policy_options: dict = field(default_factory=dict)
+    #: targets are aligned with inputs and the loss applies the causal shift
+    shift: bool = False
+    #: the metric on the validation split (None: the task has none)
+    evaluate_validation: Callable[[nn.Module], float] | None = None
+    #: ``(model, split) -> dict`` with the metric, perplexity and per-family figures
+    evaluate_detail: Callable[..., dict] | None = None
+    #: family names, and each training sample's family id (int64 ``[N]``)
+    families: tuple[str, ...] = ()
+    family: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -77,23 +94,34 @@ class _ByteLM(nn.Module):
         return self.head(self.norm(h))
 
 
+#: generator seed of MNIST-1D's validation samples (the training and test data use 42)
+_MNIST1D_VALIDATION_SEED = 1042
+
+
 def _mnist1d_task(scale: str, label_noise: float) -> Task:
     sizes = {"smoke": 2_000, "quick": 10_000, "default": 40_000}
     epochs = {"smoke": 2, "quick": 6, "default": 12}
     data = make_mnist1d(sizes[scale], label_noise=label_noise)
-    x_test = torch.from_numpy(data.x_test)
-    y_test = torch.from_numpy(data.y_test)
+    # Validation: as many fresh samples as the test set, drawn from the same generator with
+    # another seed and clean labels. Carving them out of the training set would change the
+    # training data behind the README's figures; a fresh draw leaves train and test as they are.
+    held = make_mnist1d(len(data.y_test), seed=_MNIST1D_VALIDATION_SEED, test_fraction=0.0)
 
     def make_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return _CNN1D(data.x_train.shape[1], data.num_classes)
 
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        correct = sum(int((model(x_test[i : i + 2048]).argmax(-1) == y_test[i : i + 2048]).sum()) for i in range(0, len(y_test), 2048))
-        model.train()
-        return 100.0 * correct / len(y_test)
+    def accuracy_on(x: np.ndarray, y: np.ndarray) -> Callable[[nn.Module], float]:
+        x_eval, y_eval = torch.from_numpy(x), torch.from_numpy(y)
+
+        @torch.no_grad()
+        def evaluate(model: nn.Module) -> float:
+            model.eval()
+            correct = sum(int((model(x_eval[i : i + 2048]).argmax(-1) == y_eval[i : i + 2048]).sum()) for i in range(0, len(y_eval), 2048))
+            model.train()
+            return 100.0 * correct / len(y_eval)
+
+        return evaluate
 
     suffix = f"-noise{int(round(label_noise * 100))}" if label_noise else ""
     return Task(
@@ -101,7 +129,8 @@ def _mnist1d_task(scale: str, label_noise: float) -> Task:
         inputs=torch.from_numpy(data.x_train),
         targets=torch.from_numpy(data.y_train),
         make_model=make_model,
-        evaluate=evaluate,
+        evaluate=accuracy_on(data.x_test, data.y_test),
+        evaluate_validation=accuracy_on(held.x_train, held.y_train),
         metric_name="accuracy_%",
         higher_is_better=True,
         epochs=epochs[scale],
@@ -116,32 +145,39 @@ def _stdlib_lm_task(scale: str) -> Task:
     epochs = {"smoke": 2, "quick": 4, "default": 8}
     seq_len = 64
     n_train, n_test = sizes[scale]
-    data = make_stdlib_text(n_train, n_test, seq_len=seq_len)
+    # Validation: as many windows as the test set, from the training files' unused windows
+    # (train and test are the same as without them).
+    data = make_stdlib_text(n_train, n_test, seq_len=seq_len, num_validation=n_test)
     train = torch.from_numpy(data.train.astype(np.int64))
-    test = torch.from_numpy(data.test.astype(np.int64))
 
     def make_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return _ByteLM(seq_len)
 
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
-        model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(test), 256):
-            chunk = test[i : i + 256]
-            logits = model(chunk[:, :-1])
-            total += float(nn.functional.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum"))
-            count += chunk[:, 1:].numel()
-        model.train()
-        return math.exp(total / count)
+    def perplexity_on(windows: np.ndarray) -> Callable[[nn.Module], float]:
+        held = torch.from_numpy(windows.astype(np.int64))
+
+        @torch.no_grad()
+        def evaluate(model: nn.Module) -> float:
+            model.eval()
+            total, count = 0.0, 0
+            for i in range(0, len(held), 256):
+                chunk = held[i : i + 256]
+                logits = model(chunk[:, :-1])
+                total += float(nn.functional.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1), reduction="sum"))
+                count += chunk[:, 1:].numel()
+            model.train()
+            return math.exp(total / count)
+
+        return evaluate
 
     return Task(
         name="stdlib-lm",
         inputs=train[:, :-1].contiguous(),
         targets=train[:, 1:].contiguous(),
         make_model=make_model,
-        evaluate=evaluate,
+        evaluate=perplexity_on(data.test),
+        evaluate_validation=perplexity_on(data.validation),
         metric_name="perplexity",
         higher_is_better=False,
         epochs=epochs[scale],
@@ -157,8 +193,12 @@ def _stdlib_lm_task(scale: str) -> Task:
     )
 
 
+TASK_NAMES = ("mnist1d", "mnist1d-noise20", "mnist1d-noise40", "stdlib-lm", "sft-algo", "sft-stdlib")
+
+
 def make_task(name: str, scale: str) -> Task:
-    """A task by name: ``mnist1d``, ``mnist1d-noise20``, ``mnist1d-noise40``, ``stdlib-lm``."""
+    """A task by name: ``mnist1d``, ``mnist1d-noise20``, ``mnist1d-noise40``, ``stdlib-lm``,
+    and the fine-tuning tasks ``sft-algo`` and ``sft-stdlib`` (``geko_core/bench/sft.py``)."""
     if scale not in ("smoke", "quick", "default"):
         raise ValueError(f"scale must be smoke, quick or default, got {scale!r}")
     if name == "mnist1d":
@@ -168,4 +208,8 @@ def make_task(name: str, scale: str) -> Task:
         return _mnist1d_task(scale, rate / 100.0)
     if name == "stdlib-lm":
         return _stdlib_lm_task(scale)
-    raise ValueError(f"unknown task {name!r}; choose mnist1d, mnist1d-noise20, mnist1d-noise40 or stdlib-lm")
+    if name in ("sft-algo", "sft-stdlib"):
+        from .sft import make_sft_task
+
+        return make_sft_task(name, scale)
+    raise ValueError(f"unknown task {name!r}; choose " + ", ".join(TASK_NAMES[:-1]) + f" or {TASK_NAMES[-1]}")
