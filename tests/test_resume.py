@@ -137,12 +137,12 @@ def test_resume_with_prefetching_workers(policy, drop_last):
     check_resume(policy, n=26, batch=4, drop_last=drop_last, workers=2, stop_after=9)
 
 
-@pytest.mark.parametrize("policy", ["geko", "infobatch", "es"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_resume_with_gradient_accumulation(policy):
     check_resume(policy, n=26, batch=4, drop_last=False, workers=0, stop_after=6, accumulate=3)
 
 
-@pytest.mark.parametrize("policy", ["geko", "uniform"])
+@pytest.mark.parametrize("policy", POLICIES)
 def test_resume_without_set_epoch(policy):
     check_resume(policy, n=26, batch=4, drop_last=True, workers=0, stop_after=7, set_epoch=False)
 
