@@ -681,7 +681,12 @@ class Selector:
             if not isinstance(state["history"], list):
                 raise ValueError(f"Selector state history must be a list, got {type(state['history']).__name__}")
             history = [dict(h) for h in state["history"]]
-            seconds = {name: float(state.get("seconds", {}).get(name, 0.0)) for name in _TIMED}
+            raw_seconds = state.get("seconds", {})
+            if not isinstance(raw_seconds, dict):
+                raise ValueError(f"Selector state seconds must be a dict, got {type(raw_seconds).__name__}")
+            seconds = {name: float(raw_seconds.get(name, 0.0)) for name in _TIMED}
+            if not all(np.isfinite(v) and v >= 0 for v in seconds.values()):
+                raise ValueError("Selector state seconds must be finite and non-negative")
             table_state, policy_state = state["table"], state["policy_state"]
             epoch, plan, batch_seen = self._parse_sampler_state(state)
         except KeyError as exc:
