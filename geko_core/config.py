@@ -66,11 +66,7 @@ class GekoConfig:
         self.to_cpp()  # the C++ validator is the one rule; it raises ValueError
 
     def to_cpp(self) -> "_C.Config":
-        """The equivalent validated ``_C.Config`` (made once per distinct configuration: the
-        statistics call this on every step)."""
-        return _cpp_config(self)
-
-    def _make_cpp(self) -> "_C.Config":
+        """The equivalent validated ``_C.Config`` (a new object, the caller's to keep)."""
         cfg = _C.Config()
         for field in dataclasses.fields(self):
             setattr(cfg, field.name, getattr(self, field.name))
@@ -99,6 +95,7 @@ def resolve_config(config: GekoConfig | None) -> GekoConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def _cpp_config(config: GekoConfig) -> "_C.Config":
-    # GekoConfig is frozen and hashable; the compiled kernels only read the returned object.
-    return config._make_cpp()
+def cpp_config_for_kernels(config: GekoConfig) -> "_C.Config":
+    """A shared ``_C.Config`` made once per distinct configuration, for the kernels, which only
+    read it (the statistics ask for one on every step). Never modify it: use ``to_cpp()``."""
+    return config.to_cpp()

@@ -24,7 +24,7 @@ import torch
 
 from ._backend import load_compiled_core, resolve_backend
 from ._checks import check_bool, check_int, check_same_device, check_tensor
-from .config import GekoConfig, resolve_config
+from .config import GekoConfig, cpp_config_for_kernels, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .types import SampleStats, TokenStats
 
@@ -154,7 +154,7 @@ def stats_cpp(
         logits3.detach().__dlpack__(),
         labels3.__dlpack__(),
         ignore_index,
-        config.to_cpp(),
+        cpp_config_for_kernels(config),
         [t.__dlpack__() for t in (*floats, valid_tokens, bucket)],
         token_capsules,
         None if lse is None else lse.__dlpack__(),
