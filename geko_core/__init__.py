@@ -43,6 +43,7 @@ __all__ = [
     "weighted_sample",
     "compiled_core_error",
     "cross_entropy_with_stats",
+    "linear_cross_entropy_with_stats",
     "sample_stats",
     "__version__",
 ]
@@ -64,6 +65,7 @@ if compiled_core_error() is None:
     from .angle import AngleStats, angle_concentration, angle_concentration_reference
     from .integrations.hidden import capture_hidden_states
     from .loss import cross_entropy_with_stats
+    from .linear_loss import linear_cross_entropy_with_stats
     from .selector import GekoSampler, Selector, WithIndex
     from .stats import sample_stats
     from .table import CheckpointError, SampleTable
