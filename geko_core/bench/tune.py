@@ -1,0 +1,432 @@
+"""Choose GEKO's defaults on the validation split: ``python -m geko_core.bench.tune``.
+
+A staged coordinate search. The search starts from the current defaults; each stage varies
+one setting over the listed values (the others held at the incumbent), runs every candidate
+and full training over the same seeds, and moves the incumbent to the candidate the rule
+picks. Runs are cached in a JSON-lines file, so a search can be stopped, extended with more
+stages or re-run without repeating work.
+
+What a run reports to this module is only its validation metric and its counted savings
+(back-propagated samples, tokens for a language model). The task each run trains is a
+*validation view*: its held-out evaluator is the validation evaluator and it has no per-split
+detail, so the test split is never evaluated, let alone read (see ``validation_view``).
+
+The rule (``choose``): a setting is *eligible* when, on every task, its mean validation
+metric is no more than ``tolerance`` points below full training's (for a lower-is-better
+metric such as perplexity: no more than ``ppl_tolerance`` percent above). Among the eligible
+settings, the one with the largest savings (mean over tasks of the mean over seeds) wins;
+settings within ``tie`` points of that largest saving are tied, and a tie goes to the setting
+that changes fewest values from the current defaults, then to the one with the smallest
+worst-task shortfall against full training. When no setting is eligible the one with the
+smallest worst-task shortfall is chosen and the result says so.
+
+    python -m geko_core.bench.tune --tasks mnist1d,mnist1d-noise20 --seeds 3 --threads 1
+    python -m geko_core.bench.tune --smoke      # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "SETTINGS",
+    "choose",
+    "current_defaults",
+    "main",
+    "run_validation",
+    "summarise",
+    "validation_view",
+]
+
+#: The settings the search may vary: name -> where it goes.
+#: ``config``: a ``GekoConfig`` field; ``curriculum``: a ``MountainCurriculum`` option (its rate
+#: floor, which LIGHT is the bucket held at); ``policy``: a ``GekoPolicy`` option (the guard).
+SETTINGS: dict[str, str] = {
+    "q_alpha": "config",
+    "min_rate": "curriculum",
+    "min_revisit": "policy",
+    "revisit_gain": "policy",
+    "final_full": "policy",
+}
+
+#: The stages of a default search (values; the current default is always added).
+DEFAULT_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (
+    ("q_alpha", (0.1, 0.3, 0.5)),
+    ("min_rate", (0.25, 0.35, 0.5)),
+    ("min_revisit", (0.05, 0.1, 0.2)),
+    ("final_full", (0.0, 0.05, 0.1)),
+)
+SMOKE_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (("q_alpha", (0.3, 0.5)),)
+
+
+def current_defaults() -> dict[str, float]:
+    """The values GEKO uses today for every name in ``SETTINGS``, read from the code."""
+    from ..config import GekoConfig
+    from ..curriculum import MountainCurriculum
+    from ..policies.geko import GekoPolicy
+
+    policy = inspect.signature(GekoPolicy.__init__).parameters
+    out: dict[str, float] = {}
+    for name, where in SETTINGS.items():
+        if where == "config":
+            out[name] = float(getattr(GekoConfig(), name))
+        elif where == "curriculum":
+            out[name] = float(getattr(MountainCurriculum(), name))
+        else:
+            out[name] = float(policy[name].default)
+    return out
+
+
+def _forbidden(*_args: Any, **_kwargs: Any) -> Any:
+    raise RuntimeError("the tuning tool does not evaluate on the test split")
+
+
+def validation_view(task: Any) -> Any:
+    """A copy of ``task`` whose held-out evaluator is the validation one and which has no
+    test-split evaluator left: ``evaluate`` is ``evaluate_validation`` and ``evaluate_detail``
+    is None (it would evaluate the test split). Runs of the view never touch the test data."""
+    if getattr(task, "evaluate_validation", None) is None:
+        raise ValueError(f"task {task.name!r} has no validation split to tune on")
+    return dataclasses.replace(task, evaluate=task.evaluate_validation, evaluate_detail=None)
+
+
+def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str, Any]]:
+    """The (task, policy options) that run GEKO with ``setting`` on ``task`` (a view).
+
+    The task's own GEKO options (e.g. a budget) are kept; a setting overrides them."""
+    from ..curriculum import MountainCurriculum
+
+    unknown = set(setting) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
+    config = dict(task.config_overrides)
+    options = dict(task.policy_options.get("geko", {}))
+    curriculum: dict[str, float] = {}
+    for name, value in setting.items():
+        {"config": config, "policy": options, "curriculum": curriculum}[SETTINGS[name]][name] = float(value)
+    if curriculum:
+        options["curriculum"] = MountainCurriculum(**curriculum)
+    return dataclasses.replace(task, config_overrides=config), options
+
+
+def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train ``task`` under ``policy`` ("full" or "geko" with ``setting``) on a validation view
+    and return only what tuning may read: the validation metric and the share saved."""
+    from .runner import bench_policy_options, run_one
+
+    view = validation_view(task)
+    options = None
+    if policy == "geko":
+        view, options = geko_arguments(view, setting or {})
+    elif policy != "full":
+        options = bench_policy_options(policy, view, 0.5)
+    started = time.perf_counter()
+    result = run_one(view, policy, seed, policy_options=options)
+    seconds = time.perf_counter() - started
+    if result["backpropagated_tokens"] is not None:
+        spent = result["backpropagated_tokens"] / (result["total_tokens"] * result["epochs"])
+    else:
+        spent = result["backpropagated"] / (result["num_samples"] * result["epochs"])
+    return {"validation": float(result["validation_metric"]), "saved_%": 100.0 * (1.0 - spent), "seconds": seconds}
+
+
+# --------------------------------------------------------------------------------------------
+# the table and the rule
+
+
+def _key(setting: dict[str, float] | None) -> str:
+    return "full" if setting is None else json.dumps({k: float(setting[k]) for k in sorted(setting)}, sort_keys=True)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def shortfall(full_mean: float, mean: float, higher_is_better: bool) -> float:
+    """How far ``mean`` falls behind full training: points for a higher-is-better metric,
+    percent of full's value for a lower-is-better one (perplexity). Negative: ahead."""
+    if higher_is_better:
+        return full_mean - mean
+    return 100.0 * (mean / full_mean - 1.0)
+
+
+def summarise(
+    records: Iterable[dict[str, Any]], tasks: Sequence[str], higher_is_better: dict[str, bool], defaults: dict[str, float]
+) -> list[dict[str, Any]]:
+    """One row per setting (full training first): per task the mean and std over seeds of the
+    validation metric and of the savings, and the shortfall against full training."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    settings: dict[str, dict[str, float] | None] = {}
+    for record in records:
+        if record["task"] not in tasks:
+            continue
+        key = _key(record["setting"])
+        settings[key] = record["setting"]
+        grouped.setdefault(key, {}).setdefault(record["task"], []).append(record)
+    full = grouped.get("full", {})
+    rows = []
+    for key in sorted(grouped, key=lambda k: (k != "full", k)):
+        if set(grouped[key]) != set(tasks):
+            continue  # a setting not run on every task is not comparable
+        setting = settings[key]
+        row: dict[str, Any] = {
+            "setting": "full" if setting is None else dict(setting),
+            "changed": None if setting is None else sorted(n for n, v in setting.items() if not math.isclose(v, defaults.get(n, math.nan))),
+            "tasks": {},
+        }
+        for task in tasks:
+            runs = grouped[key][task]
+            metric = _mean_std([r["validation"] for r in runs])
+            saved = _mean_std([r["saved_%"] for r in runs])
+            entry = {"seeds": sorted(r["seed"] for r in runs), "validation": metric, "saved_%": saved}
+            if task in full:
+                full_mean = _mean_std([r["validation"] for r in full[task]])[0]
+                entry["shortfall"] = shortfall(full_mean, metric[0], higher_is_better[task])
+            row["tasks"][task] = entry
+        row["mean_saved_%"] = float(np.mean([row["tasks"][t]["saved_%"][0] for t in tasks]))
+        shortfalls = [row["tasks"][t].get("shortfall") for t in tasks]
+        row["worst_shortfall"] = max(shortfalls) if None not in shortfalls else None
+        rows.append(row)
+    return rows
+
+
+def choose(
+    rows: Sequence[dict[str, Any]],
+    higher_is_better: dict[str, bool],
+    *,
+    tolerance: float = 0.5,
+    ppl_tolerance: float = 1.0,
+    tie: float = 0.5,
+) -> tuple[dict[str, Any] | None, bool]:
+    """The row the rule picks among the GEKO rows of ``summarise`` (module docstring), and
+    whether it met the quality rule (False: nothing did; the least-bad row is returned)."""
+    candidates = [r for r in rows if r["setting"] != "full" and r["worst_shortfall"] is not None]
+    if not candidates:
+        return None, False
+
+    def eligible(row: dict[str, Any]) -> bool:
+        return all(
+            entry["shortfall"] <= (tolerance if higher_is_better[task] else ppl_tolerance) + 1e-12
+            for task, entry in row["tasks"].items()
+        )
+
+    passing = [r for r in candidates if eligible(r)]
+    if not passing:
+        return min(candidates, key=lambda r: (r["worst_shortfall"], len(r["changed"]))), False
+    best = max(r["mean_saved_%"] for r in passing)
+    tied = [r for r in passing if r["mean_saved_%"] >= best - tie]
+    return min(tied, key=lambda r: (len(r["changed"]), r["worst_shortfall"], -r["mean_saved_%"])), True
+
+
+def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], chosen: dict[str, Any] | None = None) -> str:
+    lines = []
+    header = "| setting | " + " | ".join(f"{t} validation | {t} saved" for t in tasks) + " | mean saved | worst shortfall |"
+    lines.append(header)
+    lines.append("|" + "---|" * (2 * len(tasks) + 3))
+    for row in rows:
+        if row["setting"] == "full":
+            label = "full training"
+        else:
+            label = ", ".join(f"{n}={row['setting'][n]:g}" for n in row["changed"]) or "current defaults"
+            if chosen is not None and row["setting"] == chosen["setting"]:
+                label = f"**{label}** (chosen)"
+        cells = []
+        for task in tasks:
+            entry = row["tasks"][task]
+            (m, s), (sm, ss) = entry["validation"], entry["saved_%"]
+            short = entry.get("shortfall")
+            delta = "" if row["setting"] == "full" or short is None else f" ({-short:+.2f})"
+            cells.append(f"{m:.2f} ± {s:.2f}{delta} | {sm:.1f} ± {ss:.1f}%")
+        worst = "" if row["worst_shortfall"] is None or row["setting"] == "full" else f"{row['worst_shortfall']:.2f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {row['mean_saved_%']:.1f}% | {worst} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the search
+
+
+class _Cache:
+    """Runs already made, in a JSON-lines file (one run per line)."""
+
+    def __init__(self, path: Path | None, scale: str) -> None:
+        self.path, self.scale = path, scale
+        self.records: list[dict[str, Any]] = []
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    if record.get("scale") == scale:
+                        self.records.append(record)
+
+    def find(self, task: str, setting: dict[str, float] | None, seed: int) -> dict[str, Any] | None:
+        key = _key(setting)
+        for record in self.records:
+            if record["task"] == task and record["seed"] == seed and _key(record["setting"]) == key:
+                return record
+        return None
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def search(
+    tasks: Sequence[Any],
+    stages: Sequence[tuple[str, Sequence[float]]],
+    seeds: int,
+    *,
+    scale: str,
+    cache: _Cache,
+    rule: dict[str, float],
+    run: Callable[..., dict[str, Any]] = run_validation,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """Run the staged coordinate search; return the table, the stage choices and the choice."""
+    defaults = current_defaults()
+    names = [t.name for t in tasks]
+    hib = {t.name: bool(t.higher_is_better) for t in tasks}
+    incumbent = {name: defaults[name] for name, _ in stages}
+    for name, _ in stages:
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
+
+    def ensure(task: Any, setting: dict[str, float] | None) -> None:
+        for seed in range(seeds):
+            if cache.find(task.name, setting, seed) is None:
+                policy = "full" if setting is None else "geko"
+                result = run(task, policy, seed, setting)
+                cache.add({"task": task.name, "scale": scale, "setting": setting, "seed": seed, **result})
+                log(f"{task.name} {_key(setting)} seed {seed}: validation {result['validation']:.3f}, saved {result['saved_%']:.1f}% ({result['seconds']:.0f}s)")
+
+    for task in tasks:
+        ensure(task, None)
+    evaluated: list[dict[str, float]] = [dict(incumbent)]
+    stage_choices = []
+    for name, values in stages:
+        candidates = []
+        for value in sorted(set(float(v) for v in values) | {incumbent[name]}):
+            candidate = {**incumbent, name: value}
+            candidates.append(candidate)
+            if candidate not in evaluated:
+                evaluated.append(candidate)
+            for task in tasks:
+                ensure(task, candidate)
+        keys = {_key(c) for c in candidates}
+        stage_rows = [r for r in summarise(cache.records, names, hib, defaults) if r["setting"] != "full" and _key(r["setting"]) in keys]
+        picked, _ = choose(stage_rows, hib, **rule)
+        if picked is not None:
+            incumbent = dict(picked["setting"])
+        stage_choices.append({"stage": name, "values": [c[name] for c in candidates], "picked": incumbent[name]})
+        log(f"stage {name}: picked {incumbent[name]:g}")
+    keys = {_key(s) for s in evaluated} | {"full"}
+    rows = [r for r in summarise(cache.records, names, hib, defaults) if _key(None if r["setting"] == "full" else r["setting"]) in keys]
+    chosen, met = choose(rows, hib, **rule)
+    return {"defaults": defaults, "rows": rows, "stages": stage_choices, "chosen": chosen, "met_rule": met, "higher_is_better": hib}
+
+
+def _parse_stage(text: str) -> tuple[str, tuple[float, ...]]:
+    name, _, values = text.partition("=")
+    if name not in SETTINGS or not values:
+        raise argparse.ArgumentTypeError(f"a stage is NAME=v1,v2,... with NAME in {sorted(SETTINGS)}, got {text!r}")
+    return name, tuple(float(v) for v in values.split(","))
+
+
+def write_outputs(out: Path, result: dict[str, Any], tasks: Sequence[str], meta: dict[str, Any]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "tuning.json", out / "tuning.csv"
+    json_path.write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["setting", "task", "seeds", "validation_mean", "validation_std", "saved_mean_%", "saved_std_%", "shortfall", "chosen"])
+        for row in result["rows"]:
+            label = "full" if row["setting"] == "full" else json.dumps(row["setting"], sort_keys=True)
+            picked = result["chosen"] is not None and row["setting"] == result["chosen"]["setting"]
+            for task in tasks:
+                entry = row["tasks"][task]
+                writer.writerow([
+                    label, task, len(entry["seeds"]), f"{entry['validation'][0]:.4f}", f"{entry['validation'][1]:.4f}",
+                    f"{entry['saved_%'][0]:.3f}", f"{entry['saved_%'][1]:.3f}",
+                    "" if entry.get("shortfall") is None else f"{entry['shortfall']:.4f}", int(picked),
+                ])
+    return [json_path, csv_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m geko_core.bench.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="mnist1d,mnist1d-noise20", help="comma list of geko-bench tasks")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, setting); default 3 (1 with --smoke)")
+    parser.add_argument("--stage", action="append", type=_parse_stage, default=None, metavar="NAME=v1,v2,...",
+                        help="a stage of the search (repeatable, in order); default: " + "; ".join(f"{n}={','.join(f'{v:g}' for v in vs)}" for n, vs in DEFAULT_STAGES))
+    parser.add_argument("--scale", choices=("smoke", "quick", "default"), default=None, help="task scale (default: default; smoke with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="one tiny task, one seed, one stage (seconds)")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="largest allowed shortfall against full training, in points (higher-is-better metrics)")
+    parser.add_argument("--ppl-tolerance", type=float, default=1.0, help="the same in percent for lower-is-better metrics (perplexity)")
+    parser.add_argument("--tie", type=float, default=0.5, help="savings within this many points of the best are tied")
+    parser.add_argument("--out", default="geko-tune-out", help="output directory (tuning.json, tuning.csv, runs.jsonl)")
+    parser.add_argument("--cache", default=None, help="JSON-lines file of runs to reuse and extend (default: OUT/runs.jsonl)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no per-run log on stderr")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from .runner import warm_up
+    from .tasks import make_task
+
+    scale = args.scale or ("smoke" if args.smoke else "default")
+    seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 3)
+    if seeds < 1:
+        parser.error("--seeds must be at least 1")
+    stages = args.stage or (SMOKE_STAGES if args.smoke else DEFAULT_STAGES)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in ("mnist1d" if args.smoke and args.tasks == parser.get_default("tasks") else args.tasks).split(",") if n.strip()]
+    tasks = [validation_view(make_task(name, scale)) for name in names]
+    for task in tasks:
+        warm_up(task)
+    out = Path(args.out)
+    cache = _Cache(Path(args.cache) if args.cache else out / "runs.jsonl", scale)
+    rule = {"tolerance": args.tolerance, "ppl_tolerance": args.ppl_tolerance, "tie": args.tie}
+    started = time.perf_counter()
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = search(tasks, stages, seeds, scale=scale, cache=cache, rule=rule, log=log)
+    meta = {
+        "command": "python -m geko_core.bench.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scale": scale, "seeds": seeds, "tasks": names,
+        "stages": [[n, list(vs)] for n, vs in stages], "rule": rule,
+        "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "metric": "validation split only",
+    }
+    written = write_outputs(out, result, names, meta)
+    print(format_table(result["rows"], names, result["chosen"]))
+    if result["chosen"] is None:
+        print("\nno GEKO setting was run on every task")
+    else:
+        verdict = "meets the rule" if result["met_rule"] else "NO setting met the rule; the smallest shortfall"
+        changed = {n: result["chosen"]["setting"][n] for n in result["chosen"]["changed"]}
+        print(f"\nchosen ({verdict}): {result['chosen']['setting']} (changed from the current defaults: {changed or 'none'})")
+    print("stages: " + "; ".join(f"{s['stage']} {s['values']} -> {s['picked']:g}" for s in result["stages"]))
+    print(f"{meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
