@@ -38,6 +38,9 @@ FREE_MEMORY_SHARE = 8
 #: Free memory assumed when the system does not say (bytes).
 _FALLBACK_FREE_BYTES = 2 * 2**30
 
+#: Classes per block when a 16-bit chunk's weight gradient is added to the fp32 accumulator.
+_CLASS_BLOCK = 4096
+
 _NUM_FIELDS = 6  # loss, confidence, label_prob, correct, entropy, el2n (SampleStats order)
 
 
@@ -347,10 +350,15 @@ def _run_chunks(
             if acc == dtype:
                 grad_w.addmm_(logits.t(), hidden_chunk)
             else:
-                grad_w.add_(torch.mm(logits.t(), hidden_chunk))
+                # 16-bit products added to the fp32 accumulator a block of classes at a
+                # time: the temporary is [block, d], never [V, d]
+                for low in range(0, vocab, _CLASS_BLOCK):
+                    high = min(low + _CLASS_BLOCK, vocab)
+                    grad_w[low:high].add_(torch.mm(logits[:, low:high].t(), hidden_chunk))
         if grad_b is not None:
             grad_b.add_(logits.sum(dim=0, dtype=grad_b.dtype))
 
+    buffer = logits = logits3 = None  # freed before the accumulators are cast: not needed at once
     grads = _Grads(
         grad_h,
         None if grad_w is None else grad_w.to(weight.dtype),
