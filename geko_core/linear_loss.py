@@ -24,7 +24,7 @@ import torch
 from ._backend import load_compiled_core, resolve_backend
 from ._checks import check_bool, check_choice, check_int, check_same_device, check_tensor
 from .config import GekoConfig, cpp_config_for_kernels, resolve_config
-from .loss import _REDUCTIONS, _reduce, _token_scale, cross_entropy_with_stats
+from .loss import cross_entropy_with_stats
 from .reference import instant_bucket
 from .stats import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
 from .types import SampleStats, TokenStats
@@ -42,6 +42,7 @@ _FALLBACK_FREE_BYTES = 2 * 2**30
 _CLASS_BLOCK = 4096
 
 _NUM_FIELDS = 6  # loss, confidence, label_prob, correct, entropy, el2n (SampleStats order)
+_REDUCTIONS = ("none", "sum", "mean")
 
 
 # -- chunk size ------------------------------------------------------------------------------
@@ -409,10 +410,34 @@ def _sample_statistics(
     return stats, token_loss_sum
 
 
+def _reduce(
+    token_loss_sum: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """The loss from per-sample sums of token losses and valid-token counts (both ``[S]``),
+    as ``cross_entropy_with_stats`` reduces them."""
+    weighted = token_loss_sum if weight is None else token_loss_sum * weight
+    if reduction == "none":
+        return weighted / valid_tokens.clamp(min=1).to(weighted.dtype)
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    return total / valid_tokens.sum().to(weighted.dtype)  # 0 / 0 = NaN, as F.cross_entropy
+
+
 def _row_scale(prepared: _Inputs, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """float32 ``[R]``: d loss / d token_loss of every row."""
-    scale = _token_scale(grad_output, prepared.valid_tokens, prepared.weight, reduction, prepared.row_tokens)
-    return scale.reshape(-1)
+    """float32 ``[R]``: d loss / d token_loss of every row (the kernels zero the rows that do
+    not count, so a sample's scale is simply repeated over its rows)."""
+    valid_tokens = prepared.valid_tokens
+    samples = valid_tokens.shape[0]
+    g = grad_output.to(torch.float32)
+    scale = torch.ones(samples, dtype=torch.float32, device=valid_tokens.device) if prepared.weight is None else prepared.weight
+    if reduction == "none":
+        scale = g * scale / valid_tokens.clamp(min=1).to(torch.float32)
+    elif reduction == "sum":
+        scale = g * scale
+    else:
+        scale = g * scale / valid_tokens.sum().to(torch.float32)
+    return scale[:, None].expand(samples, prepared.row_tokens).reshape(-1).contiguous()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
