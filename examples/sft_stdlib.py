@@ -40,10 +40,10 @@ teacher forcing, i.e. greedy decoding reproduces the response) and response perp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -81,8 +81,6 @@ class LlamaPretrain:
     def file_name(self) -> str:
         """Encodes the configuration, and (hashed) the standard library, torch and transformers
         versions the checkpoint was made with."""
-        import hashlib
-
         salt = json.dumps(asdict(self), sort_keys=True) + _stdlib_fingerprint() + torch.__version__.split("+")[0] + transformers.__version__
         digest = hashlib.sha256(salt.encode()).hexdigest()[:12]
         return f"stdlib_llama_h{self.hidden}_l{self.layers}_a{self.heads}_t{self.seq_len}_s{self.steps}_b{self.batch_size}_seed{self.seed}_{digest}.pt.ck"
