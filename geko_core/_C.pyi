@@ -9,7 +9,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
+__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
 class Config:
     """
     C++ mirror of geko_core.GekoConfig (defaults live here).
@@ -189,7 +189,8 @@ def build_info() -> dict:
     """
 def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
-    grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens.
+    grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens;
+    token_scale is float32 [S, T] or [S] (one scale per sample).
     
     grad=None writes the gradient into the logits storage. Releases the GIL.
     """
@@ -198,6 +199,10 @@ def curriculum_progress(step: typing.SupportsInt | typing.SupportsIndex, total_s
 def default_curriculum_phases() -> list[tuple[str, float, float, float, float, float]]:
     """
     The five phases of docs/design.md §3 as (name, end, hard, focus, light, lr_multiplier).
+    """
+def first_bad_label(labels: typing.Any, vocab: typing.SupportsInt | typing.SupportsIndex, ignore_index: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    Flat index s * T + t of the first [S, T] int64 label that is neither ignore_index nor in [0, vocab), or -1.
     """
 def fp16_round(arg0: typing.SupportsFloat | typing.SupportsIndex) -> float:
     """

@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from ._backend import load_compiled_core, resolve_backend
 from ._checks import check_same_device, check_tensor
@@ -244,12 +245,12 @@ def angle_concentration_cpp(hidden: torch.Tensor, mask: Optional[torch.Tensor], 
         cross = torch.empty((batch,), dtype=torch.float32)
         prefix = prefix_tensor(prefix_len, batch, hidden.device)
     core.angle_concentration(
-        hidden.__dlpack__(),
-        None if mask_arg is None else mask_arg.__dlpack__(),
-        None if prefix is None else prefix.__dlpack__(),
-        concentration.__dlpack__(),
-        valid_tokens.__dlpack__(),
-        None if cross is None else cross.__dlpack__(),
+        to_dlpack(hidden),
+        None if mask_arg is None else to_dlpack(mask_arg),
+        None if prefix is None else to_dlpack(prefix),
+        to_dlpack(concentration),
+        to_dlpack(valid_tokens),
+        None if cross is None else to_dlpack(cross),
     )
     return AngleStats(concentration, valid_tokens, cross)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.dlpack import to_dlpack
 import torch.nn.functional as F
 
 from ._backend import load_compiled_core
@@ -54,16 +56,41 @@ def _token_scale(
     return scale[:, None].expand(samples, tokens).contiguous()
 
 
-def _kernel_views(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits3, labels3 = as_samples(logits, labels, shift=shift)
-    if logits3.stride(-1) != 1:
-        logits3 = logits3.contiguous()
-    return logits3, labels3.to(torch.int64)
+def _reduce_host(
+    token_loss: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
+) -> tuple[torch.Tensor, int]:
+    """``_reduce`` for CPU tensors, in float64 numpy (a few microseconds instead of several
+    torch reductions); returns the float32 loss and the batch's valid-token count."""
+    per_sample = token_loss.numpy().sum(axis=1, dtype=np.float64)
+    if weight is not None:
+        per_sample = per_sample * weight.numpy()
+    total = int(valid_tokens.numpy().sum(dtype=np.int64))
+    value = float(per_sample.sum())
+    if reduction == "mean":
+        value = value / total if total else float("nan")  # 0 / 0 = NaN, as F.cross_entropy
+    return torch.tensor(value, dtype=torch.float32), total
 
 
-def _dummy_labels(logits: torch.Tensor) -> torch.Tensor:
-    # as_samples only looks at the labels' shape to build the logits view.
-    return torch.empty(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+def _sample_scale(
+    grad_output: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str, total: int | None
+) -> torch.Tensor:
+    """d loss / d token_loss per sample, float32 ``[S]`` (CPU; the kernel zeroes non-valid tokens)."""
+    if reduction == "none":
+        scale = grad_output.to(torch.float32) / valid_tokens.clamp(min=1).to(torch.float32)
+        return (scale if weight is None else scale * weight).contiguous()
+    g = float(grad_output)
+    if reduction == "mean":
+        g = g / total if total else float("nan")
+    if weight is None:
+        return torch.full((valid_tokens.shape[0],), g, dtype=torch.float32)
+    return weight * g
+
+
+def _samples_view(tensor: torch.Tensor, shift: bool) -> torch.Tensor:
+    """``tensor`` (logits-shaped) viewed as the kernels' ``[S, T, V]``."""
+    if tensor.dim() == 2:
+        return tensor.unsqueeze(1)
+    return tensor[:, :-1, :] if shift else tensor
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -78,7 +105,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
         options: dict,
         out: list,
     ) -> torch.Tensor:
-        logits3, labels3 = _kernel_views(logits, labels, options["shift"])
+        logits3, labels3 = options.pop("views")  # prepared (and checked) by the caller
+        logits3 = logits3.detach()
         if options["backend"] == "cpp":
             stats, token_loss, lse = stats_cpp(
                 logits3,
@@ -102,35 +130,42 @@ class _FusedCrossEntropy(torch.autograd.Function):
         valid_tokens = stats.valid_tokens
         ctx.options = options
         ctx.has_weight = weight is not None
-        ctx.save_for_backward(logits, labels3, lse, valid_tokens, weight if weight is not None else lse.new_empty(0))
-        return _reduce(token_loss.sum(dim=1), valid_tokens, weight, options["reduction"])
+        ctx.logits_shape = logits.shape
+        reduction = options["reduction"]
+        if options["backend"] == "cpp" and reduction != "none":
+            # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
+            loss, total = _reduce_host(token_loss, valid_tokens, weight, reduction)
+            ctx.valid_total = total
+        else:
+            per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
+            loss = _reduce(per_sample, valid_tokens, weight, reduction)
+            ctx.valid_total = None
+        ctx.save_for_backward(logits, logits3, labels3, lse, valid_tokens, weight if weight is not None else lse.new_empty(0))
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        logits, labels3, lse, valid_tokens, weight = ctx.saved_tensors
+        logits, logits3, labels3, lse, valid_tokens, weight = ctx.saved_tensors
         options = ctx.options
         shift = options["shift"]
         inplace = options["inplace"]
-        logits3, _ = _kernel_views(logits, _dummy_labels(logits), shift)
-        token_scale = _token_scale(
-            grad_output, valid_tokens, weight if ctx.has_weight else None, options["reduction"], labels3.shape[1]
-        )
+        weight = weight if ctx.has_weight else None
         shares_logits = logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
         if options["backend"] == "cpp":
             core = load_compiled_core()
+            scale = _sample_scale(grad_output, valid_tokens, weight, options["reduction"], ctx.valid_total)
             if inplace and shares_logits:
                 grad = logits.detach()  # the same storage, now holding the gradient
                 core.cross_entropy_backward(
-                    logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
+                    to_dlpack(logits3.detach()), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
                     None, options["ignore_index"],
                 )
             else:
-                grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-                grad3, _ = as_samples(grad, _dummy_labels(grad), shift=shift)
+                grad = torch.empty(ctx.logits_shape, dtype=logits.dtype)
                 core.cross_entropy_backward(
-                    logits3.detach().__dlpack__(), labels3.__dlpack__(), lse.__dlpack__(), token_scale.__dlpack__(),
-                    grad3.__dlpack__(), options["ignore_index"],
+                    to_dlpack(logits3.detach()), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
+                    to_dlpack(_samples_view(grad, shift)), options["ignore_index"],
                 )
             if shift and grad.shape[1] > 0:
                 grad[:, -1].zero_()  # the last position predicts nothing
@@ -138,14 +173,15 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
         from .kernels.cross_entropy import cross_entropy_backward_triton
 
+        token_scale = _token_scale(grad_output, valid_tokens, weight, options["reduction"], labels3.shape[1])
         grad3 = cross_entropy_backward_triton(
             logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=inplace and shares_logits
         )
         if inplace and shares_logits:
             grad = logits.detach()
         else:
-            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            as_samples(grad, _dummy_labels(grad), shift=shift)[0].copy_(grad3)
+            grad = torch.empty(ctx.logits_shape, dtype=logits.dtype, device=logits.device)
+            _samples_view(grad, shift).copy_(grad3)
         if shift and grad.shape[1] > 0:
             grad[:, -1].zero_()
         return grad, None, None, None, None
@@ -271,6 +307,7 @@ def cross_entropy_with_stats(
         "per_token": per_token,
         "config": config,
         "inplace": inplace_backward,
+        "views": (logits3, labels3),
     }
     out: list = []
     loss = _FusedCrossEntropy.apply(logits, labels, weight, options, out)

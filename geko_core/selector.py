@@ -395,7 +395,9 @@ class Selector:
             at = plan.locate(indices)
             if weights is None:
                 batch_weights = np.array(plan.batch_weights(indices, at), dtype=np.float32)
-                weights = torch.from_numpy(batch_weights).to(logits.device, non_blocking=True)
+                weights = torch.from_numpy(batch_weights)
+                if isinstance(logits, torch.Tensor) and logits.device.type != "cpu":
+                    weights = weights.to(logits.device, non_blocking=True)
             else:
                 batch_weights = None
             loss, stats = cross_entropy_with_stats(
@@ -474,6 +476,15 @@ class Selector:
             prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
 
     def _indices(self, idx: Any, expected: int | None = None) -> np.ndarray:
+        if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.device.type == "cpu":
+            # The usual batch (WithIndex's collated indices): a few attribute reads.
+            array = idx.detach().numpy()
+            if expected is not None and len(array) != expected:
+                raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
+            if len(array) and (array.min() < 0 or array.max() >= self.num_samples):
+                bad = array[(array < 0) | (array >= self.num_samples)][0]
+                raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {self.num_samples} samples")
+            return array
         if isinstance(idx, torch.Tensor):
             if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
                 raise TypeError(f"idx must hold integer dataset indices, got a {idx.dtype} tensor; {_WITH_INDEX_HINT}")
@@ -540,7 +551,12 @@ class Selector:
             self._advance()
 
     def _count_tokens(self, stats: SampleStats, kind: str) -> None:
-        self._tokens[kind] = self._tokens[kind] + stats.valid_tokens.sum(dtype=torch.int64)
+        counts = stats.valid_tokens
+        if counts.device.type == "cpu":  # a host integer: no torch reduction per step
+            value = int(counts.numpy().sum(dtype=np.int64))
+        else:  # stays on the device: no synchronisation until metrics() reads it
+            value = counts.sum(dtype=torch.int64)
+        self._tokens[kind] = self._tokens[kind] + value
 
     def _token_count(self, kind: str) -> int:
         value = self._tokens[kind]

@@ -21,8 +21,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
-from ._backend import load_compiled_core, resolve_backend
+from ._backend import compiled_core_error, load_compiled_core, resolve_backend
 from ._checks import check_bool, check_int, check_same_device, check_tensor
 from .config import GekoConfig, cpp_config_for_kernels, resolve_config
 from .reference import as_samples, sample_stats_reference
@@ -35,6 +36,8 @@ MAX_VOCAB = 262_144
 #: Logits dtypes of the public functions, and those the Triton kernels read.
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TRITON_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOGITS_DTYPE_SET = frozenset(LOGITS_DTYPES)
+_LABEL_DTYPE_SET = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
 
 
 class PreparedInputs(NamedTuple):
@@ -70,19 +73,36 @@ def prepare_inputs(
             ``shift=True`` on 2-D logits, an unknown or unusable backend, and (CPU tensors)
             a label outside [0, V) that is not ``ignore_index``.
     """
-    check_tensor(logits, "logits", dtype=LOGITS_DTYPES, ndim=(2, 3), layout="[N, V] or [B, T, V]")
-    check_tensor(labels, "labels", dtype="integer")
-    ignore_index = check_int(ignore_index, "ignore_index")
-    shift = check_bool(shift, "shift")
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
-            f"(expected {tuple(logits.shape[:-1])})"
-        )
-    vocab = check_int(logits.shape[-1], "vocabulary size (logits.shape[-1])", low=2, high=MAX_VOCAB)
-    check_same_device(labels, "labels", logits, "logits")
-    if shift and logits.dim() != 3:
-        raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
+    # The usual call passes plain tensors of accepted dtypes and matching shapes: recognise it
+    # in a few attribute reads; anything else goes through the full checks, which name the
+    # problem (or accept, e.g., tensor subclasses).
+    if not (
+        type(logits) is torch.Tensor
+        and type(labels) is torch.Tensor
+        and type(ignore_index) is int
+        and type(shift) is bool
+        and logits.dtype in _LOGITS_DTYPE_SET
+        and labels.dtype in _LABEL_DTYPE_SET
+        and 2 <= logits.dim() <= 3
+        and 2 <= logits.shape[-1] <= MAX_VOCAB
+        and labels.shape == logits.shape[:-1]
+        and labels.device == logits.device
+        and not (shift and logits.dim() != 3)
+    ):
+        check_tensor(logits, "logits", dtype=LOGITS_DTYPES, ndim=(2, 3), layout="[N, V] or [B, T, V]")
+        check_tensor(labels, "labels", dtype="integer")
+        ignore_index = check_int(ignore_index, "ignore_index")
+        shift = check_bool(shift, "shift")
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
+                f"(expected {tuple(logits.shape[:-1])})"
+            )
+        check_int(logits.shape[-1], "vocabulary size (logits.shape[-1])", low=2, high=MAX_VOCAB)
+        check_same_device(labels, "labels", logits, "logits")
+        if shift and logits.dim() != 3:
+            raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
+    vocab = logits.shape[-1]
     name = resolve_backend(logits.device.type, backend)
     if name == "triton" and logits.dtype not in TRITON_LOGITS_DTYPES:
         raise TypeError(
@@ -98,9 +118,8 @@ def prepare_inputs(
     if logits.device.type == "cpu" and labels3.numel() > 0:
         # On the GPU an out-of-range label only invalidates its sample (checking would cost
         # a host sync); on the CPU it is almost always a bug, so say so.
-        out_of_range = (labels3 != ignore_index) & ((labels3 < 0) | (labels3 >= vocab))
-        if bool(out_of_range.any()):
-            position = tuple(int(i) for i in out_of_range.nonzero()[0])
+        position = _first_bad_label(labels3, vocab, ignore_index)
+        if position is not None:
             value = int(labels3[position])
             raise ValueError(
                 f"label {value} at (sample, token) {position} is outside [0, {vocab}) "
@@ -109,6 +128,18 @@ def prepare_inputs(
     if logits3.stride(-1) != 1:
         logits3 = logits3.contiguous()  # the kernels read rows as contiguous vectors
     return PreparedInputs(logits3, labels3, name, ignore_index, shift)
+
+
+def _first_bad_label(labels3: torch.Tensor, vocab: int, ignore_index: int) -> tuple[int, int] | None:
+    """(sample, token) of the first ``[S, T]`` int64 CPU label that is neither ignore_index
+    nor in ``[0, vocab)``, or None."""
+    if compiled_core_error() is None and -(2**63) <= ignore_index < 2**63:
+        flat = load_compiled_core().first_bad_label(to_dlpack(labels3), vocab, ignore_index)
+        return None if flat < 0 else divmod(flat, labels3.shape[1])
+    out_of_range = (labels3 != ignore_index) & ((labels3 < 0) | (labels3 >= vocab))
+    if not bool(out_of_range.any()):
+        return None
+    return tuple(int(i) for i in out_of_range.nonzero()[0])  # type: ignore[return-value]
 
 
 def _empty_token_stats(samples: int, tokens: int) -> TokenStats:
@@ -143,21 +174,21 @@ def stats_cpp(
     lse: torch.Tensor | None = None
     token_capsules = None
     if token_out is not None:
-        token_capsules = [t.__dlpack__() for t in token_out]
+        token_capsules = [to_dlpack(t) for t in token_out]
         loss_tok = token_out.loss
     elif token_loss:
         loss_tok = torch.empty(samples, tokens, dtype=torch.float32)
-        token_capsules = [loss_tok.__dlpack__(), None, None, None, None, None, None]
+        token_capsules = [to_dlpack(loss_tok), None, None, None, None, None, None]
     if token_loss:
         lse = torch.empty(samples, tokens, dtype=torch.float32)
     core.stats_forward(
-        logits3.detach().__dlpack__(),
-        labels3.__dlpack__(),
+        to_dlpack(logits3.detach()),
+        to_dlpack(labels3),
         ignore_index,
         cpp_config_for_kernels(config),
-        [t.__dlpack__() for t in (*floats, valid_tokens, bucket)],
+        [to_dlpack(t) for t in (*floats, valid_tokens, bucket)],
         token_capsules,
-        None if lse is None else lse.__dlpack__(),
+        None if lse is None else to_dlpack(lse),
     )
     stats = SampleStats(*floats, valid_tokens, bucket, tokens=token_out)
     return stats, (loss_tok if token_loss else None), lse

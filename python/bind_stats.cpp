@@ -121,8 +121,27 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
   const int64_t T = in.logits.tokens;
   const std::vector<int64_t> token_shape{S, T};
   const float* lse_data = reinterpret_cast<const float*>(checked_buffer(lse, Kind::kFloat32, token_shape, "lse"));
-  const float* scale_data =
-      reinterpret_cast<const float*>(checked_buffer(token_scale, Kind::kFloat32, token_shape, "token_scale"));
+  // token_scale: [S, T], or [S] (one scale per sample, the usual case) widened here.
+  std::vector<float> widened;
+  const float* scale_data = nullptr;
+  {
+    Tensor sc = from_capsule(token_scale, "token_scale");
+    require_kind(sc, Kind::kFloat32, "token_scale");
+    if (sc.shape.size() == 1) {
+      require_shape(sc, {S}, "token_scale");
+      widened.resize(static_cast<size_t>(S * T));
+      const float* per_sample = reinterpret_cast<const float*>(sc.data);
+      for (int64_t s = 0; s < S; ++s) {
+        const float v = per_sample[s * sc.strides[0]];
+        for (int64_t t = 0; t < T; ++t) widened[static_cast<size_t>(s * T + t)] = v;
+      }
+      scale_data = widened.data();
+    } else {
+      require_shape(sc, token_shape, "token_scale");
+      if (!sc.contiguous()) throw std::invalid_argument("token_scale: must be contiguous");
+      scale_data = reinterpret_cast<const float*>(sc.data);
+    }
+  }
   void* grad_data = nullptr;
   int64_t grad_sample_stride = in.logits.sample_stride;
   int64_t grad_token_stride = in.logits.token_stride;
@@ -149,6 +168,24 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
                              grad_token_stride);
 }
 
+// Flat position (s * T + t) of the first label that is neither ignore_index nor in
+// [0, vocab), or -1: the CPU check of the public entry points, one pass without temporaries.
+int64_t first_bad_label(const py::object& labels, int64_t vocab, int64_t ignore_index) {
+  Tensor y = from_capsule(labels, "labels");
+  require_kind(y, Kind::kInt64, "labels");
+  if (y.shape.size() != 2) throw std::invalid_argument("labels: expected a 2-D [S, T] view");
+  const int64_t S = y.shape[0];
+  const int64_t T = y.shape[1];
+  const int64_t* data = reinterpret_cast<const int64_t*>(y.data);
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t v = data[s * y.strides[0] + t * y.strides[1]];
+      if (v != ignore_index && (v < 0 || v >= vocab)) return s * T + t;
+    }
+  }
+  return -1;
+}
+
 }  // namespace
 
 void bind_stats(py::module_& m) {
@@ -161,8 +198,12 @@ void bind_stats(py::module_& m) {
         "and the per-token log-sum-exp (float32 [S, T]). Releases the GIL.");
   m.def("cross_entropy_backward", &ce_backward, py::arg("logits"), py::arg("labels"), py::arg("lse"),
         py::arg("token_scale"), py::arg("grad"), py::arg("ignore_index"),
-        "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens.\n\n"
+        "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens;\n"
+        "token_scale is float32 [S, T] or [S] (one scale per sample).\n\n"
         "grad=None writes the gradient into the logits storage. Releases the GIL.");
+  m.def("first_bad_label", &first_bad_label, py::arg("labels"), py::arg("vocab"), py::arg("ignore_index"),
+        "Flat index s * T + t of the first [S, T] int64 label that is neither ignore_index nor in [0, vocab), "
+        "or -1.");
   m.def("bf16_round", [](float v) { return bf16_to_float(float_to_bf16(v)); }, "float -> bfloat16 -> float (tests).");
   m.def("fp16_round", [](float v) { return fp16_to_float(float_to_fp16(v)); }, "float -> float16 -> float (tests).");
 }

@@ -157,3 +157,41 @@ def test_scalar_conversions_round_like_torch(kind):
     got = torch.tensor([fn(float(v)) for v in values])
     assert torch.equal(got, expected)
     assert math.isnan(fn(float("nan")))
+
+
+def test_backward_takes_one_scale_per_sample_or_per_token():
+    core = load_compiled_core()
+    logits = torch.randn(3, 4, 7)
+    labels = torch.randint(0, 7, (3, 4))
+    labels[1, 2] = -100
+    lse = torch.logsumexp(logits, dim=-1).contiguous()
+    per_sample = torch.tensor([0.5, -2.0, 3.0])
+    wide = per_sample[:, None].expand(3, 4).contiguous()
+    grads = []
+    for scale in (per_sample, wide):
+        grad = torch.empty_like(logits)
+        core.cross_entropy_backward(logits.__dlpack__(), labels.__dlpack__(), lse.__dlpack__(), scale.__dlpack__(),
+                                    grad.__dlpack__(), -100)
+        grads.append(grad)
+    expected = (torch.softmax(logits, -1) - torch.nn.functional.one_hot(labels.clamp(min=0), 7)) * wide[..., None]
+    expected[1, 2] = 0
+    torch.testing.assert_close(grads[0], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grads[0], grads[1])
+    with pytest.raises(ValueError, match="token_scale"):
+        core.cross_entropy_backward(logits.__dlpack__(), labels.__dlpack__(), lse.__dlpack__(),
+                                    torch.ones(4).__dlpack__(), torch.empty_like(logits).__dlpack__(), -100)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 5, 2**63 - 1])
+def test_first_bad_label_finds_the_first_offender(ignore_index):
+    core = load_compiled_core()
+    labels = torch.randint(0, 7, (4, 6))
+    labels[0, 1] = ignore_index
+    assert core.first_bad_label(labels.__dlpack__(), 7, ignore_index) == -1
+    labels[2, 3] = 7
+    labels[3, 0] = -1
+    assert core.first_bad_label(labels.__dlpack__(), 7, ignore_index) == 2 * 6 + 3
+    # Strided views are read through their strides.
+    assert core.first_bad_label(labels.t().__dlpack__(), 7, ignore_index) == 0 * 4 + 3
+    with pytest.raises(TypeError, match="labels"):
+        core.first_bad_label(labels.int().__dlpack__(), 7, ignore_index)
