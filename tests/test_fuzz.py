@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from geko_core import GekoConfig
 from geko_core.curriculum import MountainCurriculum
+from geko_core.linear_loss import linear_cross_entropy_with_stats
 from geko_core.loss import cross_entropy_with_stats
 from geko_core.planner import (
     EpochPlanner,
@@ -531,6 +532,71 @@ def test_cross_entropy_fuzz(case, reduction, weight_kind, backward):
         assert x.grad is not None and x.grad.shape == x.shape
         if torch.isfinite(x_ref.grad).all() and logits.dtype in (torch.float32, torch.float64):
             torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-3, atol=1e-3)
+
+
+@st.composite
+def linear_inputs(draw):
+    """hidden, weight, bias, labels, shift for linear_cross_entropy_with_stats. Finite values are
+    small multiples of 1/4 (bias 1/8), so every logit is exact in any dtype and summation
+    order and the statistics can be compared with the reference exactly."""
+    shape = draw(st.sampled_from(["2d", "3d"]))
+    batch, tokens, dim = draw(st.integers(0, 3)), draw(st.integers(0, 4)), draw(st.integers(1, 4))
+    vocab = draw(st.sampled_from([0, 1, 2, 3, 5, 17]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32]))
+    element = st.one_of(st.integers(-3, 3).map(lambda k: k / 4), st.sampled_from([math.nan, math.inf, -math.inf]))
+
+    def tensor(dims, scale=1.0):
+        count = int(np.prod(dims))
+        values = draw(st.lists(element, min_size=count, max_size=count))
+        return (torch.tensor(values, dtype=torch.float64).reshape(dims) * scale).to(dtype)
+
+    dims = (batch, dim) if shape == "2d" else (batch, tokens, dim)
+    hidden = tensor(dims)
+    weight_dim = dim if draw(st.integers(0, 9)) else dim + 1  # occasionally a d mismatch
+    weight = tensor((vocab, weight_dim))
+    bias = tensor((vocab,), 0.5) if draw(st.booleans()) else None
+    label = st.one_of(st.integers(0, max(vocab - 1, 0)), st.sampled_from([-100, -1, vocab, 2**63 - 1]))
+    label_shape = dims[:-1]
+    labels = draw(st.lists(label, min_size=int(np.prod(label_shape)), max_size=int(np.prod(label_shape))))
+    label_dtype = draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.float32]))
+    with np.errstate(all="ignore"):
+        labels_t = torch.tensor(_cast(labels, np.int64)).reshape(label_shape).to(label_dtype)
+    shift = draw(st.sampled_from([False, False, True]))
+    return hidden, weight, bias, labels_t, shift
+
+
+@FUZZ
+@given(
+    case=linear_inputs(),
+    reduction=st.sampled_from(["mean", "sum", "none", "bogus"]),
+    chunk_size=st.sampled_from([None, 1, 2, 3, 100, 0, -1, 2.0, True]),
+    grad=st.sampled_from([True, False, 1]),
+    backward=st.booleans(),
+)
+def test_linear_cross_entropy_fuzz(case, reduction, chunk_size, grad, backward):
+    hidden, weight, bias, labels, shift = case
+    floating = hidden.dtype.is_floating_point
+    h = hidden.detach().clone().requires_grad_(floating)
+    w = weight.detach().clone().requires_grad_(weight.dtype.is_floating_point)
+    before = [t.clone() for t in (hidden, weight, labels)]
+    try:
+        loss, stats = linear_cross_entropy_with_stats(
+            h, w, labels, bias=bias, shift=shift, reduction=reduction, chunk_size=chunk_size, grad=grad, backend="cpp"
+        )
+    except DOCUMENTED:
+        assert h.grad is None and w.grad is None
+        for t, b in zip((h, w, labels), before):
+            assert torch.equal(t.detach().double().nan_to_num(0), b.double().nan_to_num(0))
+        return
+    assert (loss.grad_fn is None) == (not grad)
+    logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    loss_ref, stats_ref = cross_entropy_with_stats(logits, labels, shift=shift, reduction=reduction, backend="reference")
+    _assert_stats_match(stats, stats_ref)
+    if torch.isfinite(logits).all():
+        torch.testing.assert_close(loss.double(), loss_ref.double(), rtol=2e-3, atol=2e-3, equal_nan=True)
+    if backward and grad and loss.numel():
+        loss.sum().backward()
+        assert h.grad is not None and h.grad.shape == h.shape and w.grad is not None and w.grad.shape == w.shape
 
 
 # -- Selector -------------------------------------------------------------------------------------------
