@@ -85,19 +85,18 @@ class GekoConfig:
         return cls(**values)
 
 
+# Frozen, so one shared instance is safe (building and validating one costs ~0.1 ms, and a
+# constant is what torch.compile can trace).
+_DEFAULT_CONFIG = GekoConfig()
+
+
 def resolve_config(config: GekoConfig | None) -> GekoConfig:
     """``config`` or the defaults; refuses anything that is not a GekoConfig."""
     if config is None:
-        return _default_config()
+        return _DEFAULT_CONFIG
     if not isinstance(config, GekoConfig):
         raise TypeError(f"config must be a geko_core.GekoConfig, got {type(config).__name__}")
     return config
-
-
-@functools.lru_cache(maxsize=1)
-def _default_config() -> GekoConfig:
-    # Frozen, so one shared instance is safe; building and validating one costs ~0.1 ms.
-    return GekoConfig()
 
 
 @functools.lru_cache(maxsize=64)

@@ -174,17 +174,40 @@ class _FusedCrossEntropy(torch.autograd.Function):
         from .kernels.cross_entropy import cross_entropy_backward_triton
 
         token_scale = _token_scale(grad_output, valid_tokens, weight, options["reduction"], labels3.shape[1])
-        grad3 = cross_entropy_backward_triton(
-            logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=inplace and shares_logits
-        )
         if inplace and shares_logits:
             grad = logits.detach()
-        else:
+            cross_entropy_backward_triton(
+                logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=True
+            )
+        else:  # one logits-sized allocation: the kernel writes into the gradient's [S, T, V] view
             grad = torch.empty(ctx.logits_shape, dtype=logits.dtype, device=logits.device)
-            _samples_view(grad, shift).copy_(grad3)
+            cross_entropy_backward_triton(
+                logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=False,
+                out=_samples_view(grad, shift),
+            )
         if shift and grad.shape[1] > 0:
             grad[:, -1].zero_()
         return grad, None, None, None, None
+
+
+def _compiled_loss(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    ignore_index: int,
+    weight: torch.Tensor | None,
+    reduction: str,
+    per_token: bool,
+    config: GekoConfig,
+) -> tuple[torch.Tensor, SampleStats]:
+    """The loss as torch.compile sees it: the ``geko::stats_forward`` operator (whose token
+    losses carry the fused backward) and the reduction in plain torch operations."""
+    from .ops import config_values, stats_forward
+    from .stats import stats_from_blocks
+
+    blocks = stats_forward(logits3, labels3, ignore_index, config_values(config), per_token, True)
+    stats = stats_from_blocks(tuple(b.detach() for b in blocks), per_token)
+    token_loss = blocks[3][0]
+    return _reduce(token_loss.sum(dim=1), stats.valid_tokens, weight, reduction), stats
 
 
 def _reference_loss(
@@ -299,6 +322,8 @@ def cross_entropy_with_stats(
 
     if weight is not None:
         weight = weight.to(torch.float32)
+    if torch.compiler.is_compiling():
+        return _compiled_loss(logits3, labels3, ignore_index, weight, reduction, per_token, config)
     options = {
         "backend": name,
         "ignore_index": ignore_index,

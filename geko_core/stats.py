@@ -24,7 +24,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from ._backend import compiled_core_error, load_compiled_core, resolve_backend
-from ._checks import check_bool, check_int, check_same_device, check_tensor
+from ._checks import check_bool, check_choice, check_int, check_same_device, check_tensor
 from .config import GekoConfig, cpp_config_for_kernels, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .types import SampleStats, TokenStats
@@ -103,7 +103,12 @@ def prepare_inputs(
         if shift and logits.dim() != 3:
             raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
     vocab = logits.shape[-1]
-    name = resolve_backend(logits.device.type, backend)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: the geko operators pick the kernel by device ("op").
+        check_choice(backend, "backend", (None, "triton", "cpp", "reference"))
+        name = "reference" if backend == "reference" else "op"
+    else:
+        name = resolve_backend(logits.device.type, backend)
     if name == "triton" and logits.dtype not in TRITON_LOGITS_DTYPES:
         raise TypeError(
             f"logits must be float32, bfloat16 or float16 on the Triton backend, got {logits.dtype} "
@@ -115,9 +120,11 @@ def prepare_inputs(
         # Before comparing with ignore_index: torch would wrap a large ignore_index to the
         # labels' narrower dtype (2**63 - 1 becomes -1 for int32 labels).
         labels3 = labels3.to(torch.int64)
-    if logits.device.type == "cpu" and labels3.numel() > 0:
+    if logits.device.type == "cpu" and labels3.numel() > 0 and not torch.compiler.is_compiling():
         # On the GPU an out-of-range label only invalidates its sample (checking would cost
-        # a host sync); on the CPU it is almost always a bug, so say so.
+        # a host sync); on the CPU it is almost always a bug, so say so. (A compiled graph
+        # cannot read the labels while it is traced: there, as on the GPU, such a label
+        # invalidates its sample.)
         position = _first_bad_label(labels3, vocab, ignore_index)
         if position is not None:
             value = int(labels3[position])
@@ -142,11 +149,59 @@ def _first_bad_label(labels3: torch.Tensor, vocab: int, ignore_index: int) -> tu
     return tuple(int(i) for i in out_of_range.nonzero()[0])  # type: ignore[return-value]
 
 
-def _empty_token_stats(samples: int, tokens: int) -> TokenStats:
-    def f() -> torch.Tensor:
-        return torch.empty(samples, tokens, dtype=torch.float32)
+class ForwardBlocks(NamedTuple):
+    """Raw outputs of one forward pass, as the operators return them (no two alias)."""
 
-    return TokenStats(f(), f(), f(), f(), f(), f(), torch.empty(samples, tokens, dtype=torch.bool))
+    sample_values: torch.Tensor  # float32 [6, S]: loss, confidence, label_prob, correct, entropy, el2n
+    valid_tokens: torch.Tensor  # int32 [S]
+    bucket: torch.Tensor  # int8 [S]
+    token_values: torch.Tensor  # float32 [K, S, T]: K = 6 with per-token values, 1 (the loss) with write_lse, else 0
+    token_valid: torch.Tensor  # bool [S, T'] (T' = T with per-token values, else 0)
+    lse: torch.Tensor  # float32 [S, T] with write_lse, else [0, 0]
+
+
+def token_rows(per_token: bool, write_lse: bool) -> int:
+    """Rows of ``ForwardBlocks.token_values``."""
+    return 6 if per_token else (1 if write_lse else 0)
+
+
+def forward_blocks_cpp(
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, per_token: bool, write_lse: bool
+) -> ForwardBlocks:
+    """The C++ forward kernel on validated ``[S, T, V]`` / ``[S, T]`` int64 CPU views: one
+    float32 block per level instead of a tensor per field. Row 0 of ``token_values`` holds
+    the token losses (0 for tokens that are not valid); it has the other five fields with
+    ``per_token``, only the loss with ``write_lse``, no row otherwise."""
+    core = load_compiled_core()
+    samples, tokens = labels3.shape
+    sample_values = torch.empty((6, samples), dtype=torch.float32)
+    valid_tokens = torch.empty(samples, dtype=torch.int32)
+    bucket = torch.empty(samples, dtype=torch.int8)
+    token_values = torch.empty((token_rows(per_token, write_lse), samples, tokens), dtype=torch.float32)
+    token_valid = torch.empty((samples, tokens if per_token else 0), dtype=torch.bool)
+    lse = torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float32)
+    token_capsules = None
+    if per_token:
+        token_capsules = [to_dlpack(token_values[k]) for k in range(6)] + [to_dlpack(token_valid)]
+    elif write_lse:
+        token_capsules = [to_dlpack(token_values[0]), None, None, None, None, None, None]
+    core.stats_forward(
+        to_dlpack(logits3.detach()),
+        to_dlpack(labels3),
+        ignore_index,
+        cpp_config_for_kernels(config),
+        [to_dlpack(sample_values[k]) for k in range(6)] + [to_dlpack(valid_tokens), to_dlpack(bucket)],
+        token_capsules,
+        to_dlpack(lse) if write_lse else None,
+    )
+    return ForwardBlocks(sample_values, valid_tokens, bucket, token_values, token_valid, lse)
+
+
+def stats_from_blocks(blocks: ForwardBlocks | tuple, per_token: bool) -> SampleStats:
+    """SampleStats whose fields are views of the blocks."""
+    sample_values, valid_tokens, bucket, token_values, token_valid, _ = blocks
+    tokens = TokenStats(*token_values.unbind(0), valid=token_valid) if per_token else None
+    return SampleStats(*sample_values.unbind(0), valid_tokens=valid_tokens, bucket=bucket, tokens=tokens)
 
 
 def stats_cpp(
@@ -164,34 +219,13 @@ def stats_cpp(
         (SampleStats, token_loss, lse): the last two are float32 ``[S, T]`` when
         ``token_loss=True`` (0 for non-valid tokens), else None.
     """
-    core = load_compiled_core()
-    samples, tokens = labels3.shape
-    floats = [torch.empty(samples, dtype=torch.float32) for _ in range(6)]
-    valid_tokens = torch.empty(samples, dtype=torch.int32)
-    bucket = torch.empty(samples, dtype=torch.int8)
-    token_out = _empty_token_stats(samples, tokens) if per_token else None
-    loss_tok: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
-    token_capsules = None
-    if token_out is not None:
-        token_capsules = [to_dlpack(t) for t in token_out]
-        loss_tok = token_out.loss
-    elif token_loss:
-        loss_tok = torch.empty(samples, tokens, dtype=torch.float32)
-        token_capsules = [to_dlpack(loss_tok), None, None, None, None, None, None]
-    if token_loss:
-        lse = torch.empty(samples, tokens, dtype=torch.float32)
-    core.stats_forward(
-        to_dlpack(logits3.detach()),
-        to_dlpack(labels3),
-        ignore_index,
-        cpp_config_for_kernels(config),
-        [to_dlpack(t) for t in (*floats, valid_tokens, bucket)],
-        token_capsules,
-        None if lse is None else to_dlpack(lse),
+    blocks = forward_blocks_cpp(
+        logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token, write_lse=token_loss
     )
-    stats = SampleStats(*floats, valid_tokens, bucket, tokens=token_out)
-    return stats, (loss_tok if token_loss else None), lse
+    stats = stats_from_blocks(blocks, per_token)
+    if not token_loss:
+        return stats, None, None
+    return stats, blocks.token_values[0], blocks.lse
 
 
 def sample_stats(
@@ -242,6 +276,11 @@ def sample_stats(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend
     )
     logits3 = logits3.detach()
+    if name != "reference" and torch.compiler.is_compiling():
+        from .ops import config_values, stats_forward
+
+        blocks = stats_forward(logits3, labels3, ignore_index, config_values(config), per_token, False)
+        return stats_from_blocks(blocks, per_token)
     with torch.no_grad():
         if name == "reference":
             return sample_stats_reference(logits3, labels3, ignore_index=ignore_index, per_token=per_token, config=config)

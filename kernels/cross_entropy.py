@@ -123,6 +123,7 @@ def cross_entropy_backward_triton(
     *,
     ignore_index: int,
     inplace: bool,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(token_scale * token_loss)`` with respect to the logits.
 
@@ -138,6 +139,10 @@ def cross_entropy_backward_triton(
         ignore_index: as in the forward.
         inplace: write the gradient into the logits' storage and return ``logits3`` (the
             logits are overwritten; their rows must not overlap).
+        out: write the gradient here instead of a new tensor (not with ``inplace``):
+            ``[S, T, V]`` in the logits' dtype and device, stride 1 along V, rows that do
+            not overlap, e.g. the ``[S, T, V]`` view of a logits-shaped gradient, so that
+            the backward allocates nothing logits-sized besides it.
 
     Returns:
         The gradient, ``[S, T, V]`` in the logits' dtype (``logits3`` itself when inplace).
@@ -163,8 +168,25 @@ def cross_entropy_backward_triton(
     if inplace and _rows_may_overlap(logits3):
         raise ValueError(f"inplace=True needs logits3 rows that do not overlap, got strides {logits3.stride()}")
 
+    if out is not None:
+        if inplace:
+            raise ValueError("out= and inplace=True exclude each other")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if out.shape != logits3.shape or out.dtype != logits3.dtype or out.device != logits3.device:
+            raise ValueError(
+                f"out must be {tuple(logits3.shape)} {logits3.dtype} on {logits3.device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+        if out.stride(-1) != 1 or _rows_may_overlap(out):
+            raise ValueError(f"out needs stride 1 along V and rows that do not overlap, got strides {out.stride()}")
     num_samples, seq_len, vocab = logits3.shape
-    grad = logits3 if inplace else torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+    if inplace:
+        grad = logits3
+    elif out is not None:
+        grad = out
+    else:
+        grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
     num_tokens = num_samples * seq_len
     if num_tokens == 0:
         return grad

@@ -143,6 +143,30 @@ def test_in_place_equals_out_of_place(tiles):
     assert torch.equal(in_place, out_of_place)
 
 
+def test_backward_writes_into_a_given_gradient_view(tiles):
+    logits, labels = make_batch((2, 5, 40), torch.float32)
+    shifted, shifted_labels = logits[:, :-1], labels[:, 1:]
+    _, _, lse = cross_entropy_forward_triton(shifted, shifted_labels, ignore_index=-100, config=GekoConfig(), per_token=False)
+    token_scale = torch.randn(shifted_labels.shape, device=DEVICE)
+    expected = cross_entropy_backward_triton(shifted, shifted_labels, lse, token_scale, ignore_index=-100, inplace=False)
+    grad = torch.full(logits.shape, 7.0, device=DEVICE)
+    got = cross_entropy_backward_triton(
+        shifted, shifted_labels, lse, token_scale, ignore_index=-100, inplace=False, out=grad[:, :-1]
+    )
+    assert got.data_ptr() == grad.data_ptr()
+    assert torch.equal(grad[:, :-1], expected)
+    assert torch.equal(grad[:, -1], torch.full_like(grad[:, -1], 7.0))  # nothing outside the view
+    with pytest.raises(ValueError, match="exclude"):
+        cross_entropy_backward_triton(shifted, shifted_labels, lse, token_scale, ignore_index=-100, inplace=True, out=grad[:, :-1])
+    with pytest.raises(ValueError, match="out must be"):
+        cross_entropy_backward_triton(shifted, shifted_labels, lse, token_scale, ignore_index=-100, inplace=False, out=grad)
+    with pytest.raises(ValueError, match="overlap"):
+        cross_entropy_backward_triton(
+            shifted, shifted_labels, lse, token_scale, ignore_index=-100, inplace=False,
+            out=torch.empty(1, 1, 40, device=DEVICE).expand(2, 4, 40),
+        )
+
+
 def test_masked_vocabulary_with_minus_inf_keeps_a_finite_loss(tiles):
     # -inf logits outside the label (a constrained vocabulary) are fine for torch's
     # cross-entropy; the loss and gradient follow torch, the statistics follow the reference

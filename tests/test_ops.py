@@ -1,0 +1,185 @@
+"""The geko torch operators: schema, fake and autograd registrations (``opcheck``), their
+agreement with the eager functions, and ``torch.compile(fullgraph=True)`` of a model plus
+the loss and the statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geko_core import GekoConfig, cross_entropy_with_stats, sample_stats
+from geko_core.ops import config_from_values, config_values, cross_entropy_backward, stats_forward, stats_forward_triton
+from geko_core.reference import as_samples
+
+CONFIG = config_values(GekoConfig())
+
+
+def _inputs(shape, dtype=torch.float32, *, shift=False, ignore=True, requires_grad=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*shape, generator=generator)).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+    if ignore and labels.dim() == 2:
+        labels[0, : labels.shape[1] // 2] = -100
+    logits3, labels3 = as_samples(logits, labels, shift=shift)
+    # A leaf with the view's strides (the shift view is not contiguous).
+    return logits, labels, logits3.detach().requires_grad_(requires_grad), labels3
+
+
+def test_config_round_trips_through_numbers():
+    config = GekoConfig(freeze_confidence=0.95, hard_confidence=0.6, correct_threshold=0.75, noise_guard_visits=4)
+    assert config_from_values(config_values(config)) == config
+    with pytest.raises(ValueError, match="config"):
+        config_from_values(config_values(config)[:-1])
+
+
+@pytest.mark.parametrize("per_token, write_lse", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("layout", ["2d", "3d", "shift"])
+def test_stats_forward_passes_opcheck(per_token, write_lse, layout):
+    shape = (5, 7) if layout == "2d" else (3, 6, 7)
+    _, _, logits3, labels3 = _inputs(shape, shift=layout == "shift", requires_grad=write_lse)
+    torch.library.opcheck(stats_forward, (logits3, labels3, -100, CONFIG, per_token, write_lse))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cross_entropy_backward_passes_opcheck(dtype):
+    _, _, logits3, labels3 = _inputs((3, 5, 11), dtype, shift=True)
+    lse = torch.logsumexp(logits3.float(), dim=-1)
+    scale = torch.rand(logits3.shape[:2])
+    torch.library.opcheck(cross_entropy_backward, (logits3, labels3, lse, scale, -100))
+
+
+def test_stats_forward_equals_sample_stats():
+    _, _, logits3, labels3 = _inputs((4, 9, 13))
+    blocks = stats_forward(logits3, labels3, -100, CONFIG, True, True)
+    expected = sample_stats(logits3, labels3, per_token=True)
+    fields = ("loss", "confidence", "label_prob", "correct", "entropy", "el2n")
+    for k, name in enumerate(fields):
+        torch.testing.assert_close(blocks[0][k], getattr(expected, name), equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(blocks[3][k], getattr(expected.tokens, name), equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(blocks[1], expected.valid_tokens) and torch.equal(blocks[2], expected.bucket)
+    assert torch.equal(blocks[4], expected.tokens.valid)
+    counted = labels3 != -100
+    torch.testing.assert_close(blocks[5][counted], torch.logsumexp(logits3, dim=-1)[counted])
+    assert torch.equal(blocks[5][~counted], torch.zeros(int((~counted).sum())))  # rows never read
+
+
+def test_token_loss_gradient_is_the_fused_backward():
+    _, labels, logits3, labels3 = _inputs((3, 6, 9), shift=True, requires_grad=True)
+    blocks = stats_forward(logits3, labels3, -100, CONFIG, False, True)
+    scale = torch.rand(labels3.shape)
+    (grad,) = torch.autograd.grad((blocks[3][0] * scale).sum(), logits3)
+    x = logits3.detach().requires_grad_(True)
+    token_loss = F.cross_entropy(x.reshape(-1, 9), labels3.reshape(-1), reduction="none").reshape(labels3.shape)
+    (expected,) = torch.autograd.grad((token_loss * scale).sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_are_not_differentiable_without_the_losses():
+    _, _, logits3, labels3 = _inputs((2, 4, 5), requires_grad=True)
+    blocks = stats_forward(logits3, labels3, -100, CONFIG, False, False)
+    # No loss row: asking for a gradient through the statistics says so.
+    with pytest.raises(RuntimeError, match="write_lse"):
+        torch.autograd.grad(blocks[0].sum(), logits3)
+
+
+def test_triton_kernel_of_the_operator_matches_the_cpu_kernel():
+    pytest.importorskip("triton")
+    from geko_core._backend import triton_interpreter_enabled
+
+    if not triton_interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (the test session sets it)")
+    for per_token, write_lse in [(False, False), (True, True), (False, True)]:
+        _, _, logits3, labels3 = _inputs((3, 5, 17), shift=True)
+        got = stats_forward_triton(logits3, labels3, -100, CONFIG, per_token, write_lse)
+        want = stats_forward(logits3, labels3, -100, CONFIG, per_token, write_lse)
+        counted = labels3 != -100
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            if k == 5 and write_lse:  # the log-sum-exp of tokens that do not count is unspecified
+                g, w = g[counted], w[counted]
+            if g.dtype.is_floating_point:
+                torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5, equal_nan=True)
+            else:
+                assert torch.equal(g, w)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, vocab: int = 11, width: int = 16) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.mix = torch.nn.Linear(width, width)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def _train_step(model, tokens, labels, weight, reduction, shift):
+    logits = model(tokens)
+    loss, stats = cross_entropy_with_stats(logits, labels, shift=shift, sample_weight=weight, reduction=reduction)
+    if reduction == "none":
+        loss = loss.sum()
+    scores = sample_stats(logits, labels, shift=shift)
+    return loss, stats.bucket, stats.confidence, stats.valid_tokens, scores.loss, scores.bucket
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_compiled_model_and_loss_trace_as_one_graph(reduction, shift):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Tiny()
+    tokens = torch.randint(0, 11, (4, 8))
+    labels = torch.randint(0, 11, (4, 8))
+    labels[1, :5] = -100
+    weight = torch.rand(4)
+    compiled = torch.compile(_train_step, fullgraph=True, backend="aot_eager")
+    got = compiled(model, tokens, labels, weight, reduction, shift)
+    got[0].backward()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = _train_step(model, tokens, labels, weight, reduction, shift)
+    want[0].backward()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, w in zip(got[1:], want[1:]):
+        if g.dtype.is_floating_point:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+        else:
+            assert torch.equal(g, w)
+    for g, p in zip(got_grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own import
+def test_inductor_compiles_the_loss():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+    x = torch.randn(7, 6)
+    y = torch.randint(0, 5, (7,))
+
+    def step(x, y):
+        loss, stats = cross_entropy_with_stats(model(x), y)
+        return loss, stats.bucket
+
+    loss, bucket = torch.compile(step, fullgraph=True)(x, y)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_loss, ref_bucket = step(x, y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(bucket, ref_bucket)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_bad_input_is_refused_while_tracing():
+    torch._dynamo.reset()
+
+    def step(logits, labels):
+        return cross_entropy_with_stats(logits, labels, reduction="average")
+
+    with pytest.raises(Exception, match="reduction"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
