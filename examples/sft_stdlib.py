@@ -5,7 +5,8 @@ exact match.
 
     pip install 'geko_core[hf]'
     python examples/sft_stdlib.py --quick            # tiny sizes, well under a minute
-    python examples/sft_stdlib.py                    # a few minutes on one core (pre-training once)
+    python examples/sft_stdlib.py                    # about a CPU-minute per seed, after pre-training
+                                                     # once (about 2 CPU-minutes, then cached)
     python examples/sft_stdlib.py --seeds 3          # mean ± std over seeds 0, 1, 2
 
 Model. A byte-level LLaMA (vocabulary 256, ``LlamaConfig`` / ``LlamaForCausalLM``) built from a
