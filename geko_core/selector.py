@@ -371,17 +371,28 @@ class Selector:
         reduction: str = "mean",
         weights: torch.Tensor | None = None,
         observe: bool = True,
+        lm_head: Any = None,
+        chunk_size: int | None = None,
+        inplace_backward: bool = False,
     ) -> torch.Tensor:
         """Fused loss + statistics, table update and importance weights in one call.
 
         Args:
-            logits: ``[B, V]`` or ``[B, T, V]``.
+            logits: ``[B, V]`` or ``[B, T, V]``; with ``lm_head``, the hidden states
+                ``[B, d]`` or ``[B, T, d]`` that the head turns into logits.
             labels: ``[B]`` or ``[B, T]``.
             idx: ``[B]`` dataset indices (from :class:`WithIndex`).
             weights: per-sample loss weights; default: the plan's importance weights of these
                 positions (0 on padding copies).
             observe: update the table from these statistics (False after ``select``, which
                 already observed the forward pass).
+            lm_head: the output layer (an ``nn.Linear`` ``d -> V``, e.g. ``model.lm_head``, or
+                its ``[V, d]`` weight tensor): the loss and the statistics come from
+                :func:`~geko_core.linear_cross_entropy_with_stats`, chunk by chunk, and the
+                ``[B, T, V]`` logits never exist.
+            chunk_size: tokens per chunk with ``lm_head`` (None: from free memory).
+            inplace_backward: without ``lm_head``, write the logits' gradient into the
+                logits' storage (see :func:`~geko_core.cross_entropy_with_stats`).
 
         Returns:
             The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`).
@@ -390,7 +401,14 @@ class Selector:
 
         with self._timed("loss"):
             indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
-            self._check_before_planning(logits, labels, ignore_index, shift)
+            head_weight, head_bias = _head_parameters(lm_head)
+            if head_weight is None:
+                self._check_before_planning(logits, labels, ignore_index, shift)
+            elif self._plan is None:  # bad input must not plan an epoch (see _check_before_planning)
+                from .linear_loss import _prepare
+
+                _prepare(logits, head_weight, labels, head_bias, weights, ignore_index=ignore_index, shift=shift,
+                         chunk_size=chunk_size, backend=self.backend)
             plan = self._current()
             at = plan.locate(indices)
             if weights is None:
@@ -400,10 +418,19 @@ class Selector:
                     weights = weights.to(logits.device, non_blocking=True)
             else:
                 batch_weights = None
-            loss, stats = cross_entropy_with_stats(
-                logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
-                reduction=reduction, config=self.config, backend=self.backend,
-            )
+            if head_weight is None:
+                loss, stats = cross_entropy_with_stats(
+                    logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
+                    reduction=reduction, config=self.config, backend=self.backend, inplace_backward=inplace_backward,
+                )
+            else:
+                from .linear_loss import linear_cross_entropy_with_stats
+
+                loss, stats = linear_cross_entropy_with_stats(
+                    logits, head_weight, labels, bias=head_bias, ignore_index=ignore_index, shift=shift,
+                    sample_weight=weights, reduction=reduction, chunk_size=chunk_size, config=self.config,
+                    backend=self.backend,
+                )
             self._backpropagated += len(indices)
             self._count_tokens(stats, "backpropagated")
             if observe:
@@ -806,6 +833,22 @@ def _nonnegative_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"Selector state {name} must be a non-negative int, got {value!r}")
     return int(value)
+
+
+def _head_parameters(lm_head: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(weight, bias)`` of an output layer given to ``Selector.loss``: an ``nn.Linear`` (or
+    any module with a 2-D ``weight`` and an optional ``bias``), a ``[V, d]`` tensor, or None."""
+    if lm_head is None:
+        return None, None
+    if isinstance(lm_head, torch.Tensor):
+        return lm_head, None
+    weight = getattr(lm_head, "weight", None)
+    if isinstance(lm_head, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        bias = getattr(lm_head, "bias", None)
+        return weight, bias if isinstance(bias, torch.Tensor) else None
+    raise TypeError(
+        f"lm_head must be an nn.Linear-like module (a [V, d] weight, optional bias) or a [V, d] tensor, got {type(lm_head).__name__}"
+    )
 
 
 def _distributed() -> bool:
