@@ -115,6 +115,7 @@ from ._common import flat_metrics, from_storable, to_storable
 
 __all__ = [
     "GEKO_INDEX_KEY",
+    "output_head",
     "GekoIndexCollator",
     "GekoIndexedDataset",
     "GekoTrainer",
@@ -280,6 +281,8 @@ class GekoTrainerMixin:
         geko_options: dict[str, Any] | None = None,
         geko_config: Any = None,
         geko_shift: bool | None = None,
+        geko_fused_head: bool = False,
+        geko_inplace_backward: bool = False,
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -296,6 +299,11 @@ class GekoTrainerMixin:
             raise TypeError(f"selector must be a geko_core.Selector or None, got {type(selector).__name__}")
         if geko_shift is not None and not isinstance(geko_shift, bool):
             raise TypeError(f"geko_shift must be a bool or None, got {type(geko_shift).__name__}")
+        for option, value in (("geko_fused_head", geko_fused_head), ("geko_inplace_backward", geko_inplace_backward)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{option} must be a bool, got {type(value).__name__}")
+        if (geko_fused_head or geko_inplace_backward) and type(self)._geko_loss is not GekoTrainerMixin._geko_loss:
+            raise ValueError(f"{name} computes its own loss: geko_fused_head and geko_inplace_backward are not supported")
         train_dataset = _bound_argument(super().__init__, args, kwargs, "train_dataset")
         if train_dataset is not None:
             GekoIndexedDataset(train_dataset)  # refuses iterable datasets before the Trainer does
@@ -308,6 +316,10 @@ class GekoTrainerMixin:
         self._geko_options = geko_options
         self._geko_config = geko_config
         self._geko_shift = geko_shift
+        self._geko_fused_head = geko_fused_head
+        self._geko_inplace_backward = geko_inplace_backward
+        if geko_fused_head and self.model is not None:
+            output_head(self.model)  # refuses a model whose logits are not lm_head(hidden states)
         if selector is not None:
             self._adopt(selector)
         # The Selector resumes at its own position; the Trainer must not fast-forward the data.
@@ -518,17 +530,28 @@ class GekoTrainerMixin:
             raise ValueError(f"{type(self).__name__} needs 'labels' in every training batch (-100 marks tokens that do not count)")
         idx = inputs[GEKO_INDEX_KEY]
         labels = self._geko_labels(inputs)
-        outputs = model(**self._geko_model_inputs(inputs))
+        extra: dict[str, Any] = {}
+        if self._geko_fused_head:
+            # The model runs as usual (DDP and hooks included) with its output layer passed
+            # through: "logits" are the last hidden states; the loss applies the head in chunks.
+            head = output_head(model)
+            with _passthrough(head):
+                outputs = model(**self._geko_model_inputs(inputs))
+            extra["lm_head"] = head
+        else:
+            outputs = model(**self._geko_model_inputs(inputs))
+            if self._geko_inplace_backward:
+                extra["inplace_backward"] = True
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         if num_items_in_batch is not None:
-            loss = self._geko_loss(logits, labels, idx, inputs, reduction="sum")
+            loss = self._geko_loss(logits, labels, idx, inputs, reduction="sum", **extra)
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 # DDP averages gradients over ranks while num_items_in_batch counts all ranks.
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             self.loss_is_scaled_for_ga = True
         else:
-            loss = self._geko_loss(logits, labels, idx, inputs, reduction="mean")
+            loss = self._geko_loss(logits, labels, idx, inputs, reduction="mean", **extra)
             self.loss_is_scaled_for_ga = False
         return (loss, outputs) if return_outputs else loss
 
@@ -542,11 +565,16 @@ class GekoTrainerMixin:
         return {k: v for k, v in inputs.items() if k != "labels" and k not in self._geko_batch_keys}
 
     def _geko_loss(
-        self, logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, inputs: Mapping[str, Any], *, reduction: str
+        self, logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, inputs: Mapping[str, Any], *, reduction: str,
+        lm_head: Any = None, inplace_backward: bool = False,
     ) -> torch.Tensor:
         """The Selector's weighted loss of a training batch (``"sum"`` or ``"mean"`` over valid
-        target tokens); it feeds the batch's per-sample statistics to the Selector."""
-        return self.selector.loss(logits, labels, idx, shift=self._shift(), reduction=reduction)
+        target tokens); it feeds the batch's per-sample statistics to the Selector. With
+        ``lm_head``, ``logits`` are the last hidden states."""
+        return self.selector.loss(
+            logits, labels, idx, shift=self._shift(), reduction=reduction, lm_head=lm_head,
+            inplace_backward=inplace_backward,
+        )
 
     def _geko_without_batch_keys(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k not in self._geko_batch_keys}
@@ -589,6 +617,15 @@ class GekoTrainer(GekoTrainerMixin, Trainer):
         geko_config: its :class:`~geko_core.GekoConfig`.
         geko_shift: causal shift of the labels in the loss and statistics; None detects it
             as the Trainer does (True for causal language models).
+        geko_fused_head: compute the loss and the statistics from the last hidden states
+            and the output layer, chunk by chunk (``linear_cross_entropy_with_stats``): the
+            ``[B, T, V]`` logits never exist. For causal LMs whose logits are
+            ``lm_head(last hidden state)`` (LLaMA- and GPT-2-style; refused otherwise). The
+            model still runs through its own forward (DDP included), with the output layer
+            passed through; under DDP keep ``ddp_find_unused_parameters`` off.
+        geko_inplace_backward: without ``geko_fused_head``, the logits' gradient overwrites
+            the logits (``cross_entropy_with_stats(inplace_backward=True)``): one logits-sized
+            buffer less.
 
     Attributes:
         selector: the Selector (built on first access once ``train_dataset`` is known).
@@ -596,6 +633,56 @@ class GekoTrainer(GekoTrainerMixin, Trainer):
     All of it is :class:`GekoTrainerMixin`; compose that with another Trainer subclass the
     same way (``class MyGekoTrainer(GekoTrainerMixin, MyTrainer)``).
     """
+
+
+#: Model options that make the logits something other than ``lm_head(last hidden state)``.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The output layer of a causal LM whose logits are exactly ``lm_head(last hidden
+    state)`` (LLaMA, Mistral, Qwen, GPT-2, GPT-NeoX, ... style), for ``geko_fused_head``.
+
+    Raises:
+        ValueError: no ``nn.Linear`` output layer, or a config that transforms the logits
+            (soft-capping, a logit scale).
+    """
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if hasattr(base, "get_base_model"):  # PEFT
+        base = base.get_base_model()
+    base = getattr(base, "_orig_mod", base)  # torch.compile
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"geko_fused_head needs a model whose output layer is an nn.Linear (get_output_embeddings()); "
+            f"{type(base).__name__} has {type(head).__name__}"
+        )
+    config = getattr(base, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"geko_fused_head: {type(base).__name__} transforms its logits ({name}={value}), so they are not "
+                "lm_head(hidden states); train without geko_fused_head"
+            )
+    return head
+
+
+class _passthrough:
+    """Within the block, ``module(x)`` returns ``x`` (the module's parameters stay in place)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.module.forward = _identity  # an instance attribute shadows the class's forward
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.module.forward
+
+
+def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
