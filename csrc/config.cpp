@@ -33,6 +33,8 @@ void Config::validate() const {
           "loss_ema_beta must be in [0, 1), got " + std::to_string(loss_ema_beta));
   require(std::isfinite(loss_diff_ema_beta) && loss_diff_ema_beta >= 0.0 && loss_diff_ema_beta < 1.0,
           "loss_diff_ema_beta must be in [0, 1), got " + std::to_string(loss_diff_ema_beta));
+  require(std::isfinite(correct_margin) && correct_margin >= 0.0 && correct_margin <= 1.0,
+          "correct_margin must be in [0, 1] (0: no margin), got " + std::to_string(correct_margin));
   require(noise_guard_visits >= 0 && noise_guard_visits <= 255,
           "noise_guard_visits must be in [0, 255], got " + std::to_string(noise_guard_visits));
 }

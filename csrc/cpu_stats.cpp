@@ -629,12 +629,15 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
     double sums[6] = {0, 0, 0, 0, 0, 0};
     int64_t count = 0;
     bool spoiled = false;
+    // Lowest label probability over the valid tokens (the margin rule of "correct").
+    float min_label_prob = std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < T; ++t) {
       const int64_t r = s * T + t;
       spoiled |= bad[r] != 0;
       if (!valid[r]) continue;
       ++count;
       for (int k = 0; k < 6; ++k) sums[k] += static_cast<double>(tok[k][r]);
+      min_label_prob = std::min(min_label_prob, tok[2][r]);
     }
     float means[6];
     for (int k = 0; k < 6; ++k)
@@ -646,7 +649,7 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
     out.entropy[s] = means[4];
     out.el2n[s] = means[5];
     out.valid_tokens[s] = static_cast<int32_t>(count);
-    out.bucket[s] = instant_bucket(means[1], means[3], config);
+    out.bucket[s] = instant_bucket(means[1], means[3], min_label_prob, config);
   }
 }
 

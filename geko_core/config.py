@@ -45,6 +45,11 @@ class GekoConfig:
         loss_diff_ema_beta: EMA factor of the loss difference (ES's beta2).
         noise_guard_visits: consecutive HARD visits after which a sample is treated as
             FOCUS (suspected label noise); 0 disables the guard.
+        correct_margin: the margin rule of "correct", in ``[0, 1]``: with a value above 0
+            a sample is correct only when, besides reaching ``correct_threshold``, the
+            lowest label probability over its valid tokens is at least this (e.g. 0.9:
+            every response token predicted with probability >= 0.9). 0 (the default)
+            applies no margin.
     """
 
     freeze_confidence: float = _DEFAULTS.freeze_confidence
@@ -57,6 +62,7 @@ class GekoConfig:
     loss_ema_beta: float = _DEFAULTS.loss_ema_beta
     loss_diff_ema_beta: float = _DEFAULTS.loss_diff_ema_beta
     noise_guard_visits: int = _DEFAULTS.noise_guard_visits
+    correct_margin: float = _DEFAULTS.correct_margin
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

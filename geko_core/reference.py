@@ -81,9 +81,30 @@ def token_stats_reference(
     return stats, good
 
 
-def instant_bucket(confidence: torch.Tensor, correct: torch.Tensor, config: GekoConfig) -> torch.Tensor:
-    """Instant bucket (int8) from confidence and correct fraction; NaN confidence -> INVALID."""
+def instant_bucket(
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    config: GekoConfig,
+    min_label_prob: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Instant bucket (int8) from confidence and correct fraction; NaN confidence -> INVALID.
+
+    A sample is correct when ``correct >= correct_threshold`` and, with a margin
+    (``config.correct_margin > 0``), when also ``min_label_prob >= correct_margin``:
+    ``min_label_prob`` is then the per-sample minimum of the label probability over the
+    sample's valid tokens (float32), and required. Thresholds compare in float32.
+
+    Raises:
+        ValueError: a margin in the config and no ``min_label_prob``.
+    """
     is_correct = correct >= config.correct_threshold
+    if config.correct_margin > 0.0:
+        if min_label_prob is None:
+            raise ValueError(
+                "GekoConfig.correct_margin > 0 needs the per-sample minimum label probability, "
+                "which this statistics path does not compute"
+            )
+        is_correct = is_correct & (min_label_prob >= config.correct_margin)
     bucket = torch.where(
         is_correct,
         torch.where(confidence > config.freeze_confidence, BUCKET_FREEZE, BUCKET_LIGHT),
@@ -130,6 +151,10 @@ def sample_stats_reference(
 
     confidence = mean(tokens.confidence)
     correct = mean(tokens.correct)
+    min_label_prob = None
+    if config.correct_margin > 0.0:
+        inf = torch.full((), float("inf"), dtype=torch.float32, device=labels3.device)
+        min_label_prob = torch.where(tokens.valid, tokens.label_prob, inf).amin(dim=1) if labels3.shape[1] else inf.expand(labels3.shape[0])
     return SampleStats(
         loss=mean(tokens.loss),
         confidence=confidence,
@@ -138,6 +163,6 @@ def sample_stats_reference(
         entropy=mean(tokens.entropy),
         el2n=mean(tokens.el2n),
         valid_tokens=valid_tokens.to(torch.int32),
-        bucket=instant_bucket(confidence, correct, config),
+        bucket=instant_bucket(confidence, correct, config, min_label_prob),
         tokens=tokens if per_token else None,
     )

@@ -136,7 +136,10 @@ class ReferenceTable:
         diff_ema = _stored(_blend(beta2, f["loss_diff_ema"][idx], 1.0 - beta2, diff))
         loss_ema = _stored(_blend(beta1, f["loss_ema"][idx], 1.0 - beta1, loss))
         # 3. Bucket: instant bucket, Q gate on FREEZE, noise guard on HARD.
-        bucket = instant_bucket(torch.from_numpy(confidence), torch.from_numpy(correct), cfg).numpy()
+        # The table keeps no label probabilities: no margin rule here (the Selector folds it
+        # into the stored correct, see geko_core.stats.table_correct), as in the C++ table.
+        no_margin = torch.ones(len(confidence), dtype=torch.float32)
+        bucket = instant_bucket(torch.from_numpy(confidence), torch.from_numpy(correct), cfg, no_margin).numpy()
         hard = bucket == BUCKET_HARD
         streak = np.where(hard, np.minimum(f["hard_streak"][idx].astype(np.int64) + 1, 255), 0)
         bucket = np.where((bucket == BUCKET_FREEZE) & (q < np.float32(cfg.freeze_q)), BUCKET_LIGHT, bucket)

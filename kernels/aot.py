@@ -150,7 +150,9 @@ _REDUCE_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("correct_threshold", "fp32"),
     ("freeze_confidence", "fp32"),
     ("hard_confidence", "fp32"),
+    ("correct_margin", "fp32"),
     ("BLOCK_T", "constexpr"),
+    ("MARGIN", "constexpr"),
 )
 
 
@@ -336,16 +338,17 @@ def kernel_variants() -> list[KernelVariant]:
         )
     )
     block_t, reduce_warps = reduce_launch_config(4096)
-    variants.append(
-        KernelVariant(
-            "_sample_reduce_kernel",
-            "-",
-            _REDUCE_SIGNATURE,
-            (("BLOCK_T", block_t),),
-            reduce_warps,
-            ("token_ptr", "valid_ptr", "bad_ptr", "sample_ptr", "valid_tokens_ptr", "bucket_ptr"),
+    for margin in (False, True):  # without and with the margin rule of "correct"
+        variants.append(
+            KernelVariant(
+                "_sample_reduce_kernel",
+                "-",
+                _REDUCE_SIGNATURE,
+                (("BLOCK_T", block_t), ("MARGIN", margin)),
+                reduce_warps,
+                ("token_ptr", "valid_ptr", "bad_ptr", "sample_ptr", "valid_tokens_ptr", "bucket_ptr"),
+            )
         )
-    )
     variants.extend(angle_kernel_variants())
     return variants
 

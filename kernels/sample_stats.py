@@ -35,7 +35,7 @@ from geko_core.config import (
 )
 from geko_core.types import SampleStats, TokenStats
 
-__all__ = ["sample_stats_triton"]
+__all__ = ["launch_token_stats", "sample_stats_triton"]
 
 # Largest V tile one program holds in registers. Tests lower it to exercise several tiles on
 # tiny vocabularies.
@@ -180,7 +180,9 @@ def _sample_reduce_kernel(
     correct_threshold,  # fp32: the reference compares in float32, so do we
     freeze_confidence,
     hard_confidence,
+    correct_margin,  # fp32; the margin rule applies when MARGIN
     BLOCK_T: tl.constexpr,
+    MARGIN: tl.constexpr,
 ):
     # 1. masked sums over the sample's tokens, in per-lane accumulators reduced once at the
     #    end: deterministic, no atomics
@@ -195,6 +197,7 @@ def _sample_reduce_kernel(
     acc_el2n = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc_valid = tl.zeros([BLOCK_T], dtype=tl.int32)
     acc_bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    acc_min_label_prob = tl.full([BLOCK_T], float("inf"), dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + offsets
         mask = cols < T
@@ -204,7 +207,10 @@ def _sample_reduce_kernel(
         acc_bad += tl.load(bad_ptr + base + cols, mask=mask, other=0).to(tl.int32)
         acc_loss += tl.where(valid, tl.load(ptrs, mask=mask, other=0.0), 0.0)
         acc_conf += tl.where(valid, tl.load(ptrs + field_stride, mask=mask, other=0.0), 0.0)
-        acc_label_prob += tl.where(valid, tl.load(ptrs + 2 * field_stride, mask=mask, other=0.0), 0.0)
+        token_label_prob = tl.load(ptrs + 2 * field_stride, mask=mask, other=0.0)
+        acc_label_prob += tl.where(valid, token_label_prob, 0.0)
+        if MARGIN:
+            acc_min_label_prob = tl.minimum(acc_min_label_prob, tl.where(valid, token_label_prob, float("inf")))
         acc_correct += tl.where(valid, tl.load(ptrs + 3 * field_stride, mask=mask, other=0.0), 0.0)
         acc_entropy += tl.where(valid, tl.load(ptrs + 4 * field_stride, mask=mask, other=0.0), 0.0)
         acc_el2n += tl.where(valid, tl.load(ptrs + 5 * field_stride, mask=mask, other=0.0), 0.0)
@@ -223,6 +229,9 @@ def _sample_reduce_kernel(
 
     # 3. instant bucket from the float32 means, as geko::instant_bucket and the reference do
     is_correct = correct >= correct_threshold
+    if MARGIN:
+        # the margin rule: every valid token's label probability reaches the margin
+        is_correct = is_correct & (tl.min(acc_min_label_prob, axis=0) >= correct_margin)
     bucket = tl.where(
         is_correct,
         tl.where(confidence > freeze_confidence, _FREEZE, _LIGHT),
@@ -290,23 +299,23 @@ def check_inputs(logits3: torch.Tensor, labels3: torch.Tensor) -> None:
         )
 
 
-def launch_sample_stats(
+def launch_token_stats(
     logits3: torch.Tensor,
     labels3: torch.Tensor,
     *,
     ignore_index: int,
-    config: GekoConfig,
-    per_token: bool,
     write_lse: bool,
-) -> tuple[SampleStats, torch.Tensor, torch.Tensor | None]:
-    """Run both kernels; shared by ``sample_stats_triton`` and the cross-entropy forward.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run the token kernel only.
 
     Returns:
-        (stats, token_loss, lse): ``token_loss`` fp32 ``[S, T]`` (0 for tokens that are not
-        valid), ``lse`` fp32 ``[S, T]`` when ``write_lse`` else None.
+        (token_values, valid, bad, lse): fp32 ``[6, S, T]`` (loss, confidence, label_prob,
+        correct, entropy, el2n; 0 for tokens that are not valid), bool ``[S, T]`` valid
+        tokens, bool ``[S, T]`` counted tokens whose label is out of range or whose row holds
+        a non-finite logit (they invalidate their sample), fp32 ``[S, T]`` log-sum-exp when
+        ``write_lse`` else None.
     """
     check_inputs(logits3, labels3)
-    config = resolve_config(config)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     num_samples, seq_len, vocab = logits3.shape
@@ -318,13 +327,9 @@ def launch_sample_stats(
     token_valid = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
     token_bad = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
     lse = torch.empty((num_samples, seq_len), dtype=torch.float32, device=device) if write_lse else None
-    sample_values = torch.empty((NUM_FIELDS, num_samples), dtype=torch.float32, device=device)
-    valid_tokens = torch.empty((num_samples,), dtype=torch.int32, device=device)
-    bucket = torch.empty((num_samples,), dtype=torch.int8, device=device)
-
-    with _device_guard(device):
-        if num_tokens > 0:
-            block_v, num_warps = stats_launch_config(vocab)
+    if num_tokens > 0:
+        block_v, num_warps = stats_launch_config(vocab)
+        with _device_guard(device):
             _sample_stats_kernel[(num_tokens,)](
                 logits3,
                 labels3,
@@ -344,12 +349,42 @@ def launch_sample_stats(
                 WRITE_LSE=write_lse,
                 num_warps=num_warps,
             )
-        if num_samples > 0:
-            block_t, num_warps = reduce_launch_config(seq_len)
+    return token_values, token_valid.view(torch.bool), token_bad.view(torch.bool), lse
+
+
+def launch_sample_stats(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    *,
+    ignore_index: int,
+    config: GekoConfig,
+    per_token: bool,
+    write_lse: bool,
+) -> tuple[SampleStats, torch.Tensor, torch.Tensor | None]:
+    """Run both kernels; shared by ``sample_stats_triton`` and the cross-entropy forward.
+
+    Returns:
+        (stats, token_loss, lse): ``token_loss`` fp32 ``[S, T]`` (0 for tokens that are not
+        valid), ``lse`` fp32 ``[S, T]`` when ``write_lse`` else None.
+    """
+    config = resolve_config(config)
+    token_values, token_valid, token_bad, lse = launch_token_stats(
+        logits3, labels3, ignore_index=ignore_index, write_lse=write_lse
+    )
+    num_samples, seq_len = labels3.shape
+    num_tokens = num_samples * seq_len
+    device = logits3.device
+    sample_values = torch.empty((NUM_FIELDS, num_samples), dtype=torch.float32, device=device)
+    valid_tokens = torch.empty((num_samples,), dtype=torch.int32, device=device)
+    bucket = torch.empty((num_samples,), dtype=torch.int8, device=device)
+
+    if num_samples > 0:
+        block_t, num_warps = reduce_launch_config(seq_len)
+        with _device_guard(device):
             _sample_reduce_kernel[(num_samples,)](
                 token_values,
-                token_valid,
-                token_bad,
+                token_valid.view(torch.int8),
+                token_bad.view(torch.int8),
                 sample_values,
                 valid_tokens,
                 bucket,
@@ -359,13 +394,15 @@ def launch_sample_stats(
                 float(config.correct_threshold),
                 float(config.freeze_confidence),
                 float(config.hard_confidence),
+                float(config.correct_margin),
                 BLOCK_T=block_t,
+                MARGIN=config.correct_margin > 0.0,
                 num_warps=num_warps,
             )
 
     tokens = None
     if per_token:
-        tokens = TokenStats(*token_values.unbind(0), valid=token_valid.view(torch.bool))
+        tokens = TokenStats(*token_values.unbind(0), valid=token_valid)
     stats = SampleStats(*sample_values.unbind(0), valid_tokens=valid_tokens, bucket=bucket, tokens=tokens)
     return stats, token_values[0], lse
 

@@ -66,6 +66,7 @@ void bind_config(py::module_& m) {
       .def_readwrite("loss_ema_beta", &Config::loss_ema_beta)
       .def_readwrite("loss_diff_ema_beta", &Config::loss_diff_ema_beta)
       .def_readwrite("noise_guard_visits", &Config::noise_guard_visits)
+      .def_readwrite("correct_margin", &Config::correct_margin)
       .def("validate", &Config::validate);
 
   m.attr("BUCKET_INVALID") = static_cast<int>(kInvalid);

@@ -46,6 +46,12 @@ struct Config {
   // Noise guard: after this many consecutive HARD visits a sample loses its
   // extra weight (its bucket becomes FOCUS). 0 disables the guard.
   int32_t noise_guard_visits = 8;
+  // Margin rule of "correct": with correct_margin > 0, a sample is correct only when,
+  // besides reaching correct_threshold, the lowest label probability over its valid
+  // tokens is at least correct_margin (every response token predicted with at least
+  // that probability). 0 turns the rule off (the minimum of probabilities is always
+  // >= 0), so the default is the accuracy rule alone. In [0, 1].
+  double correct_margin = 0.0;
 
   // Throws std::invalid_argument naming the offending field.
   void validate() const;
@@ -53,13 +59,25 @@ struct Config {
 
 // Instant bucket of one sample from its statistics (no Q gate). Thresholds are
 // compared in float32, as the torch reference and the Triton kernels compare them,
-// so every path agrees exactly. NaN confidence -> INVALID.
-inline int8_t instant_bucket(float confidence, float correct, const Config& c) {
+// so every path agrees exactly. NaN confidence -> INVALID. `min_label_prob` is the
+// lowest label probability over the sample's valid tokens (the margin rule).
+inline int8_t instant_bucket(float confidence, float correct, float min_label_prob, const Config& c) {
   if (confidence != confidence) return kInvalid;
-  if (correct >= static_cast<float>(c.correct_threshold)) {
+  const bool is_correct = correct >= static_cast<float>(c.correct_threshold) &&
+                          (c.correct_margin <= 0.0 || min_label_prob >= static_cast<float>(c.correct_margin));
+  if (is_correct) {
     return confidence > static_cast<float>(c.freeze_confidence) ? kFreeze : kLight;
   }
   return confidence > static_cast<float>(c.hard_confidence) ? kHard : kFocus;
+}
+
+// The table's form: the table keeps no label probabilities, so the margin rule is not
+// applied here; the Selector folds it into the `correct` it stores (a sample failing the
+// margin is stored just below correct_threshold), so both forms give the same bucket.
+inline int8_t instant_bucket(float confidence, float correct, const Config& c) {
+  Config accuracy_only = c;
+  accuracy_only.correct_margin = 0.0;
+  return instant_bucket(confidence, correct, 1.0f, accuracy_only);
 }
 
 }  // namespace geko
