@@ -19,7 +19,8 @@ from ._backend import load_compiled_core
 from ._checks import check_bool, check_choice, check_same_device, check_tensor
 from .config import GekoConfig, resolve_config
 from .reference import as_samples, sample_stats_reference
-from .stats import prepare_inputs, stats_cpp
+from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
+from .stats import prepare_inputs, segment_token_values, stats_cpp
 from .types import SampleStats
 
 __all__ = ["cross_entropy_with_stats"]
@@ -190,6 +191,89 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _SegmentTokenLoss(torch.autograd.Function):
+    """Token losses of packed rows (C++ and Triton paths): the forward keeps every token
+    statistic for the per-sample reduction, the backward takes any per-token gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, options: dict, out: list) -> torch.Tensor:  # type: ignore[override]
+        logits3, labels3 = options.pop("views")  # labels of tokens of no sample set to ignore_index
+        logits3 = logits3.detach()
+        values, valid, bad, lse = segment_token_values(
+            logits3, labels3, name=options["backend"], ignore_index=options["ignore_index"],
+            config=options["config"], write_lse=True,
+        )
+        out.append((values, valid, bad))
+        ctx.options = options
+        ctx.logits_shape = logits.shape
+        ctx.save_for_backward(logits, logits3, labels3, lse)
+        return values[0].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_tokens: torch.Tensor):  # type: ignore[override]
+        logits, logits3, labels3, lse = ctx.saved_tensors
+        options = ctx.options
+        scale = grad_tokens.to(torch.float32).contiguous()
+        grad = torch.empty(ctx.logits_shape, dtype=logits.dtype, device=logits.device)
+        view = _samples_view(grad, options["shift"])
+        if options["backend"] == "cpp":
+            load_compiled_core().cross_entropy_backward(
+                to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale), to_dlpack(view),
+                options["ignore_index"],
+            )
+        else:
+            from .kernels.cross_entropy import cross_entropy_backward_triton
+
+            cross_entropy_backward_triton(
+                logits3, labels3, lse, scale, ignore_index=options["ignore_index"], inplace=False, out=view
+            )
+        if options["shift"] and grad.shape[1] > 0:
+            grad[:, -1].zero_()  # the last position predicts nothing
+        return grad, None, None
+
+
+def _segmented_loss(
+    logits: torch.Tensor,
+    logits3: torch.Tensor,
+    packed: SegmentMap,
+    *,
+    name: str,
+    ignore_index: int,
+    shift: bool,
+    weight: torch.Tensor | None,
+    reduction: str,
+    per_token: bool,
+    config: GekoConfig,
+) -> tuple[torch.Tensor, SampleStats]:
+    """``cross_entropy_with_stats`` over the samples of packed rows."""
+    labels3 = packed.labels3
+    if name == "reference":
+        with torch.no_grad():
+            values, valid, bad, _ = segment_token_values(
+                logits3.detach(), labels3, name=name, ignore_index=ignore_index, config=config, write_lse=False
+            )
+        vocab = logits3.shape[-1]
+        x = logits3 if logits3.dtype == torch.float64 else logits3.float()
+        target = torch.where(valid, labels3, torch.full_like(labels3, -100))
+        token_loss = F.cross_entropy(x.reshape(-1, vocab), target.reshape(-1), ignore_index=-100, reduction="none")
+        token_loss = token_loss.reshape(labels3.shape)
+    elif name == "op":  # torch.compile: the operator's token losses carry the fused backward
+        values, valid, bad, _ = segment_token_values(
+            logits3, labels3, name=name, ignore_index=ignore_index, config=config, write_lse=True
+        )
+        token_loss = values[0]
+        values = values.detach()
+    else:
+        options = {"backend": name, "ignore_index": ignore_index, "shift": shift, "config": config, "views": (logits3, labels3)}
+        out: list = []
+        token_loss = _SegmentTokenLoss.apply(logits, options, out)
+        values, valid, bad = out[0]
+    stats = segment_stats(values, valid, bad, packed.owner, packed.num_segments, config, per_token)
+    w = None if weight is None else weight.to(token_loss.dtype)
+    return segment_loss(token_loss, valid, packed.owner, stats.valid_tokens, w, reduction), stats
+
+
 def _compiled_loss(
     logits3: torch.Tensor,
     labels3: torch.Tensor,
@@ -244,6 +328,9 @@ def cross_entropy_with_stats(
     config: GekoConfig | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
+    segments: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Differentiable cross-entropy and the per-sample statistics, from one pass.
 
@@ -280,8 +367,12 @@ def cross_entropy_with_stats(
         inplace_backward: the fused backends write the gradient into the logits' own
             storage (as Liger-Kernel does) instead of allocating one: saves a logits-sized
             buffer, but the logits tensor is overwritten by its gradient during backward, so
-            do not use it afterwards. Ignored on the reference path, and when the logits had
-            to be copied (non-contiguous last dimension).
+            do not use it afterwards. Ignored on the reference path, with segments, and
+            when the logits had to be copied (non-contiguous last dimension).
+        segments, position_ids, num_segments: packed rows, as in ``sample_stats``: the
+            statistics, ``sample_weight`` (``[K]``) and the reductions are then per sample
+            (``"none"`` gives ``K`` losses, ``"mean"`` divides by the batch's valid tokens),
+            and the loss and its gradient equal those of the samples computed alone.
 
     Returns:
         (loss, stats): ``loss`` is float32 (float64 on the reference path for float64
@@ -300,17 +391,28 @@ def cross_entropy_with_stats(
     logits3, labels3, name, ignore_index, shift = prepare_inputs(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend
     )
+    packed = None
+    if segments is not None or position_ids is not None or num_segments is not None:
+        packed = prepare_segments(
+            segments, position_ids, num_segments, labels=labels, labels3=labels3, shift=shift, ignore_index=ignore_index
+        )
     weight = check_tensor(
         sample_weight,
         "sample_weight",
         dtype="floating",
-        shape=(logits3.shape[0],),
+        shape=(logits3.shape[0] if packed is None else packed.num_segments,),
         layout="[S] (one weight per sample)",
         optional=True,
     )
     if weight is not None:
         check_same_device(weight, "sample_weight", logits, "logits")
         weight = weight.detach()
+    if packed is not None:
+        return _segmented_loss(
+            logits, logits3, packed, name=name, ignore_index=ignore_index, shift=shift,
+            weight=weight,
+            reduction=reduction, per_token=per_token, config=config,
+        )
 
     if name == "reference":
         loss = _reference_loss(logits, labels, ignore_index=ignore_index, shift=shift, weight=weight, reduction=reduction)

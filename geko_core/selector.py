@@ -374,6 +374,8 @@ class Selector:
         lm_head: Any = None,
         chunk_size: int | None = None,
         inplace_backward: bool = False,
+        segments: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused loss + statistics, table update and importance weights in one call.
 
@@ -393,6 +395,9 @@ class Selector:
             chunk_size: tokens per chunk with ``lm_head`` (None: from free memory).
             inplace_backward: without ``lm_head``, write the logits' gradient into the
                 logits' storage (see :func:`~geko_core.cross_entropy_with_stats`).
+            segments, position_ids: packed rows (see :func:`~geko_core.sample_stats`): the
+                batch is then the ``len(idx)`` samples the segments number ``0..len(idx)-1``,
+                ``idx[k]`` the dataset index of segment ``k``; not with ``lm_head``.
 
         Returns:
             The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`).
@@ -400,10 +405,15 @@ class Selector:
         from .loss import cross_entropy_with_stats
 
         with self._timed("loss"):
-            indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
+            packed = segments is not None or position_ids is not None
+            batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
+            indices = self._indices(idx, expected=batch_size)
             head_weight, head_bias = _head_parameters(lm_head)
+            if packed and head_weight is not None:
+                raise ValueError("segments= / position_ids= are not supported with lm_head=")
+            packing = {"segments": segments, "position_ids": position_ids, "num_segments": len(indices)} if packed else {}
             if head_weight is None:
-                self._check_before_planning(logits, labels, ignore_index, shift)
+                self._check_before_planning(logits, labels, ignore_index, shift, packing)
             elif self._plan is None:  # bad input must not plan an epoch (see _check_before_planning)
                 from .linear_loss import _prepare
 
@@ -422,6 +432,7 @@ class Selector:
                 loss, stats = cross_entropy_with_stats(
                     logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
                     reduction=reduction, config=self.config, backend=self.backend, inplace_backward=inplace_backward,
+                    **packing,
                 )
             else:
                 from .linear_loss import linear_cross_entropy_with_stats
@@ -440,14 +451,31 @@ class Selector:
                 self._count_tokens(stats, "forwarded")
             return loss
 
-    def observe(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> SampleStats:
+    def observe(
+        self,
+        idx: Any,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ignore_index: int = -100,
+        shift: bool = False,
+        segments: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> SampleStats:
         """Score a batch the caller trained with its own loss; counts it as forwarded and
-        back-propagated. Returns the statistics."""
+        back-propagated. Returns the statistics. ``segments`` / ``position_ids``: packed
+        rows, as in :meth:`loss`."""
         from .stats import sample_stats
 
         with self._timed("observe"):
-            indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
-            stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
+            packed = segments is not None or position_ids is not None
+            batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
+            indices = self._indices(idx, expected=batch_size)
+            packing = {"segments": segments, "position_ids": position_ids, "num_segments": len(indices)} if packed else {}
+            stats = sample_stats(
+                logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend,
+                **packing,
+            )
             self._backpropagated += len(indices)
             self._count_tokens(stats, "backpropagated")
             self._observe_located(indices, stats)
@@ -494,13 +522,20 @@ class Selector:
             device = logits.device
             return torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(device), torch.from_numpy(weights).to(device)
 
-    def _check_before_planning(self, logits: Any, labels: Any, ignore_index: int, shift: bool) -> None:
+    def _check_before_planning(self, logits: Any, labels: Any, ignore_index: int, shift: bool, packing: dict | None = None) -> None:
         """Bad input must change nothing; planning an epoch does (policies keep state), so the
         rare call that would plan checks its tensors first."""
         if self._plan is None:
             from .stats import prepare_inputs
 
-            prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
+            prepared = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
+            if packing:
+                from .segments import prepare_segments
+
+                prepare_segments(
+                    packing["segments"], packing["position_ids"], packing["num_segments"], labels=labels,
+                    labels3=prepared.labels3, shift=prepared.shift, ignore_index=prepared.ignore_index,
+                )
 
     def _indices(self, idx: Any, expected: int | None = None) -> np.ndarray:
         if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.device.type == "cpu":
@@ -543,7 +578,12 @@ class Selector:
         the step; the epoch ends here when training has consumed it."""
         plan = self._current()
         count = len(indices)
-        values = [stats.loss, stats.confidence, stats.correct, stats.el2n]
+        correct = stats.correct
+        if self.config.correct_margin > 0.0:  # the table cannot apply the margin rule itself
+            from .stats import table_correct
+
+            correct = table_correct(stats, self.config)
+        values = [stats.loss, stats.confidence, correct, stats.el2n]
         device = stats.loss.device
         real = plan.real_mask(at, count)
         table_indices = indices

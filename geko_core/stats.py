@@ -25,8 +25,9 @@ from torch.utils.dlpack import to_dlpack
 
 from ._backend import compiled_core_error, load_compiled_core, resolve_backend
 from ._checks import check_bool, check_choice, check_int, check_same_device, check_tensor
-from .config import GekoConfig, cpp_config_for_kernels, resolve_config
-from .reference import as_samples, sample_stats_reference
+from .config import BUCKET_FOCUS, BUCKET_HARD, GekoConfig, cpp_config_for_kernels, resolve_config
+from .reference import as_samples, sample_stats_reference, token_stats_reference
+from .segments import prepare_segments, segment_stats
 from .types import SampleStats, TokenStats
 
 __all__ = ["MAX_VOCAB", "sample_stats"]
@@ -228,6 +229,65 @@ def stats_cpp(
     return stats, blocks.token_values[0], blocks.lse
 
 
+def segment_token_values(
+    logits3: torch.Tensor, labels3: torch.Tensor, *, name: str, ignore_index: int, config: GekoConfig, write_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token values of validated ``[S, T, V]`` / ``[S, T]`` views on backend ``name``,
+    for the per-sample reduction of packed rows (``geko_core.segments``).
+
+    Returns:
+        (token_values, valid, bad, lse): float32 ``[6, S, T]`` (loss, confidence, label_prob,
+        correct, entropy, el2n; 0 where not valid), bool ``[S, T]`` valid tokens, bool
+        ``[S, T]`` counted tokens that invalidate their sample (a non-finite logit in the row,
+        a label out of range), and the float32 ``[S, T]`` log-sum-exp with ``write_lse``
+        (else None; never on the reference path). Under torch.compile (``name == "op"``) row 0
+        of ``token_values`` is differentiable when ``write_lse``.
+    """
+    if name == "reference":
+        tokens, good = token_stats_reference(logits3, labels3, ignore_index=ignore_index)
+        return torch.stack(tokens[:6]), tokens.valid, ~good & (labels3 != ignore_index), None
+    if name == "triton":
+        from .kernels.sample_stats import launch_token_stats
+
+        return launch_token_stats(logits3, labels3, ignore_index=ignore_index, write_lse=write_lse)
+    if name == "op":
+        from .ops import config_values, stats_forward
+
+        blocks = ForwardBlocks(*stats_forward(logits3, labels3, ignore_index, config_values(config), True, write_lse))
+        valid = blocks.token_valid
+        counted = labels3 != ignore_index
+        vocab = logits3.shape[-1]
+        bad = (valid & ~torch.isfinite(blocks.token_values[0].detach())) | (counted & ((labels3 < 0) | (labels3 >= vocab)))
+        if logits3.device.type != "cpu":
+            # The GPU kernel keeps a finite loss for a row with -inf logits, which still
+            # invalidates its sample: ask the logits (one more read, compiled paths only).
+            bad = bad | (valid & ~torch.isfinite(logits3).all(dim=-1))
+        return blocks.token_values, valid, bad, blocks.lse if write_lse else None
+    blocks = forward_blocks_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=True, write_lse=write_lse)
+    # The C++ kernel writes NaN in every field of a valid token whose row is not finite (an
+    # out-of-range label on a CPU tensor was refused before anything ran).
+    bad = blocks.token_valid & torch.isnan(blocks.token_values[0])
+    return blocks.token_values, blocks.token_valid, bad, blocks.lse if write_lse else None
+
+
+def table_correct(stats: SampleStats, config: GekoConfig) -> torch.Tensor:
+    """The ``correct`` a sample table should store for these statistics.
+
+    The table recomputes the instant bucket from ``(confidence, correct)`` and keeps no label
+    probabilities, so it cannot apply the margin rule (``config.correct_margin > 0``)
+    itself. A sample that reaches ``correct_threshold`` but fails the margin (its instant
+    bucket is FOCUS or HARD) is therefore stored just below the threshold (the largest
+    float32 below it), and the table's bucket equals the statistics' bucket. Without a
+    margin ``stats.correct`` itself.
+    """
+    if config.correct_margin <= 0.0:
+        return stats.correct
+    threshold = torch.tensor(config.correct_threshold, dtype=torch.float32, device=stats.correct.device)
+    below = torch.nextafter(threshold, torch.zeros_like(threshold))
+    failed = (stats.bucket == BUCKET_FOCUS) | (stats.bucket == BUCKET_HARD)
+    return torch.where(failed & (stats.correct >= threshold), torch.minimum(stats.correct, below), stats.correct)
+
+
 def sample_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -237,6 +297,9 @@ def sample_stats(
     per_token: bool = False,
     config: GekoConfig | None = None,
     backend: str | None = None,
+    segments: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
 ) -> SampleStats:
     """Per-sample statistics of a batch, in one pass over the logits.
 
@@ -254,9 +317,20 @@ def sample_stats(
         config: thresholds of the instant bucket (defaults: ``GekoConfig()``).
         backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
             ``"reference"``.
+        segments: packed rows (docs/design.md §2): int ``[B, T]``, the sample
+            (``0..K-1``, numbered across the batch) of every token, negative for padding;
+            each sample one contiguous run inside one row. The statistics are then per
+            sample, ``K`` entries in segment order, equal to those of each sample scored
+            alone; with ``shift`` the first token of a packed sample is no target (see
+            ``geko_core.segments``). ``per_token`` values stay in row layout ``[B, T']``,
+            with the tokens that count for no sample marked not valid.
+        position_ids: instead of ``segments``: int ``[B, T]`` positions restarting at 0 at
+            each sample (negative: padding); samples are numbered in row-major order.
+        num_segments: ``K`` with ``segments`` / ``position_ids`` (default: counted from them,
+            which reads them on the host; required under torch.compile).
 
     Returns:
-        SampleStats with one entry per sample (``S = N`` or ``B``). A sample with no valid
+        SampleStats with one entry per sample (``S = N`` or ``B``; ``K`` with segments). A sample with no valid
         token, or whose counted tokens include a row with a NaN/inf logit (or, on the GPU, a
         label out of range), is invalid: NaN floats, bucket ``BUCKET_INVALID``.
         ``valid_tokens`` still counts its tokens with an in-range label. In the per-token
@@ -276,6 +350,15 @@ def sample_stats(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend
     )
     logits3 = logits3.detach()
+    if segments is not None or position_ids is not None or num_segments is not None:
+        packed = prepare_segments(
+            segments, position_ids, num_segments, labels=labels, labels3=labels3, shift=shift, ignore_index=ignore_index
+        )
+        with torch.no_grad():
+            values, valid, bad, _ = segment_token_values(
+                logits3, packed.labels3, name=name, ignore_index=ignore_index, config=config, write_lse=False
+            )
+            return segment_stats(values, valid, bad, packed.owner, packed.num_segments, config, per_token)
     if name != "reference" and torch.compiler.is_compiling():
         from .ops import config_values, stats_forward
 

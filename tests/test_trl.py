@@ -27,8 +27,6 @@ from geko_core.integrations.trl import (  # noqa: E402
     GEKO_SEGMENT_KEY,
     GekoSFTCollator,
     GekoSFTTrainer,
-    _packed_loss,
-    segment_sample_stats,
 )
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 :"
@@ -257,8 +255,8 @@ def test_segment_statistics_and_weighted_packed_loss():
     weights = torch.tensor([0.5, 2.0, 1.0])
 
     leaf = logits.clone().requires_grad_(True)
-    loss, stats = _packed_loss(
-        leaf, labels, segments, weights, uniform=False, shift=True, reduction="sum", config=geko_core.GekoConfig(), backend=None
+    loss, stats = geko_core.cross_entropy_with_stats(
+        leaf, labels, segments=segments, sample_weight=weights, shift=True, reduction="sum"
     )
     loss.backward()
     expected_loss = torch.zeros(())
@@ -284,8 +282,7 @@ def test_segment_statistics_and_weighted_packed_loss():
     bad[0, 6, 3] = float("nan")  # sample 1's token 1 predicts its label 2
     empty = labels.clone()
     empty[0, 8:15] = -100  # sample 2 loses every target
-    tokens = geko_core.sample_stats(bad, empty, shift=True, per_token=True).tokens
-    out = segment_sample_stats(tokens, segments[:, 1:], 3)
+    out = geko_core.sample_stats(bad, empty, shift=True, segments=segments, num_segments=3)
     assert out.bucket.tolist()[1:] == [-1, -1] and int(out.bucket[0]) >= 0
     assert math.isnan(float(out.loss[1])) and math.isnan(float(out.loss[2])) and out.valid_tokens.tolist()[2] == 0
 

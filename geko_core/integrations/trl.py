@@ -42,10 +42,10 @@ Packing (``packing=True``, strategy ``"bfd"``) and ``padding_free=True``
     samples, and TRL's padding-free collator concatenates each batch's samples into one row
     whose ``position_ids`` restart at every sample (block-diagonal attention: no sample sees
     another). The collator wrapper (:class:`GekoSFTCollator`) carries a per-token sample
-    position, ``"geko_segment"``, through the batch; the loss is computed over the packed row
-    with per-token statistics, which :func:`segment_sample_stats` reduces to one set of
-    statistics per original sample (its dataset index is known), and each sample's importance
-    weight scales the gradient of its own tokens. Differences from TRL's packing:
+    position, ``"geko_segment"``, through the batch; the loss and the statistics of the packed
+    row come from :func:`geko_core.cross_entropy_with_stats` with ``segments=``, which scores
+    each original sample as if it were alone (its dataset index is known), and each sample's
+    importance weight scales the loss and gradient of its own tokens. Differences from TRL's packing:
     ``per_device_train_batch_size`` counts *samples* packed into one row (not rows of
     ``max_length`` tokens), so a row holds exactly the planned samples and its length varies;
     choose the batch size for the tokens per step you want (about ``max_length`` divided by
@@ -96,13 +96,11 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("geko_core.integrations.trl needs trl: pip install 'geko_core[trl]'") from error
 
-from ..config import GekoConfig, resolve_config
 from ..loss import cross_entropy_with_stats
-from ..reference import instant_bucket
-from ..types import SampleStats, TokenStats
+from ..types import SampleStats
 from .hf import GEKO_INDEX_KEY, GekoIndexCollator, GekoTrainerMixin
 
-__all__ = ["GEKO_SEGMENT_KEY", "GekoSFTCollator", "GekoSFTTrainer", "segment_sample_stats"]
+__all__ = ["GEKO_SEGMENT_KEY", "GekoSFTCollator", "GekoSFTTrainer"]
 
 #: Batch field of a packed row: for every token, the position in the batch (0..B-1) of the
 #: sample it belongs to, -1 for padding. int64 ``[1, T]``.
@@ -166,126 +164,6 @@ def _segments(features: list, batch: Mapping[str, Any]) -> torch.Tensor:
     segment = torch.full((1, width), -1, dtype=torch.int64)
     segment[0, :total] = torch.repeat_interleave(torch.arange(count, dtype=torch.int64), lengths)
     return segment
-
-
-def segment_sample_stats(
-    tokens: TokenStats, segments: torch.Tensor, num_samples: int, config: GekoConfig | None = None
-) -> SampleStats:
-    """Per-sample statistics of samples packed into rows, from token-level statistics.
-
-    The same reduction as :func:`geko_core.sample_stats` applies to one sample's tokens: the
-    mean of each value over the sample's valid tokens (accumulated in float64, as the
-    reference does), ``valid_tokens`` their number, the instant bucket from the mean
-    confidence and correct fraction; a sample without a valid token, or with a non-finite
-    value in one, is invalid (NaN floats, bucket -1).
-
-    Args:
-        tokens: ``SampleStats.tokens`` of the packed rows (``per_token=True``), each ``[R, T]``
-            (already shifted, for a causal LM).
-        segments: int ``[R, T]``: for each token, the sample (``0..num_samples-1``) it belongs
-            to, negative for tokens of no sample.
-        num_samples: number of samples ``S``.
-        config: thresholds of the instant bucket.
-
-    Returns:
-        SampleStats with ``S`` entries, on the tokens' device.
-
-    Raises:
-        TypeError, ValueError: ``tokens`` that are not a TokenStats, segments of another shape
-            or not integer, a segment ``>= num_samples``.
-    """
-    if not isinstance(tokens, TokenStats):
-        raise TypeError(f"tokens must be a geko_core TokenStats (SampleStats.tokens with per_token=True), got {type(tokens).__name__}")
-    if not isinstance(segments, torch.Tensor) or segments.dtype.is_floating_point or segments.dtype == torch.bool:
-        raise TypeError(f"segments must be an integer tensor, got {getattr(segments, 'dtype', type(segments).__name__)}")
-    if segments.shape != tokens.valid.shape:
-        raise ValueError(f"segments shape {tuple(segments.shape)} does not match the token statistics {tuple(tokens.valid.shape)}")
-    if segments.numel() and int(segments.max()) >= num_samples:
-        raise ValueError(f"segment {int(segments.max())} is out of range for {num_samples} samples")
-    return _segment_sample_stats(tokens, segments, num_samples, resolve_config(config))
-
-
-def _segment_sample_stats(tokens: TokenStats, segments: torch.Tensor, num_samples: int, config: GekoConfig) -> SampleStats:
-    """:func:`segment_sample_stats` on trusted inputs (no host synchronisation)."""
-    device = tokens.loss.device
-    segments = segments.to(device=device, dtype=torch.int64)
-    counted = tokens.valid & (segments >= 0)
-    owner = segments[counted]
-    valid_tokens = torch.bincount(owner, minlength=num_samples)
-    finite = torch.isfinite(tokens.loss) & torch.isfinite(tokens.confidence)
-    nonfinite = torch.bincount(segments[counted & ~finite], minlength=num_samples) > 0
-    bad = nonfinite | (valid_tokens == 0)
-    denom = valid_tokens.clamp(min=1).to(torch.float64)
-
-    def mean(value: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(num_samples, dtype=torch.float64, device=device)
-        total.index_add_(0, owner, value[counted].to(torch.float64))
-        out = (total / denom).to(torch.float32)
-        return torch.where(bad, torch.full_like(out, float("nan")), out)
-
-    confidence = mean(tokens.confidence)
-    correct = mean(tokens.correct)
-    return SampleStats(
-        loss=mean(tokens.loss),
-        confidence=confidence,
-        label_prob=mean(tokens.label_prob),
-        correct=correct,
-        entropy=mean(tokens.entropy),
-        el2n=mean(tokens.el2n),
-        valid_tokens=valid_tokens.to(torch.int32),
-        bucket=instant_bucket(confidence, correct, config),
-    )
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by ``scale`` (broadcast)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(scale)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
-
-
-def _packed_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    segments: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    uniform: bool,
-    shift: bool,
-    reduction: str,
-    config: GekoConfig,
-    backend: str | None,
-) -> tuple[torch.Tensor, SampleStats]:
-    """Weighted loss ``sum_s w_s sum_{t in s} loss_t`` (or its mean over valid tokens) of
-    samples packed into rows, and their per-sample statistics, from one fused pass.
-
-    The fused kernel weighs whole rows; a per-sample weight inside a row is applied to the
-    gradient of the logits of that sample's tokens, and the loss value is the weighted sum of
-    the token losses of the same pass.
-    """
-    token_segments = segments[:, 1:] if shift else segments  # the sample of each scored (label) token
-    token_weight = None
-    if not uniform:
-        token_weight = torch.where(token_segments >= 0, weights[token_segments.clamp(min=0)], torch.zeros((), device=weights.device))
-        position_weight = torch.nn.functional.pad(token_weight, (0, 1)) if shift else token_weight
-        logits = _ScaleGradient.apply(logits, position_weight.unsqueeze(-1).to(logits.dtype))
-    loss, row_stats = cross_entropy_with_stats(
-        logits, labels, shift=shift, reduction="sum", per_token=True, config=config, backend=backend
-    )
-    stats = _segment_sample_stats(row_stats.tokens, token_segments, weights.shape[0], config)
-    if token_weight is not None:
-        weighted = (row_stats.tokens.loss * token_weight).sum()
-        loss = loss + (weighted - loss.detach())  # value: the weighted sum; gradient: through the scaled logits
-    if reduction == "mean":
-        loss = loss / stats.valid_tokens.sum().to(loss.dtype)
-    return loss, stats
 
 
 def _target_tokens(dataset: Any, *, shift: bool) -> np.ndarray | None:
@@ -379,11 +257,8 @@ class GekoSFTTrainer(GekoTrainerMixin, SFTTrainer):
         for field in _MASK_FIELDS:
             if field in inputs and (field != "completion_mask" or self.completion_only_loss):
                 labels = labels.masked_fill(inputs[field] == 0, -100)
-        segments = inputs.get(GEKO_SEGMENT_KEY)
-        if segments is not None and self._shift() and segments.shape[1] > 1:
-            # A sample's first token is predicted by the previous sample's last one: never a target.
-            boundary = torch.nn.functional.pad(segments[:, 1:] != segments[:, :-1], (1, 0))
-            labels = labels.masked_fill(boundary, -100)
+        # In a packed row, a sample's first token (predicted by the previous sample's last one)
+        # is never a target: cross_entropy_with_stats(segments=...) applies that rule itself.
         return labels
 
     def _geko_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -396,19 +271,14 @@ class GekoSFTTrainer(GekoTrainerMixin, SFTTrainer):
     ) -> torch.Tensor:
         selector = self.selector
         shift = self._shift()
-        host_weights = selector.weights(idx.detach().cpu())
-        weights = host_weights.to(logits.device)
+        weights = selector.weights(idx.detach().cpu()).to(logits.device)
         segments = inputs.get(GEKO_SEGMENT_KEY)
-        if segments is None:
-            loss, stats = cross_entropy_with_stats(
-                logits, labels, shift=shift, sample_weight=weights, reduction=reduction,
-                config=selector.config, backend=selector.backend,
-            )
-        else:
-            loss, stats = _packed_loss(
-                logits, labels, segments.to(logits.device), weights, uniform=bool((host_weights == 1).all()),
-                shift=shift, reduction=reduction, config=selector.config, backend=selector.backend,
-            )
+        # A packed row: one statistics entry, weight and loss share per sample of the batch.
+        packing = {} if segments is None else {"segments": segments.to(logits.device), "num_segments": weights.shape[0]}
+        loss, stats = cross_entropy_with_stats(
+            logits, labels, shift=shift, sample_weight=weights, reduction=reduction,
+            config=selector.config, backend=selector.backend, **packing,
+        )
         selector.observe_stats(idx, stats)
         self._geko_record_sft_metrics(inputs, stats)
         return loss
