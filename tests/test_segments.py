@@ -229,7 +229,7 @@ def test_segments_under_torch_compile_match_eager():
     def step(x):
         return cross_entropy_with_stats(x, labels, shift=True, segments=segments, num_segments=3, sample_weight=weights)
 
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # traces the operators and their autograd
     leaf = logits.clone().requires_grad_(True)
     loss, stats = compiled(leaf)
     loss.backward()
