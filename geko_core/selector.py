@@ -214,7 +214,10 @@ class Selector:
         self._plan: EpochPlan | None = None
         self._iteration_start: int | None = None  # set by GekoSampler.load_state_dict, used once
         self._batch_seen = 0  # largest batch trained in the current epoch
-        self._last_batch: tuple[np.ndarray, np.ndarray] | None = None  # indices, weights of the last observed batch
+        self._last_batch: tuple[Any, np.ndarray] | None = None  # indices, weights of the last observed batch
+        # Index tensors on a GPU are read one step late (no per-step host synchronisation);
+        # True takes that path for CPU tensors too (tests of the deferred path).
+        self._defer_host_indices = False
         self._pending: list[tuple[Any, ...]] = []
         self._forwarded = 0
         self._backpropagated = 0
@@ -354,6 +357,8 @@ class Selector:
             indices = self._indices(idx)
             plan = self._current()
             at = plan.locate(indices)
+            if self._last_batch is not None and isinstance(self._last_batch[0], _DeviceIndices):
+                self._last_batch = (self._last_batch[0].resolve(self.num_samples), self._last_batch[1])
             if at < 0 and self._last_batch is not None and np.array_equal(self._last_batch[0], indices):
                 values = self._last_batch[1]
             else:
@@ -407,7 +412,7 @@ class Selector:
         with self._timed("loss"):
             packed = segments is not None or position_ids is not None
             batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
-            indices = self._indices(idx, expected=batch_size)
+            indices = self._batch_indices(idx, expected=batch_size)
             head_weight, head_bias = _head_parameters(lm_head)
             if packed and head_weight is not None:
                 raise ValueError("segments= / position_ids= are not supported with lm_head=")
@@ -420,7 +425,13 @@ class Selector:
                 _prepare(logits, head_weight, labels, head_bias, weights, ignore_index=ignore_index, shift=shift,
                          chunk_size=chunk_size, backend=self.backend)
             plan = self._current()
-            at = plan.locate(indices)
+            if isinstance(indices, _DeviceIndices):
+                at = indices.assume_at(plan)
+                if at < 0:  # not where the plan stands: the values are needed now
+                    indices = indices.resolve(self.num_samples)
+                    at = plan.locate(indices)
+            else:
+                at = plan.locate(indices)
             if weights is None:
                 batch_weights = np.array(plan.batch_weights(indices, at), dtype=np.float32)
                 weights = torch.from_numpy(batch_weights)
@@ -568,6 +579,23 @@ class Selector:
             raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {self.num_samples} samples")
         return array.astype(np.int64, copy=False)
 
+    def _batch_indices(self, idx: Any, expected: int | None = None) -> "np.ndarray | _DeviceIndices":
+        """``_indices``, except that an integer index tensor on a GPU is not read now (that
+        would synchronise with the device every step): it is copied to the host
+        asynchronously and checked when its batch is applied to the table, one step later.
+        Until then the batch is assumed to be the plan's next ``len(idx)`` entries, which is
+        what the sampler yields; a batch that was not is reported then."""
+        if (
+            isinstance(idx, torch.Tensor)
+            and (idx.device.type != "cpu" or self._defer_host_indices)
+            and idx.dim() == 1
+            and not (idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex())
+        ):
+            if expected is not None and idx.shape[0] != expected:
+                raise ValueError(f"idx has {idx.shape[0]} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
+            return _DeviceIndices(idx)
+        return self._indices(idx, expected)
+
     def _observe_located(self, indices: np.ndarray, stats: SampleStats) -> None:
         plan = self._current()
         at = plan.locate(indices)
@@ -586,15 +614,21 @@ class Selector:
         values = [stats.loss, stats.confidence, correct, stats.el2n]
         device = stats.loss.device
         real = plan.real_mask(at, count)
+        deferred = isinstance(indices, _DeviceIndices)
         table_indices = indices
         if real is not None:  # padding copies are trained with weight 0 but never update the table
-            table_indices = indices[real]
             keep = torch.from_numpy(real).to(device)
+            table_indices = indices.masked(keep) if deferred else indices[real]
             values = [v[keep] for v in values]
         if _distributed() and self.num_replicas > 1:
-            idx_t = torch.from_numpy(np.ascontiguousarray(table_indices)).to(device)
+            if deferred:
+                idx_t = table_indices.device_tensor().to(device=device, dtype=torch.int64)
+            else:
+                idx_t = torch.from_numpy(np.ascontiguousarray(table_indices)).to(device)
             idx_t, *values = _all_gather_padded([idx_t, *values])
-            table_indices = idx_t.cpu().numpy()
+            table_indices = _DeviceIndices(idx_t) if deferred else idx_t.cpu().numpy()
+        if deferred:
+            table_indices.start_copy(expected=plan.indices[at : at + count][real] if real is not None else plan.indices[at : at + count])
         if device.type == "cpu":
             self._pending.append((table_indices, *[v.detach() for v in values], None, self._step_of_batch(), self.epoch))
         else:
@@ -609,7 +643,7 @@ class Selector:
         self._count_tokens(stats, "forwarded")
         plan.advance(count)
         self._batch_seen = max(self._batch_seen, count)
-        self._last_batch = (indices.copy(), weights if weights is not None else np.ones(count, dtype=np.float32))
+        self._last_batch = (indices if deferred else indices.copy(), weights if weights is not None else np.ones(count, dtype=np.float32))
         if not self._explicit_steps:
             self._step += 1
         # Apply everything but the newest entry when it is still in flight on a GPU.
@@ -638,6 +672,8 @@ class Selector:
             indices, loss, confidence, correct, el2n, event, step, epoch = self._pending.pop(0)
             if event is not None:
                 event.synchronize()
+            if isinstance(indices, _DeviceIndices):
+                indices = indices.resolve(self.num_samples, check_plan=True)
             batch = StatsBatch(
                 indices=np.ascontiguousarray(indices, dtype=np.int64),
                 loss=np.ascontiguousarray(loss.numpy(), dtype=np.float32),
@@ -873,6 +909,70 @@ def _nonnegative_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"Selector state {name} must be a non-negative int, got {value!r}")
     return int(value)
+
+
+class _DeviceIndices:
+    """A batch's dataset indices still on their device, read on the host one step late."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor.detach()
+        self._host: torch.Tensor | None = None
+        self._event: Any = None
+        self._expected: np.ndarray | None = None
+        self._values: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self._tensor.shape[0])
+
+    def device_tensor(self) -> torch.Tensor:
+        return self._tensor
+
+    def assume_at(self, plan: Any) -> int:
+        """The plan position this batch is taken to start at: where training stands, when
+        the plan has that many entries left; else -1."""
+        at = plan.position
+        return at if at + len(self) <= len(plan) else -1
+
+    def masked(self, keep: torch.Tensor) -> "_DeviceIndices":
+        return _DeviceIndices(self._tensor[keep.to(self._tensor.device)])
+
+    def start_copy(self, expected: np.ndarray) -> None:
+        """Copy to the host without waiting; ``expected`` is what the plan holds there."""
+        self._expected = np.array(expected, dtype=np.int64)
+        if self._tensor.device.type == "cuda":
+            self._host = torch.empty(self._tensor.shape, dtype=self._tensor.dtype, pin_memory=True)
+            self._host.copy_(self._tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = self._tensor
+
+    def resolve(self, num_samples: int, check_plan: bool = False) -> np.ndarray:
+        """The indices as int64 numpy (waits for the copy), range-checked; with
+        ``check_plan``, a batch that was not the plan's is reported."""
+        if self._values is None:
+            if self._host is None:
+                self._host = self._tensor.cpu()
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._host.numpy().astype(np.int64, copy=False)
+            if len(values) and (values.min() < 0 or values.max() >= num_samples):
+                bad = values[(values < 0) | (values >= num_samples)][0]
+                raise IndexError(
+                    f"dataset index {int(bad)} is out of range for a Selector of {num_samples} samples "
+                    "(found when its batch was applied, one step after it was trained: indices on a GPU are read late)"
+                )
+            self._values = values
+        if check_plan and self._expected is not None and not np.array_equal(self._values, self._expected):
+            warnings.warn(
+                "a batch whose indices were on a GPU was not the plan's next batch: its loss weights were taken from "
+                "the plan's positions. Loops that reorder or filter batches should pass idx on the CPU "
+                "(sel.loss(..., idx.cpu())), which costs a synchronisation per step",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._expected = None
+        return self._values
 
 
 def _head_parameters(lm_head: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:

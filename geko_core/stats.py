@@ -103,6 +103,8 @@ def prepare_inputs(
         check_same_device(labels, "labels", logits, "logits")
         if shift and logits.dim() != 3:
             raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 (labels are compared as int64), got {ignore_index}")
     vocab = logits.shape[-1]
     if torch.compiler.is_compiling():
         # Traced by torch.compile: the geko operators pick the kernel by device ("op").
