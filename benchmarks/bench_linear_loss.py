@@ -9,8 +9,10 @@ At [8192 tokens, d = 1024, V = 32000] in fp32 and bf16:
   ``sample_stats``; goals: at least 5x less peak extra memory, at least as fast, and at least
   2.5x faster than our forward + backward.
 
-Each variant runs in a fresh subprocess: one untimed run, whose growth of the peak RSS over
-the inputs is the peak extra memory, then ``REPEATS`` timed runs (median). Ratios are to the
+Each measurement runs a variant in a fresh subprocess: one untimed run, whose growth of the
+peak RSS over the inputs is the peak extra memory, then one timed run. The variants take turns,
+``REPEATS`` rounds of them, and each time is the median over the rounds: on shared cores the
+load drifts, and taking turns spreads the drift over every variant alike. Ratios are to the
 baseline measured in the same run of this script. ``chunk_size`` is left to its default.
 
 Run either way (``GEKO_BENCH_SMALL=1`` for a [1024, 256, 8000] shape that takes seconds,
@@ -79,7 +81,7 @@ VARIANTS: dict[str, Callable] = {
 }
 
 _CHILD_SCRIPT = """
-import json, statistics, sys, time
+import json, sys, time
 sys.path.insert(0, {folder!r})
 import bench_linear_loss as b
 
@@ -98,30 +100,39 @@ try:
     peak = (status("VmHWM") - before) / 1024
 except OSError:
     fn(hidden, weight, labels)  # still the untimed first run
-times = []
-for _ in range({repeats}):
-    start = time.perf_counter()
-    fn(hidden, weight, labels)
-    times.append(time.perf_counter() - start)
-print(json.dumps({{"peak_mb": peak, "seconds": statistics.median(times)}}))
+start = time.perf_counter()
+fn(hidden, weight, labels)
+print(json.dumps({{"peak_mb": peak, "seconds": time.perf_counter() - start}}))
 """
 
 
 def run_variant(name: str, dtype: str) -> dict[str, float | None]:
-    """Peak RSS growth (MiB, None where /proc cannot say) and median seconds, in a fresh process."""
+    """Peak RSS growth (MiB, None where /proc cannot say) and the seconds of one warm run, in a
+    fresh process."""
     folder = str(Path(__file__).resolve().parent)
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD_SCRIPT.format(folder=folder, dtype=dtype, name=name, repeats=REPEATS)],
-        check=True,
+        [sys.executable, "-c", _CHILD_SCRIPT.format(folder=folder, dtype=dtype, name=name)],
         capture_output=True,
         text=True,
         cwd=folder,  # not the repository root, whose geko_core/ folder would shadow the install
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"variant {name!r} ({dtype}) failed with exit status {out.returncode}:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure() -> dict[str, dict[str, dict[str, float | None]]]:
-    return {dtype: {name: run_variant(name, dtype) for name in VARIANTS} for dtype in DTYPES}
+    results: dict[str, dict[str, dict[str, float | None]]] = {}
+    for dtype in DTYPES:
+        rounds = [{name: run_variant(name, dtype) for name in VARIANTS} for _ in range(REPEATS)]
+        results[dtype] = {}
+        for name in VARIANTS:
+            peaks = [r[name]["peak_mb"] for r in rounds if r[name]["peak_mb"] is not None]
+            results[dtype][name] = {
+                "peak_mb": statistics.median(peaks) if peaks else None,
+                "seconds": statistics.median(r[name]["seconds"] for r in rounds),
+            }
+    return results
 
 
 def _goal(text: str, met: bool) -> str:
@@ -137,7 +148,7 @@ def _memory_ratio(base: float | None, ours: float | None) -> float | None:
 def report(results: dict[str, dict[str, dict[str, float | None]]]) -> str:
     lines = [
         f"CPU, hidden [{TOKENS}, {DIM}], weight [{VOCAB}, {DIM}] (logits [{TOKENS}, {VOCAB}]), "
-        f"{torch.get_num_threads()} threads, median of {REPEATS}"
+        f"{torch.get_num_threads()} threads, median of {REPEATS} rounds"
     ]
     for dtype, rows in results.items():
         lines.append(f"  {dtype}:")

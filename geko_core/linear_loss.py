@@ -407,11 +407,25 @@ def _sample_statistics(
         entropy=entropy,
         el2n=el2n,
         valid_tokens=count.to(torch.int32),
-        bucket=instant_bucket(confidence, correct, config),
+        bucket=_bucket(confidence, correct, values[2], valid, config),
         tokens=token_out,
     )
     token_loss_sum = values[0].sum(dim=1) if row_tokens > 0 else torch.zeros(samples, dtype=torch.float32, device=values.device)
     return stats, token_loss_sum
+
+
+def _bucket(
+    confidence: torch.Tensor, correct: torch.Tensor, label_prob: torch.Tensor, valid: torch.Tensor, config: GekoConfig
+) -> torch.Tensor:
+    """The instant bucket from the per-sample means, by the reference's rule (float32
+    thresholds, as the kernels compare them). A configuration with a positive
+    ``correct_margin`` also needs each sample's lowest label probability over its valid
+    tokens (``label_prob`` and ``valid`` are ``[S, T]``), a minimum, so chunk-independent."""
+    if getattr(config, "correct_margin", 0.0) > 0.0:
+        inf = torch.full((), float("inf"), dtype=torch.float32, device=label_prob.device)
+        lowest = torch.where(valid, label_prob, inf).amin(dim=1) if valid.shape[1] else inf.expand(valid.shape[0])
+        return instant_bucket(confidence, correct, config, lowest)
+    return instant_bucket(confidence, correct, config)
 
 
 def _reduce(

@@ -330,6 +330,25 @@ def test_bucket_thresholds_compare_like_the_kernels(threshold, label, at, above)
     assert bool((got.bucket[got.confidence > np.float32(threshold)] == above).all())
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_correct_margin_uses_the_lowest_label_probability(chunk_size):
+    import dataclasses
+
+    if "correct_margin" not in {f.name for f in dataclasses.fields(GekoConfig)}:
+        pytest.skip("this GekoConfig has no correct_margin")
+    hidden = torch.randint(-3, 4, (4, 6, 4)).float() / 2
+    weight = torch.randint(-3, 4, (9, 4)).float() / 2
+    labels = (hidden @ weight.T).argmax(dim=-1)  # every token right: the samples are correct
+    labels[0, 0] = -100
+    labels[1] = -100
+    config = GekoConfig(correct_margin=0.95)
+    _, got = linear_cross_entropy_with_stats(hidden, weight, labels, config=config, chunk_size=chunk_size)
+    want = sample_stats(hidden @ weight.T, labels, config=config)
+    assert_stats_identical(got, want)
+    plain = sample_stats(hidden @ weight.T, labels)
+    assert not torch.equal(want.bucket, plain.bucket)  # the margin changed some bucket
+
+
 def test_non_finite_hidden_invalidates_its_sample():
     hidden, weight, bias, labels = make_case("3d", exact=True)
     hidden[1, 2, 0] = math.nan
