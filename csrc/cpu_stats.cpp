@@ -438,6 +438,26 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
     }
     body(i, vec16_end);
     i = vec16_end;
+    if (i < vocab) {
+      // The last vocab % 16 elements (all of a row with V < 16), through the same vector
+      // code: copied into a 16-lane buffer padded with the max (a finite value whose
+      // exponent is computed and then dropped), with the padding lanes and the argmax's
+      // lane masked out as in the argmax block above. Only the row's own elements are read.
+      const int64_t n = vocab - i;
+      alignas(32) float tail[16];
+      for (int64_t j = 0; j < 16; ++j) tail[j] = j < n ? Elem<T>::load(row + i + j) : m;
+      const __m256i lane_a = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i lane_b = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+      const __m256i count = _mm256_set1_epi32(static_cast<int>(n));
+      // skip - i is negative when the argmax lies before the tail: no lane matches it.
+      const __m256i at = _mm256_set1_epi32(skip >= i ? static_cast<int>(skip - i) : -1);
+      const __m256 keep0 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_a, at),
+                                                                   _mm256_cmpgt_epi32(count, lane_a)));
+      const __m256 keep1 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_b, at),
+                                                                   _mm256_cmpgt_epi32(count, lane_b)));
+      add16(_mm256_load_ps(tail), _mm256_load_ps(tail + 8), &keep0, &keep1);
+      i = vocab;
+    }
     out.d = hsum(d0);
     s1_log2 = hsum(_mm256_add_ps(a0, a1));
     out.s2 = hsum(_mm256_add_ps(b0, b1));
@@ -514,9 +534,10 @@ void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index
     }
     const T* row = base + s * lv.sample_stride + t * lv.token_stride;
     const T* next_row = nullptr;
-    if (r + 1 < rows) {
-      const int64_t s_next = (r + 1) / lv.tokens;
-      const int64_t t_next = (r + 1) % lv.tokens;
+    if (r + 1 < rows) {  // (s, t + 1) or the next sample's first token: no second division
+      const bool same_sample = t + 1 < lv.tokens;
+      const int64_t s_next = same_sample ? s : s + 1;
+      const int64_t t_next = same_sample ? t + 1 : 0;
       next_row = base + s_next * lv.sample_stride + t_next * lv.token_stride;
     }
     const RowSums sums = row_sums(row, vocab, next_row);
@@ -560,6 +581,17 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse,
     for (; i + 8 <= vocab; i += 8) {
       const __m256 p = exp2_clamped(log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vl)));
       Vec<T>::store(out + i, _mm256_mul_ps(p, vs));
+    }
+    if (i < vocab) {
+      // The last vocab % 8 elements through the same vector code, via an 8-lane buffer
+      // (padded with lse, dropped): only the row's own elements are read and written.
+      const int64_t n = vocab - i;
+      alignas(32) float tail[8];
+      for (int64_t j = 0; j < 8; ++j) tail[j] = j < n ? Elem<T>::load(row + i + j) : l;
+      const __m256 p = exp2_clamped(log2_units(_mm256_sub_ps(_mm256_load_ps(tail), vl)));
+      _mm256_store_ps(tail, _mm256_mul_ps(p, vs));
+      for (int64_t j = 0; j < n; ++j) Elem<T>::store(out + i + j, tail[j]);
+      i = vocab;
     }
 #endif
     for (; i < vocab; ++i) {
