@@ -187,10 +187,10 @@ def build_info() -> dict:
     """
     Compiler, flags, OpenMP and CPU features of this build.
     """
-def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex) -> None:
+def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, scale_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> None:
     """
-    grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens;
-    token_scale is float32 [S, T] or [S] (one scale per sample).
+    grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid
+    tokens; token_scale is float32 [S, T] or [S] (one scale per sample).
     
     grad=None writes the gradient into the logits storage. Releases the GIL.
     """
@@ -228,9 +228,11 @@ def stats_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.S
     """
     Fused statistics of [S, T, V] logits and [S, T] int64 labels (DLPack capsules of CPU tensors).
     
-    Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]),
-    optionally the 7 per-token outputs (float32 x6, bool valid; [S, T], entries may be None)
-    and the per-token log-sum-exp (float32 [S, T]). Releases the GIL.
+    Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]; or 3:
+    a float32 [6, S] block of the six floats, valid_tokens, bucket), optionally the per-token
+    outputs (7: float32 x6, bool valid; [S, T], entries may be None; or 2: a float32 [K, S, T]
+    block of the first K fields, valid or None) and the per-token log-sum-exp (float32 [S, T]).
+    Releases the GIL.
     """
 def weighted_sample(weights: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex, method: str) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float64]]:
     ...

@@ -183,17 +183,16 @@ def forward_blocks_cpp(
     token_values = torch.empty((token_rows(per_token, write_lse), samples, tokens), dtype=torch.float32)
     token_valid = torch.empty((samples, tokens if per_token else 0), dtype=torch.bool)
     lse = torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float32)
+    # Whole blocks, one capsule each (the binding addresses the rows itself).
     token_capsules = None
-    if per_token:
-        token_capsules = [to_dlpack(token_values[k]) for k in range(6)] + [to_dlpack(token_valid)]
-    elif write_lse:
-        token_capsules = [to_dlpack(token_values[0]), None, None, None, None, None, None]
+    if per_token or write_lse:
+        token_capsules = (to_dlpack(token_values), to_dlpack(token_valid) if per_token else None)
     core.stats_forward(
         to_dlpack(logits3.detach()),
         to_dlpack(labels3),
         ignore_index,
         cpp_config_for_kernels(config),
-        [to_dlpack(sample_values[k]) for k in range(6)] + [to_dlpack(valid_tokens), to_dlpack(bucket)],
+        (to_dlpack(sample_values), to_dlpack(valid_tokens), to_dlpack(bucket)),
         token_capsules,
         to_dlpack(lse) if write_lse else None,
     )

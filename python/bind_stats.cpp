@@ -72,38 +72,69 @@ void stats_forward(const py::object& logits, const py::object& labels, int64_t i
   Inputs in = checked_inputs(logits, labels);
   const int64_t S = in.logits.samples;
   const int64_t T = in.logits.tokens;
-  if (py::len(sample_out) != 8)
-    throw std::invalid_argument("sample_out: expected 8 tensors (loss, confidence, label_prob, correct, entropy, "
-                                "el2n, valid_tokens, bucket)");
   SampleStatsOutput out;
   const std::vector<int64_t> sample_shape{S};
-  out.loss = reinterpret_cast<float*>(checked_buffer(sample_out[0], Kind::kFloat32, sample_shape, "loss"));
-  out.confidence = reinterpret_cast<float*>(checked_buffer(sample_out[1], Kind::kFloat32, sample_shape, "confidence"));
-  out.label_prob = reinterpret_cast<float*>(checked_buffer(sample_out[2], Kind::kFloat32, sample_shape, "label_prob"));
-  out.correct = reinterpret_cast<float*>(checked_buffer(sample_out[3], Kind::kFloat32, sample_shape, "correct"));
-  out.entropy = reinterpret_cast<float*>(checked_buffer(sample_out[4], Kind::kFloat32, sample_shape, "entropy"));
-  out.el2n = reinterpret_cast<float*>(checked_buffer(sample_out[5], Kind::kFloat32, sample_shape, "el2n"));
-  out.valid_tokens =
-      reinterpret_cast<int32_t*>(checked_buffer(sample_out[6], Kind::kInt32, sample_shape, "valid_tokens"));
-  out.bucket = reinterpret_cast<int8_t*>(checked_buffer(sample_out[7], Kind::kInt8, sample_shape, "bucket"));
+  const size_t sample_parts = py::len(sample_out);
+  if (sample_parts == 3) {
+    // One float32 [6, S] block (loss, confidence, label_prob, correct, entropy, el2n rows),
+    // valid_tokens and bucket: three capsules instead of eight.
+    float* values = reinterpret_cast<float*>(checked_buffer(sample_out[0], Kind::kFloat32, {6, S}, "sample values"));
+    float** fields[6] = {&out.loss, &out.confidence, &out.label_prob, &out.correct, &out.entropy, &out.el2n};
+    for (int k = 0; k < 6; ++k) *fields[k] = values + k * S;
+    out.valid_tokens =
+        reinterpret_cast<int32_t*>(checked_buffer(sample_out[1], Kind::kInt32, sample_shape, "valid_tokens"));
+    out.bucket = reinterpret_cast<int8_t*>(checked_buffer(sample_out[2], Kind::kInt8, sample_shape, "bucket"));
+  } else if (sample_parts == 8) {
+    out.loss = reinterpret_cast<float*>(checked_buffer(sample_out[0], Kind::kFloat32, sample_shape, "loss"));
+    out.confidence =
+        reinterpret_cast<float*>(checked_buffer(sample_out[1], Kind::kFloat32, sample_shape, "confidence"));
+    out.label_prob =
+        reinterpret_cast<float*>(checked_buffer(sample_out[2], Kind::kFloat32, sample_shape, "label_prob"));
+    out.correct = reinterpret_cast<float*>(checked_buffer(sample_out[3], Kind::kFloat32, sample_shape, "correct"));
+    out.entropy = reinterpret_cast<float*>(checked_buffer(sample_out[4], Kind::kFloat32, sample_shape, "entropy"));
+    out.el2n = reinterpret_cast<float*>(checked_buffer(sample_out[5], Kind::kFloat32, sample_shape, "el2n"));
+    out.valid_tokens =
+        reinterpret_cast<int32_t*>(checked_buffer(sample_out[6], Kind::kInt32, sample_shape, "valid_tokens"));
+    out.bucket = reinterpret_cast<int8_t*>(checked_buffer(sample_out[7], Kind::kInt8, sample_shape, "bucket"));
+  } else {
+    throw std::invalid_argument("sample_out: expected 8 tensors (loss, confidence, label_prob, correct, entropy, "
+                                "el2n, valid_tokens, bucket) or 3 (a float32 [6, S] block of the first six, "
+                                "valid_tokens, bucket)");
+  }
 
   TokenStatsOutput tokens;
   const std::vector<int64_t> token_shape{S, T};
+  float** token_fields[6] = {&tokens.loss, &tokens.confidence, &tokens.label_prob,
+                             &tokens.correct, &tokens.entropy, &tokens.el2n};
   if (!token_out.is_none()) {
     py::sequence seq = token_out.cast<py::sequence>();
-    if (py::len(seq) != 7)
+    const size_t token_parts = py::len(seq);
+    py::object valid;
+    if (token_parts == 2) {
+      // A float32 [K, S, T] block holding the first K fields (1 <= K <= 6), and valid.
+      Tensor block = from_capsule(seq[0], "token values");
+      require_kind(block, Kind::kFloat32, "token values");
+      if (block.shape.size() != 3 || block.shape[0] < 1 || block.shape[0] > 6)
+        throw std::invalid_argument("token values: expected a float32 [K, S, T] block with 1 <= K <= 6, got shape " +
+                                    dlpack::shape_string(block.shape));
+      require_shape(block, {block.shape[0], S, T}, "token values");
+      if (!block.contiguous()) throw std::invalid_argument("token values: must be contiguous");
+      float* base = reinterpret_cast<float*>(block.data);
+      for (int64_t k = 0; k < block.shape[0]; ++k) *token_fields[k] = base + k * S * T;
+      valid = seq[1];
+    } else if (token_parts == 7) {
+      const char* names[6] = {"token loss", "token confidence", "token label_prob",
+                              "token correct", "token entropy", "token el2n"};
+      for (int k = 0; k < 6; ++k) {
+        py::object item = seq[k];
+        if (!item.is_none())
+          *token_fields[k] = reinterpret_cast<float*>(checked_buffer(item, Kind::kFloat32, token_shape, names[k]));
+      }
+      valid = seq[6];
+    } else {
       throw std::invalid_argument("token_out: expected 7 tensors (loss, confidence, label_prob, correct, entropy, "
-                                  "el2n, valid)");
-    float** fields[6] = {&tokens.loss, &tokens.confidence, &tokens.label_prob,
-                         &tokens.correct, &tokens.entropy, &tokens.el2n};
-    const char* names[6] = {"token loss", "token confidence", "token label_prob",
-                            "token correct", "token entropy", "token el2n"};
-    for (int k = 0; k < 6; ++k) {
-      py::object item = seq[k];
-      if (!item.is_none())
-        *fields[k] = reinterpret_cast<float*>(checked_buffer(item, Kind::kFloat32, token_shape, names[k]));
+                                  "el2n, valid) or 2 (a float32 [K, S, T] block of the first K, valid)");
     }
-    py::object valid = seq[6];
     if (!valid.is_none())
       tokens.valid = reinterpret_cast<uint8_t*>(checked_buffer(valid, Kind::kBool, token_shape, "token valid"));
   }
@@ -115,13 +146,14 @@ void stats_forward(const py::object& logits, const py::object& labels, int64_t i
 }
 
 void ce_backward(const py::object& logits, const py::object& labels, const py::object& lse,
-                 const py::object& token_scale, const py::object& grad, int64_t ignore_index) {
+                 const py::object& token_scale, const py::object& grad, int64_t ignore_index, float scale_factor) {
   Inputs in = checked_inputs(logits, labels);
   const int64_t S = in.logits.samples;
   const int64_t T = in.logits.tokens;
   const std::vector<int64_t> token_shape{S, T};
   const float* lse_data = reinterpret_cast<const float*>(checked_buffer(lse, Kind::kFloat32, token_shape, "lse"));
-  // token_scale: [S, T], or [S] (one scale per sample, the usual case) widened here.
+  // token_scale: [S, T], or [S] (one scale per sample, the usual case) widened here;
+  // times scale_factor (the reduction's common factor, so callers need no tensor op for it).
   std::vector<float> widened;
   const float* scale_data = nullptr;
   {
@@ -132,7 +164,7 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
       widened.resize(static_cast<size_t>(S * T));
       const float* per_sample = reinterpret_cast<const float*>(sc.data);
       for (int64_t s = 0; s < S; ++s) {
-        const float v = per_sample[s * sc.strides[0]];
+        const float v = per_sample[s * sc.strides[0]] * scale_factor;
         for (int64_t t = 0; t < T; ++t) widened[static_cast<size_t>(s * T + t)] = v;
       }
       scale_data = widened.data();
@@ -140,6 +172,11 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
       require_shape(sc, token_shape, "token_scale");
       if (!sc.contiguous()) throw std::invalid_argument("token_scale: must be contiguous");
       scale_data = reinterpret_cast<const float*>(sc.data);
+      if (scale_factor != 1.0f) {
+        widened.assign(scale_data, scale_data + S * T);
+        for (float& v : widened) v *= scale_factor;
+        scale_data = widened.data();
+      }
     }
   }
   void* grad_data = nullptr;
@@ -193,13 +230,15 @@ void bind_stats(py::module_& m) {
   m.def("stats_forward", &stats_forward, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"),
         py::arg("config"), py::arg("sample_out"), py::arg("token_out") = py::none(), py::arg("lse_out") = py::none(),
         "Fused statistics of [S, T, V] logits and [S, T] int64 labels (DLPack capsules of CPU tensors).\n\n"
-        "Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]),\n"
-        "optionally the 7 per-token outputs (float32 x6, bool valid; [S, T], entries may be None)\n"
-        "and the per-token log-sum-exp (float32 [S, T]). Releases the GIL.");
+        "Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]; or 3:\n"
+        "a float32 [6, S] block of the six floats, valid_tokens, bucket), optionally the per-token\n"
+        "outputs (7: float32 x6, bool valid; [S, T], entries may be None; or 2: a float32 [K, S, T]\n"
+        "block of the first K fields, valid or None) and the per-token log-sum-exp (float32 [S, T]).\n"
+        "Releases the GIL.");
   m.def("cross_entropy_backward", &ce_backward, py::arg("logits"), py::arg("labels"), py::arg("lse"),
-        py::arg("token_scale"), py::arg("grad"), py::arg("ignore_index"),
-        "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None], 0 for non-valid tokens;\n"
-        "token_scale is float32 [S, T] or [S] (one scale per sample).\n\n"
+        py::arg("token_scale"), py::arg("grad"), py::arg("ignore_index"), py::arg("scale_factor") = 1.0f,
+        "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid\n"
+        "tokens; token_scale is float32 [S, T] or [S] (one scale per sample).\n\n"
         "grad=None writes the gradient into the logits storage. Releases the GIL.");
   m.def("first_bad_label", &first_bad_label, py::arg("labels"), py::arg("vocab"), py::arg("ignore_index"),
         "Flat index s * T + t of the first [S, T] int64 label that is neither ignore_index nor in [0, vocab), "

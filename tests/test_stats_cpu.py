@@ -125,6 +125,76 @@ def test_binding_validates_every_buffer():
         core.stats_forward(logits.__dlpack__(), labels.__dlpack__(), -100, config, [t.__dlpack__() for t in outs], None, None)
 
 
+def test_binding_takes_whole_blocks():
+    # The fused loss passes one [6, S] block for the per-sample floats and one [K, S, T]
+    # block for the token values: the same numbers as one buffer per field.
+    core = load_compiled_core()
+    cfg = GekoConfig().to_cpp()
+    logits = torch.randn(3, 2, 10)
+    labels = torch.randint(0, 10, (3, 2))
+    labels[1, 1] = -100
+    outs = _outputs(3)
+    fields = [torch.empty(3, 2) for _ in range(6)] + [torch.empty(3, 2, dtype=torch.bool)]
+    lse = torch.empty(3, 2)
+    core.stats_forward(logits.__dlpack__(), labels.__dlpack__(), -100, cfg, [t.__dlpack__() for t in outs],
+                       [t.__dlpack__() for t in fields], lse.__dlpack__())
+    values, valid, bucket = torch.empty(6, 3), torch.empty(3, dtype=torch.int32), torch.empty(3, dtype=torch.int8)
+    for rows in (1, 6):
+        block, block_valid, block_lse = torch.empty(rows, 3, 2), torch.empty(3, 2, dtype=torch.bool), torch.empty(3, 2)
+        core.stats_forward(logits.__dlpack__(), labels.__dlpack__(), -100, cfg,
+                           (values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__()),
+                           (block.__dlpack__(), block_valid.__dlpack__()), block_lse.__dlpack__())
+        assert torch.equal(values, torch.stack(outs[:6])) and torch.equal(valid, outs[6]) and torch.equal(bucket, outs[7])
+        assert torch.equal(block, torch.stack(fields[:rows])) and torch.equal(block_valid, fields[6])
+        assert torch.equal(block_lse, lse)
+
+    def call(sample=None, tokens=None):
+        sample = sample if sample is not None else (torch.empty(6, 3), valid, bucket)
+        core.stats_forward(logits.__dlpack__(), labels.__dlpack__(), -100, cfg, [t.__dlpack__() for t in sample],
+                           None if tokens is None else [t if t is None else t.__dlpack__() for t in tokens], None)
+
+    with pytest.raises(ValueError, match="sample values: expected shape"):
+        call(sample=(torch.empty(5, 3), valid, bucket))
+    with pytest.raises(ValueError, match="sample values: must be contiguous"):
+        call(sample=(torch.empty(3, 6).t(), valid, bucket))
+    with pytest.raises(TypeError, match="bucket: expected int8"):
+        call(sample=(torch.empty(6, 3), valid, valid))
+    with pytest.raises(ValueError, match="1 <= K <= 6"):
+        call(tokens=(torch.empty(7, 3, 2), None))
+    with pytest.raises(ValueError, match="1 <= K <= 6"):
+        call(tokens=(torch.empty(3, 2), None))
+    with pytest.raises(ValueError, match="token values: expected shape"):
+        call(tokens=(torch.empty(1, 3, 3), None))
+    with pytest.raises(ValueError, match="token values: must be contiguous"):
+        call(tokens=(torch.empty(1, 2, 3).transpose(1, 2), None))
+    with pytest.raises(ValueError, match="token valid: expected shape"):
+        call(tokens=(torch.empty(1, 3, 2), torch.empty(3, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="expected 8 tensors"):
+        call(sample=(torch.empty(6, 3), valid))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_short_rows_and_row_tails_match_reference(check_stats, dtype):
+    # Rows shorter than a vector block, and the last vocab % 16 elements of longer rows, go
+    # through padded vector code: the argmax in every lane of the tail, and ties.
+    for vocab in (2, 3, 7, 8, 9, 10, 15, 17, 31, 33):
+        logits = (torch.randn(vocab, 3, vocab) * 3).to(dtype)
+        for s in range(vocab):
+            logits[s, 0, s] = 20.0  # argmax at every position
+            logits[s, 1, (s + 1) % vocab] = logits[s, 1, s] = 15.0  # a tie: the first one counts
+        labels = torch.randint(0, vocab, (vocab, 3))
+        labels[:, 0] = torch.arange(vocab)
+        check_stats(sample_stats(logits, labels, per_token=True, backend="cpp"), logits, labels, per_token=True)
+        lse = torch.logsumexp(logits.float(), dim=-1).contiguous()
+        scale = torch.linspace(-1.0, 2.0, vocab)
+        grad = torch.empty_like(logits)
+        load_compiled_core().cross_entropy_backward(logits.__dlpack__(), labels.__dlpack__(), lse.__dlpack__(),
+                                                    scale.__dlpack__(), grad.__dlpack__(), -100, 0.5)
+        expected = (torch.softmax(logits.float(), -1) - torch.nn.functional.one_hot(labels, vocab)) * 0.5 * scale[:, None, None]
+        tolerance = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+        torch.testing.assert_close(grad.float(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_binding_never_reads_out_of_range_labels():
     # Called directly, the kernel gives out-of-range labels the reference meaning
     # (sample invalid) instead of indexing with them.
