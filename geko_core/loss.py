@@ -8,7 +8,7 @@ Triton kernels do; ``backend="reference"`` is plain differentiable torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,12 +20,19 @@ from ._checks import check_bool, check_choice, check_same_device, check_tensor
 from .config import GekoConfig, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
-from .stats import prepare_inputs, segment_token_values, stats_cpp
+from .stats import forward_blocks_cpp, prepare_inputs, segment_token_values, stats_from_blocks
 from .types import SampleStats
 
 __all__ = ["cross_entropy_with_stats"]
 
 _REDUCTIONS = ("none", "sum", "mean")
+
+
+class HostStats(NamedTuple):
+    """What the C++ path already holds on the host after its forward pass."""
+
+    valid_total: int | None  # the batch's valid tokens (None: not counted, reduction "none")
+    values: np.ndarray  # float32 [6, S]: the statistics' six float fields (their memory)
 
 
 def _reduce(
@@ -62,29 +69,29 @@ def _reduce_host(
 ) -> tuple[torch.Tensor, int]:
     """``_reduce`` for CPU tensors, in float64 numpy (a few microseconds instead of several
     torch reductions); returns the float32 loss and the batch's valid-token count."""
-    per_sample = token_loss.numpy().sum(axis=1, dtype=np.float64)
-    if weight is not None:
-        per_sample = per_sample * weight.numpy()
-    total = int(valid_tokens.numpy().sum(dtype=np.int64))
-    value = float(per_sample.sum())
+    losses = token_loss.numpy()
+    per_sample = losses[:, 0].astype(np.float64) if losses.shape[1] == 1 else losses.sum(axis=1, dtype=np.float64)
+    value = float(per_sample.sum() if weight is None else np.dot(per_sample, weight.numpy().astype(np.float64)))
+    total = int(valid_tokens.numpy().sum())  # int32 counts summed as int64
     if reduction == "mean":
         value = value / total if total else float("nan")  # 0 / 0 = NaN, as F.cross_entropy
-    return torch.tensor(value, dtype=torch.float32), total
+    return torch.from_numpy(np.array(value, dtype=np.float32)), total
 
 
 def _sample_scale(
     grad_output: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str, total: int | None
-) -> torch.Tensor:
-    """d loss / d token_loss per sample, float32 ``[S]`` (CPU; the kernel zeroes non-valid tokens)."""
+) -> tuple[torch.Tensor, float]:
+    """d loss / d token_loss per sample as float32 ``[S]`` times a common factor (CPU; the
+    kernel multiplies the two and zeroes non-valid tokens)."""
     if reduction == "none":
         scale = grad_output.to(torch.float32) / valid_tokens.clamp(min=1).to(torch.float32)
-        return (scale if weight is None else scale * weight).contiguous()
+        return (scale if weight is None else scale * weight).contiguous(), 1.0
     g = float(grad_output)
     if reduction == "mean":
         g = g / total if total else float("nan")
     if weight is None:
-        return torch.full((valid_tokens.shape[0],), g, dtype=torch.float32)
-    return weight * g
+        return torch.full((valid_tokens.shape[0],), g, dtype=torch.float32), 1.0
+    return weight, g
 
 
 def _samples_view(tensor: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -108,15 +115,19 @@ class _FusedCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         logits3, labels3 = options.pop("views")  # prepared (and checked) by the caller
         logits3 = logits3.detach()
+        host_values = None
         if options["backend"] == "cpp":
-            stats, token_loss, lse = stats_cpp(
+            blocks = forward_blocks_cpp(
                 logits3,
                 labels3,
                 ignore_index=options["ignore_index"],
                 config=options["config"],
                 per_token=options["per_token"],
-                token_loss=True,
+                write_lse=True,
             )
+            stats = stats_from_blocks(blocks, options["per_token"])
+            token_loss, lse = blocks.token_values[0], blocks.lse
+            host_values = blocks.sample_values.numpy()
         else:
             from .kernels.cross_entropy import cross_entropy_forward_triton
 
@@ -141,6 +152,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
             per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
             loss = _reduce(per_sample, valid_tokens, weight, reduction)
             ctx.valid_total = None
+        if host_values is not None:
+            out.append(HostStats(ctx.valid_total, host_values))
         ctx.save_for_backward(logits, logits3, labels3, lse, valid_tokens, weight if weight is not None else lse.new_empty(0))
         return loss
 
@@ -152,21 +165,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
         shift = options["shift"]
         inplace = options["inplace"]
         weight = weight if ctx.has_weight else None
-        shares_logits = logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+        # Only the in-place path asks whether the kernels' view shares the logits' memory.
+        shares_logits = inplace and logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
         if options["backend"] == "cpp":
             core = load_compiled_core()
-            scale = _sample_scale(grad_output, valid_tokens, weight, options["reduction"], ctx.valid_total)
-            if inplace and shares_logits:
+            scale, factor = _sample_scale(grad_output, valid_tokens, weight, options["reduction"], ctx.valid_total)
+            if shares_logits:
                 grad = logits.detach()  # the same storage, now holding the gradient
                 core.cross_entropy_backward(
-                    to_dlpack(logits3.detach()), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
-                    None, options["ignore_index"],
+                    to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
+                    None, options["ignore_index"], factor,
                 )
             else:
                 grad = torch.empty(ctx.logits_shape, dtype=logits.dtype)
                 core.cross_entropy_backward(
-                    to_dlpack(logits3.detach()), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
-                    to_dlpack(_samples_view(grad, shift)), options["ignore_index"],
+                    to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
+                    to_dlpack(_samples_view(grad, shift)), options["ignore_index"], factor,
                 )
             if shift and grad.shape[1] > 0:
                 grad[:, -1].zero_()  # the last position predicts nothing
@@ -175,7 +189,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         from .kernels.cross_entropy import cross_entropy_backward_triton
 
         token_scale = _token_scale(grad_output, valid_tokens, weight, options["reduction"], labels3.shape[1])
-        if inplace and shares_logits:
+        if shares_logits:
             grad = logits.detach()
             cross_entropy_backward_triton(
                 logits3.detach(), labels3, lse, token_scale, ignore_index=options["ignore_index"], inplace=True
@@ -384,6 +398,33 @@ def cross_entropy_with_stats(
             ``sample_weight`` that is not a float tensor of shape ``[S]`` on the logits'
             device.
     """
+    loss, stats, _ = _loss_and_stats(
+        logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=sample_weight, reduction=reduction,
+        per_token=per_token, config=config, backend=backend, inplace_backward=inplace_backward, segments=segments,
+        position_ids=position_ids, num_segments=num_segments,
+    )
+    return loss, stats
+
+
+def _loss_and_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    sample_weight: torch.Tensor | None,
+    reduction: str,
+    per_token: bool,
+    config: GekoConfig | None,
+    backend: str | None,
+    inplace_backward: bool,
+    segments: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    num_segments: int | None,
+) -> tuple[torch.Tensor, SampleStats, "HostStats | None"]:
+    """``cross_entropy_with_stats`` and, on the C++ path, what the Selector reads on the host
+    every step (so it converts nothing again); None on the other paths."""
+
     config = resolve_config(config)
     check_choice(reduction, "reduction", _REDUCTIONS)
     per_token = check_bool(per_token, "per_token")
@@ -408,10 +449,13 @@ def cross_entropy_with_stats(
         check_same_device(weight, "sample_weight", logits, "logits")
         weight = weight.detach()
     if packed is not None:
-        return _segmented_loss(
-            logits, logits3, packed, name=name, ignore_index=ignore_index, shift=shift,
-            weight=weight,
-            reduction=reduction, per_token=per_token, config=config,
+        return (
+            *_segmented_loss(
+                logits, logits3, packed, name=name, ignore_index=ignore_index, shift=shift,
+                weight=weight,
+                reduction=reduction, per_token=per_token, config=config,
+            ),
+            None,
         )
 
     if name == "reference":
@@ -420,12 +464,12 @@ def cross_entropy_with_stats(
             stats = sample_stats_reference(
                 logits3.detach(), labels3, ignore_index=ignore_index, per_token=per_token, config=config
             )
-        return loss, stats
+        return loss, stats, None
 
     if weight is not None:
         weight = weight.to(torch.float32)
     if torch.compiler.is_compiling():
-        return _compiled_loss(logits3, labels3, ignore_index, weight, reduction, per_token, config)
+        return (*_compiled_loss(logits3, labels3, ignore_index, weight, reduction, per_token, config), None)
     options = {
         "backend": name,
         "ignore_index": ignore_index,
@@ -438,4 +482,4 @@ def cross_entropy_with_stats(
     }
     out: list = []
     loss = _FusedCrossEntropy.apply(logits, labels, weight, options, out)
-    return loss, out[0]
+    return loss, out[0], (out[1] if len(out) > 1 else None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -407,7 +406,7 @@ class Selector:
         Returns:
             The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`).
         """
-        from .loss import cross_entropy_with_stats
+        from .loss import _loss_and_stats
 
         with self._timed("loss"):
             packed = segments is not None or position_ids is not None
@@ -439,11 +438,13 @@ class Selector:
                     weights = weights.to(logits.device, non_blocking=True)
             else:
                 batch_weights = None
+            host = None  # the C++ path's host arrays: nothing converted twice
             if head_weight is None:
-                loss, stats = cross_entropy_with_stats(
+                loss, stats, host = _loss_and_stats(
                     logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=weights,
-                    reduction=reduction, config=self.config, backend=self.backend, inplace_backward=inplace_backward,
-                    **packing,
+                    reduction=reduction, per_token=False, config=self.config, backend=self.backend,
+                    inplace_backward=inplace_backward, segments=packing.get("segments"),
+                    position_ids=packing.get("position_ids"), num_segments=packing.get("num_segments"),
                 )
             else:
                 from .linear_loss import linear_cross_entropy_with_stats
@@ -453,13 +454,14 @@ class Selector:
                     sample_weight=weights, reduction=reduction, chunk_size=chunk_size, config=self.config,
                     backend=self.backend,
                 )
+            tokens = host.valid_total if host is not None and host.valid_total is not None else self._token_value(stats)
             self._backpropagated += len(indices)
-            self._count_tokens(stats, "backpropagated")
+            self._tokens["backpropagated"] = self._tokens["backpropagated"] + tokens
             if observe:
-                self._observe(indices, stats, at, batch_weights)
+                self._observe(indices, stats, at, batch_weights, tokens=tokens, host_values=None if host is None else host.values)
             else:
                 self._forwarded += len(indices)
-                self._count_tokens(stats, "forwarded")
+                self._tokens["forwarded"] = self._tokens["forwarded"] + tokens
             return loss
 
     def observe(
@@ -549,12 +551,13 @@ class Selector:
                 )
 
     def _indices(self, idx: Any, expected: int | None = None) -> np.ndarray:
-        if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.device.type == "cpu":
-            # The usual batch (WithIndex's collated indices): a few attribute reads.
+        if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.is_cpu:
+            # The usual batch (WithIndex's collated indices): a few attribute reads, and one
+            # reduction for the range (a negative int64 read as uint64 is above any size).
             array = idx.detach().numpy()
             if expected is not None and len(array) != expected:
                 raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
-            if len(array) and (array.min() < 0 or array.max() >= self.num_samples):
+            if len(array) and array.view(np.uint64).max() >= self.num_samples:
                 bad = array[(array < 0) | (array >= self.num_samples)][0]
                 raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {self.num_samples} samples")
             return array
@@ -601,11 +604,34 @@ class Selector:
         at = plan.locate(indices)
         self._observe(indices, stats, at, np.array(plan.batch_weights(indices, at), dtype=np.float32))
 
-    def _observe(self, indices: np.ndarray, stats: SampleStats, at: int, weights: np.ndarray | None) -> None:
+    def _observe(
+        self,
+        indices: np.ndarray,
+        stats: SampleStats,
+        at: int,
+        weights: np.ndarray | None,
+        tokens: Any = None,
+        host_values: np.ndarray | None = None,
+    ) -> None:
         """Queue a trained batch's statistics for the table, move the epoch's position, count
-        the step; the epoch ends here when training has consumed it."""
+        the step; the epoch ends here when training has consumed it. ``tokens``: the batch's
+        valid tokens when already counted; ``host_values``: the float32 ``[6, S]`` numpy
+        memory of the CPU statistics' float fields, when the caller holds it."""
         plan = self._current()
         count = len(indices)
+        real = plan.real_mask(at, count)
+        deferred = isinstance(indices, _DeviceIndices)
+        distributed = self.num_replicas > 1 and _distributed()
+        if host_values is not None and self.config.correct_margin <= 0.0 and not deferred and not distributed:
+            # The usual CPU step: rows of one host block (loss, confidence, correct, el2n).
+            values = [host_values[0], host_values[1], host_values[3], host_values[5]]
+            table_indices = indices
+            if real is not None:  # padding copies are trained with weight 0 but never update the table
+                table_indices = indices[real]
+                values = [v[real] for v in values]
+            self._pending.append((table_indices, *values, None, self._step_of_batch(), self.epoch))
+            self._after_observe(indices, stats, weights, tokens, plan, count, keep_last=False)
+            return
         correct = stats.correct
         if self.config.correct_margin > 0.0:  # the table cannot apply the margin rule itself
             from .stats import table_correct
@@ -613,14 +639,12 @@ class Selector:
             correct = table_correct(stats, self.config)
         values = [stats.loss, stats.confidence, correct, stats.el2n]
         device = stats.loss.device
-        real = plan.real_mask(at, count)
-        deferred = isinstance(indices, _DeviceIndices)
         table_indices = indices
         if real is not None:  # padding copies are trained with weight 0 but never update the table
             keep = torch.from_numpy(real).to(device)
             table_indices = indices.masked(keep) if deferred else indices[real]
             values = [v[keep] for v in values]
-        if _distributed() and self.num_replicas > 1:
+        if distributed:
             if deferred:
                 idx_t = table_indices.device_tensor().to(device=device, dtype=torch.int64)
             else:
@@ -639,25 +663,36 @@ class Selector:
             event = torch.cuda.Event()
             event.record()
             self._pending.append((table_indices, *host, event, self._step_of_batch(), self.epoch))
+        # Apply everything but the newest entry when it is still in flight on a GPU.
+        self._after_observe(indices, stats, weights, tokens, plan, count, keep_last=device.type != "cpu")
+
+    def _after_observe(
+        self, indices: Any, stats: SampleStats, weights: np.ndarray | None, tokens: Any, plan: EpochPlan, count: int,
+        keep_last: bool,
+    ) -> None:
         self._forwarded += count
-        self._count_tokens(stats, "forwarded")
+        self._tokens["forwarded"] = self._tokens["forwarded"] + (self._token_value(stats) if tokens is None else tokens)
         plan.advance(count)
         self._batch_seen = max(self._batch_seen, count)
+        deferred = isinstance(indices, _DeviceIndices)
         self._last_batch = (indices if deferred else indices.copy(), weights if weights is not None else np.ones(count, dtype=np.float32))
         if not self._explicit_steps:
             self._step += 1
-        # Apply everything but the newest entry when it is still in flight on a GPU.
-        self._flush(keep_last=device.type != "cpu")
+        self._flush(keep_last=keep_last)
         if len(plan) and plan.trained:
             self._advance()
 
     def _count_tokens(self, stats: SampleStats, kind: str) -> None:
+        self._tokens[kind] = self._tokens[kind] + self._token_value(stats)
+
+    @staticmethod
+    def _token_value(stats: SampleStats) -> Any:
+        """The batch's valid tokens: a host int for CPU statistics (no torch reduction per
+        step), a device tensor otherwise (no synchronisation until metrics() reads it)."""
         counts = stats.valid_tokens
-        if counts.device.type == "cpu":  # a host integer: no torch reduction per step
-            value = int(counts.numpy().sum(dtype=np.int64))
-        else:  # stays on the device: no synchronisation until metrics() reads it
-            value = counts.sum(dtype=torch.int64)
-        self._tokens[kind] = self._tokens[kind] + value
+        if counts.device.type == "cpu":
+            return int(counts.numpy().sum(dtype=np.int64))
+        return counts.sum(dtype=torch.int64)
 
     def _token_count(self, kind: str) -> int:
         value = self._tokens[kind]
@@ -676,28 +711,17 @@ class Selector:
                 indices = indices.resolve(self.num_samples, check_plan=True)
             batch = StatsBatch(
                 indices=np.ascontiguousarray(indices, dtype=np.int64),
-                loss=np.ascontiguousarray(loss.numpy(), dtype=np.float32),
-                confidence=np.ascontiguousarray(confidence.numpy(), dtype=np.float32),
-                correct=np.ascontiguousarray(correct.numpy(), dtype=np.float32),
-                el2n=np.ascontiguousarray(el2n.numpy(), dtype=np.float32),
+                loss=_host_floats(loss),
+                confidence=_host_floats(confidence),
+                correct=_host_floats(correct),
+                el2n=_host_floats(el2n),
                 step=step,
                 epoch=epoch,
             )
             self.policy.observe(batch, self.table)
 
-    @contextmanager
-    def _timed(self, name: str) -> Iterator[None]:
-        # A call refused for bad input changes nothing, its clock included.
-        self._depth += 1
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._depth -= 1
-        elapsed = time.perf_counter() - started
-        self._seconds[name] += elapsed
-        if self._depth == 0:
-            self._seconds["total"] += elapsed
+    def _timed(self, name: str) -> "_Clock":
+        return _Clock(self, name)
 
     # -- reporting ----------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
@@ -897,6 +921,40 @@ class Selector:
 
 
 _TIMED = ("loss", "select", "observe", "weights", "planning", "total")
+
+
+class _Clock:
+    """``with selector._timed(name):`` adds the block's wall-clock to ``name`` (and to
+    ``total`` unless nested in another timed call). A call refused for bad input changes
+    nothing, its clock included. (A plain class: a generator-based context manager costs
+    a few microseconds more per step.)"""
+
+    __slots__ = ("_selector", "_name", "_started")
+
+    def __init__(self, selector: "Selector", name: str) -> None:
+        self._selector = selector
+        self._name = name
+
+    def __enter__(self) -> None:
+        self._selector._depth += 1
+        self._started = time.perf_counter()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        selector = self._selector
+        selector._depth -= 1
+        if exc_type is None:
+            elapsed = time.perf_counter() - self._started
+            selector._seconds[self._name] += elapsed
+            if selector._depth == 0:
+                selector._seconds["total"] += elapsed
+        return False
+
+
+def _host_floats(values: Any) -> np.ndarray:
+    """Contiguous float32 numpy of a queued field (a host array or a CPU tensor)."""
+    if not isinstance(values, np.ndarray):
+        values = values.numpy()
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def _on_device(values: torch.Tensor, like: Any) -> torch.Tensor:

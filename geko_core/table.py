@@ -153,6 +153,8 @@ class SampleTable:
         self._c = _C.SampleTable(num_samples, config.to_cpp(), check_int(num_threads, "num_threads"))
         self._config = config
         self._lock = threading.RLock()
+        # The records never move (loads copy into them), so one view serves every records() call.
+        self._records: np.ndarray | None = None
 
     # -- updates ---------------------------------------------------------------------
 
@@ -282,7 +284,9 @@ class SampleTable:
         reads without the table's lock: while another thread updates, it may show a batch
         half applied. Use ``field()`` or ``state_dict()`` for consistent copies.
         """
-        return self._c.records_view().view(RECORD_DTYPE)[:, 0]
+        if self._records is None:  # the structured view is the costly part: made once
+            self._records = self._c.records_view().view(RECORD_DTYPE)[:, 0]
+        return self._records[:]  # a fresh array object: a caller's reshape never reaches another
 
     @property
     def num_samples(self) -> int:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD
 from .base import Plan, Policy, PolicyContext
 
 
@@ -124,13 +125,14 @@ class GekoPolicy(Policy):
         if not self.guard:
             super().observe(batch, table)
             return
-        from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD
-
         # The Selector hands over validated indices: read the records directly (no re-check).
         buckets = table.records()["bucket"]
         before = buckets[batch.indices]
         super().observe(batch, table)
-        frozen = (before == BUCKET_FREEZE) & np.isfinite(batch.correct)
+        frozen = before == BUCKET_FREEZE
+        if not frozen.any():  # the usual batch: no revisited FREEZE sample
+            return
+        frozen &= np.isfinite(batch.correct)
         if frozen.any():
             after = buckets[batch.indices[frozen]]
             failed = int(((after == BUCKET_FOCUS) | (after == BUCKET_HARD)).sum())
