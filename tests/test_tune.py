@@ -138,7 +138,8 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
     result = json.loads((out / "tuning.json").read_text())
     assert result["meta"]["scale"] == "smoke" and result["meta"]["metric"] == "validation split only"
     rows = result["rows"]
-    assert rows[0]["setting"] == "full" and [r["setting"] for r in rows[1:]] == [{"q_alpha": 0.3}, {"q_alpha": 0.5}]
+    values = sorted({GekoConfig().q_alpha, 0.5})  # the smoke stage: the default and 0.5
+    assert rows[0]["setting"] == "full" and [r["setting"] for r in rows[1:]] == [{"q_alpha": v} for v in values]
     assert result["chosen"]["setting"] in [r["setting"] for r in rows[1:]]
     for row in rows:
         entry = row["tasks"]["mnist1d"]
@@ -147,8 +148,8 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
     lines = (out / "tuning.csv").read_text().splitlines()
     assert len(lines) == 1 + len(rows) and sum(line.endswith(",1") for line in lines[1:]) == 1
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    assert len(runs) == 3 and all(set(r) >= {"validation", "saved_%"} and "metric" not in r for r in runs)
+    assert len(runs) == 1 + len(values) and all(set(r) >= {"validation", "saved_%"} and "metric" not in r for r in runs)
 
     # A second call reuses the cached runs instead of training again.
     assert tune.main(["--smoke", "--out", str(out), "--quiet"]) == 0
-    assert len((out / "runs.jsonl").read_text().splitlines()) == 3
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 1 + len(values)

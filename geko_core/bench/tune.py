@@ -68,7 +68,7 @@ DEFAULT_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (
     ("min_revisit", (0.05, 0.1, 0.2)),
     ("final_full", (0.0, 0.05, 0.1)),
 )
-SMOKE_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (("q_alpha", (0.3, 0.5)),)
+SMOKE_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (("q_alpha", (0.5,)),)
 
 
 def current_defaults() -> dict[str, float]:
