@@ -30,7 +30,7 @@ def test_config_defaults_come_from_cpp():
     cfg = GekoConfig()
     cpp = geko_core.config._C.Config()
     assert cfg.freeze_confidence == cpp.freeze_confidence == 0.85
-    assert cfg.hard_confidence == 0.60 and cfg.freeze_q == 0.80 and cfg.q_alpha == 0.3 and cfg.q_init == 0.5
+    assert cfg.hard_confidence == 0.60 and cfg.freeze_q == 0.80 and cfg.q_alpha == 0.1 and cfg.q_init == 0.5
     assert GekoConfig.from_dict(cfg.to_dict()) == cfg
 
 

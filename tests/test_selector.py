@@ -104,9 +104,9 @@ def test_frozen_samples_are_skipped_but_revisited():
     sel.set_epoch(3)  # a PEAK-phase epoch planned from the table as it is now
     indices, weights = sel.plan()
     planned_frozen = frozen[indices]
-    # The guard's revisit fraction: at least 20%, raised by the measured forgetting.
+    # The guard's revisit fraction: at least 10% (min_revisit), raised by the measured forgetting.
     revisit = sel.metrics()["geko/rates"][geko_core.BUCKET_FREEZE]
-    assert revisit == pytest.approx(min(1.0, 0.2 + 2.0 * sel.policy.forgetting))
+    assert revisit == pytest.approx(min(1.0, 0.1 + 2.0 * sel.policy.forgetting))
     assert planned_frozen.sum() == int(np.ceil(revisit * frozen.sum() - 1e-9))
     np.testing.assert_allclose(weights[planned_frozen], frozen.sum() / planned_frozen.sum(), rtol=1e-5)
     # The last phase runs on the full data, FREEZE included.
@@ -118,7 +118,8 @@ def test_frozen_samples_are_skipped_but_revisited():
 def test_quality_guard_measures_forgetting_and_raises_revisits():
     """Frozen samples that come back wrong are failed revisits: they return to training and the
     forgetting rate raises the next epoch's revisit fraction."""
-    sel = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9))
+    guard = {"min_revisit": 0.2}  # the mechanism under test, not the default's value
+    sel = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9), policy_options=guard)
     idx = np.arange(400)
     labels = torch.from_numpy(idx % 4)
     right = F.one_hot(labels, 4).float() * 10.0  # confident and right
@@ -141,7 +142,7 @@ def test_quality_guard_measures_forgetting_and_raises_revisits():
     assert sel.policy.forgetting == pytest.approx(0.25)  # smoothed: 0.5 * 0 + 0.5 * (40 / 80)
     assert sel.metrics()["geko/rates"][geko_core.BUCKET_FREEZE] == pytest.approx(0.7)
     # Resume keeps the measurement.
-    other = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9))
+    other = Selector(400, policy="geko", epochs=10, seed=0, config=geko_core.GekoConfig(q_alpha=0.9), policy_options=guard)
     other.load_state_dict(sel.state_dict())
     assert other.policy.forgetting == pytest.approx(0.25) and other.metrics()["geko/revisits"] == before + 80
     # Without the guard, the curriculum's 5% and no full-data final phase.

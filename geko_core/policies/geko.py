@@ -44,6 +44,8 @@ class GekoPolicy(Policy):
         guard: the quality guard (on by default), see below.
         min_revisit: with the guard, the least fraction of FREEZE samples revisited per epoch
             (stalest first); the curriculum's own revisit fraction applies when it is larger.
+            Its default, ``final_full``'s and ``GekoConfig.q_alpha``'s were chosen on the
+            benchmark's validation splits (docs/tuning.md); ``revisit_gain`` was not tuned.
         revisit_gain: with the guard, the revisit fraction grows by this times the measured
             forgetting rate (up to 1: every frozen sample checked).
         final_full: with the guard, an epoch that reaches into the last ``final_full`` share
@@ -69,7 +71,7 @@ class GekoPolicy(Policy):
         budget: float | None = None,
         budget_unit: str = "samples",
         guard: bool = True,
-        min_revisit: float = 0.2,
+        min_revisit: float = 0.1,
         revisit_gain: float = 2.0,
         final_full: float = 0.1,
     ) -> None:
