@@ -20,7 +20,7 @@ from ._checks import check_bool, check_choice, check_same_device, check_tensor
 from .config import GekoConfig, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
-from .stats import forward_blocks_cpp, prepare_inputs, segment_token_values, stats_from_blocks
+from .stats import forward_blocks_cpp, forward_for_loss_cpp, prepare_inputs, segment_token_values, stats_from_blocks
 from .types import SampleStats
 
 __all__ = ["cross_entropy_with_stats"]
@@ -65,14 +65,14 @@ def _token_scale(
 
 
 def _reduce_host(
-    token_loss: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
+    losses: np.ndarray, valid_tokens: np.ndarray, weight: torch.Tensor | None, reduction: str
 ) -> tuple[torch.Tensor, int]:
-    """``_reduce`` for CPU tensors, in float64 numpy (a few microseconds instead of several
-    torch reductions); returns the float32 loss and the batch's valid-token count."""
-    losses = token_loss.numpy()
+    """``_reduce`` of the host arrays of CPU token losses ``[S, T]`` and valid-token counts
+    ``[S]``, in float64 numpy (a few microseconds instead of several torch reductions);
+    returns the float32 loss and the batch's valid-token count."""
     per_sample = losses[:, 0].astype(np.float64) if losses.shape[1] == 1 else losses.sum(axis=1, dtype=np.float64)
     value = float(per_sample.sum() if weight is None else np.dot(per_sample, weight.numpy().astype(np.float64)))
-    total = int(valid_tokens.numpy().sum())  # int32 counts summed as int64
+    total = int(valid_tokens.sum())  # int32 counts summed as int64
     if reduction == "mean":
         value = value / total if total else float("nan")  # 0 / 0 = NaN, as F.cross_entropy
     return torch.from_numpy(np.array(value, dtype=np.float32)), total
@@ -92,6 +92,11 @@ def _sample_scale(
     if weight is None:
         return torch.full((valid_tokens.shape[0],), g, dtype=torch.float32), 1.0
     return weight, g
+
+
+def _capsule(values: "torch.Tensor | np.ndarray") -> Any:
+    """A DLPack capsule of a CPU tensor or a host array."""
+    return values.__dlpack__() if isinstance(values, np.ndarray) else to_dlpack(values)
 
 
 def _samples_view(tensor: torch.Tensor, shift: bool) -> torch.Tensor:
@@ -115,19 +120,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         logits3, labels3 = options.pop("views")  # prepared (and checked) by the caller
         logits3 = logits3.detach()
-        host_values = None
-        if options["backend"] == "cpp":
+        host = None
+        if options["backend"] == "cpp" and not options["per_token"]:
+            # The usual CPU step: host arrays throughout (see forward_for_loss_cpp).
+            host = forward_for_loss_cpp(logits3, labels3, ignore_index=options["ignore_index"], config=options["config"])
+            stats, token_loss, lse = host.stats, host.token_loss, host.lse
+        elif options["backend"] == "cpp":
             blocks = forward_blocks_cpp(
-                logits3,
-                labels3,
-                ignore_index=options["ignore_index"],
-                config=options["config"],
-                per_token=options["per_token"],
+                logits3, labels3, ignore_index=options["ignore_index"], config=options["config"], per_token=True,
                 write_lse=True,
             )
-            stats = stats_from_blocks(blocks, options["per_token"])
+            stats = stats_from_blocks(blocks, True)
             token_loss, lse = blocks.token_values[0], blocks.lse
-            host_values = blocks.sample_values.numpy()
         else:
             from .kernels.cross_entropy import cross_entropy_forward_triton
 
@@ -141,30 +145,38 @@ class _FusedCrossEntropy(torch.autograd.Function):
         out.append(stats)
         valid_tokens = stats.valid_tokens
         ctx.options = options
-        ctx.has_weight = weight is not None
         ctx.logits_shape = logits.shape
         reduction = options["reduction"]
         if options["backend"] == "cpp" and reduction != "none":
             # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
-            loss, total = _reduce_host(token_loss, valid_tokens, weight, reduction)
+            loss, total = _reduce_host(
+                token_loss if host is not None else token_loss.numpy(),
+                host.valid_tokens if host is not None else valid_tokens.numpy(),
+                weight, reduction,
+            )
             ctx.valid_total = total
         else:
+            if isinstance(token_loss, np.ndarray):
+                token_loss = torch.from_numpy(token_loss)
             per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
             loss = _reduce(per_sample, valid_tokens, weight, reduction)
             ctx.valid_total = None
-        if host_values is not None:
-            out.append(HostStats(ctx.valid_total, host_values))
-        ctx.save_for_backward(logits, logits3, labels3, lse, valid_tokens, weight if weight is not None else lse.new_empty(0))
+        if host is not None:
+            out.append(HostStats(ctx.valid_total, host.values))
+        # This node's own tensors ride on ctx (fewer saved tensors to unpack); the inputs'
+        # views are saved, so an in-place change of the logits or labels is still caught.
+        ctx.lse, ctx.valid_tokens, ctx.weight = lse, valid_tokens, weight
+        ctx.save_for_backward(logits, logits3, labels3)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        logits, logits3, labels3, lse, valid_tokens, weight = ctx.saved_tensors
+        logits, logits3, labels3 = ctx.saved_tensors
+        lse, valid_tokens, weight = ctx.lse, ctx.valid_tokens, ctx.weight
         options = ctx.options
         shift = options["shift"]
         inplace = options["inplace"]
-        weight = weight if ctx.has_weight else None
         # Only the in-place path asks whether the kernels' view shares the logits' memory.
         shares_logits = inplace and logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
         if options["backend"] == "cpp":
@@ -173,13 +185,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             if shares_logits:
                 grad = logits.detach()  # the same storage, now holding the gradient
                 core.cross_entropy_backward(
-                    to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
+                    to_dlpack(logits3), to_dlpack(labels3), _capsule(lse), to_dlpack(scale),
                     None, options["ignore_index"], factor,
                 )
             else:
                 grad = torch.empty(ctx.logits_shape, dtype=logits.dtype)
                 core.cross_entropy_backward(
-                    to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale),
+                    to_dlpack(logits3), to_dlpack(labels3), _capsule(lse), to_dlpack(scale),
                     to_dlpack(_samples_view(grad, shift)), options["ignore_index"], factor,
                 )
             if shift and grad.shape[1] > 0:
@@ -447,7 +459,8 @@ def _loss_and_stats(
     )
     if weight is not None:
         check_same_device(weight, "sample_weight", logits, "logits")
-        weight = weight.detach()
+        if weight.requires_grad:
+            weight = weight.detach()
     if packed is not None:
         return (
             *_segmented_loss(
@@ -466,7 +479,7 @@ def _loss_and_stats(
             )
         return loss, stats, None
 
-    if weight is not None:
+    if weight is not None and weight.dtype != torch.float32:
         weight = weight.to(torch.float32)
     if torch.compiler.is_compiling():
         return (*_compiled_loss(logits3, labels3, ignore_index, weight, reduction, per_token, config), None)

@@ -554,7 +554,7 @@ class Selector:
         if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.is_cpu:
             # The usual batch (WithIndex's collated indices): a few attribute reads, and one
             # reduction for the range (a negative int64 read as uint64 is above any size).
-            array = idx.detach().numpy()
+            array = idx.numpy()  # an integer tensor never requires grad
             if expected is not None and len(array) != expected:
                 raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
             if len(array) and array.view(np.uint64).max() >= self.num_samples:
