@@ -20,6 +20,7 @@ import os
 from typing import Any, NamedTuple
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from ._backend import load_compiled_core, resolve_backend
 from ._checks import check_bool, check_choice, check_int, check_same_device, check_tensor
@@ -144,7 +145,12 @@ def _prepare(
         raise ValueError("shift=True needs [B, T, d] hidden and [B, T] labels, got 2-D hidden")
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", low=1)
-    name = resolve_backend(hidden.device.type, backend)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # traced: the geko operators pick the kernel by device
+        check_choice(backend, "backend", (None, "triton", "cpp", "reference"))
+        name = "reference" if backend == "reference" else "op"
+    else:
+        name = resolve_backend(hidden.device.type, backend)
     if name == "triton" and hidden.dtype not in TRITON_LOGITS_DTYPES:
         raise TypeError(
             f"hidden must be float32, bfloat16 or float16 on the Triton backend, got {hidden.dtype} "
@@ -158,7 +164,7 @@ def _prepare(
     scored = labels2[:, 1:] if shift else labels2  # the labels the tokens are scored against
     in_range = (scored >= 0) & (scored < vocab)
     counted = scored != ignore_index
-    if hidden.device.type == "cpu" and scored.numel() > 0:
+    if hidden.device.type == "cpu" and scored.numel() > 0 and not compiling:
         out_of_range = counted & ~in_range
         if bool(out_of_range.any()):
             position = tuple(int(i) for i in out_of_range.nonzero()[0])
@@ -192,7 +198,11 @@ def _prepare(
         label_rows = labels2
     rows = samples * row_tokens
     if chunk_size is None:
-        chunk_size = default_chunk_rows(rows, vocab, hidden.dtype, hidden.device)
+        if compiling:  # no free-memory probe while tracing: the buffer cap alone
+            itemsize = torch.empty((), dtype=hidden.dtype).element_size()
+            chunk_size = max(1, min(MAX_CHUNK_BUFFER_BYTES // (vocab * itemsize), max(rows, 1)))
+        else:
+            chunk_size = default_chunk_rows(rows, vocab, hidden.dtype, hidden.device)
     return _Inputs(
         hidden2=hidden.reshape(rows, dim),
         label_rows=label_rows.reshape(rows),
@@ -308,15 +318,15 @@ def _run_chunks(
         if stats:
             assert tokens is not None
             if core is not None:
-                token_capsules = [tokens.values[k, start:stop].view(count, 1).__dlpack__() for k in range(_NUM_FIELDS)]
-                token_capsules.append(tokens.valid[start:stop].view(count, 1).__dlpack__())
-                lse_capsule = None if tokens.lse is None else tokens.lse[start:stop].view(count, 1).__dlpack__()
+                token_capsules = [to_dlpack(tokens.values[k, start:stop].view(count, 1)) for k in range(_NUM_FIELDS)]
+                token_capsules.append(to_dlpack(tokens.valid[start:stop].view(count, 1)))
+                lse_capsule = None if tokens.lse is None else to_dlpack(tokens.lse[start:stop].view(count, 1))
                 core.stats_forward(
-                    logits3.__dlpack__(),
-                    labels3.__dlpack__(),
+                    to_dlpack(logits3),
+                    to_dlpack(labels3),
                     ignore_index,
                     cpp_config,
-                    [t[:count].__dlpack__() for t in sample_out],
+                    [to_dlpack(t[:count]) for t in sample_out],
                     token_capsules,
                     lse_capsule,
                 )
@@ -345,7 +355,7 @@ def _run_chunks(
         # The logits become d loss / d logits in place (zero rows for tokens that do not count).
         if core is not None:
             core.cross_entropy_backward(
-                logits3.__dlpack__(), labels3.__dlpack__(), lse3.__dlpack__(), scale3.__dlpack__(), None, ignore_index
+                to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse3), to_dlpack(scale3), None, ignore_index
             )
         else:
             cross_entropy_backward_triton(logits3, labels3, lse3, scale3, ignore_index=ignore_index, inplace=True)
@@ -547,6 +557,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grads.hidden, grads.weight, grads.bias, None, None, None
 
 
+def _compiled_linear_loss(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prepared: _Inputs,
+    reduction: str,
+    per_token: bool,
+    config: GekoConfig,
+    training: bool,
+) -> tuple[torch.Tensor, SampleStats]:
+    """The loss as torch.compile sees it: the ``geko::linear_token_forward`` operator (whose
+    token losses carry the chunked backward, ``geko::linear_token_backward``) and the
+    per-sample reduction in plain torch operations. The backward forms each chunk's logits
+    again (the eager path computes the gradients during the forward instead)."""
+    from .ops import config_values, linear_token_forward
+
+    hidden2 = prepared.hidden2
+    if not training:
+        hidden2, weight = hidden2.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+    values, valid, spoiled, lse = linear_token_forward(
+        hidden2, weight, bias, prepared.label_rows, prepared.ignore_index, prepared.chunk, config_values(config)
+    )
+    stats, token_loss_sum = _sample_statistics(_TokenValues(values, valid, spoiled, lse), prepared, config, per_token)
+    stats = SampleStats(
+        *(field.detach() for field in stats[:8]),
+        tokens=None if stats.tokens is None else TokenStats(*(field.detach() for field in stats.tokens)),
+    )
+    return _reduce(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction), stats
+
+
 def linear_cross_entropy_with_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -639,6 +679,8 @@ def linear_cross_entropy_with_stats(
     )
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     training = grad and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if prepared.backend == "op":
+        return _compiled_linear_loss(weight, bias, prepared, reduction, per_token, config, training)
 
     if prepared.backend == "reference":
         with torch.enable_grad() if training else torch.no_grad():

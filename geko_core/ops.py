@@ -17,7 +17,13 @@ Operators:
   ``(softmax - onehot) * grad``, computed by the next operator).
 * ``geko::cross_entropy_backward(logits3, labels3, lse, token_scale, ignore_index)`` ->
   ``grad [S, T, V]``.
-* ``geko::linear_stats_forward`` (see ``geko_core.linear_loss``): registered there.
+* ``geko::linear_token_forward(hidden2, weight, bias, label_rows, ignore_index, chunk, config)``
+  -> ``(token_values [6, R], valid [R], spoiled [R], lse [R])``: the token values of
+  ``hidden2 @ weight.T + bias`` (``R`` rows) computed chunk by chunk without the ``[R, V]``
+  logits (``geko_core.linear_loss``); the token losses (row 0) are differentiable.
+* ``geko::linear_token_backward(hidden2, weight, bias, label_rows, lse, row_scale,
+  ignore_index, chunk)`` -> the gradients of ``sum(row_scale * token_loss)`` with respect to
+  ``hidden2``, ``weight`` and ``bias`` (an empty tensor without bias), chunk by chunk again.
 
 ``config`` is the ``GekoConfig`` as a list of numbers (``config_values``). The public
 functions (``sample_stats``, ``cross_entropy_with_stats``) call these operators when torch
@@ -35,10 +41,17 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from ._backend import load_compiled_core
-from .config import GekoConfig
+from .config import GekoConfig, resolve_config
 from .stats import ForwardBlocks, forward_blocks_cpp, token_rows
 
-__all__ = ["config_from_values", "config_values", "cross_entropy_backward", "stats_forward"]
+__all__ = [
+    "config_from_values",
+    "config_values",
+    "cross_entropy_backward",
+    "linear_token_backward",
+    "linear_token_forward",
+    "stats_forward",
+]
 
 _FIELDS = tuple(field.name for field in dataclasses.fields(GekoConfig))
 _INT_FIELDS = frozenset(field.name for field in dataclasses.fields(GekoConfig) if field.type in ("int", int))
@@ -194,3 +207,110 @@ def _cross_entropy_backward_cuda(logits3, labels3, lse, token_scale, ignore_inde
 @cross_entropy_backward.register_fake
 def _cross_entropy_backward_fake(logits3, labels3, lse, token_scale, ignore_index):
     return torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+
+
+# -- geko::linear_token_forward / geko::linear_token_backward --------------------------------
+
+
+def _linear_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "cpp"
+
+
+@torch.library.custom_op("geko::linear_token_forward", mutates_args=())
+def linear_token_forward(
+    hidden2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    label_rows: torch.Tensor,
+    ignore_index: int,
+    chunk: int,
+    config: list[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .linear_loss import _run_chunks
+
+    tokens, _ = _run_chunks(
+        hidden2.detach(),
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        label_rows,
+        backend=_linear_backend(hidden2.device),
+        chunk=chunk,
+        ignore_index=ignore_index,
+        config=config_from_values(config),
+        stats=True,
+        keep_lse=True,
+        token_scale=None,
+        lse_in=None,
+        need=(False, False, False),
+    )
+    return tokens.values, tokens.valid, tokens.spoiled, tokens.lse
+
+
+@linear_token_forward.register_fake
+def _linear_token_forward_fake(hidden2, weight, bias, label_rows, ignore_index, chunk, config):
+    rows = hidden2.shape[0]
+    device = hidden2.device
+    return (
+        torch.empty((6, rows), dtype=torch.float32, device=device),
+        torch.empty((rows,), dtype=torch.bool, device=device),
+        torch.empty((rows,), dtype=torch.bool, device=device),
+        torch.empty((rows,), dtype=torch.float32, device=device),
+    )
+
+
+def _linear_forward_setup(ctx, inputs, output) -> None:
+    hidden2, weight, bias, label_rows, ignore_index, chunk, _config = inputs
+    ctx.ignore_index, ctx.chunk, ctx.has_bias = ignore_index, chunk, bias is not None
+    ctx.save_for_backward(hidden2, weight, bias if bias is not None else hidden2.new_empty(0), label_rows, output[3])
+
+
+def _linear_forward_backward(ctx, g_values, g_valid, g_spoiled, g_lse):
+    if g_values is None:
+        return None, None, None, None, None, None, None
+    hidden2, weight, bias, label_rows, lse = ctx.saved_tensors
+    grad_h, grad_w, grad_b = linear_token_backward(
+        hidden2, weight, bias if ctx.has_bias else None, label_rows, lse,
+        g_values[0].to(torch.float32).contiguous(), ctx.ignore_index, ctx.chunk,
+    )
+    return grad_h, grad_w, grad_b if ctx.has_bias else None, None, None, None, None
+
+
+linear_token_forward.register_autograd(_linear_forward_backward, setup_context=_linear_forward_setup)
+
+
+@torch.library.custom_op("geko::linear_token_backward", mutates_args=())
+def linear_token_backward(
+    hidden2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    label_rows: torch.Tensor,
+    lse: torch.Tensor,
+    row_scale: torch.Tensor,
+    ignore_index: int,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .linear_loss import _run_chunks
+
+    _, grads = _run_chunks(
+        hidden2.detach(),
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        label_rows,
+        backend=_linear_backend(hidden2.device),
+        chunk=chunk,
+        ignore_index=ignore_index,
+        config=resolve_config(None),  # not read without statistics
+        stats=False,
+        keep_lse=False,
+        token_scale=row_scale.detach().contiguous(),
+        lse_in=lse.detach(),
+        need=(True, True, bias is not None),
+    )
+    grad_b = grads.bias.to(bias.dtype) if bias is not None else torch.empty(0, dtype=hidden2.dtype, device=hidden2.device)
+    return grads.hidden, grads.weight.to(weight.dtype), grad_b
+
+
+@linear_token_backward.register_fake
+def _linear_token_backward_fake(hidden2, weight, bias, label_rows, lse, row_scale, ignore_index, chunk):
+    grad_b = torch.empty(bias.shape if bias is not None else (0,), dtype=hidden2.dtype, device=hidden2.device)
+    return torch.empty_like(hidden2, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format), grad_b

@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geko_core import GekoConfig, cross_entropy_with_stats, sample_stats
-from geko_core.ops import config_from_values, config_values, cross_entropy_backward, stats_forward, stats_forward_triton
+from geko_core import GekoConfig, cross_entropy_with_stats, linear_cross_entropy_with_stats, sample_stats
+from geko_core.ops import (
+    config_from_values,
+    config_values,
+    cross_entropy_backward,
+    linear_token_backward,
+    linear_token_forward,
+    stats_forward,
+    stats_forward_triton,
+)
 from geko_core.reference import as_samples
 
 CONFIG = config_values(GekoConfig())
@@ -183,3 +191,84 @@ def test_compiled_bad_input_is_refused_while_tracing():
 
     with pytest.raises(Exception, match="reduction"):
         torch.compile(step, fullgraph=True, backend="aot_eager")(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+
+
+# -- the linear (hidden states -> loss) operators ---------------------------------------------
+
+
+def _linear_inputs(rows=10, dim=6, vocab=9, *, bias=True, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=generator).to(dtype).requires_grad_(True)
+    weight = torch.randn(vocab, dim, generator=generator).to(dtype).requires_grad_(True)
+    b = torch.randn(vocab, generator=generator).to(dtype).requires_grad_(True) if bias else None
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[::4] = -100
+    return hidden, weight, b, labels
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_operators_pass_opcheck(bias):
+    hidden, weight, b, labels = _linear_inputs(bias=bias)
+    torch.library.opcheck(linear_token_forward, (hidden, weight, b, labels, -100, 3, CONFIG))
+    values, _, _, lse = linear_token_forward(hidden, weight, b, labels, -100, 3, CONFIG)
+    scale = torch.rand(labels.shape[0])
+    args = (hidden.detach(), weight.detach(), None if b is None else b.detach(), labels, lse.detach(), scale, -100, 3)
+    torch.library.opcheck(linear_token_backward, args)
+
+
+def test_linear_operator_gradient_equals_autograd_through_the_logits():
+    hidden, weight, b, labels = _linear_inputs()
+    values, _, _, _ = linear_token_forward(hidden, weight, b, labels, -100, 4, CONFIG)
+    scale = torch.rand(labels.shape[0])
+    got = torch.autograd.grad((values[0] * scale).sum(), [hidden, weight, b])
+    logits = hidden @ weight.T + b
+    token_loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    want = torch.autograd.grad((token_loss * scale).sum(), [hidden, weight, b])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shift, bias", [(False, True), (True, False)])
+def test_compiled_linear_loss_traces_as_one_graph(reduction, shift, bias):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(13, 8)
+    head = torch.nn.Linear(8, 13, bias=bias)
+    tokens = torch.randint(0, 13, (3, 7))
+    labels = tokens.clone()
+    labels[0, :3] = -100
+    weight = torch.rand(3)
+
+    def step(tokens, labels, weight):
+        hidden = torch.tanh(embed(tokens))
+        if not shift:
+            hidden, labels = hidden.reshape(-1, 8), labels.reshape(-1)
+            weight = weight.repeat_interleave(7)
+        loss, stats = linear_cross_entropy_with_stats(
+            hidden, head.weight, labels, bias=head.bias, shift=shift, sample_weight=weight, reduction=reduction, chunk_size=5
+        )
+        return loss.sum(), stats.bucket, stats.confidence, stats.valid_tokens
+
+    params = [*embed.parameters(), *head.parameters()]
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(tokens, labels, weight)
+    got_grads = torch.autograd.grad(got[0], params)
+    want = step(tokens, labels, weight)
+    want_grads = torch.autograd.grad(want[0], params)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7, equal_nan=True)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_scoring_pass_has_no_gradient():
+    torch._dynamo.reset()
+    hidden, weight, b, labels = _linear_inputs()
+
+    def score(hidden, weight, labels):
+        return linear_cross_entropy_with_stats(hidden, weight, labels, grad=False)
+
+    loss, stats = torch.compile(score, fullgraph=True, backend="aot_eager")(hidden, weight, labels)
+    assert loss.grad_fn is None
+    assert torch.equal(stats.bucket, linear_cross_entropy_with_stats(hidden, weight, labels, grad=False)[1].bucket)
