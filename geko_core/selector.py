@@ -639,6 +639,10 @@ class Selector:
             correct = table_correct(stats, self.config)
         values = [stats.loss, stats.confidence, correct, stats.el2n]
         device = stats.loss.device
+        if distributed and (device.type != "cpu" or self._defer_host_indices):
+            self._observe_gathered(indices, values, real, device)
+            self._after_observe(indices, stats, weights, tokens, plan, count, keep_last=device.type != "cpu")
+            return
         table_indices = indices
         if real is not None:  # padding copies are trained with weight 0 but never update the table
             keep = torch.from_numpy(real).to(device)
@@ -652,7 +656,10 @@ class Selector:
             idx_t, *values = _all_gather_padded([idx_t, *values])
             table_indices = _DeviceIndices(idx_t) if deferred else idx_t.cpu().numpy()
         if deferred:
-            table_indices.start_copy(expected=plan.indices[at : at + count][real] if real is not None else plan.indices[at : at + count])
+            expected = None if distributed else plan.indices[at : at + count]  # gathered: every rank's batch
+            if expected is not None and real is not None:
+                expected = expected[real]
+            table_indices.start_copy(expected=expected)
         if device.type == "cpu":
             self._pending.append((table_indices, *[v.detach() for v in values], None, self._step_of_batch(), self.epoch))
         else:
@@ -665,6 +672,30 @@ class Selector:
             self._pending.append((table_indices, *host, event, self._step_of_batch(), self.epoch))
         # Apply everything but the newest entry when it is still in flight on a GPU.
         self._after_observe(indices, stats, weights, tokens, plan, count, keep_last=device.type != "cpu")
+
+    def _observe_gathered(self, indices: Any, values: list[torch.Tensor], real: np.ndarray | None, device: torch.device) -> None:
+        """DDP on GPUs: all-gather the batch at its full size, padding copies included and
+        flagged, so no rank waits for the host to learn the lengths; the flags drop them when
+        the batch is applied, one step later. Every rank trains equally long batches in
+        lockstep (the sampler gives each rank the same number of samples)."""
+        count = len(indices)
+        if isinstance(indices, _DeviceIndices):
+            idx_t = indices.device_tensor().to(device=device, dtype=torch.int64)
+        else:
+            idx_t = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(device)
+        keep = torch.ones(count, dtype=torch.uint8, device=device) if real is None else torch.from_numpy(real.astype(np.uint8)).to(device)
+        idx_all, keep_all, *values = _all_gather_fixed([idx_t, keep, *[v.detach() for v in values]])
+        table_indices = _DeviceIndices(idx_all, keep=keep_all)
+        table_indices.start_copy(expected=None)
+        if device.type == "cpu":
+            self._pending.append((table_indices, *values, None, self._step_of_batch(), self.epoch))
+            return
+        host = [torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for v in values]
+        for h, v in zip(host, values):
+            h.copy_(v, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((table_indices, *host, event, self._step_of_batch(), self.epoch))
 
     def _after_observe(
         self, indices: Any, stats: SampleStats, weights: np.ndarray | None, tokens: Any, plan: EpochPlan, count: int,
@@ -708,7 +739,10 @@ class Selector:
             if event is not None:
                 event.synchronize()
             if isinstance(indices, _DeviceIndices):
+                keep = indices.host_keep()
                 indices = indices.resolve(self.num_samples, check_plan=True)
+                if keep is not None:  # gathered at full size: drop the padding copies now
+                    loss, confidence, correct, el2n = (torch.as_tensor(v)[torch.from_numpy(keep)] for v in (loss, confidence, correct, el2n))
             batch = StatsBatch(
                 indices=np.ascontiguousarray(indices, dtype=np.int64),
                 loss=_host_floats(loss),
@@ -972,8 +1006,10 @@ def _nonnegative_int(value: Any, name: str) -> int:
 class _DeviceIndices:
     """A batch's dataset indices still on their device, read on the host one step late."""
 
-    def __init__(self, tensor: torch.Tensor) -> None:
+    def __init__(self, tensor: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self._tensor = tensor.detach()
+        self._keep = keep  # uint8 flags of the entries that update the table (all when None)
+        self._host_keep: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
         self._event: Any = None
         self._expected: np.ndarray | None = None
@@ -996,14 +1032,27 @@ class _DeviceIndices:
 
     def start_copy(self, expected: np.ndarray) -> None:
         """Copy to the host without waiting; ``expected`` is what the plan holds there."""
-        self._expected = np.array(expected, dtype=np.int64)
+        self._expected = None if expected is None else np.array(expected, dtype=np.int64)
         if self._tensor.device.type == "cuda":
             self._host = torch.empty(self._tensor.shape, dtype=self._tensor.dtype, pin_memory=True)
             self._host.copy_(self._tensor, non_blocking=True)
+            if self._keep is not None:
+                self._host_keep = torch.empty(self._keep.shape, dtype=self._keep.dtype, pin_memory=True)
+                self._host_keep.copy_(self._keep, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
             self._host = self._tensor
+            self._host_keep = self._keep
+
+    def host_keep(self) -> np.ndarray | None:
+        """bool flags of the entries that update the table (None: all); waits for the copy."""
+        if self._keep is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        flags = (self._host_keep if self._host_keep is not None else self._keep.cpu()).numpy().astype(bool)
+        return flags
 
     def resolve(self, num_samples: int, check_plan: bool = False) -> np.ndarray:
         """The indices as int64 numpy (waits for the copy), range-checked; with
@@ -1014,6 +1063,9 @@ class _DeviceIndices:
             if self._event is not None:
                 self._event.synchronize()
             values = self._host.numpy().astype(np.int64, copy=False)
+            keep = self.host_keep()
+            if keep is not None:
+                values = values[keep]
             if len(values) and (values.min() < 0 or values.max() >= num_samples):
                 bad = values[(values < 0) | (values >= num_samples)][0]
                 raise IndexError(
@@ -1051,6 +1103,20 @@ def _head_parameters(lm_head: Any) -> tuple[torch.Tensor | None, torch.Tensor | 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_gather_fixed(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All-gather 1-D tensors of the same length on every rank (no length exchange, so no
+    host synchronisation); rank order is kept."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    out = []
+    for tensor in tensors:
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(gathered, tensor)
+        out.append(torch.cat(gathered))
+    return out
 
 
 def _all_gather_padded(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

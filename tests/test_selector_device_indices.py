@@ -69,3 +69,49 @@ def test_weights_of_the_last_batch_resolve_deferred_indices():
     idx = torch.from_numpy(sel.epoch_plan.indices[:4].copy())
     sel.loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), idx)
     assert torch.equal(sel.weights(idx), torch.ones(4))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, defer: bool) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        sel = Selector(29, policy="geko", epochs=3, seed=1, batch_size=4)  # 29: padding copies on one rank
+        sel._defer_host_indices = defer
+        data = torch.randn(29, 4, generator=torch.Generator().manual_seed(5))
+        targets = (data[:, 1] > 0).long()
+        head = torch.nn.Linear(4, 2)
+        for _ in range(3):
+            order = sel.epoch_plan.indices.copy()
+            for start in range(0, len(order), 4):
+                idx = torch.from_numpy(order[start : start + 4])
+                sel.loss(head(data[idx]), targets[idx], idx).backward()
+        state = sel.table.state_dict()
+        np.savez(os.path.join(out_dir, f"{'late' if defer else 'host'}{rank}.npz"), **{k: state[k] for k in ("bucket", "visits", "last_step", "q")})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gathers_full_batches_without_reading_lengths(tmp_path):
+    import torch.multiprocessing as mp
+
+    for defer in (False, True):
+        mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), defer), nprocs=2, join=True)
+    tables = {(kind, r): np.load(tmp_path / f"{kind}{r}.npz") for kind in ("host", "late") for r in range(2)}
+    for name in ("bucket", "visits", "last_step", "q"):
+        reference = tables[("host", 0)][name]
+        for key in tables:
+            assert np.array_equal(tables[key][name], reference), (key, name)
+    # Padding copies never update the table: 29 samples, each visited at most once per epoch copy.
+    assert tables[("late", 0)]["visits"].sum() == tables[("host", 0)]["visits"].sum()
