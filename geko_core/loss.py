@@ -170,8 +170,16 @@ class _FusedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' gradient is not differentiable, and
+            # once_differentiable says so when it is differentiated again. (A plain backward runs
+            # with grad mode off and skips that wrapper's cost.)
+            return _FusedCrossEntropy._backward_once(ctx, grad_output)
+        return _FusedCrossEntropy._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor):
         logits, logits3, labels3 = ctx.saved_tensors
         lse, valid_tokens, weight = ctx.lse, ctx.valid_tokens, ctx.weight
         options = ctx.options
@@ -215,6 +223,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if shift and grad.shape[1] > 0:
             grad[:, -1].zero_()
         return grad, None, None, None, None
+
+
+_FusedCrossEntropy._backward_once = staticmethod(torch.autograd.function.once_differentiable(_FusedCrossEntropy._backward))
 
 
 class _SegmentTokenLoss(torch.autograd.Function):
