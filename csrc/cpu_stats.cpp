@@ -309,9 +309,60 @@ struct RowSums {
   float s2 = 0.0f;
 };
 
+#ifdef __AVX2__
+// row_sums() of a row shorter than one 16-element block, all in two vectors: the row is
+// copied into a 16-lane buffer whose padding repeats element 0 (a real element, so neither
+// the max, nor the finiteness check, nor the first index of the max changes), and the
+// exponential sums mask out the padding lanes and the argmax's lane. The same max, argmax
+// and sums (up to summation order) as the general path.
+template <typename T>
+RowSums short_row_sums(const T* row, int64_t vocab) {
+  RowSums out;
+  alignas(32) float buf[16];
+  for (int64_t j = 0; j < vocab; ++j) buf[j] = Elem<T>::load(row + j);
+  for (int64_t j = vocab; j < 16; ++j) buf[j] = buf[0];
+  const __m256 x0 = _mm256_load_ps(buf);
+  const __m256 x1 = _mm256_load_ps(buf + 8);
+  const __m256 zero = _mm256_setzero_ps();
+  const float check = hsum(_mm256_fmadd_ps(x0, zero, _mm256_mul_ps(x1, zero)));
+  __m256 vmax = _mm256_max_ps(x0, x1);
+  vmax = _mm256_max_ps(vmax, _mm256_permute2f128_ps(vmax, vmax, 1));
+  vmax = _mm256_max_ps(vmax, _mm256_shuffle_ps(vmax, vmax, _MM_SHUFFLE(1, 0, 3, 2)));
+  vmax = _mm256_max_ps(vmax, _mm256_shuffle_ps(vmax, vmax, _MM_SHUFFLE(2, 3, 0, 1)));
+  const float m = _mm256_cvtss_f32(vmax);
+  out.max = m;
+  out.finite = (check == 0.0f);
+  if (!out.finite) return out;
+  const __m256 vm = _mm256_set1_ps(m);
+  const unsigned eq = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x0, vm, _CMP_EQ_OQ))) |
+                      (static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x1, vm, _CMP_EQ_OQ))) << 8);
+  out.argmax = __builtin_ctz(eq);  // m is one of the row's values: some lane below vocab holds it
+  const __m256i lane_a = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane_b = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+  const __m256i count = _mm256_set1_epi32(static_cast<int>(vocab));
+  const __m256i at = _mm256_set1_epi32(static_cast<int>(out.argmax));
+  const __m256 keep0 =
+      _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_a, at), _mm256_cmpgt_epi32(count, lane_a)));
+  const __m256 keep1 =
+      _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_b, at), _mm256_cmpgt_epi32(count, lane_b)));
+  constexpr int kDegree = sizeof(T) == 2 ? 4 : 5;
+  const __m256 u0 = log2_units(_mm256_sub_ps(x0, vm));
+  const __m256 u1 = log2_units(_mm256_sub_ps(x1, vm));
+  const __m256 e0 = _mm256_and_ps(keep0, exp2_finite<kDegree>(u0));
+  const __m256 e1 = _mm256_and_ps(keep1, exp2_finite<kDegree>(u1));
+  out.d = hsum(_mm256_add_ps(e0, e1));
+  out.s1 = hsum(_mm256_fmadd_ps(e0, u0, _mm256_mul_ps(e1, u1))) * kLn2;
+  out.s2 = hsum(_mm256_fmadd_ps(e0, e0, _mm256_mul_ps(e1, e1)));
+  return out;
+}
+#endif  // __AVX2__
+
 template <typename T>
 RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   RowSums out;
+#ifdef __AVX2__
+  if (vocab < 16) return short_row_sums(row, vocab);
+#endif
   // 1. max and finiteness (sum of x * 0 is 0 for a finite row, NaN otherwise).
   //    The row (<= 1 MB) stays in L2 for the passes below, so DRAM is read once.
   int64_t i = 0;
