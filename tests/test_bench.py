@@ -59,3 +59,17 @@ def test_data_is_made_locally_and_deterministic(tmp_path, monkeypatch):
     assert text.num_train_files > 10 and text.num_test_files > 0
     with pytest.raises(ValueError, match="label_noise"):
         make_mnist1d(500, label_noise=1.5)
+
+
+def test_budget_option_sets_geko_and_infobatch_budgets(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["--smoke", "--out", str(out), "--no-progress", "--policies", "full,geko,infobatch", "--budget", "0.5"]) == 0
+    capsys.readouterr()
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    by = {(r["task"], r["policy"]): r for r in runs}
+    assert by[("mnist1d", "geko")]["policy_options"] == {"budget": 0.5, "budget_unit": "samples"}
+    assert by[("mnist1d", "infobatch")]["policy_options"] == {"budget": 0.5, "unit": "samples"}
+    assert by[("stdlib-lm", "geko")]["policy_options"] == {"budget": 0.5, "budget_unit": "tokens"}  # a language model
+    with pytest.raises(SystemExit):
+        main(["--smoke", "--out", str(out), "--budget", "1.5"])

@@ -47,6 +47,19 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _with_budget(task, budget: float):
+    """``task`` whose GEKO and InfoBatch runs get ``budget`` (in tokens for language models)."""
+    import dataclasses
+
+    from .runner import sample_tokens
+
+    tokens = sample_tokens(task) is not None
+    options = dict(task.policy_options)
+    options["geko"] = {"budget": budget, "budget_unit": "tokens" if tokens else "samples"}
+    options["infobatch"] = {"budget": budget, "unit": "tokens" if tokens else "samples"}
+    return dataclasses.replace(task, policy_options=options)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="geko-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scale = parser.add_mutually_exclusive_group()
@@ -58,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="geko-bench-out", help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="a cost budget in (0, 1] for geko and infobatch (share of the full data's samples, "
+        "tokens for language models), replacing the tasks' own options; the random subset still "
+        "matches GEKO's measured cost",
+    )
     args = parser.parse_args(argv)
 
     from .report import aggregate, format_table, goal_report, write_outputs
@@ -70,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.budget is not None and not 0.0 < args.budget <= 1.0:
+        parser.error("--budget must be in (0, 1]")
     tasks = [make_task(name.strip(), scale_name) for name in args.tasks.split(",") if name.strip()]
+    if args.budget is not None:
+        tasks = [_with_budget(task, args.budget) for task in tasks]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     from ..policies import POLICIES
 
