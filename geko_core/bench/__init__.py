@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="small data and few epochs (about a minute)")
     scale.add_argument("--smoke", action="store_true", help="tiny end-to-end check (seconds)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm, sft-algo, sft-stdlib")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of full and Selector policies (also: eswp, gainrl, grace, uniform)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3 (1 with --smoke)")
     parser.add_argument("--out", default="geko-bench-out", help="output directory")
