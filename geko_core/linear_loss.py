@@ -25,7 +25,7 @@ from torch.utils.dlpack import to_dlpack
 from ._backend import load_compiled_core, resolve_backend
 from ._checks import check_bool, check_choice, check_int, check_same_device, check_tensor
 from .config import GekoConfig, cpp_config_for_kernels, resolve_config
-from .loss import cross_entropy_with_stats
+from .loss import _reduce, cross_entropy_with_stats
 from .reference import instant_bucket
 from .stats import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
 from .types import SampleStats, TokenStats
@@ -316,7 +316,8 @@ def _run_chunks(
         labels3 = label_rows[start:stop].view(count, 1)
 
         if stats:
-            assert tokens is not None
+            if tokens is None:  # an internal invariant of the chunk loop
+                raise RuntimeError("linear_cross_entropy_with_stats: internal error (tokens is not None failed)")
             if core is not None:
                 token_capsules = [to_dlpack(tokens.values[k, start:stop].view(count, 1)) for k in range(_NUM_FIELDS)]
                 token_capsules.append(to_dlpack(tokens.valid[start:stop].view(count, 1)))
@@ -335,7 +336,8 @@ def _run_chunks(
                 chunk_stats, _, chunk_lse = cross_entropy_forward_triton(
                     logits3, labels3, ignore_index=ignore_index, config=config, per_token=True
                 )
-                assert chunk_stats.tokens is not None
+                if chunk_stats.tokens is None:  # an internal invariant of the chunk loop
+                    raise RuntimeError("linear_cross_entropy_with_stats: internal error (chunk_stats.tokens is not None failed)")
                 for k in range(_NUM_FIELDS):
                     tokens.values[k, start:stop].copy_(chunk_stats.tokens[k].view(count))
                 tokens.valid[start:stop].copy_(chunk_stats.tokens.valid.view(count))
@@ -349,7 +351,8 @@ def _run_chunks(
 
         if not with_grad:
             continue
-        assert lse_all is not None and token_scale is not None
+        if lse_all is None or token_scale is None:  # an internal invariant of the chunk loop
+            raise RuntimeError("linear_cross_entropy_with_stats: internal error (lse_all is not None and token_scale is not None failed)")
         lse3 = lse_all[start:stop].view(count, 1)
         scale3 = token_scale[start:stop].view(count, 1)
         # The logits become d loss / d logits in place (zero rows for tokens that do not count).
@@ -438,20 +441,6 @@ def _bucket(
     return instant_bucket(confidence, correct, config)
 
 
-def _reduce(
-    token_loss_sum: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
-) -> torch.Tensor:
-    """The loss from per-sample sums of token losses and valid-token counts (both ``[S]``),
-    as ``cross_entropy_with_stats`` reduces them."""
-    weighted = token_loss_sum if weight is None else token_loss_sum * weight
-    if reduction == "none":
-        return weighted / valid_tokens.clamp(min=1).to(weighted.dtype)
-    total = weighted.sum()
-    if reduction == "sum":
-        return total
-    return total / valid_tokens.sum().to(weighted.dtype)  # 0 / 0 = NaN, as F.cross_entropy
-
-
 def _row_scale(prepared: _Inputs, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
     """float32 ``[R]``: d loss / d token_loss of every row (the kernels zero the rows that do
     not count, so a sample's scale is simply repeated over its rows)."""
@@ -505,7 +494,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse_in=None,
             need=need,
         )
-        assert tokens is not None
+        if tokens is None:  # an internal invariant of the chunk loop
+            raise RuntimeError("linear_cross_entropy_with_stats: internal error (tokens is not None failed)")
         stats, token_loss_sum = _sample_statistics(tokens, prepared, options["config"], options["per_token"])
         out.append(stats)
         ctx.prepared = prepared
@@ -718,7 +708,8 @@ def linear_cross_entropy_with_stats(
                 lse_in=None,
                 need=(False, False, False),
             )
-            assert tokens is not None
+            if tokens is None:  # an internal invariant of the chunk loop
+                raise RuntimeError("linear_cross_entropy_with_stats: internal error (tokens is not None failed)")
             stats, token_loss_sum = _sample_statistics(tokens, prepared, config, per_token)
             return _reduce(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction), stats
 

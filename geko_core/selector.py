@@ -1127,7 +1127,7 @@ def _all_gather_padded(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     length = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=device)
     lengths = [torch.zeros_like(length) for _ in range(world)]
     dist.all_gather(lengths, length)
-    sizes = torch.cat(lengths).tolist()  # one host sync per step, only in distributed runs
+    sizes = torch.cat(lengths).tolist()  # a host read per step: CPU (gloo) runs only; GPUs use _all_gather_fixed
     longest = max(sizes)
     out = []
     for tensor in tensors:
