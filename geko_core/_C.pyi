@@ -9,7 +9,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
+__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'loss_forward', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
 class Config:
     """
     C++ mirror of geko_core.GekoConfig (defaults live here).
@@ -17,6 +17,12 @@ class Config:
     def __init__(self) -> None:
         ...
     def validate(self) -> None:
+        ...
+    @property
+    def correct_margin(self) -> float:
+        ...
+    @correct_margin.setter
+    def correct_margin(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
         ...
     @property
     def correct_threshold(self) -> float:
@@ -112,6 +118,11 @@ class SampleTable:
     def update(self, indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.ndarray, correct: numpy.ndarray, step: typing.SupportsInt | typing.SupportsIndex) -> None:
         """
         Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.
+        """
+    def update_revisits(self, indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.ndarray, correct: numpy.ndarray, step: typing.SupportsInt | typing.SupportsIndex) -> tuple:
+        """
+        update() that returns the batch's FREEZE revisits as (revisits, failed): indices that were FREEZE
+        before the batch with a finite correct value, and those of them that are FOCUS or HARD after it.
         """
     @property
     def config(self) -> Config:
@@ -216,6 +227,15 @@ def gaussian_window_plan(order: numpy.ndarray, mu: typing.SupportsFloat | typing
     ...
 def infobatch_plan(scores: numpy.ndarray, epoch: typing.SupportsInt | typing.SupportsIndex, num_epochs: typing.SupportsInt | typing.SupportsIndex, prune_ratio: typing.SupportsFloat | typing.SupportsIndex, delta: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, num_replicas: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, drop_last: bool) -> dict:
     ...
+def loss_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, weight: typing.Any, reduction: str, values_out: typing.Any, valid_out: typing.Any, bucket_out: typing.Any, lse_out: typing.Any) -> tuple:
+    """
+    The fused loss's CPU forward in one call: label check, statistics (float32 [6, S] block, int32
+    valid_tokens, int8 bucket), per-token log-sum-exp (float32 [S, T]) and the reduction ('sum' or
+    'mean') of the token losses weighted per sample (float32 [S] or None).
+    
+    Returns (bad, loss, valid_total): bad is the flat s * T + t of the first label neither
+    ignore_index nor in [0, V) (then nothing is written), else -1. Releases the GIL.
+    """
 def random_permutation(n: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
     """
     A uniformly random permutation of range(n), O(n), deterministic for (seed, epoch).

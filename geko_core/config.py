@@ -106,7 +106,23 @@ def resolve_config(config: GekoConfig | None) -> GekoConfig:
 
 
 @functools.lru_cache(maxsize=64)
+def _kernel_config_of(config: GekoConfig) -> "_C.Config":
+    return config.to_cpp()
+
+
+# By object identity first: hashing a GekoConfig's fields costs microseconds, and the
+# statistics ask on every step. Each entry holds its config, so its id is not reused.
+_KERNEL_CONFIGS: dict[int, tuple[GekoConfig, "_C.Config"]] = {}
+
+
 def cpp_config_for_kernels(config: GekoConfig) -> "_C.Config":
     """A shared ``_C.Config`` made once per distinct configuration, for the kernels, which only
     read it (the statistics ask for one on every step). Never modify it: use ``to_cpp()``."""
-    return config.to_cpp()
+    entry = _KERNEL_CONFIGS.get(id(config))
+    if entry is not None and entry[0] is config:
+        return entry[1]
+    kernel = _kernel_config_of(config)
+    if len(_KERNEL_CONFIGS) >= 64:
+        _KERNEL_CONFIGS.clear()
+    _KERNEL_CONFIGS[id(config)] = (config, kernel)
+    return kernel

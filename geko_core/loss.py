@@ -15,24 +15,36 @@ import torch
 from torch.utils.dlpack import to_dlpack
 import torch.nn.functional as F
 
-from ._backend import load_compiled_core
+from ._backend import compiled_core_error, load_compiled_core
 from ._checks import check_bool, check_choice, check_same_device, check_tensor
-from .config import GekoConfig, resolve_config
+from .config import GekoConfig, cpp_config_for_kernels, resolve_config
 from .reference import as_samples, sample_stats_reference
 from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
-from .stats import forward_blocks_cpp, forward_for_loss_cpp, prepare_inputs, segment_token_values, stats_from_blocks
+from .stats import MAX_VOCAB as _MAX_VOCAB
+from .stats import forward_blocks_cpp, prepare_inputs, segment_token_values, stats_from_blocks
 from .types import SampleStats
 
 __all__ = ["cross_entropy_with_stats"]
 
 _REDUCTIONS = ("none", "sum", "mean")
+_HOST_DTYPES = frozenset((torch.float32, torch.bfloat16, torch.float16, torch.float64))
 
 
-class HostStats(NamedTuple):
-    """What the C++ path already holds on the host after its forward pass."""
+class HostForward(NamedTuple):
+    """The CPU forward of the fused loss in host arrays (``_HostCrossEntropy``): what the
+    Selector reads every step, so nothing is converted twice."""
 
-    valid_total: int | None  # the batch's valid tokens (None: not counted, reduction "none")
-    values: np.ndarray  # float32 [6, S]: the statistics' six float fields (their memory)
+    values: np.ndarray  # float32 [6, S]: loss, confidence, label_prob, correct, entropy, el2n
+    valid_tokens: np.ndarray  # int32 [S]
+    bucket: np.ndarray  # int8 [S]
+    valid_total: int  # the batch's valid tokens
+
+    def stats(self) -> SampleStats:
+        """The statistics as tensors sharing these arrays."""
+        return SampleStats(
+            *torch.from_numpy(self.values).unbind(0), valid_tokens=torch.from_numpy(self.valid_tokens),
+            bucket=torch.from_numpy(self.bucket), tokens=None,
+        )
 
 
 def _reduce(
@@ -106,6 +118,161 @@ def _samples_view(tensor: torch.Tensor, shift: bool) -> torch.Tensor:
     return tensor[:, :-1, :] if shift else tensor
 
 
+def _label_error(labels3: torch.Tensor, flat: int, vocab: int, ignore_index: int) -> ValueError:
+    position = divmod(flat, labels3.shape[1]) if labels3.dim() == 2 else (flat, 0)
+    value = labels3[position] if labels3.dim() == 2 else labels3[flat]
+    return ValueError(
+        f"label {int(value)} at (sample, token) {position} is outside [0, {vocab}) "
+        f"and is not ignore_index ({ignore_index})"
+    )
+
+
+class _HostCrossEntropy(torch.autograd.Function):
+    """The C++ path for a reduced loss without per-token output: one compiled call forward
+    (label check, statistics, log-sum-exp, the weighted reduction), one backward; host
+    arrays throughout. The statistics leave through ``out`` as a :class:`HostForward`.
+
+    ``options``: (ignore_index, shift, reduction, kernel config, inplace). ``weight``: a
+    float32 ``[S]`` numpy array or None (the backward reads it, so it must not change)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: torch.Tensor,
+        logits3: torch.Tensor,
+        labels3: torch.Tensor,
+        weight: np.ndarray | None,
+        options: tuple,
+        out: list,
+    ) -> torch.Tensor:
+        ignore_index, _, reduction, kernel_config, _ = options
+        samples = labels3.shape[0]
+        tokens = labels3.shape[1] if labels3.dim() == 2 else 1
+        values = np.empty((6, samples), dtype=np.float32)
+        valid = np.empty(samples, dtype=np.int32)
+        bucket = np.empty(samples, dtype=np.int8)
+        lse = np.empty((samples, tokens), dtype=np.float32)
+        # The compiled core reads a capsule without consuming it: the backward reuses these.
+        capsules = (
+            to_dlpack(logits3.detach()),
+            to_dlpack(labels3),
+            lse.__dlpack__(),
+            None if weight is None else weight.__dlpack__(),
+        )
+        bad, value, total = load_compiled_core().loss_forward(
+            capsules[0], capsules[1], ignore_index, kernel_config, capsules[3], reduction,
+            values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), capsules[2],
+        )
+        if bad >= 0:
+            raise _label_error(labels3, bad, logits3.shape[-1], ignore_index)
+        out.append(HostForward(values, valid, bucket, total))
+        ctx.options, ctx.capsules, ctx.valid_total = options, capsules, total
+        ctx.logits_shape = logits.shape
+        # Saved (not only captured) so that an in-place change of the logits or the labels
+        # before the backward is caught by autograd's version check.
+        ctx.save_for_backward(logits, logits3, labels3)
+        return torch.from_numpy(np.array(value, dtype=np.float32))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            return _HostCrossEntropy._backward_once(ctx, grad_output)
+        return _HostCrossEntropy._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_output: torch.Tensor):
+        logits, logits3, labels3 = ctx.saved_tensors
+        ignore_index, shift, reduction, _, inplace = ctx.options
+        logits_capsule, labels_capsule, lse_capsule, scale_capsule = ctx.capsules
+        factor = float(grad_output)
+        if reduction == "mean":
+            factor = factor / ctx.valid_total if ctx.valid_total else float("nan")
+        if scale_capsule is None:
+            scale_capsule = np.ones(labels3.shape[0], dtype=np.float32).__dlpack__()
+        core = load_compiled_core()
+        if inplace and logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            grad = logits.detach()  # the same storage, now holding the gradient
+            target = None
+        else:
+            grad = torch.empty(ctx.logits_shape, dtype=logits.dtype)
+            target = to_dlpack(grad[:, :-1] if shift else grad)  # the kernel reads 2-D as [N, 1, V]
+        core.cross_entropy_backward(logits_capsule, labels_capsule, lse_capsule, scale_capsule, target, ignore_index, factor)
+        if shift and grad.shape[1] > 0:
+            grad[:, -1].zero_()  # the last position predicts nothing
+        return grad, None, None, None, None, None
+
+
+_HostCrossEntropy._backward_once = staticmethod(torch.autograd.function.once_differentiable(_HostCrossEntropy._backward))
+
+
+def _host_loss(
+    logits: torch.Tensor,
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    weight: np.ndarray | None,
+    *,
+    ignore_index: int,
+    shift: bool,
+    reduction: str,
+    config: GekoConfig,
+    inplace: bool,
+) -> tuple[torch.Tensor, HostForward]:
+    """The loss and the host arrays of the C++ path (``reduction`` "sum" or "mean"), from
+    checked ``[S, T, V]`` / ``[S, T]`` int64 CPU views, or ``[N, V]`` / ``[N]`` (read as
+    ``[N, 1, V]``); the label range is checked here."""
+    out: list = []
+    options = (ignore_index, shift, reduction, cpp_config_for_kernels(config), inplace)
+    loss = _HostCrossEntropy.apply(logits, logits3, labels3, weight, options, out)
+    return loss, out[0]
+
+
+def cpu_loss_fast(
+    logits: Any,
+    labels: Any,
+    weight: np.ndarray | None,
+    *,
+    ignore_index: Any,
+    shift: Any,
+    reduction: Any,
+    config: GekoConfig,
+    inplace: bool,
+) -> tuple[torch.Tensor, HostForward] | None:
+    """The usual small CPU step in as few operations as possible: plain CPU tensors of an
+    accepted dtype, int64 labels of the logits' leading shape, a contiguous last dimension,
+    ``reduction`` "sum" or "mean", the compiled core loaded, not under torch.compile. Returns
+    None for anything else, having changed nothing: the caller then takes the general path,
+    whose checks name the problem. A label out of range raises the general path's
+    ValueError."""
+    if not (
+        type(logits) is torch.Tensor
+        and type(labels) is torch.Tensor
+        and type(ignore_index) is int
+        and type(shift) is bool
+        and (reduction == "mean" or reduction == "sum")
+        and logits.dtype in _HOST_DTYPES
+        and labels.dtype is torch.int64
+        and logits.is_cpu
+        and labels.is_cpu
+        and -(2**63) <= ignore_index < 2**63
+    ):
+        return None
+    dim = logits.dim()
+    if dim == 2 and not shift and labels.dim() == 1 and labels.shape[0] == logits.shape[0]:
+        logits3, labels3 = logits, labels  # the kernels read them as [N, 1, V] / [N, 1]
+    elif dim == 3 and labels.shape == logits.shape[:2]:
+        logits3, labels3 = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
+    else:
+        return None
+    if not (2 <= logits.shape[-1] <= _MAX_VOCAB and logits.stride(-1) == 1) or torch.compiler.is_compiling():
+        return None
+    if compiled_core_error() is not None:
+        return None
+    return _host_loss(
+        logits, logits3, labels3, weight, ignore_index=ignore_index, shift=shift, reduction=reduction, config=config,
+        inplace=inplace,
+    )
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """One autograd node for the C++ and Triton paths; the statistics leave through ``out``."""
 
@@ -120,17 +287,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         logits3, labels3 = options.pop("views")  # prepared (and checked) by the caller
         logits3 = logits3.detach()
-        host = None
-        if options["backend"] == "cpp" and not options["per_token"]:
-            # The usual CPU step: host arrays throughout (see forward_for_loss_cpp).
-            host = forward_for_loss_cpp(logits3, labels3, ignore_index=options["ignore_index"], config=options["config"])
-            stats, token_loss, lse = host.stats, host.token_loss, host.lse
-        elif options["backend"] == "cpp":
+        if options["backend"] == "cpp":
+            # Per-token output or reduction "none" (the rest takes _HostCrossEntropy).
             blocks = forward_blocks_cpp(
-                logits3, labels3, ignore_index=options["ignore_index"], config=options["config"], per_token=True,
-                write_lse=True,
+                logits3, labels3, ignore_index=options["ignore_index"], config=options["config"],
+                per_token=options["per_token"], write_lse=True,
             )
-            stats = stats_from_blocks(blocks, True)
+            stats = stats_from_blocks(blocks, options["per_token"])
             token_loss, lse = blocks.token_values[0], blocks.lse
         else:
             from .kernels.cross_entropy import cross_entropy_forward_triton
@@ -149,11 +312,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         reduction = options["reduction"]
         if options["backend"] == "cpp" and reduction != "none":
             # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
-            loss, total = _reduce_host(
-                token_loss if host is not None else token_loss.numpy(),
-                host.valid_tokens if host is not None else valid_tokens.numpy(),
-                weight, reduction,
-            )
+            loss, total = _reduce_host(token_loss.numpy(), valid_tokens.numpy(), weight, reduction)
             ctx.valid_total = total
         else:
             if isinstance(token_loss, np.ndarray):
@@ -161,8 +320,6 @@ class _FusedCrossEntropy(torch.autograd.Function):
             per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
             loss = _reduce(per_sample, valid_tokens, weight, reduction)
             ctx.valid_total = None
-        if host is not None:
-            out.append(HostStats(ctx.valid_total, host.values))
         # This node's own tensors ride on ctx (fewer saved tensors to unpack); the inputs'
         # views are saved, so an in-place change of the logits or labels is still caught.
         ctx.lse, ctx.valid_tokens, ctx.weight = lse, valid_tokens, weight
@@ -444,7 +601,7 @@ def _loss_and_stats(
     segments: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     num_segments: int | None,
-) -> tuple[torch.Tensor, SampleStats, "HostStats | None"]:
+) -> tuple[torch.Tensor, SampleStats, HostForward | None]:
     """``cross_entropy_with_stats`` and, on the C++ path, what the Selector reads on the host
     every step (so it converts nothing again); None on the other paths."""
 
@@ -494,6 +651,12 @@ def _loss_and_stats(
         weight = weight.to(torch.float32)
     if torch.compiler.is_compiling():
         return (*_compiled_loss(logits3, labels3, ignore_index, weight, reduction, per_token, config), None)
+    if name == "cpp" and not per_token and reduction != "none":
+        loss, host = _host_loss(
+            logits, logits3, labels3, None if weight is None else weight.numpy(), ignore_index=ignore_index,
+            shift=shift, reduction=reduction, config=config, inplace=inplace_backward,
+        )
+        return loss, host.stats(), host
     options = {
         "backend": name,
         "ignore_index": ignore_index,
@@ -506,4 +669,4 @@ def _loss_and_stats(
     }
     out: list = []
     loss = _FusedCrossEntropy.apply(logits, labels, weight, options, out)
-    return loss, out[0], (out[1] if len(out) > 1 else None)
+    return loss, out[0], None

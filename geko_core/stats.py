@@ -202,44 +202,6 @@ def forward_blocks_cpp(
     return ForwardBlocks(sample_values, valid_tokens, bucket, token_values, token_valid, lse)
 
 
-class HostForward(NamedTuple):
-    """The fused loss's forward pass on the CPU, in host arrays (``forward_for_loss_cpp``)."""
-
-    stats: SampleStats  # its tensors share the arrays below
-    values: np.ndarray  # float32 [6, S]: loss, confidence, label_prob, correct, entropy, el2n
-    valid_tokens: np.ndarray  # int32 [S]
-    token_loss: np.ndarray  # float32 [S, T], 0 for tokens that are not valid
-    lse: np.ndarray  # float32 [S, T]
-
-
-def forward_for_loss_cpp(
-    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig
-) -> HostForward:
-    """``forward_blocks_cpp(..., per_token=False, write_lse=True)`` for the fused loss: the
-    buffers are numpy arrays (a fraction of a tensor allocation each), the token losses and
-    the log-sum-exp stay numpy (the host reduction and the backward read them as such), and
-    only the statistics become tensors."""
-    samples, tokens = labels3.shape
-    values = np.empty((6, samples), dtype=np.float32)
-    valid_tokens = np.empty(samples, dtype=np.int32)
-    bucket = np.empty(samples, dtype=np.int8)
-    token_block = np.empty((2, samples, tokens), dtype=np.float32)  # token losses, log-sum-exp
-    load_compiled_core().stats_forward(
-        to_dlpack(logits3.detach()),
-        to_dlpack(labels3),
-        ignore_index,
-        cpp_config_for_kernels(config),
-        (values.__dlpack__(), valid_tokens.__dlpack__(), bucket.__dlpack__()),
-        (token_block[:1].__dlpack__(), None),
-        token_block[1].__dlpack__(),
-    )
-    stats = SampleStats(
-        *torch.from_numpy(values).unbind(0), valid_tokens=torch.from_numpy(valid_tokens), bucket=torch.from_numpy(bucket),
-        tokens=None,
-    )
-    return HostForward(stats, values, valid_tokens, token_block[0], token_block[1])
-
-
 def stats_from_blocks(blocks: ForwardBlocks | tuple, per_token: bool) -> SampleStats:
     """SampleStats whose fields are views of the blocks."""
     sample_values, valid_tokens, bucket, token_values, token_valid, _ = blocks

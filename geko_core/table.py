@@ -215,6 +215,16 @@ class SampleTable:
         with self._lock:
             self._c.update(indices, loss, confidence, correct, step)
 
+    def update_arrays_revisits(
+        self, indices: np.ndarray, loss: np.ndarray, confidence: np.ndarray, correct: np.ndarray, step: int
+    ) -> tuple[int, int]:
+        """:meth:`update_arrays` that also returns the batch's FREEZE revisits, in the same
+        compiled call: ``(revisits, failed)``, the indices whose bucket was FREEZE before the
+        batch and whose ``correct`` is finite, and those of them whose bucket is FOCUS or HARD
+        after it (no longer right). Bad input raises before anything changes."""
+        with self._lock:
+            return self._c.update_revisits(indices, loss, confidence, correct, step)
+
     def update_from_stats(self, indices: ArrayLike, stats: SampleStats, step: int) -> None:
         """``update(indices, stats.loss, stats.confidence, stats.correct, step)``.
 

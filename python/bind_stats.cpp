@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -47,22 +48,29 @@ Inputs checked_inputs(const py::handle& logits_obj, const py::handle& labels_obj
       throw py::type_error(std::string("logits: expected float32, float64, bfloat16 or float16, got ") +
                            kind_name(x.kind));
   }
-  if (x.shape.size() != 3) throw std::invalid_argument("logits: expected a 3-D [S, T, V] view");
-  if (x.shape[2] < 2 || x.shape[2] > kMaxVocab)
+  // [S, T, V] with [S, T] labels, or [N, V] with [N] labels read as [N, 1, V] / [N, 1].
+  if (x.shape.size() != 3 && x.shape.size() != 2)
+    throw std::invalid_argument("logits: expected a 3-D [S, T, V] or 2-D [N, V] view");
+  const bool flat = x.shape.size() == 2;
+  const int64_t V = x.shape.back();
+  if (V < 2 || V > kMaxVocab)
     throw std::invalid_argument("logits: vocabulary size must be in [2, " + std::to_string(kMaxVocab) + "], got " +
-                                std::to_string(x.shape[2]));
-  if (x.strides[2] != 1) throw std::invalid_argument("logits: the last dimension must be contiguous (stride 1)");
+                                std::to_string(V));
+  if (x.strides.back() != 1) throw std::invalid_argument("logits: the last dimension must be contiguous (stride 1)");
   require_kind(y, Kind::kInt64, "labels");
-  require_shape(y, {x.shape[0], x.shape[1]}, "labels");
+  if (flat)
+    require_shape(y, {x.shape[0]}, "labels");
+  else
+    require_shape(y, {x.shape[0], x.shape[1]}, "labels");
   in.logits.data = x.data;
   in.logits.samples = x.shape[0];
-  in.logits.tokens = x.shape[1];
-  in.logits.vocab = x.shape[2];
+  in.logits.tokens = flat ? 1 : x.shape[1];
+  in.logits.vocab = V;
   in.logits.sample_stride = x.strides[0];
-  in.logits.token_stride = x.strides[1];
+  in.logits.token_stride = flat ? 0 : x.strides[1];
   in.labels.data = reinterpret_cast<const int64_t*>(y.data);
   in.labels.sample_stride = y.strides[0];
-  in.labels.token_stride = y.strides[1];
+  in.labels.token_stride = flat ? 0 : y.strides[1];
   return in;
 }
 
@@ -194,11 +202,16 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
       case ScalarType::kFloat16: want = Kind::kFloat16; break;
     }
     require_kind(g, want, "grad");
-    require_shape(g, {S, T, in.logits.vocab}, "grad");
-    if (g.strides[2] != 1) throw std::invalid_argument("grad: the last dimension must be contiguous (stride 1)");
+    if (g.shape.size() == 2 && T == 1) {  // [N, V], as the logits may be
+      require_shape(g, {S, in.logits.vocab}, "grad");
+      grad_token_stride = 0;
+    } else {
+      require_shape(g, {S, T, in.logits.vocab}, "grad");
+      grad_token_stride = g.strides[1];
+    }
+    if (g.strides.back() != 1) throw std::invalid_argument("grad: the last dimension must be contiguous (stride 1)");
     grad_data = g.data;
     grad_sample_stride = g.strides[0];
-    grad_token_stride = g.strides[1];
   }
   py::gil_scoped_release release;
   cross_entropy_backward_cpu(in.logits, in.labels, lse_data, scale_data, ignore_index, grad_data, grad_sample_stride,
@@ -223,6 +236,67 @@ int64_t first_bad_label(const py::object& labels, int64_t vocab, int64_t ignore_
   return -1;
 }
 
+// The fused loss's whole CPU forward in one call (the small-step path of the loss and the
+// Selector): the label check, the statistics (a float32 [6, S] block, valid_tokens, bucket),
+// the per-token log-sum-exp for the backward, and the reduction of the token losses.
+// Returns (bad, loss, valid_total): bad is the flat position s * T + t of the first label
+// that is neither ignore_index nor in [0, V), or -1; when bad >= 0 nothing is written and
+// loss is 0. loss is the sum over samples of weight[s] (1 without weights) times the
+// sample's token losses added in token order in double; "mean" divides it by valid_total
+// (NaN for 0 / 0, as F.cross_entropy).
+py::tuple loss_forward(const py::object& logits, const py::object& labels, int64_t ignore_index, const Config& config,
+                       const py::object& weight, const std::string& reduction, const py::object& values_out,
+                       const py::object& valid_out, const py::object& bucket_out, const py::object& lse_out) {
+  config.validate();
+  if (reduction != "sum" && reduction != "mean")
+    throw std::invalid_argument("reduction: expected 'sum' or 'mean', got '" + reduction + "'");
+  Inputs in = checked_inputs(logits, labels);
+  const int64_t S = in.logits.samples;
+  const int64_t T = in.logits.tokens;
+  const int64_t V = in.logits.vocab;
+  SampleStatsOutput out;
+  float* values = reinterpret_cast<float*>(checked_buffer(values_out, Kind::kFloat32, {6, S}, "sample values"));
+  float** fields[6] = {&out.loss, &out.confidence, &out.label_prob, &out.correct, &out.entropy, &out.el2n};
+  for (int k = 0; k < 6; ++k) *fields[k] = values + k * S;
+  out.valid_tokens = reinterpret_cast<int32_t*>(checked_buffer(valid_out, Kind::kInt32, {S}, "valid_tokens"));
+  out.bucket = reinterpret_cast<int8_t*>(checked_buffer(bucket_out, Kind::kInt8, {S}, "bucket"));
+  TokenStatsOutput tokens;
+  tokens.lse = reinterpret_cast<float*>(checked_buffer(lse_out, Kind::kFloat32, {S, T}, "lse"));
+  const float* w = nullptr;
+  int64_t w_stride = 0;
+  if (!weight.is_none()) {
+    Tensor wt = from_capsule(weight, "weight");
+    require_kind(wt, Kind::kFloat32, "weight");
+    require_shape(wt, {S}, "weight");
+    w = reinterpret_cast<const float*>(wt.data);
+    w_stride = wt.strides[0];
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t v = in.labels.data[s * in.labels.sample_stride + t * in.labels.token_stride];
+      if (v != ignore_index && (v < 0 || v >= V)) return py::make_tuple(s * T + t, 0.0, 0);
+    }
+  }
+  std::vector<float> token_loss(static_cast<size_t>(S * T));
+  tokens.loss = token_loss.data();
+  double total_loss = 0.0;
+  int64_t valid_total = 0;
+  {
+    py::gil_scoped_release release;
+    sample_stats_cpu(in.logits, in.labels, ignore_index, config, out, tokens);
+    for (int64_t s = 0; s < S; ++s) {
+      double sample = 0.0;
+      const float* row = token_loss.data() + s * T;
+      for (int64_t t = 0; t < T; ++t) sample += static_cast<double>(row[t]);
+      total_loss += w == nullptr ? sample : sample * static_cast<double>(w[s * w_stride]);
+      valid_total += out.valid_tokens[s];
+    }
+  }
+  if (reduction == "mean")
+    total_loss = valid_total > 0 ? total_loss / static_cast<double>(valid_total) : std::numeric_limits<double>::quiet_NaN();
+  return py::make_tuple(int64_t{-1}, total_loss, valid_total);
+}
+
 }  // namespace
 
 void bind_stats(py::module_& m) {
@@ -240,6 +314,14 @@ void bind_stats(py::module_& m) {
         "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid\n"
         "tokens; token_scale is float32 [S, T] or [S] (one scale per sample).\n\n"
         "grad=None writes the gradient into the logits storage. Releases the GIL.");
+  m.def("loss_forward", &loss_forward, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("config"),
+        py::arg("weight"), py::arg("reduction"), py::arg("values_out"), py::arg("valid_out"), py::arg("bucket_out"),
+        py::arg("lse_out"),
+        "The fused loss's CPU forward in one call: label check, statistics (float32 [6, S] block, int32\n"
+        "valid_tokens, int8 bucket), per-token log-sum-exp (float32 [S, T]) and the reduction ('sum' or\n"
+        "'mean') of the token losses weighted per sample (float32 [S] or None).\n\n"
+        "Returns (bad, loss, valid_total): bad is the flat s * T + t of the first label neither\n"
+        "ignore_index nor in [0, V) (then nothing is written), else -1. Releases the GIL.");
   m.def("first_bad_label", &first_bad_label, py::arg("labels"), py::arg("vocab"), py::arg("ignore_index"),
         "Flat index s * T + t of the first [S, T] int64 label that is neither ignore_index nor in [0, vocab), "
         "or -1.");

@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -70,6 +71,52 @@ void update(SampleTable& table, const py::array& indices, const py::array& loss,
   } else {
     table.update(static_cast<const int64_t*>(indices.data()), l, c, k, count, step);
   }
+}
+
+// update() that also reports the batch's FREEZE revisits: (revisits, failed), where a
+// revisit is an index whose bucket was FREEZE before the batch and whose correct value is
+// finite, and a failed one is a revisit whose bucket is FOCUS or HARD after the batch (the
+// sample is no longer right). Bad input raises before anything changes, as update().
+py::tuple update_revisits(SampleTable& table, const py::array& indices, const py::array& loss,
+                          const py::array& confidence, const py::array& correct, int64_t step) {
+  require_int_indices(indices);
+  const bool narrow = is_int32(indices);
+  const size_t count = narrow ? require_vector<int32_t>(indices, "indices", "int32")
+                              : require_vector<int64_t>(indices, "indices", "int64");
+  const size_t n_loss = require_vector<float>(loss, "loss", "float32");
+  const size_t n_conf = require_vector<float>(confidence, "confidence", "float32");
+  const size_t n_correct = require_vector<float>(correct, "correct", "float32");
+  if (n_loss != count || n_conf != count || n_correct != count) {
+    throw std::invalid_argument("indices, loss, confidence and correct must have the same length, got " +
+                                std::to_string(count) + ", " + std::to_string(n_loss) + ", " +
+                                std::to_string(n_conf) + " and " + std::to_string(n_correct));
+  }
+  const auto* l = static_cast<const float*>(loss.data());
+  const auto* c = static_cast<const float*>(confidence.data());
+  const auto* k = static_cast<const float*>(correct.data());
+  int64_t revisits = 0;
+  int64_t failed = 0;
+  {
+    py::gil_scoped_release release;
+    std::vector<int8_t> before(count), after(count);
+    if (narrow) {
+      const auto* idx = static_cast<const int32_t*>(indices.data());
+      table.buckets(idx, count, before.data());  // checks every index first
+      table.update(idx, l, c, k, count, step);
+      table.buckets(idx, count, after.data());
+    } else {
+      const auto* idx = static_cast<const int64_t*>(indices.data());
+      table.buckets(idx, count, before.data());
+      table.update(idx, l, c, k, count, step);
+      table.buckets(idx, count, after.data());
+    }
+    for (size_t i = 0; i < count; ++i) {
+      if (before[i] != kFreeze || !std::isfinite(k[i])) continue;
+      ++revisits;
+      failed += (after[i] == kFocus || after[i] == kHard) ? 1 : 0;
+    }
+  }
+  return py::make_tuple(revisits, failed);
 }
 
 py::array_t<int8_t> buckets(const SampleTable& table, const py::array& indices) {
@@ -148,6 +195,10 @@ void bind_table(py::module_& m) {
       .def("update", &update, py::arg("indices"), py::arg("loss"), py::arg("confidence"), py::arg("correct"),
            py::arg("step"),
            "Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.")
+      .def("update_revisits", &update_revisits, py::arg("indices"), py::arg("loss"), py::arg("confidence"),
+           py::arg("correct"), py::arg("step"),
+           "update() that returns the batch's FREEZE revisits as (revisits, failed): indices that were FREEZE\n"
+           "before the batch with a finite correct value, and those of them that are FOCUS or HARD after it.")
       .def("buckets", &buckets, py::arg("indices"), "Bucket code (int8) of each index.")
       .def(
           "bucket_counts",

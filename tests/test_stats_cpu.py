@@ -87,8 +87,10 @@ def test_binding_validates_every_buffer():
     torch.testing.assert_close(outs[0], ref.loss, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="DLPack capsule"):
         core.stats_forward(logits, labels.__dlpack__(), -100, cfg, [t.__dlpack__() for t in outs], None, None)
-    with pytest.raises(ValueError, match="3-D"):
-        call(x=logits[:, 0])
+    with pytest.raises(ValueError, match=r"3-D \[S, T, V\] or 2-D \[N, V\]"):
+        call(x=logits[:, 0, 0])
+    with pytest.raises(ValueError, match=r"labels: expected shape \[3\], got \[3, 2\]"):
+        call(x=logits[:, 0])  # [N, V] logits take [N] labels
     with pytest.raises(ValueError, match="stride 1"):
         call(x=logits.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :10])
     with pytest.raises(TypeError, match="labels: expected int64, got int32"):
@@ -265,3 +267,30 @@ def test_first_bad_label_finds_the_first_offender(ignore_index):
     assert core.first_bad_label(labels.t().__dlpack__(), 7, ignore_index) == 0 * 4 + 3
     with pytest.raises(TypeError, match="labels"):
         core.first_bad_label(labels.int().__dlpack__(), 7, ignore_index)
+
+
+def test_binding_reads_2d_logits_as_one_token_samples():
+    core = load_compiled_core()
+    cfg = GekoConfig().to_cpp()
+    logits = torch.randn(5, 7)[:, :6]  # a row stride wider than the row
+    labels = torch.tensor([0, 5, -100, 3, 2])
+    flat, viewed = _outputs(5), _outputs(5)
+    lse_flat, lse_viewed = torch.empty(5, 1), torch.empty(5, 1)
+    core.stats_forward(logits.__dlpack__(), labels.__dlpack__(), -100, cfg, [t.__dlpack__() for t in flat], None,
+                       lse_flat.__dlpack__())
+    core.stats_forward(logits.unsqueeze(1).__dlpack__(), labels.unsqueeze(1).__dlpack__(), -100, cfg,
+                       [t.__dlpack__() for t in viewed], None, lse_viewed.__dlpack__())
+    for a, b in zip(flat, viewed):
+        assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
+    assert torch.equal(lse_flat, lse_viewed)
+    grad_flat, grad_viewed = torch.full((5, 6), 7.0), torch.full((5, 1, 6), 7.0)
+    scale = torch.ones(5)
+    core.cross_entropy_backward(logits.__dlpack__(), labels.__dlpack__(), lse_flat.__dlpack__(), scale.__dlpack__(),
+                                grad_flat.__dlpack__(), -100, 0.5)
+    core.cross_entropy_backward(logits.unsqueeze(1).__dlpack__(), labels.unsqueeze(1).__dlpack__(),
+                                lse_viewed.__dlpack__(), scale.__dlpack__(), grad_viewed.__dlpack__(), -100, 0.5)
+    assert torch.equal(grad_flat, grad_viewed[:, 0])
+    assert torch.equal(grad_flat[2], torch.zeros(6))  # the ignored row
+    with pytest.raises(ValueError, match="grad: expected shape"):
+        core.cross_entropy_backward(logits.__dlpack__(), labels.__dlpack__(), lse_flat.__dlpack__(),
+                                    scale.__dlpack__(), torch.zeros(5, 7).__dlpack__(), -100, 1.0)
