@@ -118,6 +118,16 @@ def _samples_view(tensor: torch.Tensor, shift: bool) -> torch.Tensor:
     return tensor[:, :-1, :] if shift else tensor
 
 
+def _kernel_backward(function: Any, ctx: Any, grad_output: torch.Tensor) -> Any:
+    """The backward of a kernel-backed autograd function: ``function._backward``, through
+    ``once_differentiable`` under create_graph=True (the kernels' gradient is not
+    differentiable, and the wrapper says so when it is differentiated again; a plain backward
+    runs with grad mode off and skips the wrapper's cost)."""
+    if torch.is_grad_enabled():
+        return function._backward_once(ctx, grad_output)
+    return function._backward(ctx, grad_output)
+
+
 def _label_error(labels3: torch.Tensor, flat: int, vocab: int, ignore_index: int) -> ValueError:
     position = divmod(flat, labels3.shape[1]) if labels3.dim() == 2 else (flat, 0)
     value = labels3[position] if labels3.dim() == 2 else labels3[flat]
@@ -175,9 +185,7 @@ class _HostCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            return _HostCrossEntropy._backward_once(ctx, grad_output)
-        return _HostCrossEntropy._backward(ctx, grad_output)
+        return _kernel_backward(_HostCrossEntropy, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor):
@@ -328,12 +336,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            # create_graph=True: the kernels' gradient is not differentiable, and
-            # once_differentiable says so when it is differentiated again. (A plain backward runs
-            # with grad mode off and skips that wrapper's cost.)
-            return _FusedCrossEntropy._backward_once(ctx, grad_output)
-        return _FusedCrossEntropy._backward(ctx, grad_output)
+        return _kernel_backward(_FusedCrossEntropy, ctx, grad_output)
 
     @staticmethod
     def _backward(ctx: Any, grad_output: torch.Tensor):

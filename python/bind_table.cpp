@@ -49,28 +49,60 @@ void require_int_indices(const py::array& indices) {
   }
 }
 
-void update(SampleTable& table, const py::array& indices, const py::array& loss, const py::array& confidence,
-            const py::array& correct, int64_t step) {
+// A batch for update(), checked: indices int32/int64, the rest float32, all 1-D, contiguous,
+// one length.
+struct Batch {
+  const void* indices;
+  bool narrow;
+  size_t count;
+  const float* loss;
+  const float* confidence;
+  const float* correct;
+};
+
+Batch checked_batch(const py::array& indices, const py::array& loss, const py::array& confidence,
+                    const py::array& correct) {
   require_int_indices(indices);
-  const size_t count = is_int32(indices) ? require_vector<int32_t>(indices, "indices", "int32")
-                                         : require_vector<int64_t>(indices, "indices", "int64");
+  Batch b;
+  b.narrow = is_int32(indices);
+  b.count = b.narrow ? require_vector<int32_t>(indices, "indices", "int32")
+                     : require_vector<int64_t>(indices, "indices", "int64");
   const size_t n_loss = require_vector<float>(loss, "loss", "float32");
   const size_t n_conf = require_vector<float>(confidence, "confidence", "float32");
   const size_t n_correct = require_vector<float>(correct, "correct", "float32");
-  if (n_loss != count || n_conf != count || n_correct != count) {
+  if (n_loss != b.count || n_conf != b.count || n_correct != b.count) {
     throw std::invalid_argument("indices, loss, confidence and correct must have the same length, got " +
-                                std::to_string(count) + ", " + std::to_string(n_loss) + ", " +
+                                std::to_string(b.count) + ", " + std::to_string(n_loss) + ", " +
                                 std::to_string(n_conf) + " and " + std::to_string(n_correct));
   }
-  const auto* l = static_cast<const float*>(loss.data());
-  const auto* c = static_cast<const float*>(confidence.data());
-  const auto* k = static_cast<const float*>(correct.data());
-  py::gil_scoped_release release;
-  if (is_int32(indices)) {
-    table.update(static_cast<const int32_t*>(indices.data()), l, c, k, count, step);
+  b.indices = indices.data();
+  b.loss = static_cast<const float*>(loss.data());
+  b.confidence = static_cast<const float*>(confidence.data());
+  b.correct = static_cast<const float*>(correct.data());
+  return b;
+}
+
+void apply_batch(SampleTable& table, const Batch& b, int64_t step) {
+  if (b.narrow) {
+    table.update(static_cast<const int32_t*>(b.indices), b.loss, b.confidence, b.correct, b.count, step);
   } else {
-    table.update(static_cast<const int64_t*>(indices.data()), l, c, k, count, step);
+    table.update(static_cast<const int64_t*>(b.indices), b.loss, b.confidence, b.correct, b.count, step);
   }
+}
+
+void bucket_codes(const SampleTable& table, const Batch& b, int8_t* out) {
+  if (b.narrow) {
+    table.buckets(static_cast<const int32_t*>(b.indices), b.count, out);
+  } else {
+    table.buckets(static_cast<const int64_t*>(b.indices), b.count, out);
+  }
+}
+
+void update(SampleTable& table, const py::array& indices, const py::array& loss, const py::array& confidence,
+            const py::array& correct, int64_t step) {
+  const Batch b = checked_batch(indices, loss, confidence, correct);
+  py::gil_scoped_release release;
+  apply_batch(table, b, step);
 }
 
 // update() that also reports the batch's FREEZE revisits: (revisits, failed), where a
@@ -79,39 +111,17 @@ void update(SampleTable& table, const py::array& indices, const py::array& loss,
 // sample is no longer right). Bad input raises before anything changes, as update().
 py::tuple update_revisits(SampleTable& table, const py::array& indices, const py::array& loss,
                           const py::array& confidence, const py::array& correct, int64_t step) {
-  require_int_indices(indices);
-  const bool narrow = is_int32(indices);
-  const size_t count = narrow ? require_vector<int32_t>(indices, "indices", "int32")
-                              : require_vector<int64_t>(indices, "indices", "int64");
-  const size_t n_loss = require_vector<float>(loss, "loss", "float32");
-  const size_t n_conf = require_vector<float>(confidence, "confidence", "float32");
-  const size_t n_correct = require_vector<float>(correct, "correct", "float32");
-  if (n_loss != count || n_conf != count || n_correct != count) {
-    throw std::invalid_argument("indices, loss, confidence and correct must have the same length, got " +
-                                std::to_string(count) + ", " + std::to_string(n_loss) + ", " +
-                                std::to_string(n_conf) + " and " + std::to_string(n_correct));
-  }
-  const auto* l = static_cast<const float*>(loss.data());
-  const auto* c = static_cast<const float*>(confidence.data());
-  const auto* k = static_cast<const float*>(correct.data());
+  const Batch b = checked_batch(indices, loss, confidence, correct);
   int64_t revisits = 0;
   int64_t failed = 0;
   {
     py::gil_scoped_release release;
-    std::vector<int8_t> before(count), after(count);
-    if (narrow) {
-      const auto* idx = static_cast<const int32_t*>(indices.data());
-      table.buckets(idx, count, before.data());  // checks every index first
-      table.update(idx, l, c, k, count, step);
-      table.buckets(idx, count, after.data());
-    } else {
-      const auto* idx = static_cast<const int64_t*>(indices.data());
-      table.buckets(idx, count, before.data());
-      table.update(idx, l, c, k, count, step);
-      table.buckets(idx, count, after.data());
-    }
-    for (size_t i = 0; i < count; ++i) {
-      if (before[i] != kFreeze || !std::isfinite(k[i])) continue;
+    std::vector<int8_t> before(b.count), after(b.count);
+    bucket_codes(table, b, before.data());  // checks every index before anything changes
+    apply_batch(table, b, step);
+    bucket_codes(table, b, after.data());
+    for (size_t i = 0; i < b.count; ++i) {
+      if (before[i] != kFreeze || !std::isfinite(b.correct[i])) continue;
       ++revisits;
       failed += (after[i] == kFocus || after[i] == kHard) ? 1 : 0;
     }
