@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD
+from ..config import BUCKET_FREEZE
 from .base import Plan, Policy, PolicyContext
 
 
@@ -127,19 +127,13 @@ class GekoPolicy(Policy):
         if not self.guard:
             super().observe(batch, table)
             return
-        # The Selector hands over validated indices: read the records directly (no re-check).
-        buckets = table.records()["bucket"]
-        before = buckets[batch.indices]
-        super().observe(batch, table)
-        frozen = before == BUCKET_FREEZE
-        if not frozen.any():  # the usual batch: no revisited FREEZE sample
-            return
-        frozen &= np.isfinite(batch.correct)
-        if frozen.any():
-            after = buckets[batch.indices[frozen]]
-            failed = int(((after == BUCKET_FOCUS) | (after == BUCKET_HARD)).sum())
-            self.revisits += int(frozen.sum())
-            self.failed_revisits += failed
+        # The table counts the batch's FREEZE revisits (FREEZE before it, finite correct) and
+        # the failed ones (FOCUS or HARD after it) in the same compiled call as the update.
+        revisits, failed = table.update_arrays_revisits(
+            batch.indices, batch.loss, batch.confidence, batch.correct, batch.step
+        )
+        self.revisits += revisits
+        self.failed_revisits += failed
 
     def _update_forgetting(self) -> None:
         """Fold the last epoch's failed revisits into the smoothed forgetting rate."""
