@@ -462,31 +462,47 @@ inline BitsPass bf16_bits_pass(const BF16* row, int64_t vocab) {
   return out;
 }
 
-// exp(t) for t in [kExpUnderflow, 0] (t = x - max, clamped), for the row sums: as
-// exp2_finite(), 2^n 2^f with n the integer nearest t log2(e) and a minimax polynomial in
-// f = t log2(e) - n, but both from t by one FMA each: t log2(e) + 1.5 * 2^23 rounds the
-// exact product to an integer held in the low mantissa bits (whose shift into the exponent
-// field is 2^n), and f is the exact t log2(e) - n rounded once. One instruction less than
-// exp2_finite(log2_units(t)) and no intermediate rounding of t log2(e); t >= kExpUnderflow
-// keeps n >= -125 (2^n p normal).
+// exp(t) for t in [kExpUnderflow, 0] (t = x - max, clamped), for the row sums. As in
+// exp2_finite(), t log2(e) is split into an integer and a fraction by adding 1.5 * 2^23, but
+// from t by one FMA (t log2(e) + 1.5 * 2^23 rounds the exact product), and the fraction is
+// the exact t log2(e) minus that integer rounded once (a second FMA): no intermediate
+// rounding of t log2(e), one instruction less than exp2_finite(log2_units(t)).
+// t >= kExpUnderflow keeps the result normal.
+// * kDegree 5 (fp32/fp64 logits): 2^n 2^f, f in [-1/2, 1/2], the degree-5 polynomial of
+//   exp2_finite() (max relative error ~2e-7).
+// * kDegree 2 (bf16/fp16 logits): N = round(8 t log2(e)) = 8 n + k, k in 0..7, and
+//   exp(t) = 2^n 2^(k/8) 2^(r/8), r = 8 t log2(e) - N in [-1/2, 1/2]. 2^(k/8) comes from an
+//   8-entry table indexed by the low 3 bits of the rounded value (vpermd reads only those),
+//   2^(r/8) from a degree-2 minimax polynomial with p(0) = 1 exactly; max relative error
+//   ~3.5e-6, as the degree-4 exp2_finite() (~3e-6), for two FMAs and a multiply instead of
+//   four FMAs: the FMA ports are this loop's bottleneck. exp(0) = 1 exactly (k = 0, r = 0).
 template <int kDegree>
 inline __m256 exp_natural(__m256 t) {
-  static_assert(kDegree == 4 || kDegree == 5, "degree 4 or 5");
+  static_assert(kDegree == 2 || kDegree == 5, "degree 2 (with the table) or 5");
   const __m256 shifter = _mm256_set1_ps(0x1.8p23f);
+  if (kDegree == 2) {
+    const __m256 log2e8 = _mm256_set1_ps(8.0f * kLog2e);
+    const __m256 big = _mm256_fmadd_ps(t, log2e8, shifter);
+    const __m256 r = _mm256_fmsub_ps(t, log2e8, _mm256_sub_ps(big, shifter));
+    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(3.7535287e-03f), _mm256_set1_ps(8.66636e-02f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    // big's low 12 bits hold N (|N| <= 1000); shifted by 20 they are (n << 23) + (k << 20),
+    // n added to the exponent field and k << 20 cancelled by the table entries, which are
+    // the bits of 2^(k/8) minus k << 20.
+    const __m256i table = _mm256_setr_epi32(0x3f800000 - (0 << 20), 0x3f8b95c2 - (1 << 20), 0x3f9837f0 - (2 << 20),
+                                            0x3fa5fed7 - (3 << 20), 0x3fb504f3 - (4 << 20), 0x3fc5672a - (5 << 20),
+                                            0x3fd744fd - (6 << 20), 0x3feac0c7 - (7 << 20));
+    const __m256i bits = _mm256_castps_si256(big);
+    const __m256i scale = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, bits), _mm256_slli_epi32(bits, 20));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+  }
   const __m256 log2e = _mm256_set1_ps(kLog2e);
   const __m256 big = _mm256_fmadd_ps(t, log2e, shifter);
   const __m256 f = _mm256_fmsub_ps(t, log2e, _mm256_sub_ps(big, shifter));
-  __m256 p;
-  if (kDegree == 5) {
-    p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
-  } else {
-    p = _mm256_fmadd_ps(f, _mm256_set1_ps(9.582829662e-03f), _mm256_set1_ps(5.590640008e-02f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402409911e-01f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931241751e-01f));
-  }
+  __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(big), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
@@ -688,7 +704,7 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   float s1_log2 = 0.0f;
 #ifdef __AVX2__
   {
-    constexpr int kDegree = sizeof(T) == 2 ? 4 : 5;
+    constexpr int kDegree = sizeof(T) == 2 ? 2 : 5;
     // lower - m is computed as every element's x - m is, which grows with x: when it is
     // not below the clamp, no element's is.
     if (lower - m >= kExpUnderflow)
