@@ -6,6 +6,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef __AVX2__
@@ -357,6 +358,262 @@ RowSums short_row_sums(const T* row, int64_t vocab) {
 }
 #endif  // __AVX2__
 
+#ifdef __AVX2__
+// Max, finiteness and a lower bound of a bf16 row, from its bits as 16-bit integers (16
+// elements per instruction, no widening). Non-negative values (sign bit clear) order like
+// their bits as signed integers, negative ones like their bits as unsigned integers in
+// reverse, so:
+// * the signed maximum of the bits is the largest value when some element is
+//   non-negative; otherwise every element is negative and the largest is the one whose
+//   bits are the smallest unsigned;
+// * +inf and positive NaNs are the bits 0x7f80..0x7fff (a signed maximum >= 0x7f80),
+//   -inf and negative NaNs 0xff80..0xffff (an unsigned maximum >= 0xff80): the row is
+//   finite iff neither;
+// * the unsigned maximum of the bits, when its sign bit is set, is the most negative value
+//   (the row's minimum); with no negative element, +0 bounds the row below.
+struct BitsPass {
+  float max;
+  float lower;  // <= every element of a finite row
+  bool finite;
+  int64_t first_max_from;  // the first element equal to the max is at this index or after
+};
+
+// Order of bf16 values as integers, from their bits: non-negative ones 0..0x7fff, negative
+// ones below (-0 is -1, just below +0; otherwise the same order as the values).
+inline int bf16_order_key(unsigned bits) {
+  return bits < 0x8000u ? static_cast<int>(bits) : -static_cast<int>(bits & 0x7fffu) - 1;
+}
+
+// Horizontal signed maximum / unsigned minimum of sixteen 16-bit lanes (phminposuw finds an
+// unsigned minimum of eight; x ^ 0x7fff turns a signed maximum into one).
+inline int hmax_epi16(__m256i v) {
+  const __m128i h = _mm_max_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i flip = _mm_set1_epi16(0x7fff);
+  return static_cast<int16_t>(_mm_cvtsi128_si32(_mm_xor_si128(_mm_minpos_epu16(_mm_xor_si128(h, flip)), flip)));
+}
+inline unsigned hmin_epu16(__m256i v) {
+  const __m128i h = _mm_min_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  return static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(h))) & 0xffffu;
+}
+inline unsigned hmax_epu16(__m256i v) {
+  const __m128i h = _mm_max_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i ones = _mm_set1_epi16(-1);
+  return ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(h, ones)))) & 0xffffu;
+}
+
+inline BitsPass bf16_bits_pass(const BF16* row, int64_t vocab) {
+  __m256i smax0 = _mm256_set1_epi16(std::numeric_limits<int16_t>::min()), smax1 = smax0;
+  __m256i umin0 = _mm256_set1_epi16(-1), umin1 = umin0;
+  __m256i umax0 = _mm256_setzero_si256(), umax1 = umax0;
+  const int64_t vec16_end = vocab & ~int64_t{15};
+  // The row in chunks: where the running maximum last grew (at a chunk's end) is the chunk
+  // holding the max's first occurrence, so that the argmax search starts there.
+  constexpr int64_t kChunk = 2048;
+  int best_key = std::numeric_limits<int>::min();
+  int64_t from = 0;
+  int64_t i = 0;
+  while (i < vec16_end) {
+    const int64_t chunk_begin = i;
+    const int64_t chunk_end = std::min(i + kChunk, vec16_end);
+    for (; i + 32 <= chunk_end; i += 32) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 16));
+      smax0 = _mm256_max_epi16(smax0, v0);
+      smax1 = _mm256_max_epi16(smax1, v1);
+      umin0 = _mm256_min_epu16(umin0, v0);
+      umin1 = _mm256_min_epu16(umin1, v1);
+      umax0 = _mm256_max_epu16(umax0, v0);
+      umax1 = _mm256_max_epu16(umax1, v1);
+    }
+    for (; i < chunk_end; i += 16) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+      smax0 = _mm256_max_epi16(smax0, v0);
+      umin0 = _mm256_min_epu16(umin0, v0);
+      umax0 = _mm256_max_epu16(umax0, v0);
+    }
+    const int smax = hmax_epi16(_mm256_max_epi16(smax0, smax1));
+    const int key = smax >= 0 ? smax : bf16_order_key(hmin_epu16(_mm256_min_epu16(umin0, umin1)));
+    if (key > best_key) {
+      best_key = key;
+      from = chunk_begin;
+    }
+  }
+  int smax = hmax_epi16(_mm256_max_epi16(smax0, smax1));
+  unsigned umin = hmin_epu16(_mm256_min_epu16(umin0, umin1));
+  unsigned umax = hmax_epu16(_mm256_max_epu16(umax0, umax1));
+  for (; i < vocab; ++i) {
+    const uint16_t bits = row[i].bits;
+    smax = std::max<int>(smax, static_cast<int16_t>(bits));
+    umin = std::min<unsigned>(umin, bits);
+    umax = std::max<unsigned>(umax, bits);
+    const int key = bf16_order_key(bits);
+    if (key > best_key) {
+      best_key = key;
+      from = i;
+    }
+  }
+  BitsPass out;
+  out.finite = smax < 0x7f80 && umax < 0xff80u;
+  const unsigned max_bits = smax >= 0 ? static_cast<unsigned>(smax) : umin;
+  out.max = bf16_to_float(static_cast<uint16_t>(max_bits));
+  out.lower = umax >= 0x8000u ? bf16_to_float(static_cast<uint16_t>(umax)) : 0.0f;
+  // A zero max equals both zeros, which the keys tell apart: search from the start.
+  out.first_max_from = (max_bits & 0x7fffu) == 0 ? 0 : from;
+  return out;
+}
+
+// exp(t) for t in [kExpUnderflow, 0] (t = x - max, clamped), for the row sums. As in
+// exp2_finite(), t log2(e) is split into an integer and a fraction by adding 1.5 * 2^23, but
+// from t by one FMA (t log2(e) + 1.5 * 2^23 rounds the exact product), and the fraction is
+// the exact t log2(e) minus that integer rounded once (a second FMA): no intermediate
+// rounding of t log2(e), one instruction less than exp2_finite(log2_units(t)).
+// t >= kExpUnderflow keeps the result normal.
+// * kDegree 5 (fp32/fp64 logits): 2^n 2^f, f in [-1/2, 1/2], the degree-5 polynomial of
+//   exp2_finite() (max relative error ~2e-7).
+// * kDegree 2 (bf16/fp16 logits): N = round(8 t log2(e)) = 8 n + k, k in 0..7, and
+//   exp(t) = 2^n 2^(k/8) 2^(r/8), r = 8 t log2(e) - N in [-1/2, 1/2]. 2^(k/8) comes from an
+//   8-entry table indexed by the low 3 bits of the rounded value (vpermd reads only those),
+//   2^(r/8) from a degree-2 minimax polynomial with p(0) = 1 exactly; max relative error
+//   ~3.5e-6, as the degree-4 exp2_finite() (~3e-6), for two FMAs and a multiply instead of
+//   four FMAs: the FMA ports are this loop's bottleneck. exp(0) = 1 exactly (k = 0, r = 0).
+template <int kDegree>
+inline __m256 exp_natural(__m256 t) {
+  static_assert(kDegree == 2 || kDegree == 5, "degree 2 (with the table) or 5");
+  const __m256 shifter = _mm256_set1_ps(0x1.8p23f);
+  if (kDegree == 2) {
+    const __m256 log2e8 = _mm256_set1_ps(8.0f * kLog2e);
+    const __m256 big = _mm256_fmadd_ps(t, log2e8, shifter);
+    const __m256 r = _mm256_fmsub_ps(t, log2e8, _mm256_sub_ps(big, shifter));
+    __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(3.7535287e-03f), _mm256_set1_ps(8.66636e-02f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    // big's low 12 bits hold N (|N| <= 1000); shifted by 20 they are (n << 23) + (k << 20),
+    // n added to the exponent field and k << 20 cancelled by the table entries, which are
+    // the bits of 2^(k/8) minus k << 20.
+    const __m256i table = _mm256_setr_epi32(0x3f800000 - (0 << 20), 0x3f8b95c2 - (1 << 20), 0x3f9837f0 - (2 << 20),
+                                            0x3fa5fed7 - (3 << 20), 0x3fb504f3 - (4 << 20), 0x3fc5672a - (5 << 20),
+                                            0x3fd744fd - (6 << 20), 0x3feac0c7 - (7 << 20));
+    const __m256i bits = _mm256_castps_si256(big);
+    const __m256i scale = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, bits), _mm256_slli_epi32(bits, 20));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+  }
+  const __m256 log2e = _mm256_set1_ps(kLog2e);
+  const __m256 big = _mm256_fmadd_ps(t, log2e, shifter);
+  const __m256 f = _mm256_fmsub_ps(t, log2e, _mm256_sub_ps(big, shifter));
+  __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(big), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
+}
+
+// The exponential sums of eight elements x (see row_sums): t = x - m, e = exp(t),
+// d += e, a += e t, b += e e; lanes where keep is 0 add nothing. t is clamped at
+// kExpUnderflow (below it e adds nothing next to the max's 1) unless kClamp is false: when
+// no element of the row is below the clamp (max(t, kExpUnderflow) == t for all of them:
+// the same t, one instruction less).
+template <int kDegree, bool kClamp>
+inline void exp_sums8(__m256 x, __m256 vm, __m256& d, __m256& a, __m256& b) {
+  __m256 t = _mm256_sub_ps(x, vm);
+  if (kClamp) t = _mm256_max_ps(_mm256_set1_ps(kExpUnderflow), t);
+  const __m256 e = exp_natural<kDegree>(t);
+  d = _mm256_add_ps(d, e);
+  a = _mm256_fmadd_ps(e, t, a);
+  b = _mm256_fmadd_ps(e, e, b);
+}
+template <int kDegree, bool kClamp>
+inline void exp_sums8_masked(__m256 x, __m256 keep, __m256 vm, __m256& d, __m256& a, __m256& b) {
+  __m256 t = _mm256_sub_ps(x, vm);
+  if (kClamp) t = _mm256_max_ps(_mm256_set1_ps(kExpUnderflow), t);
+  const __m256 e = _mm256_and_ps(keep, exp_natural<kDegree>(t));
+  d = _mm256_add_ps(d, e);
+  a = _mm256_fmadd_ps(e, t, a);
+  b = _mm256_fmadd_ps(e, e, b);
+}
+
+// The exponential sums over the row (see row_sums), every element but the argmax `skip`:
+// d, s1 and s2.
+template <typename T, int kDegree, bool kClamp>
+void exp_row_sums(const T* row, int64_t vocab, int64_t skip, float m, const T* next_row, float& d_out,
+                  float& s1_out, float& s2_out) {
+  const int64_t vec16_end = vocab & ~int64_t{15};
+  const __m256 vm = _mm256_set1_ps(m);
+  // Two sets of accumulators (FMA latency); locals of this function, so that they stay in
+  // registers (captured by a lambda, they were kept on the stack: a store and a reload in
+  // every accumulator chain).
+  __m256 d0 = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
+  __m256 d1 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+  // Multiples of 16 elements; one prefetch per 64-byte line of the next row: while this
+  // row is exponentiated from L2, the next one comes in from DRAM, so its max pass does
+  // not wait for memory.
+  constexpr int64_t kLine = 64 / sizeof(T) >= 16 ? 64 / sizeof(T) : 16;
+  const auto body = [&](int64_t lo, int64_t hi) {
+    __m256 x0, x1;
+    int64_t j = lo;
+    if (next_row != nullptr) {
+      for (; j + kLine <= hi; j += kLine) {
+        const char* ahead = reinterpret_cast<const char*>(next_row + j);
+        for (size_t q = 0; q < (kLine * sizeof(T) + 63) / 64; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T1);
+        for (int64_t k = 0; k < kLine; k += 16) {
+          Vec16<T>::load(row + j + k, x0, x1);
+          exp_sums8<kDegree, kClamp>(x0, vm, d0, a0, b0);
+          exp_sums8<kDegree, kClamp>(x1, vm, d1, a1, b1);
+        }
+      }
+    }
+    for (; j < hi; j += 16) {
+      if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+      Vec16<T>::load(row + j, x0, x1);
+      exp_sums8<kDegree, kClamp>(x0, vm, d0, a0, b0);
+      exp_sums8<kDegree, kClamp>(x1, vm, d1, a1, b1);
+    }
+  };
+  const int64_t skip_block = skip & ~int64_t{15};
+  const int64_t first_end = std::min(skip_block, vec16_end);
+  body(0, first_end);
+  int64_t i = first_end;
+  if (i == skip_block && i < vec16_end) {
+    // The block holding the argmax, with its lane masked out.
+    const __m256i at = _mm256_set1_epi32(static_cast<int>(skip - i));
+    const __m256 keep0 =
+        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_a(), at), _mm256_set1_epi32(-1)));
+    const __m256 keep1 =
+        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_b(), at), _mm256_set1_epi32(-1)));
+    __m256 x0, x1;
+    Vec16<T>::load(row + i, x0, x1);
+    exp_sums8_masked<kDegree, kClamp>(x0, keep0, vm, d0, a0, b0);
+    exp_sums8_masked<kDegree, kClamp>(x1, keep1, vm, d1, a1, b1);
+    i += 16;
+  }
+  body(i, vec16_end);
+  i = vec16_end;
+  if (i < vocab) {
+    // The last vocab % 16 elements, through the same vector code: copied into a 16-lane
+    // buffer padded with the max (a finite value whose exponent is computed and then
+    // dropped), with the padding lanes and the argmax's lane masked out as in the argmax
+    // block above. Only the row's own elements are read.
+    const int64_t n = vocab - i;
+    alignas(32) float tail[16];
+    for (int64_t j = 0; j < 16; ++j) tail[j] = j < n ? Elem<T>::load(row + i + j) : m;
+    const __m256i lane_a = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane_b = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i count = _mm256_set1_epi32(static_cast<int>(n));
+    // skip - i is negative when the argmax lies before the tail: no lane matches it.
+    const __m256i at = _mm256_set1_epi32(skip >= i ? static_cast<int>(skip - i) : -1);
+    const __m256 keep0 =
+        _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_a, at), _mm256_cmpgt_epi32(count, lane_a)));
+    const __m256 keep1 =
+        _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_b, at), _mm256_cmpgt_epi32(count, lane_b)));
+    exp_sums8_masked<kDegree, kClamp>(_mm256_load_ps(tail), keep0, vm, d0, a0, b0);
+    exp_sums8_masked<kDegree, kClamp>(_mm256_load_ps(tail + 8), keep1, vm, d1, a1, b1);
+  }
+  d_out = hsum(_mm256_add_ps(d0, d1));
+  s1_out = hsum(_mm256_add_ps(a0, a1));
+  s2_out = hsum(_mm256_add_ps(b0, b1));
+}
+#endif  // __AVX2__
+
 template <typename T>
 RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   RowSums out;
@@ -369,9 +626,20 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   float check = 0.0f;
   float m = -std::numeric_limits<float>::infinity();
 #ifdef __AVX2__
+  // A lower bound of the row's elements (-inf: unknown, the exponentials clamp), and an
+  // index at or before the max's first occurrence.
+  float lower = -std::numeric_limits<float>::infinity();
+  int64_t argmax_from = 0;
   const int64_t vec32_end = vocab & ~int64_t{31};
   const int64_t vec16_end = vocab & ~int64_t{15};
-  if (vec16_end > 0) {
+  if (std::is_same<T, BF16>::value) {
+    const BitsPass bp = bf16_bits_pass(reinterpret_cast<const BF16*>(row), vocab);
+    m = bp.max;
+    lower = bp.lower;
+    argmax_from = bp.first_max_from;
+    check = bp.finite ? 0.0f : kNaN;
+    i = vocab;
+  } else if (vec16_end > 0) {
     const __m256 zero = _mm256_setzero_ps();
     const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     __m256 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
@@ -414,8 +682,9 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
 
   // 2. argmax: the first index equal to the max (ties -> lowest index); stops there.
 #ifdef __AVX2__
-  out.argmax = find_first(row, 0, vocab, m);
+  out.argmax = find_first(row, argmax_from, vocab, m);
 #else
+  (void)next_row;  // prefetched by the vector code only
   out.argmax = -1;
   for (i = 0; i < vocab; ++i) {
     if (Elem<T>::load(row + i) == m) {
@@ -435,83 +704,14 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   float s1_log2 = 0.0f;
 #ifdef __AVX2__
   {
-    // Two sets of FMA accumulators (4-cycle latency: one set would cap the loop at 4
-    // cycles per vector); d is a plain add, one set fits. Sixteen elements per step, not
-    // more: AVX2 has 16 vector registers, and a wider step spilled accumulators to the stack.
-    const __m256 vm = _mm256_set1_ps(m);
-    constexpr int kDegree = sizeof(T) == 2 ? 4 : 5;
-    __m256 d0 = _mm256_setzero_ps(), a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
-    __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    const auto add16 = [&](__m256 x0, __m256 x1, const __m256* keep0, const __m256* keep1) {
-      const __m256 u0 = log2_units(_mm256_sub_ps(x0, vm));
-      const __m256 u1 = log2_units(_mm256_sub_ps(x1, vm));
-      __m256 e0 = exp2_finite<kDegree>(u0);
-      __m256 e1 = exp2_finite<kDegree>(u1);
-      if (keep0 != nullptr) {
-        e0 = _mm256_and_ps(*keep0, e0);
-        e1 = _mm256_and_ps(*keep1, e1);
-      }
-      d0 = _mm256_add_ps(d0, _mm256_add_ps(e0, e1));
-      a0 = _mm256_fmadd_ps(e0, u0, a0);
-      a1 = _mm256_fmadd_ps(e1, u1, a1);
-      b0 = _mm256_fmadd_ps(e0, e0, b0);
-      b1 = _mm256_fmadd_ps(e1, e1, b1);
-    };
-    // Multiples of 16 elements.
-    const auto body = [&](int64_t lo, int64_t hi) {
-      __m256 x0, x1;
-      for (int64_t j = lo; j < hi; j += 16) {
-        // While this row is exponentiated from L2, pull the next one in from DRAM, so
-        // its max pass does not wait for memory.
-        if (next_row != nullptr) {
-          const char* ahead = reinterpret_cast<const char*>(next_row + j);
-          for (size_t q = 0; q < (16 * sizeof(T) + 63) / 64; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T1);
-        }
-        Vec16<T>::load(row + j, x0, x1);
-        add16(x0, x1, nullptr, nullptr);
-      }
-    };
-    const int64_t skip_block = skip & ~int64_t{15};
-    const int64_t first_end = std::min(skip_block, vec16_end);
-    body(0, first_end);
-    i = first_end;
-    if (i == skip_block && i < vec16_end) {
-      // The block holding the argmax, with its lane masked out.
-      const __m256i at = _mm256_set1_epi32(static_cast<int>(skip - i));
-      const __m256 keep0 = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_a(), at),
-                                                                _mm256_set1_epi32(-1)));
-      const __m256 keep1 = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_b(), at),
-                                                                _mm256_set1_epi32(-1)));
-      __m256 x0, x1;
-      Vec16<T>::load(row + i, x0, x1);
-      add16(x0, x1, &keep0, &keep1);
-      i += 16;
-    }
-    body(i, vec16_end);
-    i = vec16_end;
-    if (i < vocab) {
-      // The last vocab % 16 elements (all of a row with V < 16), through the same vector
-      // code: copied into a 16-lane buffer padded with the max (a finite value whose
-      // exponent is computed and then dropped), with the padding lanes and the argmax's
-      // lane masked out as in the argmax block above. Only the row's own elements are read.
-      const int64_t n = vocab - i;
-      alignas(32) float tail[16];
-      for (int64_t j = 0; j < 16; ++j) tail[j] = j < n ? Elem<T>::load(row + i + j) : m;
-      const __m256i lane_a = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256i lane_b = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
-      const __m256i count = _mm256_set1_epi32(static_cast<int>(n));
-      // skip - i is negative when the argmax lies before the tail: no lane matches it.
-      const __m256i at = _mm256_set1_epi32(skip >= i ? static_cast<int>(skip - i) : -1);
-      const __m256 keep0 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_a, at),
-                                                                   _mm256_cmpgt_epi32(count, lane_a)));
-      const __m256 keep1 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(lane_b, at),
-                                                                   _mm256_cmpgt_epi32(count, lane_b)));
-      add16(_mm256_load_ps(tail), _mm256_load_ps(tail + 8), &keep0, &keep1);
-      i = vocab;
-    }
-    out.d = hsum(d0);
-    s1_log2 = hsum(_mm256_add_ps(a0, a1));
-    out.s2 = hsum(_mm256_add_ps(b0, b1));
+    constexpr int kDegree = sizeof(T) == 2 ? 2 : 5;
+    // lower - m is computed as every element's x - m is, which grows with x: when it is
+    // not below the clamp, no element's is.
+    if (lower - m >= kExpUnderflow)
+      exp_row_sums<T, kDegree, false>(row, vocab, skip, m, next_row, out.d, out.s1, out.s2);
+    else
+      exp_row_sums<T, kDegree, true>(row, vocab, skip, m, next_row, out.d, out.s1, out.s2);
+    i = vocab;
   }
 #endif
   for (; i < vocab; ++i) {
@@ -522,7 +722,7 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
     s1_log2 += e * u;
     out.s2 += e * e;
   }
-  out.s1 = s1_log2 * kLn2;
+  out.s1 += s1_log2 * kLn2;  // the vector code's s1 is in natural units already
   return out;
 }
 

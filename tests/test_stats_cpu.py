@@ -294,3 +294,63 @@ def test_binding_reads_2d_logits_as_one_token_samples():
     with pytest.raises(ValueError, match="grad: expected shape"):
         core.cross_entropy_backward(logits.__dlpack__(), labels.__dlpack__(), lse_flat.__dlpack__(),
                                     scale.__dlpack__(), torch.zeros(5, 7).__dlpack__(), -100, 1.0)
+
+
+@pytest.mark.parametrize("vocab", [16, 17, 37, 2047, 2048, 2049, 4111, 5000])
+def test_bf16_max_argmax_and_clamp_from_the_bits(check_stats, vocab):
+    # bf16 rows find their max, finiteness and a lower bound from the 16-bit patterns, in
+    # chunks of 2048 (the argmax search starts in the chunk where the running max last
+    # grew), and skip the underflow clamp when no element can reach it: all-negative rows,
+    # zero maxima (+0 and -0 compare equal), ties across chunks, the max in every chunk and
+    # in the tail, and rows whose range needs the clamp.
+    rows = []
+    base = torch.randn(vocab) * 3
+    for position in sorted({0, 15 % vocab, 16 % vocab, vocab // 2, 2047 % vocab, 2048 % vocab, 4095 % vocab, vocab - 1}):
+        row = base.clone()
+        row[position] = 30.0
+        rows.append(row)
+        tie = base.clone()
+        tie[position] = 12.0
+        tie[vocab - 1 - position] = 12.0  # a tie, earlier or later than `position`
+        rows.append(tie)
+    placed = len(rows)
+    rows.append(base - 100.0)  # all negative
+    wide = base.clone()
+    wide[vocab // 3] = -300.0  # below the clamp: exp underflows to nothing
+    rows.append(wide)
+    rows.append(base - 50.0)  # all negative, no clamp needed
+    big = base.clone() * 50.0  # range of hundreds: the clamp is needed
+    rows.append(big)
+    negative_wide = base - 1000.0
+    negative_wide[vocab // 4] = -1200.0  # all negative, the clamp needed
+    rows.append(negative_wide)
+    zeros = -(base.abs() + 1.0)
+    zeros[vocab // 2] = -0.0
+    zeros[vocab - 1] = 0.0  # max 0: the first element equal to it is the -0
+    rows.append(zeros)
+    zeros_only_negative = -(base.abs() + 1.0)
+    zeros_only_negative[vocab // 3] = -0.0
+    rows.append(zeros_only_negative)
+    logits = torch.stack(rows).to(torch.bfloat16)
+    n = logits.shape[0]
+    labels = torch.randint(0, vocab, (n,))
+    labels[:placed] = logits.float().argmax(dim=-1)[:placed]  # the first max: correct tokens
+    labels[-2] = vocab // 2  # the -0, first of the two zero maxima
+    got = sample_stats(logits, labels, per_token=True, backend="cpp")
+    check_stats(got, logits, labels, per_token=True)
+    assert torch.equal(got.tokens.correct.view(-1), (logits.float().argmax(dim=-1) == labels).float())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -float("nan")])
+@pytest.mark.parametrize("position", [0, 2047, 2048, 4999])
+def test_bf16_non_finite_anywhere_in_a_long_row_invalidates_it(bad, position):
+    logits, labels = make_inputs((2, 3, 5000), torch.bfloat16)
+    logits[0, 1, position] = bad
+    logits[1, 2] = logits[1, 2] - 100.0  # all negative, finite
+    logits[1, 2, position] = -(abs(bad)) if bad == bad else bad  # -inf or NaN in an all-negative row
+    got = sample_stats(logits, labels, per_token=True, backend="cpp")
+    assert got.bucket[0].item() == BUCKET_INVALID and got.bucket[1].item() == BUCKET_INVALID
+    for field in FLOAT_FIELDS:
+        assert math.isnan(getattr(got.tokens, field)[0, 1].item()), field
+        assert math.isnan(getattr(got.tokens, field)[1, 2].item()), field
+        assert not bool(getattr(got.tokens, field)[0, 0].isnan().any()), field
