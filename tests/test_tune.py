@@ -177,3 +177,18 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
     # A second call reuses the cached runs instead of training again.
     assert tune.main(["--smoke", "--out", str(out), "--quiet"]) == 0
     assert len((out / "runs.jsonl").read_text().splitlines()) == 1 + len(values)
+
+
+def test_a_setting_naming_a_default_is_the_same_run_as_one_leaving_it_out(tmp_path):
+    defaults = tune.current_defaults()
+    assert tune._key({"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}) == tune._key({"q_alpha": 0.45})
+    assert tune._key({"q_alpha": defaults["q_alpha"]}) == tune._key({})
+    cache = tune._Cache(tmp_path / "runs.jsonl", "smoke")
+    cache.add({"task": "t", "scale": "smoke", "setting": None, "seed": 0, "validation": 1.0, "saved_%": 0.0})
+    cache.add({"task": "t", "scale": "smoke", "setting": {"q_alpha": 0.45}, "seed": 0, "validation": 2.0, "saved_%": 5.0})
+    # A later stage names stall_rate at its default: the cached run is found and counted once.
+    again = {"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}
+    assert cache.find("t", again, 0)["validation"] == 2.0
+    cache.add({"task": "t", "scale": "smoke", "setting": again, "seed": 0, "validation": 2.0, "saved_%": 5.0})
+    rows = tune.summarise(cache.records, ["t"], {"t": True}, defaults)
+    assert len(rows) == 2 and rows[1]["tasks"]["t"]["seeds"] == [0]

@@ -155,7 +155,24 @@ def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] 
 
 
 def _key(setting: dict[str, float] | None) -> str:
-    return "full" if setting is None else json.dumps({k: float(setting[k]) for k in sorted(setting)}, sort_keys=True)
+    """A setting's identity: its values that differ from the current defaults. A setting that
+    names a default value explicitly is the same run as one that leaves it out, so a search
+    with a new stage reuses the cached runs of the stages before it."""
+    if setting is None:
+        return "full"
+    defaults = _defaults()
+    changed = {k: float(v) for k, v in setting.items() if not (k in defaults and math.isclose(float(v), defaults[k]))}
+    return json.dumps(changed, sort_keys=True)
+
+
+_DEFAULTS: dict[str, float] | None = None
+
+
+def _defaults() -> dict[str, float]:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = current_defaults()
+    return _DEFAULTS
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -178,15 +195,23 @@ def summarise(
     validation metric and of the savings, and the shortfall against full training."""
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     settings: dict[str, dict[str, float] | None] = {}
+    seen: set[tuple[str, str, int]] = set()
     for record in records:
         if record["task"] not in tasks:
             continue
         key = _key(record["setting"])
+        if (key, record["task"], record["seed"]) in seen:
+            continue  # the same run again (runs are deterministic): count it once
+        seen.add((key, record["task"], record["seed"]))
         settings[key] = record["setting"]
         grouped.setdefault(key, {}).setdefault(record["task"], []).append(record)
     full = grouped.get("full", {})
     rows = []
-    for key in sorted(grouped, key=lambda k: (k != "full", k)):
+    def order(k: str) -> tuple:
+        setting = settings[k]
+        return (k != "full", "" if setting is None else json.dumps({n: float(v) for n, v in setting.items()}, sort_keys=True))
+
+    for key in sorted(grouped, key=order):
         if set(grouped[key]) != set(tasks):
             continue  # a setting not run on every task is not comparable
         setting = settings[key]
@@ -344,7 +369,8 @@ def search(
         stage_rows = [r for r in summarise(cache.records, names, hib, defaults) if r["setting"] != "full" and _key(r["setting"]) in keys]
         picked, _ = choose(stage_rows, hib, **rule)
         if picked is not None:
-            incumbent = dict(picked["setting"])
+            # A cached row may name fewer settings (the defaults left out): fill them in.
+            incumbent = {**incumbent, **{n: defaults[n] for n in incumbent if n not in picked["setting"]}, **picked["setting"]}
         stage_choices.append({"stage": name, "values": [c[name] for c in candidates], "picked": incumbent[name]})
         log(f"stage {name}: picked {incumbent[name]:g}")
     keys = {_key(s) for s in evaluated} | {"full"}
