@@ -51,24 +51,26 @@ class GekoPolicy(Policy):
         final_full: with the guard, an epoch that reaches into the last ``final_full`` share
             of training runs on the full data: every sample at least once, FREEZE included
             (stalled samples keep their probe rate, below).
-        freeze_streak: the sequence-level FREEZE gate (0 = off, the default): a sample whose
-            last ``freeze_streak`` visits were all right and confident (instant bucket FREEZE)
-            is planned as FREEZE even when its Q-value has not reached ``freeze_q`` yet. The
-            Q gate needs about nine such visits at ``q_alpha`` 0.1, more than a fine-tuning
-            run's epochs; a streak counts what the gate is meant to establish ("right visit
-            after visit") in visits, so it works in few epochs. One visit that is not right
-            and confident resets the streak (a streak-frozen sample found unconfident returns
-            to LIGHT, found wrong to FOCUS/HARD: a failed revisit for the guard).
+        freeze_streak: the sequence-level FREEZE gate (0 = off, the default): a sample right
+            and confident (instant bucket FREEZE) in each of the last ``freeze_streak`` epochs
+            it was visited in is planned as FREEZE even when its Q-value has not reached
+            ``freeze_q`` yet. The Q gate needs about nine such visits at ``q_alpha`` 0.1, more
+            than a fine-tuning run's epochs; a streak counts what the gate is meant to
+            establish ("right visit after visit") directly, so it works in few epochs. Any
+            visit that is not right and confident resets the streak (a streak-frozen sample
+            found unconfident returns to LIGHT, found wrong to FOCUS/HARD: a failed revisit
+            for the guard). Counters advance once per epoch (the first visit), not per copy.
         stall_visits: stagnation (0 = off, the default): a wrong sample (FOCUS or HARD) whose
-            loss fell by less than ``stall_drop`` (relative) since its previous visit, on each
-            of its last ``stall_visits`` visits, is *stalled*: it is not learning, so it stops
+            loss, at its first visit of an epoch, fell by less than ``stall_drop`` (relative)
+            from its loss at its first visit of the previous epoch it was visited in, for
+            ``stall_visits`` such epochs in a row, is *stalled*: it is not learning, so it stops
             drawing its bucket's rate (HARD's oversampling included) and is drawn at
             ``stall_rate`` instead, every epoch including the ``final_full`` one. A probe
             visit on which its loss falls by ``stall_drop`` or more (or that finds it right)
             ends the stall. Under a budget, stalled samples keep their probe rate and the
             scaled buckets share what is left, so stalled samples yield their tokens first.
-        stall_drop: the relative loss decrease per visit below which a wrong visit counts as
-            stagnant (0.1: the loss must fall by 10% from one visit to the next).
+        stall_drop: the relative loss decrease per epoch below which a wrong visit counts as
+            stagnant (0.1: the loss must fall by 10% from one epoch's visit to the next).
         stall_rate: the probe rate of a stalled sample (expected copies per epoch, in [0, 1]).
             A probe copy weighs 1 under ``"thinning"`` and ``"none"`` (the point is to spend
             less on the sample, not to make each visit count more), ``1 / stall_rate`` under
