@@ -73,3 +73,17 @@ def test_budget_option_sets_geko_and_infobatch_budgets(tmp_path, monkeypatch, ca
     assert by[("stdlib-lm", "geko")]["policy_options"] == {"budget": 0.5, "budget_unit": "tokens"}  # a language model
     with pytest.raises(SystemExit):
         main(["--smoke", "--out", str(out), "--budget", "1.5"])
+
+
+def test_budget_keeps_a_tasks_own_geko_settings():
+    """--budget replaces a task's budget but keeps its validation-chosen GEKO settings."""
+    import dataclasses
+
+    from geko_core.bench import _with_budget
+    from geko_core.bench.tasks import make_task
+
+    task = make_task("mnist1d", "smoke")
+    own = dataclasses.replace(task, policy_options={"geko": {"stall_visits": 2, "budget": 0.9}})
+    options = _with_budget(own, 0.6).policy_options
+    assert options["geko"] == {"stall_visits": 2, "budget": 0.6, "budget_unit": "samples"}
+    assert options["infobatch"] == {"budget": 0.6, "unit": "samples"}

@@ -99,7 +99,31 @@ def test_current_defaults_are_read_from_the_code():
     assert defaults == {
         "q_alpha": GekoConfig().q_alpha, "min_rate": MountainCurriculum().min_rate,
         "min_revisit": policy.min_revisit, "revisit_gain": policy.revisit_gain, "final_full": policy.final_full,
+        "freeze_streak": policy.freeze_streak, "stall_visits": policy.stall_visits,
+        "stall_drop": policy.stall_drop, "stall_rate": policy.stall_rate,
     }
+
+
+def test_count_settings_reach_the_policy_as_ints():
+    task = bench_tasks.make_task("mnist1d", "smoke")
+    _, options = tune.geko_arguments(tune.validation_view(task), {"freeze_streak": 2.0, "stall_visits": 1.0, "stall_drop": 0.3})
+    assert options["freeze_streak"] == 2 and isinstance(options["freeze_streak"], int)
+    assert options["stall_visits"] == 1 and isinstance(options["stall_visits"], int) and options["stall_drop"] == 0.3
+    selector = Selector(64, policy="geko", epochs=2, policy_options=options)
+    assert selector.policy.freeze_streak == 2 and selector.policy.stall_visits == 1
+
+
+def test_budget_runs_are_cached_apart_from_unbudgeted_ones(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    plain = tune._Cache(path, "smoke")
+    plain.add({"task": "t", "scale": "smoke", "setting": None, "seed": 0, "validation": 1.0})
+    plain.add({"task": "t", "scale": "smoke", "setting": {"q_alpha": 0.1}, "seed": 0, "validation": 2.0})
+    budgeted = tune._Cache(path, "smoke", 0.6)
+    budgeted.add({"task": "t", "scale": "smoke", "setting": {"q_alpha": 0.1}, "seed": 0, "validation": 3.0, "budget": 0.6})
+    again = tune._Cache(path, "smoke", 0.6)
+    assert again.find("t", None, 0)["validation"] == 1.0  # full training is shared
+    assert again.find("t", {"q_alpha": 0.1}, 0)["validation"] == 3.0
+    assert tune._Cache(path, "smoke").find("t", {"q_alpha": 0.1}, 0)["validation"] == 2.0
 
 
 def test_validation_view_has_no_test_evaluator():
@@ -153,3 +177,18 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
     # A second call reuses the cached runs instead of training again.
     assert tune.main(["--smoke", "--out", str(out), "--quiet"]) == 0
     assert len((out / "runs.jsonl").read_text().splitlines()) == 1 + len(values)
+
+
+def test_a_setting_naming_a_default_is_the_same_run_as_one_leaving_it_out(tmp_path):
+    defaults = tune.current_defaults()
+    assert tune._key({"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}) == tune._key({"q_alpha": 0.45})
+    assert tune._key({"q_alpha": defaults["q_alpha"]}) == tune._key({})
+    cache = tune._Cache(tmp_path / "runs.jsonl", "smoke")
+    cache.add({"task": "t", "scale": "smoke", "setting": None, "seed": 0, "validation": 1.0, "saved_%": 0.0})
+    cache.add({"task": "t", "scale": "smoke", "setting": {"q_alpha": 0.45}, "seed": 0, "validation": 2.0, "saved_%": 5.0})
+    # A later stage names stall_rate at its default: the cached run is found and counted once.
+    again = {"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}
+    assert cache.find("t", again, 0)["validation"] == 2.0
+    cache.add({"task": "t", "scale": "smoke", "setting": again, "seed": 0, "validation": 2.0, "saved_%": 5.0})
+    rows = tune.summarise(cache.records, ["t"], {"t": True}, defaults)
+    assert len(rows) == 2 and rows[1]["tasks"]["t"]["seeds"] == [0]

@@ -55,7 +55,8 @@ def _with_budget(task, budget: float):
 
     tokens = sample_tokens(task) is not None
     options = dict(task.policy_options)
-    options["geko"] = {"budget": budget, "budget_unit": "tokens" if tokens else "samples"}
+    # The task's own GEKO settings (chosen on validation) stay; the budget replaces its own.
+    options["geko"] = {**options.get("geko", {}), "budget": budget, "budget_unit": "tokens" if tokens else "samples"}
     options["infobatch"] = {"budget": budget, "unit": "tokens" if tokens else "samples"}
     return dataclasses.replace(task, policy_options=options)
 

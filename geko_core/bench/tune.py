@@ -59,7 +59,14 @@ SETTINGS: dict[str, str] = {
     "min_revisit": "policy",
     "revisit_gain": "policy",
     "final_full": "policy",
+    "freeze_streak": "policy",
+    "stall_visits": "policy",
+    "stall_drop": "policy",
+    "stall_rate": "policy",
 }
+
+#: Settings that are counts: passed to the policy as ints.
+INTEGER_SETTINGS = frozenset({"freeze_streak", "stall_visits"})
 
 #: The stages of a default search (values; the current default is always added).
 DEFAULT_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (
@@ -115,7 +122,8 @@ def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str,
     options = dict(task.policy_options.get("geko", {}))
     curriculum: dict[str, float] = {}
     for name, value in setting.items():
-        {"config": config, "policy": options, "curriculum": curriculum}[SETTINGS[name]][name] = float(value)
+        value = int(round(value)) if name in INTEGER_SETTINGS else float(value)
+        {"config": config, "policy": options, "curriculum": curriculum}[SETTINGS[name]][name] = value
     if curriculum:
         options["curriculum"] = MountainCurriculum(**curriculum)
     return dataclasses.replace(task, config_overrides=config), options
@@ -147,7 +155,24 @@ def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] 
 
 
 def _key(setting: dict[str, float] | None) -> str:
-    return "full" if setting is None else json.dumps({k: float(setting[k]) for k in sorted(setting)}, sort_keys=True)
+    """A setting's identity: its values that differ from the current defaults. A setting that
+    names a default value explicitly is the same run as one that leaves it out, so a search
+    with a new stage reuses the cached runs of the stages before it."""
+    if setting is None:
+        return "full"
+    defaults = _defaults()
+    changed = {k: float(v) for k, v in setting.items() if not (k in defaults and math.isclose(float(v), defaults[k]))}
+    return json.dumps(changed, sort_keys=True)
+
+
+_DEFAULTS: dict[str, float] | None = None
+
+
+def _defaults() -> dict[str, float]:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = current_defaults()
+    return _DEFAULTS
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -170,15 +195,23 @@ def summarise(
     validation metric and of the savings, and the shortfall against full training."""
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     settings: dict[str, dict[str, float] | None] = {}
+    seen: set[tuple[str, str, int]] = set()
     for record in records:
         if record["task"] not in tasks:
             continue
         key = _key(record["setting"])
+        if (key, record["task"], record["seed"]) in seen:
+            continue  # the same run again (runs are deterministic): count it once
+        seen.add((key, record["task"], record["seed"]))
         settings[key] = record["setting"]
         grouped.setdefault(key, {}).setdefault(record["task"], []).append(record)
     full = grouped.get("full", {})
     rows = []
-    for key in sorted(grouped, key=lambda k: (k != "full", k)):
+    def order(k: str) -> tuple:
+        setting = settings[k]
+        return (k != "full", "" if setting is None else json.dumps({n: float(v) for n, v in setting.items()}, sort_keys=True))
+
+    for key in sorted(grouped, key=order):
         if set(grouped[key]) != set(tasks):
             continue  # a setting not run on every task is not comparable
         setting = settings[key]
@@ -262,14 +295,15 @@ def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], chosen: d
 class _Cache:
     """Runs already made, in a JSON-lines file (one run per line)."""
 
-    def __init__(self, path: Path | None, scale: str) -> None:
-        self.path, self.scale = path, scale
+    def __init__(self, path: Path | None, scale: str, budget: float | None = None) -> None:
+        self.path, self.scale, self.budget = path, scale, budget
         self.records: list[dict[str, Any]] = []
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)
-                    if record.get("scale") == scale:
+                    # A GEKO run under a budget is another experiment; full training is the same.
+                    if record.get("scale") == scale and (record.get("setting") is None or record.get("budget") == budget):
                         self.records.append(record)
 
     def find(self, task: str, setting: dict[str, float] | None, seed: int) -> dict[str, Any] | None:
@@ -312,7 +346,10 @@ def search(
             if cache.find(task.name, setting, seed) is None:
                 policy = "full" if setting is None else "geko"
                 result = run(task, policy, seed, setting)
-                cache.add({"task": task.name, "scale": scale, "setting": setting, "seed": seed, **result})
+                record = {"task": task.name, "scale": scale, "setting": setting, "seed": seed, **result}
+                if setting is not None and cache.budget is not None:
+                    record["budget"] = cache.budget
+                cache.add(record)
                 log(f"{task.name} {_key(setting)} seed {seed}: validation {result['validation']:.3f}, saved {result['saved_%']:.1f}% ({result['seconds']:.0f}s)")
 
     for task in tasks:
@@ -332,7 +369,8 @@ def search(
         stage_rows = [r for r in summarise(cache.records, names, hib, defaults) if r["setting"] != "full" and _key(r["setting"]) in keys]
         picked, _ = choose(stage_rows, hib, **rule)
         if picked is not None:
-            incumbent = dict(picked["setting"])
+            # A cached row may name fewer settings (the defaults left out): fill them in.
+            incumbent = {**incumbent, **{n: defaults[n] for n in incumbent if n not in picked["setting"]}, **picked["setting"]}
         stage_choices.append({"stage": name, "values": [c[name] for c in candidates], "picked": incumbent[name]})
         log(f"stage {name}: picked {incumbent[name]:g}")
     keys = {_key(s) for s in evaluated} | {"full"}
@@ -379,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.5, help="largest allowed shortfall against full training, in points (higher-is-better metrics)")
     parser.add_argument("--ppl-tolerance", type=float, default=1.0, help="the same in percent for lower-is-better metrics (perplexity)")
     parser.add_argument("--tie", type=float, default=0.5, help="savings within this many points of the best are tied")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="run GEKO under this cost budget in (0, 1] (tokens for language models), as geko-bench --budget does; "
+                        "the savings are then fixed and the rule compares the validation metric")
     parser.add_argument("--out", default="geko-tune-out", help="output directory (tuning.json, tuning.csv, runs.jsonl)")
     parser.add_argument("--cache", default=None, help="JSON-lines file of runs to reuse and extend (default: OUT/runs.jsonl)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -398,11 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n.strip() for n in ("mnist1d" if args.smoke and args.tasks == parser.get_default("tasks") else args.tasks).split(",") if n.strip()]
+    if args.budget is not None and not 0.0 < args.budget <= 1.0:
+        parser.error("--budget must be in (0, 1]")
     tasks = [validation_view(make_task(name, scale)) for name in names]
+    if args.budget is not None:
+        from . import _with_budget
+
+        tasks = [_with_budget(task, args.budget) for task in tasks]
     for task in tasks:
         warm_up(task)
     out = Path(args.out)
-    cache = _Cache(Path(args.cache) if args.cache else out / "runs.jsonl", scale)
+    cache = _Cache(Path(args.cache) if args.cache else out / "runs.jsonl", scale, args.budget)
     rule = {"tolerance": args.tolerance, "ppl_tolerance": args.ppl_tolerance, "tie": args.tie}
     started = time.perf_counter()
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
@@ -411,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m geko_core.bench.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": scale, "seeds": seeds, "tasks": names,
-        "stages": [[n, list(vs)] for n, vs in stages], "rule": rule,
+        "stages": [[n, list(vs)] for n, vs in stages], "rule": rule, "budget": args.budget,
         "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "metric": "validation split only",
     }

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import BUCKET_FREEZE
+from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN
 from .base import Plan, Policy, PolicyContext
 
 
@@ -49,7 +49,32 @@ class GekoPolicy(Policy):
         revisit_gain: with the guard, the revisit fraction grows by this times the measured
             forgetting rate (up to 1: every frozen sample checked).
         final_full: with the guard, an epoch that reaches into the last ``final_full`` share
-            of training runs on the full data: every sample at least once, FREEZE included.
+            of training runs on the full data: every sample at least once, FREEZE included
+            (stalled samples keep their probe rate, below).
+        freeze_streak: the sequence-level FREEZE gate (0 = off, the default): a sample right
+            and confident (instant bucket FREEZE) in each of the last ``freeze_streak`` epochs
+            it was visited in is planned as FREEZE even when its Q-value has not reached
+            ``freeze_q`` yet. The Q gate needs about nine such visits at ``q_alpha`` 0.1, more
+            than a fine-tuning run's epochs; a streak counts what the gate is meant to
+            establish ("right visit after visit") directly, so it works in few epochs. Any
+            visit that is not right and confident resets the streak (a streak-frozen sample
+            found unconfident returns to LIGHT, found wrong to FOCUS/HARD: a failed revisit
+            for the guard). Counters advance once per epoch (the first visit), not per copy.
+        stall_visits: stagnation (0 = off, the default): a wrong sample (FOCUS or HARD) whose
+            loss, at its first visit of an epoch, fell by less than ``stall_drop`` (relative)
+            from its loss at its first visit of the previous epoch it was visited in, for
+            ``stall_visits`` such epochs in a row, is *stalled*: it is not learning, so it stops
+            drawing its bucket's rate (HARD's oversampling included) and is drawn at
+            ``stall_rate`` instead, every epoch including the ``final_full`` one. A probe
+            visit on which its loss falls by ``stall_drop`` or more (or that finds it right)
+            ends the stall. Under a budget, stalled samples keep their probe rate and the
+            scaled buckets share what is left, so stalled samples yield their tokens first.
+        stall_drop: the relative loss decrease per epoch below which a wrong visit counts as
+            stagnant (0.1: the loss must fall by 10% from one epoch's visit to the next).
+        stall_rate: the probe rate of a stalled sample (expected copies per epoch, in [0, 1]).
+            A probe copy weighs 1 under ``"thinning"`` and ``"none"`` (the point is to spend
+            less on the sample, not to make each visit count more), ``1 / stall_rate`` under
+            ``"unbiased"``.
 
     Quality guard. Forgetting is measured, not assumed: a revisited FREEZE sample that is no
     longer right (it lands in FOCUS or HARD) is a failed revisit; it returns to training at
@@ -74,6 +99,10 @@ class GekoPolicy(Policy):
         min_revisit: float = 0.1,
         revisit_gain: float = 2.0,
         final_full: float = 0.1,
+        freeze_streak: int = 0,
+        stall_visits: int = 0,
+        stall_drop: float = 0.1,
+        stall_rate: float = 0.25,
     ) -> None:
         super().__init__()
         from ..curriculum import MountainCurriculum
@@ -98,6 +127,23 @@ class GekoPolicy(Policy):
         for name, value, high in (("min_revisit", min_revisit, 1.0), ("revisit_gain", revisit_gain, 100.0), ("final_full", final_full, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
                 raise ValueError(f"{name} must be a number in [0, {high:g}], got {value!r}")
+        for name, value in (("freeze_streak", freeze_streak), ("stall_visits", stall_visits)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= 255:
+                raise ValueError(f"{name} must be an int in [0, 255] (0 = off), got {value!r}")
+        for name, value in (("stall_drop", stall_drop), ("stall_rate", stall_rate)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        self.freeze_streak = int(freeze_streak)
+        self.stall_visits = int(stall_visits)
+        self.stall_drop = float(stall_drop)
+        self.stall_rate = float(stall_rate)
+        # Per-sample counters (allocated in bind when the mechanism is on): consecutive right
+        # and confident visits, and consecutive wrong visits without a stall_drop decrease.
+        self._streak: np.ndarray | None = None
+        self._stall: np.ndarray | None = None
+        self._ref_loss: np.ndarray | None = None  # a sample's loss at its first visit of its last epoch
+        self._seen_epoch: np.ndarray | None = None  # the epoch of that visit
+        self._last_frozen = self._last_stalled = 0
         self.guard = guard
         self.min_revisit = float(min_revisit)
         self.revisit_gain = float(revisit_gain)
@@ -122,18 +168,98 @@ class GekoPolicy(Policy):
 
         # A global plan: the epoch object shards it.
         self._planner = EpochPlanner(context.num_samples, seed=context.seed)
+        if self.freeze_streak:
+            self._streak = np.zeros(context.num_samples, dtype=np.uint8)
+        if self.stall_visits:
+            self._stall = np.zeros(context.num_samples, dtype=np.uint8)
+            self._ref_loss = np.full(context.num_samples, np.nan, dtype=np.float32)
+        if self.freeze_streak or self.stall_visits:
+            self._seen_epoch = np.full(context.num_samples, -1, dtype=np.int32)
+
+    def _frozen(self, buckets: np.ndarray, streak: np.ndarray | None) -> np.ndarray:
+        """FREEZE as planned: the table's (Q gate), or LIGHT with a long enough streak."""
+        frozen = buckets == BUCKET_FREEZE
+        if streak is not None:
+            frozen |= (buckets == BUCKET_LIGHT) & (streak >= self.freeze_streak)
+        return frozen
+
+    def stalled(self, buckets: np.ndarray | None = None) -> np.ndarray | None:
+        """bool ``[N]``: the stalled samples (None when stagnation is off)."""
+        if self._stall is None:
+            return None
+        if buckets is None:
+            raise ValueError("stalled() needs the table's buckets")
+        return (self._stall >= self.stall_visits) & ((buckets == BUCKET_FOCUS) | (buckets == BUCKET_HARD))
+
+    def _count_visits(self, batch, records: np.ndarray, config) -> None:
+        """Advance the streak and stall counters with a batch the table has just applied.
+
+        Both count epochs, not copies: only a sample's first visit in an epoch can advance a
+        counter (a HARD sample drawn 2.5 times in an epoch is seen by a model that has hardly
+        changed between its copies), while any visit can reset one."""
+        idx = batch.indices
+        finite = np.isfinite(batch.loss) & np.isfinite(batch.confidence) & np.isfinite(batch.correct)
+        loss = np.asarray(batch.loss, dtype=np.float32)
+        conf = np.asarray(batch.confidence, dtype=np.float32)
+        if not finite.all():  # the table skipped these: so do the counters
+            idx, loss, conf = idx[finite], loss[finite], conf[finite]
+        # First visit of this epoch (a repeated index in one batch: its first occurrence).
+        fresh = self._seen_epoch[idx] != batch.epoch
+        if fresh.any():
+            _, first = np.unique(idx, return_index=True)
+            once = np.zeros(len(idx), dtype=bool)
+            once[first] = True
+            fresh &= once
+        after = records["bucket"][idx]
+        if self._streak is not None:
+            # The table decided "right" (threshold and margin): its bucket is FREEZE or LIGHT.
+            right_confident = ((after == BUCKET_FREEZE) | (after == BUCKET_LIGHT)) & (conf > np.float32(config.freeze_confidence))
+            streak = self._streak[idx].astype(np.int32) + fresh
+            self._streak[idx] = np.where(right_confident, np.minimum(streak, 255), 0).astype(np.uint8)
+        if self._stall is not None:
+            wrong = (after == BUCKET_FOCUS) | (after == BUCKET_HARD)
+            ref = self._ref_loss[idx]
+            stagnant = wrong & np.isfinite(ref) & ~(loss <= np.float32(1.0 - self.stall_drop) * ref)
+            stall = self._stall[idx].astype(np.int32) + 1
+            counted = np.where(stagnant, np.minimum(stall, 255), 0).astype(np.uint8)
+            # A repeated visit within the epoch keeps the count unless it finds the sample
+            # right (or no longer stagnant against the reference).
+            self._stall[idx] = np.where(fresh | ~stagnant, counted, self._stall[idx])
+            self._ref_loss[idx[fresh]] = loss[fresh]
+        self._seen_epoch[idx[fresh]] = batch.epoch
 
     def observe(self, batch, table) -> None:
-        if not self.guard:
+        counting = self._streak is not None or self._stall is not None
+        if not self.guard and not counting:
             super().observe(batch, table)
             return
-        # The table counts the batch's FREEZE revisits (FREEZE before it, finite correct) and
-        # the failed ones (FOCUS or HARD after it) in the same compiled call as the update.
-        revisits, failed = table.update_arrays_revisits(
-            batch.indices, batch.loss, batch.confidence, batch.correct, batch.step
-        )
-        self.revisits += revisits
-        self.failed_revisits += failed
+        if not counting:
+            # The guard alone: the table counts the batch's FREEZE revisits (FREEZE before it,
+            # finite correct) and the failed ones (FOCUS or HARD after it) in its update call.
+            revisits, failed = table.update_arrays_revisits(
+                batch.indices, batch.loss, batch.confidence, batch.correct, batch.step
+            )
+            self.revisits += revisits
+            self.failed_revisits += failed
+            return
+        # The Selector hands over validated indices: read the records directly (no re-check).
+        records = table.records()
+        buckets = records["bucket"]
+        before = buckets[batch.indices]
+        streak_before = None if self._streak is None else self._streak[batch.indices]
+        super().observe(batch, table)
+        self._count_visits(batch, records, table.config)
+        if not self.guard:
+            return
+        frozen = self._frozen(before, streak_before)
+        if not frozen.any():  # the usual batch: no revisited FREEZE sample
+            return
+        frozen &= np.isfinite(batch.correct)
+        if frozen.any():
+            after = buckets[batch.indices[frozen]]
+            failed = int(((after == BUCKET_FOCUS) | (after == BUCKET_HARD)).sum())
+            self.revisits += int(frozen.sum())
+            self.failed_revisits += failed
 
     def _update_forgetting(self) -> None:
         """Fold the last epoch's failed revisits into the smoothed forgetting rate."""
@@ -150,6 +276,11 @@ class GekoPolicy(Policy):
         table = context.table
         rates = np.asarray(self.curriculum.rates(progress), dtype=np.float64)
         buckets = table.field("bucket")
+        stalled = self.stalled(buckets)
+        if self._streak is not None:
+            buckets[self._frozen(buckets, self._streak)] = BUCKET_FREEZE
+        self._last_frozen = int((buckets == BUCKET_FREEZE).sum())
+        self._last_stalled = 0 if stalled is None else int(stalled.sum())
         if self.guard:
             self._update_forgetting()
             # An epoch that reaches into the last `final_full` of training runs on the full data.
@@ -159,9 +290,12 @@ class GekoPolicy(Policy):
             else:
                 rates[BUCKET_FREEZE] = min(1.0, max(rates[BUCKET_FREEZE], self.min_revisit + self.revisit_gain * self.forgetting))
         if self.budget is not None:
-            # What each bucket costs at rate 1: its samples, or its tokens.
+            # What each bucket costs at rate 1: its samples, or its tokens; stalled samples
+            # cost their probe rate, a fixed share like FREEZE's revisits.
             cost = None if self.budget_unit == "samples" else context.sample_tokens
-            rates = self._fit_budget(rates, np.bincount(buckets, weights=cost, minlength=len(rates)).astype(np.float64))
+            live = buckets if not self._last_stalled else np.where(stalled, BUCKET_UNSEEN + 1, buckets)
+            counts = np.bincount(live, weights=cost, minlength=len(rates) + 1).astype(np.float64)
+            rates = self._fit_budget(rates, counts[: len(rates)], total=float(counts.sum()), fixed=self.stall_rate * float(counts[len(rates)]))
         self._last_rates = rates
         plan = self._planner.plan(
             buckets,
@@ -169,23 +303,40 @@ class GekoPolicy(Policy):
             epoch=epoch,
             last_visit_step=table.field("last_step"),
         )
+        indices = np.asarray(plan.indices, dtype=np.int64)
         weights = np.asarray(plan.weights, dtype=np.float32)
         if self.weighting == "none":
             weights = np.ones_like(weights)
         elif self.weighting == "thinning":
             weights = np.maximum(weights, np.float32(1.0))
+        if self._last_stalled:
+            indices, weights = self._with_probes(context, epoch, indices, weights, stalled)
         if self.max_weight is not None:
             weights = np.minimum(weights, np.float32(self.max_weight))
-        return Plan(np.asarray(plan.indices, dtype=np.int64), weights)
+        return Plan(indices, weights)
 
-    def _fit_budget(self, rates: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Scale the LIGHT/FOCUS/HARD rates so the expected epoch is at most budget * N."""
-        from ..config import BUCKET_FOCUS, BUCKET_HARD, BUCKET_LIGHT
+    def _with_probes(self, context: PolicyContext, epoch: int, indices: np.ndarray, weights: np.ndarray, stalled: np.ndarray):
+        """Replace the stalled samples' copies by probes drawn at ``stall_rate``, reshuffled."""
+        keep = ~stalled[indices]
+        rng = context.rng(epoch, 0x57A1)
+        candidates = np.flatnonzero(stalled)
+        probes = candidates[rng.random(len(candidates)) < self.stall_rate]
+        weight = 1.0 / self.stall_rate if self.weighting == "unbiased" and self.stall_rate > 0 else 1.0
+        indices = np.concatenate([indices[keep], probes])
+        weights = np.concatenate([weights[keep], np.full(len(probes), weight, dtype=np.float32)])
+        order = rng.permutation(len(indices))
+        return indices[order], weights[order]
 
+    def _fit_budget(self, rates: np.ndarray, counts: np.ndarray, total: float | None = None, fixed: float = 0.0) -> np.ndarray:
+        """Scale the LIGHT/FOCUS/HARD rates so the expected epoch is at most budget * N.
+
+        ``counts``: each bucket's cost at rate 1; ``total``: the data set's cost (default:
+        ``counts.sum()``; larger when stalled samples are counted apart); ``fixed``: the
+        expected cost of the stalled samples' probes."""
         scaled = np.zeros(len(rates), dtype=bool)
         scaled[[BUCKET_LIGHT, BUCKET_FOCUS, BUCKET_HARD]] = True
-        target = self.budget * counts.sum()
-        fixed = float((counts * rates)[~scaled].sum())
+        target = self.budget * (float(counts.sum()) if total is None else total)
+        fixed = fixed + float((counts * rates)[~scaled].sum())
         variable = float((counts * rates)[scaled].sum())
         if fixed + variable <= target or variable <= 0.0:
             return rates
@@ -195,7 +346,7 @@ class GekoPolicy(Policy):
         for _ in range(60):
             mid = 0.5 * (low + high)
             trial = np.where(scaled & (rates > 0), np.maximum(rates * mid, 1e-6), rates)
-            if float((counts * trial).sum()) > target:
+            if float((counts * trial)[scaled].sum()) + fixed > target:
                 high = mid
             else:
                 low = mid
@@ -210,14 +361,27 @@ class GekoPolicy(Policy):
             out["failed_revisits"] = self.total_failed_revisits + self.failed_revisits
         if self._last_rates is not None:
             out["rates"] = [float(r) for r in self._last_rates]
+            if self._streak is not None:
+                out["frozen"] = self._last_frozen  # FREEZE as the last plan saw it (Q gate or streak)
+            if self._stall is not None:
+                out["stalled"] = self._last_stalled
         return out
 
+    #: Per-sample arrays of the streak gate and of stagnation, saved when their mechanism is on.
+    _COUNTERS = {"streak": np.uint8, "stall": np.uint8, "ref_loss": np.float32, "seen_epoch": np.int32}
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "revisits": self.revisits, "failed_revisits": self.failed_revisits,
             "total_revisits": self.total_revisits, "total_failed_revisits": self.total_failed_revisits,
             "forgetting": self.forgetting,
         }
+        # The per-sample counters, only when their mechanism is on (older states lack them).
+        for key in self._COUNTERS:
+            value = getattr(self, "_" + key)
+            if value is not None:
+                state[key] = value.copy()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         counts = {}
@@ -229,6 +393,19 @@ class GekoPolicy(Policy):
         forgetting = state["forgetting"]
         if isinstance(forgetting, bool) or not isinstance(forgetting, (int, float, np.floating)) or not 0.0 <= forgetting <= 1.0:
             raise ValueError(f"geko state forgetting must be in [0, 1], got {forgetting!r}")
+        arrays = {}
+        for key, dtype in self._COUNTERS.items():
+            mine = getattr(self, "_" + key)
+            if mine is None:
+                if state.get(key) is not None:
+                    raise ValueError(f"geko state has {key!r} but this policy has that mechanism off")
+                continue
+            value = np.asarray(state[key])
+            if value.dtype != dtype or value.shape != mine.shape:
+                raise ValueError(f"geko state {key} must be {np.dtype(dtype)} {mine.shape}, got {value.dtype} {value.shape}")
+            arrays[key] = value.copy()
         for key, value in counts.items():
             setattr(self, key, value)
         self.forgetting = float(forgetting)
+        for key, value in arrays.items():
+            setattr(self, "_" + key, value)

@@ -1,0 +1,171 @@
+"""GEKO's few-epoch mechanisms: the streak FREEZE gate and stagnation (docs/design.md §6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import geko_core
+from geko_core import Selector
+from geko_core.policies import GekoPolicy
+
+N, V = 200, 4
+IDX = np.arange(N)
+LABELS = torch.from_numpy(IDX % V)
+RIGHT = F.one_hot(LABELS, V).float() * 10.0  # confident and right
+UNSURE_WRONG = torch.zeros(N, V)  # uniform: wrong (ties go to index 0) and unconfident
+
+
+def wrong_at(loss_scale: float) -> torch.Tensor:
+    """Wrong, unconfident logits whose loss grows with ``loss_scale``."""
+    logits = torch.zeros(N, V)
+    logits[torch.arange(N), (LABELS + 1) % V] = loss_scale
+    return logits
+
+
+def visit(sel: Selector, epoch: int, logits: torch.Tensor, idx: np.ndarray = IDX) -> None:
+    sel.set_epoch(epoch)
+    sel.observe_stats(idx, geko_core.sample_stats(logits[idx], LABELS[idx]))
+
+
+def selector(**options) -> Selector:
+    return Selector(N, policy="geko", epochs=20, seed=0, policy_options=options)
+
+
+def test_streak_gate_freezes_after_k_right_and_confident_epochs():
+    sel = selector(freeze_streak=2)
+    visit(sel, 0, RIGHT)
+    visit(sel, 0, RIGHT)  # a second copy in the same epoch does not count
+    sel.set_epoch(1)
+    assert sel.table.bucket_counts()["FREEZE"] == 0  # the Q gate (q_alpha 0.1) is far away
+    indices, _ = sel.plan()
+    assert len(indices) > N // 4  # one epoch right: still LIGHT, thinned to its rate
+    visit(sel, 1, RIGHT)
+    sel.set_epoch(2)
+    indices, weights = sel.plan()
+    # Two epochs right and confident: planned as FREEZE, the guard's 10% revisited.
+    assert len(indices) == int(np.ceil(0.1 * N)) and sel.metrics()["geko/frozen"] == N
+    np.testing.assert_allclose(weights, 10.0)
+    assert sel.table.bucket_counts()["FREEZE"] == 0  # the table itself is unchanged
+    # A revisit that finds the sample wrong: a failed revisit, back in training at once.
+    visit(sel, 2, wrong_at(5.0), indices)
+    assert sel.metrics()["geko/failed_revisits"] == len(indices)
+    sel.set_epoch(3)
+    indices_after, _ = sel.plan()
+    assert sel.metrics()["geko/frozen"] == N - len(indices)
+
+
+def test_streak_gate_resets_on_an_unconfident_visit():
+    sel = selector(freeze_streak=2)
+    visit(sel, 0, RIGHT)
+    visit(sel, 1, RIGHT * 0.1)  # right but unconfident: the streak restarts
+    visit(sel, 2, RIGHT)
+    sel.set_epoch(3)
+    sel.plan()
+    assert sel.metrics()["geko/frozen"] == 0
+    visit(sel, 3, RIGHT)
+    sel.set_epoch(4)
+    sel.plan()
+    assert sel.metrics()["geko/frozen"] == N
+
+
+def test_stagnant_wrong_samples_are_probed_at_the_stall_rate():
+    sel = selector(stall_visits=2, stall_drop=0.2, stall_rate=0.25)
+    half = IDX < N // 2
+    visit(sel, 0, wrong_at(5.0))
+    # Half the samples improve a lot every epoch, half stay where they are.
+    for epoch, improving_scale in ((1, 3.0), (2, 1.5)):
+        logits = torch.where(torch.from_numpy(half)[:, None], wrong_at(improving_scale), wrong_at(5.0))
+        visit(sel, epoch, logits)
+        visit(sel, epoch, logits)  # a repeated copy in the epoch counts once
+    sel.set_epoch(3)
+    indices, weights = sel.plan()
+    stalled = sel.policy.stalled(sel.table.field("bucket"))
+    assert stalled.sum() == N // 2 and not stalled[half].any()
+    # Every improving sample keeps its bucket's rate; stalled ones appear about a quarter of
+    # the time, with weight 1 ("thinning": spend less on them, do not weigh them up).
+    assert set(IDX[half]) <= set(indices.tolist())
+    probes = stalled[indices]
+    assert 0.1 * (N // 2) < probes.sum() < 0.4 * (N // 2)
+    np.testing.assert_array_equal(weights[probes], 1.0)
+    assert sel.metrics()["geko/stalled"] == N // 2
+    # A probe whose loss falls by the stall_drop ends the stall.
+    visit(sel, 3, wrong_at(1.0), IDX[~half])
+    assert not sel.policy.stalled(sel.table.field("bucket")).any()
+
+
+def test_one_stagnant_epoch_is_not_a_stall_with_stall_visits_2():
+    sel = selector(stall_visits=2)
+    visit(sel, 0, wrong_at(5.0))
+    visit(sel, 1, wrong_at(5.0))
+    assert not sel.policy.stalled(sel.table.field("bucket")).any()
+    visit(sel, 2, wrong_at(5.0))
+    assert sel.policy.stalled(sel.table.field("bucket")).all()
+    visit(sel, 3, RIGHT)  # right: no longer wrong, the count restarts
+    assert not sel.policy.stalled(sel.table.field("bucket")).any()
+
+
+def test_under_a_budget_stalled_samples_yield_their_tokens_first():
+    # The stuck half costs 3 tokens a sample, the improving half 1: 400 tokens in all.
+    tokens = np.where(IDX < N // 2, 3, 1).astype(np.int64)
+    stuck = IDX < N // 2
+    logits = torch.where(torch.from_numpy(stuck)[:, None], wrong_at(5.0), wrong_at(2.0))
+
+    def planned(budget: float):
+        sel = Selector(N, policy="geko", epochs=20, seed=0, sample_tokens=tokens,
+                       policy_options={"budget": budget, "budget_unit": "tokens", "stall_visits": 1, "stall_rate": 0.2})
+        visit(sel, 0, wrong_at(5.0))
+        visit(sel, 1, logits)
+        sel.set_epoch(2)
+        sel.plan()
+        buckets = sel.table.field("bucket")
+        assert (sel.policy.stalled(buckets) == stuck).all()
+        return np.asarray(sel.metrics()["geko/rates"]), buckets[~stuck][0]
+
+    # Without the stall the budget would scale every wrong sample alike; with it the probes
+    # (0.2 * 300 tokens) are a fixed cost and the improving half gets what is left.
+    rates, bucket = planned(1.0)
+    unscaled = rates[bucket]
+    rates, bucket = planned(0.25)
+    assert 0.2 * 300 + rates[bucket] * 100 == pytest.approx(0.25 * 400, rel=1e-6)
+    assert rates[bucket] < unscaled
+
+
+def test_counters_resume_and_refuse_bad_states():
+    sel = selector(freeze_streak=2, stall_visits=1)
+    visit(sel, 0, RIGHT)
+    visit(sel, 1, RIGHT)
+    state = sel.state_dict()
+    assert state["policy_state"]["streak"].dtype == np.uint8
+    other = selector(freeze_streak=2, stall_visits=1)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.policy._streak, sel.policy._streak)
+    np.testing.assert_array_equal(other.policy._seen_epoch, sel.policy._seen_epoch)
+    # A policy without the mechanisms refuses counters it cannot use, and vice versa.
+    with pytest.raises(ValueError):
+        selector().load_state_dict(state)
+    plain = selector().state_dict()
+    with pytest.raises(ValueError):
+        selector(freeze_streak=2, stall_visits=1).load_state_dict(plain)
+    bad = dict(state, policy_state=dict(state["policy_state"], streak=np.zeros(N + 1, dtype=np.uint8)))
+    with pytest.raises(ValueError):
+        other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("options", [
+    {"freeze_streak": -1}, {"freeze_streak": 2.0}, {"freeze_streak": True}, {"stall_visits": 256},
+    {"stall_drop": 1.5}, {"stall_rate": -0.1}, {"stall_rate": "0.2"},
+])
+def test_bad_options_are_refused(options):
+    with pytest.raises(ValueError):
+        GekoPolicy(**options)
+
+
+def test_defaults_leave_the_mechanisms_off():
+    policy = GekoPolicy()
+    assert policy.freeze_streak == 0 and policy.stall_visits == 0
+    sel = selector()
+    visit(sel, 0, RIGHT)
+    assert "streak" not in sel.state_dict()["policy_state"]
