@@ -845,9 +845,15 @@ void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index
         RowSums sums;
         if (kCarry) {
           const BitsPass* known = carried_row == row ? &carried : nullptr;
+          // The next row is read now only if it will be read anyway (its label is usable).
+          const BF16* fuse = nullptr;
+          if (next1 != nullptr) {
+            const int64_t label1 = yv.data[(r1 / lv.tokens) * yv.sample_stride + (r1 % lv.tokens) * yv.token_stride];
+            if (label1 != ignore_index && label1 >= 0 && label1 < vocab) fuse = reinterpret_cast<const BF16*>(next1);
+          }
           BitsPass fused;
           bool fused_done = false;
-          sums = row_sums(row, vocab, row_at(r2), known, reinterpret_cast<const BF16*>(next1), &fused, &fused_done);
+          sums = row_sums(row, vocab, row_at(r2), known, fuse, &fused, &fused_done);
           carried = fused;
           carried_row = fused_done ? next1 : nullptr;
         } else {
