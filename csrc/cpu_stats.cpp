@@ -1,6 +1,7 @@
 #include "geko/cpu_stats.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -298,6 +299,14 @@ inline float hsum(__m256 v) {
 
 #endif  // __AVX2__
 
+// Result of the bf16 max pass (bf16_bits_pass(), AVX2 builds).
+struct BitsPass {
+  float max;
+  float lower;  // <= every element of a finite row
+  bool finite;
+  int64_t first_max_from;  // the first element equal to the max is at this index or after
+};
+
 // Row reductions of one token: max m, its first index, and over the other elements
 // d = sum exp(x - m), s1 = sum exp(x - m) (x - m), s2 = sum exp(2 (x - m)).
 // The softmax denominator is D = 1 + d.
@@ -371,12 +380,6 @@ RowSums short_row_sums(const T* row, int64_t vocab) {
 //   finite iff neither;
 // * the unsigned maximum of the bits, when its sign bit is set, is the most negative value
 //   (the row's minimum); with no negative element, +0 bounds the row below.
-struct BitsPass {
-  float max;
-  float lower;  // <= every element of a finite row
-  bool finite;
-  int64_t first_max_from;  // the first element equal to the max is at this index or after
-};
 
 // Order of bf16 values as integers, from their bits: non-negative ones 0..0x7fff, negative
 // ones below (-0 is -1, just below +0; otherwise the same order as the values).
@@ -401,47 +404,42 @@ inline unsigned hmax_epu16(__m256i v) {
   return ~static_cast<unsigned>(_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(h, ones)))) & 0xffffu;
 }
 
-inline BitsPass bf16_bits_pass(const BF16* row, int64_t vocab) {
-  __m256i smax0 = _mm256_set1_epi16(std::numeric_limits<int16_t>::min()), smax1 = smax0;
-  __m256i umin0 = _mm256_set1_epi16(-1), umin1 = umin0;
-  __m256i umax0 = _mm256_setzero_si256(), umax1 = umax0;
-  const int64_t vec16_end = vocab & ~int64_t{15};
-  // The row in chunks: where the running maximum last grew (at a chunk's end) is the chunk
-  // holding the max's first occurrence, so that the argmax search starts there.
-  constexpr int64_t kChunk = 2048;
+// The bf16 max pass in pieces, so that the exponential pass of one row can carry the max
+// pass of the row read next (bits_step() between its exponentials: the integer max/min fill
+// issue slots the exponentials leave, instead of a pass of their own).
+constexpr int64_t kBitsChunk = 2048;
+struct BitsAcc {
+  __m256i smax = _mm256_set1_epi16(std::numeric_limits<int16_t>::min());
+  __m256i umin = _mm256_set1_epi16(-1);
+  __m256i umax = _mm256_setzero_si256();
   int best_key = std::numeric_limits<int>::min();
   int64_t from = 0;
-  int64_t i = 0;
-  while (i < vec16_end) {
-    const int64_t chunk_begin = i;
-    const int64_t chunk_end = std::min(i + kChunk, vec16_end);
-    for (; i + 32 <= chunk_end; i += 32) {
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 16));
-      smax0 = _mm256_max_epi16(smax0, v0);
-      smax1 = _mm256_max_epi16(smax1, v1);
-      umin0 = _mm256_min_epu16(umin0, v0);
-      umin1 = _mm256_min_epu16(umin1, v1);
-      umax0 = _mm256_max_epu16(umax0, v0);
-      umax1 = _mm256_max_epu16(umax1, v1);
-    }
-    for (; i < chunk_end; i += 16) {
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-      smax0 = _mm256_max_epi16(smax0, v0);
-      umin0 = _mm256_min_epu16(umin0, v0);
-      umax0 = _mm256_max_epu16(umax0, v0);
-    }
-    const int smax = hmax_epi16(_mm256_max_epi16(smax0, smax1));
-    const int key = smax >= 0 ? smax : bf16_order_key(hmin_epu16(_mm256_min_epu16(umin0, umin1)));
-    if (key > best_key) {
-      best_key = key;
-      from = chunk_begin;
-    }
+};
+inline void bits_step(BitsAcc& acc, const BF16* p) {  // 16 elements
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  acc.smax = _mm256_max_epi16(acc.smax, v);
+  acc.umin = _mm256_min_epu16(acc.umin, v);
+  acc.umax = _mm256_max_epu16(acc.umax, v);
+}
+// At the end of the chunk starting at chunk_begin (in order, every kBitsChunk elements and at
+// the last multiple of 16): where the running maximum last grew is the chunk holding the max's
+// first occurrence, so that the argmax search starts there.
+inline void bits_chunk_end(BitsAcc& acc, int64_t chunk_begin) {
+  const int smax = hmax_epi16(acc.smax);
+  const int key = smax >= 0 ? smax : bf16_order_key(hmin_epu16(acc.umin));
+  if (key > acc.best_key) {
+    acc.best_key = key;
+    acc.from = chunk_begin;
   }
-  int smax = hmax_epi16(_mm256_max_epi16(smax0, smax1));
-  unsigned umin = hmin_epu16(_mm256_min_epu16(umin0, umin1));
-  unsigned umax = hmax_epu16(_mm256_max_epu16(umax0, umax1));
-  for (; i < vocab; ++i) {
+}
+// The last vocab % 16 elements (from vec16_end) and the result.
+inline BitsPass bits_finish(const BitsAcc& acc, const BF16* row, int64_t vec16_end, int64_t vocab) {
+  int smax = hmax_epi16(acc.smax);
+  unsigned umin = hmin_epu16(acc.umin);
+  unsigned umax = hmax_epu16(acc.umax);
+  int best_key = acc.best_key;
+  int64_t from = acc.from;
+  for (int64_t i = vec16_end; i < vocab; ++i) {
     const uint16_t bits = row[i].bits;
     smax = std::max<int>(smax, static_cast<int16_t>(bits));
     umin = std::min<unsigned>(umin, bits);
@@ -460,6 +458,17 @@ inline BitsPass bf16_bits_pass(const BF16* row, int64_t vocab) {
   // A zero max equals both zeros, which the keys tell apart: search from the start.
   out.first_max_from = (max_bits & 0x7fffu) == 0 ? 0 : from;
   return out;
+}
+
+inline BitsPass bf16_bits_pass(const BF16* row, int64_t vocab) {
+  BitsAcc acc;
+  const int64_t vec16_end = vocab & ~int64_t{15};
+  for (int64_t c = 0; c < vec16_end; c += kBitsChunk) {
+    const int64_t chunk_end = std::min(c + kBitsChunk, vec16_end);
+    for (int64_t i = c; i < chunk_end; i += 16) bits_step(acc, row + i);
+    bits_chunk_end(acc, c);
+  }
+  return bits_finish(acc, row, vec16_end, vocab);
 }
 
 // exp(t) for t in [kExpUnderflow, 0] (t = x - max, clamped), for the row sums. As in
@@ -533,10 +542,11 @@ inline void exp_sums8_masked(__m256 x, __m256 keep, __m256 vm, __m256& d, __m256
 }
 
 // The exponential sums over the row (see row_sums), every element but the argmax `skip`:
-// d, s1 and s2.
-template <typename T, int kDegree, bool kClamp>
-void exp_row_sums(const T* row, int64_t vocab, int64_t skip, float m, const T* next_row, float& d_out,
-                  float& s1_out, float& s2_out) {
+// d, s1 and s2. With kFuse, also the max pass of the bf16 row `fuse` (same length) into fuse_acc
+// (its last vocab % 16 elements are left to bits_finish()).
+template <typename T, int kDegree, bool kClamp, bool kFuse>
+void exp_row_sums(const T* row, int64_t vocab, int64_t skip, float m, const T* next_row, const BF16* fuse,
+                  BitsAcc* fuse_acc, float& d_out, float& s1_out, float& s2_out) {
   const int64_t vec16_end = vocab & ~int64_t{15};
   const __m256 vm = _mm256_set1_ps(m);
   // Two sets of accumulators (FMA latency); locals of this function, so that they stay in
@@ -556,6 +566,7 @@ void exp_row_sums(const T* row, int64_t vocab, int64_t skip, float m, const T* n
         const char* ahead = reinterpret_cast<const char*>(next_row + j);
         for (size_t q = 0; q < (kLine * sizeof(T) + 63) / 64; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T1);
         for (int64_t k = 0; k < kLine; k += 16) {
+          if (kFuse) bits_step(*fuse_acc, fuse + j + k);
           Vec16<T>::load(row + j + k, x0, x1);
           exp_sums8<kDegree, kClamp>(x0, vm, d0, a0, b0);
           exp_sums8<kDegree, kClamp>(x1, vm, d1, a1, b1);
@@ -564,30 +575,36 @@ void exp_row_sums(const T* row, int64_t vocab, int64_t skip, float m, const T* n
     }
     for (; j < hi; j += 16) {
       if (next_row != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next_row + j), _MM_HINT_T1);
+      if (kFuse) bits_step(*fuse_acc, fuse + j);
       Vec16<T>::load(row + j, x0, x1);
       exp_sums8<kDegree, kClamp>(x0, vm, d0, a0, b0);
       exp_sums8<kDegree, kClamp>(x1, vm, d1, a1, b1);
     }
   };
+  // In chunks of kBitsChunk (the fused max pass notes where its running max grows).
   const int64_t skip_block = skip & ~int64_t{15};
-  const int64_t first_end = std::min(skip_block, vec16_end);
-  body(0, first_end);
-  int64_t i = first_end;
-  if (i == skip_block && i < vec16_end) {
-    // The block holding the argmax, with its lane masked out.
-    const __m256i at = _mm256_set1_epi32(static_cast<int>(skip - i));
-    const __m256 keep0 =
-        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_a(), at), _mm256_set1_epi32(-1)));
-    const __m256 keep1 =
-        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_b(), at), _mm256_set1_epi32(-1)));
-    __m256 x0, x1;
-    Vec16<T>::load(row + i, x0, x1);
-    exp_sums8_masked<kDegree, kClamp>(x0, keep0, vm, d0, a0, b0);
-    exp_sums8_masked<kDegree, kClamp>(x1, keep1, vm, d1, a1, b1);
-    i += 16;
+  for (int64_t c = 0; c < vec16_end; c += kBitsChunk) {
+    const int64_t chunk_end = std::min(c + kBitsChunk, vec16_end);
+    if (skip_block >= c && skip_block < chunk_end) {
+      body(c, skip_block);
+      // The block holding the argmax, with its lane masked out.
+      const __m256i at = _mm256_set1_epi32(static_cast<int>(skip - skip_block));
+      const __m256 keep0 = _mm256_castsi256_ps(
+          _mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_a(), at), _mm256_set1_epi32(-1)));
+      const __m256 keep1 = _mm256_castsi256_ps(
+          _mm256_xor_si256(_mm256_cmpeq_epi32(Vec16<T>::offset_b(), at), _mm256_set1_epi32(-1)));
+      __m256 x0, x1;
+      if (kFuse) bits_step(*fuse_acc, fuse + skip_block);
+      Vec16<T>::load(row + skip_block, x0, x1);
+      exp_sums8_masked<kDegree, kClamp>(x0, keep0, vm, d0, a0, b0);
+      exp_sums8_masked<kDegree, kClamp>(x1, keep1, vm, d1, a1, b1);
+      body(skip_block + 16, chunk_end);
+    } else {
+      body(c, chunk_end);
+    }
+    if (kFuse) bits_chunk_end(*fuse_acc, c);
   }
-  body(i, vec16_end);
-  i = vec16_end;
+  int64_t i = vec16_end;
   if (i < vocab) {
     // The last vocab % 16 elements, through the same vector code: copied into a 16-lane
     // buffer padded with the max (a finite value whose exponent is computed and then
@@ -614,9 +631,13 @@ void exp_row_sums(const T* row, int64_t vocab, int64_t skip, float m, const T* n
 }
 #endif  // __AVX2__
 
+// `known`: this row's bf16 max pass, done already (or null). `fuse`: a bf16 row whose max pass
+// to carry in this row's exponential pass (or null); *fused is its result when *fused_done.
 template <typename T>
-RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
+RowSums row_sums(const T* row, int64_t vocab, const T* next_row, const BitsPass* known = nullptr,
+                 const BF16* fuse = nullptr, BitsPass* fused = nullptr, bool* fused_done = nullptr) {
   RowSums out;
+  if (fused_done != nullptr) *fused_done = false;
 #ifdef __AVX2__
   if (vocab < 16) return short_row_sums(row, vocab);
 #endif
@@ -633,7 +654,7 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
   const int64_t vec32_end = vocab & ~int64_t{31};
   const int64_t vec16_end = vocab & ~int64_t{15};
   if (std::is_same<T, BF16>::value) {
-    const BitsPass bp = bf16_bits_pass(reinterpret_cast<const BF16*>(row), vocab);
+    const BitsPass bp = known != nullptr ? *known : bf16_bits_pass(reinterpret_cast<const BF16*>(row), vocab);
     m = bp.max;
     lower = bp.lower;
     argmax_from = bp.first_max_from;
@@ -684,7 +705,10 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
 #ifdef __AVX2__
   out.argmax = find_first(row, argmax_from, vocab, m);
 #else
-  (void)next_row;  // prefetched by the vector code only
+  (void)next_row;  // prefetched, carried and fused by the vector code only
+  (void)known;
+  (void)fuse;
+  (void)fused;
   out.argmax = -1;
   for (i = 0; i < vocab; ++i) {
     if (Elem<T>::load(row + i) == m) {
@@ -707,10 +731,20 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row) {
     constexpr int kDegree = sizeof(T) == 2 ? 2 : 5;
     // lower - m is computed as every element's x - m is, which grows with x: when it is
     // not below the clamp, no element's is.
-    if (lower - m >= kExpUnderflow)
-      exp_row_sums<T, kDegree, false>(row, vocab, skip, m, next_row, out.d, out.s1, out.s2);
-    else
-      exp_row_sums<T, kDegree, true>(row, vocab, skip, m, next_row, out.d, out.s1, out.s2);
+    const bool clamp = !(lower - m >= kExpUnderflow);
+    if (std::is_same<T, BF16>::value && fuse != nullptr && vocab >= 16) {
+      BitsAcc acc;
+      if (clamp)
+        exp_row_sums<T, kDegree, true, true>(row, vocab, skip, m, next_row, fuse, &acc, out.d, out.s1, out.s2);
+      else
+        exp_row_sums<T, kDegree, false, true>(row, vocab, skip, m, next_row, fuse, &acc, out.d, out.s1, out.s2);
+      *fused = bits_finish(acc, fuse, vocab & ~int64_t{15}, vocab);
+      *fused_done = true;
+    } else if (clamp) {
+      exp_row_sums<T, kDegree, true, false>(row, vocab, skip, m, next_row, nullptr, nullptr, out.d, out.s1, out.s2);
+    } else {
+      exp_row_sums<T, kDegree, false, false>(row, vocab, skip, m, next_row, nullptr, nullptr, out.d, out.s1, out.s2);
+    }
     i = vocab;
   }
 #endif
@@ -760,43 +794,79 @@ inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) 
 // more than the work, and its spinning workers would compete with torch's own threads.
 constexpr int64_t kParallelMinElements = int64_t{1} << 18;
 
+// Rows are handed out in chunks of kRowChunk from a shared counter (dynamic scheduling: the
+// machine may be shared), each thread claiming its next chunk when it starts one, so that a
+// thread always knows the rows it reads next: bf16 rows carry the max pass of the next row in
+// their exponential pass and prefetch the one after; other rows prefetch the next.
+constexpr int64_t kRowChunk = 8;
+
 template <typename T>
 void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, float* const tok[7],
                 uint8_t* valid_out, uint8_t* bad_out) {
   const T* base = static_cast<const T*>(lv.data);
   const int64_t rows = lv.samples * lv.tokens;
   const int64_t vocab = lv.vocab;
-#pragma omp parallel for schedule(dynamic, 8) if (rows * vocab >= kParallelMinElements)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t s = r / lv.tokens;
-    const int64_t t = r % lv.tokens;
-    const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
-    const bool counted = label != ignore_index;
-    const bool in_range = label >= 0 && label < vocab;
-    const bool valid = counted && in_range;
-    valid_out[r] = valid ? 1 : 0;
-    if (!valid) {
-      // Never read a row whose label is not usable; an out-of-range counted label
-      // spoils its sample, as in the reference.
-      bad_out[r] = counted ? 1 : 0;
-      for (int k = 0; k < 7; ++k)
-        if (tok[k] != nullptr) tok[k][r] = 0.0f;
-      continue;
+  constexpr bool kCarry = std::is_same<T, BF16>::value;
+  const auto row_at = [&](int64_t r) -> const T* {
+    return r < rows ? base + (r / lv.tokens) * lv.sample_stride + (r % lv.tokens) * lv.token_stride : nullptr;
+  };
+  std::atomic<int64_t> next_chunk{0};
+#pragma omp parallel if (rows * vocab >= kParallelMinElements)
+  {
+    BitsPass carried;  // the max pass of carried_row, done in the previous row's exponential pass
+    const T* carried_row = nullptr;
+    int64_t begin = next_chunk.fetch_add(kRowChunk, std::memory_order_relaxed);
+    while (begin < rows) {
+      const int64_t end = std::min(begin + kRowChunk, rows);
+      const int64_t following = next_chunk.fetch_add(kRowChunk, std::memory_order_relaxed);
+      for (int64_t r = begin; r < end; ++r) {
+        // The two rows this thread reads next (kRowChunk >= 2: the second is in this chunk or
+        // the next one).
+        const int64_t r1 = r + 1 < end ? r + 1 : following;
+        const int64_t r2 = r1 == following ? following + 1 : (r + 2 < end ? r + 2 : following);
+        const int64_t s = r / lv.tokens;
+        const int64_t t = r % lv.tokens;
+        const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+        const bool counted = label != ignore_index;
+        const bool in_range = label >= 0 && label < vocab;
+        const bool valid = counted && in_range;
+        valid_out[r] = valid ? 1 : 0;
+        const T* row = base + s * lv.sample_stride + t * lv.token_stride;
+        if (!valid) {
+          // Never read a row whose label is not usable; an out-of-range counted label
+          // spoils its sample, as in the reference.
+          bad_out[r] = counted ? 1 : 0;
+          for (int k = 0; k < 7; ++k)
+            if (tok[k] != nullptr) tok[k][r] = 0.0f;
+          carried_row = nullptr;
+          continue;
+        }
+        const T* next1 = row_at(r1);
+        RowSums sums;
+        if (kCarry) {
+          const BitsPass* known = carried_row == row ? &carried : nullptr;
+          // The next row is read now only if it will be read anyway (its label is usable).
+          const BF16* fuse = nullptr;
+          if (next1 != nullptr) {
+            const int64_t label1 = yv.data[(r1 / lv.tokens) * yv.sample_stride + (r1 % lv.tokens) * yv.token_stride];
+            if (label1 != ignore_index && label1 >= 0 && label1 < vocab) fuse = reinterpret_cast<const BF16*>(next1);
+          }
+          BitsPass fused;
+          bool fused_done = false;
+          sums = row_sums(row, vocab, row_at(r2), known, fuse, &fused, &fused_done);
+          carried = fused;
+          carried_row = fused_done ? next1 : nullptr;
+        } else {
+          sums = row_sums(row, vocab, next1);
+        }
+        const TokenValues v = token_values(sums, Elem<T>::load(row + label), label);
+        bad_out[r] = sums.finite ? 0 : 1;
+        const float values[7] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n, v.lse};
+        for (int k = 0; k < 7; ++k)
+          if (tok[k] != nullptr) tok[k][r] = values[k];
+      }
+      begin = following;
     }
-    const T* row = base + s * lv.sample_stride + t * lv.token_stride;
-    const T* next_row = nullptr;
-    if (r + 1 < rows) {  // (s, t + 1) or the next sample's first token: no second division
-      const bool same_sample = t + 1 < lv.tokens;
-      const int64_t s_next = same_sample ? s : s + 1;
-      const int64_t t_next = same_sample ? t + 1 : 0;
-      next_row = base + s_next * lv.sample_stride + t_next * lv.token_stride;
-    }
-    const RowSums sums = row_sums(row, vocab, next_row);
-    const TokenValues v = token_values(sums, Elem<T>::load(row + label), label);
-    bad_out[r] = sums.finite ? 0 : 1;
-    const float values[7] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n, v.lse};
-    for (int k = 0; k < 7; ++k)
-      if (tok[k] != nullptr) tok[k][r] = values[k];
   }
 }
 

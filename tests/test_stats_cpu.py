@@ -354,3 +354,22 @@ def test_bf16_non_finite_anywhere_in_a_long_row_invalidates_it(bad, position):
         assert math.isnan(getattr(got.tokens, field)[0, 1].item()), field
         assert math.isnan(getattr(got.tokens, field)[1, 2].item()), field
         assert not bool(getattr(got.tokens, field)[0, 0].isnan().any()), field
+
+
+@pytest.mark.parametrize("vocab", [15, 16, 33, 4111])
+def test_bf16_rows_carry_the_next_rows_max_pass(check_stats, vocab):
+    # A bf16 row's exponential pass also does the max pass of the row its thread reads next
+    # (across chunks of rows and threads): rows in between that are ignored, out of range or
+    # not finite, rows that are views of a wider tensor, and a max in the vector tail.
+    wide = (torch.randn(4, 70, vocab + 9) * 3).to(torch.bfloat16)
+    logits = wide[:, :, 5 : 5 + vocab]  # rows 2 * (vocab + 9) bytes apart
+    logits[0, 3, vocab - 1] = 40.0  # max in the tail (or the last element)
+    logits[1, 11] = logits[1, 11] - 200.0  # all negative, the clamp needed
+    logits[2, 21, vocab // 2] = float("nan")  # not finite: its sample is invalid
+    labels = torch.randint(0, vocab, (4, 70))
+    labels[:, ::5] = -100  # ignored rows: not read, nothing carried past them
+    labels[0, 3] = vocab - 1
+    got = sample_stats(logits, labels, per_token=True, backend="cpp")
+    check_stats(got, logits, labels, per_token=True)
+    assert got.bucket[2].item() == BUCKET_INVALID
+    assert got.tokens.correct[0, 3].item() == 1.0
