@@ -120,14 +120,20 @@ inline __m256 log2_units(__m256 t) {
   return _mm256_max_ps(_mm256_set1_ps(kExp2Underflow), _mm256_mul_ps(t, _mm256_set1_ps(kLog2e)));
 }
 
-inline __m256 exp2_clamped(__m256 u) {
-  const __m256 n = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(u, n);
+// 2^f for f in [-1/2, 1/2]: the degree-5 polynomial both exponentials scale by 2^n.
+inline __m256 exp2_fraction(__m256 f) {
   __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  return p;
+}
+
+inline __m256 exp2_clamped(__m256 u) {
+  const __m256 n = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(u, n);
+  const __m256 p = exp2_fraction(f);
   // 2^n * p by adding n to p's exponent field (n >= -125 keeps the result normal).
   const __m256i pow2n = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
@@ -508,11 +514,7 @@ inline __m256 exp_natural(__m256 t) {
   const __m256 log2e = _mm256_set1_ps(kLog2e);
   const __m256 big = _mm256_fmadd_ps(t, log2e, shifter);
   const __m256 f = _mm256_fmsub_ps(t, log2e, _mm256_sub_ps(big, shifter));
-  __m256 p = _mm256_fmadd_ps(f, _mm256_set1_ps(1.330221421e-03f), _mm256_set1_ps(9.672933258e-03f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550615117e-02f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402221709e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470633e-01f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256 p = exp2_fraction(f);
   const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(big), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
 }
