@@ -87,3 +87,17 @@ def test_budget_keeps_a_tasks_own_geko_settings():
     options = _with_budget(own, 0.6).policy_options
     assert options["geko"] == {"stall_visits": 2, "budget": 0.6, "budget_unit": "samples"}
     assert options["infobatch"] == {"budget": 0.6, "unit": "samples"}
+
+
+def test_library_defaults_option_runs_geko_without_a_tasks_own_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["--smoke", "--out", str(out), "--no-progress", "--tasks", "sft-algo", "--policies", "geko"]
+    assert main(argv) == 0
+    own = json.loads((out / "results.json").read_text())["runs"][0]["policy_options"]
+    assert own and set(own) <= {"stall_visits", "freeze_streak", "final_full", "stall_drop", "stall_rate"}
+    assert main(argv + ["--library-defaults", "--budget", "0.7"]) == 0
+    capsys.readouterr()
+    result = json.loads((out / "results.json").read_text())
+    assert result["runs"][0]["policy_options"] == {"budget": 0.7, "budget_unit": "tokens"}
+    assert result["meta"]["library_defaults"] is True

@@ -163,7 +163,9 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
     assert result["meta"]["scale"] == "smoke" and result["meta"]["metric"] == "validation split only"
     rows = result["rows"]
     values = sorted({GekoConfig().q_alpha, 0.5})  # the smoke stage: the default and 0.5
-    assert rows[0]["setting"] == "full" and [r["setting"] for r in rows[1:]] == [{"q_alpha": v} for v in values]
+    assert rows[0]["setting"] == "full" and [r["setting"]["q_alpha"] for r in rows[1:]] == values
+    # Every GEKO record names every setting (the day's defaults filled in).
+    assert all(set(r["setting"]) == set(tune.SETTINGS) for r in rows[1:])
     assert result["chosen"]["setting"] in [r["setting"] for r in rows[1:]]
     for row in rows:
         entry = row["tasks"]["mnist1d"]
@@ -192,3 +194,79 @@ def test_a_setting_naming_a_default_is_the_same_run_as_one_leaving_it_out(tmp_pa
     cache.add({"task": "t", "scale": "smoke", "setting": again, "seed": 0, "validation": 2.0, "saved_%": 5.0})
     rows = tune.summarise(cache.records, ["t"], {"t": True}, defaults)
     assert len(rows) == 2 and rows[1]["tasks"]["t"]["seeds"] == [0]
+
+
+def test_a_watched_task_is_held_to_the_current_defaults_shortfall_plus_the_tolerance():
+    hib = {"a": True, "w": True}
+    defaults = {"q_alpha": 0.3}
+    runs = records("a", None, [98.0, 98.0], 0.0) + records("w", None, [60.0, 60.0], 0.0)
+    runs += records("a", {"q_alpha": 0.3}, [97.8, 97.8], 20.0) + records("w", {"q_alpha": 0.3}, [58.0, 58.0], 5.0)  # defaults: w 2 pt short
+    runs += records("a", {"q_alpha": 0.5}, [97.7, 97.7], 40.0) + records("w", {"q_alpha": 0.5}, [57.8, 57.8], 20.0)  # w 2.2 short
+    runs += records("a", {"q_alpha": 0.7}, [97.6, 97.6], 60.0) + records("w", {"q_alpha": 0.7}, [57.0, 57.0], 30.0)  # w 3.0 short
+    rows = tune.summarise(runs, ["a", "w"], hib, defaults)
+    reference = tune._defaults_row(rows)
+    assert reference["setting"] == {"q_alpha": 0.3}
+    # Held to the plain rule, nothing passes on w (every setting is at least 2 pt short).
+    chosen, met = tune.choose(rows, hib, tolerance=0.5)
+    assert not met
+    # Watched, w may be 2 + 0.5 pt short: 0.5 passes, 0.7 (3 pt) does not, a is held to 0.5 pt.
+    chosen, met = tune.choose(rows, hib, tolerance=0.5, watch={"w"}, reference=reference)
+    assert met and chosen["setting"] == {"q_alpha": 0.5}
+    # Without a reference row a watched task is held to the plain tolerance.
+    chosen, met = tune.choose(rows, hib, tolerance=0.5, watch={"w"})
+    assert not met
+
+
+def test_cached_records_keep_their_meaning_when_defaults_or_task_settings_change(tmp_path, monkeypatch):
+    path = tmp_path / "runs.jsonl"
+    cache = tune._Cache(path, "smoke")
+    cache.add({"task": "t", "scale": "smoke", "setting": {"freeze_streak": 3.0}, "seed": 0, "validation": 2.0, "saved_%": 40.0})
+    stored = json.loads(path.read_text().splitlines()[0])
+    assert set(stored["setting"]) == set(tune.SETTINGS) and stored["setting"]["freeze_streak"] == 3.0
+    assert "task_settings" not in stored
+    # Were the default streak changed to 3, the record would be the new defaults' run, and a
+    # search of the old default (0) would not mistake it for its own.
+    new_defaults = {**tune.current_defaults(), "freeze_streak": 3.0}
+    monkeypatch.setattr(tune, "_DEFAULTS", new_defaults)
+    again = tune._Cache(path, "smoke")
+    assert again.find("t", {}, 0)["validation"] == 2.0
+    assert again.find("t", {"freeze_streak": 0.0}, 0) is None
+    monkeypatch.setattr(tune, "_DEFAULTS", None)
+    # A run made under a task's own GEKO settings is another experiment from one without them.
+    own = tune._Cache(path, "smoke", task_options={"t": {"stall_visits": 2.0}})
+    assert own.find("t", {"freeze_streak": 3.0}, 0) is None
+    own.add({"task": "t", "scale": "smoke", "setting": {"freeze_streak": 3.0}, "seed": 0, "validation": 1.0, "saved_%": 9.0})
+    assert json.loads(path.read_text().splitlines()[1])["task_settings"] == {"stall_visits": 2.0}
+    assert tune._Cache(path, "smoke", task_options={"t": {"stall_visits": 2.0}}).find("t", {"freeze_streak": 3.0}, 0)["validation"] == 1.0
+    assert tune._Cache(path, "smoke").find("t", {"freeze_streak": 3.0}, 0)["validation"] == 2.0
+
+
+def test_library_defaults_drop_a_tasks_own_settings_and_keep_its_budget():
+    from geko_core.bench import _with_budget
+    from geko_core.bench.sft import make_sft_task
+
+    task = make_sft_task("sft-algo", "smoke")
+    assert tune.task_settings(task) == {k: float(v) for k, v in task.policy_options["geko"].items()}
+    stripped = tune._prepare(task, 0.6, strip=True)
+    assert tune.task_settings(stripped) == {} and stripped.policy_options["geko"]["budget"] == 0.6
+    assert stripped.evaluate_detail is None  # still a validation view
+    kept = tune._prepare(task, None, strip=False)
+    assert tune.task_settings(kept) == tune.task_settings(task)
+    _, options = tune.geko_arguments(stripped, {"freeze_streak": 3.0})
+    assert options == {"freeze_streak": 3, "budget": 0.6, "budget_unit": "tokens"}
+    assert _with_budget(task, 0.5).policy_options["geko"]["stall_visits"] == task.policy_options["geko"]["stall_visits"]
+
+
+def test_parallel_runs_give_the_serial_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert tune.main(["--smoke", "--out", str(serial), "--quiet", "--threads", "1"]) == 0
+    assert tune.main(["--smoke", "--out", str(parallel), "--quiet", "--threads", "1", "--jobs", "2"]) == 0
+
+    def runs(out):
+        return sorted((r["task"], json.dumps(r["setting"], sort_keys=True), r["seed"], r["validation"], r["saved_%"])
+                      for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines()))
+
+    assert runs(serial) == runs(parallel) and len(runs(serial)) == 3
+    for name in ("serial", "parallel"):
+        assert json.loads((tmp_path / name / "tuning.json").read_text())["chosen"] is not None

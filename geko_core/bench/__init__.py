@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         "tokens for language models), replacing the tasks' own options; the random subset still "
         "matches GEKO's measured cost",
     )
+    parser.add_argument(
+        "--library-defaults",
+        action="store_true",
+        help="run GEKO with the library's defaults on every task, without the tasks' own GEKO settings "
+        "(the fine-tuning tasks carry per-task settings chosen on validation)",
+    )
     args = parser.parse_args(argv)
 
     from .report import aggregate, format_table, goal_report, write_outputs
@@ -95,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget is not None and not 0.0 < args.budget <= 1.0:
         parser.error("--budget must be in (0, 1]")
     tasks = [make_task(name.strip(), scale_name) for name in args.tasks.split(",") if name.strip()]
+    if args.library_defaults:
+        from .tune import without_task_settings
+
+        tasks = [without_task_settings(task) for task in tasks]
     if args.budget is not None:
         tasks = [_with_budget(task, args.budget) for task in tasks]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -136,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "library_defaults": args.library_defaults,
     }
     written = write_outputs(Path(args.out), runs, rows, meta)
     print(format_table(rows))

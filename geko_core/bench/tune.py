@@ -18,7 +18,14 @@ settings, the one with the largest savings (mean over tasks of the mean over see
 settings within ``tie`` points of that largest saving are tied, and a tie goes to the setting
 that changes fewest values from the current defaults, then to the one with the smallest
 worst-task shortfall against full training. When no setting is eligible the one with the
-smallest worst-task shortfall is chosen and the result says so.
+smallest worst-task shortfall is chosen and the result says so. A *watched* task (``--watch``)
+is one on which the current defaults themselves miss the tolerance, so that no setting could be
+held to it there: a setting may not fall further behind full training on it than the current
+defaults do, by more than the tolerance, and it does not count in the worst shortfall.
+
+A fine-tuning task carries its own GEKO settings (chosen on validation per task); a search of
+the library's defaults drops them (``--library-defaults``), so that every run measures the
+defaults plus the setting searched. ``--jobs N`` runs N runs at a time in worker processes.
 
     python -m geko_core.bench.tune --tasks mnist1d,mnist1d-noise20 --seeds 3 --threads 1
     python -m geko_core.bench.tune --smoke      # seconds
@@ -107,6 +114,19 @@ def validation_view(task: Any) -> Any:
     if getattr(task, "evaluate_validation", None) is None:
         raise ValueError(f"task {task.name!r} has no validation split to tune on")
     return dataclasses.replace(task, evaluate=task.evaluate_validation, evaluate_detail=None)
+
+
+def without_task_settings(task: Any) -> Any:
+    """``task`` without its own GEKO settings (those ``SETTINGS`` names; a budget stays): its
+    GEKO runs measure the library's defaults, which is what a search of the defaults needs."""
+    options = dict(task.policy_options)
+    options["geko"] = {k: v for k, v in options.get("geko", {}).items() if k not in SETTINGS}
+    return dataclasses.replace(task, policy_options=options)
+
+
+def task_settings(task: Any) -> dict[str, float]:
+    """The task's own values of ``SETTINGS`` names (its per-task GEKO options), as floats."""
+    return {k: float(v) for k, v in task.policy_options.get("geko", {}).items() if k in SETTINGS}
 
 
 def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str, Any]]:
@@ -243,25 +263,43 @@ def choose(
     tolerance: float = 0.5,
     ppl_tolerance: float = 1.0,
     tie: float = 0.5,
+    watch: Iterable[str] = (),
+    reference: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any] | None, bool]:
     """The row the rule picks among the GEKO rows of ``summarise`` (module docstring), and
-    whether it met the quality rule (False: nothing did; the least-bad row is returned)."""
+    whether it met the quality rule (False: nothing did; the least-bad row is returned).
+
+    ``watch``: tasks on which the current defaults themselves miss the tolerance (so no setting
+    could be held to it there): a setting must not fall further behind full training on them
+    than ``reference`` (the current defaults' row) does, by more than the tolerance. Without a
+    reference row a watched task is held to the plain tolerance."""
     candidates = [r for r in rows if r["setting"] != "full" and r["worst_shortfall"] is not None]
     if not candidates:
         return None, False
+    watched = set(watch)
+
+    def limit(task: str) -> float:
+        allowed = tolerance if higher_is_better[task] else ppl_tolerance
+        if task in watched and reference is not None and task in reference["tasks"]:
+            base = reference["tasks"][task].get("shortfall")
+            if base is not None:
+                return max(allowed, base + allowed)
+        return allowed
 
     def eligible(row: dict[str, Any]) -> bool:
-        return all(
-            entry["shortfall"] <= (tolerance if higher_is_better[task] else ppl_tolerance) + 1e-12
-            for task, entry in row["tasks"].items()
-        )
+        return all(entry["shortfall"] <= limit(task) + 1e-12 for task, entry in row["tasks"].items())
+
+    def worst(row: dict[str, Any]) -> float:
+        """The worst shortfall among the tasks held to the plain rule (all, if every one is watched)."""
+        held = [e["shortfall"] for t, e in row["tasks"].items() if t not in watched]
+        return max(held) if held else row["worst_shortfall"]
 
     passing = [r for r in candidates if eligible(r)]
     if not passing:
-        return min(candidates, key=lambda r: (r["worst_shortfall"], len(r["changed"]))), False
+        return min(candidates, key=lambda r: (worst(r), len(r["changed"]))), False
     best = max(r["mean_saved_%"] for r in passing)
     tied = [r for r in passing if r["mean_saved_%"] >= best - tie]
-    return min(tied, key=lambda r: (len(r["changed"]), r["worst_shortfall"], -r["mean_saved_%"])), True
+    return min(tied, key=lambda r: (len(r["changed"]), worst(r), -r["mean_saved_%"])), True
 
 
 def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], chosen: dict[str, Any] | None = None) -> str:
@@ -293,18 +331,33 @@ def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], chosen: d
 
 
 class _Cache:
-    """Runs already made, in a JSON-lines file (one run per line)."""
+    """Runs already made, in a JSON-lines file (one run per line).
 
-    def __init__(self, path: Path | None, scale: str, budget: float | None = None) -> None:
+    A GEKO record names every setting (the defaults of the day it ran filled in), so changing a
+    default later does not change what a cached run means, and the task's own GEKO settings it
+    ran under (``task_settings``, empty when they were stripped): a run is reused only by a
+    search that would make the very same run. Records written before these two fields existed
+    are read as relative to today's defaults and as made without task settings."""
+
+    def __init__(
+        self, path: Path | None, scale: str, budget: float | None = None, task_options: dict[str, dict[str, float]] | None = None
+    ) -> None:
         self.path, self.scale, self.budget = path, scale, budget
+        self.task_options = task_options or {}
         self.records: list[dict[str, Any]] = []
         if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)
                     # A GEKO run under a budget is another experiment; full training is the same.
-                    if record.get("scale") == scale and (record.get("setting") is None or record.get("budget") == budget):
-                        self.records.append(record)
+                    if record.get("scale") != scale:
+                        continue
+                    if record.get("setting") is not None:
+                        if record.get("budget") != budget:
+                            continue
+                        if record.get("task_settings", {}) != self.task_options.get(record["task"], {}):
+                            continue
+                    self.records.append(record)
 
     def find(self, task: str, setting: dict[str, float] | None, seed: int) -> dict[str, Any] | None:
         key = _key(setting)
@@ -314,11 +367,49 @@ class _Cache:
         return None
 
     def add(self, record: dict[str, Any]) -> None:
+        if record.get("setting") is not None:
+            record = {**record, "setting": {**_defaults(), **record["setting"]}}
+            if self.task_options.get(record["task"]):
+                record["task_settings"] = dict(self.task_options[record["task"]])
         self.records.append(record)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+# The pool's workers: each builds the tasks once (by name), then runs what it is handed.
+_WORKER_TASKS: dict[str, Any] = {}
+
+
+def _worker_init(names: Sequence[str], scale: str, budget: float | None, strip: bool, threads: int) -> None:
+    import torch
+
+    from .runner import warm_up
+    from .tasks import make_task
+
+    torch.set_num_threads(threads)
+    for name in names:
+        task = _prepare(make_task(name, scale), budget, strip)
+        warm_up(task)
+        _WORKER_TASKS[name] = task
+
+
+def _worker_run(name: str, policy: str, seed: int, setting: dict[str, float] | None) -> dict[str, Any]:
+    return run_validation(_WORKER_TASKS[name], policy, seed, setting)
+
+
+def _prepare(task: Any, budget: float | None, strip: bool) -> Any:
+    """The task as a search runs it: a validation view, without its own GEKO settings when
+    ``strip`` (a search of the library defaults), under ``budget`` when given."""
+    task = validation_view(task)
+    if strip:
+        task = without_task_settings(task)
+    if budget is not None:
+        from . import _with_budget
+
+        task = _with_budget(task, budget)
+    return task
 
 
 def search(
@@ -328,11 +419,16 @@ def search(
     *,
     scale: str,
     cache: _Cache,
-    rule: dict[str, float],
+    rule: dict[str, Any],
     run: Callable[..., dict[str, Any]] = run_validation,
+    pool: Any = None,
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
-    """Run the staged coordinate search; return the table, the stage choices and the choice."""
+    """Run the staged coordinate search; return the table, the stage choices and the choice.
+
+    ``pool``: an executor whose ``submit(_worker_run, name, policy, seed, setting)`` runs a
+    missing run in another process (``--jobs``); None runs them here, one after another. The
+    runs are deterministic, so the table does not depend on which way they ran."""
     defaults = current_defaults()
     names = [t.name for t in tasks]
     hib = {t.name: bool(t.higher_is_better) for t in tasks}
@@ -341,42 +437,61 @@ def search(
         if name not in SETTINGS:
             raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
 
-    def ensure(task: Any, setting: dict[str, float] | None) -> None:
-        for seed in range(seeds):
-            if cache.find(task.name, setting, seed) is None:
-                policy = "full" if setting is None else "geko"
-                result = run(task, policy, seed, setting)
-                record = {"task": task.name, "scale": scale, "setting": setting, "seed": seed, **result}
-                if setting is not None and cache.budget is not None:
-                    record["budget"] = cache.budget
-                cache.add(record)
-                log(f"{task.name} {_key(setting)} seed {seed}: validation {result['validation']:.3f}, saved {result['saved_%']:.1f}% ({result['seconds']:.0f}s)")
+    def ensure(settings: Sequence[dict[str, float] | None]) -> None:
+        missing = []
+        for setting in settings:
+            for task in tasks:
+                for seed in range(seeds):
+                    if cache.find(task.name, setting, seed) is None and (task, setting, seed) not in missing:
+                        missing.append((task, setting, seed))
 
-    for task in tasks:
-        ensure(task, None)
+        def record(task: Any, setting: dict[str, float] | None, seed: int, result: dict[str, Any]) -> None:
+            entry = {"task": task.name, "scale": scale, "setting": setting, "seed": seed, **result}
+            if setting is not None and cache.budget is not None:
+                entry["budget"] = cache.budget
+            cache.add(entry)
+            log(f"{task.name} {_key(setting)} seed {seed}: validation {result['validation']:.3f}, saved {result['saved_%']:.1f}% ({result['seconds']:.0f}s)")
+
+        if pool is None:
+            for task, setting, seed in missing:
+                record(task, setting, seed, run(task, "full" if setting is None else "geko", seed, setting))
+            return
+        futures = [(task, setting, seed, pool.submit(_worker_run, task.name, "full" if setting is None else "geko", seed, setting))
+                   for task, setting, seed in missing]
+        for task, setting, seed, future in futures:
+            record(task, setting, seed, future.result())
+
+    ensure([None])
     evaluated: list[dict[str, float]] = [dict(incumbent)]
     stage_choices = []
     for name, values in stages:
-        candidates = []
-        for value in sorted(set(float(v) for v in values) | {incumbent[name]}):
-            candidate = {**incumbent, name: value}
-            candidates.append(candidate)
+        candidates = [{**incumbent, name: value} for value in sorted(set(float(v) for v in values) | {incumbent[name]})]
+        for candidate in candidates:
             if candidate not in evaluated:
                 evaluated.append(candidate)
-            for task in tasks:
-                ensure(task, candidate)
+        ensure(candidates)
         keys = {_key(c) for c in candidates}
-        stage_rows = [r for r in summarise(cache.records, names, hib, defaults) if r["setting"] != "full" and _key(r["setting"]) in keys]
-        picked, _ = choose(stage_rows, hib, **rule)
+        every = summarise(cache.records, names, hib, defaults)
+        stage_rows = [r for r in every if r["setting"] != "full" and _key(r["setting"]) in keys]
+        picked, _ = choose(stage_rows, hib, reference=_defaults_row(every), **rule)
         if picked is not None:
             # A cached row may name fewer settings (the defaults left out): fill them in.
             incumbent = {**incumbent, **{n: defaults[n] for n in incumbent if n not in picked["setting"]}, **picked["setting"]}
+            incumbent = {n: incumbent[n] for n, _ in stages}
         stage_choices.append({"stage": name, "values": [c[name] for c in candidates], "picked": incumbent[name]})
         log(f"stage {name}: picked {incumbent[name]:g}")
     keys = {_key(s) for s in evaluated} | {"full"}
     rows = [r for r in summarise(cache.records, names, hib, defaults) if _key(None if r["setting"] == "full" else r["setting"]) in keys]
-    chosen, met = choose(rows, hib, **rule)
+    chosen, met = choose(rows, hib, reference=_defaults_row(rows), **rule)
     return {"defaults": defaults, "rows": rows, "stages": stage_choices, "chosen": chosen, "met_rule": met, "higher_is_better": hib}
+
+
+def _defaults_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row of the current defaults (no setting changed), if it was run."""
+    for row in rows:
+        if row["setting"] != "full" and not row["changed"]:
+            return row
+    return None
 
 
 def _parse_stage(text: str) -> tuple[str, tuple[float, ...]]:
@@ -420,6 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="run GEKO under this cost budget in (0, 1] (tokens for language models), as geko-bench --budget does; "
                         "the savings are then fixed and the rule compares the validation metric")
+    parser.add_argument("--library-defaults", action="store_true",
+                        help="drop the tasks' own GEKO settings (e.g. the fine-tuning tasks' per-task options): every run measures "
+                        "the library's defaults plus the searched setting, which is what a search of the defaults needs")
+    parser.add_argument("--watch", default="", metavar="TASKS",
+                        help="comma list of tasks on which the current defaults already miss the tolerance: a setting may not fall "
+                        "further behind full training there than the current defaults do, by more than the tolerance")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with --threads threads (default 1)")
     parser.add_argument("--out", default="geko-tune-out", help="output directory (tuning.json, tuning.csv, runs.jsonl)")
     parser.add_argument("--cache", default=None, help="JSON-lines file of runs to reuse and extend (default: OUT/runs.jsonl)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -441,24 +563,36 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in ("mnist1d" if args.smoke and args.tasks == parser.get_default("tasks") else args.tasks).split(",") if n.strip()]
     if args.budget is not None and not 0.0 < args.budget <= 1.0:
         parser.error("--budget must be in (0, 1]")
-    tasks = [validation_view(make_task(name, scale)) for name in names]
-    if args.budget is not None:
-        from . import _with_budget
-
-        tasks = [_with_budget(task, args.budget) for task in tasks]
-    for task in tasks:
-        warm_up(task)
+    watch = [n.strip() for n in args.watch.split(",") if n.strip()]
+    if set(watch) - set(names):
+        parser.error(f"--watch names tasks not in --tasks: {sorted(set(watch) - set(names))}")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    tasks = [_prepare(make_task(name, scale), args.budget, args.library_defaults) for name in names]
     out = Path(args.out)
-    cache = _Cache(Path(args.cache) if args.cache else out / "runs.jsonl", scale, args.budget)
-    rule = {"tolerance": args.tolerance, "ppl_tolerance": args.ppl_tolerance, "tie": args.tie}
+    cache = _Cache(Path(args.cache) if args.cache else out / "runs.jsonl", scale, args.budget, {t.name: task_settings(t) for t in tasks})
+    rule = {"tolerance": args.tolerance, "ppl_tolerance": args.ppl_tolerance, "tie": args.tie, "watch": watch}
     started = time.perf_counter()
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = search(tasks, stages, seeds, scale=scale, cache=cache, rule=rule, log=log)
+    if args.jobs == 1:
+        for task in tasks:
+            warm_up(task)
+        result = search(tasks, stages, seeds, scale=scale, cache=cache, rule=rule, log=log)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = args.threads or 1
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init,
+                                 initargs=(names, scale, args.budget, args.library_defaults, threads)) as pool:
+            result = search(tasks, stages, seeds, scale=scale, cache=cache, rule=rule, pool=pool, log=log)
     meta = {
         "command": "python -m geko_core.bench.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": scale, "seeds": seeds, "tasks": names,
         "stages": [[n, list(vs)] for n, vs in stages], "rule": rule, "budget": args.budget,
+        "library_defaults": args.library_defaults, "task_settings": {t.name: task_settings(t) for t in tasks},
         "seconds": time.perf_counter() - started, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "metric": "validation split only",
     }
