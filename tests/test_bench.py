@@ -101,3 +101,36 @@ def test_library_defaults_option_runs_geko_without_a_tasks_own_settings(tmp_path
     result = json.loads((out / "results.json").read_text())
     assert result["runs"][0]["policy_options"] == {"budget": 0.7, "budget_unit": "tokens"}
     assert result["meta"]["library_defaults"] is True
+
+
+def test_repeat_timing_pools_the_times_of_identical_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["--smoke", "--out", str(out), "--no-progress", "--tasks", "mnist1d", "--policies", "full,random_subset,geko"]
+    assert main(argv + ["--repeat-timing", "3"]) == 0
+    capsys.readouterr()
+    result = json.loads((out / "results.json").read_text())
+    assert result["meta"]["timing_repeats"] == 3 and len(result["runs"]) == 3  # one record per (policy, seed)
+    for run in result["runs"]:
+        times = run["train_seconds_repeats"]
+        assert len(times) == 3 and run["train_seconds"] == sorted(times)[1]
+        assert run["overhead_share"] == pytest.approx(run["overhead_seconds"] / run["train_seconds"])
+    # The repeats train the very same thing as a single run does.
+    assert main(argv + ["--out", str(tmp_path / "once")]) == 0
+    once = {r["policy"]: r for r in json.loads((tmp_path / "once" / "results.json").read_text())["runs"]}
+    for run in result["runs"]:
+        assert run["metric"] == once[run["policy"]]["metric"] and run["backpropagated"] == once[run["policy"]]["backpropagated"]
+    with pytest.raises(SystemExit):
+        main(argv + ["--repeat-timing", "0"])
+
+
+def test_a_timing_repeat_that_trained_differently_is_an_error():
+    from geko_core.bench import _add_timing
+
+    first = {"task": "t", "policy": "geko", "seed": 0, "metric": 1.0, "forwarded": 5, "backpropagated": 5,
+             "backpropagated_tokens": None, "curve": [(5, 1.0)], "train_seconds_repeats": [1.0], "overhead_seconds_repeats": [0.1]}
+    _add_timing(first, {**first, "train_seconds": 2.0, "overhead_seconds": 0.2})
+    assert first["train_seconds_repeats"] == [1.0, 2.0]
+    with pytest.raises(RuntimeError, match="metric differ"):
+        _add_timing(first, {**first, "metric": 0.5, "train_seconds": 2.0, "overhead_seconds": 0.2})
+    assert first["train_seconds_repeats"] == [1.0, 2.0]

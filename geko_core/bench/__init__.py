@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -61,6 +62,26 @@ def _with_budget(task, budget: float):
     return dataclasses.replace(task, policy_options=options)
 
 
+def _add_timing(first: dict, again: dict) -> None:
+    """Fold a timing repeat into the first run, after checking it trained the same thing."""
+    same = ("metric", "forwarded", "backpropagated", "backpropagated_tokens", "curve")
+    differs = [k for k in same if first.get(k) != again.get(k)]
+    if differs:
+        raise RuntimeError(
+            f"{first['task']} {first['policy']} seed {first['seed']}: a timing repeat trained differently "
+            f"({', '.join(differs)} differ); the runs are not deterministic here, so their times cannot be pooled"
+        )
+    first["train_seconds_repeats"].append(again["train_seconds"])
+    first["overhead_seconds_repeats"].append(again["overhead_seconds"])
+
+
+def _median_timing(result: dict) -> None:
+    """The run's times become the medians over its timing repeats."""
+    result["train_seconds"] = float(statistics.median(result["train_seconds_repeats"]))
+    result["overhead_seconds"] = float(statistics.median(result["overhead_seconds_repeats"]))
+    result["overhead_share"] = result["overhead_seconds"] / result["train_seconds"] if result["train_seconds"] > 0 else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="geko-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scale = parser.add_mutually_exclusive_group()
@@ -79,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         help="a cost budget in (0, 1] for geko and infobatch (share of the full data's samples, "
         "tokens for language models), replacing the tasks' own options; the random subset still "
         "matches GEKO's measured cost",
+    )
+    parser.add_argument(
+        "--repeat-timing",
+        type=int,
+        default=1,
+        metavar="R",
+        help="run every (task, policy, seed) R times, the policies of a seed interleaved, and report the median "
+        "training time (the runs are deterministic: the metrics of the repeats must agree, and a repeat that "
+        "disagrees is an error). For wall-clock figures on a noisy machine",
     )
     parser.add_argument(
         "--library-defaults",
@@ -115,26 +145,39 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown policy {policy!r}")
     # GEKO runs first in each seed so the random subset can match its budget.
     ordered = sorted(policies, key=lambda p: {"full": 0, "geko": 1}.get(p, 2))
-    progress = _Progress(sum(t.epochs for t in tasks) * len(policies) * seeds, enabled=not args.no_progress and sys.stderr.isatty())
+    if args.repeat_timing < 1:
+        parser.error("--repeat-timing must be at least 1")
+    repeats = args.repeat_timing
+    progress = _Progress(sum(t.epochs for t in tasks) * len(policies) * seeds * repeats, enabled=not args.no_progress and sys.stderr.isatty())
     runs = []
     started = time.perf_counter()
     for task in tasks:
         warm_up(task)
         for seed in range(seeds):
             geko_fraction = None
-            for policy in ordered:
-                # Budgeted policies (random subset, GAIN-RL, GRACE) match GEKO's measured share.
-                fraction = geko_fraction if geko_fraction is not None else 0.5
-                options = bench_policy_options(policy, task, min(1.0, max(fraction, 1e-3)))
-                label = f"{task.name} {policy} seed {seed}"
-                progress.update(label)
-                result = run_one(task, policy, seed, policy_options=options, on_epoch=lambda e, label=label: progress.update(label, 1))
-                if policy == "geko":  # its share of the samples, or of the tokens for a language model
-                    if result["backpropagated_tokens"] is not None:
-                        geko_fraction = result["backpropagated_tokens"] / (result["total_tokens"] * task.epochs)
+            kept: dict[str, dict] = {}
+            for repeat in range(repeats):
+                for policy in ordered:
+                    # Budgeted policies (random subset, GAIN-RL, GRACE) match GEKO's measured share.
+                    fraction = geko_fraction if geko_fraction is not None else 0.5
+                    options = bench_policy_options(policy, task, min(1.0, max(fraction, 1e-3)))
+                    label = f"{task.name} {policy} seed {seed}" + (f" (timing {repeat + 1}/{repeats})" if repeats > 1 else "")
+                    progress.update(label)
+                    result = run_one(task, policy, seed, policy_options=options, on_epoch=lambda e, label=label: progress.update(label, 1))
+                    if repeat == 0:
+                        if policy == "geko":  # its share of the samples, or of the tokens for a language model
+                            if result["backpropagated_tokens"] is not None:
+                                geko_fraction = result["backpropagated_tokens"] / (result["total_tokens"] * task.epochs)
+                            else:
+                                geko_fraction = result["backpropagated"] / (task.num_samples * task.epochs)
+                        result["train_seconds_repeats"] = [result["train_seconds"]]
+                        result["overhead_seconds_repeats"] = [result["overhead_seconds"]]
+                        kept[policy] = result
+                        runs.append(result)
                     else:
-                        geko_fraction = result["backpropagated"] / (task.num_samples * task.epochs)
-                runs.append(result)
+                        _add_timing(kept[policy], result)
+            for result in kept.values():
+                _median_timing(result)
     progress.close()
     rows = aggregate(runs)
     meta = {
@@ -147,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "library_defaults": args.library_defaults,
+        "timing_repeats": repeats,
     }
     written = write_outputs(Path(args.out), runs, rows, meta)
     print(format_table(rows))
