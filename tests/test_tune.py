@@ -270,3 +270,19 @@ def test_parallel_runs_give_the_serial_table(tmp_path, monkeypatch):
     assert runs(serial) == runs(parallel) and len(runs(serial)) == 3
     for name in ("serial", "parallel"):
         assert json.loads((tmp_path / name / "tuning.json").read_text())["chosen"] is not None
+
+
+def test_a_row_pooling_runs_of_different_code_is_marked():
+    fingerprint = tune.code_fingerprint()
+    assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0 and tune.code_fingerprint() == fingerprint
+    hib = {"a": True}
+    runs = [dict(r, code="old") for r in records("a", None, [98.0, 98.0], 0.0)]
+    same = [dict(r, code="old") for r in records("a", {"q_alpha": 0.5}, [97.8, 97.8], 30.0)]
+    mixed = records("a", {"q_alpha": 0.7}, [97.7, 97.7], 40.0)
+    mixed = [dict(mixed[0], code="old"), dict(mixed[1], code="new")]
+    rows = tune.summarise(runs + same + mixed, ["a"], hib, DEFAULTS)
+    by = {json.dumps(r["setting"], sort_keys=True): r for r in rows}
+    assert by[json.dumps({"q_alpha": 0.5})]["code_versions"] == ["old"]
+    assert by[json.dumps({"q_alpha": 0.7})]["code_versions"] == ["new", "old"]
+    table = tune.format_table(rows, ["a"])
+    assert "q_alpha=0.7 †" in table and "q_alpha=0.5 †" not in table

@@ -167,7 +167,31 @@ def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] 
         spent = result["backpropagated_tokens"] / (result["total_tokens"] * result["epochs"])
     else:
         spent = result["backpropagated"] / (result["num_samples"] * result["epochs"])
-    return {"validation": float(result["validation_metric"]), "saved_%": 100.0 * (1.0 - spent), "seconds": seconds}
+    return {"validation": float(result["validation_metric"]), "saved_%": 100.0 * (1.0 - spent), "seconds": seconds,
+            "code": code_fingerprint()}
+
+
+_FINGERPRINT: str | None = None
+
+
+def code_fingerprint() -> str:
+    """A short hash of the code a run trains with: the package's Python sources and its
+    compiled core. Stored in every cached run, so that a table can say when it pools runs of
+    different code (a change in the last bits of a loss moves samples across bucket
+    boundaries, and a run's figures with it)."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        import hashlib
+
+        from .. import _C
+
+        root = Path(__file__).resolve().parents[1]
+        digest = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")) + [Path(_C.__file__)]:
+            digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
+            digest.update(path.read_bytes())
+        _FINGERPRINT = digest.hexdigest()[:12]
+    return _FINGERPRINT
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +276,9 @@ def summarise(
         row["mean_saved_%"] = float(np.mean([row["tasks"][t]["saved_%"][0] for t in tasks]))
         shortfalls = [row["tasks"][t].get("shortfall") for t in tasks]
         row["worst_shortfall"] = max(shortfalls) if None not in shortfalls else None
+        # The code versions its runs (and the full-training runs it is compared with) came from.
+        pooled = [r for t in tasks for r in grouped[key][t] + full.get(t, [])]
+        row["code_versions"] = sorted({r.get("code", "unknown") for r in pooled})
         rows.append(row)
     return rows
 
@@ -314,6 +341,8 @@ def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str], chosen: d
             label = ", ".join(f"{n}={row['setting'][n]:g}" for n in row["changed"]) or "current defaults"
             if chosen is not None and row["setting"] == chosen["setting"]:
                 label = f"**{label}** (chosen)"
+            if len(row.get("code_versions", ())) > 1:
+                label += " †"
         cells = []
         for task in tasks:
             entry = row["tasks"][task]
@@ -598,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     written = write_outputs(out, result, names, meta)
     print(format_table(result["rows"], names, result["chosen"]))
+    mixed = [r for r in result["rows"] if len(r.get("code_versions", ())) > 1]
+    if mixed:
+        print(f"\n† {len(mixed)} row(s) pool cached runs made by different versions of the code "
+              f"(the runs' \"code\" field; this code is {code_fingerprint()}): their runs may not be reproducible as they stand")
     if result["chosen"] is None:
         print("\nno GEKO setting was run on every task")
     else:
