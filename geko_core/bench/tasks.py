@@ -141,7 +141,7 @@ def _mnist1d_task(scale: str, label_noise: float) -> Task:
 
 
 def _stdlib_lm_task(scale: str) -> Task:
-    sizes = {"smoke": (256, 64), "quick": (1024, 256), "default": (3072, 512)}
+    sizes = {"smoke": (256, 64), "quick": (768, 256), "default": (3072, 512)}
     epochs = {"smoke": 2, "quick": 4, "default": 8}
     seq_len = 64
     n_train, n_test = sizes[scale]
