@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .report import aggregate, format_table, goal_report, write_outputs
-    from .runner import bench_policy_options, run_one, warm_up
+    from .runner import bench_policy_options, run_one, spent_share, warm_up
     from .tasks import make_task
 
     scale_name = "smoke" if args.smoke else "quick" if args.quick else "default"
@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_one(task, policy, seed, policy_options=options, on_epoch=lambda e, label=label: progress.update(label, 1))
                     if repeat == 0:
                         if policy == "geko":  # its share of the samples, or of the tokens for a language model
-                            if result["backpropagated_tokens"] is not None:
-                                geko_fraction = result["backpropagated_tokens"] / (result["total_tokens"] * task.epochs)
-                            else:
-                                geko_fraction = result["backpropagated"] / (task.num_samples * task.epochs)
+                            geko_fraction = spent_share(result)
                         result["train_seconds_repeats"] = [result["train_seconds"]]
                         result["overhead_seconds_repeats"] = [result["overhead_seconds"]]
                         kept[policy] = result

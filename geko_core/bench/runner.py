@@ -131,6 +131,14 @@ def sample_tokens(task: Task) -> np.ndarray | None:
     return (targets != -100).sum(dim=1).numpy().astype(np.int64)
 
 
+def spent_share(result: dict[str, Any]) -> float:
+    """The share of full training's work a run back-propagated: response tokens for a language
+    model, samples otherwise (``run_one``'s result)."""
+    if result["backpropagated_tokens"] is not None:
+        return result["backpropagated_tokens"] / (result["total_tokens"] * result["epochs"])
+    return result["backpropagated"] / (result["num_samples"] * result["epochs"])
+
+
 def run_one(
     task: Task,
     policy: str,

@@ -152,7 +152,7 @@ def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str,
 def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] | None = None) -> dict[str, Any]:
     """Train ``task`` under ``policy`` ("full" or "geko" with ``setting``) on a validation view
     and return only what tuning may read: the validation metric and the share saved."""
-    from .runner import bench_policy_options, run_one
+    from .runner import bench_policy_options, run_one, spent_share
 
     view = validation_view(task)
     options = None
@@ -163,10 +163,7 @@ def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] 
     started = time.perf_counter()
     result = run_one(view, policy, seed, policy_options=options)
     seconds = time.perf_counter() - started
-    if result["backpropagated_tokens"] is not None:
-        spent = result["backpropagated_tokens"] / (result["total_tokens"] * result["epochs"])
-    else:
-        spent = result["backpropagated"] / (result["num_samples"] * result["epochs"])
+    spent = spent_share(result)
     return {"validation": float(result["validation_metric"]), "saved_%": 100.0 * (1.0 - spent), "seconds": seconds,
             "code": code_fingerprint()}
 
