@@ -225,6 +225,39 @@ class SampleTable:
         with self._lock:
             return self._c.update_revisits(indices, loss, confidence, correct, step)
 
+    def update_arrays_counted(
+        self,
+        indices: np.ndarray,
+        loss: np.ndarray,
+        confidence: np.ndarray,
+        correct: np.ndarray,
+        step: int,
+        *,
+        epoch: int,
+        seen_epoch: np.ndarray,
+        streak: np.ndarray | None,
+        stall: np.ndarray | None,
+        ref_loss: np.ndarray | None,
+        freeze_streak: int,
+        stall_drop: float,
+    ) -> tuple[int, int]:
+        """:meth:`update_arrays` followed, in the same compiled call, by GEKO's per-epoch
+        visit counters (the streak gate and stagnation of
+        :class:`~geko_core.policies.GekoPolicy`), which live in the caller's arrays (one
+        entry per sample, written in place): ``seen_epoch`` int32, ``streak`` and ``stall``
+        uint8 or None (that counter off), ``ref_loss`` float32 (needed with ``stall``).
+
+        The batch's rows count as visits in order; only a sample's first visit of ``epoch``
+        advances a counter, any visit can reset one. Returns the batch's FREEZE revisits
+        ``(revisits, failed)``: rows frozen before the batch (FREEZE, or LIGHT with a streak
+        of at least ``freeze_streak``) with a finite ``correct``, and those of them FOCUS or
+        HARD after it. Every array and index is checked before the table or a counter
+        changes."""
+        with self._lock:
+            return self._c.update_counted(
+                indices, loss, confidence, correct, step, epoch, seen_epoch, streak, stall, ref_loss, freeze_streak, stall_drop
+            )
+
     def update_from_stats(self, indices: ArrayLike, stats: SampleStats, step: int) -> None:
         """``update(indices, stats.loss, stats.confidence, stats.correct, step)``.
 

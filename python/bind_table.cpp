@@ -13,6 +13,7 @@
 
 #include "bindings.h"
 #include "geko/sample_table.h"
+#include "geko/visit_counters.h"
 
 namespace py = pybind11;
 
@@ -129,6 +130,70 @@ py::tuple update_revisits(SampleTable& table, const py::array& indices, const py
   return py::make_tuple(revisits, failed);
 }
 
+// A writable counter array of T with one entry per sample, or nullptr for None.
+template <typename T>
+T* counter_array(const py::object& object, const char* name, const char* dtype_name, size_t num_samples) {
+  if (object.is_none()) return nullptr;
+  if (!py::isinstance<py::array>(object)) {
+    throw py::type_error(std::string(name) + " must be a numpy array or None");
+  }
+  const py::array array = py::reinterpret_borrow<py::array>(object);
+  const size_t count = require_vector<T>(array, name, dtype_name);
+  if (count != num_samples) {
+    throw std::invalid_argument(std::string(name) + " must have one entry per sample (" + std::to_string(num_samples) +
+                                "), got " + std::to_string(count));
+  }
+  if (!array.writeable()) throw std::invalid_argument(std::string(name) + " must be writable");
+  return static_cast<T*>(const_cast<void*>(array.data()));
+}
+
+// update() followed by GEKO's visit counters (geko/visit_counters.h) in the same call:
+// returns the batch's FREEZE revisits as (revisits, failed), a revisit being a row frozen
+// before the batch (FREEZE, or LIGHT with a streak of at least freeze_streak) with a finite
+// correct value. Every array and index is checked before the table or a counter changes.
+py::tuple update_counted(SampleTable& table, const py::array& indices, const py::array& loss,
+                         const py::array& confidence, const py::array& correct, int64_t step, int64_t epoch,
+                         const py::object& seen_epoch, const py::object& streak, const py::object& stall,
+                         const py::object& ref_loss, int64_t freeze_streak, double stall_drop) {
+  const Batch b = checked_batch(indices, loss, confidence, correct);
+  const size_t n = static_cast<size_t>(table.num_samples());
+  VisitCounters counters;
+  counters.num_samples = n;
+  counters.seen_epoch = counter_array<int32_t>(seen_epoch, "seen_epoch", "int32", n);
+  counters.streak = counter_array<uint8_t>(streak, "streak", "uint8", n);
+  counters.stall = counter_array<uint8_t>(stall, "stall", "uint8", n);
+  counters.ref_loss = counter_array<float>(ref_loss, "ref_loss", "float32", n);
+  if (counters.seen_epoch == nullptr) throw std::invalid_argument("seen_epoch is required");
+  if (counters.stall != nullptr && counters.ref_loss == nullptr) {
+    throw std::invalid_argument("ref_loss is required when stall is given");
+  }
+  if (epoch < 0 || epoch > INT32_MAX) throw std::invalid_argument("epoch must lie in [0, 2**31 - 1], got " + std::to_string(epoch));
+  if (freeze_streak < 0 || freeze_streak > 255) {
+    throw std::invalid_argument("freeze_streak must lie in [0, 255], got " + std::to_string(freeze_streak));
+  }
+  if (!(stall_drop >= 0.0 && stall_drop <= 1.0)) throw std::invalid_argument("stall_drop must lie in [0, 1]");
+  VisitCounterParams params;
+  params.freeze_streak = static_cast<int32_t>(freeze_streak);
+  params.freeze_confidence = static_cast<float>(table.config().freeze_confidence);
+  params.stall_drop = static_cast<float>(stall_drop);
+  RevisitCount result;
+  {
+    py::gil_scoped_release release;
+    std::vector<int8_t> before(b.count), after(b.count);
+    bucket_codes(table, b, before.data());  // checks every index before anything changes
+    apply_batch(table, b, step);
+    bucket_codes(table, b, after.data());
+    if (b.narrow) {
+      result = count_visits(counters, params, static_cast<const int32_t*>(b.indices), b.loss, b.confidence,
+                            b.correct, before.data(), after.data(), b.count, static_cast<int32_t>(epoch));
+    } else {
+      result = count_visits(counters, params, static_cast<const int64_t*>(b.indices), b.loss, b.confidence,
+                            b.correct, before.data(), after.data(), b.count, static_cast<int32_t>(epoch));
+    }
+  }
+  return py::make_tuple(result.revisits, result.failed);
+}
+
 py::array_t<int8_t> buckets(const SampleTable& table, const py::array& indices) {
   require_int_indices(indices);
   const bool narrow = is_int32(indices);
@@ -209,6 +274,11 @@ void bind_table(py::module_& m) {
            py::arg("correct"), py::arg("step"),
            "update() that returns the batch's FREEZE revisits as (revisits, failed): indices that were FREEZE\n"
            "before the batch with a finite correct value, and those of them that are FOCUS or HARD after it.")
+      .def("update_counted", &update_counted, py::arg("indices"), py::arg("loss"), py::arg("confidence"),
+           py::arg("correct"), py::arg("step"), py::arg("epoch"), py::arg("seen_epoch"), py::arg("streak"),
+           py::arg("stall"), py::arg("ref_loss"), py::arg("freeze_streak"), py::arg("stall_drop"),
+           "update() followed by GEKO's streak and stall counters (arrays owned by the caller, one entry per\n"
+           "sample, written in place); returns the batch's FREEZE revisits as (revisits, failed).")
       .def("buckets", &buckets, py::arg("indices"), "Bucket code (int8) of each index.")
       .def(
           "bucket_counts",

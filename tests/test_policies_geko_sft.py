@@ -169,3 +169,152 @@ def test_defaults_leave_the_mechanisms_off():
     sel = selector()
     visit(sel, 0, RIGHT)
     assert "streak" not in sel.state_dict()["policy_state"]
+
+
+# -- the compiled counters (SampleTable.update_arrays_counted) against a reference ----------
+
+FREEZE, LIGHT, FOCUS, HARD = 0, 1, 2, 3
+
+
+def reference_counts(before, after, idx, loss, conf, correct, epoch, seen, streak, stall, ref, k, conf_gate, drop):
+    """The counters' rules, one row (one visit) at a time, in plain Python."""
+    revisits = failed = 0
+    streak_before = None if streak is None else streak.copy()
+    keep = np.float32(1.0 - drop)
+    for i, s in enumerate(idx):
+        frozen = before[i] == FREEZE or (streak is not None and k > 0 and before[i] == LIGHT and streak_before[s] >= k)
+        wrong = after[i] in (FOCUS, HARD)
+        if frozen and np.isfinite(correct[i]):
+            revisits += 1
+            failed += int(wrong)
+        if not (np.isfinite(loss[i]) and np.isfinite(conf[i]) and np.isfinite(correct[i])):
+            continue
+        fresh = seen[s] != epoch
+        if streak is not None:
+            right_confident = after[i] in (FREEZE, LIGHT) and conf[i] > np.float32(conf_gate)
+            streak[s] = min(255, int(streak[s]) + int(fresh)) if right_confident else 0
+        if stall is not None:
+            stagnant = wrong and np.isfinite(ref[s]) and not (loss[i] <= keep * ref[s])
+            if not stagnant:
+                stall[s] = 0
+            elif fresh:
+                stall[s] = min(255, int(stall[s]) + 1)
+            if fresh:
+                ref[s] = loss[i]
+        seen[s] = epoch
+    return revisits, failed
+
+
+@pytest.mark.parametrize("mechanisms", ["both", "streak", "stall"])
+def test_compiled_counters_match_the_reference(mechanisms):
+    n = 40
+    rng = np.random.default_rng(3)
+    config = geko_core.GekoConfig(q_alpha=0.5, freeze_q=0.3)
+    table = geko_core.SampleTable(n, config)
+    plain = geko_core.SampleTable(n, config)
+    counters = {
+        "seen_epoch": np.full(n, -1, dtype=np.int32),
+        "streak": np.zeros(n, dtype=np.uint8) if mechanisms != "stall" else None,
+        "stall": np.zeros(n, dtype=np.uint8) if mechanisms != "streak" else None,
+        "ref_loss": np.full(n, np.nan, dtype=np.float32) if mechanisms != "streak" else None,
+    }
+    mirror = {key: None if value is None else value.copy() for key, value in counters.items()}
+    step = 0
+    totals = np.zeros(2, dtype=np.int64)
+    for epoch in range(6):
+        for _ in range(5):
+            size = 24
+            idx = rng.integers(0, n, size=size).astype(np.int64)  # repeats within a batch
+            idx[:4] = idx[4]  # and always one sample visited five times in a row
+            # Samples of three kinds: mastered (right, confident), stuck (wrong, flat loss),
+            # learning (wrong, loss halving per epoch); a few visits contradict their kind.
+            kind = idx % 3
+            loss = np.where(kind == 2, 2.0 * 0.5**epoch, 2.0) * rng.uniform(0.97, 1.03, size)
+            loss = loss.astype(np.float32)
+            conf = np.where(kind == 0, rng.uniform(0.9, 1.0, size), rng.uniform(0.3, 1.0, size)).astype(np.float32)
+            correct = ((kind == 0) ^ (rng.random(size) < 0.1)).astype(np.float32)
+            loss[rng.random(size) < 0.05] = np.nan  # skipped by the table and the counters
+            correct[rng.random(size) < 0.05] = np.inf
+            before = plain.buckets(idx)
+            plain.update_arrays(idx, loss, conf, correct, step)
+            after = plain.buckets(idx)
+            expected = reference_counts(
+                before, after, idx, loss, conf, correct, epoch, mirror["seen_epoch"], mirror["streak"],
+                mirror["stall"], mirror["ref_loss"], 2, config.freeze_confidence, 0.1,
+            )
+            got = table.update_arrays_counted(idx, loss, conf, correct, step, epoch=epoch, **counters, freeze_streak=2, stall_drop=0.1)
+            assert got == expected
+            totals += got
+            for key, value in counters.items():
+                if value is not None:
+                    np.testing.assert_array_equal(value, mirror[key], err_msg=key)
+            step += 1
+    np.testing.assert_array_equal(table.records(), plain.records())
+    assert totals[0] > 0 and totals[1] > 0, totals  # revisits, some failed
+    if counters["streak"] is not None:
+        assert counters["streak"].max() >= 2  # the run reached the gate
+    if counters["stall"] is not None:
+        assert counters["stall"].max() >= 2
+
+
+def counted_call(table, idx, **changes):
+    n = table.num_samples
+    args = {
+        "epoch": 0,
+        "seen_epoch": np.full(n, -1, dtype=np.int32),
+        "streak": np.zeros(n, dtype=np.uint8),
+        "stall": np.zeros(n, dtype=np.uint8),
+        "ref_loss": np.full(n, np.nan, dtype=np.float32),
+        "freeze_streak": 2,
+        "stall_drop": 0.1,
+    }
+    args.update(changes)
+    m = len(idx)
+    ones = np.ones(m, dtype=np.float32)
+    return table.update_arrays_counted(np.asarray(idx, dtype=np.int64), ones, ones, ones, 0, **args), args
+
+
+@pytest.mark.parametrize(
+    "idx, changes, error, match",
+    [
+        ([0, 8], {}, IndexError, "out of range"),
+        ([0, -1], {}, IndexError, "out of range"),
+        ([0], {"seen_epoch": np.full(8, -1, dtype=np.int64)}, TypeError, "seen_epoch must have dtype int32"),
+        ([0], {"seen_epoch": np.full(7, -1, dtype=np.int32)}, ValueError, "seen_epoch must have one entry per sample"),
+        ([0], {"seen_epoch": None}, ValueError, "seen_epoch is required"),
+        ([0], {"streak": np.zeros(9, dtype=np.uint8)}, ValueError, "streak must have one entry per sample"),
+        ([0], {"stall": np.zeros(8, dtype=np.int8)}, TypeError, "stall must have dtype uint8"),
+        ([0], {"ref_loss": None}, ValueError, "ref_loss is required"),
+        ([0], {"ref_loss": np.zeros(8, dtype=np.float64)}, TypeError, "ref_loss must have dtype float32"),
+        ([0], {"streak": [0] * 8}, TypeError, "streak must be a numpy array"),
+        ([0], {"epoch": -1}, ValueError, "epoch must lie"),
+        ([0], {"freeze_streak": 256}, ValueError, "freeze_streak must lie"),
+        ([0], {"stall_drop": float("nan")}, ValueError, "stall_drop must lie"),
+    ],
+)
+def test_compiled_counters_refuse_bad_input_and_change_nothing(idx, changes, error, match):
+    table = geko_core.SampleTable(8, geko_core.GekoConfig())
+    records = table.records().copy()
+    args = {
+        "seen_epoch": np.full(8, -1, dtype=np.int32),
+        "streak": np.zeros(8, dtype=np.uint8),
+        "stall": np.zeros(8, dtype=np.uint8),
+        "ref_loss": np.full(8, np.nan, dtype=np.float32),
+    }
+    args.update(changes)
+    copies = {key: None if not isinstance(value, np.ndarray) else value.copy() for key, value in args.items()}
+    with pytest.raises(error, match=match):
+        counted_call(table, idx, **args)
+    np.testing.assert_array_equal(table.records(), records)
+    for key, value in args.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, copies[key], err_msg=key)
+
+
+def test_compiled_counters_refuse_a_read_only_array():
+    table = geko_core.SampleTable(8, geko_core.GekoConfig())
+    streak = np.zeros(8, dtype=np.uint8)
+    streak.setflags(write=False)
+    with pytest.raises(ValueError, match="streak must be writable"):
+        counted_call(table, [0, 1], streak=streak)
+    assert (table.records()["visits"] == 0).all()

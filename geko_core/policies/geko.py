@@ -191,43 +191,6 @@ class GekoPolicy(Policy):
             raise ValueError("stalled() needs the table's buckets")
         return (self._stall >= self.stall_visits) & ((buckets == BUCKET_FOCUS) | (buckets == BUCKET_HARD))
 
-    def _count_visits(self, batch, records: np.ndarray, config) -> None:
-        """Advance the streak and stall counters with a batch the table has just applied.
-
-        Both count epochs, not copies: only a sample's first visit in an epoch can advance a
-        counter (a HARD sample drawn 2.5 times in an epoch is seen by a model that has hardly
-        changed between its copies), while any visit can reset one."""
-        idx = batch.indices
-        finite = np.isfinite(batch.loss) & np.isfinite(batch.confidence) & np.isfinite(batch.correct)
-        loss = np.asarray(batch.loss, dtype=np.float32)
-        conf = np.asarray(batch.confidence, dtype=np.float32)
-        if not finite.all():  # the table skipped these: so do the counters
-            idx, loss, conf = idx[finite], loss[finite], conf[finite]
-        # First visit of this epoch (a repeated index in one batch: its first occurrence).
-        fresh = self._seen_epoch[idx] != batch.epoch
-        if fresh.any():
-            _, first = np.unique(idx, return_index=True)
-            once = np.zeros(len(idx), dtype=bool)
-            once[first] = True
-            fresh &= once
-        after = records["bucket"][idx]
-        if self._streak is not None:
-            # The table decided "right" (threshold and margin): its bucket is FREEZE or LIGHT.
-            right_confident = ((after == BUCKET_FREEZE) | (after == BUCKET_LIGHT)) & (conf > np.float32(config.freeze_confidence))
-            streak = self._streak[idx].astype(np.int32) + fresh
-            self._streak[idx] = np.where(right_confident, np.minimum(streak, 255), 0).astype(np.uint8)
-        if self._stall is not None:
-            wrong = (after == BUCKET_FOCUS) | (after == BUCKET_HARD)
-            ref = self._ref_loss[idx]
-            stagnant = wrong & np.isfinite(ref) & ~(loss <= np.float32(1.0 - self.stall_drop) * ref)
-            stall = self._stall[idx].astype(np.int32) + 1
-            counted = np.where(stagnant, np.minimum(stall, 255), 0).astype(np.uint8)
-            # A repeated visit within the epoch keeps the count unless it finds the sample
-            # right (or no longer stagnant against the reference).
-            self._stall[idx] = np.where(fresh | ~stagnant, counted, self._stall[idx])
-            self._ref_loss[idx[fresh]] = loss[fresh]
-        self._seen_epoch[idx[fresh]] = batch.epoch
-
     def observe(self, batch, table) -> None:
         counting = self._streak is not None or self._stall is not None
         if not self.guard and not counting:
@@ -242,23 +205,26 @@ class GekoPolicy(Policy):
             self.revisits += revisits
             self.failed_revisits += failed
             return
-        # The Selector hands over validated indices: read the records directly (no re-check).
-        records = table.records()
-        buckets = records["bucket"]
-        before = buckets[batch.indices]
-        streak_before = None if self._streak is None else self._streak[batch.indices]
-        super().observe(batch, table)
-        self._count_visits(batch, records, table.config)
-        if not self.guard:
-            return
-        frozen = self._frozen(before, streak_before)
-        if not frozen.any():  # the usual batch: no revisited FREEZE sample
-            return
-        frozen &= np.isfinite(batch.correct)
-        if frozen.any():
-            after = buckets[batch.indices[frozen]]
-            failed = int(((after == BUCKET_FOCUS) | (after == BUCKET_HARD)).sum())
-            self.revisits += int(frozen.sum())
+        # The table's update and the counters in one compiled call: both count epochs, not
+        # copies (only a sample's first visit of an epoch advances a counter: a HARD sample
+        # drawn 2.5 times in an epoch is seen by a model that has hardly changed between its
+        # copies), while any visit can reset one.
+        revisits, failed = table.update_arrays_counted(
+            batch.indices,
+            batch.loss,
+            batch.confidence,
+            batch.correct,
+            batch.step,
+            epoch=batch.epoch,
+            seen_epoch=self._seen_epoch,
+            streak=self._streak,
+            stall=self._stall,
+            ref_loss=self._ref_loss,
+            freeze_streak=self.freeze_streak,
+            stall_drop=self.stall_drop,
+        )
+        if self.guard:
+            self.revisits += revisits
             self.failed_revisits += failed
 
     def _update_forgetting(self) -> None:
