@@ -207,6 +207,71 @@ def test_table_update_fuzz(data, n, threads):
         assert table.nonfinite_skipped == reference.nonfinite_skipped
 
 
+@st.composite
+def counter_arrays(draw, n: int, dtype: Any, fill: float) -> Any:
+    """A counter array for update_arrays_counted: usually right, sometimes of another dtype,
+    length, layout or read-only, or None."""
+    kind = draw(st.sampled_from(["right"] * 18 + ["dtype", "length", "strided", "readonly", "none", "list"]))
+    if kind == "none":
+        return None
+    if kind == "list":
+        return [fill] * n
+    if kind == "dtype":
+        dtype = draw(st.sampled_from([d for d in _INT_DTYPES + _FLOAT_DTYPES if d is not dtype]))
+    length = n + draw(st.sampled_from([-1, 1])) if kind == "length" and n > 1 else n
+    if np.issubdtype(dtype, np.floating):
+        value = fill
+    else:
+        value = 0 if math.isnan(fill) or (fill < 0 and np.issubdtype(dtype, np.unsignedinteger)) else int(fill)
+    array = np.full(length, value, dtype=dtype)
+    if kind == "strided":
+        wide = np.zeros(2 * length, dtype=dtype)
+        return wide[::2]
+    if kind == "readonly":
+        array.setflags(write=False)
+    return array
+
+
+@FUZZ
+@given(data=st.data(), n=st.integers(1, 16))
+def test_table_update_counted_fuzz(data, n):
+    """GEKO's compiled visit counters: whatever arrays and indices arrive, either a documented
+    error with the table and every array unchanged, or a result."""
+    table = SampleTable(n, GekoConfig())
+    plain = SampleTable(n, GekoConfig())
+    counters = {
+        "seen_epoch": data.draw(counter_arrays(n, np.int32, -1)),
+        "streak": data.draw(counter_arrays(n, np.uint8, 0)),
+        "stall": data.draw(counter_arrays(n, np.uint8, 0)),
+        "ref_loss": data.draw(counter_arrays(n, np.float32, math.nan)),
+    }
+    for _ in range(data.draw(st.integers(1, 3))):
+        length = data.draw(st.integers(0, 10))
+        idx = np.array(data.draw(st.lists(st.integers(-3, n + 2), min_size=length, max_size=length)), dtype=np.int64)
+        if data.draw(st.booleans()):
+            idx = np.clip(idx, 0, n - 1)
+        values = st.lists(st.one_of(st.floats(0.0, 5.0), st.sampled_from(_SPECIAL_FLOATS)), min_size=length, max_size=length)
+        loss, confidence, correct = (_cast(data.draw(values), np.float32) for _ in range(3))
+        epoch = data.draw(st.sampled_from([0, 1, 2, 3, 2**31 - 1, -1, 2**31]))
+        freeze_streak = data.draw(st.sampled_from([0, 1, 2, 3, 255, 256, -1]))
+        stall_drop = data.draw(st.sampled_from([0.0, 0.1, 0.2, 1.0, -0.1, 1.5, math.nan]))
+        before = table.state_dict()
+        arrays = {key: value.copy() if isinstance(value, np.ndarray) else value for key, value in counters.items()}
+        try:
+            revisits, failed = table.update_arrays_counted(
+                idx, loss, confidence, correct, 0, epoch=epoch, **counters, freeze_streak=freeze_streak, stall_drop=stall_drop
+            )
+        except DOCUMENTED:
+            assert_same(before, table.state_dict())
+            for key, value in counters.items():
+                if isinstance(value, np.ndarray):
+                    assert value.tobytes() == arrays[key].tobytes(), key
+        else:
+            assert 0 <= failed <= revisits <= length
+            plain.update_arrays(idx, loss, confidence, correct, 0)  # the table's part is update()
+            np.testing.assert_array_equal(table.records(), plain.records())
+
+
 @FUZZ
 @given(data=st.data(), n=st.integers(1, 16))
 def test_table_reads_fuzz(data, n):
