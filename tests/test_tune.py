@@ -286,3 +286,31 @@ def test_a_row_pooling_runs_of_different_code_is_marked():
     assert by[json.dumps({"q_alpha": 0.7})]["code_versions"] == ["new", "old"]
     table = tune.format_table(rows, ["a"])
     assert "q_alpha=0.7 †" in table and "q_alpha=0.5 †" not in table
+
+
+def test_a_search_that_would_mix_a_tasks_own_settings_into_its_runs_is_refused(tmp_path):
+    """sft-algo carries stall_visits=2: a search staging only q_alpha would run every setting
+    with it while recording stall_visits at its default, so a later search could reuse those
+    runs as runs of the defaults. Refused before anything runs; staging it (or stripping it)
+    is accepted."""
+    task = tune.validation_view(bench_tasks.make_task("sft-algo", "smoke"))
+    assert tune.task_settings(task) == {"stall_visits": 2.0}
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("nothing may run")
+
+    cache = tune._Cache(tmp_path / "runs.jsonl", "smoke", None, {task.name: tune.task_settings(task)})
+    with pytest.raises(ValueError, match=r"own GEKO settings \['stall_visits'\], which no stage names"):
+        tune.search([task], [("q_alpha", (0.1,))], 1, scale="smoke", cache=cache, rule={}, run=no_run)
+    assert cache.records == []
+    ran = []
+
+    def fake_run(task, policy, seed, setting=None):
+        ran.append((policy, setting))
+        return {"validation": 50.0, "saved_%": 0.0 if setting is None else 10.0, "seconds": 0.0}
+
+    tune.search([task], [("stall_visits", (0, 2))], 1, scale="smoke", cache=cache, rule={}, run=fake_run)
+    assert all(setting is None or "stall_visits" in setting for _, setting in ran) and len(ran) == 3
+    stripped = tune.without_task_settings(task)
+    tune.search([stripped], [("q_alpha", (0.3,))], 1, scale="smoke",
+                cache=tune._Cache(None, "smoke"), rule={}, run=fake_run)

@@ -462,6 +462,16 @@ def search(
     for name, _ in stages:
         if name not in SETTINGS:
             raise ValueError(f"unknown setting {name!r}; known: {sorted(SETTINGS)}")
+    # A run names the staged values only; a task's own value of any other setting would stay
+    # in force while the cache records that setting at its default, so a later search could
+    # reuse the run as one it is not. Such a search is refused.
+    for task in tasks:
+        loose = sorted(set(task_settings(task)) - set(incumbent))
+        if loose:
+            raise ValueError(
+                f"task {task.name!r} carries its own GEKO settings {loose}, which no stage names: its runs "
+                "would mix them with the searched values; name them in a stage or drop them (--library-defaults)"
+            )
 
     def ensure(settings: Sequence[dict[str, float] | None]) -> None:
         missing = []
