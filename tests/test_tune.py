@@ -248,7 +248,12 @@ def test_library_defaults_drop_a_tasks_own_settings_and_keep_its_budget():
     task = make_sft_task("sft-algo", "smoke")
     assert tune.task_settings(task) == {k: float(v) for k, v in task.policy_options["geko"].items()}
     stripped = tune._prepare(task, 0.6, strip=True)
-    assert tune.task_settings(stripped) == {} and stripped.policy_options["geko"]["budget"] == 0.6
+    assert tune.task_settings(stripped) == {"budget": 0.6} and stripped.policy_options["geko"]["budget"] == 0.6
+    # A task's own budget is one of its settings: stripped with them, recorded with them.
+    capped = dataclasses.replace(task, policy_options={"geko": {"stall_visits": 1, "budget": 1.0, "budget_unit": "tokens"}})
+    assert tune.task_settings(capped) == {"stall_visits": 1.0, "budget": 1.0}
+    assert tune.without_task_settings(capped).policy_options["geko"] == {}
+    assert tune._prepare(capped, 0.6, strip=True).policy_options["geko"] == {"budget": 0.6, "budget_unit": "tokens"}
     assert stripped.evaluate_detail is None  # still a validation view
     kept = tune._prepare(task, None, strip=False)
     assert tune.task_settings(kept) == tune.task_settings(task)
@@ -294,7 +299,7 @@ def test_a_search_that_would_mix_a_tasks_own_settings_into_its_runs_is_refused(t
     runs as runs of the defaults. Refused before anything runs; staging it (or stripping it)
     is accepted."""
     task = tune.validation_view(bench_tasks.make_task("sft-algo", "smoke"))
-    assert tune.task_settings(task) == {"stall_visits": 2.0}
+    task = dataclasses.replace(task, policy_options={"geko": {"stall_visits": 2}})
 
     def no_run(*args, **kwargs):
         raise AssertionError("nothing may run")

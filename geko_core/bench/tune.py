@@ -116,17 +116,24 @@ def validation_view(task: Any) -> Any:
     return dataclasses.replace(task, evaluate=task.evaluate_validation, evaluate_detail=None)
 
 
+#: A task's own GEKO options besides ``SETTINGS``: a budget (e.g. a cap of one epoch's tokens).
+_TASK_BUDGET = ("budget", "budget_unit")
+
+
 def without_task_settings(task: Any) -> Any:
-    """``task`` without its own GEKO settings (those ``SETTINGS`` names; a budget stays): its
-    GEKO runs measure the library's defaults, which is what a search of the defaults needs."""
+    """``task`` without its own GEKO settings (those ``SETTINGS`` names and its own budget):
+    its GEKO runs measure the library's defaults, which is what a search of the defaults
+    needs. A budget given to the search or to geko-bench is applied afterwards."""
     options = dict(task.policy_options)
-    options["geko"] = {k: v for k, v in options.get("geko", {}).items() if k not in SETTINGS}
+    options["geko"] = {k: v for k, v in options.get("geko", {}).items() if k not in SETTINGS and k not in _TASK_BUDGET}
     return dataclasses.replace(task, policy_options=options)
 
 
 def task_settings(task: Any) -> dict[str, float]:
-    """The task's own values of ``SETTINGS`` names (its per-task GEKO options), as floats."""
-    return {k: float(v) for k, v in task.policy_options.get("geko", {}).items() if k in SETTINGS}
+    """The task's own values of ``SETTINGS`` names (its per-task GEKO options) and its budget,
+    as floats: what a cached run must have run under to be reused."""
+    own = task.policy_options.get("geko", {})
+    return {k: float(v) for k, v in own.items() if k in SETTINGS or k == "budget"}
 
 
 def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str, Any]]:
@@ -466,7 +473,7 @@ def search(
     # in force while the cache records that setting at its default, so a later search could
     # reuse the run as one it is not. Such a search is refused.
     for task in tasks:
-        loose = sorted(set(task_settings(task)) - set(incumbent))
+        loose = sorted(set(task_settings(task)) - set(incumbent) - {"budget"})
         if loose:
             raise ValueError(
                 f"task {task.name!r} carries its own GEKO settings {loose}, which no stage names: its runs "
