@@ -16,6 +16,23 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (training runs that must reproduce to the digit and not
+    contend with each other); the previous count is restored. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """geko_core's cache (pre-trained models) in the test's own directory."""
+    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _run_outside_the_source_tree(tmp_path_factory):
     # Child processes (`python -m ...`, `python -c ...`) put their working directory first on

@@ -15,17 +15,7 @@ from geko_core.bench.tasks import TASK_NAMES, _ByteLM, make_task
 TINY_PRETRAIN = sft.PretrainConfig(seq_len=16, width=16, layers=1, heads=2, steps=3, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 def _algo(seed=0):

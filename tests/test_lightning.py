@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import geko_core  # noqa: E402
 from geko_core.integrations.lightning import GekoCallback  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
     # Lightning's advice for a tiny CPU run (more workers, more batches than the logging
     # interval) and, on a mid-epoch resume, its warning that a plain DataLoader is not
     # resumable: the Selector's sampler resumes itself.
@@ -32,17 +32,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:Checkpoint directory .* exists and is not empty:UserWarning",
     # torchdata 0.11's StatefulDataLoader calls torch.set_vital, which torch 2.13 deprecates.
     "ignore:'set_vital' is deprecated:UserWarning",
-)
+)]
 
 SAMPLES, FEATURES, CLASSES, BATCH, EPOCHS = 48, 6, 3, 8, 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _dataset() -> TensorDataset:

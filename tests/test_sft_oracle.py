@@ -30,17 +30,7 @@ def _load():
 oracle = _load()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 # -- schedules on hand-checkable cases (0-based epochs: row e of a mask is epoch e + 1) --
