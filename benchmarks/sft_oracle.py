@@ -75,8 +75,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from geko_core.bench.runner import _flat_ce, _lr_at
-from geko_core.bench.sft import IGNORE_INDEX, SFTSplit, make_sft_task
+from geko_core.bench.sft import IGNORE_INDEX, SFTSplit, make_sft_task, sample_responses, train_full
 from geko_core.bench.tasks import Task
 
 VARIANTS = ("full", "family", "sample", "sample+unlearnable", "unlearnable")
@@ -102,23 +101,10 @@ def train_split(task: Task) -> SFTSplit:
     return SFTSplit(inputs, labels, task.family.numpy().astype(np.int64), prompt_len, [])
 
 
-@torch.no_grad()
 def sample_exact(model: torch.nn.Module, split: SFTSplit, *, batch_size: int = 512) -> np.ndarray:
     """bool ``[N]``: every response token of the sample is the argmax under teacher forcing
-    (``response_metrics``' exact match, per sample, computed the same way)."""
-    was_training = model.training
-    model.eval()
-    inputs = torch.from_numpy(split.inputs)
-    labels = torch.from_numpy(split.labels)
-    exact = np.zeros(len(split), dtype=bool)
-    for start in range(0, len(split), batch_size):
-        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
-        logits = model(x)[:, :-1].float()
-        target = y[:, 1:]
-        right = (logits.argmax(-1) == target) | (target == IGNORE_INDEX)
-        exact[start : start + len(x)] = right.all(dim=1).numpy()
-    model.train(was_training)
-    return exact
+    (``response_metrics``' exact match, per sample)."""
+    return sample_responses(model, split, batch_size=batch_size)[0]
 
 
 @dataclass
@@ -142,41 +128,27 @@ def train_selected(
 ) -> Run:
     """``train_full`` with samples left out: ``skip`` is bool ``[epochs, N]`` (True: the
     sample is not forwarded nor back-propagated in that epoch); ``None`` trains everything
-    and is ``train_full`` step for step. ``on_epoch(epoch, model)`` after every epoch
-    (0-based)."""
-    n, epochs, batch = task.num_samples, task.epochs, task.batch_size
-    if skip is not None and skip.shape != (epochs, n):
-        raise ValueError(f"skip must be [epochs, N] = [{epochs}, {n}], got {list(skip.shape)}")
+    and is ``train_full`` itself. ``on_epoch(epoch, model)`` after every epoch (0-based);
+    its time is not counted in ``seconds``."""
+    n, epochs = task.num_samples, task.epochs
+    if skip is None:
+        skip = np.zeros((epochs, n), dtype=bool)
     tokens_of = train_split(task).response_tokens
-    torch.manual_seed(seed)
-    model = task.make_model(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=task.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    trained = np.zeros(n, dtype=np.int64)
-    epoch_tokens: list[int] = []
-    seconds = 0.0
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        order = torch.randperm(n, generator=generator)  # drawn in every epoch: the full run's stream
-        if skip is not None and skip[epoch].any():
-            order = order[torch.from_numpy(~skip[epoch])[order]]
-        m = len(order)
-        spent = 0
-        for start in range(0, m, batch):
-            idx = order[start : start + batch]
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(task.lr, (epoch + start / m) / epochs)
-            loss = _flat_ce(model(task.inputs[idx]), task.targets[idx], task.shift)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            chosen = idx.numpy()
-            trained[chosen] += 1
-            spent += int(tokens_of[chosen].sum())
-        epoch_tokens.append(spent)
-        seconds += time.perf_counter() - started
+    outside = 0.0
+
+    def after_epoch(epoch: int, model: torch.nn.Module) -> None:
+        nonlocal outside
         if on_epoch is not None:
+            started = time.perf_counter()
             on_epoch(epoch, model)
+            outside += time.perf_counter() - started
+
+    started = time.perf_counter()
+    model = train_full(task, seed, on_epoch=after_epoch, skip=skip)
+    seconds = time.perf_counter() - started - outside
+    # train_full trains every kept sample exactly once in its epoch.
+    epoch_tokens = [int(tokens_of[~skip[e]].sum()) for e in range(epochs)]
+    trained = (~skip).sum(axis=0).astype(np.int64)
     return Run(model, sum(epoch_tokens), epoch_tokens, trained, seconds)
 
 

@@ -578,17 +578,10 @@ def pretrained_stdlib_lm(config: PretrainConfig = PretrainConfig(), *, progress:
 
 
 @torch.no_grad()
-def response_metrics(model: nn.Module, split: SFTSplit, families: tuple[str, ...], *, batch_size: int = 512) -> dict:
-    """Exact match and response-token perplexity of a causal LM on a split.
-
-    A response is an exact match when every response token is the argmax of the logits at
-    the position before it (teacher forcing), which is exactly when greedy decoding from
-    the prompt reproduces it. Perplexity is exp of the mean negative log-likelihood over
-    response tokens.
-
-    Returns:
-        ``{"exact_match_%", "perplexity", "samples", "families": {name: {the same}}}``.
-    """
+def sample_responses(model: nn.Module, split: SFTSplit, *, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample of ``split``: bool ``[N]``, every response token the argmax of the logits at
+    the position before it (teacher forcing), and float64 ``[N]``, the summed negative
+    log-likelihood of its response tokens."""
     was_training = model.training
     model.eval()
     inputs = torch.from_numpy(split.inputs)
@@ -605,6 +598,21 @@ def response_metrics(model: nn.Module, split: SFTSplit, families: tuple[str, ...
         exact[start : start + len(x)] = right.all(dim=1).numpy()
         nll[start : start + len(x)] = token_nll.double().sum(dim=1).numpy()
     model.train(was_training)
+    return exact, nll
+
+
+def response_metrics(model: nn.Module, split: SFTSplit, families: tuple[str, ...], *, batch_size: int = 512) -> dict:
+    """Exact match and response-token perplexity of a causal LM on a split.
+
+    A response is an exact match when every response token is the argmax of the logits at
+    the position before it (teacher forcing), which is exactly when greedy decoding from
+    the prompt reproduces it. Perplexity is exp of the mean negative log-likelihood over
+    response tokens.
+
+    Returns:
+        ``{"exact_match_%", "perplexity", "samples", "families": {name: {the same}}}``.
+    """
+    exact, nll = sample_responses(model, split, batch_size=batch_size)
     tokens = split.response_tokens
 
     def figures(mask: np.ndarray) -> dict:
@@ -707,23 +715,40 @@ def make_sft_task(name: str, scale: str) -> "Task":
 # Learning curves of plain full training
 
 
-def train_full(task: "Task", seed: int = 0, *, on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+def train_full(
+    task: "Task",
+    seed: int = 0,
+    *,
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
+    skip: np.ndarray | None = None,
+) -> nn.Module:
     """Plain full training of a fine-tuning task as geko-bench's "full" runs it: AdamW, the
     runner's cosine schedule, a fresh shuffle per epoch, the causal shift and the label mask.
-    ``on_epoch(epoch, model)`` is called after every epoch."""
+    ``on_epoch(epoch, model)`` is called after every epoch.
+
+    ``skip``: bool ``[epochs, N]``, samples left out of an epoch (neither forwarded nor
+    back-propagated; ``benchmarks/sft_oracle.py``). Every epoch still draws its shuffle, so
+    the kept samples come in the full run's order, and the learning rate follows the epoch's
+    own progress over what it keeps; an epoch that keeps nothing takes no step. Every kept
+    sample is trained exactly once in its epoch."""
     from .runner import _flat_ce, _lr_at
 
+    n = task.num_samples
+    if skip is not None and (skip.dtype != np.bool_ or skip.shape != (task.epochs, n)):
+        raise ValueError(f"skip must be bool [epochs, N] = [{task.epochs}, {n}], got {skip.dtype} {list(skip.shape)}")
     torch.manual_seed(seed)
     model = task.make_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=task.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    n = task.num_samples
     for epoch in range(task.epochs):
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, task.batch_size):
+        if skip is not None and skip[epoch].any():
+            order = order[torch.from_numpy(~skip[epoch])[order]]
+        m = len(order)
+        for start in range(0, m, task.batch_size):
             idx = order[start : start + task.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(task.lr, (epoch + start / n) / task.epochs)
+                group["lr"] = _lr_at(task.lr, (epoch + start / m) / task.epochs)
             loss = _flat_ce(model(task.inputs[idx]), task.targets[idx], task.shift)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
