@@ -4,7 +4,7 @@ oracle bound for ``sft-algo`` and ``sft-stdlib`` (geko_core/bench/sft.py).
     python benchmarks/sft_oracle.py --tasks sft-algo,sft-stdlib --seeds 3 [--scale default|quick|smoke]
 
 Per task and seed (seed *s* = the model initialisation, data shuffles and optimiser of
-``train_full(task, s)``), four runs are trained:
+``train_full(task, s)`` of ``sft_curves.py``), five runs are trained:
 
 ``full``
     Plain full training, identical to ``train_full`` (same model, AdamW, per-epoch
@@ -75,8 +75,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from geko_core.bench.sft import IGNORE_INDEX, SFTSplit, make_sft_task, sample_responses, train_full
+from geko_core.bench.sft import make_sft_task, sample_responses
+from geko_core.bench.sft_data import IGNORE_INDEX, SFTSplit
 from geko_core.bench.tasks import Task
+from sft_curves import train_full  # benchmarks/sft_curves.py, beside this script
 
 VARIANTS = ("full", "family", "sample", "sample+unlearnable", "unlearnable")
 VARIANT_LABELS = {
@@ -245,7 +247,7 @@ def _figures(detail: dict, families: tuple[str, ...]) -> dict:
 
 
 def run_seed(task: Task, seed: int, *, family_threshold: float = 1.0, unlearnable_below: float = 5.0, log: Callable[[str], None] | None = None) -> dict:
-    """The four runs of one seed; returns their figures and the schedules."""
+    """The five runs of one seed; returns their figures and the schedules."""
     log = log or (lambda _msg: None)
     split = train_split(task)
     families = task.families

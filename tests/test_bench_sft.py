@@ -1,5 +1,6 @@
-"""The fine-tuning tasks of geko-bench (geko_core/bench/sft.py): data, masks, splits, metrics,
-the pre-training cache, and the validation splits of every task. Smoke scale, CPU, one thread."""
+"""The fine-tuning tasks of geko-bench (geko_core/bench/sft.py, sft_data.py, pretrain.py): data,
+masks, splits, metrics, the pre-training cache, and the validation splits of every task. Smoke
+scale, CPU, one thread."""
 
 import math
 
@@ -8,22 +9,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geko_core.bench import sft
+from geko_core.bench import pretrain, sft, sft_data
 from geko_core.bench.data import load_checked, make_stdlib_text
 from geko_core.bench.tasks import TASK_NAMES, _ByteLM, make_task
 
-TINY_PRETRAIN = sft.PretrainConfig(seq_len=16, width=16, layers=1, heads=2, steps=3, batch_size=4)
+TINY_PRETRAIN = pretrain.PretrainConfig(seq_len=16, width=16, layers=1, heads=2, steps=3, batch_size=4)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread", "private_cache")
 
 
 def _algo(seed=0):
-    return sft.make_algo_sft(160, 48, 64, seed=seed)
+    return sft_data.make_algo_sft(160, 48, 64, seed=seed)
 
 
 def _stdlib(seed=0):
-    return sft.make_stdlib_sft(100, 40, 40, seq_len=48, seed=seed)
+    return sft_data.make_stdlib_sft(100, 40, 40, seq_len=48, seed=seed)
 
 
 def _splits(data):
@@ -50,7 +51,7 @@ def test_labels_are_the_response_and_minus_100_elsewhere(make):
             start, end = len(prompt), len(prompt) + len(response)
             assert split.prompt_len[i] == start
             assert bytes(split.inputs[i, :end].astype(np.uint8)) == (prompt + response).encode()
-            assert (split.inputs[i, end:] == sft.PAD).all()
+            assert (split.inputs[i, end:] == sft_data.PAD).all()
             assert (split.labels[i, :start] == -100).all() and (split.labels[i, end:] == -100).all()
             assert np.array_equal(split.labels[i, start:end], split.inputs[i, start:end])
         assert np.array_equal(split.response_tokens, [len(r) for _, r in split.text])
@@ -86,11 +87,11 @@ def test_validation_is_disjoint_from_train_and_test(make):
 
 
 def test_stdlib_splits_follow_files():
-    records = sft._function_records()
+    records = sft_data._function_records()
     assert {r["split"] for r in records} == {"train", "validation", "test"}
     # the test files are stdlib-lm's held-out files; validation files are taken from its training files
-    root = sft._stdlib_root()
-    splits = [sft._file_split(path.relative_to(root).as_posix()) for path in sft._stdlib_files()]
+    root = sft_data._stdlib_root()
+    splits = [sft_data._file_split(path.relative_to(root).as_posix()) for path in sft_data._stdlib_files()]
     text = make_stdlib_text(8, 8, seq_len=16)
     assert splits.count("test") == text.num_test_files
     assert splits.count("train") + splits.count("validation") == text.num_train_files
@@ -122,7 +123,7 @@ def _greedy_exact_match(model, split, families):
 
 
 def test_exact_match_and_perplexity_equal_a_brute_force_reference():
-    data = sft.make_algo_sft(200, 48, 48, seed=0)
+    data = sft_data.make_algo_sft(200, 48, 48, seed=0)
     torch.manual_seed(0)
     model = _ByteLM(data.seq_len, width=32, layers=1)
     torch.nn.init.normal_(model.position, std=0.5)
@@ -152,13 +153,13 @@ def test_exact_match_and_perplexity_equal_a_brute_force_reference():
 
 def test_pretrained_model_is_cached_and_a_damaged_cache_is_rebuilt(monkeypatch):
     calls = []
-    real = sft._pretrain
-    monkeypatch.setattr(sft, "_pretrain", lambda config, progress: calls.append(config) or real(config, progress))
+    real = pretrain._pretrain
+    monkeypatch.setattr(pretrain, "_pretrain", lambda config, progress: calls.append(config) or real(config, progress))
 
-    first = sft.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
-    path = sft.cache_dir() / f"stdlib_lm_{TINY_PRETRAIN.key()}.pt.ck"
+    first = pretrain.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
+    path = pretrain.cache_dir() / f"stdlib_lm_{TINY_PRETRAIN.key()}.pt.ck"
     assert len(calls) == 1 and path.exists() and load_checked(path) is not None
-    again = sft.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
+    again = pretrain.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
     assert len(calls) == 1  # read from the cache, not trained again
     assert all(torch.equal(first[k], again[k]) for k in first)
 
@@ -166,21 +167,21 @@ def test_pretrained_model_is_cached_and_a_damaged_cache_is_rebuilt(monkeypatch):
     blob[len(blob) // 2] ^= 0x40
     path.write_bytes(bytes(blob))
     with pytest.warns(RuntimeWarning, match="damaged"):
-        rebuilt = sft.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
+        rebuilt = pretrain.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
     assert len(calls) == 2 and load_checked(path) is not None
     assert all(torch.equal(first[k], rebuilt[k]) for k in first)  # pre-training is deterministic
 
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.warns(RuntimeWarning, match="damaged"):
-        sft.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
+        pretrain.pretrained_stdlib_lm(TINY_PRETRAIN, progress=False)
     assert len(calls) == 3
 
-    other = sft.PretrainConfig(**{**TINY_PRETRAIN.__dict__, "steps": 2})
+    other = pretrain.PretrainConfig(**{**TINY_PRETRAIN.__dict__, "steps": 2})
     assert other.key() != TINY_PRETRAIN.key()
 
 
 def test_pretraining_shows_progress_on_request(capsys):
-    sft.pretrained_stdlib_lm(TINY_PRETRAIN, progress=True)
+    pretrain.pretrained_stdlib_lm(TINY_PRETRAIN, progress=True)
     err = capsys.readouterr().err
     assert "pre-training" in err and f"step {TINY_PRETRAIN.steps}/{TINY_PRETRAIN.steps}" in err
 
@@ -207,14 +208,6 @@ def test_unknown_task_lists_every_name():
     with pytest.raises(ValueError) as raised:
         make_task("sft-nope", "smoke")
     assert all(name in str(raised.value) for name in TASK_NAMES)
-
-
-def test_full_training_lowers_the_response_perplexity():
-    task = make_task("sft-algo", "smoke")
-    before = task.evaluate_detail(task.make_model(0), "validation")["perplexity"]
-    seen = []
-    sft.train_full(task, 0, on_epoch=lambda epoch, model: seen.append(task.evaluate_detail(model, "validation")["perplexity"]))
-    assert len(seen) == task.epochs and seen[-1] < before / 2
 
 
 def test_stdlib_lm_validation_leaves_train_and_test_unchanged():

@@ -1,6 +1,6 @@
-"""benchmarks/sft_oracle.py: the oracle schedules on hand-made curves, the token accounting of a
-thinned run, and the full variant against ``train_full`` + ``response_metrics``. Smoke scale,
-one seed, one thread."""
+"""benchmarks/sft_oracle.py and sft_curves.py: the oracle schedules on hand-made curves, the token
+accounting of a thinned run, the full variant against ``train_full`` + ``response_metrics``, and
+that full training learns. Smoke scale, one seed, one thread."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from geko_core.bench import sft
+from geko_core.bench import sft, sft_data
 from geko_core.bench.runner import sample_tokens
+from geko_core.bench.tasks import make_task
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "sft_oracle.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "sft_oracle.py"
+# The research scripts import each other as they do when run from benchmarks/.
+sys.path.insert(0, str(BENCHMARKS))
+import sft_curves  # noqa: E402
 
 
 def _load():
@@ -162,10 +167,10 @@ def test_the_full_variant_is_train_full_to_the_digit(name, tmp_path):
 
     task = sft.make_sft_task(name, "smoke")
     n_train, n_val, n_test, _ = (sft._ALGO_SCALES if name == "sft-algo" else sft._STDLIB_SCALES)["smoke"]
-    data = sft.make_algo_sft(n_train, n_val, n_test) if name == "sft-algo" else sft.make_stdlib_sft(n_train, n_val, n_test)
+    data = sft_data.make_algo_sft(n_train, n_val, n_test) if name == "sft-algo" else sft_data.make_stdlib_sft(n_train, n_val, n_test)
     assert np.array_equal(data.train.inputs, task.inputs.numpy())
     curve = []
-    model = sft.train_full(
+    model = sft_curves.train_full(
         task, 0, on_epoch=lambda e, m: curve.append(sft.response_metrics(m, data.validation, data.families)),
     )
     for split in ("test", "validation"):
@@ -187,3 +192,20 @@ def test_the_full_variant_is_train_full_to_the_digit(name, tmp_path):
     assert result["family_settle_epoch"] == {f: int(settled[k]) + 1 for k, f in enumerate(data.families)}
     skipped = [int(np.isin(data.train.family, np.flatnonzero(settled < e)).sum()) for e in range(task.epochs)]
     assert result["runs"]["family"]["skipped_per_epoch"] == skipped
+
+
+def test_full_training_lowers_the_response_perplexity():
+    task = make_task("sft-algo", "smoke")
+    before = task.evaluate_detail(task.make_model(0), "validation")["perplexity"]
+    seen = []
+    sft_curves.train_full(task, 0, on_epoch=lambda epoch, model: seen.append(task.evaluate_detail(model, "validation")["perplexity"]))
+    assert len(seen) == task.epochs and seen[-1] < before / 2
+
+
+def test_learning_curves_print_every_family_after_every_epoch(capsys):
+    assert sft_curves.main(["sft-algo", "--scale", "smoke", "--seeds", "0", "--split", "validation"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("epoch"))
+    assert all(f in lines[header] for f in sft_data.ALGO_FAMILIES)
+    rows = lines[header + 1 : header + 3]
+    assert [int(r.split()[0]) for r in rows] == [0, 1] and all(len(r.split()) == len(sft_data.ALGO_FAMILIES) + 4 for r in rows)

@@ -1,4 +1,4 @@
-"""The tuning tool: its smoke mode, its choice rule, and that it never evaluates the test split."""
+"""The tuning tool (benchmarks/tune.py): its smoke mode, its choice rule, and that it never evaluates the test split."""
 
 import dataclasses
 import json
@@ -7,9 +7,15 @@ import pytest
 
 pytest.importorskip("mnist1d")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 from geko_core import GekoConfig, MountainCurriculum, Selector  # noqa: E402
 from geko_core.bench import tasks as bench_tasks  # noqa: E402
-from geko_core.bench import tune  # noqa: E402
+
+# The settings search is research tooling in benchmarks/, not in the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import tune  # noqa: E402
 
 HIB = {"a": True, "b": True}
 DEFAULTS = {"q_alpha": 0.3, "min_rate": 0.5}

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--budget must be in (0, 1]")
     tasks = [make_task(name.strip(), scale_name) for name in args.tasks.split(",") if name.strip()]
     if args.library_defaults:
-        from .tune import without_task_settings
+        from .settings import without_task_settings
 
         tasks = [without_task_settings(task) for task in tasks]
     if args.budget is not None:

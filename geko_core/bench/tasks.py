@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .data import make_mnist1d, make_stdlib_text
+from .settings import task_geko_options
 
 __all__ = ["TASK_NAMES", "Task", "make_task"]
 
@@ -186,10 +187,8 @@ def _stdlib_lm_task(scale: str) -> Task:
         weight_decay=0.0,
         # A byte-level sequence is "correct" when most of its bytes are predicted.
         config_overrides={"correct_threshold": 0.6},
-        # The small byte LM is still improving when training ends: no sequence is "learned"
-        # enough to freeze, so without a budget GEKO's HARD oversampling would outweigh its
-        # LIGHT thinning. A budget makes the trade explicit (see the README's results).
-        policy_options={"geko": {"budget": 0.6}},
+        # Its own GEKO budget (settings.py, docs/tuning.md).
+        policy_options={"geko": task_geko_options("stdlib-lm")},
     )
 
 

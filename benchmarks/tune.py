@@ -1,4 +1,4 @@
-"""Choose GEKO's defaults on the validation split: ``python -m geko_core.bench.tune``.
+"""Choose GEKO's settings on the validation split: ``python benchmarks/tune.py``.
 
 A staged coordinate search. The search starts from the current defaults; each stage varies
 one setting over the listed values (the others held at the incumbent), runs every candidate
@@ -23,12 +23,15 @@ is one on which the current defaults themselves miss the tolerance, so that no s
 held to it there: a setting may not fall further behind full training on it than the current
 defaults do, by more than the tolerance, and it does not count in the worst shortfall.
 
-A fine-tuning task carries its own GEKO settings (chosen on validation per task); a search of
-the library's defaults drops them (``--library-defaults``), so that every run measures the
+A task may carry its own GEKO settings (``geko_core.bench.settings``, chosen on validation
+per task); a search of the library's defaults drops them (``--library-defaults``), so that every run measures the
 defaults plus the setting searched. ``--jobs N`` runs N runs at a time in worker processes.
 
-    python -m geko_core.bench.tune --tasks mnist1d,mnist1d-noise20 --seeds 3 --threads 1
-    python -m geko_core.bench.tune --smoke      # seconds
+    python benchmarks/tune.py --tasks mnist1d,mnist1d-noise20 --seeds 3 --threads 1
+    python benchmarks/tune.py --smoke      # seconds
+
+Research tooling: it is not installed with the package. The settings it chose are written in
+docs/tuning.md and carried by the tasks (``geko_core.bench.settings``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+import geko_core
+from geko_core.bench import _with_budget
+from geko_core.bench.runner import bench_policy_options, run_one, spent_share, warm_up
+from geko_core.bench.settings import SETTINGS, without_task_settings
+from geko_core.config import GekoConfig
+from geko_core.curriculum import MountainCurriculum
+from geko_core.policies.geko import GekoPolicy
+
 __all__ = [
     "SETTINGS",
     "choose",
@@ -56,21 +67,6 @@ __all__ = [
     "summarise",
     "validation_view",
 ]
-
-#: The settings the search may vary: name -> where it goes.
-#: ``config``: a ``GekoConfig`` field; ``curriculum``: a ``MountainCurriculum`` option (its rate
-#: floor, which LIGHT is the bucket held at); ``policy``: a ``GekoPolicy`` option (the guard).
-SETTINGS: dict[str, str] = {
-    "q_alpha": "config",
-    "min_rate": "curriculum",
-    "min_revisit": "policy",
-    "revisit_gain": "policy",
-    "final_full": "policy",
-    "freeze_streak": "policy",
-    "stall_visits": "policy",
-    "stall_drop": "policy",
-    "stall_rate": "policy",
-}
 
 #: Settings that are counts: passed to the policy as ints.
 INTEGER_SETTINGS = frozenset({"freeze_streak", "stall_visits"})
@@ -87,10 +83,6 @@ SMOKE_STAGES: tuple[tuple[str, tuple[float, ...]], ...] = (("q_alpha", (0.5,)),)
 
 def current_defaults() -> dict[str, float]:
     """The values GEKO uses today for every name in ``SETTINGS``, read from the code."""
-    from ..config import GekoConfig
-    from ..curriculum import MountainCurriculum
-    from ..policies.geko import GekoPolicy
-
     policy = inspect.signature(GekoPolicy.__init__).parameters
     out: dict[str, float] = {}
     for name, where in SETTINGS.items():
@@ -116,19 +108,6 @@ def validation_view(task: Any) -> Any:
     return dataclasses.replace(task, evaluate=task.evaluate_validation, evaluate_detail=None)
 
 
-#: A task's own GEKO options besides ``SETTINGS``: a budget (e.g. a cap of one epoch's tokens).
-_TASK_BUDGET = ("budget", "budget_unit")
-
-
-def without_task_settings(task: Any) -> Any:
-    """``task`` without its own GEKO settings (those ``SETTINGS`` names and its own budget):
-    its GEKO runs measure the library's defaults, which is what a search of the defaults
-    needs. A budget given to the search or to geko-bench is applied afterwards."""
-    options = dict(task.policy_options)
-    options["geko"] = {k: v for k, v in options.get("geko", {}).items() if k not in SETTINGS and k not in _TASK_BUDGET}
-    return dataclasses.replace(task, policy_options=options)
-
-
 def task_settings(task: Any) -> dict[str, float]:
     """The task's own values of ``SETTINGS`` names (its per-task GEKO options) and its budget,
     as floats: what a cached run must have run under to be reused."""
@@ -140,8 +119,6 @@ def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str,
     """The (task, policy options) that run GEKO with ``setting`` on ``task`` (a view).
 
     The task's own GEKO options (e.g. a budget) are kept; a setting overrides them."""
-    from ..curriculum import MountainCurriculum
-
     unknown = set(setting) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(SETTINGS)}")
@@ -159,8 +136,6 @@ def geko_arguments(task: Any, setting: dict[str, float]) -> tuple[Any, dict[str,
 def run_validation(task: Any, policy: str, seed: int, setting: dict[str, float] | None = None) -> dict[str, Any]:
     """Train ``task`` under ``policy`` ("full" or "geko" with ``setting``) on a validation view
     and return only what tuning may read: the validation metric and the share saved."""
-    from .runner import bench_policy_options, run_one, spent_share
-
     view = validation_view(task)
     options = None
     if policy == "geko":
@@ -187,9 +162,9 @@ def code_fingerprint() -> str:
     if _FINGERPRINT is None:
         import hashlib
 
-        from .. import _C
+        from geko_core import _C
 
-        root = Path(__file__).resolve().parents[1]
+        root = Path(geko_core.__file__).resolve().parent
         digest = hashlib.sha256()
         for path in sorted(root.rglob("*.py")) + [Path(_C.__file__)]:
             digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
@@ -418,8 +393,7 @@ _WORKER_TASKS: dict[str, Any] = {}
 def _worker_init(names: Sequence[str], scale: str, budget: float | None, strip: bool, threads: int) -> None:
     import torch
 
-    from .runner import warm_up
-    from .tasks import make_task
+    from geko_core.bench.tasks import make_task
 
     torch.set_num_threads(threads)
     for name in names:
@@ -439,8 +413,6 @@ def _prepare(task: Any, budget: float | None, strip: bool) -> Any:
     if strip:
         task = without_task_settings(task)
     if budget is not None:
-        from . import _with_budget
-
         task = _with_budget(task, budget)
     return task
 
@@ -565,7 +537,7 @@ def write_outputs(out: Path, result: dict[str, Any], tasks: Sequence[str], meta:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m geko_core.bench.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python benchmarks/tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="mnist1d,mnist1d-noise20", help="comma list of geko-bench tasks")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, setting); default 3 (1 with --smoke)")
     parser.add_argument("--stage", action="append", type=_parse_stage, default=None, metavar="NAME=v1,v2,...",
@@ -593,8 +565,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .runner import warm_up
-    from .tasks import make_task
+    from geko_core.bench.tasks import make_task
 
     scale = args.scale or ("smoke" if args.smoke else "default")
     seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 3)
@@ -631,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                                  initargs=(names, scale, args.budget, args.library_defaults, threads)) as pool:
             result = search(tasks, stages, seeds, scale=scale, cache=cache, rule=rule, pool=pool, log=log)
     meta = {
-        "command": "python -m geko_core.bench.tune " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/tune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scale": scale, "seeds": seeds, "tasks": names,
         "stages": [[n, list(vs)] for n, vs in stages], "rule": rule, "budget": args.budget,
