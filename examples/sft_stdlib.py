@@ -14,14 +14,14 @@ config: nothing is downloaded. It is pre-trained once on next-byte prediction ov
 standard library's source and cached in ``geko_core.bench.data.cache_dir()`` (the directory
 ``GEKO_CACHE_DIR`` names) as ``stdlib_llama_<config>_<hash>.pt.ck``, written atomically and
 checksummed with ``save_checked`` / ``load_checked``; a damaged file is rebuilt. The
-pre-training routine of ``geko_core.bench.sft`` builds geko-bench's own small transformer, not
+pre-training routine of ``geko_core.bench.pretrain`` builds geko-bench's own small transformer, not
 a Hugging Face model, so its loop is not reused as a whole; what it is made of is: the text
 (``_pretrain_text``: only the files the fine-tuning's training split comes from, so held-out
 functions are never read in pre-training), the cosine schedule (``geko_core.bench.runner``),
 the standard library's fingerprint in the cache key and the checked cache files. The loop
 itself (random byte windows, AdamW) is a few lines here.
 
-Data. ``geko_core.bench.sft.make_stdlib_sft``: a function header of the standard library and a
+Data. ``geko_core.bench.sft_data.make_stdlib_sft``: a function header of the standard library and a
 question (is it private, a method or a function, how many parameters, its name, its name from
 its docstring), the answer as the response. Every example is ``prompt + response`` bytes;
 its labels are -100 on the prompt, so only the response is trained. Examples keep their own
@@ -60,7 +60,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer
 from geko_core import GekoConfig
 from geko_core.bench.data import cache_dir, load_checked, save_checked
 from geko_core.bench.runner import _lr_at
-from geko_core.bench.sft import IGNORE_INDEX, PAD, SFTSplit, _pretrain_text, _stdlib_fingerprint, make_stdlib_sft, response_metrics
+from geko_core.bench.pretrain import _pretrain_text, _stdlib_fingerprint
+from geko_core.bench.sft import response_metrics
+from geko_core.bench.sft_data import IGNORE_INDEX, PAD, SFTSplit, make_stdlib_sft
 from geko_core.integrations.hf import GekoTrainer
 
 # -- the pre-trained model ------------------------------------------------------------------------

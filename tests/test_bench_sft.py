@@ -230,3 +230,29 @@ def test_mnist1d_validation_is_fresh_and_clean():
     assert torch.equal(task.inputs, torch.from_numpy(data.x_train))  # training data unchanged
     accuracy = task.evaluate_validation(task.make_model(0))
     assert 0.0 <= accuracy <= 100.0
+
+
+def test_the_per_task_settings_are_those_docs_tuning_gives():
+    """docs/tuning.md's table of recommended per-task settings names every option a task runs
+    GEKO with (geko_core/bench/settings.py), with its value."""
+    import re
+    from pathlib import Path
+
+    from geko_core.bench.settings import TASK_GEKO_OPTIONS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "tuning.md").read_text()
+    section = text.split("## Recommended per-task settings", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in section.splitlines() if line.startswith("| `")}
+    for name, options in TASK_GEKO_OPTIONS.items():
+        written = dict(re.findall(r"(\w+)=([\w.\"]+)", rows[f"`{name}`"]))
+        assert {k: _json_value(v) for k, v in written.items()} == options, name
+    for name in ("sft-algo", "sft-stdlib"):
+        assert make_task(name, "smoke").policy_options["geko"] == TASK_GEKO_OPTIONS[name]
+    assert make_task("stdlib-lm", "smoke").policy_options["geko"] == TASK_GEKO_OPTIONS["stdlib-lm"]
+
+
+def _json_value(text):
+    """``2`` -> 2, ``0.6`` -> 0.6, ``"tokens"`` -> "tokens"."""
+    import json
+
+    return json.loads(text)
