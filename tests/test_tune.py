@@ -1,21 +1,23 @@
-"""The tuning tool (benchmarks/tune.py): its smoke mode, its choice rule, and that it never evaluates the test split."""
+"""The tuning tool (benchmarks/tune.py, tune_rule.py): its smoke mode, its choice rule, and that
+it never evaluates the test split."""
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mnist1d")
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 from geko_core import GekoConfig, MountainCurriculum, Selector  # noqa: E402
 from geko_core.bench import tasks as bench_tasks  # noqa: E402
+from geko_core.bench.settings import SETTINGS, without_task_settings  # noqa: E402
 
 # The settings search is research tooling in benchmarks/, not in the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import tune  # noqa: E402
+import tune_rule  # noqa: E402
 
 HIB = {"a": True, "b": True}
 DEFAULTS = {"q_alpha": 0.3, "min_rate": 0.5}
@@ -42,7 +44,7 @@ def hand_made_table():
 
 def test_summarise_gives_mean_std_and_shortfall_per_task():
     runs, current, greedy, *_ = hand_made_table()
-    rows = tune.summarise(runs, ["a", "b"], HIB, DEFAULTS)
+    rows = tune_rule.summarise(runs, ["a", "b"], HIB, DEFAULTS)
     assert rows[0]["setting"] == "full" and len(rows) == 5
     by = {json.dumps(r["setting"], sort_keys=True): r for r in rows}
     row = by[json.dumps(greedy, sort_keys=True)]
@@ -56,19 +58,19 @@ def test_summarise_gives_mean_std_and_shortfall_per_task():
 
 def test_choice_rule_on_a_hand_made_table():
     runs, current, greedy, two_changes, one_change = hand_made_table()
-    rows = tune.summarise(runs, ["a", "b"], HIB, DEFAULTS)
+    rows = tune_rule.summarise(runs, ["a", "b"], HIB, DEFAULTS)
     # The greedy setting fails the 0.5 pt rule on task b; the two others tie on savings (0.3
     # pt apart) and the tie goes to the one that changes fewer defaults.
-    chosen, met = tune.choose(rows, HIB, tolerance=0.5, tie=0.5)
+    chosen, met = tune_rule.choose(rows, HIB, tolerance=0.5, tie=0.5)
     assert met and chosen["setting"] == one_change
     # Without the tie margin the larger saving wins.
-    chosen, met = tune.choose(rows, HIB, tolerance=0.5, tie=0.0)
+    chosen, met = tune_rule.choose(rows, HIB, tolerance=0.5, tie=0.0)
     assert met and chosen["setting"] == two_changes
     # A looser tolerance admits the greedy setting.
-    chosen, met = tune.choose(rows, HIB, tolerance=0.7)
+    chosen, met = tune_rule.choose(rows, HIB, tolerance=0.7)
     assert met and chosen["setting"] == greedy
     # Nothing within 0.1 pt except... nothing: the smallest worst shortfall is returned, flagged.
-    chosen, met = tune.choose(rows, HIB, tolerance=0.05)
+    chosen, met = tune_rule.choose(rows, HIB, tolerance=0.05)
     assert not met and chosen["setting"] == current
 
 
@@ -77,8 +79,8 @@ def test_choice_rule_reads_perplexity_as_lower_is_better():
     runs = records("lm", None, [10.0, 10.0], 0.0)
     runs += records("lm", {"q_alpha": 0.5}, [10.2, 10.2], 50.0)  # 2% worse
     runs += records("lm", {"q_alpha": 0.1}, [10.05, 10.05], 30.0)  # 0.5% worse
-    rows = tune.summarise(runs, ["lm"], hib, DEFAULTS)
-    chosen, met = tune.choose(rows, hib, ppl_tolerance=1.0)
+    rows = tune_rule.summarise(runs, ["lm"], hib, DEFAULTS)
+    chosen, met = tune_rule.choose(rows, hib, ppl_tolerance=1.0)
     assert met and chosen["setting"] == {"q_alpha": 0.1}
     assert chosen["tasks"]["lm"]["shortfall"] == pytest.approx(0.5)
 
@@ -100,7 +102,7 @@ def test_settings_reach_the_config_the_curriculum_and_the_guard():
 def test_current_defaults_are_read_from_the_code():
     from geko_core.policies.geko import GekoPolicy
 
-    defaults = tune.current_defaults()
+    defaults = tune_rule.current_defaults()
     policy = GekoPolicy()
     assert defaults == {
         "q_alpha": GekoConfig().q_alpha, "min_rate": MountainCurriculum().min_rate,
@@ -171,7 +173,7 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
     values = sorted({GekoConfig().q_alpha, 0.5})  # the smoke stage: the default and 0.5
     assert rows[0]["setting"] == "full" and [r["setting"]["q_alpha"] for r in rows[1:]] == values
     # Every GEKO record names every setting (the day's defaults filled in).
-    assert all(set(r["setting"]) == set(tune.SETTINGS) for r in rows[1:])
+    assert all(set(r["setting"]) == set(SETTINGS) for r in rows[1:])
     assert result["chosen"]["setting"] in [r["setting"] for r in rows[1:]]
     for row in rows:
         entry = row["tasks"]["mnist1d"]
@@ -188,9 +190,9 @@ def test_smoke_mode_runs_and_never_evaluates_the_test_split(tmp_path, monkeypatc
 
 
 def test_a_setting_naming_a_default_is_the_same_run_as_one_leaving_it_out(tmp_path):
-    defaults = tune.current_defaults()
-    assert tune._key({"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}) == tune._key({"q_alpha": 0.45})
-    assert tune._key({"q_alpha": defaults["q_alpha"]}) == tune._key({})
+    defaults = tune_rule.current_defaults()
+    assert tune_rule._key({"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}) == tune_rule._key({"q_alpha": 0.45})
+    assert tune_rule._key({"q_alpha": defaults["q_alpha"]}) == tune_rule._key({})
     cache = tune._Cache(tmp_path / "runs.jsonl", "smoke")
     cache.add({"task": "t", "scale": "smoke", "setting": None, "seed": 0, "validation": 1.0, "saved_%": 0.0})
     cache.add({"task": "t", "scale": "smoke", "setting": {"q_alpha": 0.45}, "seed": 0, "validation": 2.0, "saved_%": 5.0})
@@ -198,7 +200,7 @@ def test_a_setting_naming_a_default_is_the_same_run_as_one_leaving_it_out(tmp_pa
     again = {"q_alpha": 0.45, "stall_rate": defaults["stall_rate"]}
     assert cache.find("t", again, 0)["validation"] == 2.0
     cache.add({"task": "t", "scale": "smoke", "setting": again, "seed": 0, "validation": 2.0, "saved_%": 5.0})
-    rows = tune.summarise(cache.records, ["t"], {"t": True}, defaults)
+    rows = tune_rule.summarise(cache.records, ["t"], {"t": True}, defaults)
     assert len(rows) == 2 and rows[1]["tasks"]["t"]["seeds"] == [0]
 
 
@@ -209,17 +211,17 @@ def test_a_watched_task_is_held_to_the_current_defaults_shortfall_plus_the_toler
     runs += records("a", {"q_alpha": 0.3}, [97.8, 97.8], 20.0) + records("w", {"q_alpha": 0.3}, [58.0, 58.0], 5.0)  # defaults: w 2 pt short
     runs += records("a", {"q_alpha": 0.5}, [97.7, 97.7], 40.0) + records("w", {"q_alpha": 0.5}, [57.8, 57.8], 20.0)  # w 2.2 short
     runs += records("a", {"q_alpha": 0.7}, [97.6, 97.6], 60.0) + records("w", {"q_alpha": 0.7}, [57.0, 57.0], 30.0)  # w 3.0 short
-    rows = tune.summarise(runs, ["a", "w"], hib, defaults)
-    reference = tune._defaults_row(rows)
+    rows = tune_rule.summarise(runs, ["a", "w"], hib, defaults)
+    reference = tune_rule._defaults_row(rows)
     assert reference["setting"] == {"q_alpha": 0.3}
     # Held to the plain rule, nothing passes on w (every setting is at least 2 pt short).
-    chosen, met = tune.choose(rows, hib, tolerance=0.5)
+    chosen, met = tune_rule.choose(rows, hib, tolerance=0.5)
     assert not met
     # Watched, w may be 2 + 0.5 pt short: 0.5 passes, 0.7 (3 pt) does not, a is held to 0.5 pt.
-    chosen, met = tune.choose(rows, hib, tolerance=0.5, watch={"w"}, reference=reference)
+    chosen, met = tune_rule.choose(rows, hib, tolerance=0.5, watch={"w"}, reference=reference)
     assert met and chosen["setting"] == {"q_alpha": 0.5}
     # Without a reference row a watched task is held to the plain tolerance.
-    chosen, met = tune.choose(rows, hib, tolerance=0.5, watch={"w"})
+    chosen, met = tune_rule.choose(rows, hib, tolerance=0.5, watch={"w"})
     assert not met
 
 
@@ -228,16 +230,16 @@ def test_cached_records_keep_their_meaning_when_defaults_or_task_settings_change
     cache = tune._Cache(path, "smoke")
     cache.add({"task": "t", "scale": "smoke", "setting": {"freeze_streak": 3.0}, "seed": 0, "validation": 2.0, "saved_%": 40.0})
     stored = json.loads(path.read_text().splitlines()[0])
-    assert set(stored["setting"]) == set(tune.SETTINGS) and stored["setting"]["freeze_streak"] == 3.0
+    assert set(stored["setting"]) == set(SETTINGS) and stored["setting"]["freeze_streak"] == 3.0
     assert "task_settings" not in stored
     # Were the default streak changed to 3, the record would be the new defaults' run, and a
     # search of the old default (0) would not mistake it for its own.
-    new_defaults = {**tune.current_defaults(), "freeze_streak": 3.0}
-    monkeypatch.setattr(tune, "_DEFAULTS", new_defaults)
+    new_defaults = {**tune_rule.current_defaults(), "freeze_streak": 3.0}
+    monkeypatch.setattr(tune_rule, "_DEFAULTS", new_defaults)
     again = tune._Cache(path, "smoke")
     assert again.find("t", {}, 0)["validation"] == 2.0
     assert again.find("t", {"freeze_streak": 0.0}, 0) is None
-    monkeypatch.setattr(tune, "_DEFAULTS", None)
+    monkeypatch.setattr(tune_rule, "_DEFAULTS", None)
     # A run made under a task's own GEKO settings is another experiment from one without them.
     own = tune._Cache(path, "smoke", task_options={"t": {"stall_visits": 2.0}})
     assert own.find("t", {"freeze_streak": 3.0}, 0) is None
@@ -258,7 +260,7 @@ def test_library_defaults_drop_a_tasks_own_settings_and_keep_its_budget():
     # A task's own budget is one of its settings: stripped with them, recorded with them.
     capped = dataclasses.replace(task, policy_options={"geko": {"stall_visits": 1, "budget": 1.0, "budget_unit": "tokens"}})
     assert tune.task_settings(capped) == {"stall_visits": 1.0, "budget": 1.0}
-    assert tune.without_task_settings(capped).policy_options["geko"] == {}
+    assert without_task_settings(capped).policy_options["geko"] == {}
     assert tune._prepare(capped, 0.6, strip=True).policy_options["geko"] == {"budget": 0.6, "budget_unit": "tokens"}
     assert stripped.evaluate_detail is None  # still a validation view
     kept = tune._prepare(task, None, strip=False)
@@ -291,11 +293,11 @@ def test_a_row_pooling_runs_of_different_code_is_marked():
     same = [dict(r, code="old") for r in records("a", {"q_alpha": 0.5}, [97.8, 97.8], 30.0)]
     mixed = records("a", {"q_alpha": 0.7}, [97.7, 97.7], 40.0)
     mixed = [dict(mixed[0], code="old"), dict(mixed[1], code="new")]
-    rows = tune.summarise(runs + same + mixed, ["a"], hib, DEFAULTS)
+    rows = tune_rule.summarise(runs + same + mixed, ["a"], hib, DEFAULTS)
     by = {json.dumps(r["setting"], sort_keys=True): r for r in rows}
     assert by[json.dumps({"q_alpha": 0.5})]["code_versions"] == ["old"]
     assert by[json.dumps({"q_alpha": 0.7})]["code_versions"] == ["new", "old"]
-    table = tune.format_table(rows, ["a"])
+    table = tune_rule.format_table(rows, ["a"])
     assert "q_alpha=0.7 †" in table and "q_alpha=0.5 †" not in table
 
 
@@ -322,6 +324,6 @@ def test_a_search_that_would_mix_a_tasks_own_settings_into_its_runs_is_refused(t
 
     tune.search([task], [("stall_visits", (0, 2))], 1, scale="smoke", cache=cache, rule={}, run=fake_run)
     assert all(setting is None or "stall_visits" in setting for _, setting in ran) and len(ran) == 3
-    stripped = tune.without_task_settings(task)
+    stripped = without_task_settings(task)
     tune.search([stripped], [("q_alpha", (0.3,))], 1, scale="smoke",
                 cache=tune._Cache(None, "smoke"), rule={}, run=fake_run)
