@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from geko_core.bench.runner import _flat_ce, _lr_at
-from geko_core.bench.tasks import Task, make_task
+from geko_core.bench.base import Task
+from geko_core.bench.tasks import make_task
 
 __all__ = ["main", "train_full"]
 

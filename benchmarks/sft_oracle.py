@@ -77,7 +77,7 @@ import torch
 
 from geko_core.bench.sft import make_sft_task, sample_responses
 from geko_core.bench.sft_data import IGNORE_INDEX, SFTSplit
-from geko_core.bench.tasks import Task
+from geko_core.bench.base import Task
 from sft_curves import train_full  # benchmarks/sft_curves.py, beside this script
 
 VARIANTS = ("full", "family", "sample", "sample+unlearnable", "unlearnable")

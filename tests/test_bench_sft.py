@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from geko_core.bench import pretrain, sft, sft_data
 from geko_core.bench.data import load_checked, make_stdlib_text
-from geko_core.bench.tasks import TASK_NAMES, _ByteLM, make_task
+from geko_core.bench.base import ByteLM
+from geko_core.bench.tasks import TASK_NAMES, make_task
 
 TINY_PRETRAIN = pretrain.PretrainConfig(seq_len=16, width=16, layers=1, heads=2, steps=3, batch_size=4)
 
@@ -125,7 +126,7 @@ def _greedy_exact_match(model, split, families):
 def test_exact_match_and_perplexity_equal_a_brute_force_reference():
     data = sft_data.make_algo_sft(200, 48, 48, seed=0)
     torch.manual_seed(0)
-    model = _ByteLM(data.seq_len, width=32, layers=1)
+    model = ByteLM(data.seq_len, width=32, layers=1)
     torch.nn.init.normal_(model.position, std=0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = torch.from_numpy(data.train.inputs), torch.from_numpy(data.train.labels)

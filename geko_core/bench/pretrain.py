@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ByteLM
 from .data import _stdlib_files, cache_dir, load_checked, save_checked
+from .runner import _lr_at
 from .sft_data import _file_split, _stdlib_root
 
 __all__ = ["PretrainConfig", "pretrained_stdlib_lm"]
@@ -69,15 +71,11 @@ def _pretrain_text() -> np.ndarray:
 
 
 def _byte_lm(config: PretrainConfig) -> nn.Module:
-    from .tasks import _ByteLM
-
-    return _ByteLM(config.seq_len, width=config.width, layers=config.layers, heads=config.heads)
+    return ByteLM(config.seq_len, width=config.width, layers=config.layers, heads=config.heads)
 
 
 def _pretrain(config: PretrainConfig, progress: bool) -> dict[str, torch.Tensor]:
     """Next-byte pre-training on random windows of the training files; returns the state."""
-    from .runner import _lr_at
-
     stream = _pretrain_text()
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import GekoConfig
 from ..selector import Selector
-from .tasks import Task, _CNN1D
+from .base import CNN1D, Task
 
 __all__ = ["bench_policy_options", "run_one", "warm_up"]
 
@@ -53,7 +53,7 @@ def _token_states(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     ``capture_hidden_states``)."""
     from ..integrations.hidden import capture_hidden_states
 
-    if isinstance(model, _CNN1D):
+    if isinstance(model, CNN1D):
         return model.features(inputs.unsqueeze(1)).transpose(1, 2)
     with capture_hidden_states(model, layer=-1) as capture:
         model(inputs)

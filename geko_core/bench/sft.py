@@ -26,22 +26,18 @@ training and prints the exact match of every family after every epoch.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ByteLM, Task
 from .pretrain import PretrainConfig, _byte_lm, pretrained_stdlib_lm
 from .settings import task_geko_options
 from .sft_data import IGNORE_INDEX, SFTSplit, make_algo_sft, make_stdlib_sft
 
 __all__ = ["make_sft_task", "response_metrics", "sample_responses"]
-
-if TYPE_CHECKING:
-    from .tasks import Task
-
 
 # --------------------------------------------------------------------------------------------
 # Metrics
@@ -111,20 +107,18 @@ _STDLIB_SCALES = {"smoke": (250, 100, 100, 2), "quick": (1000, 500, 500, 4), "de
 _PRETRAIN = {"smoke": PretrainConfig(steps=20, batch_size=16), "quick": PretrainConfig(), "default": PretrainConfig()}
 
 
-def make_sft_task(name: str, scale: str) -> "Task":
+def make_sft_task(name: str, scale: str) -> Task:
     """``sft-algo`` or ``sft-stdlib`` at ``smoke``, ``quick`` or ``default`` scale: byte-level
     2-layer transformers (width 64), AdamW with the runner's cosine schedule. The batch sizes
     (16 and 8) give the first epoch enough steps for the easy families to be learned in it
     (measured: with twice the batch they come a good part of an epoch later)."""
-    from .tasks import Task, _ByteLM
-
     if name == "sft-algo":
         n_train, n_val, n_test, epochs = _ALGO_SCALES[scale]
         data = make_algo_sft(n_train, n_val, n_test)
 
         def make_model(seed: int) -> nn.Module:
             torch.manual_seed(seed)
-            model = _ByteLM(data.seq_len)
+            model = ByteLM(data.seq_len)
             # Random positions: with zero-initialised ones the positional families
             # (first, rev, max) were learned about three epochs later (measured).
             nn.init.normal_(model.position, std=0.5)

@@ -3,96 +3,18 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from .base import ByteLM, CNN1D, Task
 from .data import make_mnist1d, make_stdlib_text
 from .settings import task_geko_options
+from .sft import make_sft_task
 
 __all__ = ["TASK_NAMES", "Task", "make_task"]
-
-
-@dataclass
-class Task:
-    """Everything a run needs, independent of the selection policy.
-
-    ``inputs``/``targets`` are the training tensors indexed by dataset index;
-    ``evaluate(model)`` returns the held-out (test) metric; ``higher_is_better`` says its
-    direction. ``evaluate_validation(model)`` returns the same metric on a validation split
-    disjoint from the training and test data, the one to tune defaults on.
-
-    Language tasks with ``shift=True`` hold ``targets`` aligned with ``inputs`` (-100 on the
-    prompt and the padding) and train with the causal shift,
-    ``sel.loss(logits, targets, idx, shift=True)``. Fine-tuning tasks also give per-family
-    figures (``evaluate_detail(model, split)`` with split ``"validation"`` or ``"test"``) and
-    each training sample's family.
-    """
-
-    name: str
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    make_model: Callable[[int], nn.Module]
-    evaluate: Callable[[nn.Module], float]
-    metric_name: str
-    higher_is_better: bool
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.0
-    config_overrides: dict = field(default_factory=dict)
-    #: per-policy constructor options for this task (policy name -> options)
-    policy_options: dict = field(default_factory=dict)
-    #: targets are aligned with inputs and the loss applies the causal shift
-    shift: bool = False
-    #: the metric on the validation split (None: the task has none)
-    evaluate_validation: Callable[[nn.Module], float] | None = None
-    #: ``(model, split) -> dict`` with the metric, perplexity and per-family figures
-    evaluate_detail: Callable[..., dict] | None = None
-    #: family names, and each training sample's family id (int64 ``[N]``)
-    families: tuple[str, ...] = ()
-    family: torch.Tensor | None = None
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.targets.shape[0])
-
-
-class _CNN1D(nn.Module):
-    def __init__(self, length: int, classes: int, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv1d(1, width, 5, padding=2), nn.ReLU(),
-            nn.Conv1d(width, width, 5, padding=2, stride=2), nn.ReLU(),
-            nn.Conv1d(width, width, 5, padding=2, stride=2), nn.ReLU(),
-        )
-        self.head = nn.Linear(width * math.ceil(math.ceil(length / 2) / 2), classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.unsqueeze(1)).flatten(1))
-
-
-class _ByteLM(nn.Module):
-    """A small causal transformer over bytes."""
-
-    def __init__(self, seq_len: int, width: int = 64, layers: int = 2, heads: int = 4) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(256, width)
-        self.position = nn.Parameter(torch.zeros(seq_len, width))
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 256)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        h = self.embed(tokens) + self.position[:t]
-        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
-        return self.head(self.norm(h))
 
 
 #: generator seed of MNIST-1D's validation samples (the training and test data use 42)
@@ -110,7 +32,7 @@ def _mnist1d_task(scale: str, label_noise: float) -> Task:
 
     def make_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return _CNN1D(data.x_train.shape[1], data.num_classes)
+        return CNN1D(data.x_train.shape[1], data.num_classes)
 
     def accuracy_on(x: np.ndarray, y: np.ndarray) -> Callable[[nn.Module], float]:
         x_eval, y_eval = torch.from_numpy(x), torch.from_numpy(y)
@@ -153,7 +75,7 @@ def _stdlib_lm_task(scale: str) -> Task:
 
     def make_model(seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return _ByteLM(seq_len)
+        return ByteLM(seq_len)
 
     def perplexity_on(windows: np.ndarray) -> Callable[[nn.Module], float]:
         held = torch.from_numpy(windows.astype(np.int64))
@@ -208,7 +130,5 @@ def make_task(name: str, scale: str) -> Task:
     if name == "stdlib-lm":
         return _stdlib_lm_task(scale)
     if name in ("sft-algo", "sft-stdlib"):
-        from .sft import make_sft_task
-
         return make_sft_task(name, scale)
     raise ValueError(f"unknown task {name!r}; choose " + ", ".join(TASK_NAMES[:-1]) + f" or {TASK_NAMES[-1]}")
