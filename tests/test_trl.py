@@ -4,6 +4,8 @@ generated instruction/response pairs (a character tokenizer built here: nothing 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -138,12 +140,16 @@ class RecordingGekoSFTTrainer(Recorder, GekoSFTTrainer):
 
 
 class LossLog(TrainerCallback):
+    """The training losses logged, and SFTTrainer's metrics logged with them."""
+
     def __init__(self):
         self.losses: list[float] = []
+        self.sft_metrics: list[tuple[float, float, int]] = []  # entropy, mean_token_accuracy, num_tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+            self.sft_metrics.append((logs["entropy"], logs["mean_token_accuracy"], logs["num_tokens"]))
 
 
 def sample_stats_alone(model, item: dict) -> geko_core.SampleStats:
@@ -335,9 +341,10 @@ class PlanOrderSFTTrainer(SFTTrainer):
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_uniform_matches_a_plain_sft_trainer(tmp_path, tokenizer, packing):
-    """Same batches, gradient accumulation, completion-only loss: TRL's losses and weights.
-    Packed: GEKO packs each batch into one row; the plain trainer does the same with
-    padding_free=True (TRL's own BFD packing fixes other rows before training)."""
+    """Same batches, gradient accumulation, completion-only loss: TRL's losses, weights and
+    logged metrics (entropy, mean_token_accuracy, num_tokens as SFTTrainer computes them from
+    its fused LM head). Packed: GEKO packs each batch into one row; the plain trainer does the
+    same with padding_free=True (TRL's own BFD packing fixes other rows before training)."""
     data = make_pairs(36)  # 5 batches an epoch: the last accumulation group is one short batch
     # SGD: Adam would turn rounding noise in exactly-zero gradients into whole steps. A constant
     # learning rate: the Selector's schedule follows sample progress, which in an epoch with a
@@ -347,7 +354,7 @@ def test_uniform_matches_a_plain_sft_trainer(tmp_path, tokenizer, packing):
         lr_scheduler_type="constant",
     )
     plain_kwargs = dict(padding_free=True, max_length=None) if packing else {}
-    losses, models = {}, {}
+    losses, models, metrics = {}, {}, {}
     for name, cls, extra, options in (
         ("plain", PlanOrderSFTTrainer, {}, plain_kwargs),
         ("geko", GekoSFTTrainer, {"geko_policy": "uniform"}, {"packing": packing}),
@@ -358,9 +365,11 @@ def test_uniform_matches_a_plain_sft_trainer(tmp_path, tokenizer, packing):
         trainer = cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[log], **extra)
         output = trainer.train()
         assert output.global_step == 6
-        losses[name], models[name] = log.losses, model
+        losses[name], models[name], metrics[name] = log.losses, model, log.sft_metrics
     assert len(losses["geko"]) == 6
     np.testing.assert_allclose(losses["geko"], losses["plain"], rtol=2e-5)
+    np.testing.assert_allclose(metrics["geko"], metrics["plain"], rtol=2e-5)
+    assert [m[2] for m in metrics["geko"]] == [m[2] for m in metrics["plain"]]
     for (key, a), (_, b) in zip(models["plain"].state_dict().items(), models["geko"].state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
@@ -473,6 +482,58 @@ def test_resume_is_exact(tmp_path, tokenizer, policy):
             np.testing.assert_array_equal(b["table"][key], value, err_msg=key)
     for (key, x), (_, y) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+
+
+# -- host synchronisation --------------------------------------------------------------------------
+_INTEGRATIONS = os.path.dirname(geko_core.integrations.__file__)
+# What reads a device tensor back to the host (on a GPU each waits for the queued work).
+_SYNCS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+
+class HostReads:
+    """Counts the calls of tensor methods that read values back to the host, made by the
+    integration's own code while ``active``. On a CPU box every tensor is a host tensor, so
+    the calls are counted, not timed."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[str, str, int]] = []
+        self.active = False
+        for name in _SYNCS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, getattr(torch.Tensor, name)))
+
+    def _counting(self, name, method):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1)
+            if self.active and caller.f_code.co_filename.startswith(_INTEGRATIONS):
+                self.calls.append((name, caller.f_code.co_name, caller.f_lineno))
+            return method(tensor, *args, **kwargs)
+
+        return counted
+
+
+class CountingSFTTrainer(GekoSFTTrainer):
+    host_reads: HostReads
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.host_reads.active = model.training
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self.host_reads.active = False
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, tokenizer, monkeypatch, packing):
+    """The loss, the Selector's weights and statistics and SFTTrainer's metrics of a step
+    read no tensor back to the host (no .item(), .cpu(), tensor truth value, ...): the
+    metrics are read when the Trainer logs."""
+    args = make_args(tmp_path, num_train_epochs=2, logging_steps=3, packing=packing)
+    trainer = CountingSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=make_pairs(24), processing_class=tokenizer)
+    trainer.host_reads = HostReads(monkeypatch)
+    trainer.train()
+    assert trainer.host_reads.calls == []
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(0 < h["entropy"] < math.log(len(tokenizer)) for h in logs)
 
 
 # -- refused ----------------------------------------------------------------------------------------
