@@ -536,6 +536,39 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, tokenizer,
     assert len(logs) == 2 and all(0 < h["entropy"] < math.log(len(tokenizer)) for h in logs)
 
 
+# -- the README's snippet ---------------------------------------------------------------------------
+README_SNIPPET = """
+from trl import SFTConfig
+from geko_core.integrations.trl import GekoSFTTrainer
+
+trainer = GekoSFTTrainer(
+    model=model,                      # a causal LM (or its Hub name), as for SFTTrainer
+    args=SFTConfig(output_dir="out", num_train_epochs=3, packing=True),
+    train_dataset=dataset,            # prompt-completion, conversational or plain text
+    processing_class=tokenizer,
+    geko_policy="geko",
+)
+trainer.train()                       # resume_from_checkpoint=... continues exactly
+print(trainer.selector.metrics()["saved_token_fraction"])
+"""
+
+
+# TRL 1.16's SFTConfig sets gradient_checkpointing=True, a name transformers 5.25 deprecates.
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_readme_snippet_runs(tmp_path, tokenizer, monkeypatch, capsys):
+    """The TRL snippet the README shows, as it is, on the tiny model and pairs."""
+    assert len(README_SNIPPET.strip().splitlines()) <= 12
+    monkeypatch.chdir(tmp_path)
+    namespace = {"model": tiny_llama(len(tokenizer)), "dataset": make_pairs(24), "tokenizer": tokenizer}
+    code = README_SNIPPET
+    if not torch.cuda.is_available():  # SFTConfig's default bf16=True asks for a GPU unless told to use the CPU
+        code = code.replace("packing=True)", "packing=True, use_cpu=True)")
+    exec(compile(code, "README", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert len(trainer.selector.history) == 3 and (tmp_path / "out").is_dir()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(trainer.selector.metrics()["saved_token_fraction"])
+
+
 # -- refused ----------------------------------------------------------------------------------------
 def test_unsupported_configurations_are_refused(tmp_path, tokenizer):
     data = make_pairs(8)

@@ -74,10 +74,13 @@ Optimizer steps
     A callback calls ``selector.step()`` at every real optimizer step (``on_step_end``), so
     the curriculum and the table's visit steps follow optimizer steps, not micro-batches. It
     also sets ``state.epoch`` from the Selector's own position (the Trainer's fraction assumes
-    full-length epochs).
+    full-length epochs). It runs before every other callback, so a callback that stops
+    training (``control.should_training_stop``) stops it as with a plain Trainer.
 Metrics
     ``log`` adds ``selector.metrics()`` to training logs as ``geko/...`` entries (bucket
-    counts, forwarded, backpropagated, saved_fraction, epoch_length, phase, ...).
+    counts, forwarded, backpropagated, saved_fraction, epoch_length, phase, ...). Under DDP
+    the counts of samples and tokens are summed over the ranks (one collective at each log)
+    and the saved fractions computed from the sums: every rank logs the run's figures.
 Checkpoints and resume
     ``_save_checkpoint`` writes ``selector.state_dict()`` to ``geko_selector.pt`` in the
     checkpoint folder (``geko_selector_rank<r>.pt`` per rank under DDP), through a temporary

@@ -44,8 +44,14 @@ Data loader and DDP
     Lightning wraps the sampler in a shuffling ``DistributedSamplerWrapper``, which the check
     refuses. The callback does not change the Trainer's settings itself. Lightning initialises
     ``torch.distributed`` only inside ``fit``, so a Selector built before it cannot see the
-    process layout: build the Trainer first and the Selector with
-    ``num_replicas=trainer.world_size, rank=trainer.global_rank`` (checked at ``setup``).
+    process layout: build the Trainer first, then the Selector with
+    ``num_replicas=trainer.world_size, rank=trainer.global_rank`` (checked at ``setup``), then
+    ``trainer.callbacks.append(GekoCallback(selector))``::
+
+        trainer = L.Trainer(max_epochs=E, strategy="ddp", devices=2, use_distributed_sampler=False)
+        selector = geko_core.Selector(len(ds), policy="geko", epochs=E, seed=0, explicit_steps=True,
+                                      batch_size=B, num_replicas=trainer.world_size, rank=trainer.global_rank)
+        trainer.callbacks.append(GekoCallback(selector))
 Epochs
     Lightning calls ``set_epoch`` on the sampler at every epoch start; the callback calls
     ``selector.set_epoch(trainer.current_epoch)`` too (for loaders whose sampler Lightning
@@ -74,11 +80,14 @@ Metrics
     scalars (bucket counts ``geko/bucket_<name>``, ``forwarded``, ``backpropagated``,
     ``saved_fraction``, ``epoch_length``, ...; strings such as the phase name are left out):
     after every ``trainer.log_every_n_steps``-th optimizer step and at each training epoch
-    end. ``GekoCallback(selector, log_metrics=False)`` turns this off. Under DDP each rank logs
-    its own counts (Lightning's loggers write rank 0's; the bucket counts are the same on every
-    rank).
+    end. ``GekoCallback(selector, log_metrics=False)`` turns this off. Under DDP the counts
+    (samples and tokens forwarded and back-propagated) are summed over the ranks and the saved
+    fractions computed from the sums, so every rank logs the run's figures (the bucket counts
+    are the same on every rank; the timings are each rank's own).
 Checkpoints
-    The callback's ``state_dict`` holds ``selector.state_dict()``; Lightning stores it in its
+    The callback's ``state_dict`` holds ``selector.state_dict()``, with the optimizer step of
+    the current batch counted even when a checkpoint callback that runs before this one saves
+    it (the callback's place in ``trainer.callbacks`` does not matter); Lightning stores it in its
     checkpoint under ``checkpoint["callbacks"]["GekoCallback"]`` (the ``state_key``) and hands
     it back to ``load_state_dict`` when ``trainer.fit(ckpt_path=...)`` restores callbacks,
     before it builds the training loader. Arrays are stored as tensors (the checkpoint loads
