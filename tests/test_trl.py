@@ -3,8 +3,11 @@ generated instruction/response pairs (a character tokenizer built here: nothing 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -534,6 +537,64 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, tokenizer,
     assert trainer.host_reads.calls == []
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(0 < h["entropy"] < math.log(len(tokenizer)) for h in logs)
+
+
+# -- DDP through torch.distributed.run ----------------------------------------------------------------
+_DDP_SCRIPT = """
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_trl import ObservedStats, make_args, make_pairs, tiny_llama, CHARS
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from geko_core.integrations.trl import GekoSFTTrainer
+
+torch.set_num_threads(1)
+vocab = {{"<pad>": 0, "</s>": 1, "<unk>": 2, **{{c: 3 + i for i, c in enumerate(CHARS)}}}}
+model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+model.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+out = Path({out!r})
+args = make_args(out, "ddp", num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1, packing=True,
+                 ddp_backend="gloo", ddp_find_unused_parameters=False)
+trainer = GekoSFTTrainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=make_pairs(30), processing_class=tokenizer)
+observed = ObservedStats(trainer.selector)
+trainer.train()
+sel = trainer.selector
+_, last = observed.batches[-1]
+json.dump({{
+    "logged": [{{k: v for k, v in h.items() if "seconds" not in k}} for h in trainer.state.log_history if "loss" in h],
+    "local_tokens": sel.metrics()["backpropagated_tokens"], "progress": sel.epoch_progress(),
+    "sample_tokens": int(sel.context.sample_tokens.sum()),
+    "last_valid": float(last.valid_tokens.sum()), "last_entropy": float((last.entropy.double() * last.valid_tokens).sum()),
+}}, open(out / f"rank{{os.environ['RANK']}}.json", "w"))
+"""
+
+
+@pytest.mark.slow  # about 80 s: two processes import TRL and train
+def test_ddp_logs_the_runs_figures(tmp_path):
+    """Two gloo processes: every rank logs the same SFT metrics (token means over both ranks'
+    tokens) and the run's saved token fraction, not its own."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["logged"] == ranks[1]["logged"] and len(ranks[0]["logged"]) == 8  # 2 epochs of 4 steps
+    last = ranks[0]["logged"][-1]
+    assert ranks[0]["local_tokens"] != ranks[1]["local_tokens"]
+    assert last["geko/backpropagated_tokens"] == ranks[0]["local_tokens"] + ranks[1]["local_tokens"]
+    expected = 1 - last["geko/backpropagated_tokens"] / (ranks[0]["progress"] * ranks[0]["sample_tokens"])
+    assert last["geko/saved_token_fraction"] == pytest.approx(expected)
+    # The last log covers one micro-batch: its entropy is the token mean over both ranks.
+    entropy = sum(r["last_entropy"] for r in ranks) / sum(r["last_valid"] for r in ranks)
+    assert last["entropy"] == pytest.approx(entropy, rel=1e-6)
 
 
 # -- the README's snippet ---------------------------------------------------------------------------
