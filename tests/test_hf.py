@@ -437,6 +437,25 @@ def test_max_steps_builds_a_step_budget_selector(tmp_path):
     assert trainer.selector.progress() == 1.0
 
 
+class _StopAtStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_a_callback_that_stops_training_stops_it(tmp_path):
+    """A user callback's stop in on_step_end ends the run there, as with a plain Trainer
+    (the Selector's own step callback must not undo it)."""
+    for cls, extra in ((Trainer, {}), (GekoTrainer, {"geko_policy": "uniform"})):
+        args = make_args(tmp_path, cls.__name__, num_train_epochs=3)
+        trainer = cls(model=tiny_llama(), args=args, train_dataset=make_data(32), callbacks=[_StopAtStep(5)], **extra)
+        assert trainer.train().global_step == 5, cls.__name__
+    assert trainer.selector.step_count == 5
+
+
 def test_import_geko_core_does_not_import_transformers():
     code = "import sys, geko_core, geko_core.integrations; print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'accelerate')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -447,19 +466,34 @@ def test_import_geko_core_does_not_import_transformers():
 _DDP_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
+    import numpy as np
     import torch
     sys.path.insert(0, {tests!r})
     from test_hf import RecordingGekoTrainer, make_data, make_args, tiny_llama
     from pathlib import Path
 
     out = Path({out!r})
-    args = make_args(out, "ddp", num_train_epochs=2, per_device_train_batch_size=4, ddp_backend="gloo", ddp_find_unused_parameters=False)
-    trainer = RecordingGekoTrainer(model=tiny_llama(), args=args, train_dataset=make_data(24))
+    args = make_args(
+        out, "ddp", num_train_epochs=2, per_device_train_batch_size=4, ddp_backend="gloo", ddp_find_unused_parameters=False,
+        logging_steps=1,
+    )
+
+    data = make_data(24, masked=True)
+    tokens = [sum(label != -100 for label in item["labels"][1:]) for item in data]
+
+    class TokenCostTrainer(RecordingGekoTrainer):
+        def _geko_selector_options(self):  # each sample costs its target tokens
+            return {{"sample_tokens": np.array(tokens)}}
+
+    trainer = TokenCostTrainer(model=tiny_llama(), args=args, train_dataset=data)
     trainer.train()
     rank = int(os.environ["RANK"])
     sel = trainer.selector
     table = sel.table.state_dict()
     json.dump({{
+        "logged": [{{k: v for k, v in h.items() if k.startswith("geko/")}} for h in trainer.state.log_history if "loss" in h],
+        "local": {{k: v for k, v in sel.metrics().items() if k in ("backpropagated", "backpropagated_tokens")}},
+        "progress": sel.epoch_progress(), "tokens": sum(tokens),
         "seen": trainer.seen, "steps": trainer.state.global_step, "world": trainer.args.world_size,
         "history": [[h["epoch_backpropagated"]] for h in sel.history],
         "table": {{k: v.tolist() for k, v in table.items() if hasattr(v, "tolist")}},
@@ -486,3 +520,14 @@ def test_ddp_two_processes(tmp_path):
     assert not set(first[0]) & set(first[1]) and sorted(first[0] + first[1]) == list(range(24))
     assert ranks[0]["table"] == ranks[1]["table"]  # statistics are all-gathered
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6)  # DDP kept replicas equal
+    # The logged counts and saved fractions are the run's: every rank logs the same figures
+    # (but its own timings).
+    logged = [[{k: v for k, v in h.items() if "seconds" not in k} for h in r["logged"]] for r in ranks]
+    assert logged[0] == logged[1] and len(logged[0]) == ranks[0]["steps"]
+    last = ranks[0]["logged"][-1]
+    for name in ("backpropagated", "backpropagated_tokens"):
+        assert last[f"geko/{name}"] == ranks[0]["local"][name] + ranks[1]["local"][name]
+    assert ranks[0]["local"]["backpropagated_tokens"] != ranks[1]["local"]["backpropagated_tokens"]
+    progress = ranks[0]["progress"]
+    assert last["geko/saved_fraction"] == pytest.approx(1 - last["geko/backpropagated"] / (progress * 24))
+    assert last["geko/saved_token_fraction"] == pytest.approx(1 - last["geko/backpropagated_tokens"] / (progress * ranks[0]["tokens"]))

@@ -4,7 +4,12 @@ same order, with the same final table and weights, as an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -310,3 +315,122 @@ def test_refuses_a_checkpoint_without_or_with_damaged_selector_state(tmp_path):
     torch.save(checkpoint, missing)
     with pytest.raises(ValueError, match="no GekoCallback state"):
         _fit(tmp_path, "missing", callbacks=[_epoch_saves(tmp_path / "ckpt")], ckpt_path=missing)
+
+
+# -- DDP under Lightning's own launcher -------------------------------------------------------------
+# Lightning's DDP launcher runs this script again for rank 1, so it is a file of its own.
+_DDP_SCRIPT = '''
+import json, sys, warnings
+from pathlib import Path
+
+# The suite's rule: any warning is an error, except Lightning's advice for a tiny CPU run, its
+# notes on a mid-epoch resume from a plain DataLoader (the Selector's sampler resumes itself) and
+# on a resumed run saving next to the checkpoints it resumes from.
+warnings.simplefilter("error")
+for message in (
+    ".*does not have many workers.*", ".*is not resumable.*", ".*isinstance\\\\(treespec, LeafSpec\\\\).*",
+    "Checkpoint directory .* exists and is not empty.*",
+):
+    warnings.filterwarnings("ignore", message=message)
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+import geko_core
+from geko_core.integrations.lightning import GekoCallback
+
+torch.set_num_threads(1)
+SAMPLES, BATCH, EPOCHS, EVERY = 40, 4, 3, 4
+out = Path(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(SAMPLES, 6, generator=g)
+y = (x @ torch.randn(6, 3, generator=g) + 0.7 * torch.randn(SAMPLES, 3, generator=g)).argmax(1)
+
+
+class Model(pl.LightningModule):
+    def __init__(self, selector):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(6, 3)
+        self.selector = selector
+        self.trained = []
+
+    def training_step(self, batch, batch_idx):
+        idx, xb, yb = batch
+        self.trained.append(idx.tolist())
+        return self.selector.loss(self.net(xb), yb, idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=2.0)
+
+    def train_dataloader(self):
+        data = geko_core.WithIndex(TensorDataset(x, y))
+        return DataLoader(data, batch_size=BATCH, sampler=self.selector.sampler)
+
+
+def fit(name, ckpt_path=None):
+    # As the documentation says: the Trainer first, then the Selector with the process layout,
+    # then the callback appended (after ModelCheckpoint, which saves in on_train_batch_end).
+    saves = ModelCheckpoint(dirpath=out / "ckpt", filename="{step}", every_n_train_steps=EVERY, save_top_k=-1)
+    trainer = pl.Trainer(
+        accelerator="cpu", strategy="ddp", devices=2, max_epochs=EPOCHS, use_distributed_sampler=False, callbacks=[saves],
+        logger=CSVLogger(out, name=name), log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+    )
+    selector = geko_core.Selector(
+        SAMPLES, policy="geko", epochs=EPOCHS, seed=0, explicit_steps=True, batch_size=BATCH,
+        num_replicas=trainer.world_size, rank=trainer.global_rank,
+    )
+    trainer.callbacks.append(GekoCallback(selector))
+    model = Model(selector)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    table = selector.table.state_dict()
+    return {
+        "trained": model.trained, "global_step": trainer.global_step, "selector_step": selector.metrics()["step"],
+        "lengths": [h["epoch_length"] for h in selector.history],
+        "table": {k: v.tolist() for k, v in table.items() if hasattr(v, "tolist")},
+        "params": [p.detach().tolist() for p in model.net.parameters()],
+        "logged": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("geko/") and "seconds" not in k},
+        "local": {k: selector.metrics()[k] for k in ("backpropagated", "forwarded")},
+    }
+
+
+full = fit("full")
+resume_step = 2 * EVERY
+resumed = fit("resumed", ckpt_path=out / "ckpt" / f"step={resume_step}.ckpt")
+rank = pl.utilities.rank_zero.rank_zero_only.rank
+(out / f"rank{rank}.json").write_text(json.dumps({"full": full, "resumed": resumed, "resume_step": resume_step}))
+'''
+
+
+@pytest.mark.slow  # about 90 s: four processes start Lightning and torch.distributed
+def test_ddp_step_checkpoint_resumes_as_an_uninterrupted_run(tmp_path):
+    """Two gloo processes under Lightning's DDP launcher, set up as the module documentation
+    says (the callback appended after the Trainer is built, so after ModelCheckpoint): a step
+    checkpoint holds the Selector at that step, resuming from it trains the samples of the
+    uninterrupted run and ends with its table and weights, every rank logs the run's counts,
+    and no warning is raised (Lightning's sync_dist advice included)."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(_DDP_SCRIPT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "error"}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for run in ranks:
+        full, resumed, step = run["full"], run["resumed"], run["resume_step"]
+        assert full["selector_step"] == full["global_step"] == resumed["selector_step"] == resumed["global_step"]
+        first = math.ceil(full["lengths"][0] / 4)  # each rank's optimizer steps in epoch 0 (batch 4)
+        assert first < step < first + math.ceil(full["lengths"][1] / 4)  # in the middle of epoch 1
+        assert resumed["trained"] == full["trained"][step:]
+        assert resumed["table"] == full["table"] and resumed["params"] == full["params"]
+    assert ranks[0]["full"]["table"] == ranks[1]["full"]["table"]
+    assert ranks[0]["full"]["trained"] != ranks[1]["full"]["trained"]
+    # Logged counts are the run's, the same on both ranks.
+    logged = [r["full"]["logged"] for r in ranks]
+    assert logged[0] == logged[1]
+    assert logged[0]["geko/backpropagated"] == sum(r["full"]["local"]["backpropagated"] for r in ranks)

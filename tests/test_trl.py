@@ -138,12 +138,16 @@ class RecordingGekoSFTTrainer(Recorder, GekoSFTTrainer):
 
 
 class LossLog(TrainerCallback):
+    """The training losses logged, and SFTTrainer's metrics logged with them."""
+
     def __init__(self):
         self.losses: list[float] = []
+        self.sft_metrics: list[tuple[float, float, int]] = []  # entropy, mean_token_accuracy, num_tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+            self.sft_metrics.append((logs["entropy"], logs["mean_token_accuracy"], logs["num_tokens"]))
 
 
 def sample_stats_alone(model, item: dict) -> geko_core.SampleStats:
@@ -335,9 +339,10 @@ class PlanOrderSFTTrainer(SFTTrainer):
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_uniform_matches_a_plain_sft_trainer(tmp_path, tokenizer, packing):
-    """Same batches, gradient accumulation, completion-only loss: TRL's losses and weights.
-    Packed: GEKO packs each batch into one row; the plain trainer does the same with
-    padding_free=True (TRL's own BFD packing fixes other rows before training)."""
+    """Same batches, gradient accumulation, completion-only loss: TRL's losses, weights and
+    logged metrics (entropy, mean_token_accuracy, num_tokens as SFTTrainer computes them from
+    its fused LM head). Packed: GEKO packs each batch into one row; the plain trainer does the
+    same with padding_free=True (TRL's own BFD packing fixes other rows before training)."""
     data = make_pairs(36)  # 5 batches an epoch: the last accumulation group is one short batch
     # SGD: Adam would turn rounding noise in exactly-zero gradients into whole steps. A constant
     # learning rate: the Selector's schedule follows sample progress, which in an epoch with a
@@ -347,7 +352,7 @@ def test_uniform_matches_a_plain_sft_trainer(tmp_path, tokenizer, packing):
         lr_scheduler_type="constant",
     )
     plain_kwargs = dict(padding_free=True, max_length=None) if packing else {}
-    losses, models = {}, {}
+    losses, models, metrics = {}, {}, {}
     for name, cls, extra, options in (
         ("plain", PlanOrderSFTTrainer, {}, plain_kwargs),
         ("geko", GekoSFTTrainer, {"geko_policy": "uniform"}, {"packing": packing}),
@@ -358,9 +363,11 @@ def test_uniform_matches_a_plain_sft_trainer(tmp_path, tokenizer, packing):
         trainer = cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[log], **extra)
         output = trainer.train()
         assert output.global_step == 6
-        losses[name], models[name] = log.losses, model
+        losses[name], models[name], metrics[name] = log.losses, model, log.sft_metrics
     assert len(losses["geko"]) == 6
     np.testing.assert_allclose(losses["geko"], losses["plain"], rtol=2e-5)
+    np.testing.assert_allclose(metrics["geko"], metrics["plain"], rtol=2e-5)
+    assert [m[2] for m in metrics["geko"]] == [m[2] for m in metrics["plain"]]
     for (key, a), (_, b) in zip(models["plain"].state_dict().items(), models["geko"].state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 

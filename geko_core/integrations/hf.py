@@ -74,10 +74,13 @@ Optimizer steps
     A callback calls ``selector.step()`` at every real optimizer step (``on_step_end``), so
     the curriculum and the table's visit steps follow optimizer steps, not micro-batches. It
     also sets ``state.epoch`` from the Selector's own position (the Trainer's fraction assumes
-    full-length epochs).
+    full-length epochs). It runs before every other callback, so a callback that stops
+    training (``control.should_training_stop``) stops it as with a plain Trainer.
 Metrics
     ``log`` adds ``selector.metrics()`` to training logs as ``geko/...`` entries (bucket
-    counts, forwarded, backpropagated, saved_fraction, epoch_length, phase, ...).
+    counts, forwarded, backpropagated, saved_fraction, epoch_length, phase, ...). Under DDP
+    the counts of samples and tokens are summed over the ranks (one collective at each log)
+    and the saved fractions computed from the sums: every rank logs the run's figures.
 Checkpoints and resume
     ``_save_checkpoint`` writes ``selector.state_dict()`` to ``geko_selector.pt`` in the
     checkpoint folder (``geko_selector_rank<r>.pt`` per rank under DDP), through a temporary
@@ -92,7 +95,6 @@ Checkpoints and resume
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -103,15 +105,24 @@ import torch
 
 try:
     import transformers
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "geko_core.integrations.hf needs transformers (and accelerate): pip install 'geko_core[hf]'"
     ) from error
 
-from ..checkpoint import load_verified, save_verified
 from ..selector import Selector
-from ._common import flat_metrics, from_storable, to_storable
+from ._common import flat_metrics, global_metrics
+from ._hf_data import (
+    GEKO_INDEX_KEY,
+    GekoIndexCollator,
+    GekoIndexedDataset,
+    load_selector_state,
+    save_selector_state,
+    selector_state_file,
+)
+from ._hf_model import bound_argument, is_causal_lm, output_head, passthrough
+from ._hf_selector import GekoStepCallback, build_selector, check_selector
 
 __all__ = [
     "GEKO_INDEX_KEY",
@@ -124,114 +135,6 @@ __all__ = [
     "save_selector_state",
     "selector_state_file",
 ]
-
-#: Name of the field that carries each example's dataset index through the collator.
-GEKO_INDEX_KEY = "geko_index"
-_STATE_FILE = "geko_selector.pt"
-
-
-# -- data -------------------------------------------------------------------------------------
-class GekoIndexedDataset(torch.utils.data.Dataset):
-    """A map-style dataset of dict items, each with its index added as ``"geko_index"``.
-
-    Args:
-        dataset: map-style dataset (``__getitem__`` and ``__len__``) whose items are mappings,
-            e.g. ``{"input_ids": [...], "labels": [...]}`` or a ``datasets.Dataset``.
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not (
-            hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
-        ):
-            raise TypeError(
-                f"GekoTrainer needs a map-style train_dataset (with __getitem__ and __len__), got {type(dataset).__name__}"
-            )
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        if not isinstance(item, Mapping):
-            raise TypeError(
-                f"GekoTrainer needs dataset items that are mappings (e.g. {{'input_ids': ..., 'labels': ...}}), "
-                f"got {type(item).__name__} at index {index}"
-            )
-        if GEKO_INDEX_KEY in item:
-            raise ValueError(f"dataset items already hold a {GEKO_INDEX_KEY!r} field; rename it")
-        return {**item, GEKO_INDEX_KEY: int(index)}
-
-
-class GekoIndexCollator:
-    """Wraps a data collator: takes ``"geko_index"`` out of the features, collates the rest
-    with ``collator``, and returns the batch with ``"geko_index"`` as an int64 ``[B]`` tensor.
-    Features without the field (evaluation sets) pass through unchanged."""
-
-    def __init__(self, collator: Callable[[list], Any]) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list) -> Any:
-        if not features or not isinstance(features[0], Mapping) or GEKO_INDEX_KEY not in features[0]:
-            return self.collator(features)
-        indices = torch.tensor([int(f[GEKO_INDEX_KEY]) for f in features], dtype=torch.int64)
-        batch = self.collator([{k: v for k, v in f.items() if k != GEKO_INDEX_KEY} for f in features])
-        batch[GEKO_INDEX_KEY] = indices
-        return batch
-
-
-# -- checkpoint files ---------------------------------------------------------------------------
-def selector_state_file(checkpoint_dir: str, rank: int = 0, world_size: int = 1) -> str:
-    """Path of the Selector's state in a Trainer checkpoint folder."""
-    name = _STATE_FILE if world_size <= 1 else f"geko_selector_rank{rank}.pt"
-    return os.path.join(checkpoint_dir, name)
-
-
-def save_selector_state(selector: Selector, path: str) -> None:
-    """Write ``selector.state_dict()`` to ``path`` atomically (temporary file + ``os.replace``).
-
-    The state's position counts the samples training consumed, not those a DataLoader
-    prefetched, so a resume continues with the next batch training would have seen.
-    """
-    state = selector.state_dict()
-    # Atomic (temporary file, fsync, rename) and checksummed: a torn or bit-flipped file is
-    # refused by load_selector_state instead of resuming from silently wrong state.
-    save_verified(to_storable(state), path)
-
-
-def load_selector_state(selector: Selector, path: str) -> None:
-    """Restore a state written by :func:`save_selector_state` into ``selector``.
-
-    Raises:
-        FileNotFoundError: no state at ``path`` (a checkpoint written without GekoTrainer?).
-        ValueError: the state belongs to another data set, policy or rank layout, or the
-            file is truncated or corrupt (checksum mismatch); the Selector is then unchanged.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no Selector state at {path}: this checkpoint was not written by GekoTrainer, so it cannot resume the selection exactly"
-        )
-    selector.load_state_dict(from_storable(load_verified(path)))
-
-
-# -- callback -----------------------------------------------------------------------------------
-class _GekoStepCallback(TrainerCallback):
-    """Counts optimizer steps for the Selector and keeps ``state.epoch`` truthful."""
-
-    def __init__(self, trainer: "GekoTrainerMixin") -> None:
-        self._trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        selector = self._trainer._selector
-        if selector is not None:
-            selector.step()
-            state.epoch = selector.epoch_progress()
-            if selector.total_steps is None and control.should_training_stop and selector.epoch < selector.epochs:
-                # The Trainer's step estimate assumes epochs of N samples; the Selector's can be
-                # longer (HARD copies). The run ends with the Selector's last epoch, not there.
-                control.should_training_stop = False
-                state.max_steps = state.global_step + 1
-        return control
 
 
 # -- trainer ------------------------------------------------------------------------------------
@@ -304,7 +207,7 @@ class GekoTrainerMixin:
                 raise TypeError(f"{option} must be a bool, got {type(value).__name__}")
         if (geko_fused_head or geko_inplace_backward) and type(self)._geko_loss is not GekoTrainerMixin._geko_loss:
             raise ValueError(f"{name} computes its own loss: geko_fused_head and geko_inplace_backward are not supported")
-        train_dataset = _bound_argument(super().__init__, args, kwargs, "train_dataset")
+        train_dataset = bound_argument(super().__init__, args, kwargs, "train_dataset")
         if train_dataset is not None:
             GekoIndexedDataset(train_dataset)  # refuses iterable datasets before the Trainer does
         super().__init__(*args, **kwargs)
@@ -324,7 +227,7 @@ class GekoTrainerMixin:
             self._adopt(selector)
         # The Selector resumes at its own position; the Trainer must not fast-forward the data.
         self.args.ignore_data_skip = True
-        self.add_callback(_GekoStepCallback(self))
+        self.callback_handler.callbacks.insert(0, GekoStepCallback(self))
 
     # -- the Selector ---------------------------------------------------------------------------
     @property
@@ -337,73 +240,18 @@ class GekoTrainerMixin:
     def _build_selector(self) -> Selector:
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs a train_dataset to build its Selector")
-        args = self.args
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        if args.max_steps > 0:
-            length = {"total_steps": int(args.max_steps)}
-        else:
-            length = {"epochs": self._whole_epochs()}
-        return Selector(
-            len(self.train_dataset),
-            policy=self._geko_policy,
-            seed=int(seed),
-            config=self._geko_config,
-            policy_options=self._geko_options,
-            num_replicas=max(int(args.world_size), 1),
-            rank=int(args.process_index) if args.world_size > 1 else 0,
-            batch_size=self._train_batch_size,
-            drop_last=bool(args.dataloader_drop_last),
-            **length,
-            **self._geko_selector_options(),
+        return build_selector(
+            self.args, len(self.train_dataset), self._train_batch_size, type(self).__name__, policy=self._geko_policy,
+            config=self._geko_config, policy_options=self._geko_options, **self._geko_selector_options(),
         )
 
     def _geko_selector_options(self) -> dict[str, Any]:
         """Further keyword arguments of the Selector built by default (e.g. ``sample_tokens``)."""
         return {}
 
-    def _whole_epochs(self) -> int:
-        epochs = self.args.num_train_epochs
-        if epochs <= 0 or float(epochs) != int(epochs):
-            raise ValueError(
-                f"{type(self).__name__} plans whole epochs: num_train_epochs must be a positive integer (got {epochs}); "
-                "or set max_steps to train for a number of optimizer steps"
-            )
-        return int(epochs)
-
     def _adopt(self, selector: Selector) -> None:
-        if selector.policy.meta_batch:
-            raise ValueError(
-                f"policy {selector.policy.name!r} selects inside a forwarded meta-batch, which {type(self).__name__} does not do; "
-                "use 'geko', 'infobatch', 'uniform' or 'random_subset'"
-            )
-        if self.train_dataset is not None and selector.num_samples != len(self.train_dataset):
-            raise ValueError(
-                f"the Selector has {selector.num_samples} samples but train_dataset has {len(self.train_dataset)}"
-            )
-        args = self.args
-        if args.max_steps > 0:
-            if selector.total_steps != args.max_steps:
-                raise ValueError(
-                    f"with max_steps={args.max_steps} the Selector must be built with total_steps={args.max_steps}, "
-                    f"got total_steps={selector.total_steps}, epochs={selector.epochs}"
-                )
-        elif selector.epochs != self._whole_epochs():
-            raise ValueError(
-                f"the Selector plans epochs={selector.epochs} (total_steps={selector.total_steps}) but "
-                f"num_train_epochs={args.num_train_epochs}"
-            )
-        if args.dataloader_drop_last and (not selector.drop_last or selector.batch_size != self._train_batch_size):
-            raise ValueError(
-                f"dataloader_drop_last=True: build the Selector with batch_size={self._train_batch_size}, drop_last=True "
-                f"(got batch_size={selector.batch_size}, drop_last={selector.drop_last}) so that its epochs are whole batches"
-            )
-        world = max(int(args.world_size), 1)
-        if selector.num_replicas != world:
-            raise ValueError(f"the Selector shards over {selector.num_replicas} processes, the Trainer runs {world}")
-        if selector.step_count == 0:
-            # Count optimizer steps from the first one (the callback calls step()); otherwise the
-            # Selector counts one per micro-batch until the first explicit step.
-            selector.count_steps_explicitly()
+        size = None if self.train_dataset is None else len(self.train_dataset)
+        check_selector(selector, self.args, size, self._train_batch_size, type(self).__name__)
 
     # -- data -----------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
@@ -513,7 +361,7 @@ class GekoTrainerMixin:
     # -- loss -----------------------------------------------------------------------------------
     def _shift(self) -> bool:
         if self._geko_shift is None:
-            self._geko_shift = _is_causal_lm(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
+            self._geko_shift = is_causal_lm(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
         return self._geko_shift
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -535,7 +383,7 @@ class GekoTrainerMixin:
             # The model runs as usual (DDP and hooks included) with its output layer passed
             # through: "logits" are the last hidden states; the loss applies the head in chunks.
             head = output_head(model)
-            with _passthrough(head):
+            with passthrough(head):
                 outputs = model(**self._geko_model_inputs(inputs))
             extra["lm_head"] = head
         else:
@@ -587,8 +435,14 @@ class GekoTrainerMixin:
     # -- metrics and checkpoints ------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._selector is not None and ("loss" in logs or "train_loss" in logs):
-            logs = {**logs, **flat_metrics(self._selector.metrics())}
+            # Every rank logs at the same steps (the Trainer gathers the loss there too).
+            metrics = global_metrics(self._selector, self._geko_sum_over_ranks)
+            logs = {**logs, **flat_metrics(metrics)}
         super().log(logs, start_time)
+
+    def _geko_sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the processes (one collective)."""
+        return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum")
 
     def _save_checkpoint(self, model, trial) -> None:
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -634,73 +488,3 @@ class GekoTrainer(GekoTrainerMixin, Trainer):
     same way (``class MyGekoTrainer(GekoTrainerMixin, MyTrainer)``).
     """
 
-
-#: Model options that make the logits something other than ``lm_head(last hidden state)``.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def output_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """The output layer of a causal LM whose logits are exactly ``lm_head(last hidden
-    state)`` (LLaMA, Mistral, Qwen, GPT-2, GPT-NeoX, ... style), for ``geko_fused_head``.
-
-    Raises:
-        ValueError: no ``nn.Linear`` output layer, or a config that transforms the logits
-            (soft-capping, a logit scale).
-    """
-    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if hasattr(base, "get_base_model"):  # PEFT
-        base = base.get_base_model()
-    base = getattr(base, "_orig_mod", base)  # torch.compile
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(
-            f"geko_fused_head needs a model whose output layer is an nn.Linear (get_output_embeddings()); "
-            f"{type(base).__name__} has {type(head).__name__}"
-        )
-    config = getattr(base, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"geko_fused_head: {type(base).__name__} transforms its logits ({name}={value}), so they are not "
-                "lm_head(hidden states); train without geko_fused_head"
-            )
-    return head
-
-
-class _passthrough:
-    """Within the block, ``module(x)`` returns ``x`` (the module's parameters stay in place)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        self.module.forward = _identity  # an instance attribute shadows the class's forward
-
-    def __exit__(self, *exc: Any) -> None:
-        del self.module.forward
-
-
-def _identity(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return x
-
-
-def _is_causal_lm(model: torch.nn.Module) -> bool:
-    """A decoder-only language model (its labels are the inputs, shifted by one inside the loss)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    base = model
-    if hasattr(base, "get_base_model"):  # PEFT
-        base = base.get_base_model()
-    base = getattr(base, "_orig_mod", base)  # torch.compile
-    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
-        return False
-    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-
-
-def _bound_argument(init: Callable[..., Any], args: tuple, kwargs: dict[str, Any], name: str) -> Any:
-    """The value ``init(*args, **kwargs)`` would receive as ``name`` (None when it cannot tell)."""
-    try:
-        return inspect.signature(init).bind_partial(*args, **kwargs).arguments.get(name)
-    except (TypeError, ValueError):  # the Trainer class raises its own error for bad arguments
-        return None

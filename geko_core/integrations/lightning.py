@@ -44,8 +44,14 @@ Data loader and DDP
     Lightning wraps the sampler in a shuffling ``DistributedSamplerWrapper``, which the check
     refuses. The callback does not change the Trainer's settings itself. Lightning initialises
     ``torch.distributed`` only inside ``fit``, so a Selector built before it cannot see the
-    process layout: build the Trainer first and the Selector with
-    ``num_replicas=trainer.world_size, rank=trainer.global_rank`` (checked at ``setup``).
+    process layout: build the Trainer first, then the Selector with
+    ``num_replicas=trainer.world_size, rank=trainer.global_rank`` (checked at ``setup``), then
+    ``trainer.callbacks.append(GekoCallback(selector))``::
+
+        trainer = L.Trainer(max_epochs=E, strategy="ddp", devices=2, use_distributed_sampler=False)
+        selector = geko_core.Selector(len(ds), policy="geko", epochs=E, seed=0, explicit_steps=True,
+                                      batch_size=B, num_replicas=trainer.world_size, rank=trainer.global_rank)
+        trainer.callbacks.append(GekoCallback(selector))
 Epochs
     Lightning calls ``set_epoch`` on the sampler at every epoch start; the callback calls
     ``selector.set_epoch(trainer.current_epoch)`` too (for loaders whose sampler Lightning
@@ -74,11 +80,14 @@ Metrics
     scalars (bucket counts ``geko/bucket_<name>``, ``forwarded``, ``backpropagated``,
     ``saved_fraction``, ``epoch_length``, ...; strings such as the phase name are left out):
     after every ``trainer.log_every_n_steps``-th optimizer step and at each training epoch
-    end. ``GekoCallback(selector, log_metrics=False)`` turns this off. Under DDP each rank logs
-    its own counts (Lightning's loggers write rank 0's; the bucket counts are the same on every
-    rank).
+    end. ``GekoCallback(selector, log_metrics=False)`` turns this off. Under DDP the counts
+    (samples and tokens forwarded and back-propagated) are summed over the ranks and the saved
+    fractions computed from the sums, so every rank logs the run's figures (the bucket counts
+    are the same on every rank; the timings are each rank's own).
 Checkpoints
-    The callback's ``state_dict`` holds ``selector.state_dict()``; Lightning stores it in its
+    The callback's ``state_dict`` holds ``selector.state_dict()``, with the optimizer step of
+    the current batch counted even when a checkpoint callback that runs before this one saves
+    it (the callback's place in ``trainer.callbacks`` does not matter); Lightning stores it in its
     checkpoint under ``checkpoint["callbacks"]["GekoCallback"]`` (the ``state_key``) and hands
     it back to ``load_state_dict`` when ``trainer.fit(ckpt_path=...)`` restores callbacks,
     before it builds the training loader. Arrays are stored as tensors (the checkpoint loads
@@ -132,7 +141,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from ..checkpoint import content_crc32
 from ..selector import Selector
-from ._common import flat_metrics, from_storable, to_storable
+from ._common import flat_metrics, from_storable, global_metrics, to_storable
 
 __all__ = ["GekoCallback"]
 
@@ -160,6 +169,8 @@ class GekoCallback(Callback):
         self.selector = selector
         self.log_metrics = log_metrics
         self._counted_global_step = 0  # Lightning's optimizer steps already passed to selector.step()
+        self._counting = False  # inside fit, between on_train_start and on_train_end
+        self._logged_step = -1  # the global step whose metrics were logged last
         self._steps_checked = False
         self._refit_at_next_batch = False
         # state_dict() gets no trainer; a weak reference avoids a Trainer <-> callback cycle.
@@ -215,6 +226,8 @@ class GekoCallback(Callback):
                 "a Selector and a Trainer continue together only from the same checkpoint"
             )
         self._counted_global_step = trainer.global_step
+        self._logged_step = trainer.global_step
+        self._counting = True
         self._steps_checked = False
         if closing:
             # Lightning recognises the restored epoch as finished (saved at on_validation_end,
@@ -291,10 +304,7 @@ class GekoCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stepped = trainer.global_step - self._counted_global_step
-        for _ in range(stepped):
-            self.selector.step()
-        self._counted_global_step = trainer.global_step
+        self._count_steps(trainer)
         if not self._steps_checked:
             self._steps_checked = True
             step = self.selector.metrics().get("step")
@@ -304,18 +314,38 @@ class GekoCallback(Callback):
                     "steps: build the Selector with explicit_steps=True, so that only GekoCallback counts them"
                 )
         every = trainer.log_every_n_steps
-        if self.log_metrics and stepped and every and trainer.global_step % every == 0:
-            self._log(pl_module, on_step=True)
+        if self.log_metrics and every and trainer.global_step != self._logged_step and trainer.global_step % every == 0:
+            self._logged_step = trainer.global_step
+            self._log(trainer, pl_module, on_step=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._counting = False
+
+    def _count_steps(self, trainer: pl.Trainer) -> None:
+        """Call ``selector.step()`` for every optimizer step Lightning took since the last call.
+
+        Called at every ``on_train_batch_end`` and by :meth:`state_dict`: a callback that runs
+        before this one in ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``
+        when this callback was appended after the Trainer was built) saves the Selector with
+        the step it has just taken."""
+        stepped = trainer.global_step - self._counted_global_step
+        for _ in range(stepped):
+            self.selector.step()
+        self._counted_global_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_metrics:
-            self._log(pl_module, on_step=False)
+            self._log(trainer, pl_module, on_step=False)
 
-    def _log(self, pl_module: pl.LightningModule, *, on_step: bool) -> None:
-        metrics = flat_metrics(self.selector.metrics(), numeric_only=True)
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, on_step: bool) -> None:
+        # Every rank logs at the same points (same global step, same epoch end).
+        metrics = global_metrics(self.selector, lambda values: trainer.strategy.reduce(values.to(pl_module.device), reduce_op="sum"))
+        # The figures are the same on every rank now: the epoch-level values are synced with
+        # "max", which leaves them as they are (and keeps Lightning from warning that they are not).
         pl_module.log_dict(
-            {name: float(value) for name, value in metrics.items()},
+            {name: float(value) for name, value in flat_metrics(metrics, numeric_only=True).items()},
             on_step=on_step, on_epoch=not on_step, prog_bar=False, logger=True, batch_size=1,
+            sync_dist=not on_step, reduce_fx="max",
         )
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -323,6 +353,9 @@ class GekoCallback(Callback):
         """Every rank's Selector state (arrays as tensors, each with its CRC32) and the epoch
         Lightning resumes in. Under DDP this gathers from all ranks: Lightning calls it on
         every rank when it writes a checkpoint."""
+        trainer = self._trainer
+        if self._counting and trainer is not None:
+            self._count_steps(trainer)  # this batch's optimizer step, when saved before on_train_batch_end
         state = self.selector.state_dict()
         states = [state]
         world = getattr(self.selector, "num_replicas", 1)

@@ -56,9 +56,16 @@ Loss
     cross-entropy with importance weights, from the same pass as the statistics: with the
     ``uniform`` policy it is TRL's ``"nll"`` loss (same ``num_items_in_batch`` scaling under
     gradient accumulation and DDP). TRL's fused LM head (which never materialises the logits)
-    is used only for evaluation: the statistics need the logits. TRL's training metrics
-    ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are computed from the same
-    statistics. ``overhead_seconds`` counts the Selector's ``weights``/``observe_stats`` calls,
+    is used only for evaluation: the statistics need the logits.
+Metrics
+    TRL's training metrics are those SFTTrainer logs, computed from the same statistics:
+    ``entropy`` (the mean over the counted target tokens of the entropy, in nats, of the
+    model's next-token distribution), ``mean_token_accuracy`` (the share of those tokens whose
+    argmax is the target), both as token means over all ranks per micro-batch averaged over
+    the logging interval, and ``num_tokens``. They stay on the device during training and are
+    read, and summed over the ranks, only when the Trainer logs: no host synchronisation per
+    step (the batch's dataset indices travel as a host array, ``"geko_index_host"``). Under
+    DDP the ``geko/...`` counts and saved fractions are the run's (summed over the ranks). ``overhead_seconds`` counts the Selector's ``weights``/``observe_stats`` calls,
     not the fused loss, which replaces TRL's own. The Selector is given each example's
     counted target tokens (``sample_tokens``), so token budgets work and the metrics report
     ``saved_token_fraction``.
@@ -105,6 +112,9 @@ __all__ = ["GEKO_SEGMENT_KEY", "GekoSFTCollator", "GekoSFTTrainer"]
 #: Batch field of a packed row: for every token, the position in the batch (0..B-1) of the
 #: sample it belongs to, -1 for padding. int64 ``[1, T]``.
 GEKO_SEGMENT_KEY = "geko_segment"
+# The batch's dataset indices as a numpy array: the data loader moves tensors to the device,
+# and the Selector's weights and observe_stats would read a device index back every step.
+_HOST_INDEX_KEY = "geko_index_host"
 _MASK_FIELDS = ("completion_mask", "assistant_masks")
 
 
@@ -113,7 +123,8 @@ class GekoSFTCollator(GekoIndexCollator):
     """:class:`~geko_core.integrations.hf.GekoIndexCollator` that also says which sample each
     token of a packed row belongs to.
 
-    When the wrapped collator puts the batch's samples into a single padding-free row (TRL's
+    Every batch also carries its indices as an int64 numpy array (``"geko_index_host"``),
+    which the data loader leaves on the host. When the wrapped collator puts the batch's samples into a single padding-free row (TRL's
     collator with ``padding_free=True``, which packing uses), the batch gets
     ``"geko_segment"``: int64 ``[1, T]``, the sample's position in the batch for each of its
     tokens, in feature order, and -1 on trailing padding. One sample per row needs nothing.
@@ -128,6 +139,7 @@ class GekoSFTCollator(GekoIndexCollator):
         batch = super().__call__(features)
         if not features or not isinstance(features[0], Mapping) or GEKO_INDEX_KEY not in features[0]:
             return batch
+        batch[_HOST_INDEX_KEY] = batch[GEKO_INDEX_KEY].numpy().copy()
         seq_lengths = features[0].get("seq_lengths")
         if seq_lengths is not None and any(len(f["seq_lengths"]) > 1 for f in features):
             raise ValueError(
@@ -201,12 +213,17 @@ class GekoSFTTrainer(GekoTrainerMixin, SFTTrainer):
         selector: the Selector over ``len(trainer.train_dataset)`` prepared examples.
     """
 
-    _geko_batch_keys = (GEKO_INDEX_KEY, GEKO_SEGMENT_KEY)
+    _geko_batch_keys = (GEKO_INDEX_KEY, GEKO_SEGMENT_KEY, _HOST_INDEX_KEY)
     _geko_collator_class = GekoSFTCollator
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._geko_refuse_unsupported()
+        # Per micro-batch since the last log: valid tokens, entropy and correct tokens summed
+        # over them (on the device), and the batch's tokens (its attention mask's sum on the
+        # device, or a padding-free row's width as a host int).
+        self._geko_sft_sums: list[torch.Tensor] = []
+        self._geko_batch_tokens: list[torch.Tensor | int] = []
 
     def _geko_refuse_unsupported(self) -> None:
         args = self.args
@@ -270,35 +287,57 @@ class GekoSFTTrainer(GekoTrainerMixin, SFTTrainer):
         self, logits: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, inputs: Mapping[str, Any], *, reduction: str
     ) -> torch.Tensor:
         selector = self.selector
-        shift = self._shift()
-        weights = selector.weights(idx.detach().cpu()).to(logits.device)
+        host_idx = inputs[_HOST_INDEX_KEY]
+        weights = selector.weights(host_idx).to(logits.device, non_blocking=True)
         segments = inputs.get(GEKO_SEGMENT_KEY)
         # A packed row: one statistics entry, weight and loss share per sample of the batch.
         packing = {} if segments is None else {"segments": segments.to(logits.device), "num_segments": weights.shape[0]}
         loss, stats = cross_entropy_with_stats(
-            logits, labels, shift=shift, sample_weight=weights, reduction=reduction,
+            logits, labels, shift=self._shift(), sample_weight=weights, reduction=reduction,
             config=selector.config, backend=selector.backend, **packing,
         )
-        selector.observe_stats(idx, stats)
+        selector.observe_stats(host_idx, stats)
         self._geko_record_sft_metrics(inputs, stats)
         return loss
 
+    # -- metrics --------------------------------------------------------------------------------
     def _geko_record_sft_metrics(self, inputs: Mapping[str, Any], stats: SampleStats) -> None:
         """SFTTrainer's training metrics (entropy, mean_token_accuracy, num_tokens), from the
-        statistics instead of its fused LM head's outputs."""
-        metrics = self._metrics["train"]
-        gather = self.accelerator.gather_for_metrics
+        statistics instead of its fused LM head's outputs. Kept on the device: read (and
+        summed over the ranks) when the Trainer logs, not at every step."""
         valid = stats.valid
         tokens = torch.where(valid, stats.valid_tokens, 0).to(torch.float64)
-        num_valid = gather(tokens.sum()).sum()
-        entropy_sum = gather(torch.where(valid, stats.entropy.double(), 0.0).mul(tokens).sum()).sum()
-        correct_sum = gather(torch.where(valid, stats.correct.double(), 0.0).mul(tokens).sum()).sum()
-        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
-        metrics["mean_token_accuracy"].append((correct_sum / num_valid).item() if num_valid > 0 else 0.0)
+        entropy = torch.where(valid, stats.entropy.double(), 0.0).mul(tokens).sum()
+        correct = torch.where(valid, stats.correct.double(), 0.0).mul(tokens).sum()
+        self._geko_sft_sums.append(torch.stack([tokens.sum(), entropy, correct]))
         if "attention_mask" in inputs:
-            batch_tokens = gather(inputs["attention_mask"].sum()).sum().item()
-        else:
-            ids = inputs["input_ids"]
-            batch_tokens = gather(torch.tensor(ids.shape[1], device=ids.device)).sum().item()
-        self._total_train_tokens += batch_tokens // self._tp_size
+            self._geko_batch_tokens.append(inputs["attention_mask"].sum())
+        else:  # padding-free: every position of the row is a token
+            self._geko_batch_tokens.append(int(inputs["input_ids"].shape[1]))
+
+    def _geko_flush_sft_metrics(self) -> None:
+        """Put the micro-batches' figures since the last log into SFTTrainer's ``_metrics``, as
+        SFTTrainer would have put them at each step: per micro-batch, the token mean over all
+        ranks (0 without tokens); ``num_tokens`` the running total of every rank's tokens."""
+        metrics = self._metrics["train"]
+        if self._geko_sft_sums:
+            sums = self._geko_sum_over_ranks(torch.stack(self._geko_sft_sums)).cpu().tolist()
+            self._geko_sft_sums.clear()
+            for valid, entropy, correct in sums:
+                metrics["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                metrics["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+        if self._geko_batch_tokens:
+            entries, self._geko_batch_tokens = self._geko_batch_tokens, []
+            on_device = [e for e in entries if isinstance(e, torch.Tensor)]
+            read = iter(torch.stack(on_device).double().cpu().tolist() if on_device else [])
+            local = torch.tensor([next(read) if isinstance(e, torch.Tensor) else float(e) for e in entries], dtype=torch.float64)
+            counts = self._geko_sum_over_ranks(local).cpu().tolist()
+            self._total_train_tokens += sum(int(c) // self._tp_size for c in counts)
         metrics["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Every rank logs at the same points (the Trainer gathers the loss there), so the
+        # collective in the flush lines up.
+        if self._geko_sft_sums or self._geko_batch_tokens:
+            self._geko_flush_sft_metrics()
+        super().log(logs, start_time)
