@@ -1,0 +1,142 @@
+"""``rl-algo``'s settings per scale, its supervised warm start and its held-out evaluation.
+
+The warm start fine-tunes a fresh ``TinyLM`` on a share of the training prompts with their
+answers (``sft_fraction``) for ``sft_steps`` steps, so that at the start of RL the training
+prompts' pass rates over ``G`` samples span the whole range: some solved nearly always, many
+sometimes, some never. The warm-started weights are kept in memory per (settings, seed).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+
+from .rl_data import END, MAX_ANSWER, PAD, PROMPT_LEN, RLData, RLSplit, encode, make_rl_data
+from .rl_model import TinyLM, generate, supervised_loss
+
+__all__ = ["SCALES", "RLConfig", "answer_tokens", "evaluate", "load_data", "warm_start"]
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """Every setting of one ``rl-algo`` run (the selection policy aside)."""
+
+    num_train: int
+    num_validation: int
+    num_test: int
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    #: warm start: share of the training prompts fine-tuned on, steps, batch, learning rate
+    sft_fraction: float = 0.5
+    sft_steps: int = 300
+    sft_batch: int = 32
+    sft_lr: float = 3e-3
+    #: GRPO: epochs over the training prompts, prompts per step, rollouts per prompt
+    epochs: int = 20
+    batch_prompts: int = 32
+    G: int = 8
+    lr: float = 5e-4
+    clip_eps: float = 0.2
+    inner_updates: int = 1
+    grad_clip: float = 1.0
+    #: held-out curve point every this many trained steps; samples per prompt in evaluation
+    eval_every: int = 10
+    eval_G: int = 8
+
+    def with_(self, **changes) -> "RLConfig":
+        return replace(self, **changes)
+
+
+SCALES: dict[str, RLConfig] = {
+    "smoke": RLConfig(num_train=48, num_validation=24, num_test=24, width=32, sft_steps=40, epochs=2, batch_prompts=8, eval_every=4),
+    "quick": RLConfig(num_train=600, num_validation=240, num_test=300),
+    "default": RLConfig(num_train=1200, num_validation=480, num_test=600, epochs=30, eval_every=20),
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _data(num_train: int, num_validation: int, num_test: int) -> RLData:
+    return make_rl_data(num_train, num_validation, num_test, seed=0)
+
+
+def load_data(cfg: RLConfig) -> RLData:
+    """The prompts of ``cfg``'s sizes (data seed 0 at every run seed, as the fine-tuning tasks)."""
+    return _data(cfg.num_train, cfg.num_validation, cfg.num_test)
+
+
+def answer_tokens(split: RLSplit, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``[n, MAX_ANSWER]`` reference completions (answer, ``END``, ``PAD``) and their
+    lengths."""
+    out = torch.full((len(idx), MAX_ANSWER), PAD, dtype=torch.int64)
+    lengths = torch.empty(len(idx), dtype=torch.int64)
+    for row, i in enumerate(idx):
+        ids = encode(split.answers[int(i)]) + [END]
+        out[row, : len(ids)] = torch.tensor(ids)
+        lengths[row] = len(ids)
+    return out, lengths
+
+
+_WARM: dict[tuple, dict[str, torch.Tensor]] = {}
+_WARM_FIELDS = ("num_train", "num_validation", "num_test", "width", "layers", "heads", "sft_fraction", "sft_steps", "sft_batch", "sft_lr")
+
+
+def warm_start(cfg: RLConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The warm-started weights for ``cfg`` and ``seed`` (a copy; computed once per process)."""
+    key = (tuple(asdict(cfg)[f] for f in _WARM_FIELDS), int(seed))
+    if key not in _WARM:
+        data = load_data(cfg)
+        torch.manual_seed(seed)
+        model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
+        rng = np.random.default_rng([seed, 5])
+        n = len(data.train)
+        chosen = rng.permutation(n)[: max(1, int(round(cfg.sft_fraction * n)))]
+        completions, lengths = answer_tokens(data.train, chosen)
+        prompts = torch.from_numpy(data.train.prompts[chosen])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+        for step in range(cfg.sft_steps):
+            batch = torch.from_numpy(rng.choice(len(chosen), size=min(cfg.sft_batch, len(chosen)), replace=False))
+            loss = supervised_loss(model, prompts[batch], completions[batch], lengths[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        _WARM[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.clone() for k, v in _WARM[key].items()}
+
+
+@torch.no_grad()
+def split_figures(model: TinyLM, split: RLSplit, families: tuple[str, ...], G: int, generator: torch.Generator | None, *, chunk: int = 256) -> dict:
+    """Greedy exact match and reward; with a ``generator``, also the mean reward and the pass
+    rates over ``G`` samples at temperature 1, overall and per family."""
+    n = len(split)
+    greedy = np.empty(n, dtype=np.float32)
+    sampled = np.empty((n, G), dtype=np.float32) if generator is not None else None
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(n, start + chunk))
+        prompts = torch.from_numpy(split.prompts[idx])
+        out = generate(model, prompts, 1, max_new_tokens=MAX_ANSWER, greedy=True)
+        greedy[idx] = split.rewards(idx, out.tokens.numpy())[:, 0]
+        if sampled is not None:
+            out = generate(model, prompts, G, max_new_tokens=MAX_ANSWER, generator=generator)
+            sampled[idx] = split.rewards(idx, out.tokens.numpy())
+
+    def figures(mask: np.ndarray) -> dict:
+        f = {"exact_%": 100.0 * float((greedy[mask] == 1.0).mean()), "greedy_reward": float(greedy[mask].mean())}
+        if sampled is not None:
+            rates = sampled[mask].mean(axis=1)
+            f.update(sampled_reward=float(rates.mean()), never_solved=float((rates == 0).mean()), always_solved=float((rates == 1).mean()))
+        return f
+
+    result = figures(np.ones(n, dtype=bool))
+    result["families"] = {name: figures(split.family == k) for k, name in enumerate(families)}
+    return result
+
+
+def evaluate(model: TinyLM, data: RLData, cfg: RLConfig, seed: int, *, sampled: bool = True, splits: tuple[str, ...] = ("validation", "test")) -> dict:
+    """Held-out figures per split (``split_figures``); the sampling generator is seeded from
+    ``seed`` alone, so evaluations do not disturb the training's random streams."""
+    generator = torch.Generator().manual_seed(int(seed) * 104729 + 17) if sampled else None
+    return {s: split_figures(model, getattr(data, s), data.families, cfg.eval_G, generator) for s in splits}
