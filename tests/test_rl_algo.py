@@ -51,11 +51,14 @@ def test_rewards_hand_computed():
 
 
 def test_data_answers_and_splits_disjoint():
-    data = make_rl_data(120, 36, 60, seed=3)
-    texts = {s: set(getattr(data, s).text) for s in ("train", "validation", "test")}
-    assert len(texts["train"]) == 120 and len(texts["validation"]) == 36 and len(texts["test"]) == 60
-    assert not texts["test"] & texts["train"] and not texts["test"] & texts["validation"] and not texts["train"] & texts["validation"]
-    for split in (data.train, data.test):
+    data = make_rl_data(120, 36, 60, num_warmup=240, seed=3)
+    names = ("train", "validation", "test", "warmup")
+    texts = {s: set(getattr(data, s).text) for s in names}
+    assert [len(texts[s]) for s in names] == [120, 36, 60, 240]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not texts[a] & texts[b], (a, b)
+    for split in (data.train, data.test, data.warmup):
         assert split.prompts.shape[1] == PROMPT_LEN
         for i in range(len(split)):
             assert decode(split.prompts[i]) == split.text[i]
@@ -67,9 +70,9 @@ def test_data_answers_and_splits_disjoint():
             if prompt.startswith("srt "):
                 assert answer == "".join(sorted(prompt[4:-1]))
     assert np.bincount(data.train.family, minlength=len(FAMILIES)).tolist() == [20] * len(FAMILIES)
-    again = make_rl_data(120, 36, 60, seed=3)
-    assert again.train.text == data.train.text and again.test.text == data.test.text
-    assert make_rl_data(120, 36, 60, seed=4).train.text != data.train.text
+    again = make_rl_data(120, 36, 60, num_warmup=240, seed=3)
+    assert again.train.text == data.train.text and again.test.text == data.test.text and again.warmup.text == data.warmup.text
+    assert make_rl_data(120, 36, 60, num_warmup=240, seed=4).train.text != data.train.text
     with pytest.raises(IndexError):
         data.train.reward(120, _completion("1"))
 

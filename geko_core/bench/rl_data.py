@@ -10,9 +10,9 @@ Families (``FAMILIES``), generated from a seed, each prompt unique across the sp
 
 * ``max``: ``max 3917=`` → ``9`` (largest digit of 4–6 digits);
 * ``cnt``: ``#a abcaab=`` → ``3`` (occurrences of a letter in a word over ``abcd``);
-* ``rev``: ``rev abcd=`` → ``dcba`` (3–6 letters);
-* ``add``: ``47+38=`` → ``85`` (two numbers below 100);
-* ``mul``: ``47*8=`` → ``376`` (two digits times one);
+* ``rev``: ``rev abcd=`` → ``dcba`` (3–5 letters of ``a``–``h``);
+* ``add``: ``47+8=`` → ``55`` (a number below 100 plus a digit);
+* ``mul``: ``47*8=`` → ``376`` (a number from 2 to 99 times a digit from 2);
 * ``srt`` (graded): ``srt 3141=`` → ``1134``, reward the share of positions right
   (``graded_reward``); every other family is exact-answer 0/1.
 
@@ -65,7 +65,7 @@ def encode(text: str) -> list[int]:
 
 
 def decode(tokens: Sequence[int]) -> str:
-    """The text before the first ``END`` (``PAD`` skipped); ``None``-free even if no end."""
+    """The text of ``tokens`` before the first ``END`` (``PAD`` skipped), for reading."""
     out = []
     for t in tokens:
         t = int(t)
@@ -104,17 +104,17 @@ def _fam_cnt(rng: np.random.Generator) -> tuple[str, str]:
 
 
 def _fam_rev(rng: np.random.Generator) -> tuple[str, str]:
-    word = "".join(chr(97 + int(i)) for i in rng.integers(0, 26, size=int(rng.integers(3, 7))))
+    word = "".join(chr(97 + int(i)) for i in rng.integers(0, 8, size=int(rng.integers(3, 6))))
     return f"rev {word}=", word[::-1]
 
 
 def _fam_add(rng: np.random.Generator) -> tuple[str, str]:
-    a, b = (int(v) for v in rng.integers(0, 100, size=2))
+    a, b = int(rng.integers(0, 100)), int(rng.integers(0, 10))
     return f"{a}+{b}=", str(a + b)
 
 
 def _fam_mul(rng: np.random.Generator) -> tuple[str, str]:
-    a, b = int(rng.integers(10, 100)), int(rng.integers(2, 10))
+    a, b = int(rng.integers(2, 100)), int(rng.integers(2, 10))
     return f"{a}*{b}=", str(a * b)
 
 
@@ -217,6 +217,8 @@ class RLData:
     train: RLSplit
     validation: RLSplit
     test: RLSplit
+    #: prompts of the supervised warm start only (disjoint from the other three)
+    warmup: RLSplit
     families: tuple[str, ...]
 
 
@@ -231,24 +233,27 @@ def _encode_split(items: list[tuple[str, str, int]]) -> RLSplit:
     return RLSplit(prompts, [a for _, a, _ in items], np.array([f for _, _, f in items], dtype=np.int64), [p for p, _, _ in items])
 
 
-def make_rl_data(num_train: int, num_validation: int, num_test: int, *, seed: int = 0) -> RLData:
-    """Balanced families, every prompt unique across the three splits.
+def make_rl_data(num_train: int, num_validation: int, num_test: int, *, num_warmup: int = 0, seed: int = 0) -> RLData:
+    """Balanced families, every prompt unique across the four splits.
 
     Each family draws a pool of distinct prompts from one generator seeded with ``seed``; the
-    test split takes the first share, then validation, then training, so no test prompt is
-    in training or validation. Splits are shuffled deterministically in ``seed``.
+    test split takes the first share, then validation, then training, then the warm-up
+    prompts (the supervised warm start's, ``num_warmup``, none by default), so no test prompt
+    is in any other split. Splits are shuffled deterministically in ``seed``.
 
     Raises:
         ValueError: a split smaller than the number of families, or a family with too few
             distinct prompts.
     """
     k = len(FAMILIES)
+    if num_warmup and num_warmup < k:
+        raise ValueError(f"num_warmup must be 0 or at least the number of families ({k}), got {num_warmup}")
     for value, label in ((num_train, "num_train"), (num_validation, "num_validation"), (num_test, "num_test")):
         if value < k:
             raise ValueError(f"{label} must be at least the number of families ({k}), got {value}")
     rng = np.random.default_rng(seed)
-    splits: dict[str, list[tuple[str, str, int]]] = {"test": [], "validation": [], "train": []}
-    sizes = {"test": num_test, "validation": num_validation, "train": num_train}
+    splits: dict[str, list[tuple[str, str, int]]] = {"test": [], "validation": [], "train": [], "warmup": []}
+    sizes = {"test": num_test, "validation": num_validation, "train": num_train, "warmup": num_warmup}
     for fam, make in enumerate(FAMILIES.values()):
         wanted = {s: n // k + (1 if fam < n % k else 0) for s, n in sizes.items()}
         total = sum(wanted.values())
@@ -264,7 +269,7 @@ def make_rl_data(num_train: int, num_validation: int, num_test: int, *, seed: in
         else:
             raise ValueError(f"family {_NAMES[fam]!r} has fewer than {total} distinct prompts")
         start = 0
-        for split in ("test", "validation", "train"):
+        for split in ("test", "validation", "train", "warmup"):
             splits[split] += pool[start : start + wanted[split]]
             start += wanted[split]
     order = np.random.default_rng([seed, 1])
@@ -273,5 +278,6 @@ def make_rl_data(num_train: int, num_validation: int, num_test: int, *, seed: in
         train=_encode_split(shuffled["train"]),
         validation=_encode_split(shuffled["validation"]),
         test=_encode_split(shuffled["test"]),
+        warmup=_encode_split(shuffled["warmup"]),
         families=_NAMES,
     )

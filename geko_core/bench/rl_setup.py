@@ -1,7 +1,8 @@
 """``rl-algo``'s settings per scale, its supervised warm start and its held-out evaluation.
 
-The warm start fine-tunes a fresh ``TinyLM`` on a share of the training prompts with their
-answers (``sft_fraction``) for ``sft_steps`` steps, so that at the start of RL the training
+The warm start fine-tunes a fresh ``TinyLM`` on the warm-up prompts with their answers
+(``num_warmup``, disjoint from the RL training, validation and test prompts) for
+``sft_steps`` steps, so that at the start of RL the training
 prompts' pass rates over ``G`` samples span the whole range: some solved nearly always, many
 sometimes, some never. The warm-started weights are kept in memory per (settings, seed).
 """
@@ -27,12 +28,13 @@ class RLConfig:
     num_train: int
     num_validation: int
     num_test: int
+    #: prompts of the supervised warm start (a split of their own)
+    num_warmup: int = 2400
     width: int = 64
     layers: int = 2
     heads: int = 4
-    #: warm start: share of the training prompts fine-tuned on, steps, batch, learning rate
-    sft_fraction: float = 0.5
-    sft_steps: int = 300
+    #: warm start: steps, batch, learning rate
+    sft_steps: int = 200
     sft_batch: int = 32
     sft_lr: float = 3e-3
     #: GRPO: epochs over the training prompts, prompts per step, rollouts per prompt
@@ -52,20 +54,20 @@ class RLConfig:
 
 
 SCALES: dict[str, RLConfig] = {
-    "smoke": RLConfig(num_train=48, num_validation=24, num_test=24, width=32, sft_steps=40, epochs=2, batch_prompts=8, eval_every=4),
+    "smoke": RLConfig(num_train=48, num_validation=24, num_test=24, num_warmup=120, width=32, sft_steps=40, epochs=2, batch_prompts=8, eval_every=4),
     "quick": RLConfig(num_train=600, num_validation=240, num_test=300),
     "default": RLConfig(num_train=1200, num_validation=480, num_test=600, epochs=30, eval_every=20),
 }
 
 
 @functools.lru_cache(maxsize=4)
-def _data(num_train: int, num_validation: int, num_test: int) -> RLData:
-    return make_rl_data(num_train, num_validation, num_test, seed=0)
+def _data(num_train: int, num_validation: int, num_test: int, num_warmup: int) -> RLData:
+    return make_rl_data(num_train, num_validation, num_test, num_warmup=num_warmup, seed=0)
 
 
 def load_data(cfg: RLConfig) -> RLData:
     """The prompts of ``cfg``'s sizes (data seed 0 at every run seed, as the fine-tuning tasks)."""
-    return _data(cfg.num_train, cfg.num_validation, cfg.num_test)
+    return _data(cfg.num_train, cfg.num_validation, cfg.num_test, cfg.num_warmup)
 
 
 def answer_tokens(split: RLSplit, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +83,7 @@ def answer_tokens(split: RLSplit, idx: np.ndarray) -> tuple[torch.Tensor, torch.
 
 
 _WARM: dict[tuple, dict[str, torch.Tensor]] = {}
-_WARM_FIELDS = ("num_train", "num_validation", "num_test", "width", "layers", "heads", "sft_fraction", "sft_steps", "sft_batch", "sft_lr")
+_WARM_FIELDS = ("num_train", "num_validation", "num_test", "num_warmup", "width", "layers", "heads", "sft_steps", "sft_batch", "sft_lr")
 
 
 def warm_start(cfg: RLConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -92,10 +94,9 @@ def warm_start(cfg: RLConfig, seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
         model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
         rng = np.random.default_rng([seed, 5])
-        n = len(data.train)
-        chosen = rng.permutation(n)[: max(1, int(round(cfg.sft_fraction * n)))]
-        completions, lengths = answer_tokens(data.train, chosen)
-        prompts = torch.from_numpy(data.train.prompts[chosen])
+        chosen = np.arange(len(data.warmup))
+        completions, lengths = answer_tokens(data.warmup, chosen)
+        prompts = torch.from_numpy(data.warmup.prompts)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
         for step in range(cfg.sft_steps):
             batch = torch.from_numpy(rng.choice(len(chosen), size=min(cfg.sft_batch, len(chosen)), replace=False))
