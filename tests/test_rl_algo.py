@@ -191,7 +191,12 @@ def test_run_rl_smoke_is_deterministic_and_counts():
     again = run_rl("full", 0, "smoke")
     for key in ("rollout_tokens", "trained_tokens", "rollouts", "zero_variance_share", "steps"):
         assert first[key] == again[key]
-    assert first["after"] == again["after"] and first["curve"] == again["curve"]
+    assert first["after"] == again["after"]
+
+    def figures(curve: list[dict]) -> list[dict]:  # the curve without its wall-clock
+        return [{k: v for k, v in p.items() if k != "rl_seconds"} for p in curve]
+
+    assert figures(first["curve"]) == figures(again["curve"])
     cfg = SCALES["smoke"]
     assert first["rollouts"] == cfg.epochs * cfg.num_train * cfg.G
     assert first["dropped_rollout_tokens"] == 0 and first["groups"] == cfg.epochs * cfg.num_train

@@ -39,7 +39,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .rl_data import END, FAMILIES, MAX_ANSWER, PROMPT_LEN, RLData, RLSplit
+from .rl_data import MAX_ANSWER, PROMPT_LEN, RLData, RLSplit
 from .rl_model import TinyLM, completion_logprobs, generate, token_mask
 from .rl_setup import SCALES, RLConfig, evaluate, load_data, warm_start
 
@@ -324,7 +324,8 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
         exact match % and mean reward over ``G`` samples, on validation and test), the costs
         (rollout tokens, tokens trained, rollouts, dropped rollouts, wall-clock split into
         rollout / training / other, evaluation apart), the per-epoch zero-variance shares and
-        the curve of held-out greedy exact match against rollout tokens.
+        the curve of held-out greedy exact match and mean reward over ``G`` samples against
+        rollout tokens and RL wall-clock.
     """
     if scale not in SCALES and config is None:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -339,8 +340,12 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
     curve: list[dict] = []
 
     def on_eval(step: int, m: TinyLM, counters: _Counters) -> None:
-        figures = evaluate(m, data, cfg, seed, sampled=False)
-        curve.append({"step": step, "rollout_tokens": counters.rollout_tokens, "validation_exact_%": figures["validation"]["exact_%"], "test_exact_%": figures["test"]["exact_%"]})
+        figures = evaluate(m, data, cfg, seed)
+        point = {"step": step, "rollout_tokens": counters.rollout_tokens, "rl_seconds": counters.seconds["rollout"] + counters.seconds["training"] + counters.seconds["other"]}
+        for split in ("validation", "test"):
+            point[f"{split}_exact_%"] = figures[split]["exact_%"]
+            point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
+        curve.append(point)
 
     counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval)
     after = evaluate(model, data, cfg, seed)
@@ -391,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--epochs-detail", action="store_true", help="print the per-epoch zero-variance shares")
+    parser.add_argument("--curve", action="store_true", help="print held-out greedy exact match against rollout tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
@@ -401,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs_detail:
             for e in r["epochs"]:
                 print(f"    epoch {e['epoch']:>2}: zero-variance {e['zero_variance_share']:.0%} (all wrong {e['all_wrong_share']:.0%}, all right {e['all_right_share']:.0%})")
+        if args.curve:
+            for p in r["curve"]:
+                print(
+                    f"    step {p['step']:>4}  rollout tokens {p['rollout_tokens']:>9,}  RL {p['rl_seconds']:6.1f}s  exact match validation {p['validation_exact_%']:5.1f}% "
+                    f"test {p['test_exact_%']:5.1f}%  reward@G validation {p['validation_sampled_reward']:.3f} test {p['test_sampled_reward']:.3f}"
+                )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

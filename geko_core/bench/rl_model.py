@@ -15,7 +15,6 @@ cache for sampling.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from .rl_data import END, PAD, VOCAB
 
-__all__ = ["Rollout", "TinyLM", "completion_logprobs", "generate", "supervised_loss"]
+__all__ = ["Rollout", "TinyLM", "completion_logprobs", "generate", "supervised_loss", "token_mask"]
 
 Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -189,12 +188,3 @@ def supervised_loss(model: TinyLM, prompts: torch.Tensor, completions: torch.Ten
     """Mean negative log-likelihood of the completion tokens (``END`` included)."""
     mask = token_mask(lengths, completions.shape[1])
     return -(completion_logprobs(model, prompts, completions) * mask).sum() / mask.sum()
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _check_finite(value: float, what: str) -> None:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{what} is not finite ({value})")

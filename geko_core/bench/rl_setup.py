@@ -46,7 +46,7 @@ class RLConfig:
     inner_updates: int = 1
     grad_clip: float = 1.0
     #: held-out curve point every this many trained steps; samples per prompt in evaluation
-    eval_every: int = 10
+    eval_every: int = 20
     eval_G: int = 8
 
     def with_(self, **changes) -> "RLConfig":
