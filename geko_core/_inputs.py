@@ -139,7 +139,10 @@ def prepare_inputs(
             "(float64 logits run on the 'cpp' and 'reference' backends)"
         )
 
-    logits3, labels3 = as_samples(logits, labels, shift=shift)
+    # The kernels' autograd Functions take the logits themselves and read these views as data:
+    # views of the detached logits cost no autograd view nodes (the reference and the traced
+    # operators differentiate through the views).
+    logits3, labels3 = as_samples(logits if name in ("reference", "op") else logits.detach(), labels, shift=shift)
     if labels3.dtype != torch.int64:
         # Before comparing with ignore_index: torch would wrap a large ignore_index to the
         # labels' narrower dtype (2**63 - 1 becomes -1 for int32 labels).

@@ -70,6 +70,7 @@ class _CrossEntropy(torch.autograd.Function):
         # before the backward is caught by autograd's version check.
         ctx.save_for_backward(logits, logits3, labels3)
         ctx.mark_non_differentiable(*outputs)
+        ctx.set_materialize_grads(False)  # no zero gradients made up for the statistics
         return (loss, *outputs)
 
     @staticmethod
@@ -166,13 +167,15 @@ class _Fused:
 
     @staticmethod
     def loss(logits, logits3, labels3, weight, spec):
-        loss, *outputs = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
-        stats = sample_stats_of(outputs, spec.per_token)
-        host = None
-        if spec.backend == "cpp" and not spec.per_token and spec.reduction != "none":  # the one-call forward
-            valid = outputs[1].numpy()
-            host = HostForward(outputs[0].numpy(), valid, outputs[2].numpy(), int(valid.sum()))
-        return loss, stats, host
+        outputs = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
+        values, valid = outputs[1], outputs[2]
+        if spec.per_token:
+            return outputs[0], sample_stats_of(outputs[1:], True), None
+        stats = SampleStats(*values.unbind(0), valid_tokens=valid, bucket=outputs[3], tokens=None)
+        if spec.backend != "cpp" or spec.reduction == "none":
+            return outputs[0], stats, None
+        valid_tokens = valid.numpy()  # the one-call forward's host arrays, shared with stats
+        return outputs[0], stats, HostForward(values.numpy(), valid_tokens, outputs[3].numpy(), int(valid_tokens.sum()))
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
