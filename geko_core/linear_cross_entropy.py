@@ -198,15 +198,11 @@ def _linear_token_backward_fake(hidden2, weight, bias, label_rows, lse, row_scal
     return torch.empty_like(hidden2, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format), grad_b
 
 
-def _compiled_linear_loss(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    prepared: Inputs,
-    reduction: str,
-    per_token: bool,
-    config: GekoConfig,
-    training: bool,
-) -> tuple[torch.Tensor, SampleStats]:
+# -- the backend table: _BACKENDS[name](hidden, weight, bias, labels, prepared, spec, training)
+#    -> (loss, SampleStats)
+
+
+def _compiled_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Spec, training: bool):
     """The loss as torch.compile sees it: the ``geko::linear_token_forward`` operator (whose
     token losses carry the chunked backward, ``geko::linear_token_backward``) and the
     per-sample reduction in plain torch operations. The backward forms each chunk's logits
@@ -216,14 +212,46 @@ def _compiled_linear_loss(
         hidden2, weight = hidden2.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
     values, valid, spoiled, lse = linear_token_forward(
-        hidden2, weight, bias, prepared.label_rows, prepared.ignore_index, prepared.chunk, config_values(config)
+        hidden2, weight, bias, prepared.label_rows, prepared.ignore_index, prepared.chunk, config_values(spec.config)
     )
-    stats, token_loss_sum = sample_statistics(TokenValues(values, valid, spoiled, lse), prepared, config, per_token)
+    stats, token_loss_sum = sample_statistics(TokenValues(values, valid, spoiled, lse), prepared, spec.config, spec.per_token)
     stats = SampleStats(
         *(field.detach() for field in stats[:8]),
         tokens=None if stats.tokens is None else TokenStats(*(field.detach() for field in stats.tokens)),
     )
-    return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction), stats
+    return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, spec.reduction), stats
+
+
+def _reference_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Spec, training: bool):
+    """Plain torch on the materialised logits (gradcheck in float64)."""
+    with torch.enable_grad() if training else torch.no_grad():
+        logits = hidden @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        return cross_entropy_with_stats(
+            logits, labels, ignore_index=prepared.ignore_index, shift=prepared.shift, sample_weight=prepared.weight,
+            reduction=spec.reduction, per_token=spec.per_token, config=spec.config, backend="reference",
+        )
+
+
+def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Spec, training: bool):
+    """The chunk loop with the C++ or Triton kernels: ``_LinearCrossEntropy``, or a scoring pass."""
+    if not training:
+        with torch.no_grad():
+            rows = prepared.rows()._replace(hidden2=prepared.hidden2.detach())
+            tokens, _ = run_chunks(rows, weight.detach(), None if bias is None else bias.detach(), config=spec.config)
+            stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
+            return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, spec.reduction), stats
+    outputs = _LinearCrossEntropy.apply(prepared.hidden2, weight, bias, prepared, spec)
+    return outputs[0], _stats_of(outputs[1:], spec.per_token)
+
+
+_BACKENDS = {
+    "cpp": _fused_linear_loss,
+    "triton": _fused_linear_loss,
+    "reference": _reference_linear_loss,
+    "op": _compiled_linear_loss,
+}
 
 
 def linear_cross_entropy_with_stats(
@@ -311,25 +339,4 @@ def linear_cross_entropy_with_stats(
     )
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     training = grad and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if prepared.backend == "op":
-        return _compiled_linear_loss(weight, bias, prepared, reduction, per_token, config, training)
-
-    if prepared.backend == "reference":
-        with torch.enable_grad() if training else torch.no_grad():
-            logits = hidden @ weight.T
-            if bias is not None:
-                logits = logits + bias
-            return cross_entropy_with_stats(
-                logits, labels, ignore_index=prepared.ignore_index, shift=prepared.shift, sample_weight=prepared.weight,
-                reduction=reduction, per_token=per_token, config=config, backend="reference",
-            )
-
-    if not training:
-        with torch.no_grad():
-            rows = prepared.rows()._replace(hidden2=prepared.hidden2.detach())
-            tokens, _ = run_chunks(rows, weight.detach(), None if bias is None else bias.detach(), config=config)
-            stats, token_loss_sum = sample_statistics(tokens, prepared, config, per_token)
-            return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction), stats
-
-    loss, *outputs = _LinearCrossEntropy.apply(prepared.hidden2, weight, bias, prepared, _Spec(reduction, per_token, config))
-    return loss, _stats_of(outputs, per_token)
+    return _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, _Spec(reduction, per_token, config), training)

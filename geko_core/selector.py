@@ -538,7 +538,7 @@ class Selector:
         """Bad input must change nothing; planning an epoch does (policies keep state), so the
         rare call that would plan checks its tensors first."""
         if self._plan is None:
-            from .stats import prepare_inputs
+            from ._inputs import prepare_inputs
 
             prepared = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
             if packing:
