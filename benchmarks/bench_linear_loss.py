@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from geko_core.linear_loss import linear_cross_entropy_with_stats
+from geko_core.linear_cross_entropy import linear_cross_entropy_with_stats
 from geko_core.stats import sample_stats
 
 SMALL = os.environ.get("GEKO_BENCH_SMALL", "0") not in ("", "0")

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from geko_core.loss import cross_entropy_with_stats
+from geko_core.cross_entropy import cross_entropy_with_stats
 from geko_core.stats import sample_stats
 
 SHAPE = (4096, 32000)

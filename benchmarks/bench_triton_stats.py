@@ -24,8 +24,8 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is
     pytest.skip("GPU benchmarks need CUDA and TRITON_INTERPRET unset", allow_module_level=True)
 
 from geko_core import GekoConfig  # noqa: E402
-from geko_core.kernels.cross_entropy import cross_entropy_backward_triton, cross_entropy_forward_triton  # noqa: E402
-from geko_core.kernels.sample_stats import sample_stats_triton  # noqa: E402
+from geko_core._cross_entropy_kernels import cross_entropy_backward_triton, cross_entropy_forward_triton  # noqa: E402
+from geko_core.stats import sample_stats_triton  # noqa: E402
 from geko_core.reference import sample_stats_reference  # noqa: E402
 
 SHAPES = {

@@ -64,10 +64,11 @@ if compiled_core_error() is None:
     from . import policies
     from .angle import AngleStats, angle_concentration, angle_concentration_reference
     from .integrations.hidden import capture_hidden_states
-    from .loss import cross_entropy_with_stats
-    from .linear_loss import linear_cross_entropy_with_stats
-    from .selector import GekoSampler, Selector, WithIndex
+    # The operation modules register the torch.ops.geko operators as they are imported.
     from .stats import sample_stats
+    from .cross_entropy import cross_entropy_with_stats
+    from .linear_cross_entropy import linear_cross_entropy_with_stats
+    from .selector import GekoSampler, Selector, WithIndex
     from .table import CheckpointError, SampleTable
     from .types import SampleStats, TokenStats
 else:

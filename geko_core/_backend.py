@@ -142,17 +142,25 @@ def backend_status() -> dict[str, BackendStatus]:
     return status
 
 
-def resolve_backend(device_type: str, requested: str | None) -> str:
-    """The backend that runs for tensors on ``device_type``.
+def resolve_backend(device_type: str, requested: str | None, *, traced: bool = False) -> str:
+    """The backend that runs for tensors on ``device_type``: the one place that chooses.
+
+    Every operation (``sample_stats``, the two cross-entropies, the angle statistics) keeps a
+    table of backends keyed by these names and looks the answer up there.
 
     Args:
         device_type: ``tensor.device.type`` of the logits.
         requested: ``None`` (automatic), ``"triton"``, ``"cpp"`` or ``"reference"``.
+        traced: torch.compile is tracing the caller (``torch.compiler.is_compiling()``):
+            every backend but the reference is then ``"op"``, the ``torch.ops.geko``
+            operators, which pick the kernel by device inside the graph.
 
     Raises:
         ValueError: unknown backend name, or a backend that cannot take these tensors.
         CompiledCoreError: the C++ backend was needed but is not built.
     """
+    if requested is None and device_type == "cpu" and not traced and compiled_core_error() is None:
+        return "cpp"  # the usual CPU call, answered before anything else is looked at
     # Imported here: `import geko_core` stays free of torch, so that a broken install can
     # still report itself (`python -m geko_core.info`).
     from ._checks import check_choice
@@ -160,6 +168,8 @@ def resolve_backend(device_type: str, requested: str | None) -> str:
     check_choice(requested, "backend", (None, "triton", "cpp", "reference"))
     if requested == "reference":
         return "reference"
+    if traced:
+        return "op"
     if requested is None:
         if device_type == "cuda":
             requested = "triton"

@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from ._backend import load_compiled_core, resolve_backend
+from ._backend import load_compiled_core, resolve_backend, triton_interpreter_enabled
 from ._checks import check_same_device, check_tensor
 
 __all__ = [
@@ -255,6 +255,52 @@ def angle_concentration_cpp(hidden: torch.Tensor, mask: Optional[torch.Tensor], 
     return AngleStats(concentration, valid_tokens, cross)
 
 
+def angle_concentration_triton(
+    hidden: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    prefix_len: PrefixLen = 0,
+) -> AngleStats:
+    """Per-sequence angle concentration with the Triton kernels (``kernels/angle.py``: three
+    launches, no host sync).
+
+    Args:
+        hidden: ``[B, T, d]`` float32/bfloat16/float16 on a CUDA device (or the CPU under
+            ``TRITON_INTERPRET=1``); any strides with stride 1 along d (otherwise copied once).
+        mask: ``[B, T]`` bool or integer, nonzero = valid; None = all valid. Any strides.
+        prefix_len: int or integer ``[B]`` tensor (see ``angle_concentration``).
+
+    Returns:
+        AngleStats on hidden's device (semantics of ``angle_concentration_reference``).
+
+    Raises:
+        TypeError, ValueError: bad arguments (``check_angle_inputs``), or CPU tensors without
+            the interpreter.
+    """
+    from .kernels.angle import launch_angle_concentration
+
+    check_angle_inputs(hidden, mask, prefix_len)
+    if hidden.device.type != "cuda" and not triton_interpreter_enabled():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {hidden.device} "
+            "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)"
+        )
+    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()  # documented copy: rows are read with unit stride
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)  # same bytes, a pointer type every Triton version loads
+    has_prefix = _has_prefix(prefix_len)
+    prefix = prefix_tensor(prefix_len, hidden.shape[0], hidden.device) if has_prefix and hidden.shape[0] else None
+    return AngleStats(*launch_angle_concentration(hidden, mask, prefix, has_prefix))
+
+
+#: The backends of ``angle_concentration``, keyed by ``resolve_backend``'s answer; one signature.
+_BACKENDS = {
+    "cpp": angle_concentration_cpp,
+    "triton": angle_concentration_triton,
+    "reference": angle_concentration_reference,
+}
+
+
 # ----------------------------------------------------------------------------------------
 # public entry point
 
@@ -298,10 +344,4 @@ def angle_concentration(
     check_angle_inputs(hidden, mask, prefix_len, allow_float64=backend == "reference")
     chosen = resolve_backend(hidden.device.type, backend)
     hidden = hidden.detach()  # a measurement, not a loss: no graph (and DLPack refuses grads)
-    if chosen == "reference":
-        return angle_concentration_reference(hidden, mask, prefix_len)
-    if chosen == "cpp":
-        return angle_concentration_cpp(hidden, mask, prefix_len)
-    from geko_core.kernels.angle import angle_concentration_triton
-
-    return angle_concentration_triton(hidden, mask, prefix_len)
+    return _BACKENDS[chosen](hidden, mask, prefix_len)

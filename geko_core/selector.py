@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from ._checks import check_bool, check_int
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .epoch import EpochPlan, Plan
-from .loss import _loss_and_stats, cpu_loss_fast
+from .cross_entropy import _loss_and_stats
 from .policies import Policy, PolicyContext, StatsBatch, TableView, make_policy
 from .types import SampleStats
 
@@ -408,13 +408,6 @@ class Selector:
             The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`).
         """
         with self._timed("loss"):
-            if (
-                lm_head is None and weights is None and segments is None and position_ids is None and observe
-                and self._fast_step and self._plan is not None
-            ):
-                loss = self._loss_fast(logits, labels, idx, ignore_index, shift, reduction, inplace_backward)
-                if loss is not None:
-                    return loss
             packed = segments is not None or position_ids is not None
             batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
             indices = self._batch_indices(idx, expected=batch_size)
@@ -425,7 +418,7 @@ class Selector:
             if head_weight is None:
                 self._check_before_planning(logits, labels, ignore_index, shift, packing)
             elif self._plan is None:  # bad input must not plan an epoch (see _check_before_planning)
-                from .linear_loss import _prepare
+                from ._linear_chunks import prepare as _prepare
 
                 _prepare(logits, head_weight, labels, head_bias, weights, ignore_index=ignore_index, shift=shift,
                          chunk_size=chunk_size, backend=self.backend)
@@ -453,7 +446,7 @@ class Selector:
                     position_ids=packing.get("position_ids"), num_segments=packing.get("num_segments"),
                 )
             else:
-                from .linear_loss import linear_cross_entropy_with_stats
+                from .linear_cross_entropy import linear_cross_entropy_with_stats
 
                 loss, stats = linear_cross_entropy_with_stats(
                     logits, head_weight, labels, bias=head_bias, ignore_index=ignore_index, shift=shift,
@@ -469,49 +462,6 @@ class Selector:
                 self._forwarded += len(indices)
                 self._tokens["forwarded"] = self._tokens["forwarded"] + tokens
             return loss
-
-    @property
-    def _fast_step(self) -> bool:
-        """The Selector's settings allow ``_loss_fast`` (its tensors are checked there)."""
-        return (
-            (self.backend is None or self.backend == "cpp")
-            and self.num_replicas == 1
-            and self.config.correct_margin <= 0.0
-            and not self._defer_host_indices
-        )
-
-    def _loss_fast(
-        self, logits: Any, labels: Any, idx: Any, ignore_index: Any, shift: Any, reduction: Any, inplace: Any
-    ) -> torch.Tensor | None:
-        """``loss`` for the usual CPU step (see ``loss.cpu_loss_fast``; int64 CPU indices of the
-        plan's next batch, the epoch already planned, one process): the same results in fewer
-        operations. None, with nothing changed, for anything else (``loss`` then takes its
-        general path, which names any problem)."""
-        if not (type(idx) is torch.Tensor and idx.dtype is torch.int64 and idx.dim() == 1 and idx.is_cpu):
-            return None
-        if type(inplace) is not bool or type(logits) is not torch.Tensor or logits.dim() < 1:
-            return None
-        indices = idx.numpy()
-        count = len(indices)
-        if count != logits.shape[0]:
-            return None
-        plan = self._plan
-        at = plan.locate(indices)  # the plan's next entries (so in range), or the general path
-        if at < 0:
-            return None
-        batch_weights = plan.weights[at : at + count].copy()
-        result = cpu_loss_fast(
-            logits, labels, batch_weights, ignore_index=ignore_index, shift=shift, reduction=reduction,
-            config=self.config, inplace=inplace,
-        )
-        if result is None:
-            return None
-        loss, host = result
-        tokens = host.valid_total
-        self._backpropagated += count
-        self._tokens["backpropagated"] = self._tokens["backpropagated"] + tokens
-        self._observe(indices, None, at, batch_weights, tokens=tokens, host_values=host.values)
-        return loss
 
     def observe(
         self,
@@ -588,7 +538,7 @@ class Selector:
         """Bad input must change nothing; planning an epoch does (policies keep state), so the
         rare call that would plan checks its tensors first."""
         if self._plan is None:
-            from .stats import prepare_inputs
+            from ._inputs import prepare_inputs
 
             prepared = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
             if packing:

@@ -5,153 +5,52 @@ One pass over the logits gives, per token, the cross-entropy, the max-probabilit
 entropy and the EL2N score ``||softmax - onehot||_2``; per sample, their means over the
 sample's valid tokens and the instant GEKO bucket.
 
-Backends (chosen by ``geko_core._backend.resolve_backend``): the Triton kernels for CUDA
-tensors, the compiled OpenMP kernels for CPU tensors, the torch reference on request
-(``backend="reference"``). Discrete outputs (``valid_tokens``, ``correct``, ``bucket`` and
-invalidity) are identical on every path; the float outputs agree with the reference to
-about 1e-5 relative for float32 logits (float32 accumulation). Low-precision logits
-(bfloat16, float16) are read as they are and accumulated in float32 everywhere. Float64
-logits are exact on the reference path; the C++ path computes them in float32 (a float64
-value beyond the float32 range therefore reads as infinite and invalidates its sample); the
-Triton kernels do not read them (TypeError).
+Backends (the name comes from ``geko_core._backend.resolve_backend``; each is an entry of
+``_SAMPLE_STATS`` and of ``_TOKEN_VALUES``, one signature per table): the Triton kernels for
+CUDA tensors, the compiled OpenMP kernels for CPU tensors, the torch reference on request
+(``backend="reference"``), and under torch.compile the ``geko::stats_forward`` operator
+registered here. Discrete outputs (``valid_tokens``, ``correct``, ``bucket`` and invalidity)
+are identical on every path; the float outputs agree with the reference to about 1e-5
+relative for float32 logits (float32 accumulation). Low-precision logits (bfloat16, float16)
+are read as they are and accumulated in float32 everywhere. Float64 logits are exact on the
+reference path; the C++ path computes them in float32 (a float64 value beyond the float32
+range therefore reads as infinite and invalidates its sample); the Triton kernels do not
+read them (TypeError).
+
+The operator's statistics are measurements: they are marked non-differentiable. Its token
+losses (row 0 of ``token_values`` with ``write_lse``) are differentiable once
+``geko_core.cross_entropy`` (which owns the backward kernel) has registered its autograd
+formula; ``import geko_core`` imports both.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from ._backend import compiled_core_error, load_compiled_core, resolve_backend
-from ._checks import check_bool, check_choice, check_int, check_same_device, check_tensor
-from .config import BUCKET_FOCUS, BUCKET_HARD, GekoConfig, cpp_config_for_kernels, resolve_config
-from .reference import as_samples, sample_stats_reference, token_stats_reference
+from ._backend import load_compiled_core
+from ._checks import check_bool
+from ._inputs import check_triton_inputs, config_from_values, config_values, prepare_inputs
+from .config import (
+    BUCKET_FOCUS,
+    BUCKET_FREEZE,
+    BUCKET_HARD,
+    BUCKET_INVALID,
+    BUCKET_LIGHT,
+    GekoConfig,
+    cpp_config_for_kernels,
+    resolve_config,
+)
+from .reference import sample_stats_reference, token_stats_reference
 from .segments import prepare_segments, segment_stats
 from .types import SampleStats, TokenStats
 
-__all__ = ["MAX_VOCAB", "sample_stats"]
+__all__ = ["ForwardBlocks", "sample_stats", "sample_stats_triton", "stats_forward", "stats_forward_triton", "table_correct"]
 
-#: Largest vocabulary any backend accepts.
-MAX_VOCAB = 262_144
-#: Logits dtypes of the public functions, and those the Triton kernels read.
-LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-TRITON_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOGITS_DTYPE_SET = frozenset(LOGITS_DTYPES)
-_LABEL_DTYPE_SET = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
-
-
-class PreparedInputs(NamedTuple):
-    """Validated inputs, viewed as the kernels see them."""
-
-    logits3: torch.Tensor  # [S, T, V], stride(-1) == 1
-    labels3: torch.Tensor  # [S, T] int64
-    backend: str  # "cpp", "triton" or "reference"
-    ignore_index: int
-    shift: bool
-
-
-def prepare_inputs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int,
-    shift: bool,
-    backend: str | None,
-) -> PreparedInputs:
-    """Validate ``logits`` / ``labels`` and view them as ``[S, T, V]`` / ``[S, T]`` int64.
-
-    The public door of ``sample_stats`` and ``cross_entropy_with_stats``: everything is
-    checked here, before any kernel runs, and nothing behind it checks again. A last
-    dimension that is not contiguous costs one copy of the logits; every other layout (row
-    slices, column slices of a wider tensor, the shift) is a view.
-
-    Raises:
-        TypeError: non-tensor inputs, logits that are not float32/bfloat16/float16/float64
-            (float64 on the Triton backend), non-integer or bool labels, non-int
-            ignore_index, non-bool shift.
-        ValueError: mismatched shapes or devices, a vocabulary outside [2, 262144],
-            ``shift=True`` on 2-D logits, an unknown or unusable backend, and (CPU tensors)
-            a label outside [0, V) that is not ``ignore_index``.
-    """
-    # The usual call passes plain tensors of accepted dtypes and matching shapes: recognise it
-    # in a few attribute reads; anything else goes through the full checks, which name the
-    # problem (or accept, e.g., tensor subclasses).
-    if not (
-        type(logits) is torch.Tensor
-        and type(labels) is torch.Tensor
-        and type(ignore_index) is int
-        and type(shift) is bool
-        and logits.dtype in _LOGITS_DTYPE_SET
-        and labels.dtype in _LABEL_DTYPE_SET
-        and 2 <= logits.dim() <= 3
-        and 2 <= logits.shape[-1] <= MAX_VOCAB
-        and labels.shape == logits.shape[:-1]
-        and labels.device == logits.device
-        and not (shift and logits.dim() != 3)
-    ):
-        check_tensor(logits, "logits", dtype=LOGITS_DTYPES, ndim=(2, 3), layout="[N, V] or [B, T, V]")
-        check_tensor(labels, "labels", dtype="integer")
-        ignore_index = check_int(ignore_index, "ignore_index")
-        shift = check_bool(shift, "shift")
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)} "
-                f"(expected {tuple(logits.shape[:-1])})"
-            )
-        check_int(logits.shape[-1], "vocabulary size (logits.shape[-1])", low=2, high=MAX_VOCAB)
-        check_same_device(labels, "labels", logits, "logits")
-        if shift and logits.dim() != 3:
-            raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
-    if not -(2**63) <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64 (labels are compared as int64), got {ignore_index}")
-    vocab = logits.shape[-1]
-    if torch.compiler.is_compiling():
-        # Traced by torch.compile: the geko operators pick the kernel by device ("op").
-        check_choice(backend, "backend", (None, "triton", "cpp", "reference"))
-        name = "reference" if backend == "reference" else "op"
-    elif backend is None and logits.is_cpu and compiled_core_error() is None:
-        name = "cpp"  # what resolve_backend answers for CPU tensors when the core is built
-    else:
-        name = resolve_backend(logits.device.type, backend)
-    if name == "triton" and logits.dtype not in TRITON_LOGITS_DTYPES:
-        raise TypeError(
-            f"logits must be float32, bfloat16 or float16 on the Triton backend, got {logits.dtype} "
-            "(float64 logits run on the 'cpp' and 'reference' backends)"
-        )
-
-    logits3, labels3 = as_samples(logits, labels, shift=shift)
-    if labels3.dtype != torch.int64:
-        # Before comparing with ignore_index: torch would wrap a large ignore_index to the
-        # labels' narrower dtype (2**63 - 1 becomes -1 for int32 labels).
-        labels3 = labels3.to(torch.int64)
-    if logits.device.type == "cpu" and labels3.numel() > 0 and not torch.compiler.is_compiling():
-        # On the GPU an out-of-range label only invalidates its sample (checking would cost
-        # a host sync); on the CPU it is almost always a bug, so say so. (A compiled graph
-        # cannot read the labels while it is traced: there, as on the GPU, such a label
-        # invalidates its sample.)
-        position = _first_bad_label(labels3, vocab, ignore_index)
-        if position is not None:
-            value = int(labels3[position])
-            raise ValueError(
-                f"label {value} at (sample, token) {position} is outside [0, {vocab}) "
-                f"and is not ignore_index ({ignore_index})"
-            )
-    if logits3.stride(-1) != 1:
-        logits3 = logits3.contiguous()  # the kernels read rows as contiguous vectors
-    return PreparedInputs(logits3, labels3, name, ignore_index, shift)
-
-
-def _first_bad_label(labels3: torch.Tensor, vocab: int, ignore_index: int) -> tuple[int, int] | None:
-    """(sample, token) of the first ``[S, T]`` int64 CPU label that is neither ignore_index
-    nor in ``[0, vocab)``, or None."""
-    if compiled_core_error() is None and -(2**63) <= ignore_index < 2**63:
-        flat = load_compiled_core().first_bad_label(to_dlpack(labels3), vocab, ignore_index)
-        return None if flat < 0 else divmod(flat, labels3.shape[1])
-    out_of_range = (labels3 != ignore_index) & ((labels3 < 0) | (labels3 >= vocab))
-    if not bool(out_of_range.any()):
-        return None
-    return tuple(int(i) for i in out_of_range.nonzero()[0])  # type: ignore[return-value]
+#: The bucket codes, in the order the Triton reduction takes them.
+_BUCKET_CODES = (BUCKET_FREEZE, BUCKET_LIGHT, BUCKET_FOCUS, BUCKET_HARD, BUCKET_INVALID)
 
 
 class ForwardBlocks(NamedTuple):
@@ -168,6 +67,16 @@ class ForwardBlocks(NamedTuple):
 def token_rows(per_token: bool, write_lse: bool) -> int:
     """Rows of ``ForwardBlocks.token_values``."""
     return 6 if per_token else (1 if write_lse else 0)
+
+
+def stats_from_blocks(blocks: ForwardBlocks | tuple, per_token: bool) -> SampleStats:
+    """SampleStats whose fields are views of the blocks."""
+    sample_values, valid_tokens, bucket, token_values, token_valid = blocks[:5]
+    tokens = TokenStats(*token_values.unbind(0), valid=token_valid) if per_token else None
+    return SampleStats(*sample_values.unbind(0), valid_tokens=valid_tokens, bucket=bucket, tokens=tokens)
+
+
+# -- the kernels ------------------------------------------------------------------------------
 
 
 def forward_blocks_cpp(
@@ -201,35 +110,193 @@ def forward_blocks_cpp(
     return ForwardBlocks(sample_values, valid_tokens, bucket, token_values, token_valid, lse)
 
 
-def stats_from_blocks(blocks: ForwardBlocks | tuple, per_token: bool) -> SampleStats:
-    """SampleStats whose fields are views of the blocks."""
-    sample_values, valid_tokens, bucket, token_values, token_valid, _ = blocks
-    tokens = TokenStats(*token_values.unbind(0), valid=token_valid) if per_token else None
-    return SampleStats(*sample_values.unbind(0), valid_tokens=valid_tokens, bucket=bucket, tokens=tokens)
+def triton_token_values(
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, write_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The Triton token kernel (``kernels.sample_stats.launch_token_stats``), checked."""
+    from .kernels.sample_stats import launch_token_stats
+
+    check_triton_inputs(logits3, labels3, ignore_index)
+    return launch_token_stats(logits3, labels3, ignore_index=ignore_index, write_lse=write_lse)
 
 
-def stats_cpp(
-    logits3: torch.Tensor,
-    labels3: torch.Tensor,
-    *,
-    ignore_index: int,
-    config: GekoConfig,
-    per_token: bool,
-    token_loss: bool = False,
-) -> tuple[SampleStats, torch.Tensor | None, torch.Tensor | None]:
-    """Run the C++ forward kernel on validated ``[S, T, V]`` / ``[S, T]`` int64 CPU views.
+def forward_triton(
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, write_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Both Triton kernels, checked: ``(sample_values [6, S], valid_tokens, bucket,
+    token_values [6, S, T], token_valid [S, T], lse or None)``."""
+    from .kernels.sample_stats import launch_sample_stats
+
+    check_triton_inputs(logits3, labels3, ignore_index)
+    config = resolve_config(config)
+    thresholds = (config.correct_threshold, config.freeze_confidence, config.hard_confidence, config.correct_margin)
+    return launch_sample_stats(
+        logits3, labels3, ignore_index=ignore_index, write_lse=write_lse, thresholds=thresholds, buckets=_BUCKET_CODES
+    )
+
+
+def sample_stats_triton(
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, per_token: bool
+) -> SampleStats:
+    """Per-sample statistics of ``[S, T, V]`` logits with the fused Triton kernels.
+
+    Reads the logits once, writes ``O(S*T)`` bytes, never synchronises with the host.
+
+    Args:
+        logits3: ``[S, T, V]`` float32/bfloat16/float16 on a CUDA device (or the CPU under
+            ``TRITON_INTERPRET=1``), stride 1 along V; other strides are free (a slice of a
+            wider tensor, the causal shift view ``logits[:, :-1]``), nothing is copied.
+        labels3: ``[S, T]`` int64 (int32 accepted), any strides, same device.
+        ignore_index: label of tokens to skip.
+        config: bucket thresholds (compared in float32).
+        per_token: also return the token-level values (``SampleStats.tokens``).
 
     Returns:
-        (SampleStats, token_loss, lse): the last two are float32 ``[S, T]`` when
-        ``token_loss=True`` (0 for non-valid tokens), else None.
+        SampleStats on the logits' device: float32 fields ``[S]`` (NaN for invalid samples),
+        int32 ``valid_tokens``, int8 ``bucket`` (-1 for invalid samples). A sample is invalid
+        when it has no valid token, a counted token whose label is out of range, or a
+        non-finite logit in a counted token's row.
+
+    Raises:
+        TypeError, ValueError: see ``check_triton_inputs``; a config that is not a GekoConfig.
     """
-    blocks = forward_blocks_cpp(
-        logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token, write_lse=token_loss
+    blocks = forward_triton(logits3, labels3, ignore_index=ignore_index, config=config, write_lse=False)
+    return stats_from_blocks(blocks, per_token)
+
+
+# -- geko::stats_forward ----------------------------------------------------------------------
+
+
+@torch.library.custom_op("geko::stats_forward", mutates_args=())
+def stats_forward(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    ignore_index: int,
+    config: list[float],
+    per_token: bool,
+    write_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sample_values [6, S], valid_tokens [S], bucket [S], token_values [K, S, T],
+    token_valid [S, T or 0], lse)`` of ``[S, T, V]`` logits and ``[S, T]`` int64 labels
+    (``ForwardBlocks``; K = 6 with ``per_token``, 1 with ``write_lse``, else 0); ``config``
+    is ``config_values(GekoConfig)``."""
+    raise NotImplementedError(f"geko::stats_forward has no kernel for {logits3.device.type} tensors (CPU and CUDA only)")
+
+
+@stats_forward.register_kernel("cpu")
+def _stats_forward_cpu(logits3, labels3, ignore_index, config, per_token, write_lse):
+    return tuple(
+        forward_blocks_cpp(
+            logits3, labels3, ignore_index=ignore_index, config=config_from_values(config), per_token=per_token,
+            write_lse=write_lse,
+        )
     )
-    stats = stats_from_blocks(blocks, per_token)
-    if not token_loss:
-        return stats, None, None
-    return stats, blocks.token_values[0], blocks.lse
+
+
+@stats_forward.register_kernel("cuda")
+def stats_forward_triton(logits3, labels3, ignore_index, config, per_token, write_lse):
+    """The CUDA kernel of ``geko::stats_forward`` (also runs under ``TRITON_INTERPRET=1``)."""
+    sample_values, valid_tokens, bucket, token_values, token_valid, lse = forward_triton(
+        logits3, labels3, ignore_index=ignore_index, config=config_from_values(config), write_lse=write_lse
+    )
+    samples, tokens = labels3.shape
+    device = logits3.device
+    # Separate outputs: no view of a buffer another output shares.
+    count = token_rows(per_token, write_lse)
+    token_values = token_values[:count].clone() if count else torch.empty((0, samples, tokens), dtype=torch.float32, device=device)
+    token_valid = token_valid.clone() if per_token else torch.empty((samples, 0), dtype=torch.bool, device=device)
+    if lse is None:
+        lse = torch.empty((0, 0), dtype=torch.float32, device=device)
+    return sample_values, valid_tokens, bucket, token_values, token_valid, lse
+
+
+@stats_forward.register_fake
+def _stats_forward_fake(logits3, labels3, ignore_index, config, per_token, write_lse):
+    samples, tokens = logits3.shape[0], logits3.shape[1]
+    f32 = dict(dtype=torch.float32, device=logits3.device)
+    return (
+        torch.empty((6, samples), **f32),
+        torch.empty((samples,), dtype=torch.int32, device=logits3.device),
+        torch.empty((samples,), dtype=torch.int8, device=logits3.device),
+        torch.empty((token_rows(per_token, write_lse), samples, tokens), **f32),
+        torch.empty((samples, tokens if per_token else 0), dtype=torch.bool, device=logits3.device),
+        torch.empty((samples, tokens) if write_lse else (0, 0), **f32),
+    )
+
+
+# -- the backend tables -----------------------------------------------------------------------
+# _SAMPLE_STATS[name](logits3, labels3, *, ignore_index, config, per_token) -> SampleStats
+# _TOKEN_VALUES[name](logits3, labels3, *, ignore_index, config, write_lse)
+#     -> (token_values [6, S, T], valid [S, T], bad [S, T], lse [S, T] or None)
+# on validated views (``prepare_inputs``); ``bad`` marks the counted tokens that invalidate
+# their sample (a non-finite logit in the row, a label out of range).
+
+
+def _stats_cpp(logits3, labels3, *, ignore_index, config, per_token) -> SampleStats:
+    blocks = forward_blocks_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token, write_lse=False)
+    return stats_from_blocks(blocks, per_token)
+
+
+def _stats_triton(logits3, labels3, *, ignore_index, config, per_token) -> SampleStats:
+    with torch.no_grad():
+        return sample_stats_triton(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)
+
+
+def _stats_reference(logits3, labels3, *, ignore_index, config, per_token) -> SampleStats:
+    with torch.no_grad():
+        return sample_stats_reference(logits3, labels3, ignore_index=ignore_index, per_token=per_token, config=config)
+
+
+def _stats_op(logits3, labels3, *, ignore_index, config, per_token) -> SampleStats:
+    blocks = stats_forward(logits3, labels3, ignore_index, config_values(config), per_token, False)
+    return stats_from_blocks(blocks, per_token)
+
+
+_SAMPLE_STATS: dict[str, Callable[..., SampleStats]] = {
+    "cpp": _stats_cpp,
+    "triton": _stats_triton,
+    "reference": _stats_reference,
+    "op": _stats_op,
+}
+
+
+def _tokens_cpp(logits3, labels3, *, ignore_index, config, write_lse):
+    blocks = forward_blocks_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=True, write_lse=write_lse)
+    # The C++ kernel writes NaN in every field of a valid token whose row is not finite (an
+    # out-of-range label on a CPU tensor was refused before anything ran).
+    bad = blocks.token_valid & torch.isnan(blocks.token_values[0])
+    return blocks.token_values, blocks.token_valid, bad, blocks.lse if write_lse else None
+
+
+def _tokens_triton(logits3, labels3, *, ignore_index, config, write_lse):
+    return triton_token_values(logits3, labels3, ignore_index=ignore_index, write_lse=write_lse)
+
+
+def _tokens_reference(logits3, labels3, *, ignore_index, config, write_lse):
+    tokens, good = token_stats_reference(logits3, labels3, ignore_index=ignore_index)
+    return torch.stack(tokens[:6]), tokens.valid, ~good & (labels3 != ignore_index), None
+
+
+def _tokens_op(logits3, labels3, *, ignore_index, config, write_lse):
+    # Under torch.compile row 0 of the token values is differentiable when write_lse.
+    blocks = ForwardBlocks(*stats_forward(logits3, labels3, ignore_index, config_values(config), True, write_lse))
+    valid = blocks.token_valid
+    counted = labels3 != ignore_index
+    vocab = logits3.shape[-1]
+    bad = (valid & ~torch.isfinite(blocks.token_values[0].detach())) | (counted & ((labels3 < 0) | (labels3 >= vocab)))
+    if logits3.device.type != "cpu":
+        # The GPU kernel keeps a finite loss for a row with -inf logits, which still
+        # invalidates its sample: ask the logits (one more read, compiled paths only).
+        bad = bad | (valid & ~torch.isfinite(logits3).all(dim=-1))
+    return blocks.token_values, valid, bad, blocks.lse if write_lse else None
+
+
+_TOKEN_VALUES: dict[str, Callable[..., tuple]] = {
+    "cpp": _tokens_cpp,
+    "triton": _tokens_triton,
+    "reference": _tokens_reference,
+    "op": _tokens_op,
+}
 
 
 def segment_token_values(
@@ -246,31 +313,7 @@ def segment_token_values(
         (else None; never on the reference path). Under torch.compile (``name == "op"``) row 0
         of ``token_values`` is differentiable when ``write_lse``.
     """
-    if name == "reference":
-        tokens, good = token_stats_reference(logits3, labels3, ignore_index=ignore_index)
-        return torch.stack(tokens[:6]), tokens.valid, ~good & (labels3 != ignore_index), None
-    if name == "triton":
-        from .kernels.sample_stats import launch_token_stats
-
-        return launch_token_stats(logits3, labels3, ignore_index=ignore_index, write_lse=write_lse)
-    if name == "op":
-        from .ops import config_values, stats_forward
-
-        blocks = ForwardBlocks(*stats_forward(logits3, labels3, ignore_index, config_values(config), True, write_lse))
-        valid = blocks.token_valid
-        counted = labels3 != ignore_index
-        vocab = logits3.shape[-1]
-        bad = (valid & ~torch.isfinite(blocks.token_values[0].detach())) | (counted & ((labels3 < 0) | (labels3 >= vocab)))
-        if logits3.device.type != "cpu":
-            # The GPU kernel keeps a finite loss for a row with -inf logits, which still
-            # invalidates its sample: ask the logits (one more read, compiled paths only).
-            bad = bad | (valid & ~torch.isfinite(logits3).all(dim=-1))
-        return blocks.token_values, valid, bad, blocks.lse if write_lse else None
-    blocks = forward_blocks_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=True, write_lse=write_lse)
-    # The C++ kernel writes NaN in every field of a valid token whose row is not finite (an
-    # out-of-range label on a CPU tensor was refused before anything ran).
-    bad = blocks.token_valid & torch.isnan(blocks.token_values[0])
-    return blocks.token_values, blocks.token_valid, bad, blocks.lse if write_lse else None
+    return _TOKEN_VALUES[name](logits3, labels3, ignore_index=ignore_index, config=config, write_lse=write_lse)
 
 
 def table_correct(stats: SampleStats, config: GekoConfig) -> torch.Tensor:
@@ -362,17 +405,4 @@ def sample_stats(
                 logits3, packed.labels3, name=name, ignore_index=ignore_index, config=config, write_lse=False
             )
             return segment_stats(values, valid, bad, packed.owner, packed.num_segments, config, per_token)
-    if name != "reference" and torch.compiler.is_compiling():
-        from .ops import config_values, stats_forward
-
-        blocks = stats_forward(logits3, labels3, ignore_index, config_values(config), per_token, False)
-        return stats_from_blocks(blocks, per_token)
-    with torch.no_grad():
-        if name == "reference":
-            return sample_stats_reference(logits3, labels3, ignore_index=ignore_index, per_token=per_token, config=config)
-        if name == "triton":
-            from .kernels.sample_stats import sample_stats_triton
-
-            return sample_stats_triton(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)
-    stats, _, _ = stats_cpp(logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)
-    return stats
+    return _SAMPLE_STATS[name](logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token)

@@ -24,22 +24,20 @@ so nothing spills (``kernels/aot.py``). A single-read variant (per-token-tile pa
 of ``s``, reduced by a further pass) would trade the second read for ``4·d/BLOCK_T`` bytes of
 partials per token tile; not worth the complexity for a signal computed once per sample.
 
-The torch oracle is ``geko_core.angle.angle_concentration_reference``.
+The torch oracle is ``geko_core.angle.angle_concentration_reference``. This module imports
+triton and torch only: ``geko_core.angle`` checks the inputs and wraps the tensors it returns.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from geko_core._backend import triton_interpreter_enabled
-from geko_core.angle import AngleStats, check_angle_inputs, prefix_tensor
-
-__all__ = ["angle_concentration_triton", "finalize_launch_config", "norms_launch_config", "sums_launch_config"]
+__all__ = ["finalize_launch_config", "launch_angle_concentration", "norms_launch_config", "sums_launch_config"]
 
 # Register tile of phases 1 and 2 (elements): 16 fp32 per thread with 4 warps.
 TILE_ELEMENTS = 2048
@@ -253,53 +251,37 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def angle_concentration_triton(
-    hidden: torch.Tensor,
-    mask: Optional[torch.Tensor] = None,
-    prefix_len: Union[int, torch.Tensor] = 0,
-) -> AngleStats:
-    """Per-sequence angle concentration with the Triton kernels (three launches, no host sync).
+def launch_angle_concentration(
+    hidden: torch.Tensor, mask: Optional[torch.Tensor], prefix: Optional[torch.Tensor], has_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Per-sequence angle concentration with the Triton kernels (three launches, no host sync),
+    on inputs the caller checked (``geko_core.angle``).
 
     Args:
         hidden: ``[B, T, d]`` float32/bfloat16/float16 on a CUDA device (or the CPU under
-            ``TRITON_INTERPRET=1``); any strides with stride 1 along d (otherwise copied once).
+            ``TRITON_INTERPRET=1``), stride 1 along d; other strides are free.
         mask: ``[B, T]`` bool or integer, nonzero = valid; None = all valid. Any strides.
-        prefix_len: int or integer ``[B]`` tensor (see ``geko_core.angle_concentration``).
+        prefix: contiguous int64 ``[B]`` prefix lengths in ``[0, T]`` when ``has_prefix``.
 
     Returns:
-        AngleStats on hidden's device (semantics of ``angle_concentration_reference``).
-
-    Raises:
-        TypeError, ValueError: bad arguments (``check_angle_inputs``), or CPU tensors without
-            the interpreter.
+        ``(concentration, valid_tokens, cross)``: float32 ``[B]``, int32 ``[B]``, float32
+        ``[B]`` with a prefix else None (semantics of ``angle_concentration_reference``).
     """
-    check_angle_inputs(hidden, mask, prefix_len)
-    if hidden.device.type != "cuda" and not triton_interpreter_enabled():
-        raise ValueError(
-            f"the Triton kernels need CUDA tensors, got {hidden.device} "
-            "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)"
-        )
-    if hidden.shape[-1] > 1 and hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()  # documented copy: rows are read with unit stride
     batch, tokens, dim = hidden.shape
     device = hidden.device
-    has_prefix = isinstance(prefix_len, torch.Tensor) or prefix_len != 0
 
     concentration = torch.empty((batch,), dtype=torch.float32, device=device)
     valid_tokens = torch.empty((batch,), dtype=torch.int32, device=device)
     cross = torch.empty((batch,), dtype=torch.float32, device=device) if has_prefix else None
     if batch == 0:
-        return AngleStats(concentration, valid_tokens, cross)
+        return concentration, valid_tokens, cross
     if tokens == 0:  # no token buffers to hand the kernels (null pointers): every sequence is empty
         concentration.fill_(float("nan"))
         valid_tokens.zero_()
         if cross is not None:
             cross.fill_(float("nan"))
-        return AngleStats(concentration, valid_tokens, cross)
+        return concentration, valid_tokens, cross
 
-    if mask is not None and mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)  # same bytes, a pointer type every Triton version loads
-    prefix = prefix_tensor(prefix_len, batch, device) if has_prefix else None
     inv_norm = torch.empty((batch, tokens), dtype=torch.float32, device=device)
     status = torch.empty((batch, tokens), dtype=torch.int8, device=device)
     sums_block_t, sums_block_d = sums_launch_config(dim, tokens)
@@ -354,4 +336,4 @@ def angle_concentration_triton(
             BLOCK_C=block_c,
             num_warps=num_warps,
         )
-    return AngleStats(concentration, valid_tokens, cross)
+    return concentration, valid_tokens, cross

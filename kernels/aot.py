@@ -153,7 +153,16 @@ _REDUCE_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("correct_margin", "fp32"),
     ("BLOCK_T", "constexpr"),
     ("MARGIN", "constexpr"),
+    ("FREEZE", "constexpr"),
+    ("LIGHT", "constexpr"),
+    ("FOCUS", "constexpr"),
+    ("HARD", "constexpr"),
+    ("INVALID", "constexpr"),
 )
+
+#: Bucket codes the reduction is compiled with; the caller passes the codes of
+#: csrc/include/geko/config.h, and any small integers compile to the same code shape.
+_BUCKET_CONSTANTS = (("FREEZE", 0), ("LIGHT", 1), ("FOCUS", 2), ("HARD", 3), ("INVALID", -1))
 
 
 def _angle_norms_signature(dtype: str, mask: str, index: str) -> tuple[tuple[str, str], ...]:
@@ -344,7 +353,7 @@ def kernel_variants() -> list[KernelVariant]:
                 "_sample_reduce_kernel",
                 "-",
                 _REDUCE_SIGNATURE,
-                (("BLOCK_T", block_t), ("MARGIN", margin)),
+                (("BLOCK_T", block_t), ("MARGIN", margin), *_BUCKET_CONSTANTS),
                 reduce_warps,
                 ("token_ptr", "valid_ptr", "bad_ptr", "sample_ptr", "valid_tokens_ptr", "bucket_ptr"),
             )

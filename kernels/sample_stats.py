@@ -12,7 +12,9 @@ Two launches, no host synchronisation:
    deterministic (no atomics).
 
 The torch oracle is ``geko_core.reference.sample_stats_reference``; the semantics (what is
-valid, what invalidates a sample) are its semantics.
+valid, what invalidates a sample) are its semantics. This module imports triton and torch
+only: the caller (``geko_core.stats``) checks the inputs, passes the bucket thresholds and
+codes, and wraps the plain tensors it gets back.
 """
 
 from __future__ import annotations
@@ -23,19 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from geko_core._backend import triton_interpreter_enabled
-from geko_core.config import (
-    BUCKET_FOCUS,
-    BUCKET_FREEZE,
-    BUCKET_HARD,
-    BUCKET_INVALID,
-    BUCKET_LIGHT,
-    GekoConfig,
-    resolve_config,
-)
-from geko_core.types import SampleStats, TokenStats
-
-__all__ = ["launch_token_stats", "sample_stats_triton"]
+__all__ = ["launch_sample_stats", "launch_token_stats", "reduce_launch_config", "stats_launch_config"]
 
 # Largest V tile one program holds in registers. Tests lower it to exercise several tiles on
 # tiny vocabularies.
@@ -48,17 +38,6 @@ MAX_BLOCK_T = 512
 
 # Order of the float fields in the token and sample buffers; matches SampleStats/TokenStats.
 NUM_FIELDS = 6
-
-# Bucket codes, defined once in csrc/include/geko/config.h; constexpr globals so the kernel
-# can read them.
-_FREEZE = tl.constexpr(BUCKET_FREEZE)
-_LIGHT = tl.constexpr(BUCKET_LIGHT)
-_FOCUS = tl.constexpr(BUCKET_FOCUS)
-_HARD = tl.constexpr(BUCKET_HARD)
-_INVALID = tl.constexpr(BUCKET_INVALID)
-
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @triton.jit
 def _sample_stats_kernel(
@@ -183,6 +162,11 @@ def _sample_reduce_kernel(
     correct_margin,  # fp32; the margin rule applies when MARGIN
     BLOCK_T: tl.constexpr,
     MARGIN: tl.constexpr,
+    FREEZE: tl.constexpr,  # the bucket codes (csrc/include/geko/config.h), from the caller
+    LIGHT: tl.constexpr,
+    FOCUS: tl.constexpr,
+    HARD: tl.constexpr,
+    INVALID: tl.constexpr,
 ):
     # 1. masked sums over the sample's tokens, in per-lane accumulators reduced once at the
     #    end: deterministic, no atomics
@@ -234,10 +218,10 @@ def _sample_reduce_kernel(
         is_correct = is_correct & (tl.min(acc_min_label_prob, axis=0) >= correct_margin)
     bucket = tl.where(
         is_correct,
-        tl.where(confidence > freeze_confidence, _FREEZE, _LIGHT),
-        tl.where(confidence > hard_confidence, _HARD, _FOCUS),
+        tl.where(confidence > freeze_confidence, FREEZE, LIGHT),
+        tl.where(confidence > hard_confidence, HARD, FOCUS),
     )
-    bucket = tl.where(confidence != confidence, _INVALID, bucket)
+    bucket = tl.where(confidence != confidence, INVALID, bucket)
 
     # 4. write
     tl.store(sample_ptr + sample, loss)
@@ -263,42 +247,6 @@ def reduce_launch_config(tokens: int) -> tuple[int, int]:
     return block_t, 4 if block_t >= 512 else 1
 
 
-def check_inputs(logits3: torch.Tensor, labels3: torch.Tensor) -> None:
-    """Validate the launcher inputs (metadata only: no host synchronisation).
-
-    Raises:
-        TypeError: not tensors, unsupported logits dtype, non-integer labels.
-        ValueError: wrong ranks or shapes, a non-unit stride along V, different devices,
-            CPU tensors without the interpreter.
-    """
-    if not isinstance(logits3, torch.Tensor) or not isinstance(labels3, torch.Tensor):
-        raise TypeError(
-            f"logits3 and labels3 must be torch.Tensor, got {type(logits3).__name__} and {type(labels3).__name__}"
-        )
-    if logits3.dim() != 3:
-        raise ValueError(f"logits3 must be [S, T, V], got shape {tuple(logits3.shape)}")
-    if logits3.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"logits3 must be float32, bfloat16 or float16, got {logits3.dtype}")
-    if labels3.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels3 must be int64 (or int32), got {labels3.dtype}")
-    if tuple(labels3.shape) != tuple(logits3.shape[:2]):
-        raise ValueError(
-            f"labels3 must be [S, T] = {tuple(logits3.shape[:2])} to match logits3 {tuple(logits3.shape)}, "
-            f"got {tuple(labels3.shape)}"
-        )
-    if logits3.shape[2] < 1:
-        raise ValueError("logits3 must have at least one class (V >= 1)")
-    if logits3.stride(2) != 1 and logits3.shape[2] > 1:
-        raise ValueError(f"logits3 must have stride 1 along V, got strides {logits3.stride()}")
-    if labels3.device != logits3.device:
-        raise ValueError(f"labels3 is on {labels3.device} but logits3 is on {logits3.device}")
-    if logits3.device.type != "cuda" and not triton_interpreter_enabled():
-        raise ValueError(
-            f"the Triton kernels need CUDA tensors, got {logits3.device} "
-            "(TRITON_INTERPRET=1 runs them on the CPU, slowly, for tests)"
-        )
-
-
 def launch_token_stats(
     logits3: torch.Tensor,
     labels3: torch.Tensor,
@@ -306,7 +254,8 @@ def launch_token_stats(
     ignore_index: int,
     write_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Run the token kernel only.
+    """Run the token kernel only, on inputs the caller checked (``[S, T, V]`` logits of a
+    supported dtype with stride 1 along V, ``[S, T]`` int64 or int32 labels, one device).
 
     Returns:
         (token_values, valid, bad, lse): fp32 ``[6, S, T]`` (loss, confidence, label_prob,
@@ -315,9 +264,6 @@ def launch_token_stats(
         a non-finite logit (they invalidate their sample), fp32 ``[S, T]`` log-sum-exp when
         ``write_lse`` else None.
     """
-    check_inputs(logits3, labels3)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     num_samples, seq_len, vocab = logits3.shape
     num_tokens = num_samples * seq_len
     device = logits3.device
@@ -357,17 +303,24 @@ def launch_sample_stats(
     labels3: torch.Tensor,
     *,
     ignore_index: int,
-    config: GekoConfig,
-    per_token: bool,
     write_lse: bool,
-) -> tuple[SampleStats, torch.Tensor, torch.Tensor | None]:
-    """Run both kernels; shared by ``sample_stats_triton`` and the cross-entropy forward.
+    thresholds: tuple[float, float, float, float],
+    buckets: tuple[int, int, int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run both kernels on checked inputs (see ``launch_token_stats``).
+
+    Args:
+        thresholds: ``(correct_threshold, freeze_confidence, hard_confidence,
+            correct_margin)``, compared in float32; the margin rule applies when the last
+            is positive.
+        buckets: the codes of FREEZE, LIGHT, FOCUS, HARD and INVALID.
 
     Returns:
-        (stats, token_loss, lse): ``token_loss`` fp32 ``[S, T]`` (0 for tokens that are not
-        valid), ``lse`` fp32 ``[S, T]`` when ``write_lse`` else None.
+        (sample_values, valid_tokens, bucket, token_values, token_valid, lse): fp32
+        ``[6, S]`` per-sample means (NaN for invalid samples), int32 ``[S]``, int8 ``[S]``,
+        fp32 ``[6, S, T]`` token values (0 for tokens that are not valid; row 0 the token
+        losses), bool ``[S, T]``, fp32 ``[S, T]`` log-sum-exp when ``write_lse`` else None.
     """
-    config = resolve_config(config)
     token_values, token_valid, token_bad, lse = launch_token_stats(
         logits3, labels3, ignore_index=ignore_index, write_lse=write_lse
     )
@@ -377,6 +330,8 @@ def launch_sample_stats(
     sample_values = torch.empty((NUM_FIELDS, num_samples), dtype=torch.float32, device=device)
     valid_tokens = torch.empty((num_samples,), dtype=torch.int32, device=device)
     bucket = torch.empty((num_samples,), dtype=torch.int8, device=device)
+    correct_threshold, freeze_confidence, hard_confidence, correct_margin = thresholds
+    freeze, light, focus, hard, invalid = buckets
 
     if num_samples > 0:
         block_t, num_warps = reduce_launch_config(seq_len)
@@ -391,20 +346,20 @@ def launch_sample_stats(
                 num_samples,
                 seq_len,
                 num_tokens,
-                float(config.correct_threshold),
-                float(config.freeze_confidence),
-                float(config.hard_confidence),
-                float(config.correct_margin),
+                float(correct_threshold),
+                float(freeze_confidence),
+                float(hard_confidence),
+                float(correct_margin),
                 BLOCK_T=block_t,
-                MARGIN=config.correct_margin > 0.0,
+                MARGIN=correct_margin > 0.0,
+                FREEZE=freeze,
+                LIGHT=light,
+                FOCUS=focus,
+                HARD=hard,
+                INVALID=invalid,
                 num_warps=num_warps,
             )
-
-    tokens = None
-    if per_token:
-        tokens = TokenStats(*token_values.unbind(0), valid=token_valid)
-    stats = SampleStats(*sample_values.unbind(0), valid_tokens=valid_tokens, bucket=bucket, tokens=tokens)
-    return stats, token_values[0], lse
+    return sample_values, valid_tokens, bucket, token_values, token_valid, lse
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -412,39 +367,3 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
-
-
-def sample_stats_triton(
-    logits3: torch.Tensor,
-    labels3: torch.Tensor,
-    *,
-    ignore_index: int,
-    config: GekoConfig,
-    per_token: bool,
-) -> SampleStats:
-    """Per-sample statistics of ``[S, T, V]`` logits with the fused Triton kernels.
-
-    Reads the logits once, writes ``O(S*T)`` bytes, never synchronises with the host.
-
-    Args:
-        logits3: ``[S, T, V]`` float32/bfloat16/float16 on a CUDA device (or the CPU under
-            ``TRITON_INTERPRET=1``), stride 1 along V; other strides are free (a slice of a
-            wider tensor, the causal shift view ``logits[:, :-1]``), nothing is copied.
-        labels3: ``[S, T]`` int64 (int32 accepted), any strides, same device.
-        ignore_index: label of tokens to skip.
-        config: bucket thresholds (compared in float32).
-        per_token: also return the token-level values (``SampleStats.tokens``).
-
-    Returns:
-        SampleStats on the logits' device: float32 fields ``[S]`` (NaN for invalid samples),
-        int32 ``valid_tokens``, int8 ``bucket`` (-1 for invalid samples). A sample is invalid
-        when it has no valid token, a counted token whose label is out of range, or a
-        non-finite logit in a counted token's row.
-
-    Raises:
-        TypeError, ValueError: see ``check_inputs``.
-    """
-    stats, _, _ = launch_sample_stats(
-        logits3, labels3, ignore_index=ignore_index, config=config, per_token=per_token, write_lse=False
-    )
-    return stats

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from geko_core import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_INVALID, BUCKET_LIGHT, GekoConfig
 from geko_core._backend import backend_status, triton_interpreter_enabled
-from geko_core.loss import cross_entropy_with_stats
+from geko_core.cross_entropy import cross_entropy_with_stats
 from geko_core.reference import sample_stats_reference
-from geko_core.stats import MAX_VOCAB, sample_stats
+from geko_core._inputs import MAX_VOCAB
+from geko_core.stats import sample_stats
 from geko_core.types import SampleStats
 
 BACKENDS = ("reference", "cpp", "triton")

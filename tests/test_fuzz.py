@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from geko_core import GekoConfig
 from geko_core.curriculum import MountainCurriculum
-from geko_core.linear_loss import linear_cross_entropy_with_stats
-from geko_core.loss import cross_entropy_with_stats
+from geko_core.cross_entropy import cross_entropy_with_stats
+from geko_core.linear_cross_entropy import linear_cross_entropy_with_stats
 from geko_core.planner import (
     EpochPlanner,
     gainrl_update_mu,

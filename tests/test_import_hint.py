@@ -67,3 +67,13 @@ def test_a_working_install_is_not_taken_for_the_source_tree():
     # Here the compiled core loads (installed, or beside an editable checkout's sources).
     assert geko_core.compiled_core_error() is None
     assert source_tree_root() is None
+
+
+def test_import_geko_core_without_the_compiled_core_still_works(tmp_path):
+    # The operators register only with the compiled core: without it, `import geko_core`
+    # itself must still succeed (so that `python -m geko_core.info` can report the problem).
+    copy_package(tmp_path)
+    code = CHILD.replace("from geko_core import SampleTable", "print(geko_core.compiled_core_error() is not None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "geko_core" / "__init__.py"), "True"]

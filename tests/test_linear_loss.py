@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import geko_core
-import geko_core.linear_loss as linear_loss
+import geko_core._linear_chunks as chunks
+import geko_core.linear_cross_entropy as linear_module
 from geko_core import GekoConfig, linear_cross_entropy_with_stats, sample_stats
 from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT
 from geko_core.types import SampleStats
@@ -263,38 +264,38 @@ def test_long_sequence_is_chunked_and_stats_are_exact():
     labels = torch.randint(0, 9, (1, 1200))
     labels[0, ::7] = -100
     calls = []
-    original = linear_loss._chunk_logits
+    original = chunks._chunk_logits
 
     def spy(buffer, hidden_chunk, w, b):
         calls.append(hidden_chunk.shape[0])
         return original(buffer, hidden_chunk, w, b)
 
-    linear_loss._chunk_logits = spy
+    chunks._chunk_logits = spy
     try:
         h = hidden.clone().requires_grad_(True)
         loss, got = linear_cross_entropy_with_stats(h, weight, labels, shift=True, chunk_size=128)
         loss.backward()
     finally:
-        linear_loss._chunk_logits = original
+        chunks._chunk_logits = original
     assert len(calls) == math.ceil(1200 / 128) and max(calls) == 128
     assert_stats_identical(got, sample_stats(hidden @ weight.T, labels, shift=True))
 
 
 def test_default_chunk_size_rule(monkeypatch):
     cpu = torch.device("cpu")
-    assert linear_loss._free_memory_bytes(cpu) > 0
-    rows = linear_loss.default_chunk_rows(8192, 32000, torch.float32, cpu)
+    assert chunks._free_memory_bytes(cpu) > 0
+    rows = chunks.default_chunk_rows(8192, 32000, torch.float32, cpu)
     assert 1 <= rows < 8192  # a long sequence is cut
-    assert rows * 32000 * 4 <= linear_loss.MAX_CHUNK_BUFFER_BYTES
-    monkeypatch.setattr(linear_loss, "_free_memory_bytes", lambda device: 2**40)
-    cap = linear_loss.MAX_CHUNK_BUFFER_BYTES
-    assert linear_loss.default_chunk_rows(8192, 32000, torch.float32, cpu) == cap // (32000 * 4)
-    assert linear_loss.default_chunk_rows(8192, 32000, torch.bfloat16, cpu) == cap // (32000 * 2)
-    monkeypatch.setattr(linear_loss, "_free_memory_bytes", lambda device: 8 * 1000 * 4 * 10)
-    assert linear_loss.default_chunk_rows(500, 1000, torch.float32, torch.device("cpu")) == 10
-    assert linear_loss.default_chunk_rows(5, 1000, torch.float32, torch.device("cpu")) == 5
-    monkeypatch.setattr(linear_loss, "_free_memory_bytes", lambda device: 0)
-    assert linear_loss.default_chunk_rows(500, 1000, torch.float32, torch.device("cpu")) == 1
+    assert rows * 32000 * 4 <= chunks.MAX_CHUNK_BUFFER_BYTES
+    monkeypatch.setattr(chunks, "_free_memory_bytes", lambda device: 2**40)
+    cap = chunks.MAX_CHUNK_BUFFER_BYTES
+    assert chunks.default_chunk_rows(8192, 32000, torch.float32, cpu) == cap // (32000 * 4)
+    assert chunks.default_chunk_rows(8192, 32000, torch.bfloat16, cpu) == cap // (32000 * 2)
+    monkeypatch.setattr(chunks, "_free_memory_bytes", lambda device: 8 * 1000 * 4 * 10)
+    assert chunks.default_chunk_rows(500, 1000, torch.float32, torch.device("cpu")) == 10
+    assert chunks.default_chunk_rows(5, 1000, torch.float32, torch.device("cpu")) == 5
+    monkeypatch.setattr(chunks, "_free_memory_bytes", lambda device: 0)
+    assert chunks.default_chunk_rows(500, 1000, torch.float32, torch.device("cpu")) == 1
     hidden, weight, bias, labels = make_case("3d")
     loss, stats = linear_cross_entropy_with_stats(hidden, weight, labels)  # one row per chunk
     want = linear_cross_entropy_with_stats(hidden, weight, labels, chunk_size=1000)
@@ -332,10 +333,6 @@ def test_bucket_thresholds_compare_like_the_kernels(threshold, label, at, above)
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 100])
 def test_correct_margin_uses_the_lowest_label_probability(chunk_size):
-    import dataclasses
-
-    if "correct_margin" not in {f.name for f in dataclasses.fields(GekoConfig)}:
-        pytest.skip("this GekoConfig has no correct_margin")
     hidden = torch.randint(-3, 4, (4, 6, 4)).float() / 2
     weight = torch.randint(-3, 4, (9, 4)).float() / 2
     labels = (hidden @ weight.T).argmax(dim=-1)  # every token right: the samples are correct
@@ -397,8 +394,8 @@ class _CoreSpy:
 @pytest.mark.parametrize("how", ["grad=False", "no_grad", "nothing requires grad"])
 def test_scoring_pass_computes_no_gradient(how, monkeypatch):
     hidden, weight, bias, labels = make_case("3d")
-    spy = _CoreSpy(linear_loss.load_compiled_core())
-    monkeypatch.setattr(linear_loss, "load_compiled_core", lambda: spy)
+    spy = _CoreSpy(chunks.load_compiled_core())
+    monkeypatch.setattr(chunks, "load_compiled_core", lambda: spy)
     requires = how != "nothing requires grad"
     h, w, b = (t.clone().requires_grad_(requires) for t in (hidden, weight, bias))
     if requires:
@@ -496,7 +493,7 @@ def _bad_inputs():
 def test_bad_input_is_refused_before_anything_runs(index, monkeypatch):
     tensors, options, error, match = _bad_inputs()[index]
     called = []
-    monkeypatch.setattr(linear_loss, "_run_chunks", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(linear_module, "run_chunks", lambda *a, **k: called.append(1))
     leaves_ = {k: v.clone().requires_grad_(v.dtype.is_floating_point) if isinstance(v, torch.Tensor) and v.device.type == "cpu" and v.dim() else v for k, v in tensors.items()}
     before = {k: v.detach().clone() for k, v in leaves_.items() if isinstance(v, torch.Tensor) and v.device.type == "cpu"}
     with pytest.raises(error, match=match):

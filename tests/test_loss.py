@@ -6,7 +6,7 @@ weights, in-place backward, invalid samples) are in test_contracts.py."""
 import pytest
 import torch
 
-from geko_core.loss import cross_entropy_with_stats
+from geko_core.cross_entropy import cross_entropy_with_stats
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -46,3 +46,130 @@ def test_cpp_gradient_matches_reference_in_fp64(reduction):
     assert a_grad.dtype == torch.float64
     torch.testing.assert_close(a_loss.double(), b_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a_grad, b_grad, rtol=1e-5, atol=1e-7)
+
+
+# -- the one-call C++ forward (the Selector's usual CPU step) -------------------------------------
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from geko_core import sample_stats  # noqa: E402
+from geko_core.cross_entropy import _loss_and_stats  # noqa: E402
+
+HOST_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HOST_TOL = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # the kernels compute in fp32
+
+
+def _host_inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    if labels.numel() > 2:
+        labels.view(-1)[1::3] = -100
+    return logits, labels
+
+
+def _host_step(x, labels, weight=None, *, shift=False, reduction="mean", inplace=False):
+    return _loss_and_stats(
+        x, labels, ignore_index=-100, shift=shift, sample_weight=weight, reduction=reduction, per_token=False,
+        config=None, backend=None, inplace_backward=inplace, segments=None, position_ids=None, num_segments=None,
+    )
+
+
+def _host_reference(logits, labels, weight, *, shift, reduction):
+    x = logits.detach().double().clone().requires_grad_(True)
+    w = None if weight is None else weight.double()
+    loss, stats = cross_entropy_with_stats(x, labels, shift=shift, sample_weight=w, reduction=reduction, backend="reference")
+    loss.backward()
+    return loss.detach(), x.grad, stats
+
+
+@pytest.mark.parametrize("dtype", HOST_DTYPES)
+@pytest.mark.parametrize("shape,shift", [((7, 5), False), ((6, 300), False), ((3, 4, 11), False), ((3, 5, 11), True), ((2, 1, 4), True)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_host_forward_matches_the_reference(dtype, shape, shift, reduction, weighted):
+    logits, labels = _host_inputs(shape, dtype)
+    weight = torch.linspace(0.5, 2.0, shape[0]) if weighted else None
+    x = logits.clone().requires_grad_(True)
+    loss, stats, host = _host_step(x, labels, weight, shift=shift, reduction=reduction)
+    assert host is not None  # the C++ backend's one-call forward served it
+    loss.backward()
+    ref_loss, ref_grad, ref_stats = _host_reference(logits, labels, weight, shift=shift, reduction=reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    if ref_stats.valid_tokens.sum() == 0 and reduction == "mean":
+        assert math.isnan(float(loss.detach()))
+    else:
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=HOST_TOL[dtype], atol=HOST_TOL[dtype])
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=HOST_TOL[dtype], atol=HOST_TOL[dtype])
+    expected = sample_stats(logits, labels, shift=shift, backend="cpp")
+    for field, row in (("loss", 0), ("confidence", 1), ("label_prob", 2), ("correct", 3), ("entropy", 4), ("el2n", 5)):
+        want = getattr(expected, field).nan_to_num(-7)
+        assert torch.equal(getattr(stats, field).nan_to_num(-7), want), field
+        assert torch.equal(torch.from_numpy(host.values[row]).nan_to_num(-7), want), field  # the same block
+    assert torch.equal(stats.bucket, expected.bucket) and np.array_equal(host.bucket, expected.bucket.numpy())
+    assert torch.equal(stats.valid_tokens, expected.valid_tokens)
+    assert host.valid_total == int(expected.valid_tokens.sum())
+
+
+def test_host_forward_inplace_writes_the_gradient_into_the_logits():
+    logits, labels = _host_inputs((9, 13), torch.float32)
+    x = logits.clone().requires_grad_(True)
+    y = x * 1  # a non-leaf, as the model's output is
+    loss, _, host = _host_step(y, labels, inplace=True)
+    assert host is not None
+    loss.backward()
+    _, ref_grad, _ = _host_reference(logits, labels, None, shift=False, reduction="mean")
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_host_forward_refuses_an_out_of_range_label_as_the_other_paths():
+    # The one-call forward checks the labels inside the compiled call; the message is the one
+    # every other path gives.
+    logits = torch.zeros(3, 2, 4)
+    labels = torch.tensor([[0, 1], [2, 9], [0, 0]])
+    with pytest.raises(ValueError) as per_token:
+        cross_entropy_with_stats(logits, labels, per_token=True)
+    with pytest.raises(ValueError) as host:
+        _host_step(logits, labels)
+    assert str(host.value) == str(per_token.value) and "label 9 at (sample, token) (1, 1)" in str(host.value)
+    with pytest.raises(ValueError, match=r"label -5 at \(sample, token\) \(2, 0\)"):
+        _host_step(torch.zeros(3, 4), torch.tensor([0, 1, -5]), reduction="sum")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(0, 5),
+    tokens=st.integers(0, 4),
+    vocab=st.sampled_from([2, 3, 7, 16, 33]),
+    flat=st.booleans(),
+    shift=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum"]),
+    dtype=st.sampled_from(HOST_DTYPES),
+    specials=st.lists(st.sampled_from([math.nan, math.inf, -math.inf, 50.0]), max_size=2),
+    seed=st.integers(0, 1000),
+)
+def test_host_forward_fuzz(batch, tokens, vocab, flat, shift, reduction, dtype, specials, seed):
+    shape = (batch, vocab) if flat else (batch, tokens, vocab)
+    shift = shift and not flat
+    logits, labels = _host_inputs(shape, dtype, seed=seed)
+    flat_view = logits.view(-1)
+    for k, value in enumerate(specials):
+        if flat_view.numel():
+            flat_view[(k * 7) % flat_view.numel()] = value
+    x = logits.clone().requires_grad_(True)
+    loss, stats, host = _host_step(x, labels, shift=shift, reduction=reduction)
+    assert host is not None
+    loss.backward()
+    expected = sample_stats(logits, labels, shift=shift, backend="reference")
+    assert torch.equal(stats.bucket.long(), expected.bucket.long())
+    assert torch.equal(stats.valid_tokens.long(), expected.valid_tokens.long())
+    if torch.isfinite(logits.double()).all():
+        ref_loss, ref_grad, _ = _host_reference(logits, labels, None, shift=shift, reduction=reduction)
+        torch.testing.assert_close(loss.double(), ref_loss.to(torch.float32).double(), rtol=2e-3, atol=2e-3, equal_nan=True)
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
+    assert x.grad.shape == x.shape

@@ -56,7 +56,7 @@ def test_config_field():
     assert GekoConfig().correct_margin == 0.0 == load_compiled_core().Config().correct_margin
     config = GekoConfig(correct_margin=0.9)
     assert GekoConfig.from_dict(config.to_dict()) == config and config.to_cpp().correct_margin == 0.9
-    from geko_core.ops import config_from_values, config_values
+    from geko_core._inputs import config_from_values, config_values
 
     assert config_from_values(config_values(config)) == config
     for bad in (-0.1, 1.5, float("nan"), float("inf")):

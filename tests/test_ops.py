@@ -9,15 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from geko_core import GekoConfig, cross_entropy_with_stats, linear_cross_entropy_with_stats, sample_stats
-from geko_core.ops import (
-    config_from_values,
-    config_values,
-    cross_entropy_backward,
-    linear_token_backward,
-    linear_token_forward,
-    stats_forward,
-    stats_forward_triton,
-)
+from geko_core._inputs import config_from_values, config_values
+from geko_core.cross_entropy import cross_entropy_backward
+from geko_core.linear_cross_entropy import linear_token_backward, linear_token_forward
+from geko_core.stats import stats_forward, stats_forward_triton
 from geko_core.reference import as_samples
 
 CONFIG = config_values(GekoConfig())
@@ -83,12 +78,41 @@ def test_token_loss_gradient_is_the_fused_backward():
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_statistics_are_not_differentiable_without_the_losses():
+@pytest.mark.parametrize("write_lse", [False, True])
+def test_statistics_outputs_are_marked_not_differentiable(write_lse):
     _, _, logits3, labels3 = _inputs((2, 4, 5), requires_grad=True)
-    blocks = stats_forward(logits3, labels3, -100, CONFIG, False, False)
-    # No loss row: asking for a gradient through the statistics says so.
-    with pytest.raises(RuntimeError, match="write_lse"):
-        torch.autograd.grad(blocks[0].sum(), logits3)
+    blocks = stats_forward(logits3, labels3, -100, CONFIG, True, write_lse)
+    # The measurements say they carry no gradient, and differentiating one raises (it gave a
+    # silent zero before); only the token losses of write_lse are differentiable.
+    for k in (0, 5) if write_lse else (0, 3, 5):
+        assert not blocks[k].requires_grad, k
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            torch.autograd.grad(blocks[k].sum(), logits3)
+    assert blocks[3].requires_grad == write_lse
+
+
+def test_public_statistics_are_not_differentiable():
+    logits, labels, _, _ = _inputs((3, 6, 9), shift=True)
+    x = logits.clone().requires_grad_(True)
+    hidden, weight, bias, rows = _linear_inputs()
+    h = hidden.clone().requires_grad_(True)
+    for backend in ("cpp", "reference"):
+        for per_token in (False, True):
+            for reduction in ("mean", "none"):
+                _, stats = cross_entropy_with_stats(x, labels, shift=True, per_token=per_token, reduction=reduction, backend=backend)
+                _, linear = linear_cross_entropy_with_stats(h, weight, rows, bias=bias, per_token=per_token, reduction=reduction, backend=backend)
+                for result in (stats, linear):
+                    tensors = [*result[:8], *(result.tokens or ())]
+                    assert not any(t.requires_grad for t in tensors)
+                    with pytest.raises(RuntimeError, match="does not require grad"):
+                        result.loss.sum().backward()
+
+
+def test_linear_operator_log_sum_exp_is_not_differentiable():
+    hidden, weight, bias, rows = _linear_inputs()
+    h = hidden.clone().requires_grad_(True)
+    values, _, _, lse = linear_token_forward(h, weight, bias, rows, -100, 4, CONFIG)
+    assert values.requires_grad and not lse.requires_grad
 
 
 def test_triton_kernel_of_the_operator_matches_the_cpu_kernel():

@@ -87,3 +87,74 @@ def test_stub_mirrors_the_bindings():
     compiled = geko_core.config._C
     public = sorted(name for name in dir(compiled) if not name.startswith("_"))
     assert sorted(stub_all) == public
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the package (``kernels/`` as ``geko_core.kernels``) and the package
+    modules it imports, at any level (lazy imports inside functions included)."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in (ROOT / "geko_core").rglob("*.py")}
+    files.update({"geko_core." + ".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in (ROOT / "kernels").rglob("*.py")})
+    files = {name.removesuffix(".__init__"): path for name, path in files.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                edges.add(target)
+                edges.update(f"{target}.{alias.name}" for alias in node.names)
+        graph[name] = {edge for edge in edges if edge in files and edge != name}
+    return graph
+
+
+def test_no_import_cycle_in_the_package():
+    # The package root aggregates the public API and is left out; so is geko_core.bench, the
+    # research tooling that is leaving the installed package.
+    graph = {name: edges - {"geko_core"} for name, edges in _import_graph().items() if not name.startswith("geko_core.bench")}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for edge in sorted(graph.get(name, ())):
+            if state.get(edge) == 1:
+                cycles.append(path + [name, edge])
+            elif edge in graph and not state.get(edge):
+                visit(edge, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name != "geko_core" and not state.get(name):
+            visit(name, [])
+    assert not cycles, cycles
+
+
+def test_kernels_import_only_triton_torch_and_the_standard_library():
+    import ast
+
+    allowed = {"triton", "torch", *sys.stdlib_module_names}
+    for path in (ROOT / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue  # relative imports stay inside kernels/
+            assert set(roots) <= allowed, (path.name, roots)
+
+
+def test_import_geko_core_registers_the_operators(tmp_path):
+    code = (
+        "import torch, geko_core\n"
+        "names = ['stats_forward', 'cross_entropy_backward', 'linear_token_forward', 'linear_token_backward']\n"
+        "print(' '.join(name for name in names if hasattr(torch.ops.geko, name)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["stats_forward", "cross_entropy_backward", "linear_token_forward", "linear_token_backward"]

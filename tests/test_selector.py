@@ -380,3 +380,19 @@ def test_tokens_are_counted_and_budgets_can_be_set_in_tokens():
         plans.append(geko.epoch_plan.indices.copy())
     spent = [tokens[p].sum() / tokens.sum() for p in plans]
     assert all(s < 0.6 for s in spent), spent  # about half the tokens (binomial noise), never the 100% of no budget
+
+
+def test_loss_bad_label_changes_nothing():
+    sel = Selector(32, "geko", epochs=2, seed=0)
+    order = torch.from_numpy(np.fromiter(iter(sel.sampler), dtype=np.int64))
+    sel.loss(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64), order[:8])
+    before = sel.state_dict()
+    records = sel.table.records().copy()
+    with pytest.raises(ValueError, match="label 3 at"):
+        sel.loss(torch.zeros(8, 3), torch.tensor([0, 1, 2, 3, 0, 0, 0, 0]), order[8:16])
+    after = sel.state_dict()
+    assert np.array_equal(records, sel.table.records())
+    assert after["epoch_plan"]["position"] == before["epoch_plan"]["position"]
+    assert sel.metrics()["backpropagated"] == 8
+    sel.loss(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64), order[8:16])  # the batch can be retried
+    assert sel.metrics()["backpropagated"] == 16

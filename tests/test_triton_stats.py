@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 from geko_core import BUCKET_INVALID, GekoConfig  # noqa: E402
 from geko_core._backend import triton_interpreter_enabled  # noqa: E402
 from geko_core.kernels import sample_stats as stats_module  # noqa: E402
-from geko_core.kernels.sample_stats import sample_stats_triton  # noqa: E402
+from geko_core.stats import sample_stats_triton  # noqa: E402
 from geko_core.reference import sample_stats_reference  # noqa: E402
 
 if triton_interpreter_enabled():

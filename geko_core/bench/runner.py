@@ -89,7 +89,7 @@ def _feed_policy(selector: Selector, model: torch.nn.Module, inputs: torch.Tenso
 def warm_up(task: Task) -> None:
     """Run a few untimed steps of the task's model and of the fused loss, so one-time costs
     (thread pools, allocator growth, kernel selection, lazy imports) land in no policy's time."""
-    from ..loss import cross_entropy_with_stats
+    from ..cross_entropy import cross_entropy_with_stats
 
     model = task.make_model(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=task.lr)

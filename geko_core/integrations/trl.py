@@ -103,7 +103,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("geko_core.integrations.trl needs trl: pip install 'geko_core[trl]'") from error
 
-from ..loss import cross_entropy_with_stats
+from ..cross_entropy import cross_entropy_with_stats
 from ..types import SampleStats
 from .hf import GEKO_INDEX_KEY, GekoIndexCollator, GekoTrainerMixin
 

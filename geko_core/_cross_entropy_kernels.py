@@ -1,0 +1,198 @@
+"""The kernels of the fused cross-entropy, one entry per compiled backend in ``KERNELS``
+(``"cpp"``: the C++ core; ``"triton"``: ``kernels/``), each with the same ``forward`` and
+``backward``; ``geko_core.cross_entropy`` runs them inside its autograd Function, and the
+linear cross-entropy's chunk loop uses the checked Triton functions below.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from ._backend import load_compiled_core
+from ._inputs import check_triton_backward, label_error
+from ._reduction import reduce_host, reduce_samples, sample_scale, token_scale
+from .config import GekoConfig, cpp_config_for_kernels
+from .stats import forward_blocks_cpp, forward_triton
+from .types import SampleStats, TokenStats
+
+__all__ = ["KERNELS", "Spec", "cross_entropy_backward_triton", "cross_entropy_forward_triton", "sample_stats_of"]
+
+
+class Spec(NamedTuple):
+    """What the cross-entropy's autograd Function and its kernels need besides the tensors."""
+
+    backend: str  # "cpp" or "triton"
+    ignore_index: int
+    shift: bool
+    reduction: str  # "none", "sum", "mean", or "token": the token losses [S, T] (packed rows)
+    per_token: bool
+    config: GekoConfig
+    inplace: bool
+
+
+# -- the kernels: KERNELS[name].forward / .backward -------------------------------------------
+# forward(logits3, labels3, weight, spec) -> (loss, statistics outputs, state) for the
+#   reductions "none", "sum", "mean"; backward(logits3, labels3, state, grad_output, target,
+#   spec) writes d loss / d logits into ``target`` ([S, T, V]; None: into logits3 itself).
+#   The token losses of packed rows ("token") keep state = (lse,).
+
+
+class _CppKernels:
+    @staticmethod
+    def forward(logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec) -> tuple:
+        # The compiled core reads a capsule without consuming it: the backward reuses these.
+        capsules = (to_dlpack(logits3), to_dlpack(labels3))
+        if not spec.per_token and spec.reduction != "none":
+            # One compiled call: label check, statistics, log-sum-exp, the weighted reduction.
+            samples = labels3.shape[0]
+            values = np.empty((6, samples), dtype=np.float32)
+            valid = np.empty(samples, dtype=np.int32)
+            bucket = np.empty(samples, dtype=np.int8)
+            lse = np.empty((samples, labels3.shape[1]), dtype=np.float32)
+            weight_capsule = None if weight is None else weight.numpy().__dlpack__()  # read again by the backward
+            capsules = (*capsules, lse.__dlpack__(), weight_capsule)
+            bad, value, total = load_compiled_core().loss_forward(
+                capsules[0], capsules[1], spec.ignore_index, cpp_config_for_kernels(spec.config), weight_capsule,
+                spec.reduction, values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), capsules[2],
+            )
+            if bad >= 0:
+                raise label_error(labels3, bad, logits3.shape[-1], spec.ignore_index)
+            outputs = (torch.from_numpy(values), torch.from_numpy(valid), torch.from_numpy(bucket))
+            return torch.from_numpy(np.array(value, dtype=np.float32)), outputs, (capsules, total, None, None)
+        blocks = forward_blocks_cpp(
+            logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, per_token=spec.per_token, write_lse=True
+        )
+        token_loss, valid_tokens = blocks.token_values[0], blocks.valid_tokens
+        if spec.reduction != "none":
+            # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
+            loss, total = reduce_host(token_loss.numpy(), valid_tokens.numpy(), weight, spec.reduction)
+        else:
+            per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
+            loss, total = reduce_samples(per_sample, valid_tokens, weight, spec.reduction), None
+        outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
+        return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight)
+
+    @staticmethod
+    def backward(logits3, labels3, state, grad_output, target, spec) -> None:
+        core = load_compiled_core()
+        target_capsule = None if target is None else to_dlpack(target)
+        if spec.reduction == "token":
+            (lse,) = state
+            scale = grad_output.to(torch.float32).contiguous()
+            core.cross_entropy_backward(
+                to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale), target_capsule, spec.ignore_index
+            )
+            return
+        capsules, total, valid_tokens, weight = state
+        if valid_tokens is None:  # the one-call forward: the scale is its weights, the rest one factor
+            factor = float(grad_output)
+            if spec.reduction == "mean":
+                factor = factor / total if total else float("nan")
+            scale_capsule = capsules[3]
+            if scale_capsule is None:
+                scale_capsule = np.ones(labels3.shape[0], dtype=np.float32).__dlpack__()
+        else:
+            scale, factor = sample_scale(grad_output, valid_tokens, weight, spec.reduction, total)
+            scale_capsule = to_dlpack(scale)
+        core.cross_entropy_backward(
+            capsules[0], capsules[1], capsules[2], scale_capsule, target_capsule, spec.ignore_index, factor
+        )
+
+
+class _TritonKernels:
+    @staticmethod
+    def forward(logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec) -> tuple:
+        blocks = forward_triton(logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, write_lse=True)
+        sample_values, valid_tokens, bucket, token_values, token_valid, lse = blocks
+        token_loss = token_values[0]
+        per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
+        loss = reduce_samples(per_sample, valid_tokens, weight, spec.reduction)
+        outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
+        return loss, outputs, (lse, valid_tokens, weight)
+
+    @staticmethod
+    def backward(logits3, labels3, state, grad_output, target, spec) -> None:
+        if spec.reduction == "token":
+            (lse,) = state
+            scale = grad_output.to(torch.float32).contiguous()
+        else:
+            lse, valid_tokens, weight = state
+            scale = token_scale(grad_output, valid_tokens, weight, spec.reduction, labels3.shape[1])
+        cross_entropy_backward_triton(
+            logits3, labels3, lse, scale, ignore_index=spec.ignore_index, inplace=target is None, out=target
+        )
+
+
+KERNELS = {"cpp": _CppKernels, "triton": _TritonKernels}
+
+
+def sample_stats_of(outputs: tuple, per_token: bool) -> SampleStats:
+    tokens = TokenStats(*outputs[3].unbind(0), valid=outputs[4]) if per_token else None
+    return SampleStats(*outputs[0].unbind(0), valid_tokens=outputs[1], bucket=outputs[2], tokens=tokens)
+
+
+
+# -- the Triton kernels, checked ----------------------------------------------------------------
+
+
+def cross_entropy_forward_triton(
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, per_token: bool
+) -> tuple[SampleStats, torch.Tensor, torch.Tensor]:
+    """Forward of the fused cross-entropy with the Triton kernels: statistics (as
+    ``sample_stats_triton``), float32 ``[S, T]`` token losses (``lse - x[y]`` for valid
+    tokens, 0 for the others) and float32 ``[S, T]`` log-sum-exp of every row, from one read."""
+    blocks = forward_triton(logits3, labels3, ignore_index=ignore_index, config=config, write_lse=True)
+    return sample_stats_of(blocks, per_token), blocks[3][0], blocks[5]
+
+
+def cross_entropy_backward_triton(
+    logits3: torch.Tensor,
+    labels3: torch.Tensor,
+    lse: torch.Tensor,
+    token_scale: torch.Tensor,
+    *,
+    ignore_index: int,
+    inplace: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient of ``sum(token_scale * token_loss)`` with respect to the logits, with the
+    Triton kernel (``kernels.cross_entropy``).
+
+    ``grad[s, t, :] = (softmax(logits3[s, t]) - onehot(labels3[s, t])) * token_scale[s, t]``,
+    zero rows for tokens that are not valid.
+
+    Args:
+        logits3: the forward's ``[S, T, V]`` logits, stride 1 along V.
+        labels3: the forward's ``[S, T]`` labels.
+        lse: float32 ``[S, T]`` log-sum-exp from the forward.
+        token_scale: float32 ``[S, T]``, e.g. ``grad_output / num_valid_tokens`` times
+            per-sample importance weights.
+        ignore_index: as in the forward.
+        inplace: write the gradient into the logits' storage and return ``logits3`` (the
+            logits are overwritten; their rows must not overlap).
+        out: write the gradient here instead of a new tensor (not with ``inplace``):
+            ``[S, T, V]`` in the logits' dtype and device, stride 1 along V, rows that do
+            not overlap.
+
+    Returns:
+        The gradient, ``[S, T, V]`` in the logits' dtype (``logits3`` itself when inplace).
+
+    Raises:
+        TypeError, ValueError: bad shapes, dtypes, devices or overlapping rows with inplace.
+    """
+    from .kernels.cross_entropy import launch_cross_entropy_backward
+
+    check_triton_backward(logits3, labels3, lse, token_scale, ignore_index=ignore_index, inplace=inplace, out=out)
+    if inplace:
+        grad = logits3
+    elif out is not None:
+        grad = out
+    else:
+        grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+    return launch_cross_entropy_backward(logits3, labels3, lse, token_scale, grad, ignore_index=ignore_index)
+
+

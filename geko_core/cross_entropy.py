@@ -1,0 +1,387 @@
+"""Fused cross-entropy with per-sample statistics: ``cross_entropy_with_stats``.
+
+The loss and the statistics of ``geko_core.sample_stats`` come from the same pass over the
+logits. The backend named by ``_backend.resolve_backend`` is looked up in ``_BACKENDS``,
+whose entries share one signature:
+
+* ``"cpp"`` (CPU tensors) and ``"triton"`` (CUDA tensors): ``_CrossEntropy``, the one
+  autograd Function of this operation, over the kernels of ``_KERNELS`` (forward:
+  statistics + token losses + log-sum-exp; backward: ``softmax - onehot``, scaled per
+  token). The usual CPU step (a plain reduction, no per-token output) is one compiled call
+  forward, the weighted reduction included, and one backward, with host arrays throughout:
+  ``_loss_and_stats`` hands them to the Selector as a :class:`HostForward`;
+* ``"reference"``: plain differentiable torch;
+* ``"op"`` (under torch.compile): the ``geko::stats_forward`` operator, whose token losses
+  carry the fused backward registered here (``geko::cross_entropy_backward``).
+
+The statistics leave the Function as extra outputs marked non-differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_bool, check_choice, check_same_device, check_tensor
+from ._cross_entropy_kernels import KERNELS, Spec, cross_entropy_backward_triton, sample_stats_of
+from ._inputs import check_cpu_labels, config_values, prepare_inputs, samples_view
+from ._reduction import REDUCTIONS, reduce_samples
+from .config import GekoConfig, resolve_config
+from .reference import sample_stats_reference
+from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
+from .stats import segment_token_values, stats_forward
+from .types import SampleStats
+
+__all__ = ["HostForward", "cross_entropy_backward", "cross_entropy_with_stats"]
+
+
+class HostForward(NamedTuple):
+    """The CPU forward of the fused loss in host arrays: what the Selector reads every step,
+    so nothing is converted twice."""
+
+    values: np.ndarray  # float32 [6, S]: loss, confidence, label_prob, correct, entropy, el2n
+    valid_tokens: np.ndarray  # int32 [S]
+    bucket: np.ndarray  # int8 [S]
+    valid_total: int  # the batch's valid tokens
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """The cross-entropy of the C++ and Triton kernels: ``(loss, *statistics)``, the
+    statistics marked non-differentiable. ``weight``: float32 ``[S]`` or None (a constant;
+    the C++ backward reads it again, so it must not change in between)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: torch.Tensor, logits3: torch.Tensor, labels3: torch.Tensor, weight: Any, spec: Spec
+    ) -> tuple:
+        logits3 = logits3.detach()
+        if spec.reduction == "token":
+            values, valid, bad, lse = segment_token_values(
+                logits3, labels3, name=spec.backend, ignore_index=spec.ignore_index, config=spec.config, write_lse=True
+            )
+            loss, outputs, state = values[0].clone(), (values, valid, bad), (lse,)
+        else:
+            loss, outputs, state = KERNELS[spec.backend].forward(logits3, labels3, weight, spec)
+        ctx.spec, ctx.state, ctx.logits_shape = spec, state, logits.shape
+        # Saved (not only captured) so that an in-place change of the logits or the labels
+        # before the backward is caught by autograd's version check.
+        ctx.save_for_backward(logits, logits3, labels3)
+        ctx.mark_non_differentiable(*outputs)
+        ctx.set_materialize_grads(False)  # no zero gradients made up for the statistics
+        return (loss, *outputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor, *_: Any):  # type: ignore[override]
+        # The kernels' gradient is not differentiable: under create_graph=True the wrapper
+        # says so when it is differentiated again; a plain backward skips the wrapper's cost.
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, grad_output)
+        return _backward(ctx, grad_output)
+
+
+def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+    logits, logits3, labels3 = ctx.saved_tensors
+    spec = ctx.spec
+    # Only the in-place path asks whether the kernels' view shares the logits' memory.
+    if spec.inplace and logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        grad, target = logits.detach(), None  # the same storage, now holding the gradient
+    else:  # one logits-sized allocation: the kernel writes into the gradient's [S, T, V] view
+        grad = torch.empty(ctx.logits_shape, dtype=logits.dtype, device=logits.device)
+        target = samples_view(grad, spec.shift)
+    KERNELS[spec.backend].backward(logits3, labels3, ctx.state, grad_output, target, spec)
+    if spec.shift and grad.shape[1] > 0:
+        grad[:, -1].zero_()  # the last position predicts nothing
+    return grad, None, None, None, None
+
+
+_backward_once = torch.autograd.function.once_differentiable(_backward)
+
+
+# -- geko::cross_entropy_backward, and the autograd formula of geko::stats_forward --------------
+
+
+@torch.library.custom_op("geko::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    logits3: torch.Tensor, labels3: torch.Tensor, lse: torch.Tensor, token_scale: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """``grad [S, T, V]`` of ``sum(token_scale * token_loss)``, the token losses of
+    ``geko::stats_forward`` (with ``write_lse``, whose ``lse`` this takes)."""
+    raise NotImplementedError(
+        f"geko::cross_entropy_backward has no kernel for {logits3.device.type} tensors (CPU and CUDA only)"
+    )
+
+
+@cross_entropy_backward.register_kernel("cpu")
+def _cross_entropy_backward_cpu(logits3, labels3, lse, token_scale, ignore_index):
+    grad = torch.empty(logits3.shape, dtype=logits3.dtype)
+    spec = Spec("cpp", ignore_index, False, "token", False, resolve_config(None), False)
+    KERNELS["cpp"].backward(logits3.detach(), labels3, (lse.contiguous(),), token_scale, grad, spec)
+    return grad
+
+
+@cross_entropy_backward.register_kernel("cuda")
+def _cross_entropy_backward_cuda(logits3, labels3, lse, token_scale, ignore_index):
+    return cross_entropy_backward_triton(
+        logits3.detach(), labels3, lse, token_scale.contiguous(), ignore_index=ignore_index, inplace=False
+    )
+
+
+@cross_entropy_backward.register_fake
+def _cross_entropy_backward_fake(logits3, labels3, lse, token_scale, ignore_index):
+    return torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
+
+
+def _stats_forward_setup(ctx, inputs, output) -> None:
+    logits3, labels3, ignore_index, _config, _per_token, write_lse = inputs
+    sample_values, _, _, token_values, _, lse = output
+    # The statistics are measurements; only the token losses (row 0 of token_values, with
+    # write_lse) are differentiable.
+    ctx.mark_non_differentiable(sample_values, lse, *(() if write_lse else (token_values,)))
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(logits3, labels3, lse)
+
+
+def _stats_forward_backward(ctx, g_sample, g_valid_tokens, g_bucket, g_tokens, g_token_valid, g_lse):
+    if g_tokens is None:
+        return None, None, None, None, None, None
+    logits3, labels3, lse = ctx.saved_tensors
+    token_scale = g_tokens[0].to(torch.float32).contiguous()
+    grad = cross_entropy_backward(logits3, labels3, lse, token_scale, ctx.ignore_index)
+    return grad, None, None, None, None, None
+
+
+stats_forward.register_autograd(_stats_forward_backward, setup_context=_stats_forward_setup)
+
+
+# -- the backend table: _BACKENDS[name].loss / .token_loss -------------------------------------
+# loss(logits, logits3, labels3, weight, spec) -> (loss, SampleStats, HostForward or None)
+# token_loss(logits, logits3, labels3, spec) -> (token_loss [S, T], token_values, valid, bad)
+# on validated views; ``spec.backend`` is the table's key.
+
+
+class _Fused:
+    """The C++ and Triton kernels, through ``_CrossEntropy``."""
+
+    @staticmethod
+    def loss(logits, logits3, labels3, weight, spec):
+        outputs = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
+        values, valid = outputs[1], outputs[2]
+        if spec.per_token:
+            return outputs[0], sample_stats_of(outputs[1:], True), None
+        stats = SampleStats(*values.unbind(0), valid_tokens=valid, bucket=outputs[3], tokens=None)
+        if spec.backend != "cpp" or spec.reduction == "none":
+            return outputs[0], stats, None
+        valid_tokens = valid.numpy()  # the one-call forward's host arrays, shared with stats
+        return outputs[0], stats, HostForward(values.numpy(), valid_tokens, outputs[3].numpy(), int(valid_tokens.sum()))
+
+    @staticmethod
+    def token_loss(logits, logits3, labels3, spec):
+        return tuple(_CrossEntropy.apply(logits, logits3, labels3, None, spec._replace(reduction="token", inplace=False)))
+
+
+class _Reference:
+    """Plain differentiable torch (gradcheck in float64)."""
+
+    @staticmethod
+    def loss(logits, logits3, labels3, weight, spec):
+        samples, tokens, vocab = logits3.shape
+        x = logits3 if logits3.dtype == torch.float64 else logits3.float()
+        valid = (labels3 != spec.ignore_index) & (labels3 >= 0) & (labels3 < vocab)
+        # F.cross_entropy masks ignored tokens out of both the loss and the gradient.
+        target = torch.where(valid, labels3, torch.full_like(labels3, -100))
+        token_loss = F.cross_entropy(x.reshape(-1, vocab), target.reshape(-1), ignore_index=-100, reduction="none")
+        token_loss = token_loss.reshape(samples, tokens)
+        w = None if weight is None else weight.to(token_loss.dtype)
+        loss = reduce_samples(token_loss.sum(dim=1), valid.sum(dim=1), w, spec.reduction)
+        with torch.no_grad():
+            stats = sample_stats_reference(
+                logits3.detach(), labels3, ignore_index=spec.ignore_index, per_token=spec.per_token, config=spec.config
+            )
+        return loss, stats, None
+
+    @staticmethod
+    def token_loss(logits, logits3, labels3, spec):
+        with torch.no_grad():
+            values, valid, bad, _ = segment_token_values(
+                logits3.detach(), labels3, name="reference", ignore_index=spec.ignore_index, config=spec.config,
+                write_lse=False,
+            )
+        vocab = logits3.shape[-1]
+        x = logits3 if logits3.dtype == torch.float64 else logits3.float()
+        target = torch.where(valid, labels3, torch.full_like(labels3, -100))
+        token_loss = F.cross_entropy(x.reshape(-1, vocab), target.reshape(-1), ignore_index=-100, reduction="none")
+        return token_loss.reshape(labels3.shape), values, valid, bad
+
+
+class _Op:
+    """torch.compile: the ``geko::stats_forward`` operator (whose token losses carry the fused
+    backward) and the reduction in plain torch operations."""
+
+    @staticmethod
+    def loss(logits, logits3, labels3, weight, spec):
+        blocks = stats_forward(logits3, labels3, spec.ignore_index, config_values(spec.config), spec.per_token, True)
+        stats = sample_stats_of(tuple(b.detach() for b in blocks), spec.per_token)
+        token_loss = blocks[3][0]
+        return reduce_samples(token_loss.sum(dim=1), stats.valid_tokens, weight, spec.reduction), stats, None
+
+    @staticmethod
+    def token_loss(logits, logits3, labels3, spec):
+        values, valid, bad, _ = segment_token_values(
+            logits3, labels3, name="op", ignore_index=spec.ignore_index, config=spec.config, write_lse=True
+        )
+        return values[0], values.detach(), valid, bad
+
+
+_BACKENDS = {"cpp": _Fused, "triton": _Fused, "reference": _Reference, "op": _Op}
+
+
+def _segmented_loss(
+    logits: torch.Tensor, logits3: torch.Tensor, packed: SegmentMap, weight: torch.Tensor | None, spec: Spec
+) -> tuple[torch.Tensor, SampleStats]:
+    """``cross_entropy_with_stats`` over the samples of packed rows."""
+    token_loss, values, valid, bad = _BACKENDS[spec.backend].token_loss(logits, logits3, packed.labels3, spec)
+    stats = segment_stats(values, valid, bad, packed.owner, packed.num_segments, spec.config, spec.per_token)
+    w = None if weight is None else weight.to(token_loss.dtype)
+    return segment_loss(token_loss, valid, packed.owner, stats.valid_tokens, w, spec.reduction), stats
+
+
+def cross_entropy_with_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    sample_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    per_token: bool = False,
+    config: GekoConfig | None = None,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+    segments: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    num_segments: int | None = None,
+) -> tuple[torch.Tensor, SampleStats]:
+    """Differentiable cross-entropy and the per-sample statistics, from one pass.
+
+    Reductions (``w_s`` is ``sample_weight[s]``, 1 when None; ``l_st`` the token loss;
+    sums run over valid tokens, i.e. label != ignore_index and in ``[0, V)``):
+
+    * ``"none"``: ``[S]`` per-sample loss ``w_s * mean_t l_st`` (0 for a sample without
+      valid tokens);
+    * ``"sum"``: ``sum_s w_s sum_t l_st``;
+    * ``"mean"``: that sum divided by the number of valid tokens in the batch. Without
+      weights this is ``F.cross_entropy(..., reduction="mean")``; with importance weights
+      (1 / inclusion probability) it is the unbiased InfoBatch-style estimate; weights are
+      not renormalised. No valid token in the batch gives NaN, as torch does.
+
+    A NaN or inf logit in a valid token's row makes that sample's loss NaN on the fused
+    (C++/Triton) paths, so a mean or sum is NaN too, and marks the sample invalid in the
+    statistics. This differs from ``F.cross_entropy`` for ``-inf`` logits (masked classes),
+    which torch handles as probability 0: mask with a large negative finite value instead.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64 (float64 not
+            on the Triton backend), any strides (see ``sample_stats``).
+        labels: ``[N]`` or ``[B, T]``, integer.
+        ignore_index: label of tokens that do not count.
+        shift: causal-LM shift (3-D only); the gradient of the last position is 0.
+        sample_weight: optional float ``[S]`` (``S = N`` or ``B``) per-sample weights, e.g.
+            the planner's importance weights. Treated as constants: no gradient flows to
+            them.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        per_token: also return token-level statistics.
+        config: thresholds of the instant bucket.
+        backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
+            ``"reference"`` (plain torch, differentiable in float64; use it for gradcheck).
+        inplace_backward: the fused backends write the gradient into the logits' own
+            storage (as Liger-Kernel does) instead of allocating one: saves a logits-sized
+            buffer, but the logits tensor is overwritten by its gradient during backward, so
+            do not use it afterwards. Ignored on the reference path, with segments, and
+            when the logits had to be copied (non-contiguous last dimension).
+        segments, position_ids, num_segments: packed rows, as in ``sample_stats``: the
+            statistics, ``sample_weight`` (``[K]``) and the reductions are then per sample
+            (``"none"`` gives ``K`` losses, ``"mean"`` divides by the batch's valid tokens),
+            and the loss and its gradient equal those of the samples computed alone.
+
+    Returns:
+        (loss, stats): ``loss`` is float32 (float64 on the reference path for float64
+        logits), a scalar or ``[S]`` for ``"none"``; its gradient flows to ``logits`` only,
+        in the logits' dtype. ``stats`` is the detached ``SampleStats`` of ``sample_stats``.
+
+    Raises:
+        TypeError, ValueError: as ``sample_stats``; also an unknown reduction, a
+            ``sample_weight`` that is not a float tensor of shape ``[S]`` on the logits'
+            device.
+    """
+    loss, stats, _ = _loss_and_stats(
+        logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=sample_weight, reduction=reduction,
+        per_token=per_token, config=config, backend=backend, inplace_backward=inplace_backward, segments=segments,
+        position_ids=position_ids, num_segments=num_segments,
+    )
+    return loss, stats
+
+
+def _loss_and_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    sample_weight: torch.Tensor | None,
+    reduction: str,
+    per_token: bool,
+    config: GekoConfig | None,
+    backend: str | None,
+    inplace_backward: bool,
+    segments: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    num_segments: int | None,
+) -> tuple[torch.Tensor, SampleStats, HostForward | None]:
+    """``cross_entropy_with_stats`` and, for the one-call C++ forward (CPU tensors, a plain
+    ``"sum"``/``"mean"`` reduction, no per-token output, no packed rows), the host arrays the
+    Selector reads every step (so it converts nothing again); None on the other paths. The
+    Selector's one seam into the loss: its usual CPU step costs what this function costs."""
+    config = resolve_config(config)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    per_token = check_bool(per_token, "per_token")
+    inplace_backward = check_bool(inplace_backward, "inplace_backward")
+    packed_rows = segments is not None or position_ids is not None or num_segments is not None
+    logits3, labels3, name, ignore_index, shift = prepare_inputs(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, check_labels=False
+    )
+    if name != "cpp" or per_token or reduction == "none" or packed_rows:
+        # (the one-call C++ forward refuses an out-of-range label itself, before writing anything)
+        check_cpu_labels(labels3, logits3.shape[-1], ignore_index)
+    packed = None
+    if packed_rows:
+        packed = prepare_segments(
+            segments, position_ids, num_segments, labels=labels, labels3=labels3, shift=shift, ignore_index=ignore_index
+        )
+    samples = logits3.shape[0] if packed is None else packed.num_segments
+    weight = sample_weight
+    if not (
+        weight is None
+        or (
+            type(weight) is torch.Tensor
+            and weight.dtype is torch.float32
+            and weight.shape == (samples,)
+            and weight.device == logits.device
+            and not weight.requires_grad
+        )
+    ):  # the usual weights pass as they are; anything else is checked and named
+        weight = check_tensor(
+            weight, "sample_weight", dtype="floating", shape=(samples,), layout="[S] (one weight per sample)",
+            optional=True,
+        )
+        check_same_device(weight, "sample_weight", logits, "logits")
+        if weight.requires_grad:
+            weight = weight.detach()
+    spec = Spec(name, ignore_index, shift, reduction, per_token, config, inplace_backward)
+    if packed is not None:
+        return (*_segmented_loss(logits, logits3, packed, weight, spec), None)
+    if name != "reference" and weight is not None and weight.dtype != torch.float32:
+        weight = weight.to(torch.float32)
+    return _BACKENDS[name].loss(logits, logits3, labels3, weight, spec)
