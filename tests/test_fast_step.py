@@ -1,7 +1,7 @@
 """The small-step CPU path: ``loss.cpu_loss_fast`` (one compiled call forward, one backward)
 and ``Selector._loss_fast`` (the Selector's bookkeeping without the general path's
-conversions), and the table's ``update_revisits``. Each is compared with the general path
-or the torch reference, exactly where the output is discrete."""
+conversions). Each is compared with the general path or the torch reference, exactly where
+the output is discrete."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geko_core import GekoConfig, SampleTable, Selector, sample_stats
-from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, resolve_config
+from geko_core import GekoConfig, Selector, sample_stats
+from geko_core.config import resolve_config
 from geko_core.loss import cpu_loss_fast, cross_entropy_with_stats
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -228,48 +228,3 @@ def test_selector_fast_path_bad_label_changes_nothing():
     assert sel.metrics()["backpropagated"] == 8
     sel.loss(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64), order[8:16])  # the batch can be retried
     assert sel.metrics()["backpropagated"] == 16
-
-
-# -- the table's revisit count -------------------------------------------------------------------------
-
-
-def _python_revisits(table: SampleTable, indices, loss, confidence, correct, step):
-    before = table.records()["bucket"][indices].copy()
-    table.update_arrays(indices, loss, confidence, correct, step)
-    after = table.records()["bucket"][indices]
-    frozen = (before == BUCKET_FREEZE) & np.isfinite(correct)
-    failed = frozen & ((after == BUCKET_FOCUS) | (after == BUCKET_HARD))
-    return int(frozen.sum()), int(failed.sum())
-
-
-@settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), narrow=st.booleans())
-def test_update_revisits_matches_a_python_count(seed, n, narrow):
-    rng = np.random.default_rng(seed)
-    a, b = SampleTable(n), SampleTable(n)
-    for step in range(1, 12):
-        count = int(rng.integers(0, 2 * n))
-        indices = rng.integers(0, n, count).astype(np.int32 if narrow else np.int64)  # duplicates included
-        loss = rng.uniform(0, 3, count).astype(np.float32)
-        confidence = rng.uniform(0.5, 1, count).astype(np.float32)
-        correct = (rng.uniform(0, 1, count) < (0.9 if step < 8 else 0.3)).astype(np.float32)
-        correct[rng.uniform(0, 1, count) < 0.05] = np.nan
-        expected = _python_revisits(a, indices, loss, confidence, correct, step)
-        assert b.update_arrays_revisits(indices, loss, confidence, correct, step) == expected
-        assert np.array_equal(a.records(), b.records())
-
-
-def test_update_revisits_refuses_bad_input_and_changes_nothing():
-    table = SampleTable(4)
-    ones = np.ones(2, dtype=np.float32)
-    table.update_arrays_revisits(np.array([0, 1]), ones, ones, ones, 1)
-    records = table.records().copy()
-    with pytest.raises(IndexError):
-        table.update_arrays_revisits(np.array([2, 4]), ones, ones, ones, 2)
-    with pytest.raises(ValueError, match="same length"):
-        table.update_arrays_revisits(np.array([2]), ones, ones, ones, 2)
-    with pytest.raises(ValueError):
-        table.update_arrays_revisits(np.array([2, 3]), ones, ones * 2, ones, 2)  # confidence > 1
-    with pytest.raises(TypeError):
-        table.update_arrays_revisits(np.array([2.0, 3.0]), ones, ones, ones, 2)
-    assert np.array_equal(records, table.records())

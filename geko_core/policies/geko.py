@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._backend import load_compiled_core
 from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN
-from .base import Plan, Policy, PolicyContext
+from .base import Plan, Policy, PolicyContext, StatsBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..table import SampleTable
+
+_C = load_compiled_core()
 
 
 class GekoPolicy(Policy):
@@ -173,7 +179,7 @@ class GekoPolicy(Policy):
         if self.stall_visits:
             self._stall = np.zeros(context.num_samples, dtype=np.uint8)
             self._ref_loss = np.full(context.num_samples, np.nan, dtype=np.float32)
-        if self.freeze_streak or self.stall_visits:
+        if self.guard or self.freeze_streak or self.stall_visits:
             self._seen_epoch = np.full(context.num_samples, -1, dtype=np.int32)
 
     def _frozen(self, buckets: np.ndarray, streak: np.ndarray | None) -> np.ndarray:
@@ -191,37 +197,23 @@ class GekoPolicy(Policy):
             raise ValueError("stalled() needs the table's buckets")
         return (self._stall >= self.stall_visits) & ((buckets == BUCKET_FOCUS) | (buckets == BUCKET_HARD))
 
-    def observe(self, batch, table) -> None:
-        counting = self._streak is not None or self._stall is not None
-        if not self.guard and not counting:
+    def observe(self, batch: StatsBatch, table: "SampleTable") -> None:
+        if self._seen_epoch is None:  # neither the guard nor a counter: the table alone
             super().observe(batch, table)
             return
-        if not counting:
-            # The guard alone: the table counts the batch's FREEZE revisits (FREEZE before it,
-            # finite correct) and the failed ones (FOCUS or HARD after it) in its update call.
-            revisits, failed = table.update_arrays_revisits(
-                batch.indices, batch.loss, batch.confidence, batch.correct, batch.step
-            )
-            self.revisits += revisits
-            self.failed_revisits += failed
-            return
-        # The table's update and the counters in one compiled call: both count epochs, not
-        # copies (only a sample's first visit of an epoch advances a counter: a HARD sample
-        # drawn 2.5 times in an epoch is seen by a model that has hardly changed between its
-        # copies), while any visit can reset one.
-        revisits, failed = table.update_arrays_counted(
-            batch.indices,
-            batch.loss,
-            batch.confidence,
-            batch.correct,
-            batch.step,
-            epoch=batch.epoch,
-            seen_epoch=self._seen_epoch,
-            streak=self._streak,
-            stall=self._stall,
-            ref_loss=self._ref_loss,
-            freeze_streak=self.freeze_streak,
-            stall_drop=self.stall_drop,
+        # The table applies the batch and reports each row's bucket before and after it; the
+        # counters and the revisit count follow from that report in one compiled call of the
+        # policy's own. Both count epochs, not copies (only a sample's first visit of an epoch
+        # advances a counter: a HARD sample drawn 2.5 times in an epoch is seen by a model
+        # that has hardly changed between its copies), while any visit can reset one.
+        count = len(batch.indices)
+        before = np.empty(count, dtype=np.int8)
+        after = np.empty(count, dtype=np.int8)
+        table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, batch.step, before=before, after=after)
+        revisits, failed = _C.count_visits(
+            batch.indices, batch.loss, batch.confidence, batch.correct, before, after, batch.epoch,
+            self._seen_epoch, self._streak, self._stall, self._ref_loss,
+            self.freeze_streak, table.config.freeze_confidence, self.stall_drop,
         )
         if self.guard:
             self.revisits += revisits
@@ -333,7 +325,8 @@ class GekoPolicy(Policy):
                 out["stalled"] = self._last_stalled
         return out
 
-    #: Per-sample arrays of the streak gate and of stagnation, saved when their mechanism is on.
+    #: Per-sample arrays of the guard (seen_epoch), the streak gate and stagnation, saved when
+    #: their mechanism is on.
     _COUNTERS = {"streak": np.uint8, "stall": np.uint8, "ref_loss": np.float32, "seen_epoch": np.int32}
 
     def state_dict(self) -> dict[str, Any]:
@@ -365,6 +358,10 @@ class GekoPolicy(Policy):
             if mine is None:
                 if state.get(key) is not None:
                     raise ValueError(f"geko state has {key!r} but this policy has that mechanism off")
+                continue
+            if key == "seen_epoch" and key not in state and self._streak is None and self._stall is None:
+                # A guard-only state from before the guard kept seen_epoch: no visit counted yet.
+                arrays[key] = np.full_like(mine, -1)
                 continue
             value = np.asarray(state[key])
             if value.dtype != dtype or value.shape != mine.shape:
