@@ -52,7 +52,7 @@ RevisitCount count_visits(const VisitCounters& counters, const VisitCounterParam
     const size_t s = static_cast<size_t>(indices[i]);
     const bool fresh = counters.seen_epoch[s] != epoch32;
     const bool wrong = after[i] == kFocus || after[i] == kHard;
-    if (frozen[i] && std::isfinite(correct[i])) {
+    if (fresh && frozen[i] && std::isfinite(correct[i])) {
       ++result.revisits;
       result.failed += wrong ? 1 : 0;
     }

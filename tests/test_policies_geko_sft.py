@@ -172,6 +172,34 @@ def test_defaults_leave_the_mechanisms_off():
     assert "streak" not in sel.state_dict()["policy_state"]
 
 
+# -- the guard's revisits ------------------------------------------------------------------------
+
+
+def revisits(sel: Selector) -> tuple[int, int]:
+    metrics = sel.policy.metrics()
+    return metrics["revisits"], metrics["failed_revisits"]
+
+
+@pytest.mark.parametrize("options", [{}, {"freeze_streak": 2, "stall_visits": 1}])
+def test_a_sample_frozen_during_an_epoch_is_not_revisited_in_it(options):
+    """A revisit is a frozen sample's first visit of an epoch: a sample that freezes on its
+    first copy of an epoch and is drawn again in it was not drawn as a revisit."""
+    config = geko_core.GekoConfig(q_alpha=1.0, freeze_q=0.5)  # one right, confident visit freezes
+    sel = Selector(N, policy="geko", epochs=20, seed=0, config=config, policy_options=options)
+    one = IDX[1:2]  # label 1: UNSURE_WRONG predicts 0
+    visit(sel, 0, UNSURE_WRONG, one)
+    visit(sel, 1, RIGHT, one)  # frozen on its first copy of epoch 1
+    assert sel.table.buckets(one)[0] == FREEZE
+    visit(sel, 1, UNSURE_WRONG, one)  # its second copy: wrong, but not a revisit
+    assert revisits(sel) == (0, 0)
+    visit(sel, 1, RIGHT, one)
+    visit(sel, 2, RIGHT, one)  # frozen before epoch 2: its first visit there is a revisit ...
+    visit(sel, 2, RIGHT, one)  # ... and its second is not
+    assert revisits(sel) == (1, 0)
+    visit(sel, 3, UNSURE_WRONG, np.array([1, 1]))  # two copies in one batch: one revisit, failed
+    assert revisits(sel) == (2, 1)
+
+
 # -- the policy's compiled counters (_C.count_visits on the table's report) against a reference --
 
 FREEZE, LIGHT, FOCUS, HARD = 0, 1, 2, 3
@@ -187,7 +215,7 @@ def reference_counts(before, after, idx, loss, conf, correct, epoch, seen, strea
         frozen = before[i] == FREEZE or (streak is not None and k > 0 and before[i] == LIGHT and streak_before[s] >= k)
         wrong = after[i] in (FOCUS, HARD)
         fresh = seen[s] != epoch
-        if frozen and np.isfinite(correct[i]):
+        if fresh and frozen and np.isfinite(correct[i]):  # a revisit is a first visit of the epoch
             revisits += 1
             failed += int(wrong)
         if not (np.isfinite(loss[i]) and np.isfinite(conf[i]) and np.isfinite(correct[i])):

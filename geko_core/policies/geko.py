@@ -148,8 +148,13 @@ class GekoPolicy(Policy):
         self._streak: np.ndarray | None = None
         self._stall: np.ndarray | None = None
         self._ref_loss: np.ndarray | None = None  # a sample's loss at its first visit of its last epoch
-        self._seen_epoch: np.ndarray | None = None  # the epoch of that visit
+        # The epoch of a sample's latest applied visit: the counters' and the guard's "first
+        # visit of the epoch" (a revisit is one).
+        self._seen_epoch: np.ndarray | None = None
         self._last_frozen = self._last_stalled = 0
+        # Rows observed over the run (all ranks'): with total_steps, the samples a step trains
+        # (None: unknown, after loading a state that lacks it).
+        self._rows: int | None = 0
         self.guard = guard
         self.min_revisit = float(min_revisit)
         self.revisit_gain = float(revisit_gain)
@@ -198,6 +203,8 @@ class GekoPolicy(Policy):
         return (self._stall >= self.stall_visits) & ((buckets == BUCKET_FOCUS) | (buckets == BUCKET_HARD))
 
     def observe(self, batch: StatsBatch, table: "SampleTable") -> None:
+        if self._rows is not None:
+            self._rows += len(batch.indices)
         if self._seen_epoch is None:  # neither the guard nor a counter: the table alone
             super().observe(batch, table)
             return
@@ -229,8 +236,6 @@ class GekoPolicy(Policy):
         self.revisits = self.failed_revisits = 0
 
     def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
-        from ..config import BUCKET_FREEZE
-
         table = context.table
         rates = np.asarray(self.curriculum.rates(progress), dtype=np.float64)
         buckets = table.field("bucket")
@@ -239,21 +244,24 @@ class GekoPolicy(Policy):
             buckets[self._frozen(buckets, self._streak)] = BUCKET_FREEZE
         self._last_frozen = int((buckets == BUCKET_FREEZE).sum())
         self._last_stalled = 0 if stalled is None else int(stalled.sum())
+        # Stalled samples are counted apart (code UNSEEN + 1): they draw their probe rate.
+        live = buckets if not self._last_stalled else np.where(stalled, BUCKET_UNSEEN + 1, buckets)
+        probe_rate = self.stall_rate
         if self.guard:
             self._update_forgetting()
-            # An epoch that reaches into the last `final_full` of training runs on the full data.
-            end = (epoch + 1) / context.epochs if context.epochs else progress
-            if self.final_full > 0 and end > 1.0 - self.final_full + 1e-9:
-                rates = np.maximum(rates, 1.0)  # the last phase: the full data, FREEZE included
+            thinned = rates.copy()
+            thinned[BUCKET_FREEZE] = min(1.0, max(rates[BUCKET_FREEZE], self.min_revisit + self.revisit_gain * self.forgetting))
+            full = np.maximum(rates, 1.0)  # the last phase: the full data, FREEZE included
+            if self.final_full <= 0:
+                rates, probe_rate = self._budgeted(context, thinned, live)
+            elif context.epochs:
+                # An epoch that reaches into the last `final_full` of training runs on the full data.
+                final = (epoch + 1) / context.epochs > 1.0 - self.final_full + 1e-9
+                rates, probe_rate = self._budgeted(context, full if final else thinned, live)
             else:
-                rates[BUCKET_FREEZE] = min(1.0, max(rates[BUCKET_FREEZE], self.min_revisit + self.revisit_gain * self.forgetting))
-        if self.budget is not None:
-            # What each bucket costs at rate 1: its samples, or its tokens; stalled samples
-            # cost their probe rate, a fixed share like FREEZE's revisits.
-            cost = None if self.budget_unit == "samples" else context.sample_tokens
-            live = buckets if not self._last_stalled else np.where(stalled, BUCKET_UNSEEN + 1, buckets)
-            counts = np.bincount(live, weights=cost, minlength=len(rates) + 1).astype(np.float64)
-            rates = self._fit_budget(rates, counts[: len(rates)], total=float(counts.sum()), fixed=self.stall_rate * float(counts[len(rates)]))
+                rates, probe_rate = self._final_by_steps(context, progress, live, self._budgeted(context, thinned, live), full)
+        else:
+            rates, probe_rate = self._budgeted(context, rates, live)
         self._last_rates = rates
         plan = self._planner.plan(
             buckets,
@@ -268,47 +276,95 @@ class GekoPolicy(Policy):
         elif self.weighting == "thinning":
             weights = np.maximum(weights, np.float32(1.0))
         if self._last_stalled:
-            indices, weights = self._with_probes(context, epoch, indices, weights, stalled)
+            indices, weights = self._with_probes(context, epoch, indices, weights, stalled, probe_rate)
         if self.max_weight is not None:
             weights = np.minimum(weights, np.float32(self.max_weight))
         return Plan(indices, weights)
 
-    def _with_probes(self, context: PolicyContext, epoch: int, indices: np.ndarray, weights: np.ndarray, stalled: np.ndarray):
-        """Replace the stalled samples' copies by probes drawn at ``stall_rate``, reshuffled."""
+    def _final_by_steps(self, context: PolicyContext, progress: float, live: np.ndarray, thinned, full: np.ndarray):
+        """The final phase of a run counted in steps: the ``full`` rates (budgeted) when this
+        epoch, planned ``thinned``, would reach into the last ``final_full`` of the steps or
+        leave too few steps after it for the full pass that would follow (at the curriculum's
+        rates then, HARD's oversampling included); ``thinned`` otherwise. So the full pass is
+        planned while there are steps left to finish it. An epoch's steps are its expected
+        samples over the samples a step has trained so far (``observe``'s rows, all ranks').
+        Before any step (or after loading a state without the row count) the epoch is full
+        once ``progress`` is in the last ``final_full``."""
+        total = float(context.total_steps)
+        done = progress * total
+        if self._rows is None or self._rows == 0 or done <= 0:
+            final = progress > 1.0 - self.final_full + 1e-9
+            return self._budgeted(context, full, live) if final else thinned
+        per_step = self._rows / done
+        samples = np.bincount(live, minlength=len(full) + 1).astype(np.float64)
+
+        def steps(choice) -> float:
+            rates, probe_rate = choice
+            return (float((samples[:-1] * rates).sum()) + float(samples[-1]) * probe_rate) / per_step
+
+        after_thinned = done + steps(thinned)
+        later = np.maximum(np.asarray(self.curriculum.rates(min(after_thinned / total, 1.0)), dtype=np.float64), 1.0)
+        final = after_thinned > (1.0 - self.final_full) * total + 1e-9 or after_thinned + steps(self._budgeted(context, later, live)) > total + 1e-9
+        return self._budgeted(context, full, live) if final else thinned
+
+    def _budgeted(self, context: PolicyContext, rates: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, float]:
+        """``rates`` and the stalled samples' probe rate, fitted to the budget when one is set."""
+        if self.budget is None:
+            return rates, self.stall_rate
+        # What each bucket costs at rate 1: its samples, or its tokens.
+        cost = None if self.budget_unit == "samples" else context.sample_tokens
+        counts = np.bincount(live, weights=cost, minlength=len(rates) + 1).astype(np.float64)
+        return self._fit_budget(rates, counts)
+
+    def _with_probes(self, context: PolicyContext, epoch: int, indices: np.ndarray, weights: np.ndarray, stalled: np.ndarray, rate: float):
+        """Replace the stalled samples' copies by probes drawn at ``rate``, reshuffled."""
         keep = ~stalled[indices]
         rng = context.rng(epoch, 0x57A1)
         candidates = np.flatnonzero(stalled)
-        probes = candidates[rng.random(len(candidates)) < self.stall_rate]
-        weight = 1.0 / self.stall_rate if self.weighting == "unbiased" and self.stall_rate > 0 else 1.0
+        probes = candidates[rng.random(len(candidates)) < rate]
+        weight = 1.0 / rate if self.weighting == "unbiased" and rate > 0 else 1.0
         indices = np.concatenate([indices[keep], probes])
         weights = np.concatenate([weights[keep], np.full(len(probes), weight, dtype=np.float32)])
         order = rng.permutation(len(indices))
         return indices[order], weights[order]
 
-    def _fit_budget(self, rates: np.ndarray, counts: np.ndarray, total: float | None = None, fixed: float = 0.0) -> np.ndarray:
-        """Scale the LIGHT/FOCUS/HARD rates so the expected epoch is at most budget * N.
+    def _fit_budget(self, rates: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, float]:
+        """Fit the expected epoch to at most ``budget`` times the data set's cost.
 
-        ``counts``: each bucket's cost at rate 1; ``total``: the data set's cost (default:
-        ``counts.sum()``; larger when stalled samples are counted apart); ``fixed``: the
-        expected cost of the stalled samples' probes."""
-        scaled = np.zeros(len(rates), dtype=bool)
+        ``counts``: each bucket's cost at rate 1, then the stalled samples' (``[6]``). The
+        LIGHT/FOCUS/HARD rates are scaled by one factor ``f`` (found by bisection); FREEZE's
+        rate and the stalled samples' probe rate are capped at ``f``: a frozen or stalled
+        sample is never drawn more often than the scaled buckets' factor, so the budget holds
+        even when FREEZE alone would exceed it (the final phase's full pass becomes every
+        bucket thinned by the one factor). UNSEEN samples are always drawn once. Returns the
+        rates and the probe rate."""
+        k = len(rates)
+        bucket_costs, probe_cost = counts[:k], float(counts[k])
+        scaled = np.zeros(k, dtype=bool)
         scaled[[BUCKET_LIGHT, BUCKET_FOCUS, BUCKET_HARD]] = True
-        target = self.budget * (float(counts.sum()) if total is None else total)
-        fixed = fixed + float((counts * rates)[~scaled].sum())
-        variable = float((counts * rates)[scaled].sum())
-        if fixed + variable <= target or variable <= 0.0:
-            return rates
-        # The planner refuses positive rates below 1e-6; the expected size is linear in the
-        # factor above that floor, so the bisection converges to the exact fit.
+        target = self.budget * float(counts.sum())
+        fixed = self.stall_rate * probe_cost + float((bucket_costs * rates)[~scaled].sum())
+        if fixed + float((bucket_costs * rates)[scaled].sum()) <= target:
+            return rates, self.stall_rate
+
+        def at(factor: float) -> tuple[np.ndarray, float, float]:
+            trial = np.where(scaled & (rates > 0), np.maximum(rates * factor, 1e-6), rates)
+            if rates[BUCKET_FREEZE] > 0:
+                trial[BUCKET_FREEZE] = max(min(rates[BUCKET_FREEZE], factor), 1e-6)
+            probe = min(self.stall_rate, factor)
+            return trial, probe, float((bucket_costs * trial)[scaled].sum()) + (probe * probe_cost + float((bucket_costs * trial)[~scaled].sum()))
+
+        # The planner refuses positive rates below 1e-6; the expected size is monotone in the
+        # factor, so the bisection converges to the largest factor that fits.
         low, high = 0.0, 1.0
         for _ in range(60):
             mid = 0.5 * (low + high)
-            trial = np.where(scaled & (rates > 0), np.maximum(rates * mid, 1e-6), rates)
-            if float((counts * trial)[scaled].sum()) + fixed > target:
+            if at(mid)[2] > target:
                 high = mid
             else:
                 low = mid
-        return np.where(scaled & (rates > 0), np.maximum(rates * low, 1e-6), rates)
+        trial, probe, _ = at(low)
+        return trial, probe
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {} if self.budget is None else {"budget": self.budget}
@@ -333,7 +389,7 @@ class GekoPolicy(Policy):
         state: dict[str, Any] = {
             "revisits": self.revisits, "failed_revisits": self.failed_revisits,
             "total_revisits": self.total_revisits, "total_failed_revisits": self.total_failed_revisits,
-            "forgetting": self.forgetting,
+            "forgetting": self.forgetting, "rows": self._rows,
         }
         # The per-sample counters, only when their mechanism is on (older states lack them).
         for key in self._COUNTERS:
@@ -352,6 +408,9 @@ class GekoPolicy(Policy):
         forgetting = state["forgetting"]
         if isinstance(forgetting, bool) or not isinstance(forgetting, (int, float, np.floating)) or not 0.0 <= forgetting <= 1.0:
             raise ValueError(f"geko state forgetting must be in [0, 1], got {forgetting!r}")
+        rows = state.get("rows")  # None: a state from before the row count
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0):
+            raise ValueError(f"geko state rows must be a non-negative int or None, got {rows!r}")
         arrays = {}
         for key, dtype in self._COUNTERS.items():
             mine = getattr(self, "_" + key)
@@ -370,5 +429,6 @@ class GekoPolicy(Policy):
         for key, value in counts.items():
             setattr(self, key, value)
         self.forgetting = float(forgetting)
+        self._rows = None if rows is None else int(rows)
         for key, value in arrays.items():
             setattr(self, "_" + key, value)
