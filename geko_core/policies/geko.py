@@ -41,9 +41,12 @@ class GekoPolicy(Policy):
             epoch as a share of the data set's, ``Selector(sample_tokens=...)``).
         budget: optional cap on an epoch's expected size as a fraction of the data set. When
             the curriculum's rates would plan more, the LIGHT, FOCUS and HARD rates are scaled
-            down by one common factor (found by bisection) until the expected size fits;
-            UNSEEN samples are always drawn once and FREEZE keeps its revisit rate. Weights
-            follow the scaled rates, so thinning stays unbiased.
+            down by one common factor (found by bisection) until the expected size fits, and
+            FREEZE's rate and the stalled samples' probe rate are capped at that factor: FREEZE
+            keeps its revisit rate while it fits, and in the final full phase every bucket is
+            thinned by the one factor, so the budget caps the final epochs too. UNSEEN samples
+            are always drawn once. Weights follow the fitted rates, so thinning stays unbiased
+            (docs/policies.md).
         max_weight: cap on a weight (variance guard); ``None`` for no cap; ``"auto"`` (default)
             caps at 2 when a ``budget`` is set (deep thinning makes large weights whose
             variance cost more accuracy than their bias in our measurements) and not otherwise.
@@ -56,7 +59,9 @@ class GekoPolicy(Policy):
             forgetting rate (up to 1: every frozen sample checked).
         final_full: with the guard, an epoch that reaches into the last ``final_full`` share
             of training runs on the full data: every sample at least once, FREEZE included
-            (stalled samples keep their probe rate, below).
+            (stalled samples keep their probe rate, below; under a budget, thinned to fit).
+            With ``total_steps`` the full pass starts while there are steps left to finish it
+            (an epoch's steps predicted from the samples a step has trained so far).
         freeze_streak: the sequence-level FREEZE gate (0 = off, the default): a sample right
             and confident (instant bucket FREEZE) in each of the last ``freeze_streak`` epochs
             it was visited in is planned as FREEZE even when its Q-value has not reached
@@ -82,8 +87,9 @@ class GekoPolicy(Policy):
             less on the sample, not to make each visit count more), ``1 / stall_rate`` under
             ``"unbiased"``.
 
-    Quality guard. Forgetting is measured, not assumed: a revisited FREEZE sample that is no
-    longer right (it lands in FOCUS or HARD) is a failed revisit; it returns to training at
+    Quality guard. Forgetting is measured, not assumed: a revisit is a FREEZE sample's first
+    visit of an epoch (not a later copy of a sample that froze earlier in the same epoch);
+    one that finds the sample no longer right (it lands in FOCUS or HARD) is a failed revisit; it returns to training at
     once (the table's bucket follows its statistics), and the share of failed revisits, the
     *forgetting rate* (smoothed over epochs), raises the next epochs' revisit fraction. The
     last phase of training never runs on thinned data only. HARD samples that stay HARD visit
