@@ -252,7 +252,6 @@ class GekoPolicy(Policy):
         self._last_stalled = 0 if stalled is None else int(stalled.sum())
         # Stalled samples are counted apart (code UNSEEN + 1): they draw their probe rate.
         live = buckets if not self._last_stalled else np.where(stalled, BUCKET_UNSEEN + 1, buckets)
-        probe_rate = self.stall_rate
         if self.guard:
             self._update_forgetting()
             thinned = rates.copy()
@@ -287,7 +286,9 @@ class GekoPolicy(Policy):
             weights = np.minimum(weights, np.float32(self.max_weight))
         return Plan(indices, weights)
 
-    def _final_by_steps(self, context: PolicyContext, progress: float, live: np.ndarray, thinned, full: np.ndarray):
+    def _final_by_steps(
+        self, context: PolicyContext, progress: float, live: np.ndarray, thinned: tuple[np.ndarray, float], full: np.ndarray
+    ) -> tuple[np.ndarray, float]:
         """The final phase of a run counted in steps: the ``full`` rates (budgeted) when this
         epoch, planned ``thinned``, would reach into the last ``final_full`` of the steps or
         leave too few steps after it for the full pass that would follow (at the curriculum's
