@@ -513,7 +513,7 @@ SampleTable::~SampleTable() { std::free(records_); }
 
 template <typename Index>
 void SampleTable::update(const Index* indices, const float* loss, const float* confidence, const float* correct,
-                         size_t count, int64_t step) {
+                         size_t count, int64_t step, int8_t* before, int8_t* after) {
   if (step < 0 || step > kMaxStep) {
     throw std::invalid_argument("step must be in [0, " + std::to_string(kMaxStep) + "], got " + std::to_string(step));
   }
@@ -522,6 +522,10 @@ void SampleTable::update(const Index* indices, const float* loss, const float* c
   check_unit_interval(confidence, count, "confidence");
   check_unit_interval(correct, count, "correct");
 
+  // Everything is checked: from here on the call writes.
+  if (before != nullptr) {
+    for (size_t i = 0; i < count; ++i) before[i] = records_[indices[i]].bucket;
+  }
   const RuleParams params(config_);
   const int32_t step32 = static_cast<int32_t>(step);
   uint64_t applied = 0;
@@ -551,6 +555,9 @@ void SampleTable::update(const Index* indices, const float* loss, const float* c
   }
   counters_.updates += applied;
   counters_.nonfinite_skipped += skipped;
+  if (after != nullptr) {
+    for (size_t i = 0; i < count; ++i) after[i] = records_[indices[i]].bucket;
+  }
 }
 
 template <typename Index>
@@ -637,8 +644,10 @@ TableCounters SampleTable::counters() const {
   return counters_;
 }
 
-template void SampleTable::update<int32_t>(const int32_t*, const float*, const float*, const float*, size_t, int64_t);
-template void SampleTable::update<int64_t>(const int64_t*, const float*, const float*, const float*, size_t, int64_t);
+template void SampleTable::update<int32_t>(const int32_t*, const float*, const float*, const float*, size_t, int64_t,
+                                           int8_t*, int8_t*);
+template void SampleTable::update<int64_t>(const int64_t*, const float*, const float*, const float*, size_t, int64_t,
+                                           int8_t*, int8_t*);
 template void SampleTable::buckets<int32_t>(const int32_t*, size_t, int8_t*) const;
 template void SampleTable::buckets<int64_t>(const int64_t*, size_t, int8_t*) const;
 

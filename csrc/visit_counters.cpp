@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -13,10 +14,19 @@ namespace geko {
 template <typename Index>
 RevisitCount count_visits(const VisitCounters& counters, const VisitCounterParams& params, const Index* indices,
                           const float* loss, const float* confidence, const float* correct, const int8_t* before,
-                          const int8_t* after, size_t count, int32_t epoch) {
-  if (counters.seen_epoch == nullptr) throw std::invalid_argument("count_visits needs the seen_epoch array");
+                          const int8_t* after, size_t count, int64_t epoch) {
+  if (counters.seen_epoch == nullptr) throw std::invalid_argument("seen_epoch is required");
   if (counters.stall != nullptr && counters.ref_loss == nullptr) {
-    throw std::invalid_argument("count_visits: stagnation needs the ref_loss array");
+    throw std::invalid_argument("ref_loss is required when stall is given");
+  }
+  if (epoch < 0 || epoch > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("epoch must lie in [0, 2**31 - 1], got " + std::to_string(epoch));
+  }
+  if (params.freeze_streak < 0 || params.freeze_streak > 255) {
+    throw std::invalid_argument("freeze_streak must lie in [0, 255], got " + std::to_string(params.freeze_streak));
+  }
+  if (!(params.stall_drop >= 0.0f && params.stall_drop <= 1.0f)) {
+    throw std::invalid_argument("stall_drop must lie in [0, 1]");
   }
   for (size_t i = 0; i < count; ++i) {
     const Index index = indices[i];
@@ -25,6 +35,7 @@ RevisitCount count_visits(const VisitCounters& counters, const VisitCounterParam
                               std::to_string(counters.num_samples) + " samples");
     }
   }
+  const int32_t epoch32 = static_cast<int32_t>(epoch);
   RevisitCount result;
   // Frozen before the batch, from the streaks before it (a repeated index sees the same).
   std::vector<uint8_t> frozen(count, 0);
@@ -38,14 +49,14 @@ RevisitCount count_visits(const VisitCounters& counters, const VisitCounterParam
   }
   const float keep = static_cast<float>(1.0 - static_cast<double>(params.stall_drop));
   for (size_t i = 0; i < count; ++i) {
+    const size_t s = static_cast<size_t>(indices[i]);
+    const bool fresh = counters.seen_epoch[s] != epoch32;
     const bool wrong = after[i] == kFocus || after[i] == kHard;
-    if (frozen[i] && std::isfinite(correct[i])) {
+    if (fresh && frozen[i] && std::isfinite(correct[i])) {
       ++result.revisits;
       result.failed += wrong ? 1 : 0;
     }
     if (!(std::isfinite(loss[i]) && std::isfinite(confidence[i]) && std::isfinite(correct[i]))) continue;
-    const size_t s = static_cast<size_t>(indices[i]);
-    const bool fresh = counters.seen_epoch[s] != epoch;
     if (counters.streak != nullptr) {
       const bool right_confident =
           (after[i] == kFreeze || after[i] == kLight) && confidence[i] > params.freeze_confidence;
@@ -62,16 +73,16 @@ RevisitCount count_visits(const VisitCounters& counters, const VisitCounterParam
       }
       if (fresh) counters.ref_loss[s] = loss[i];
     }
-    counters.seen_epoch[s] = epoch;
+    counters.seen_epoch[s] = epoch32;
   }
   return result;
 }
 
 template RevisitCount count_visits<int32_t>(const VisitCounters&, const VisitCounterParams&, const int32_t*,
                                             const float*, const float*, const float*, const int8_t*, const int8_t*,
-                                            size_t, int32_t);
+                                            size_t, int64_t);
 template RevisitCount count_visits<int64_t>(const VisitCounters&, const VisitCounterParams&, const int64_t*,
                                             const float*, const float*, const float*, const int8_t*, const int8_t*,
-                                            size_t, int32_t);
+                                            size_t, int64_t);
 
 }  // namespace geko

@@ -9,7 +9,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'angle_concentration', 'bf16_round', 'build_info', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'loss_forward', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
+__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'TABLE_FORMAT_VERSION', 'angle_concentration', 'bf16_round', 'build_info', 'count_visits', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'loss_forward', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
 class Config:
     """
     C++ mirror of geko_core.GekoConfig (defaults live here).
@@ -115,14 +115,11 @@ class SampleTable:
         """
         Read-only [num_samples, 32] uint8 view of the records.
         """
-    def update(self, indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.ndarray, correct: numpy.ndarray, step: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def update(self, indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.ndarray, correct: numpy.ndarray, step: typing.SupportsInt | typing.SupportsIndex, before: typing.Any = None, after: typing.Any = None) -> None:
         """
         Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.
-        """
-    def update_revisits(self, indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.ndarray, correct: numpy.ndarray, step: typing.SupportsInt | typing.SupportsIndex) -> tuple:
-        """
-        update() that returns the batch's FREEZE revisits as (revisits, failed): indices that were FREEZE
-        before the batch with a finite correct value, and those of them that are FOCUS or HARD after it.
+        before/after: None or writable int8 arrays of the batch's length, filled with each row's bucket
+        before and after the batch.
         """
     @property
     def config(self) -> Config:
@@ -198,6 +195,13 @@ def build_info() -> dict:
     """
     Compiler, flags, OpenMP and CPU features of this build.
     """
+def count_visits(indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.ndarray, correct: numpy.ndarray, before: numpy.ndarray, after: numpy.ndarray, epoch: typing.SupportsInt | typing.SupportsIndex, seen_epoch: typing.Any, streak: typing.Any, stall: typing.Any, ref_loss: typing.Any, freeze_streak: typing.SupportsInt | typing.SupportsIndex, freeze_confidence: typing.SupportsFloat | typing.SupportsIndex, stall_drop: typing.SupportsFloat | typing.SupportsIndex) -> tuple:
+    """
+    GEKO's visit counters and revisit count for one batch the table applied (before/after: each row's
+    bucket around SampleTable.update). The counter arrays (one entry per sample, owned by the policy)
+    are written in place; returns the batch's FREEZE revisits as (revisits, failed). Everything is
+    checked before anything is written.
+    """
 def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, scale_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> None:
     """
     grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid
@@ -270,3 +274,4 @@ MAX_STEP: int = 2147483647
 MAX_VOCAB: int = 262144
 NUM_BUCKETS: int = 5
 SAMPLE_RECORD_SIZE: int = 32
+TABLE_FORMAT_VERSION: int = 1

@@ -100,15 +100,6 @@ def _last_visit(last_visit_step: Any, n: int) -> np.ndarray | None:
     return array.astype(np.int64)
 
 
-def _float_array(values: Any, name: str) -> np.ndarray:
-    array = _array_1d(values, name)
-    if array.dtype in (np.float32, np.float64):
-        return np.ascontiguousarray(array)
-    if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.float64)
-    raise TypeError(f"{name} must be a float array, got dtype {array.dtype}")
-
-
 class EpochPlanner:
     """Plans epochs from per-sample buckets and per-bucket rates.
 

@@ -1,28 +1,14 @@
 """SampleTable: the per-sample state of a whole dataset, 32 bytes per sample.
 
 The records live in the compiled core (``csrc/sample_table.cpp``); this module converts
-user input, holds the lock that makes multi-step operations (state dicts, checkpoints)
-consistent, and reads and writes checkpoint files.
-
-Checkpoint file format (version 1, little-endian integers)::
-
-    magic     8 bytes   b"GEKOTBL\\0"
-    version   uint32    FORMAT_VERSION
-    hlen      uint32    length of the header
-    header    hlen      UTF-8 JSON: num_samples, record_size, byteorder, fields
-                        [[name, numpy dtype, offset], ...], config, counters, geko_core
-    payload   N * 32    the records, byte for byte as in memory
-    crc32     uint32    zlib.crc32 of everything before it
+user input and holds the lock that makes multi-step operations (state dicts, checkpoints)
+consistent. The record format and the checkpoint files are ``geko_core._table_file``'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-import sys
 import threading
-import zlib
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -32,6 +18,18 @@ import torch
 from ._atomic import atomic_write
 from ._backend import load_compiled_core
 from ._checks import check_float_array, check_index_array, check_int
+from ._table_file import (
+    _FIELDS,
+    FORMAT_VERSION,
+    RECORD_DTYPE,
+    CheckpointError,
+    check_version,
+    file_header,
+    parse_config,
+    parse_counters,
+    read_checkpoint,
+    write_checkpoint,
+)
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .types import SampleStats
 
@@ -46,38 +44,13 @@ __all__ = [
 
 _C = load_compiled_core()
 
-#: Version of state dicts and checkpoint files this module writes and reads.
-FORMAT_VERSION = 1
 #: Largest step a table stores (steps are int32; ``last_step`` is -1 before the first update).
 MAX_STEP: int = _C.MAX_STEP
 #: Bit of the ``flags`` field: the noise guard lowered this HARD sample to FOCUS.
 FLAG_SUSPECTED_NOISY: int = _C.FLAG_SUSPECTED_NOISY
 
-_LAYOUT: list[tuple[str, str, int]] = [tuple(entry) for entry in _C.SampleTable.layout()]
-_FIELDS: tuple[str, ...] = tuple(name for name, _, _ in _LAYOUT)
-#: numpy dtype of one record (32 bytes), as ``SampleTable.records()`` returns them.
-RECORD_DTYPE = np.dtype(
-    {
-        "names": list(_FIELDS),
-        "formats": [dtype for _, dtype, _ in _LAYOUT],
-        "offsets": [offset for _, _, offset in _LAYOUT],
-        "itemsize": _C.SAMPLE_RECORD_SIZE,
-    }
-)
-
-_MAGIC = b"GEKOTBL\0"
-_PREAMBLE = struct.Struct("<8sII")  # magic, format version, header length
-_CRC = struct.Struct("<I")
-_MAX_HEADER_BYTES = 1 << 20
-_CHUNK_RECORDS = 1 << 20  # 32 MiB per read/write: large tables are streamed, never copied whole
-
 PathLike = Union[str, "os.PathLike[str]"]
 ArrayLike = Union[np.ndarray, torch.Tensor]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or state dict that cannot be loaded: corrupt, truncated, of another
-    format version or layout, or for another number of samples. The table is unchanged."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,28 +177,7 @@ class SampleTable:
         with self._lock:
             self._c.update(idx, loss_a, conf_a, correct_a, step)
 
-    def update_arrays(self, indices: np.ndarray, loss: np.ndarray, confidence: np.ndarray, correct: np.ndarray, step: int) -> None:
-        """:meth:`update` for callers that already hold contiguous numpy arrays of the exact
-        dtypes (indices int64, the rest float32), e.g. the Selector on every step.
-
-        Skips the Python-side conversions only: the compiled table still checks dtypes,
-        shapes, lengths, every index and every value before it writes anything, and raises
-        the same errors.
-        """
-        with self._lock:
-            self._c.update(indices, loss, confidence, correct, step)
-
-    def update_arrays_revisits(
-        self, indices: np.ndarray, loss: np.ndarray, confidence: np.ndarray, correct: np.ndarray, step: int
-    ) -> tuple[int, int]:
-        """:meth:`update_arrays` that also returns the batch's FREEZE revisits, in the same
-        compiled call: ``(revisits, failed)``, the indices whose bucket was FREEZE before the
-        batch and whose ``correct`` is finite, and those of them whose bucket is FOCUS or HARD
-        after it (no longer right). Bad input raises before anything changes."""
-        with self._lock:
-            return self._c.update_revisits(indices, loss, confidence, correct, step)
-
-    def update_arrays_counted(
+    def update_arrays(
         self,
         indices: np.ndarray,
         loss: np.ndarray,
@@ -233,30 +185,26 @@ class SampleTable:
         correct: np.ndarray,
         step: int,
         *,
-        epoch: int,
-        seen_epoch: np.ndarray,
-        streak: np.ndarray | None,
-        stall: np.ndarray | None,
-        ref_loss: np.ndarray | None,
-        freeze_streak: int,
-        stall_drop: float,
-    ) -> tuple[int, int]:
-        """:meth:`update_arrays` followed, in the same compiled call, by GEKO's per-epoch
-        visit counters (the streak gate and stagnation of
-        :class:`~geko_core.policies.GekoPolicy`), which live in the caller's arrays (one
-        entry per sample, written in place): ``seen_epoch`` int32, ``streak`` and ``stall``
-        uint8 or None (that counter off), ``ref_loss`` float32 (needed with ``stall``).
+        before: np.ndarray | None = None,
+        after: np.ndarray | None = None,
+    ) -> None:
+        """:meth:`update` for callers that already hold contiguous numpy arrays of the exact
+        dtypes (indices int64 or int32, the rest float32), e.g. the Selector on every step,
+        with an optional report for policies that keep per-sample state of their own.
 
-        The batch's rows count as visits in order; only a sample's first visit of ``epoch``
-        advances a counter, any visit can reset one. Returns the batch's FREEZE revisits
-        ``(revisits, failed)``: rows frozen before the batch (FREEZE, or LIGHT with a streak
-        of at least ``freeze_streak``) with a finite ``correct``, and those of them FOCUS or
-        HARD after it. Every array and index is checked before the table or a counter
-        changes."""
+        Skips the Python-side conversions only: the compiled table still checks dtypes,
+        shapes, lengths, every index and every value before it writes anything, and raises
+        the same errors.
+
+        Args:
+            before, after: None, or writable contiguous int8 arrays of the batch's length:
+                the same compiled call writes into them each row's bucket code just before
+                the batch and just after it (a repeated index reports the same pair on each
+                of its rows; a row the table skipped for a non-finite value keeps its bucket).
+                Checked with the rest, before anything is written.
+        """
         with self._lock:
-            return self._c.update_counted(
-                indices, loss, confidence, correct, step, epoch, seen_epoch, streak, stall, ref_loss, freeze_streak, stall_drop
-            )
+            self._c.update(indices, loss, confidence, correct, step, before, after)
 
     def update_from_stats(self, indices: ArrayLike, stats: SampleStats, step: int) -> None:
         """``update(indices, stats.loss, stats.confidence, stats.correct, step)``.
@@ -416,13 +364,13 @@ class SampleTable:
         unexpected = sorted(set(state_dict) - expected, key=str)
         if missing or unexpected:
             raise CheckpointError(f"state dict keys do not match: missing {missing}, unexpected {unexpected}")
-        _check_version(state_dict["format_version"], "state dict")
+        check_version(state_dict["format_version"], "state dict")
         num_samples = state_dict["num_samples"]
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
             raise CheckpointError(f"num_samples must be an int, got {num_samples!r}")
         self._check_num_samples(int(num_samples), "the state dict")
-        config = _parse_config(state_dict["config"])
-        counters = _parse_counters(state_dict["counters"])
+        config = parse_config(state_dict["config"])
+        counters = parse_counters(state_dict["counters"])
         buffer = np.empty(self.num_samples * RECORD_DTYPE.itemsize, dtype=np.uint8)
         records = buffer.view(RECORD_DTYPE)
         for name in _FIELDS:
@@ -455,20 +403,9 @@ class SampleTable:
         streamed from the table's memory, never copied whole. Updates wait meanwhile.
         """
         with self._lock:
-            header = json.dumps(
-                {
-                    "num_samples": self.num_samples,
-                    "record_size": RECORD_DTYPE.itemsize,
-                    "byteorder": sys.byteorder,
-                    "fields": [list(entry) for entry in _LAYOUT],
-                    "config": self._config.to_dict(),
-                    "counters": self._counters(),
-                    "geko_core": _package_version(),
-                },
-                sort_keys=True,
-            ).encode("utf-8")
+            header = file_header(self.num_samples, self._config, self._counters())
             with atomic_write(path) as file:
-                _write_checkpoint(file, header, self._c.records_view())
+                write_checkpoint(file, header, self._c.records_view())
 
     def load(self, path: PathLike) -> None:
         """Replace the whole state (records, config, counters) by the checkpoint at ``path``.
@@ -483,7 +420,7 @@ class SampleTable:
                 table is unchanged.
             OSError: the file cannot be read.
         """
-        buffer, config, counters = _read_checkpoint(path, expected_num_samples=self.num_samples)
+        buffer, config, counters = read_checkpoint(path, expected_num_samples=self.num_samples)
         self._install(buffer, config, counters)
 
     @classmethod
@@ -493,7 +430,7 @@ class SampleTable:
         Raises:
             CheckpointError, OSError: as ``load``.
         """
-        buffer, config, counters = _read_checkpoint(path, expected_num_samples=None)
+        buffer, config, counters = read_checkpoint(path, expected_num_samples=None)
         table = cls(buffer.size // RECORD_DTYPE.itemsize, config)
         table._install(buffer, config, counters)
         return table
@@ -522,123 +459,8 @@ class SampleTable:
 
 
 def _table_from_state(state: Mapping[str, Any]) -> SampleTable:
-    table = SampleTable(int(state["num_samples"]), _parse_config(state["config"]))
+    table = SampleTable(int(state["num_samples"]), parse_config(state["config"]))
     table.load_state_dict(state)
     return table
 
 
-def _package_version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _check_version(version: Any, source: str) -> None:
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source} has format version {version!r}; this geko_core reads version {FORMAT_VERSION}"
-        )
-
-
-def _parse_config(values: Any) -> GekoConfig:
-    if not isinstance(values, Mapping):
-        raise CheckpointError(f"config must be a mapping, got {type(values).__name__}")
-    try:
-        return GekoConfig.from_dict(dict(values))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"invalid config: {exc}") from None
-
-
-def _parse_counters(values: Any) -> dict[str, int]:
-    names = ("updates_applied", "nonfinite_skipped")
-    if not isinstance(values, Mapping) or set(values) != set(names):
-        raise CheckpointError(f"counters must be a mapping with keys {list(names)}, got {values!r}")
-    counters = {}
-    for name in names:
-        value = values[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64:
-            raise CheckpointError(f"counter {name} must be an int in [0, 2**64), got {value!r}")
-        counters[name] = int(value)
-    return counters
-
-
-def _write_checkpoint(file, header: bytes, records: np.ndarray) -> None:
-    """Preamble, header, the records chunk by chunk, then the CRC of all of it."""
-    preamble = _PREAMBLE.pack(_MAGIC, FORMAT_VERSION, len(header))
-    crc = zlib.crc32(header, zlib.crc32(preamble))
-    file.write(preamble)
-    file.write(header)
-    for start in range(0, records.shape[0], _CHUNK_RECORDS):
-        chunk = records[start : start + _CHUNK_RECORDS]
-        crc = zlib.crc32(chunk, crc)
-        file.write(chunk)
-    file.write(_CRC.pack(crc))
-
-
-def _read_checkpoint(
-    path: PathLike, expected_num_samples: int | None
-) -> tuple[np.ndarray, GekoConfig, dict[str, int]]:
-    """Read and verify a whole checkpoint; (records as uint8, config, counters)."""
-    path = os.fspath(path)
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-
-        def fail(reason: str) -> CheckpointError:
-            return CheckpointError(f"{path}: {reason}")
-
-        # 1. Preamble and header: enough to know the expected size.
-        preamble = file.read(_PREAMBLE.size)
-        if len(preamble) < _PREAMBLE.size:
-            raise fail(f"truncated: {size} bytes is too short for a SampleTable checkpoint")
-        magic, version, header_length = _PREAMBLE.unpack(preamble)
-        if magic != _MAGIC:
-            raise fail("not a geko_core SampleTable checkpoint (wrong magic bytes)")
-        if version != FORMAT_VERSION:
-            raise fail(f"format version {version} is not supported; this geko_core reads version {FORMAT_VERSION}")
-        if header_length > _MAX_HEADER_BYTES or _PREAMBLE.size + header_length + _CRC.size > size:
-            raise fail(f"truncated or corrupt: header length {header_length} does not fit a {size}-byte file")
-        header_bytes = file.read(header_length)
-        try:
-            header = json.loads(header_bytes.decode("utf-8"))
-            num_samples = header["num_samples"]
-            record_size = header["record_size"]
-        except (UnicodeDecodeError, ValueError, TypeError, KeyError):
-            raise fail("corrupt header") from None
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (num_samples, record_size)):
-            raise fail("corrupt header: num_samples and record_size must be positive ints")
-        expected_size = _PREAMBLE.size + header_length + num_samples * record_size + _CRC.size
-        if size < expected_size:
-            raise fail(f"truncated: expected {expected_size} bytes for {num_samples} samples, the file has {size}")
-        if size > expected_size:
-            raise fail(f"corrupt: expected {expected_size} bytes for {num_samples} samples, the file has {size}")
-        if record_size != RECORD_DTYPE.itemsize:
-            raise fail(f"record size {record_size} differs from this build's {RECORD_DTYPE.itemsize}")
-        # 2. Payload and checksum, before any field of the header is trusted further.
-        buffer = np.empty(num_samples * record_size, dtype=np.uint8)
-        crc = zlib.crc32(header_bytes, zlib.crc32(preamble))
-        view = memoryview(buffer)
-        chunk_bytes = _CHUNK_RECORDS * record_size
-        for start in range(0, buffer.size, chunk_bytes):
-            chunk = view[start : start + chunk_bytes]
-            if file.readinto(chunk) != len(chunk):
-                raise fail("truncated while reading the records")
-            crc = zlib.crc32(chunk, crc)
-        stored = file.read(_CRC.size)
-        if len(stored) != _CRC.size:
-            raise fail("truncated: the checksum is missing")
-        if _CRC.unpack(stored)[0] != crc:
-            raise fail("checksum mismatch: the file is corrupt")
-    # 3. Content.
-    if header.get("byteorder") != sys.byteorder:
-        raise CheckpointError(f"{path}: written on a {header.get('byteorder')}-endian machine, this one is {sys.byteorder}-endian")
-    fields = header.get("fields")
-    if not isinstance(fields, list) or [tuple(e) if isinstance(e, list) else e for e in fields] != _LAYOUT:
-        raise CheckpointError(f"{path}: record layout {fields} differs from this build's {_LAYOUT}")
-    if expected_num_samples is not None and num_samples != expected_num_samples:
-        raise CheckpointError(f"{path}: holds {num_samples} samples but this table has {expected_num_samples}")
-    try:
-        config = _parse_config(header.get("config"))
-        counters = _parse_counters(header.get("counters"))
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    return buffer, config, counters

@@ -11,36 +11,15 @@
 #include <string>
 #include <vector>
 
+#include "array_checks.h"
 #include "bindings.h"
 #include "geko/sample_table.h"
-#include "geko/visit_counters.h"
 
 namespace py = pybind11;
 
 namespace geko::bindings {
 
 namespace {
-
-// A readable 1-D, contiguous, aligned, native-endian array of T; returns its length.
-template <typename T>
-size_t require_vector(const py::array& array, const char* name, const char* dtype_name) {
-  if (!py::isinstance<py::array_t<T>>(array)) {
-    throw py::type_error(std::string(name) + " must have dtype " + dtype_name + ", got " +
-                         py::str(array.dtype()).cast<std::string>());
-  }
-  if (array.ndim() != 1) {
-    throw std::invalid_argument(std::string(name) + " must be 1-D, got " + std::to_string(array.ndim()) +
-                                " dimensions");
-  }
-  const size_t count = static_cast<size_t>(array.shape(0));
-  if (count > 1 && array.strides(0) != static_cast<py::ssize_t>(sizeof(T))) {
-    throw std::invalid_argument(std::string(name) + " must be contiguous");
-  }
-  if (reinterpret_cast<uintptr_t>(array.data()) % alignof(T) != 0) {
-    throw std::invalid_argument(std::string(name) + " must be aligned");
-  }
-  return count;
-}
 
 bool is_int32(const py::array& a) { return py::isinstance<py::array_t<int32_t>>(a); }
 
@@ -50,148 +29,22 @@ void require_int_indices(const py::array& indices) {
   }
 }
 
-// A batch for update(), checked: indices int32/int64, the rest float32, all 1-D, contiguous,
-// one length.
-struct Batch {
-  const void* indices;
-  bool narrow;
-  size_t count;
-  const float* loss;
-  const float* confidence;
-  const float* correct;
-};
-
-Batch checked_batch(const py::array& indices, const py::array& loss, const py::array& confidence,
-                    const py::array& correct) {
-  require_int_indices(indices);
-  Batch b;
-  b.narrow = is_int32(indices);
-  b.count = b.narrow ? require_vector<int32_t>(indices, "indices", "int32")
-                     : require_vector<int64_t>(indices, "indices", "int64");
-  const size_t n_loss = require_vector<float>(loss, "loss", "float32");
-  const size_t n_conf = require_vector<float>(confidence, "confidence", "float32");
-  const size_t n_correct = require_vector<float>(correct, "correct", "float32");
-  if (n_loss != b.count || n_conf != b.count || n_correct != b.count) {
-    throw std::invalid_argument("indices, loss, confidence and correct must have the same length, got " +
-                                std::to_string(b.count) + ", " + std::to_string(n_loss) + ", " +
-                                std::to_string(n_conf) + " and " + std::to_string(n_correct));
-  }
-  b.indices = indices.data();
-  b.loss = static_cast<const float*>(loss.data());
-  b.confidence = static_cast<const float*>(confidence.data());
-  b.correct = static_cast<const float*>(correct.data());
-  return b;
-}
-
-void apply_batch(SampleTable& table, const Batch& b, int64_t step) {
-  if (b.narrow) {
-    table.update(static_cast<const int32_t*>(b.indices), b.loss, b.confidence, b.correct, b.count, step);
-  } else {
-    table.update(static_cast<const int64_t*>(b.indices), b.loss, b.confidence, b.correct, b.count, step);
-  }
-}
-
-void bucket_codes(const SampleTable& table, const Batch& b, int8_t* out) {
-  if (b.narrow) {
-    table.buckets(static_cast<const int32_t*>(b.indices), b.count, out);
-  } else {
-    table.buckets(static_cast<const int64_t*>(b.indices), b.count, out);
-  }
-}
-
+// Applies one batch. before/after (None or writable int8 arrays, one entry per row) receive
+// each row's bucket before and after the batch, in the same locked call (the report a
+// policy with state of its own needs). Bad input raises before anything is written.
 void update(SampleTable& table, const py::array& indices, const py::array& loss, const py::array& confidence,
-            const py::array& correct, int64_t step) {
+            const py::array& correct, int64_t step, const py::object& before, const py::object& after) {
   const Batch b = checked_batch(indices, loss, confidence, correct);
+  int8_t* before_out = writable_vector<int8_t>(before, "before", "int8", b.count, "one entry per row");
+  int8_t* after_out = writable_vector<int8_t>(after, "after", "int8", b.count, "one entry per row");
   py::gil_scoped_release release;
-  apply_batch(table, b, step);
-}
-
-// update() that also reports the batch's FREEZE revisits: (revisits, failed), where a
-// revisit is an index whose bucket was FREEZE before the batch and whose correct value is
-// finite, and a failed one is a revisit whose bucket is FOCUS or HARD after the batch (the
-// sample is no longer right). Bad input raises before anything changes, as update().
-py::tuple update_revisits(SampleTable& table, const py::array& indices, const py::array& loss,
-                          const py::array& confidence, const py::array& correct, int64_t step) {
-  const Batch b = checked_batch(indices, loss, confidence, correct);
-  int64_t revisits = 0;
-  int64_t failed = 0;
-  {
-    py::gil_scoped_release release;
-    std::vector<int8_t> before(b.count), after(b.count);
-    bucket_codes(table, b, before.data());  // checks every index before anything changes
-    apply_batch(table, b, step);
-    bucket_codes(table, b, after.data());
-    for (size_t i = 0; i < b.count; ++i) {
-      if (before[i] != kFreeze || !std::isfinite(b.correct[i])) continue;
-      ++revisits;
-      failed += (after[i] == kFocus || after[i] == kHard) ? 1 : 0;
-    }
+  if (b.narrow) {
+    table.update(static_cast<const int32_t*>(b.indices), b.loss, b.confidence, b.correct, b.count, step, before_out,
+                 after_out);
+  } else {
+    table.update(static_cast<const int64_t*>(b.indices), b.loss, b.confidence, b.correct, b.count, step, before_out,
+                 after_out);
   }
-  return py::make_tuple(revisits, failed);
-}
-
-// A writable counter array of T with one entry per sample, or nullptr for None.
-template <typename T>
-T* counter_array(const py::object& object, const char* name, const char* dtype_name, size_t num_samples) {
-  if (object.is_none()) return nullptr;
-  if (!py::isinstance<py::array>(object)) {
-    throw py::type_error(std::string(name) + " must be a numpy array or None");
-  }
-  const py::array array = py::reinterpret_borrow<py::array>(object);
-  const size_t count = require_vector<T>(array, name, dtype_name);
-  if (count != num_samples) {
-    throw std::invalid_argument(std::string(name) + " must have one entry per sample (" + std::to_string(num_samples) +
-                                "), got " + std::to_string(count));
-  }
-  if (!array.writeable()) throw std::invalid_argument(std::string(name) + " must be writable");
-  return static_cast<T*>(const_cast<void*>(array.data()));
-}
-
-// update() followed by GEKO's visit counters (geko/visit_counters.h) in the same call:
-// returns the batch's FREEZE revisits as (revisits, failed), a revisit being a row frozen
-// before the batch (FREEZE, or LIGHT with a streak of at least freeze_streak) with a finite
-// correct value. Every array and index is checked before the table or a counter changes.
-py::tuple update_counted(SampleTable& table, const py::array& indices, const py::array& loss,
-                         const py::array& confidence, const py::array& correct, int64_t step, int64_t epoch,
-                         const py::object& seen_epoch, const py::object& streak, const py::object& stall,
-                         const py::object& ref_loss, int64_t freeze_streak, double stall_drop) {
-  const Batch b = checked_batch(indices, loss, confidence, correct);
-  const size_t n = static_cast<size_t>(table.num_samples());
-  VisitCounters counters;
-  counters.num_samples = n;
-  counters.seen_epoch = counter_array<int32_t>(seen_epoch, "seen_epoch", "int32", n);
-  counters.streak = counter_array<uint8_t>(streak, "streak", "uint8", n);
-  counters.stall = counter_array<uint8_t>(stall, "stall", "uint8", n);
-  counters.ref_loss = counter_array<float>(ref_loss, "ref_loss", "float32", n);
-  if (counters.seen_epoch == nullptr) throw std::invalid_argument("seen_epoch is required");
-  if (counters.stall != nullptr && counters.ref_loss == nullptr) {
-    throw std::invalid_argument("ref_loss is required when stall is given");
-  }
-  if (epoch < 0 || epoch > INT32_MAX) throw std::invalid_argument("epoch must lie in [0, 2**31 - 1], got " + std::to_string(epoch));
-  if (freeze_streak < 0 || freeze_streak > 255) {
-    throw std::invalid_argument("freeze_streak must lie in [0, 255], got " + std::to_string(freeze_streak));
-  }
-  if (!(stall_drop >= 0.0 && stall_drop <= 1.0)) throw std::invalid_argument("stall_drop must lie in [0, 1]");
-  VisitCounterParams params;
-  params.freeze_streak = static_cast<int32_t>(freeze_streak);
-  params.freeze_confidence = static_cast<float>(table.config().freeze_confidence);
-  params.stall_drop = static_cast<float>(stall_drop);
-  RevisitCount result;
-  {
-    py::gil_scoped_release release;
-    std::vector<int8_t> before(b.count), after(b.count);
-    bucket_codes(table, b, before.data());  // checks every index before anything changes
-    apply_batch(table, b, step);
-    bucket_codes(table, b, after.data());
-    if (b.narrow) {
-      result = count_visits(counters, params, static_cast<const int32_t*>(b.indices), b.loss, b.confidence,
-                            b.correct, before.data(), after.data(), b.count, static_cast<int32_t>(epoch));
-    } else {
-      result = count_visits(counters, params, static_cast<const int64_t*>(b.indices), b.loss, b.confidence,
-                            b.correct, before.data(), after.data(), b.count, static_cast<int32_t>(epoch));
-    }
-  }
-  return py::make_tuple(result.revisits, result.failed);
 }
 
 py::array_t<int8_t> buckets(const SampleTable& table, const py::array& indices) {
@@ -268,17 +121,10 @@ void bind_table(py::module_& m) {
       .def(py::init<int64_t, const Config&, int>(), py::arg("num_samples"), py::arg("config"), py::arg("num_threads") = 1,
            py::call_guard<py::gil_scoped_release>())
       .def("update", &update, py::arg("indices"), py::arg("loss"), py::arg("confidence"), py::arg("correct"),
-           py::arg("step"),
-           "Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.")
-      .def("update_revisits", &update_revisits, py::arg("indices"), py::arg("loss"), py::arg("confidence"),
-           py::arg("correct"), py::arg("step"),
-           "update() that returns the batch's FREEZE revisits as (revisits, failed): indices that were FREEZE\n"
-           "before the batch with a finite correct value, and those of them that are FOCUS or HARD after it.")
-      .def("update_counted", &update_counted, py::arg("indices"), py::arg("loss"), py::arg("confidence"),
-           py::arg("correct"), py::arg("step"), py::arg("epoch"), py::arg("seen_epoch"), py::arg("streak"),
-           py::arg("stall"), py::arg("ref_loss"), py::arg("freeze_streak"), py::arg("stall_drop"),
-           "update() followed by GEKO's streak and stall counters (arrays owned by the caller, one entry per\n"
-           "sample, written in place); returns the batch's FREEZE revisits as (revisits, failed).")
+           py::arg("step"), py::arg("before") = py::none(), py::arg("after") = py::none(),
+           "Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.\n"
+           "before/after: None or writable int8 arrays of the batch's length, filled with each row's bucket\n"
+           "before and after the batch.")
       .def("buckets", &buckets, py::arg("indices"), "Bucket code (int8) of each index.")
       .def(
           "bucket_counts",
@@ -313,6 +159,7 @@ void bind_table(py::module_& m) {
                                                 py::call_guard<py::gil_scoped_release>()))
       .def_static("layout", &layout, "[(name, numpy dtype str, byte offset)] of the record fields.");
   m.attr("SAMPLE_RECORD_SIZE") = sizeof(SampleRecord);
+  m.attr("TABLE_FORMAT_VERSION") = kTableFormatVersion;
   m.attr("MAX_STEP") = kMaxStep;
   m.attr("FLAG_SUSPECTED_NOISY") = static_cast<int>(kFlagSuspectedNoisy);
 }

@@ -108,4 +108,5 @@ PYBIND11_MODULE(_C, m) {
   geko::bindings::bind_stats(m);
   geko::bindings::bind_planner(m);
   geko::bindings::bind_angle(m);
+  geko::bindings::bind_visit_counters(m);
 }

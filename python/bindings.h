@@ -12,5 +12,6 @@ void bind_table(pybind11::module_& m);    // bind_table.cpp
 void bind_stats(pybind11::module_& m);    // bind_stats.cpp
 void bind_planner(pybind11::module_& m);  // bind_planner.cpp
 void bind_angle(pybind11::module_& m);    // bind_angle.cpp
+void bind_visit_counters(pybind11::module_& m);  // bind_visit_counters.cpp
 
 }  // namespace geko::bindings

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from geko_core import GekoConfig
+from geko_core._backend import load_compiled_core
 from geko_core.curriculum import MountainCurriculum
 from geko_core.cross_entropy import cross_entropy_with_stats
 from geko_core.linear_cross_entropy import linear_cross_entropy_with_stats
@@ -52,6 +53,7 @@ FUZZ = settings.get_profile("geko-fuzz")
 
 #: The documented errors of bad input. CheckpointError is a ValueError.
 DOCUMENTED = (TypeError, ValueError, IndexError)
+_C = load_compiled_core()
 
 # -- strategies ------------------------------------------------------------------------------
 
@@ -209,8 +211,8 @@ def test_table_update_fuzz(data, n, threads):
 
 @st.composite
 def counter_arrays(draw, n: int, dtype: Any, fill: float) -> Any:
-    """A counter array for update_arrays_counted: usually right, sometimes of another dtype,
-    length, layout or read-only, or None."""
+    """A per-sample or per-row array for the table's report or GEKO's counters: usually
+    right, sometimes of another dtype, length, layout or read-only, or None."""
     kind = draw(st.sampled_from(["right"] * 18 + ["dtype", "length", "strided", "readonly", "none", "list"]))
     if kind == "none":
         return None
@@ -232,11 +234,18 @@ def counter_arrays(draw, n: int, dtype: Any, fill: float) -> Any:
     return array
 
 
+def _unchanged(arrays: dict[str, Any], copies: dict[str, Any]) -> None:
+    for key, value in arrays.items():
+        if isinstance(value, np.ndarray):
+            assert value.tobytes() == copies[key].tobytes(), key
+
+
 @FUZZ
 @given(data=st.data(), n=st.integers(1, 16))
-def test_table_update_counted_fuzz(data, n):
-    """GEKO's compiled visit counters: whatever arrays and indices arrive, either a documented
-    error with the table and every array unchanged, or a result."""
+def test_table_update_report_and_counters_fuzz(data, n):
+    """The table's update with its report (each row's bucket before and after) and GEKO's
+    compiled visit counters on that report: whatever arrays and indices arrive, either a
+    documented error with the table and every array unchanged, or a result."""
     table = SampleTable(n, GekoConfig())
     plain = SampleTable(n, GekoConfig())
     counters = {
@@ -252,24 +261,38 @@ def test_table_update_counted_fuzz(data, n):
             idx = np.clip(idx, 0, n - 1)
         values = st.lists(st.one_of(st.floats(0.0, 5.0), st.sampled_from(_SPECIAL_FLOATS)), min_size=length, max_size=length)
         loss, confidence, correct = (_cast(data.draw(values), np.float32) for _ in range(3))
+        report = {"before": data.draw(counter_arrays(length, np.int8, 0)), "after": data.draw(counter_arrays(length, np.int8, 0))}
         epoch = data.draw(st.sampled_from([0, 1, 2, 3, 2**31 - 1, -1, 2**31]))
         freeze_streak = data.draw(st.sampled_from([0, 1, 2, 3, 255, 256, -1]))
         stall_drop = data.draw(st.sampled_from([0.0, 0.1, 0.2, 1.0, -0.1, 1.5, math.nan]))
-        before = table.state_dict()
-        arrays = {key: value.copy() if isinstance(value, np.ndarray) else value for key, value in counters.items()}
+        state = table.state_dict()
+        copies = {key: value.copy() if isinstance(value, np.ndarray) else value for key, value in {**counters, **report}.items()}
         try:
-            revisits, failed = table.update_arrays_counted(
-                idx, loss, confidence, correct, 0, epoch=epoch, **counters, freeze_streak=freeze_streak, stall_drop=stall_drop
+            table.update_arrays(idx, loss, confidence, correct, 0, **report)
+        except DOCUMENTED:
+            assert_same(state, table.state_dict())
+            _unchanged(report, copies)
+            continue
+        prior = plain.records()["bucket"].copy()
+        plain.update_arrays(idx, loss, confidence, correct, 0)  # the table's part is update()
+        np.testing.assert_array_equal(table.records(), plain.records())
+        expected = {"before": prior[idx], "after": plain.records()["bucket"][idx]}
+        for key, value in report.items():
+            if value is not None:
+                np.testing.assert_array_equal(value, expected[key], err_msg=key)
+        if report["before"] is None or report["after"] is None:
+            continue
+        for key in ("before", "after"):
+            copies[key] = report[key].copy()
+        try:
+            revisits, failed = _C.count_visits(
+                idx, loss, confidence, correct, report["before"], report["after"], epoch, *counters.values(),
+                freeze_streak, 0.85, stall_drop,
             )
         except DOCUMENTED:
-            assert_same(before, table.state_dict())
-            for key, value in counters.items():
-                if isinstance(value, np.ndarray):
-                    assert value.tobytes() == arrays[key].tobytes(), key
+            _unchanged({**counters, **report}, copies)
         else:
             assert 0 <= failed <= revisits <= length
-            plain.update_arrays(idx, loss, confidence, correct, 0)  # the table's part is update()
-            np.testing.assert_array_equal(table.records(), plain.records())
 
 
 @FUZZ

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import geko_core
 from geko_core import Selector
+from geko_core._backend import load_compiled_core
 from geko_core.policies import GekoPolicy
 
 N, V = 200, 4
@@ -171,9 +172,38 @@ def test_defaults_leave_the_mechanisms_off():
     assert "streak" not in sel.state_dict()["policy_state"]
 
 
-# -- the compiled counters (SampleTable.update_arrays_counted) against a reference ----------
+# -- the guard's revisits ------------------------------------------------------------------------
+
+
+def revisits(sel: Selector) -> tuple[int, int]:
+    metrics = sel.policy.metrics()
+    return metrics["revisits"], metrics["failed_revisits"]
+
+
+@pytest.mark.parametrize("options", [{}, {"freeze_streak": 2, "stall_visits": 1}])
+def test_a_sample_frozen_during_an_epoch_is_not_revisited_in_it(options):
+    """A revisit is a frozen sample's first visit of an epoch: a sample that freezes on its
+    first copy of an epoch and is drawn again in it was not drawn as a revisit."""
+    config = geko_core.GekoConfig(q_alpha=1.0, freeze_q=0.5)  # one right, confident visit freezes
+    sel = Selector(N, policy="geko", epochs=20, seed=0, config=config, policy_options=options)
+    one = IDX[1:2]  # label 1: UNSURE_WRONG predicts 0
+    visit(sel, 0, UNSURE_WRONG, one)
+    visit(sel, 1, RIGHT, one)  # frozen on its first copy of epoch 1
+    assert sel.table.buckets(one)[0] == FREEZE
+    visit(sel, 1, UNSURE_WRONG, one)  # its second copy: wrong, but not a revisit
+    assert revisits(sel) == (0, 0)
+    visit(sel, 1, RIGHT, one)
+    visit(sel, 2, RIGHT, one)  # frozen before epoch 2: its first visit there is a revisit ...
+    visit(sel, 2, RIGHT, one)  # ... and its second is not
+    assert revisits(sel) == (1, 0)
+    visit(sel, 3, UNSURE_WRONG, np.array([1, 1]))  # two copies in one batch: one revisit, failed
+    assert revisits(sel) == (2, 1)
+
+
+# -- the policy's compiled counters (_C.count_visits on the table's report) against a reference --
 
 FREEZE, LIGHT, FOCUS, HARD = 0, 1, 2, 3
+_C = load_compiled_core()
 
 
 def reference_counts(before, after, idx, loss, conf, correct, epoch, seen, streak, stall, ref, k, conf_gate, drop):
@@ -184,12 +214,12 @@ def reference_counts(before, after, idx, loss, conf, correct, epoch, seen, strea
     for i, s in enumerate(idx):
         frozen = before[i] == FREEZE or (streak is not None and k > 0 and before[i] == LIGHT and streak_before[s] >= k)
         wrong = after[i] in (FOCUS, HARD)
-        if frozen and np.isfinite(correct[i]):
+        fresh = seen[s] != epoch
+        if fresh and frozen and np.isfinite(correct[i]):  # a revisit is a first visit of the epoch
             revisits += 1
             failed += int(wrong)
         if not (np.isfinite(loss[i]) and np.isfinite(conf[i]) and np.isfinite(correct[i])):
             continue
-        fresh = seen[s] != epoch
         if streak is not None:
             right_confident = after[i] in (FREEZE, LIGHT) and conf[i] > np.float32(conf_gate)
             streak[s] = min(255, int(streak[s]) + int(fresh)) if right_confident else 0
@@ -205,7 +235,18 @@ def reference_counts(before, after, idx, loss, conf, correct, epoch, seen, strea
     return revisits, failed
 
 
-@pytest.mark.parametrize("mechanisms", ["both", "streak", "stall"])
+def counted(table, idx, loss, conf, correct, step, *, epoch, seen_epoch, streak, stall, ref_loss, freeze_streak, stall_drop):
+    """One step of GekoPolicy.observe: the table's update with its report, then the counters."""
+    before = np.empty(len(idx), dtype=np.int8)
+    after = np.empty(len(idx), dtype=np.int8)
+    table.update_arrays(idx, loss, conf, correct, step, before=before, after=after)
+    return _C.count_visits(
+        idx, loss, conf, correct, before, after, epoch, seen_epoch, streak, stall, ref_loss,
+        freeze_streak, table.config.freeze_confidence, stall_drop,
+    )
+
+
+@pytest.mark.parametrize("mechanisms", ["both", "streak", "stall", "guard"])
 def test_compiled_counters_match_the_reference(mechanisms):
     n = 40
     rng = np.random.default_rng(3)
@@ -214,9 +255,9 @@ def test_compiled_counters_match_the_reference(mechanisms):
     plain = geko_core.SampleTable(n, config)
     counters = {
         "seen_epoch": np.full(n, -1, dtype=np.int32),
-        "streak": np.zeros(n, dtype=np.uint8) if mechanisms != "stall" else None,
-        "stall": np.zeros(n, dtype=np.uint8) if mechanisms != "streak" else None,
-        "ref_loss": np.full(n, np.nan, dtype=np.float32) if mechanisms != "streak" else None,
+        "streak": np.zeros(n, dtype=np.uint8) if mechanisms in ("both", "streak") else None,
+        "stall": np.zeros(n, dtype=np.uint8) if mechanisms in ("both", "stall") else None,
+        "ref_loss": np.full(n, np.nan, dtype=np.float32) if mechanisms in ("both", "stall") else None,
     }
     mirror = {key: None if value is None else value.copy() for key, value in counters.items()}
     step = 0
@@ -224,7 +265,7 @@ def test_compiled_counters_match_the_reference(mechanisms):
     for epoch in range(6):
         for _ in range(5):
             size = 24
-            idx = rng.integers(0, n, size=size).astype(np.int64)  # repeats within a batch
+            idx = rng.integers(0, n, size=size).astype(np.int64 if epoch % 2 else np.int32)  # repeats within a batch
             idx[:4] = idx[4]  # and always one sample visited five times in a row
             # Samples of three kinds: mastered (right, confident), stuck (wrong, flat loss),
             # learning (wrong, loss halving per epoch); a few visits contradict their kind.
@@ -242,7 +283,7 @@ def test_compiled_counters_match_the_reference(mechanisms):
                 before, after, idx, loss, conf, correct, epoch, mirror["seen_epoch"], mirror["streak"],
                 mirror["stall"], mirror["ref_loss"], 2, config.freeze_confidence, 0.1,
             )
-            got = table.update_arrays_counted(idx, loss, conf, correct, step, epoch=epoch, **counters, freeze_streak=2, stall_drop=0.1)
+            got = counted(table, idx, loss, conf, correct, step, epoch=epoch, **counters, freeze_streak=2, stall_drop=0.1)
             assert got == expected
             totals += got
             for key, value in counters.items():
@@ -257,8 +298,8 @@ def test_compiled_counters_match_the_reference(mechanisms):
         assert counters["stall"].max() >= 2
 
 
-def counted_call(table, idx, **changes):
-    n = table.num_samples
+def count_call(n, idx, **changes):
+    """_C.count_visits on a batch of ``idx`` (all right and confident), with ``changes``."""
     args = {
         "epoch": 0,
         "seen_epoch": np.full(n, -1, dtype=np.int32),
@@ -266,12 +307,15 @@ def counted_call(table, idx, **changes):
         "stall": np.zeros(n, dtype=np.uint8),
         "ref_loss": np.full(n, np.nan, dtype=np.float32),
         "freeze_streak": 2,
+        "freeze_confidence": 0.85,
         "stall_drop": 0.1,
     }
     args.update(changes)
     m = len(idx)
     ones = np.ones(m, dtype=np.float32)
-    return table.update_arrays_counted(np.asarray(idx, dtype=np.int64), ones, ones, ones, 0, **args), args
+    codes = np.zeros(m, dtype=np.int8)
+    before, after = args.pop("before", codes), args.pop("after", codes)
+    return _C.count_visits(np.asarray(idx, dtype=np.int64), ones, ones, ones, before, after, **args), args
 
 
 @pytest.mark.parametrize(
@@ -280,41 +324,39 @@ def counted_call(table, idx, **changes):
         ([0, 8], {}, IndexError, "out of range"),
         ([0, -1], {}, IndexError, "out of range"),
         ([0], {"seen_epoch": np.full(8, -1, dtype=np.int64)}, TypeError, "seen_epoch must have dtype int32"),
-        ([0], {"seen_epoch": np.full(7, -1, dtype=np.int32)}, ValueError, "seen_epoch must have one entry per sample"),
         ([0], {"seen_epoch": None}, ValueError, "seen_epoch is required"),
         ([0], {"streak": np.zeros(9, dtype=np.uint8)}, ValueError, "streak must have one entry per sample"),
         ([0], {"stall": np.zeros(8, dtype=np.int8)}, TypeError, "stall must have dtype uint8"),
         ([0], {"ref_loss": None}, ValueError, "ref_loss is required"),
         ([0], {"ref_loss": np.zeros(8, dtype=np.float64)}, TypeError, "ref_loss must have dtype float32"),
         ([0], {"streak": [0] * 8}, TypeError, "streak must be a numpy array"),
+        ([0], {"before": np.zeros(2, dtype=np.int8)}, ValueError, "before and after must have one entry per row"),
+        ([0], {"after": np.zeros(1, dtype=np.int16)}, TypeError, "after must have dtype int8"),
         ([0], {"epoch": -1}, ValueError, "epoch must lie"),
         ([0], {"freeze_streak": 256}, ValueError, "freeze_streak must lie"),
+        ([0], {"freeze_confidence": 1.5}, ValueError, "freeze_confidence must lie"),
         ([0], {"stall_drop": float("nan")}, ValueError, "stall_drop must lie"),
     ],
 )
 def test_compiled_counters_refuse_bad_input_and_change_nothing(idx, changes, error, match):
-    table = geko_core.SampleTable(8, geko_core.GekoConfig())
-    records = table.records().copy()
+    n = 8
     args = {
-        "seen_epoch": np.full(8, -1, dtype=np.int32),
-        "streak": np.zeros(8, dtype=np.uint8),
-        "stall": np.zeros(8, dtype=np.uint8),
-        "ref_loss": np.full(8, np.nan, dtype=np.float32),
+        "seen_epoch": np.full(n, -1, dtype=np.int32),
+        "streak": np.zeros(n, dtype=np.uint8),
+        "stall": np.zeros(n, dtype=np.uint8),
+        "ref_loss": np.full(n, np.nan, dtype=np.float32),
     }
     args.update(changes)
     copies = {key: None if not isinstance(value, np.ndarray) else value.copy() for key, value in args.items()}
     with pytest.raises(error, match=match):
-        counted_call(table, idx, **args)
-    np.testing.assert_array_equal(table.records(), records)
+        count_call(n, idx, **args)
     for key, value in args.items():
         if isinstance(value, np.ndarray):
             np.testing.assert_array_equal(value, copies[key], err_msg=key)
 
 
 def test_compiled_counters_refuse_a_read_only_array():
-    table = geko_core.SampleTable(8, geko_core.GekoConfig())
     streak = np.zeros(8, dtype=np.uint8)
     streak.setflags(write=False)
     with pytest.raises(ValueError, match="streak must be writable"):
-        counted_call(table, [0, 1], streak=streak)
-    assert (table.records()["visits"] == 0).all()
+        count_call(8, [0, 1], streak=streak)

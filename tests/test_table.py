@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import geko_core.table as table_module
+import geko_core._table_file as table_file
 from geko_core import GekoConfig
 from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_NAMES, BUCKET_UNSEEN
 from geko_core.reference import sample_stats_reference
@@ -223,6 +223,64 @@ def test_duplicate_indices_apply_in_batch_order():
     assert table.field("loss_diff_ema")[2] == np.float32(diff_ema)
     assert table.field("last_loss")[2] == 7.0 and table.field("visits")[2] == 4
     assert table.updates_applied == 4
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_update_reports_each_rows_bucket_before_and_after_the_batch(index_dtype):
+    rng = np.random.default_rng(5)
+    table, plain = SampleTable(30, GekoConfig(q_alpha=0.5)), SampleTable(30, GekoConfig(q_alpha=0.5))
+    for step in range(8):
+        idx = rng.integers(0, 30, 40).astype(index_dtype)  # duplicates included
+        loss = rng.uniform(0, 3, 40).astype(np.float32)
+        conf = rng.uniform(0.3, 1, 40).astype(np.float32)
+        correct = (rng.random(40) < 0.7).astype(np.float32)
+        loss[rng.random(40) < 0.1] = np.nan  # skipped rows keep their bucket
+        before, after = np.full(40, 9, np.int8), np.full(40, 9, np.int8)
+        expected_before = plain.records()["bucket"][idx]
+        plain.update_arrays(idx, loss, conf, correct, step)
+        table.update_arrays(idx, loss, conf, correct, step, before=before, after=after)
+        np.testing.assert_array_equal(before, expected_before)
+        np.testing.assert_array_equal(after, plain.records()["bucket"][idx])
+        np.testing.assert_array_equal(table.records(), plain.records())
+    table.update_arrays(idx, loss, conf, correct, 9, after=after)  # either one alone
+    assert (after != 9).all()
+
+
+@pytest.mark.parametrize(
+    "report, error, match",
+    [
+        ({"before": np.zeros(2, np.int8)}, ValueError, "before must have one entry per row"),
+        ({"after": np.zeros(3, np.int16)}, TypeError, "after must have dtype int8"),
+        ({"after": np.zeros(6, np.int8)[::2]}, ValueError, "after must be contiguous"),
+        ({"before": [0, 0, 0]}, TypeError, "before must be a numpy array"),
+        ({"before": np.zeros(3, np.int8), "indices": np.array([0, 1, 4])}, IndexError, "out of range"),
+        ({"after": np.zeros(3, np.int8), "step": -1}, ValueError, "step"),
+    ],
+)
+def test_update_report_refuses_bad_input_and_writes_nothing(report, error, match):
+    table = SampleTable(4)
+    ones = np.ones(3, np.float32)
+    table.update_arrays(np.array([0, 1, 2]), ones, ones, ones, 1)
+    records = table.records().copy()
+    indices, step = report.pop("indices", np.array([0, 1, 2])), report.pop("step", 2)
+    if "before" in report and isinstance(report["before"], np.ndarray):
+        report["before"].fill(7)
+    with pytest.raises(error, match=match):
+        table.update_arrays(indices, ones, ones, ones, step, **report)
+    assert np.array_equal(records, table.records())
+    for value in report.values():
+        if isinstance(value, np.ndarray) and value.dtype == np.int8:
+            assert (value == 7).all() or (value == 0).all()
+
+
+def test_a_read_only_report_array_is_refused():
+    table = SampleTable(4)
+    ones = np.ones(2, np.float32)
+    after = np.zeros(2, np.int8)
+    after.setflags(write=False)
+    with pytest.raises(ValueError, match="after must be writable"):
+        table.update_arrays(np.array([0, 1]), ones, ones, ones, 1, after=after)
+    assert (table.records()["visits"] == 0).all()
 
 
 def test_first_visit_seeds_the_emas_and_later_visits_follow_the_rule():
@@ -623,7 +681,7 @@ def test_save_and_load_roundtrip(tmp_path):
 
 
 def test_save_streams_large_tables_in_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(table_module, "_CHUNK_RECORDS", 7)  # many chunks, a partial last one
+    monkeypatch.setattr(table_file, "_CHUNK_RECORDS", 7)  # many chunks, a partial last one
     table = trained_table(100)
     table.save(tmp_path / "t")
     assert_same_state(table.state_dict(), SampleTable.from_file(tmp_path / "t").state_dict())
@@ -649,12 +707,12 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch, failu
     old.save(path)
     new = trained_table(100, seed=2)
     if failure == "midway":
-        monkeypatch.setattr(table_module, "_CHUNK_RECORDS", 10)
-        monkeypatch.setattr(table_module, "zlib", _FailingZlib(calls_before_failure=5))
+        monkeypatch.setattr(table_file, "_CHUNK_RECORDS", 10)
+        monkeypatch.setattr(table_file, "zlib", _FailingZlib(calls_before_failure=5))
     elif failure == "replace":
-        monkeypatch.setattr(table_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("simulated")))
+        monkeypatch.setattr(table_file.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("simulated")))
     else:
-        monkeypatch.setattr(table_module.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("simulated")))
+        monkeypatch.setattr(table_file.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("simulated")))
     with pytest.raises(OSError, match="simulated"):
         new.save(path)
     monkeypatch.undo()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._backend import load_compiled_core
 from ..config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN
-from .base import Plan, Policy, PolicyContext
+from .base import Plan, Policy, PolicyContext, StatsBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..table import SampleTable
+
+_C = load_compiled_core()
 
 
 class GekoPolicy(Policy):
@@ -35,9 +41,12 @@ class GekoPolicy(Policy):
             epoch as a share of the data set's, ``Selector(sample_tokens=...)``).
         budget: optional cap on an epoch's expected size as a fraction of the data set. When
             the curriculum's rates would plan more, the LIGHT, FOCUS and HARD rates are scaled
-            down by one common factor (found by bisection) until the expected size fits;
-            UNSEEN samples are always drawn once and FREEZE keeps its revisit rate. Weights
-            follow the scaled rates, so thinning stays unbiased.
+            down by one common factor (found by bisection) until the expected size fits, and
+            FREEZE's rate and the stalled samples' probe rate are capped at that factor: FREEZE
+            keeps its revisit rate while it fits, and in the final full phase every bucket is
+            thinned by the one factor, so the budget caps the final epochs too. UNSEEN samples
+            are always drawn once. Weights follow the fitted rates, so thinning stays unbiased
+            (docs/policies.md).
         max_weight: cap on a weight (variance guard); ``None`` for no cap; ``"auto"`` (default)
             caps at 2 when a ``budget`` is set (deep thinning makes large weights whose
             variance cost more accuracy than their bias in our measurements) and not otherwise.
@@ -50,7 +59,9 @@ class GekoPolicy(Policy):
             forgetting rate (up to 1: every frozen sample checked).
         final_full: with the guard, an epoch that reaches into the last ``final_full`` share
             of training runs on the full data: every sample at least once, FREEZE included
-            (stalled samples keep their probe rate, below).
+            (stalled samples keep their probe rate, below; under a budget, thinned to fit).
+            With ``total_steps`` the full pass starts while there are steps left to finish it
+            (an epoch's steps predicted from the samples a step has trained so far).
         freeze_streak: the sequence-level FREEZE gate (0 = off, the default): a sample right
             and confident (instant bucket FREEZE) in each of the last ``freeze_streak`` epochs
             it was visited in is planned as FREEZE even when its Q-value has not reached
@@ -76,8 +87,9 @@ class GekoPolicy(Policy):
             less on the sample, not to make each visit count more), ``1 / stall_rate`` under
             ``"unbiased"``.
 
-    Quality guard. Forgetting is measured, not assumed: a revisited FREEZE sample that is no
-    longer right (it lands in FOCUS or HARD) is a failed revisit; it returns to training at
+    Quality guard. Forgetting is measured, not assumed: a revisit is a FREEZE sample's first
+    visit of an epoch (not a later copy of a sample that froze earlier in the same epoch);
+    one that finds the sample no longer right (it lands in FOCUS or HARD) is a failed revisit; it returns to training at
     once (the table's bucket follows its statistics), and the share of failed revisits, the
     *forgetting rate* (smoothed over epochs), raises the next epochs' revisit fraction. The
     last phase of training never runs on thinned data only. HARD samples that stay HARD visit
@@ -142,8 +154,13 @@ class GekoPolicy(Policy):
         self._streak: np.ndarray | None = None
         self._stall: np.ndarray | None = None
         self._ref_loss: np.ndarray | None = None  # a sample's loss at its first visit of its last epoch
-        self._seen_epoch: np.ndarray | None = None  # the epoch of that visit
+        # The epoch of a sample's latest applied visit: the counters' and the guard's "first
+        # visit of the epoch" (a revisit is one).
+        self._seen_epoch: np.ndarray | None = None
         self._last_frozen = self._last_stalled = 0
+        # Rows observed over the run (all ranks'): with total_steps, the samples a step trains
+        # (None: unknown, after loading a state that lacks it).
+        self._rows: int | None = 0
         self.guard = guard
         self.min_revisit = float(min_revisit)
         self.revisit_gain = float(revisit_gain)
@@ -173,7 +190,7 @@ class GekoPolicy(Policy):
         if self.stall_visits:
             self._stall = np.zeros(context.num_samples, dtype=np.uint8)
             self._ref_loss = np.full(context.num_samples, np.nan, dtype=np.float32)
-        if self.freeze_streak or self.stall_visits:
+        if self.guard or self.freeze_streak or self.stall_visits:
             self._seen_epoch = np.full(context.num_samples, -1, dtype=np.int32)
 
     def _frozen(self, buckets: np.ndarray, streak: np.ndarray | None) -> np.ndarray:
@@ -191,37 +208,25 @@ class GekoPolicy(Policy):
             raise ValueError("stalled() needs the table's buckets")
         return (self._stall >= self.stall_visits) & ((buckets == BUCKET_FOCUS) | (buckets == BUCKET_HARD))
 
-    def observe(self, batch, table) -> None:
-        counting = self._streak is not None or self._stall is not None
-        if not self.guard and not counting:
+    def observe(self, batch: StatsBatch, table: "SampleTable") -> None:
+        if self._rows is not None:
+            self._rows += len(batch.indices)
+        if self._seen_epoch is None:  # neither the guard nor a counter: the table alone
             super().observe(batch, table)
             return
-        if not counting:
-            # The guard alone: the table counts the batch's FREEZE revisits (FREEZE before it,
-            # finite correct) and the failed ones (FOCUS or HARD after it) in its update call.
-            revisits, failed = table.update_arrays_revisits(
-                batch.indices, batch.loss, batch.confidence, batch.correct, batch.step
-            )
-            self.revisits += revisits
-            self.failed_revisits += failed
-            return
-        # The table's update and the counters in one compiled call: both count epochs, not
-        # copies (only a sample's first visit of an epoch advances a counter: a HARD sample
-        # drawn 2.5 times in an epoch is seen by a model that has hardly changed between its
-        # copies), while any visit can reset one.
-        revisits, failed = table.update_arrays_counted(
-            batch.indices,
-            batch.loss,
-            batch.confidence,
-            batch.correct,
-            batch.step,
-            epoch=batch.epoch,
-            seen_epoch=self._seen_epoch,
-            streak=self._streak,
-            stall=self._stall,
-            ref_loss=self._ref_loss,
-            freeze_streak=self.freeze_streak,
-            stall_drop=self.stall_drop,
+        # The table applies the batch and reports each row's bucket before and after it; the
+        # counters and the revisit count follow from that report in one compiled call of the
+        # policy's own. Both count epochs, not copies (only a sample's first visit of an epoch
+        # advances a counter: a HARD sample drawn 2.5 times in an epoch is seen by a model
+        # that has hardly changed between its copies), while any visit can reset one.
+        count = len(batch.indices)
+        before = np.empty(count, dtype=np.int8)
+        after = np.empty(count, dtype=np.int8)
+        table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, batch.step, before=before, after=after)
+        revisits, failed = _C.count_visits(
+            batch.indices, batch.loss, batch.confidence, batch.correct, before, after, batch.epoch,
+            self._seen_epoch, self._streak, self._stall, self._ref_loss,
+            self.freeze_streak, table.config.freeze_confidence, self.stall_drop,
         )
         if self.guard:
             self.revisits += revisits
@@ -237,8 +242,6 @@ class GekoPolicy(Policy):
         self.revisits = self.failed_revisits = 0
 
     def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
-        from ..config import BUCKET_FREEZE
-
         table = context.table
         rates = np.asarray(self.curriculum.rates(progress), dtype=np.float64)
         buckets = table.field("bucket")
@@ -247,21 +250,23 @@ class GekoPolicy(Policy):
             buckets[self._frozen(buckets, self._streak)] = BUCKET_FREEZE
         self._last_frozen = int((buckets == BUCKET_FREEZE).sum())
         self._last_stalled = 0 if stalled is None else int(stalled.sum())
+        # Stalled samples are counted apart (code UNSEEN + 1): they draw their probe rate.
+        live = buckets if not self._last_stalled else np.where(stalled, BUCKET_UNSEEN + 1, buckets)
         if self.guard:
             self._update_forgetting()
-            # An epoch that reaches into the last `final_full` of training runs on the full data.
-            end = (epoch + 1) / context.epochs if context.epochs else progress
-            if self.final_full > 0 and end > 1.0 - self.final_full + 1e-9:
-                rates = np.maximum(rates, 1.0)  # the last phase: the full data, FREEZE included
+            thinned = rates.copy()
+            thinned[BUCKET_FREEZE] = min(1.0, max(rates[BUCKET_FREEZE], self.min_revisit + self.revisit_gain * self.forgetting))
+            full = np.maximum(rates, 1.0)  # the last phase: the full data, FREEZE included
+            if self.final_full <= 0:
+                rates, probe_rate = self._budgeted(context, thinned, live)
+            elif context.epochs:
+                # An epoch that reaches into the last `final_full` of training runs on the full data.
+                final = (epoch + 1) / context.epochs > 1.0 - self.final_full + 1e-9
+                rates, probe_rate = self._budgeted(context, full if final else thinned, live)
             else:
-                rates[BUCKET_FREEZE] = min(1.0, max(rates[BUCKET_FREEZE], self.min_revisit + self.revisit_gain * self.forgetting))
-        if self.budget is not None:
-            # What each bucket costs at rate 1: its samples, or its tokens; stalled samples
-            # cost their probe rate, a fixed share like FREEZE's revisits.
-            cost = None if self.budget_unit == "samples" else context.sample_tokens
-            live = buckets if not self._last_stalled else np.where(stalled, BUCKET_UNSEEN + 1, buckets)
-            counts = np.bincount(live, weights=cost, minlength=len(rates) + 1).astype(np.float64)
-            rates = self._fit_budget(rates, counts[: len(rates)], total=float(counts.sum()), fixed=self.stall_rate * float(counts[len(rates)]))
+                rates, probe_rate = self._final_by_steps(context, progress, live, self._budgeted(context, thinned, live), full)
+        else:
+            rates, probe_rate = self._budgeted(context, rates, live)
         self._last_rates = rates
         plan = self._planner.plan(
             buckets,
@@ -276,47 +281,97 @@ class GekoPolicy(Policy):
         elif self.weighting == "thinning":
             weights = np.maximum(weights, np.float32(1.0))
         if self._last_stalled:
-            indices, weights = self._with_probes(context, epoch, indices, weights, stalled)
+            indices, weights = self._with_probes(context, epoch, indices, weights, stalled, probe_rate)
         if self.max_weight is not None:
             weights = np.minimum(weights, np.float32(self.max_weight))
         return Plan(indices, weights)
 
-    def _with_probes(self, context: PolicyContext, epoch: int, indices: np.ndarray, weights: np.ndarray, stalled: np.ndarray):
-        """Replace the stalled samples' copies by probes drawn at ``stall_rate``, reshuffled."""
+    def _final_by_steps(
+        self, context: PolicyContext, progress: float, live: np.ndarray, thinned: tuple[np.ndarray, float], full: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """The final phase of a run counted in steps: the ``full`` rates (budgeted) when this
+        epoch, planned ``thinned``, would reach into the last ``final_full`` of the steps or
+        leave too few steps after it for the full pass that would follow (at the curriculum's
+        rates then, HARD's oversampling included); ``thinned`` otherwise. So the full pass is
+        planned while there are steps left to finish it. An epoch's steps are its expected
+        samples over the samples a step has trained so far (``observe``'s rows, all ranks').
+        Before any step (or after loading a state without the row count) the epoch is full
+        once ``progress`` is in the last ``final_full``."""
+        total = float(context.total_steps)
+        done = progress * total
+        if self._rows is None or self._rows == 0 or done <= 0:
+            final = progress > 1.0 - self.final_full + 1e-9
+            return self._budgeted(context, full, live) if final else thinned
+        per_step = self._rows / done
+        samples = np.bincount(live, minlength=len(full) + 1).astype(np.float64)
+
+        def steps(choice) -> float:
+            rates, probe_rate = choice
+            return (float((samples[:-1] * rates).sum()) + float(samples[-1]) * probe_rate) / per_step
+
+        after_thinned = done + steps(thinned)
+        later = np.maximum(np.asarray(self.curriculum.rates(min(after_thinned / total, 1.0)), dtype=np.float64), 1.0)
+        final = after_thinned > (1.0 - self.final_full) * total + 1e-9 or after_thinned + steps(self._budgeted(context, later, live)) > total + 1e-9
+        return self._budgeted(context, full, live) if final else thinned
+
+    def _budgeted(self, context: PolicyContext, rates: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, float]:
+        """``rates`` and the stalled samples' probe rate, fitted to the budget when one is set."""
+        if self.budget is None:
+            return rates, self.stall_rate
+        # What each bucket costs at rate 1: its samples, or its tokens.
+        cost = None if self.budget_unit == "samples" else context.sample_tokens
+        counts = np.bincount(live, weights=cost, minlength=len(rates) + 1).astype(np.float64)
+        return self._fit_budget(rates, counts)
+
+    def _with_probes(self, context: PolicyContext, epoch: int, indices: np.ndarray, weights: np.ndarray, stalled: np.ndarray, rate: float):
+        """Replace the stalled samples' copies by probes drawn at ``rate``, reshuffled."""
         keep = ~stalled[indices]
         rng = context.rng(epoch, 0x57A1)
         candidates = np.flatnonzero(stalled)
-        probes = candidates[rng.random(len(candidates)) < self.stall_rate]
-        weight = 1.0 / self.stall_rate if self.weighting == "unbiased" and self.stall_rate > 0 else 1.0
+        probes = candidates[rng.random(len(candidates)) < rate]
+        weight = 1.0 / rate if self.weighting == "unbiased" and rate > 0 else 1.0
         indices = np.concatenate([indices[keep], probes])
         weights = np.concatenate([weights[keep], np.full(len(probes), weight, dtype=np.float32)])
         order = rng.permutation(len(indices))
         return indices[order], weights[order]
 
-    def _fit_budget(self, rates: np.ndarray, counts: np.ndarray, total: float | None = None, fixed: float = 0.0) -> np.ndarray:
-        """Scale the LIGHT/FOCUS/HARD rates so the expected epoch is at most budget * N.
+    def _fit_budget(self, rates: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, float]:
+        """Fit the expected epoch to at most ``budget`` times the data set's cost.
 
-        ``counts``: each bucket's cost at rate 1; ``total``: the data set's cost (default:
-        ``counts.sum()``; larger when stalled samples are counted apart); ``fixed``: the
-        expected cost of the stalled samples' probes."""
-        scaled = np.zeros(len(rates), dtype=bool)
+        ``counts``: each bucket's cost at rate 1, then the stalled samples' (``[6]``). The
+        LIGHT/FOCUS/HARD rates are scaled by one factor ``f`` (found by bisection); FREEZE's
+        rate and the stalled samples' probe rate are capped at ``f``: a frozen or stalled
+        sample is never drawn more often than the scaled buckets' factor, so the budget holds
+        even when FREEZE alone would exceed it (the final phase's full pass becomes every
+        bucket thinned by the one factor). UNSEEN samples are always drawn once. Returns the
+        rates and the probe rate."""
+        k = len(rates)
+        bucket_costs, probe_cost = counts[:k], float(counts[k])
+        scaled = np.zeros(k, dtype=bool)
         scaled[[BUCKET_LIGHT, BUCKET_FOCUS, BUCKET_HARD]] = True
-        target = self.budget * (float(counts.sum()) if total is None else total)
-        fixed = fixed + float((counts * rates)[~scaled].sum())
-        variable = float((counts * rates)[scaled].sum())
-        if fixed + variable <= target or variable <= 0.0:
-            return rates
-        # The planner refuses positive rates below 1e-6; the expected size is linear in the
-        # factor above that floor, so the bisection converges to the exact fit.
+        target = self.budget * float(counts.sum())
+        fixed = self.stall_rate * probe_cost + float((bucket_costs * rates)[~scaled].sum())
+        if fixed + float((bucket_costs * rates)[scaled].sum()) <= target:
+            return rates, self.stall_rate
+
+        def at(factor: float) -> tuple[np.ndarray, float, float]:
+            trial = np.where(scaled & (rates > 0), np.maximum(rates * factor, 1e-6), rates)
+            if rates[BUCKET_FREEZE] > 0:
+                trial[BUCKET_FREEZE] = max(min(rates[BUCKET_FREEZE], factor), 1e-6)
+            probe = min(self.stall_rate, factor)
+            return trial, probe, float((bucket_costs * trial)[scaled].sum()) + (probe * probe_cost + float((bucket_costs * trial)[~scaled].sum()))
+
+        # The planner refuses positive rates below 1e-6; the expected size is monotone in the
+        # factor, so the bisection converges to the largest factor that fits.
         low, high = 0.0, 1.0
         for _ in range(60):
             mid = 0.5 * (low + high)
-            trial = np.where(scaled & (rates > 0), np.maximum(rates * mid, 1e-6), rates)
-            if float((counts * trial)[scaled].sum()) + fixed > target:
+            if at(mid)[2] > target:
                 high = mid
             else:
                 low = mid
-        return np.where(scaled & (rates > 0), np.maximum(rates * low, 1e-6), rates)
+        trial, probe, _ = at(low)
+        return trial, probe
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {} if self.budget is None else {"budget": self.budget}
@@ -333,14 +388,15 @@ class GekoPolicy(Policy):
                 out["stalled"] = self._last_stalled
         return out
 
-    #: Per-sample arrays of the streak gate and of stagnation, saved when their mechanism is on.
+    #: Per-sample arrays of the guard (seen_epoch), the streak gate and stagnation, saved when
+    #: their mechanism is on.
     _COUNTERS = {"streak": np.uint8, "stall": np.uint8, "ref_loss": np.float32, "seen_epoch": np.int32}
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "revisits": self.revisits, "failed_revisits": self.failed_revisits,
             "total_revisits": self.total_revisits, "total_failed_revisits": self.total_failed_revisits,
-            "forgetting": self.forgetting,
+            "forgetting": self.forgetting, "rows": self._rows,
         }
         # The per-sample counters, only when their mechanism is on (older states lack them).
         for key in self._COUNTERS:
@@ -359,12 +415,19 @@ class GekoPolicy(Policy):
         forgetting = state["forgetting"]
         if isinstance(forgetting, bool) or not isinstance(forgetting, (int, float, np.floating)) or not 0.0 <= forgetting <= 1.0:
             raise ValueError(f"geko state forgetting must be in [0, 1], got {forgetting!r}")
+        rows = state.get("rows")  # None: a state from before the row count
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 0):
+            raise ValueError(f"geko state rows must be a non-negative int or None, got {rows!r}")
         arrays = {}
         for key, dtype in self._COUNTERS.items():
             mine = getattr(self, "_" + key)
             if mine is None:
                 if state.get(key) is not None:
                     raise ValueError(f"geko state has {key!r} but this policy has that mechanism off")
+                continue
+            if key == "seen_epoch" and key not in state and self._streak is None and self._stall is None:
+                # A guard-only state from before the guard kept seen_epoch: no visit counted yet.
+                arrays[key] = np.full_like(mine, -1)
                 continue
             value = np.asarray(state[key])
             if value.dtype != dtype or value.shape != mine.shape:
@@ -373,5 +436,6 @@ class GekoPolicy(Policy):
         for key, value in counts.items():
             setattr(self, key, value)
         self.forgetting = float(forgetting)
+        self._rows = None if rows is None else int(rows)
         for key, value in arrays.items():
             setattr(self, "_" + key, value)

@@ -32,6 +32,13 @@ constexpr uint8_t kKnownFlags = kFlagSuspectedNoisy;
 constexpr int64_t kMaxStep = INT32_MAX;
 constexpr int kMaxThreads = 1024;
 
+// The record layout below is a versioned format: state dicts and checkpoint files
+// (geko_core/_table_file.py, docs/design.md §3) store records byte for byte, with this
+// version and the field list of record_fields(). Any change to a field, its offset or
+// what it means bumps the version. The record holds what every policy reads; a policy's
+// own per-sample state (e.g. GEKO's visit counters) lives in the policy, never here.
+constexpr uint32_t kTableFormatVersion = 1;
+
 struct alignas(32) SampleRecord {
   float q;                // Q-value (learnability), in [0, 1]; q_init until the first update
   float loss_ema;         // EMA of the loss (ES's beta1); the first loss on the first visit
@@ -98,9 +105,14 @@ class SampleTable {
   //                         or correct outside [0, 1].
   // A sample whose loss, confidence or correct is NaN or infinite is skipped and
   // counted in TableCounters::nonfinite_skipped. Index type: int32_t or int64_t.
+  //
+  // The report, for policies that keep state of their own (GEKO's visit counters and
+  // revisit count): when given, before[i] / after[i] (count entries each) receive row i's
+  // bucket code just before the batch and just after it, in the same locked call. A
+  // repeated index reports the same pair on each of its rows.
   template <typename Index>
   void update(const Index* indices, const float* loss, const float* confidence, const float* correct,
-              size_t count, int64_t step);
+              size_t count, int64_t step, int8_t* before = nullptr, int8_t* after = nullptr);
 
   // Bucket code of each index (std::out_of_range as update()).
   template <typename Index>
