@@ -188,14 +188,22 @@ class StatsQueue:
         else:
             rows = [copier.copy(r.detach()) for r in rows]
             event = copier.record()
-        self._pending.append((indices, rows, event, step, epoch))
+        self._pending.append((indices, rows, event, step, epoch, False))
+
+    def push_host(self, indices: np.ndarray, rows: Sequence[np.ndarray], step: int, epoch: int) -> None:
+        """Queue a batch whose int64 indices and float32 rows are contiguous host arrays
+        already (the usual CPU step): handed to ``observe`` as they are."""
+        self._pending.append((indices, rows, None, step, epoch, True))
 
     def apply(self, keep_last: bool = False) -> None:
         """Hand the queued batches to ``observe``; ``keep_last`` leaves the newest queued (its
         copy may still be in flight)."""
         pending = self._pending
         while len(pending) > keep_last:
-            indices, rows, event, step, epoch = pending.pop(0)
+            indices, rows, event, step, epoch, ready = pending.pop(0)
+            if ready:
+                self._observe(StatsBatch(indices, *rows, step, epoch))
+                continue
             if event is not None:
                 event.synchronize()
             if isinstance(indices, DeviceIndices):

@@ -18,91 +18,26 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
 
 from ._checks import check_bool, check_int
 from ._counters import RunCounters, batch_tokens
-from ._gather import all_gather_fixed, all_gather_padded, distributed
+from ._gather import distributed, gather_batch
+from ._inputs import batch_indices, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
 from ._queue import DeviceIndices, HostCopy, StatsQueue, host_copy_for
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .epoch import EpochPlan, Epochs, Plan
 from .loss import _loss_and_stats
 from .policies import Policy, PolicyContext, TableView, make_policy
+from .sampler import GekoSampler, WithIndex
 from .types import SampleStats
 
 __all__ = ["GekoSampler", "Selector", "WithIndex"]
 
 STATE_FORMAT_VERSION = 2  # 2: the epoch object's state (per-position weights, padding, trained position)
-_WITH_INDEX_HINT = (
-    "wrap your dataset in geko_core.WithIndex(dataset) so every batch starts with the samples' "
-    "dataset indices, and pass those indices to the Selector"
-)
-
-
-class WithIndex(Dataset):
-    """Makes a map-style dataset yield ``(index, *item)``.
-
-    A tuple item is flattened (``(x, y)`` becomes ``(index, x, y)``); anything else becomes
-    ``(index, item)``.
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"WithIndex needs a map-style dataset (with __getitem__ and __len__), got {type(dataset).__name__}")
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple:
-        item = self.dataset[index]
-        if isinstance(item, tuple):
-            return (index, *item)
-        return (index, item)
-
-
-class GekoSampler(Sampler[int]):
-    """The Selector's sampler: yields this rank's planned indices of the current epoch.
-
-    It behaves as ``DistributedSampler`` does: ``len()`` only answers (the current epoch's
-    length; before the epoch has started, the length it would be planned with now),
-    ``set_epoch`` moves to an epoch, and iterating starts the epoch (plans it, once) and
-    yields from the position training has reached. An epoch ends when training has consumed
-    it (the Selector then moves on by itself) or when the DataLoader has run through it and
-    dropped an incomplete last batch. ``state_dict``/``load_state_dict`` carry the epoch and
-    the iteration, so torchdata's ``StatefulDataLoader`` checkpoints the sampler with the loader.
-    """
-
-    def __init__(self, selector: "Selector") -> None:
-        self._epochs = selector._epochs
-
-    def __len__(self) -> int:
-        return len(self._epochs.preview())
-
-    def __iter__(self) -> Iterator[int]:
-        # A generator: nothing happens before the first next() (loaders call iter() more than
-        # once while they restore a checkpoint).
-        yield from self._epochs.iterate()
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epochs.set_epoch(check_int(epoch, "epoch", low=0))
-
-    def state_dict(self) -> dict[str, int]:
-        """Where the sampler's iteration stands: ``{"epoch": e, "yielded": n}``, plain ints,
-        constant time, no side effect. A loader that checkpoints its sampler (torchdata's
-        ``StatefulDataLoader`` snapshots it when it hands a batch to a worker) restores the
-        iteration with it; the plan, the trained position and the table come with
-        ``Selector.state_dict``."""
-        return self._epochs.iteration_state()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the next iteration start where ``state`` says (after
-        ``Selector.load_state_dict``). Never plans, changes the epoch or the trained position."""
-        self._epochs.load_iteration_state(state)
 
 
 class Selector:
@@ -176,18 +111,7 @@ class Selector:
         drop_last = check_bool(drop_last, "drop_last")
         if drop_last and batch_size is None:
             raise ValueError("drop_last=True needs the DataLoader's batch_size= to plan epochs in whole batches")
-        if sample_tokens is not None:
-            if isinstance(sample_tokens, torch.Tensor):
-                sample_tokens = sample_tokens.detach().cpu().numpy()
-            sample_tokens = np.asarray(sample_tokens)
-            if sample_tokens.dtype == np.bool_ or not np.issubdtype(sample_tokens.dtype, np.integer):
-                raise TypeError(f"sample_tokens must hold integer token counts, got dtype {sample_tokens.dtype}")
-            if sample_tokens.shape != (num_samples,):
-                raise ValueError(f"sample_tokens must have shape ({num_samples},), got {sample_tokens.shape}")
-            if (sample_tokens < 0).any() or sample_tokens.sum() == 0:
-                raise ValueError("sample_tokens must be >= 0 with a positive total")
-            sample_tokens = sample_tokens.astype(np.int64)
-            sample_tokens.flags.writeable = False
+        sample_tokens = check_sample_tokens(sample_tokens, num_samples)
         if num_replicas is None and rank is None and distributed():
             num_replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         num_replicas = 1 if num_replicas is None else check_int(num_replicas, "num_replicas", low=1)
@@ -337,7 +261,7 @@ class Selector:
         """Importance weights (float32) of the batch ``idx``: the batch about to be trained
         (at the plan's position), or the one just observed."""
         with self._counters.timed("weights"):
-            indices = self._indices(idx)
+            indices = host_indices(idx, self.num_samples)
             plan = self._epochs.start()
             at = plan.locate(indices)
             last = self._last_batch
@@ -397,14 +321,16 @@ class Selector:
         with self._counters.timed("loss"):
             packed = segments is not None or position_ids is not None
             batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
-            indices = self._batch_indices(idx, expected=batch_size)
-            head_weight, head_bias = _head_parameters(lm_head)
+            indices = batch_indices(idx, self.num_samples, batch_size, defer=self._defer_host_indices, host_copy=self._host_copy)
+            head_weight, head_bias = head_parameters(lm_head)
             if packed and head_weight is not None:
                 raise ValueError("segments= / position_ids= are not supported with lm_head=")
             count = len(indices)
             plan = self._epochs.plan
             if plan is None:  # this batch starts the epoch: check it first (bad input changes nothing)
-                self._check_inputs(logits, labels, ignore_index, shift, segments, position_ids, count, head_weight, head_bias, weights, chunk_size)
+                check_loss_inputs(
+                    logits, labels, ignore_index, shift, segments, position_ids, count, head_weight, head_bias, weights, chunk_size, self.backend
+                )
                 plan = self._epochs.start()
             if isinstance(indices, DeviceIndices):
                 at = indices.assume_at(plan)
@@ -465,7 +391,7 @@ class Selector:
         with self._counters.timed("observe"):
             packed = segments is not None or position_ids is not None
             batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
-            indices = self._indices(idx, expected=batch_size)
+            indices = host_indices(idx, self.num_samples, expected=batch_size)
             packing = {"segments": segments, "position_ids": position_ids, "num_segments": len(indices)} if packed else {}
             stats = sample_stats(
                 logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend,
@@ -479,7 +405,7 @@ class Selector:
         with self._counters.timed("observe"):
             if not isinstance(stats, SampleStats):
                 raise TypeError(f"stats must be a geko_core.SampleStats, got {type(stats).__name__}")
-            indices = self._indices(idx, expected=stats.loss.shape[0])
+            indices = host_indices(idx, self.num_samples, expected=stats.loss.shape[0])
             self._record_located(indices, stats, backpropagated=backpropagated)
 
     def select(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,7 +425,7 @@ class Selector:
         with self._counters.timed("select"):
             if not self.policy.meta_batch:
                 raise TypeError(f"policy {self.policy.name!r} does not select inside a meta-batch; use Selector.loss")
-            indices = self._indices(idx, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
+            indices = host_indices(idx, self.num_samples, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
             # Statistics first: bad input raises before the epoch starts (nothing changes).
             stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
             plan_weights = self._record_located(indices, stats, backpropagated=False)
@@ -564,7 +490,7 @@ class Selector:
             copier = self._host_copy if self._host_copy is not None else host_copy_for(device)
         if world:
             late = copier is not None or deferred or self._defer_host_indices
-            indices, rows = self._gathered(indices, rows, real, device, copier, late)
+            indices, rows = gather_batch(indices, rows, real, device, copier, late)
         else:
             if real is not None:
                 keep = real if device is None else torch.from_numpy(real).to(device)
@@ -574,7 +500,10 @@ class Selector:
                 expected = plan.indices[at : at + count]
                 indices.start_copy(expected=expected if real is None else expected[real])
         step = self._step if self._explicit_steps else self._step + 1  # the step this batch is trained in
-        self._queue.push(indices, rows, step, self._epochs.epoch, copier)
+        if device is None and not deferred:
+            self._queue.push_host(indices if indices.flags.c_contiguous else np.ascontiguousarray(indices), rows, step, self._epochs.epoch)
+        else:
+            self._queue.push(indices, rows, step, self._epochs.epoch, copier)
         counters = self._counters
         counters.forwarded += count
         counters.tokens["forwarded"] = counters.tokens["forwarded"] + tokens
@@ -585,104 +514,6 @@ class Selector:
             self._step += 1
         self._queue.apply(keep_last=copier is not None)  # a GPU batch is applied one step late
         self._epochs.trained(count)
-
-    def _gathered(
-        self, indices: Any, rows: list[torch.Tensor], real: np.ndarray | None, device: torch.device, copier: HostCopy | None, late: bool
-    ) -> tuple[Any, list[torch.Tensor]]:
-        """Under DDP, every rank's batch in rank order (the table is the same on every rank).
-
-        On GPUs (``late``) the batch is gathered at its full size, padding copies included and
-        flagged, so that no rank waits for the host to learn the lengths; the flags drop them
-        when the batch is applied, one step later. Every rank trains equally long batches in
-        lockstep (the sampler gives each rank the same number of samples). On CPUs the lengths
-        are exchanged and the padding is dropped first."""
-        if late:
-            if isinstance(indices, DeviceIndices):
-                idx = indices.device_tensor().to(device=device, dtype=torch.int64)
-            else:
-                idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(device)
-            keep = torch.ones(len(idx), dtype=torch.uint8, device=device) if real is None else torch.from_numpy(real.astype(np.uint8)).to(device)
-            idx, keep, *rows = all_gather_fixed([idx, keep, *rows])
-            gathered = DeviceIndices(idx, keep=keep, copier=copier)
-            gathered.start_copy(expected=None)
-            return gathered, rows
-        if real is not None:
-            keep = torch.from_numpy(real)
-            indices, rows = indices[real], [r[keep] for r in rows]
-        idx, *rows = all_gather_padded([torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)), *rows])
-        return idx.numpy(), rows
-
-    def _check_inputs(
-        self, logits: Any, labels: Any, ignore_index: Any, shift: Any, segments: Any, position_ids: Any, count: int,
-        head_weight: Any, head_bias: Any, weights: Any, chunk_size: Any,
-    ) -> None:
-        """The checks of ``loss``'s inputs, run before the batch starts an epoch: starting it
-        plans it, and planning changes the policy's state."""
-        if head_weight is not None:
-            from .linear_loss import _prepare
-
-            _prepare(logits, head_weight, labels, head_bias, weights, ignore_index=ignore_index, shift=shift,
-                     chunk_size=chunk_size, backend=self.backend)
-            return
-        from .stats import prepare_inputs
-
-        prepared = prepare_inputs(logits, labels, ignore_index=ignore_index, shift=shift, backend=self.backend)
-        if segments is not None or position_ids is not None:
-            from .segments import prepare_segments
-
-            prepare_segments(
-                segments, position_ids, count, labels=labels, labels3=prepared.labels3, shift=prepared.shift,
-                ignore_index=prepared.ignore_index,
-            )
-
-    def _indices(self, idx: Any, expected: int | None = None) -> np.ndarray:
-        if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.is_cpu:
-            # The usual batch (WithIndex's collated indices): a few attribute reads, and one
-            # reduction for the range (a negative int64 read as uint64 is above any size).
-            array = idx.numpy()  # an integer tensor never requires grad
-            if expected is not None and len(array) != expected:
-                raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
-            if len(array) and array.view(np.uint64).max() >= self.num_samples:
-                bad = array[(array < 0) | (array >= self.num_samples)][0]
-                raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {self.num_samples} samples")
-            return array
-        if isinstance(idx, torch.Tensor):
-            if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
-                raise TypeError(f"idx must hold integer dataset indices, got a {idx.dtype} tensor; {_WITH_INDEX_HINT}")
-            array = idx.detach().cpu().numpy()
-        elif isinstance(idx, np.ndarray):
-            array = idx
-        elif isinstance(idx, (list, tuple)):
-            array = np.asarray(idx)
-        else:
-            raise TypeError(f"idx must be a tensor, array or list of dataset indices, got {type(idx).__name__}; {_WITH_INDEX_HINT}")
-        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"idx must hold integer dataset indices, got dtype {array.dtype}; {_WITH_INDEX_HINT}")
-        if array.ndim != 1:
-            raise ValueError(f"idx must be 1-D [B], got shape {tuple(array.shape)}; {_WITH_INDEX_HINT}")
-        if expected is not None and len(array) != expected:
-            raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
-        if len(array) and (array.min() < 0 or array.max() >= self.num_samples):
-            bad = array[(array < 0) | (array >= self.num_samples)][0]
-            raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {self.num_samples} samples")
-        return array.astype(np.int64, copy=False)
-
-    def _batch_indices(self, idx: Any, expected: int | None = None) -> "np.ndarray | DeviceIndices":
-        """``_indices``, except that an integer index tensor on a GPU is not read now (that
-        would synchronise with the device every step): it is copied to the host
-        asynchronously and checked when its batch is applied to the table, one step later.
-        Until then the batch is assumed to be the plan's next ``len(idx)`` entries, which is
-        what the sampler yields; a batch that was not is reported then."""
-        if (
-            isinstance(idx, torch.Tensor)
-            and (idx.device.type != "cpu" or self._defer_host_indices)
-            and idx.dim() == 1
-            and not (idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex())
-        ):
-            if expected is not None and idx.shape[0] != expected:
-                raise ValueError(f"idx has {idx.shape[0]} entries but the batch has {expected} samples; {_WITH_INDEX_HINT}")
-            return DeviceIndices(idx, copier=self._host_copy if self._host_copy is not None else host_copy_for(idx.device))
-        return self._indices(idx, expected)
 
     # -- reporting ----------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
@@ -808,17 +639,3 @@ def _nonnegative_int(value: Any, name: str) -> int:
     return int(value)
 
 
-def _head_parameters(lm_head: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(weight, bias)`` of an output layer given to ``Selector.loss``: an ``nn.Linear`` (or
-    any module with a 2-D ``weight`` and an optional ``bias``), a ``[V, d]`` tensor, or None."""
-    if lm_head is None:
-        return None, None
-    if isinstance(lm_head, torch.Tensor):
-        return lm_head, None
-    weight = getattr(lm_head, "weight", None)
-    if isinstance(lm_head, torch.nn.Module) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        bias = getattr(lm_head, "bias", None)
-        return weight, bias if isinstance(bias, torch.Tensor) else None
-    raise TypeError(
-        f"lm_head must be an nn.Linear-like module (a [V, d] weight, optional bias) or a [V, d] tensor, got {type(lm_head).__name__}"
-    )
