@@ -1,5 +1,6 @@
-"""The Selector's run counters: samples and tokens forwarded and back-propagated, the counts
-at the current epoch's start, and the wall-clock of the Selector's calls."""
+"""The Selector's run counters (samples and tokens forwarded and back-propagated, the counts
+at the current epoch's start, the wall-clock of the Selector's calls) and the parsing of a
+saved Selector state, which carries them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TIMED", "RunCounters", "batch_tokens"]
+__all__ = ["STATE_FORMAT_VERSION", "TIMED", "RunCounters", "batch_tokens", "parse_state"]
+
+STATE_FORMAT_VERSION = 2  # 2: the epoch object's state (per-position weights, padding, trained position)
 
 #: The timed calls; ``total`` is what a training loop pays (nested calls count once).
 TIMED = ("loss", "select", "observe", "weights", "planning", "total")
@@ -122,3 +125,35 @@ class _Clock:
             if counters._depth == 0:
                 counters.seconds["total"] += elapsed
         return False
+
+
+def parse_state(state: Any, *, num_samples: int, policy: str, num_replicas: int, rank: int) -> tuple:
+    """A ``Selector.state_dict`` checked against the Selector that loads it, every plain field
+    parsed before anything changes: ``(step, explicit_steps, counters, history, table_state,
+    policy_state, (epoch, plan, batch_seen))``. Raises ``TypeError``/``ValueError``/``IndexError``."""
+    from .epoch import Epochs
+
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    version = state.get("format_version")
+    if version != STATE_FORMAT_VERSION:
+        raise ValueError(f"Selector state has format_version {version!r}; this version reads {STATE_FORMAT_VERSION}")
+    if state.get("num_samples") != num_samples:
+        raise ValueError(f"Selector state is for {state.get('num_samples')} samples, this Selector has {num_samples} (a different dataset?)")
+    if state.get("policy") != policy:
+        raise ValueError(f"Selector state is for policy {state.get('policy')!r}, this Selector runs {policy!r}")
+    if (state.get("num_replicas"), state.get("rank")) != (num_replicas, rank):
+        raise ValueError(f"Selector state is for rank {state.get('rank')} of {state.get('num_replicas')}, this is rank {rank} of {num_replicas}")
+    try:
+        step = _nonnegative_int(state["step"], "step")
+        explicit_steps = bool(state["explicit_steps"])
+        counters = RunCounters.from_state(state["counters"], state.get("seconds", {}))
+        if not isinstance(state["history"], list):
+            raise ValueError(f"Selector state history must be a list, got {type(state['history']).__name__}")
+        history = [dict(h) for h in state["history"]]
+        epoch = Epochs.parse_state(state, rank=rank, num_replicas=num_replicas, num_samples=num_samples)
+        return step, explicit_steps, counters, history, state["table"], state["policy_state"], epoch
+    except KeyError as exc:
+        raise ValueError(f"Selector state is missing {exc}") from None
+    except TypeError as exc:
+        raise ValueError(f"Selector state is malformed: {exc}") from None

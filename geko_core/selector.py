@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ._checks import check_bool, check_int
-from ._counters import RunCounters, batch_tokens
+from ._counters import STATE_FORMAT_VERSION, RunCounters, batch_tokens, parse_state
 from ._gather import distributed, gather_batch
 from ._inputs import batch_indices, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
 from ._queue import DeviceIndices, HostCopy, StatsQueue, host_copy_for
@@ -37,7 +37,6 @@ from .types import SampleStats
 
 __all__ = ["GekoSampler", "Selector", "WithIndex"]
 
-STATE_FORMAT_VERSION = 2  # 2: the epoch object's state (per-position weights, padding, trained position)
 
 
 class Selector:
@@ -317,6 +316,10 @@ class Selector:
 
         Returns:
             The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`).
+
+        On a GPU the call does not wait for its own statistics: they are copied to the host
+        behind the step and reach the table one step later, so a step waits at most for the
+        previous step's copy (docs/design.md §1).
         """
         with self._counters.timed("loss"):
             packed = segments is not None or position_ids is not None
@@ -581,34 +584,8 @@ class Selector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses a mismatched one and then changes nothing."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        version = state.get("format_version")
-        if version != STATE_FORMAT_VERSION:
-            raise ValueError(f"Selector state has format_version {version!r}; this version reads {STATE_FORMAT_VERSION}")
-        if state.get("num_samples") != self.num_samples:
-            raise ValueError(f"Selector state is for {state.get('num_samples')} samples, this Selector has {self.num_samples} (a different dataset?)")
-        if state.get("policy") != self.policy.name:
-            raise ValueError(f"Selector state is for policy {state.get('policy')!r}, this Selector runs {self.policy.name!r}")
-        if (state.get("num_replicas"), state.get("rank")) != (self.num_replicas, self.rank):
-            raise ValueError(
-                f"Selector state is for rank {state.get('rank')} of {state.get('num_replicas')}, this is rank {self.rank} of {self.num_replicas}"
-            )
-        # Parse every plain field before anything changes: a missing or malformed entry
-        # raises here and leaves this Selector as it was.
-        try:
-            step = _nonnegative_int(state["step"], "step")
-            explicit_steps = bool(state["explicit_steps"])
-            counters = RunCounters.from_state(state["counters"], state.get("seconds", {}))
-            if not isinstance(state["history"], list):
-                raise ValueError(f"Selector state history must be a list, got {type(state['history']).__name__}")
-            history = [dict(h) for h in state["history"]]
-            table_state, policy_state = state["table"], state["policy_state"]
-            epoch, plan, batch_seen = Epochs.parse_state(state, rank=self.rank, num_replicas=self.num_replicas, num_samples=self.num_samples)
-        except KeyError as exc:
-            raise ValueError(f"Selector state is missing {exc}") from None
-        except TypeError as exc:
-            raise ValueError(f"Selector state is malformed: {exc}") from None
+        parsed = parse_state(state, num_samples=self.num_samples, policy=self.policy.name, num_replicas=self.num_replicas, rank=self.rank)
+        step, explicit_steps, counters, history, table_state, policy_state, (epoch, plan, batch_seen) = parsed
         # Validate the table and policy state on scratch copies first: nothing changes on error.
         from .table import SampleTable
 
@@ -631,11 +608,4 @@ class Selector:
         self._explicit_steps = explicit_steps
         self._counters = counters
         self.history = history
-
-
-def _nonnegative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"Selector state {name} must be a non-negative int, got {value!r}")
-    return int(value)
-
 
