@@ -403,7 +403,7 @@ def _read_everything(sel):
     return out
 
 
-@pytest.mark.parametrize("policy,options", [("geko", {"freeze_streak": 2, "stall_visits": 1}), ("gainrl", None), ("infobatch", None)])
+@pytest.mark.parametrize("policy,options", [("geko", {"freeze_streak": 2, "stall_visits": 1}), ("gainrl", None), ("infobatch", None), ("grace", {"warmup_epochs": 1, "budget": 0.5})])
 def test_reads_change_nothing_and_the_epoch_is_planned_at_its_start(policy, options):
     g = torch.Generator().manual_seed(0)
     sel = Selector(64, policy=policy, epochs=4, seed=1, policy_options=options, config=geko_core.GekoConfig(q_alpha=0.6))
