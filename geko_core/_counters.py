@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .epoch import Epochs, state_int
+
 __all__ = ["STATE_FORMAT_VERSION", "TIMED", "RunCounters", "batch_tokens", "parse_state"]
 
 STATE_FORMAT_VERSION = 2  # 2: the epoch object's state (per-position weights, padding, trained position)
@@ -24,12 +26,6 @@ def batch_tokens(valid_tokens: torch.Tensor) -> Any:
     if valid_tokens.device.type == "cpu":
         return int(valid_tokens.numpy().sum(dtype=np.int64))
     return valid_tokens.sum(dtype=torch.int64)
-
-
-def _nonnegative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"Selector state {name} must be a non-negative int, got {value!r}")
-    return int(value)
 
 
 class RunCounters:
@@ -85,14 +81,14 @@ class RunCounters:
         """Parse :meth:`state_dict`'s parts; raises ``ValueError``/``KeyError``/``TypeError``
         on a malformed entry."""
         out = cls()
-        out.forwarded = _nonnegative_int(counters["forwarded"], "counters.forwarded")
-        out.backpropagated = _nonnegative_int(counters["backpropagated"], "counters.backpropagated")
-        epoch_start = tuple(_nonnegative_int(c, "counters.epoch_start") for c in counters["epoch_start"])
+        out.forwarded = state_int(counters["forwarded"], "counters.forwarded")
+        out.backpropagated = state_int(counters["backpropagated"], "counters.backpropagated")
+        epoch_start = tuple(state_int(c, "counters.epoch_start") for c in counters["epoch_start"])
         if len(epoch_start) != 2:
             raise ValueError(f"counters.epoch_start must hold 2 counts, got {len(epoch_start)}")
         out.epoch_start = epoch_start
         out.tokens = {
-            kind: _nonnegative_int(counters.get(f"{kind}_tokens", 0), f"counters.{kind}_tokens")
+            kind: state_int(counters.get(f"{kind}_tokens", 0), f"counters.{kind}_tokens")
             for kind in ("forwarded", "backpropagated")
         }
         if not isinstance(seconds, dict):
@@ -131,8 +127,6 @@ def parse_state(state: Any, *, num_samples: int, policy: str, num_replicas: int,
     """A ``Selector.state_dict`` checked against the Selector that loads it, every plain field
     parsed before anything changes: ``(step, explicit_steps, counters, history, table_state,
     policy_state, (epoch, plan, batch_seen))``. Raises ``TypeError``/``ValueError``/``IndexError``."""
-    from .epoch import Epochs
-
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     version = state.get("format_version")
@@ -145,7 +139,7 @@ def parse_state(state: Any, *, num_samples: int, policy: str, num_replicas: int,
     if (state.get("num_replicas"), state.get("rank")) != (num_replicas, rank):
         raise ValueError(f"Selector state is for rank {state.get('rank')} of {state.get('num_replicas')}, this is rank {rank} of {num_replicas}")
     try:
-        step = _nonnegative_int(state["step"], "step")
+        step = state_int(state["step"], "step")
         explicit_steps = bool(state["explicit_steps"])
         counters = RunCounters.from_state(state["counters"], state.get("seconds", {}))
         if not isinstance(state["history"], list):

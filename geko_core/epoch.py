@@ -498,8 +498,8 @@ class Epochs:
     def parse_state(state: dict[str, Any], *, rank: int, num_replicas: int, num_samples: int) -> tuple[int, EpochPlan | None, int]:
         """``(epoch, plan, batch_seen)`` from :meth:`state_dict`'s entries, validated; raises
         ``ValueError``/``IndexError`` (``KeyError``/``TypeError`` for a missing or odd entry)."""
-        epoch = _state_int(state["epoch"], "epoch")
-        batch_seen = _state_int(state.get("batch_seen", 0), "batch_seen")
+        epoch = state_int(state["epoch"], "epoch")
+        batch_seen = state_int(state.get("batch_seen", 0), "batch_seen")
         plan = None
         if state["epoch_plan"] is not None:
             plan = EpochPlan.from_state_dict(state["epoch_plan"])
@@ -531,8 +531,8 @@ class Epochs:
         if not isinstance(state, dict):
             raise TypeError(f"sampler state must be a dict, got {type(state).__name__}")
         try:
-            epoch = _state_int(state["epoch"], "sampler epoch")
-            yielded = _state_int(state["yielded"], "sampler yielded")
+            epoch = state_int(state["epoch"], "sampler epoch")
+            yielded = state_int(state["yielded"], "sampler yielded")
         except KeyError as exc:
             raise ValueError(f"sampler state is missing {exc}") from None
         if epoch == self.epoch - 1:
@@ -547,7 +547,8 @@ class Epochs:
         self._iteration_start = yielded
 
 
-def _state_int(value: Any, name: str) -> int:
+def state_int(value: Any, name: str) -> int:
+    """A saved state's count, refused unless a non-negative int."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"Selector state {name} must be a non-negative int, got {value!r}")
     return int(value)
