@@ -73,7 +73,7 @@ def measure(shape: tuple[int, int], repeats: int = REPEATS, blocks: int = BLOCKS
     num_batches = 4 * repeats + blocks * BLOCK + 64
     policy = "geko" if policy_options is None else GekoPolicy(**policy_options)
     sel = Selector(batch * num_batches, policy=policy, epochs=1, seed=0)
-    order = torch.from_numpy(sel.epoch_plan.indices.copy())
+    order = torch.from_numpy(sel.plan()[0])  # starts the epoch
     position = [0]
 
     def plain() -> None:

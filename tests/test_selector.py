@@ -91,8 +91,10 @@ def test_geko_epochs_really_shrink(trained):
     sel.set_epoch(3)  # plan a PEAK-phase epoch (progress 0.5) from the table as it is now
     indices, weights = sel.plan()
     buckets = sel.table.buckets(indices)
-    assert (weights[buckets == geko_core.BUCKET_LIGHT] > 1).all()
-    assert (weights[buckets == geko_core.BUCKET_HARD] == 1).all()
+    light, hard = buckets == geko_core.BUCKET_LIGHT, buckets == geko_core.BUCKET_HARD
+    assert light.any() and hard.any(), "the test needs LIGHT and HARD samples in the plan"
+    assert (weights[light] > 1).all()
+    assert (weights[hard] == 1).all()
 
 
 def test_frozen_samples_are_skipped_but_revisited():
@@ -382,17 +384,104 @@ def test_tokens_are_counted_and_budgets_can_be_set_in_tokens():
     assert all(s < 0.6 for s in spent), spent  # about half the tokens (binomial noise), never the 100% of no budget
 
 
-def test_loss_bad_label_changes_nothing():
+# -- reads change nothing; an epoch is planned once, at its start ----------------------------------
+
+
+def _snapshot(sel):
+    """Everything a read could change, as bytes."""
+    import pickle
+
+    return pickle.dumps((sel.state_dict(), sel.policy.state_dict(), sel.table.records().tobytes(), sel.history))
+
+
+def _read_everything(sel):
+    for _ in range(3):
+        out = (
+            len(sel.sampler), sel.remaining, sel.epoch_plan.indices.tobytes(), sel.position, sel.epoch_consumed,
+            sel.progress(), sel.epoch_progress(), sel.sampler.state_dict(), {k: v for k, v in sel.metrics().items() if k != "seconds"},
+        )
+    return out
+
+
+@pytest.mark.parametrize("policy,options", [("geko", {"freeze_streak": 2, "stall_visits": 1}), ("gainrl", None), ("infobatch", None), ("grace", {"warmup_epochs": 1, "budget": 0.5})])
+def test_reads_change_nothing_and_the_epoch_is_planned_at_its_start(policy, options):
+    g = torch.Generator().manual_seed(0)
+    sel = Selector(64, policy=policy, epochs=4, seed=1, policy_options=options, config=geko_core.GekoConfig(q_alpha=0.6))
+    if policy == "gainrl":
+        sel.policy.set_angles(np.arange(64), np.linspace(0, 1, 64, dtype=np.float32))
+    targets = torch.arange(64) % 4
+    for epoch in range(3):
+        # Between epochs (the last one consumed, this one not started) and in the middle of one.
+        for stop in (0, 2):
+            before = _snapshot(sel)
+            first, second = _read_everything(sel), _read_everything(sel)
+            assert _snapshot(sel) == before and str(first) == str(second), (epoch, stop)
+            if stop == 0:
+                previewed = sel.epoch_plan.indices.copy()
+                assert sel.state_dict()["epoch_plan"] is None  # not started: reads did not plan it
+                order = torch.tensor(list(sel.sampler))  # the start
+                assert order.tolist() == previewed.tolist() and len(sel.sampler) == len(order) == sel.remaining
+                batches = order.split(8)
+                for idx in batches[:2]:
+                    logits = torch.randn(len(idx), 4, generator=g) + 3 * F.one_hot(targets[idx], 4) * epoch
+                    sel.loss(logits, targets[idx], idx)
+        for idx in batches[2:]:
+            sel.loss(torch.randn(len(idx), 4, generator=g) + 3 * F.one_hot(targets[idx], 4) * epoch, targets[idx], idx)
+        assert sel.epoch == epoch + 1 and len(sel.history) == epoch + 1
+
+
+def test_a_bad_batch_that_would_start_an_epoch_changes_nothing():
+    sel = Selector(32, policy="geko", epochs=2, seed=0, policy_options={"freeze_streak": 2, "stall_visits": 1})
+    before = _snapshot(sel)
+    with pytest.raises(ValueError, match="label"):
+        sel.loss(torch.zeros(8, 3), torch.full((8,), 7), torch.arange(8))
+    assert _snapshot(sel) == before and sel.state_dict()["epoch_plan"] is None
+
+
+# -- the one loss path's contract ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["geko", "infobatch", "uniform", "random_subset"])
+def test_loss_observes_what_observe_stats_would_and_returns_the_weighted_loss(policy):
+    """``loss`` = the plan-weighted cross-entropy (value and gradient), and its bookkeeping
+    (table, counters, policy) is that of ``observe_stats`` with the same statistics."""
+    config = geko_core.GekoConfig(q_alpha=0.6)  # FREEZE within a few epochs, so revisits happen
+    a = Selector(96, policy, epochs=6, seed=3, config=config)
+    b = Selector(96, policy, epochs=6, seed=3, config=config)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(96, 5, generator=g)
+    targets = torch.randint(0, 5, (96,), generator=g)
+    for epoch in range(6):
+        order = torch.tensor(list(a.sampler))
+        assert order.tolist() == list(b.sampler)
+        for idx in order.split(16):
+            logits = base[idx] + 2.0 * epoch * F.one_hot(targets[idx], 5)
+            weights = a.weights(idx)
+            x = logits.clone().requires_grad_(True)
+            loss = a.loss(x, targets[idx], idx)
+            loss.backward()
+            y = logits.clone().requires_grad_(True)
+            expected = (F.cross_entropy(y, targets[idx], reduction="none") * weights).sum() / len(idx)
+            expected.backward()
+            torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+            b.observe_stats(idx, geko_core.sample_stats(logits, targets[idx]))
+    assert np.array_equal(a.table.records(), b.table.records())
+    ma, mb = a.metrics(), b.metrics()
+    for key in ("epoch", "step", "buckets", "forwarded", "backpropagated", "forwarded_tokens", "backpropagated_tokens"):
+        assert ma[key] == mb[key], key
+    assert {k: v for k, v in ma.items() if k.startswith(policy + "/")} == {k: v for k, v in mb.items() if k.startswith(policy + "/")}
+    if policy == "geko":
+        assert ma["buckets"]["FREEZE"] > 0 and ma["geko/revisits"] > 0  # the guard's count was exercised
+
+
+def test_loss_with_a_bad_label_changes_nothing_and_the_batch_can_be_retried():
     sel = Selector(32, "geko", epochs=2, seed=0)
     order = torch.from_numpy(np.fromiter(iter(sel.sampler), dtype=np.int64))
     sel.loss(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64), order[:8])
-    before = sel.state_dict()
-    records = sel.table.records().copy()
+    before = _snapshot(sel)
     with pytest.raises(ValueError, match="label 3 at"):
         sel.loss(torch.zeros(8, 3), torch.tensor([0, 1, 2, 3, 0, 0, 0, 0]), order[8:16])
-    after = sel.state_dict()
-    assert np.array_equal(records, sel.table.records())
-    assert after["epoch_plan"]["position"] == before["epoch_plan"]["position"]
-    assert sel.metrics()["backpropagated"] == 8
-    sel.loss(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64), order[8:16])  # the batch can be retried
-    assert sel.metrics()["backpropagated"] == 16
+    assert _snapshot(sel) == before and sel.metrics()["backpropagated"] == 8
+    sel.loss(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64), order[8:16])
+    assert sel.metrics()["backpropagated"] == 16 and sel.position == 16

@@ -1,5 +1,7 @@
-"""Index tensors on a GPU are read one step late (no host synchronisation per step). There is
-no GPU here: ``Selector._defer_host_indices`` sends CPU index tensors down the same path."""
+"""Statistics and index tensors on a GPU are read one step late (no host synchronisation per
+step). There is no GPU here: ``Selector._defer_host_indices`` sends CPU index tensors down the
+same path, and ``Selector._host_copy`` replaces the pinned copies and CUDA events with a
+recording stand-in, so that the queue's device mechanics run on CPU."""
 
 from __future__ import annotations
 
@@ -8,12 +10,39 @@ import pytest
 import torch
 
 from geko_core import Selector
+from geko_core._queue import DeviceIndices, HostCopy, StatsQueue
 
 
-def _run(defer: bool, *, policy: str = "geko", epochs: int = 3, num_samples: int = 50, batch: int = 8, swap_at=None):
+class FakeEvent:
+    def __init__(self) -> None:
+        self.waited = False
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+class FakeCopy(HostCopy):
+    """A device's host copy on CPU: copies now (as a finished async copy would) and records
+    which events the host waited on."""
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.events: list[FakeEvent] = []
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.copies += 1
+        return tensor.clone()
+
+    def record(self) -> FakeEvent:
+        self.events.append(FakeEvent())
+        return self.events[-1]
+
+
+def _run(defer: bool, *, policy: str = "geko", epochs: int = 3, num_samples: int = 50, batch: int = 8, swap_at=None, copier=None):
     torch.manual_seed(0)
     sel = Selector(num_samples, policy=policy, epochs=epochs, seed=3, batch_size=batch)
     sel._defer_host_indices = defer
+    sel._host_copy = copier
     data = torch.randn(num_samples, 4)
     targets = (data[:, 0] > 0).long()
     head = torch.nn.Linear(4, 2)
@@ -52,6 +81,75 @@ def test_a_batch_out_of_plan_order_is_reported_and_still_recorded_under_its_indi
     # The table knows each sample under its own index either way.
     for name in ("visits", "last_step", "bucket"):
         assert np.array_equal(host.table.field(name), late.table.field(name)), name
+
+
+@pytest.mark.parametrize("policy", ["geko", "infobatch"])
+def test_statistics_copied_from_a_device_train_exactly_as_host_statistics(policy):
+    host, host_losses = _run(False, policy=policy)
+    copier = FakeCopy()
+    late, late_losses = _run(True, policy=policy, copier=copier)
+    assert late_losses == host_losses and copier.copies > 0 and all(e.waited for e in copier.events)
+    assert np.array_equal(host.table.records(), late.table.records())
+    assert [h["epoch_length"] for h in host.history] == [h["epoch_length"] for h in late.history]
+
+
+def test_the_queue_applies_a_device_batch_exactly_one_step_late():
+    seen = []
+    copier = FakeCopy()
+    queue = StatsQueue(seen.append, 10)
+
+    def push(indices, step):
+        idx = DeviceIndices(torch.tensor(indices), copier=copier)
+        idx.start_copy(expected=np.array(indices))
+        rows = [torch.full((len(indices),), float(step)) for _ in range(4)]
+        queue.push(idx, rows, step, 0, copier)
+        rows[0].fill_(-1.0)  # the source changes after the push: the copy was taken at the push
+
+    push([0, 1], 1)
+    queue.apply(keep_last=True)
+    assert seen == [] and len(queue) == 1 and not any(e.waited for e in copier.events)
+    push([2, 3], 2)
+    queue.apply(keep_last=True)
+    assert [b.indices.tolist() for b in seen] == [[0, 1]] and seen[0].loss.tolist() == [1.0, 1.0] and seen[0].step == 1
+    assert [e.waited for e in copier.events] == [True, True, False, False]  # batch 1's index and row copies
+    queue.apply()
+    assert [b.indices.tolist() for b in seen] == [[0, 1], [2, 3]] and len(queue) == 0 and all(e.waited for e in copier.events)
+
+
+def test_the_selector_applies_device_batches_one_step_late_and_all_at_the_epoch_end_or_state_dict():
+    sel = Selector(24, policy="geko", epochs=2, seed=0)
+    sel._defer_host_indices = True
+    sel._host_copy = copier = FakeCopy()
+    order = torch.from_numpy(sel.plan()[0])
+    batches = order.split(8)
+    visits = lambda: sel.table.field("visits")  # noqa: E731
+    labels = torch.zeros(8, dtype=torch.long)
+    sel.loss(torch.randn(8, 3), labels, batches[0])
+    assert visits().sum() == 0  # in flight
+    sel.metrics(), len(sel.sampler), sel.remaining  # reads apply nothing
+    assert visits().sum() == 0
+    sel.loss(torch.randn(8, 3), labels, batches[1])
+    assert visits()[batches[0]].tolist() == [1] * 8 and visits()[batches[1]].sum() == 0
+    state = sel.state_dict()  # applies everything queued, and saves it
+    assert visits()[batches[1]].tolist() == [1] * 8 and state["table"]["visits"][batches[1]].tolist() == [1] * 8
+    sel.loss(torch.randn(8, 3), labels, batches[2])  # the epoch's last batch: the epoch ends, all applied
+    assert sel.epoch == 1 and visits().sum() == 24 and len(sel.history) == 1 and copier.copies > 0
+
+
+def test_a_device_batch_that_was_not_the_plans_is_reported_one_step_later():
+    sel = Selector(24, policy="uniform", epochs=2, seed=0)
+    sel._defer_host_indices = True
+    sel._host_copy = FakeCopy()
+    order = torch.from_numpy(sel.plan()[0])
+    labels = torch.zeros(8, dtype=torch.long)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sel.loss(torch.randn(8, 3), labels, order[:8].flip(0))  # reordered: assumed at the plan's position
+    with pytest.warns(RuntimeWarning, match="not the plan's next batch"):
+        sel.loss(torch.randn(8, 3), labels, order[8:16])
+    assert sel.table.field("visits")[order[:8]].tolist() == [1] * 8  # recorded under its own indices
 
 
 def test_an_out_of_range_index_raises_when_its_batch_is_applied():

@@ -73,10 +73,9 @@ def test_a_bad_head_is_refused_before_anything_changes():
     with pytest.raises(TypeError, match="lm_head"):
         sel.loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), idx, lm_head="head")
     fresh = Selector(16, policy="geko", epochs=2, seed=0)
-    fresh._plan = None  # a Selector that has not planned its epoch yet
     with pytest.raises(ValueError, match="weight"):
         fresh.loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), idx, lm_head=torch.nn.Linear(5, 4))
-    assert fresh._plan is None and fresh.metrics()["backpropagated"] == 0
+    assert fresh.state_dict()["epoch_plan"] is None and fresh.metrics()["backpropagated"] == 0  # not started
 
 
 def test_inplace_backward_gives_the_same_gradient():
