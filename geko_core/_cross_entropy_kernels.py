@@ -19,7 +19,25 @@ from .config import GekoConfig, cpp_config_for_kernels
 from .stats import forward_blocks_cpp, forward_triton
 from .types import SampleStats, TokenStats
 
-__all__ = ["KERNELS", "Spec", "cross_entropy_backward_triton", "cross_entropy_forward_triton", "sample_stats_of"]
+__all__ = ["KERNELS", "HostForward", "Spec", "cross_entropy_backward_triton", "cross_entropy_forward_triton", "sample_stats_of"]
+
+
+class HostForward(NamedTuple):
+    """The C++ one-call forward's results in host arrays: what the Selector reads every step,
+    so nothing is converted twice."""
+
+    values: np.ndarray  # float32 [6, S]: loss, confidence, label_prob, correct, entropy, el2n
+    valid_tokens: np.ndarray  # int32 [S]
+    bucket: np.ndarray  # int8 [S]
+    valid_total: int  # the batch's valid tokens
+
+    def stats(self) -> SampleStats:
+        """The same statistics as tensors sharing these arrays' memory."""
+        values = torch.from_numpy(self.values)
+        return SampleStats(
+            *values.unbind(0), valid_tokens=torch.from_numpy(self.valid_tokens), bucket=torch.from_numpy(self.bucket),
+            tokens=None,
+        )
 
 
 class Spec(NamedTuple):
@@ -35,7 +53,8 @@ class Spec(NamedTuple):
 
 
 # -- the kernels: KERNELS[name].forward / .backward -------------------------------------------
-# forward(logits3, labels3, weight, spec) -> (loss, statistics outputs, state) for the
+# forward(logits3, labels3, weight, spec) -> (loss, statistics outputs, state, HostForward or
+#   None: the one-call C++ forward's host arrays) for the
 #   reductions "none", "sum", "mean"; backward(logits3, labels3, state, grad_output, target,
 #   spec) writes d loss / d logits into ``target`` ([S, T, V]; None: into logits3 itself).
 #   The token losses of packed rows ("token") keep state = (lse,).
@@ -62,7 +81,8 @@ class _CppKernels:
             if bad >= 0:
                 raise label_error(labels3, bad, logits3.shape[-1], spec.ignore_index)
             outputs = (torch.from_numpy(values), torch.from_numpy(valid), torch.from_numpy(bucket))
-            return torch.from_numpy(np.array(value, dtype=np.float32)), outputs, (capsules, total, None, None)
+            host = HostForward(values, valid, bucket, total)
+            return torch.from_numpy(np.array(value, dtype=np.float32)), outputs, (capsules, total, None, None), host
         blocks = forward_blocks_cpp(
             logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, per_token=spec.per_token, write_lse=True
         )
@@ -74,7 +94,7 @@ class _CppKernels:
             per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
             loss, total = reduce_samples(per_sample, valid_tokens, weight, spec.reduction), None
         outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
-        return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight)
+        return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight), None
 
     @staticmethod
     def backward(logits3, labels3, state, grad_output, target, spec) -> None:
@@ -112,7 +132,7 @@ class _TritonKernels:
         per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
         loss = reduce_samples(per_sample, valid_tokens, weight, spec.reduction)
         outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
-        return loss, outputs, (lse, valid_tokens, weight)
+        return loss, outputs, (lse, valid_tokens, weight), None
 
     @staticmethod
     def backward(logits3, labels3, state, grad_output, target, spec) -> None:

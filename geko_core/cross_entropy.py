@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_bool, check_choice, check_same_device, check_tensor
-from ._cross_entropy_kernels import KERNELS, Spec, cross_entropy_backward_triton, sample_stats_of
+from ._cross_entropy_kernels import KERNELS, HostForward, Spec, cross_entropy_backward_triton, sample_stats_of
 from ._inputs import check_cpu_labels, config_values, prepare_inputs, samples_view
 from ._reduction import REDUCTIONS, reduce_samples
 from .config import GekoConfig, resolve_config
@@ -38,40 +38,31 @@ from .types import SampleStats
 __all__ = ["HostForward", "cross_entropy_backward", "cross_entropy_with_stats"]
 
 
-class HostForward(NamedTuple):
-    """The CPU forward of the fused loss in host arrays: what the Selector reads every step,
-    so nothing is converted twice."""
-
-    values: np.ndarray  # float32 [6, S]: loss, confidence, label_prob, correct, entropy, el2n
-    valid_tokens: np.ndarray  # int32 [S]
-    bucket: np.ndarray  # int8 [S]
-    valid_total: int  # the batch's valid tokens
-
-
 class _CrossEntropy(torch.autograd.Function):
-    """The cross-entropy of the C++ and Triton kernels: ``(loss, *statistics)``, the
-    statistics marked non-differentiable. ``weight``: float32 ``[S]`` or None (a constant;
-    the C++ backward reads it again, so it must not change in between)."""
+    """The cross-entropy of the C++ and Triton kernels: ``(loss, *statistics, host)``, the
+    statistics marked non-differentiable, ``host`` the one-call C++ forward's
+    :class:`HostForward` (None otherwise: not a tensor, so autograd passes it through).
+    ``weight``: float32 ``[S]`` or None (a constant; the C++ backward reads it again, so it
+    must not change in between)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, logits: torch.Tensor, logits3: torch.Tensor, labels3: torch.Tensor, weight: Any, spec: Spec
     ) -> tuple:
-        logits3 = logits3.detach()
         if spec.reduction == "token":
             values, valid, bad, lse = segment_token_values(
                 logits3, labels3, name=spec.backend, ignore_index=spec.ignore_index, config=spec.config, write_lse=True
             )
-            loss, outputs, state = values[0].clone(), (values, valid, bad), (lse,)
+            loss, outputs, state, host = values[0].clone(), (values, valid, bad), (lse,), None
         else:
-            loss, outputs, state = KERNELS[spec.backend].forward(logits3, labels3, weight, spec)
+            loss, outputs, state, host = KERNELS[spec.backend].forward(logits3, labels3, weight, spec)
         ctx.spec, ctx.state, ctx.logits_shape = spec, state, logits.shape
         # Saved (not only captured) so that an in-place change of the logits or the labels
         # before the backward is caught by autograd's version check.
         ctx.save_for_backward(logits, logits3, labels3)
         ctx.mark_non_differentiable(*outputs)
         ctx.set_materialize_grads(False)  # no zero gradients made up for the statistics
-        return (loss, *outputs)
+        return (loss, *outputs, host)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor, *_: Any):  # type: ignore[override]
@@ -157,7 +148,8 @@ stats_forward.register_autograd(_stats_forward_backward, setup_context=_stats_fo
 
 
 # -- the backend table: _BACKENDS[name].loss / .token_loss -------------------------------------
-# loss(logits, logits3, labels3, weight, spec) -> (loss, SampleStats, HostForward or None)
+# loss(logits, logits3, labels3, weight, spec) -> (loss, SampleStats, None) or, for the
+#   one-call C++ forward, (loss, None, HostForward)
 # token_loss(logits, logits3, labels3, spec) -> (token_loss [S, T], token_values, valid, bad)
 # on validated views; ``spec.backend`` is the table's key.
 
@@ -167,19 +159,16 @@ class _Fused:
 
     @staticmethod
     def loss(logits, logits3, labels3, weight, spec):
-        outputs = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
-        values, valid = outputs[1], outputs[2]
+        *outputs, host = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
         if spec.per_token:
             return outputs[0], sample_stats_of(outputs[1:], True), None
-        stats = SampleStats(*values.unbind(0), valid_tokens=valid, bucket=outputs[3], tokens=None)
-        if spec.backend != "cpp" or spec.reduction == "none":
-            return outputs[0], stats, None
-        valid_tokens = valid.numpy()  # the one-call forward's host arrays, shared with stats
-        return outputs[0], stats, HostForward(values.numpy(), valid_tokens, outputs[3].numpy(), int(valid_tokens.sum()))
+        if host is not None:  # the usual CPU step: the statistics stay host arrays until asked for
+            return outputs[0], None, host
+        return outputs[0], SampleStats(*outputs[1].unbind(0), valid_tokens=outputs[2], bucket=outputs[3], tokens=None), None
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
-        return tuple(_CrossEntropy.apply(logits, logits3, labels3, None, spec._replace(reduction="token", inplace=False)))
+        return tuple(_CrossEntropy.apply(logits, logits3, labels3, None, spec._replace(reduction="token", inplace=False))[:-1])
 
 
 class _Reference:
@@ -316,12 +305,12 @@ def cross_entropy_with_stats(
             ``sample_weight`` that is not a float tensor of shape ``[S]`` on the logits'
             device.
     """
-    loss, stats, _ = _loss_and_stats(
+    loss, stats, host = _loss_and_stats(
         logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=sample_weight, reduction=reduction,
         per_token=per_token, config=config, backend=backend, inplace_backward=inplace_backward, segments=segments,
         position_ids=position_ids, num_segments=num_segments,
     )
-    return loss, stats
+    return loss, (host.stats() if stats is None else stats)
 
 
 def _loss_and_stats(
@@ -339,10 +328,11 @@ def _loss_and_stats(
     segments: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     num_segments: int | None,
-) -> tuple[torch.Tensor, SampleStats, HostForward | None]:
+) -> tuple[torch.Tensor, SampleStats | None, HostForward | None]:
     """``cross_entropy_with_stats`` and, for the one-call C++ forward (CPU tensors, a plain
     ``"sum"``/``"mean"`` reduction, no per-token output, no packed rows), the host arrays the
-    Selector reads every step (so it converts nothing again); None on the other paths. The
+    Selector reads every step; there ``stats`` is None (``host.stats()`` gives it as tensors,
+    sharing the memory), so nothing is converted twice. ``host`` is None on the other paths. The
     Selector's one seam into the loss: its usual CPU step costs what this function costs."""
     config = resolve_config(config)
     check_choice(reduction, "reduction", REDUCTIONS)

@@ -96,7 +96,8 @@ def test_host_forward_matches_the_reference(dtype, shape, shift, reduction, weig
     weight = torch.linspace(0.5, 2.0, shape[0]) if weighted else None
     x = logits.clone().requires_grad_(True)
     loss, stats, host = _host_step(x, labels, weight, shift=shift, reduction=reduction)
-    assert host is not None  # the C++ backend's one-call forward served it
+    assert host is not None and stats is None  # the C++ backend's one-call forward served it
+    stats = host.stats()
     loss.backward()
     ref_loss, ref_grad, ref_stats = _host_reference(logits, labels, weight, shift=shift, reduction=reduction)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -162,7 +163,8 @@ def test_host_forward_fuzz(batch, tokens, vocab, flat, shift, reduction, dtype, 
             flat_view[(k * 7) % flat_view.numel()] = value
     x = logits.clone().requires_grad_(True)
     loss, stats, host = _host_step(x, labels, shift=shift, reduction=reduction)
-    assert host is not None
+    assert host is not None and stats is None
+    stats = host.stats()
     loss.backward()
     expected = sample_stats(logits, labels, shift=shift, backend="reference")
     assert torch.equal(stats.bucket.long(), expected.bucket.long())
