@@ -31,7 +31,7 @@ def test_the_budget_holds_in_the_final_full_phase(budget):
     _table_with(sel, frozen)
     assert sel.table.bucket_counts()["FREEZE"] == frozen
     sel.set_epoch(9)  # reaches into the last final_full (0.1): the final phase
-    indices = sel.epoch_plan.indices
+    indices, _ = sel.plan()  # starts the epoch (a read of epoch_plan would only preview it)
     rates = np.array(sel.policy.metrics()["rates"])
     # Every bucket thinned by one factor: frozen samples in proportion, unlearned ones not starved.
     assert rates[BUCKET_FREEZE] == pytest.approx(budget, rel=1e-6)
