@@ -20,6 +20,7 @@ from torch.utils.dlpack import to_dlpack
 from ._backend import load_compiled_core, resolve_backend
 from ._checks import check_bool, check_int, check_same_device, check_tensor
 from ._inputs import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
+from ._reduction import token_scale as tokens_scale
 from .config import GekoConfig, cpp_config_for_kernels
 from ._cross_entropy_kernels import cross_entropy_backward_triton
 from .reference import instant_bucket
@@ -469,16 +470,6 @@ def _bucket(
 def row_scale(prepared: Inputs, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
     """float32 ``[R]``: d loss / d token_loss of every row (the kernels zero the rows that do
     not count, so a sample's scale is simply repeated over its rows)."""
-    valid_tokens = prepared.valid_tokens
-    samples = valid_tokens.shape[0]
-    g = grad_output.to(torch.float32)
-    scale = torch.ones(samples, dtype=torch.float32, device=valid_tokens.device) if prepared.weight is None else prepared.weight
-    if reduction == "none":
-        scale = g * scale / valid_tokens.clamp(min=1).to(torch.float32)
-    elif reduction == "sum":
-        scale = g * scale
-    else:
-        scale = g * scale / valid_tokens.sum().to(torch.float32)
-    return scale[:, None].expand(samples, prepared.row_tokens).reshape(-1).contiguous()
+    return tokens_scale(grad_output, prepared.valid_tokens, prepared.weight, reduction, prepared.row_tokens).reshape(-1)
 
 
