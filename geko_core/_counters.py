@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .epoch import Epochs, state_int
+from .epochs import Epochs, state_int
 
 __all__ = ["STATE_FORMAT_VERSION", "TIMED", "RunCounters", "batch_tokens", "parse_state"]
 

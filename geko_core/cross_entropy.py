@@ -19,9 +19,8 @@ The statistics leave the Function as extra outputs marked non-differentiable.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

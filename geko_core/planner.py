@@ -27,8 +27,7 @@ for policies' plans too). Plans come back as :class:`~geko_core.epoch.EpochPlan`
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

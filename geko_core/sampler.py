@@ -7,7 +7,7 @@ from typing import Any, Iterator
 from torch.utils.data import Dataset, Sampler
 
 from ._checks import check_int
-from .epoch import Epochs
+from .epochs import Epochs
 
 __all__ = ["GekoSampler", "WithIndex"]
 

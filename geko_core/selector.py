@@ -29,7 +29,8 @@ from ._gather import distributed, gather_batch
 from ._selector_inputs import batch_indices, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
 from ._queue import DeviceIndices, HostCopy, StatsQueue, host_copy_for
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
-from .epoch import EpochPlan, Epochs, Plan
+from .epoch import EpochPlan, Plan
+from .epochs import Epochs
 from .cross_entropy import _loss_and_stats
 from .policies import Policy, PolicyContext, TableView, make_policy
 from .sampler import GekoSampler, WithIndex
