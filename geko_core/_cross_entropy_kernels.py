@@ -54,7 +54,8 @@ class Spec(NamedTuple):
 
 # -- the kernels: KERNELS[name].forward / .backward -------------------------------------------
 # forward(logits3, labels3, weight, spec) -> (loss, statistics outputs, state, HostForward or
-#   None: the one-call C++ forward's host arrays) for the
+#   None): the one-call C++ forward gives its statistics as a HostForward of host arrays and
+#   no statistics outputs; for the
 #   reductions "none", "sum", "mean"; backward(logits3, labels3, state, grad_output, target,
 #   spec) writes d loss / d logits into ``target`` ([S, T, V]; None: into logits3 itself).
 #   The token losses of packed rows ("token") keep state = (lse,).
@@ -80,9 +81,10 @@ class _CppKernels:
             )
             if bad >= 0:
                 raise label_error(labels3, bad, logits3.shape[-1], spec.ignore_index)
-            outputs = (torch.from_numpy(values), torch.from_numpy(valid), torch.from_numpy(bucket))
+            # The statistics stay host arrays (no tensor outputs for autograd to track); the
+            # caller turns them into tensors only when asked (HostForward.stats).
             host = HostForward(values, valid, bucket, total)
-            return torch.from_numpy(np.array(value, dtype=np.float32)), outputs, (capsules, total, None, None), host
+            return torch.from_numpy(np.array(value, dtype=np.float32)), (), (capsules, total, None, None), host
         blocks = forward_blocks_cpp(
             logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, per_token=spec.per_token, write_lse=True
         )

@@ -39,8 +39,9 @@ __all__ = ["HostForward", "cross_entropy_backward", "cross_entropy_with_stats"]
 
 class _CrossEntropy(torch.autograd.Function):
     """The cross-entropy of the C++ and Triton kernels: ``(loss, *statistics, host)``, the
-    statistics marked non-differentiable, ``host`` the one-call C++ forward's
-    :class:`HostForward` (None otherwise: not a tensor, so autograd passes it through).
+    statistics marked non-differentiable; the one-call C++ forward gives no statistics
+    outputs and its :class:`HostForward` as ``host`` (None otherwise: not a tensor, so
+    autograd passes it through).
     ``weight``: float32 ``[S]`` or None (a constant; the C++ backward reads it again, so it
     must not change in between)."""
 
@@ -159,10 +160,10 @@ class _Fused:
     @staticmethod
     def loss(logits, logits3, labels3, weight, spec):
         *outputs, host = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
-        if spec.per_token:
-            return outputs[0], sample_stats_of(outputs[1:], True), None
         if host is not None:  # the usual CPU step: the statistics stay host arrays until asked for
             return outputs[0], None, host
+        if spec.per_token:
+            return outputs[0], sample_stats_of(outputs[1:], True), None
         return outputs[0], SampleStats(*outputs[1].unbind(0), valid_tokens=outputs[2], bucket=outputs[3], tokens=None), None
 
     @staticmethod
