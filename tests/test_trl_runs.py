@@ -135,30 +135,24 @@ def test_ddp_logs_the_runs_figures(tmp_path):
 
 
 # -- the README's snippet ---------------------------------------------------------------------------
-README_SNIPPET = """
-from trl import SFTConfig
-from geko_core.integrations.trl import GekoSFTTrainer
+def _readme_snippet() -> str:
+    """The README's TRL snippet: its python block that builds a GekoSFTTrainer."""
+    from pathlib import Path
 
-trainer = GekoSFTTrainer(
-    model=model,                      # a causal LM (or its Hub name), as for SFTTrainer
-    args=SFTConfig(output_dir="out", num_train_epochs=3, packing=True),
-    train_dataset=dataset,            # prompt-completion, conversational or plain text
-    processing_class=tokenizer,
-    geko_policy="geko",
-)
-trainer.train()                       # resume_from_checkpoint=... continues exactly
-print(trainer.selector.metrics()["saved_token_fraction"])
-"""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    return next(b for b in blocks if "GekoSFTTrainer(" in b)
 
 
 # TRL 1.16's SFTConfig sets gradient_checkpointing=True, a name transformers 5.25 deprecates.
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 def test_readme_snippet_runs(tmp_path, tokenizer, monkeypatch, capsys):
     """The TRL snippet the README shows, as it is, on the tiny model and pairs."""
-    assert len(README_SNIPPET.strip().splitlines()) <= 12
+    snippet = _readme_snippet()
+    assert len(snippet.strip().splitlines()) <= 12
     monkeypatch.chdir(tmp_path)
     namespace = {"model": tiny_llama(len(tokenizer)), "dataset": make_pairs(24), "tokenizer": tokenizer}
-    code = README_SNIPPET
+    code = snippet
     if not torch.cuda.is_available():  # SFTConfig's default bf16=True asks for a GPU unless told to use the CPU
         code = code.replace("packing=True)", "packing=True, use_cpu=True)")
     exec(compile(code, "README", "exec"), namespace)
