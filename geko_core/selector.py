@@ -466,7 +466,7 @@ class Selector:
             at: its plan position (-1: not where the plan expects it).
             weights: its loss weights (None: given by the caller).
             stats: its statistics; may be None when ``host`` holds them.
-            host: the loss's host arrays (``loss.HostForward``: float32 ``[6, S]`` ``values``)
+            host: the loss's host arrays (``cross_entropy.HostForward``: float32 ``[6, S]`` ``values``)
                 or None; the policy then gets these rows as they are.
             tokens: the batch's valid tokens (int, or a device tensor).
         """
