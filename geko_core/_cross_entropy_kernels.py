@@ -72,7 +72,7 @@ class _CppKernels:
             values = np.empty((6, samples), dtype=np.float32)
             valid = np.empty(samples, dtype=np.int32)
             bucket = np.empty(samples, dtype=np.int8)
-            lse = np.empty((samples, labels3.shape[1]), dtype=np.float32)
+            lse = np.empty((samples, labels3.shape[1] if labels3.dim() == 2 else 1), dtype=np.float32)
             weight_capsule = None if weight is None else weight.numpy().__dlpack__()  # read again by the backward
             capsules = (*capsules, lse.__dlpack__(), weight_capsule)
             bad, value, total = load_compiled_core().loss_forward(

@@ -82,6 +82,7 @@ def prepare_inputs(
     shift: bool,
     backend: str | None,
     check_labels: bool = True,
+    flat: bool = False,
 ) -> PreparedInputs:
     """Validate ``logits`` / ``labels`` and view them as ``[S, T, V]`` / ``[S, T]`` int64.
 
@@ -92,6 +93,9 @@ def prepare_inputs(
     Args:
         check_labels: refuse a CPU label outside ``[0, V)`` here (``check_cpu_labels``);
             False when the kernel that runs next refuses it itself, before writing anything.
+        flat: on the ``"cpp"`` backend, hand ``[N, V]`` logits and ``[N]`` labels on as they
+            are (the compiled kernels read them as ``[N, 1, V]`` / ``[N, 1]``), for a caller
+            whose kernels all take either; the views cost more than the small step's kernel.
 
     Raises:
         TypeError: non-tensor inputs, logits that are not float32/bfloat16/float16/float64
@@ -142,7 +146,10 @@ def prepare_inputs(
     # The kernels' autograd Functions take the logits themselves and read these views as data:
     # views of the detached logits cost no autograd view nodes (the reference and the traced
     # operators differentiate through the views).
-    logits3, labels3 = as_samples(logits if name in ("reference", "op") else logits.detach(), labels, shift=shift)
+    if flat and name == "cpp" and logits.dim() == 2:
+        logits3, labels3 = logits.detach(), labels
+    else:
+        logits3, labels3 = as_samples(logits if name in ("reference", "op") else logits.detach(), labels, shift=shift)
     if labels3.dtype != torch.int64:
         # Before comparing with ignore_index: torch would wrap a large ignore_index to the
         # labels' narrower dtype (2**63 - 1 becomes -1 for int32 labels).

@@ -10,7 +10,7 @@ import torch
 
 from ._queue import DeviceIndices, HostCopy, host_copy_for
 
-__all__ = ["WITH_INDEX_HINT", "batch_indices", "check_loss_inputs", "check_sample_tokens", "head_parameters", "host_indices"]
+__all__ = ["WITH_INDEX_HINT", "batch_indices", "check_index_range", "check_loss_inputs", "check_sample_tokens", "head_parameters", "host_indices"]
 
 WITH_INDEX_HINT = (
     "wrap your dataset in geko_core.WithIndex(dataset) so every batch starts with the samples' "
@@ -18,18 +18,17 @@ WITH_INDEX_HINT = (
 )
 
 
-def host_indices(idx: Any, num_samples: int, expected: int | None = None) -> np.ndarray:
+def host_indices(idx: Any, num_samples: int, expected: int | None = None, *, check_range: bool = True) -> np.ndarray:
     """A batch's dataset indices as int64 numpy, checked: integers, 1-D, ``expected`` long,
-    in ``[0, num_samples)``."""
+    in ``[0, num_samples)``. ``check_range=False`` leaves the range to the caller
+    (:func:`check_index_range`): a batch found where the plan expects it needs no check."""
     if type(idx) is torch.Tensor and idx.dtype == torch.int64 and idx.dim() == 1 and idx.is_cpu:
-        # The usual batch (WithIndex's collated indices): a few attribute reads, and one
-        # reduction for the range (a negative int64 read as uint64 is above any size).
+        # The usual batch (WithIndex's collated indices): a few attribute reads.
         array = idx.numpy()  # an integer tensor never requires grad
         if expected is not None and len(array) != expected:
             raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {WITH_INDEX_HINT}")
-        if len(array) and array.view(np.uint64).max() >= num_samples:
-            bad = array[(array < 0) | (array >= num_samples)][0]
-            raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {num_samples} samples")
+        if check_range:
+            check_index_range(array, num_samples)
         return array
     if isinstance(idx, torch.Tensor):
         if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
@@ -47,10 +46,18 @@ def host_indices(idx: Any, num_samples: int, expected: int | None = None) -> np.
         raise ValueError(f"idx must be 1-D [B], got shape {tuple(array.shape)}; {WITH_INDEX_HINT}")
     if expected is not None and len(array) != expected:
         raise ValueError(f"idx has {len(array)} entries but the batch has {expected} samples; {WITH_INDEX_HINT}")
-    if len(array) and (array.min() < 0 or array.max() >= num_samples):
+    array = array.astype(np.int64, copy=False)
+    if check_range:
+        check_index_range(array, num_samples)
+    return array
+
+
+def check_index_range(array: np.ndarray, num_samples: int) -> None:
+    """Refuse an int64 index outside ``[0, num_samples)``, naming the first one."""
+    # One reduction: a negative int64 read as uint64 is above any size.
+    if len(array) and array.view(np.uint64).max() >= num_samples:
         bad = array[(array < 0) | (array >= num_samples)][0]
         raise IndexError(f"dataset index {int(bad)} is out of range for a Selector of {num_samples} samples")
-    return array.astype(np.int64, copy=False)
 
 
 def batch_indices(
@@ -61,7 +68,10 @@ def batch_indices(
     asynchronously and checked when its batch is applied to the table, one step later.
     Until then the batch is assumed to be the plan's next ``len(idx)`` entries, which is
     what the sampler yields; a batch that was not is reported then. ``defer``: CPU tensors
-    too; ``host_copy``: the device mechanics (tests)."""
+    too; ``host_copy``: the device mechanics (tests). The range of host indices is left to
+    the caller (:func:`check_index_range`)."""
+    if type(idx) is torch.Tensor and idx.is_cpu and not defer:
+        return host_indices(idx, num_samples, expected, check_range=False)
     if (
         isinstance(idx, torch.Tensor)
         and (idx.device.type != "cpu" or defer)
@@ -71,7 +81,7 @@ def batch_indices(
         if expected is not None and idx.shape[0] != expected:
             raise ValueError(f"idx has {idx.shape[0]} entries but the batch has {expected} samples; {WITH_INDEX_HINT}")
         return DeviceIndices(idx, copier=host_copy if host_copy is not None else host_copy_for(idx.device))
-    return host_indices(idx, num_samples, expected)
+    return host_indices(idx, num_samples, expected, check_range=False)
 
 
 def check_loss_inputs(

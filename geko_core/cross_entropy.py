@@ -81,7 +81,8 @@ def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         grad, target = logits.detach(), None  # the same storage, now holding the gradient
     else:  # one logits-sized allocation: the kernel writes into the gradient's [S, T, V] view
         grad = torch.empty(ctx.logits_shape, dtype=logits.dtype, device=logits.device)
-        target = samples_view(grad, spec.shift)
+        # [N, V] logits the kernels read flat (prepare_inputs(flat=True)) take a flat gradient
+        target = grad if logits3.dim() == 2 else samples_view(grad, spec.shift)
     KERNELS[spec.backend].backward(logits3, labels3, ctx.state, grad_output, target, spec)
     if spec.shift and grad.shape[1] > 0:
         grad[:, -1].zero_()  # the last position predicts nothing
@@ -339,10 +340,11 @@ def _loss_and_stats(
     per_token = check_bool(per_token, "per_token")
     inplace_backward = check_bool(inplace_backward, "inplace_backward")
     packed_rows = segments is not None or position_ids is not None or num_segments is not None
+    one_call = not per_token and reduction != "none" and not packed_rows  # the C++ one-call forward, on "cpp"
     logits3, labels3, name, ignore_index, shift = prepare_inputs(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, check_labels=False
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, check_labels=False, flat=one_call
     )
-    if name != "cpp" or per_token or reduction == "none" or packed_rows:
+    if name != "cpp" or not one_call:
         # (the one-call C++ forward refuses an out-of-range label itself, before writing anything)
         check_cpu_labels(labels3, logits3.shape[-1], ignore_index)
     packed = None

@@ -26,7 +26,7 @@ import torch
 from ._checks import check_bool, check_int
 from ._counters import STATE_FORMAT_VERSION, RunCounters, batch_tokens, parse_state
 from ._gather import distributed, gather_batch
-from ._selector_inputs import batch_indices, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
+from ._selector_inputs import batch_indices, check_index_range, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
 from ._queue import DeviceIndices, HostCopy, StatsQueue, host_copy_for
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .epoch import EpochPlan, Plan
@@ -330,19 +330,24 @@ class Selector:
             if packed and head_weight is not None:
                 raise ValueError("segments= / position_ids= are not supported with lm_head=")
             count = len(indices)
+            deferred = isinstance(indices, DeviceIndices)
             plan = self._epochs.plan
             if plan is None:  # this batch starts the epoch: check it first (bad input changes nothing)
+                if not deferred:
+                    check_index_range(indices, self.num_samples)
                 check_loss_inputs(
                     logits, labels, ignore_index, shift, segments, position_ids, count, head_weight, head_bias, weights, chunk_size, self.backend
                 )
                 plan = self._epochs.start()
-            if isinstance(indices, DeviceIndices):
+            if deferred:
                 at = indices.assume_at(plan)
                 if at < 0:  # not where the plan stands: the values are needed now
                     indices = indices.resolve(self.num_samples)
                     at = plan.locate(indices)
             else:
                 at = plan.locate(indices)
+                if at < 0:  # the plan's own entries are in range; any other batch is checked
+                    check_index_range(indices, self.num_samples)
             batch_weights = None
             if weights is None:
                 batch_weights = plan.weights[at : at + count].copy() if at >= 0 else plan.batch_weights(indices, at)

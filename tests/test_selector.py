@@ -245,6 +245,12 @@ def test_bad_input_is_refused_and_changes_nothing():
         sel.loss(logits, labels, torch.tensor([0, 1, 2]))
     with pytest.raises(IndexError, match="50"):
         sel.loss(logits, labels, torch.tensor([0, 1, 2, 50]))
+    with pytest.raises(IndexError, match="-1"):  # a batch off the plan is range-checked
+        sel.loss(logits, labels, torch.tensor([4, -1, 5, 6]))
+    fresh = Selector(50, policy="geko", epochs=2)
+    with pytest.raises(IndexError, match="50"):  # a batch that would start the epoch
+        fresh.loss(logits, labels, torch.tensor([0, 1, 2, 50]))
+    assert fresh.position == 0 and fresh._epochs.plan is None
     with pytest.raises(ValueError):
         sel.loss(logits, torch.tensor([0, 1]), torch.tensor([0, 1, 2, 3]))
     with pytest.raises(TypeError, match="meta-batch"):
