@@ -39,7 +39,8 @@ size_t require_matrix(const py::array& array, const char* name, size_t* cols) {
   const size_t rows = static_cast<size_t>(array.shape(0));
   *cols = static_cast<size_t>(array.shape(1));
   const auto item = static_cast<py::ssize_t>(sizeof(float));
-  if ((*cols > 1 && array.strides(1) != item) || (rows > 1 && array.strides(0) != item * array.shape(1))) {
+  // An empty array has no layout to check (numpy gives it zero strides).
+  if (rows > 0 && ((*cols > 1 && array.strides(1) != item) || (rows > 1 && array.strides(0) != item * array.shape(1)))) {
     throw std::invalid_argument(std::string(name) + " must be C-contiguous");
   }
   if (reinterpret_cast<uintptr_t>(array.data()) % alignof(float) != 0) {
