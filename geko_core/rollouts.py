@@ -1,4 +1,4 @@
-"""Rollout statistics and the per-prompt reward history of RL fine-tuning (docs/design.md §7).
+"""Rollout statistics and the per-prompt reward history of RL fine-tuning (docs/design.md §9).
 
 A rollout batch is B prompts with G completions each, scored by any verifier: rewards
 ``[B, G]`` and, optionally, completion lengths ``[B, G]`` in tokens. :func:`rollout_stats`
@@ -197,7 +197,7 @@ def _flags(value: Any, name: str) -> np.ndarray:
 
 
 class RolloutTable(RecordTable):
-    """Per-prompt reward history of N prompts, 32 bytes each (docs/design.md §7).
+    """Per-prompt reward history of N prompts, 32 bytes each (docs/design.md §9).
 
     Per visit of prompt i with group statistics (pass rate p, spread, zero variance, all
     right, all wrong, mean length L) at ``step``:
