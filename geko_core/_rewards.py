@@ -144,11 +144,11 @@ class RewardsMode:
         counters.backpropagated += batch
         counters.tokens["backpropagated"] = counters.tokens["backpropagated"] + tokens
         world = sel.num_replicas > 1 and distributed()
-        if cpu:
+        if cpu and sel._host_copy is None:
             device = copier = None
             if not world:  # the host path: plain arrays, applied in this call
                 rows = [r.numpy() for r in rows]
-        else:
+        else:  # a device's rows reach the table one step late (``_host_copy``: tests on CPU)
             device = rewards.device
             copier = sel._host_copy if sel._host_copy is not None else host_copy_for(device)
         sel._record(indices, at, weights, None, None, tokens, rows=(rows, device, copier))
