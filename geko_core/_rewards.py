@@ -26,7 +26,6 @@ from .policies.base import rollout_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .rollouts import RolloutStats
-    from .selector import Selector
 
 __all__ = ["RewardsMode", "check_rollout_inputs", "logits_only"]
 
@@ -103,12 +102,12 @@ class RewardsMode:
 
         return RolloutTable(num_samples, self.config)
 
-    def queue(self, selector: "Selector") -> StatsQueue:
+    def queue(self, selector: Any) -> StatsQueue:
         """The Selector's queue, handing :class:`RolloutBatch` es to ``observe_rollouts``."""
         return StatsQueue(lambda batch: selector.policy.observe_rollouts(batch, selector.table), selector.num_samples, rollout_batch)
 
     # -- the touch point -------------------------------------------------------------------
-    def observe(self, sel: "Selector", idx: Any, rewards: Any, lengths: Any) -> "RolloutStats":
+    def observe(self, sel: Any, idx: Any, rewards: Any, lengths: Any) -> "RolloutStats":
         """``Selector.observe_rewards`` (see there)."""
         from .rollouts import rollout_stats
 
@@ -145,23 +144,23 @@ class RewardsMode:
         counters.backpropagated += batch
         counters.tokens["backpropagated"] = counters.tokens["backpropagated"] + tokens
         world = sel.num_replicas > 1 and distributed()
-        if cpu:
+        if cpu and sel._host_copy is None:
             device = copier = None
             if not world:  # the host path: plain arrays, applied in this call
                 rows = [r.numpy() for r in rows]
-        else:
+        else:  # a device's rows reach the table one step late (``_host_copy``: tests on CPU)
             device = rewards.device
             copier = sel._host_copy if sel._host_copy is not None else host_copy_for(device)
         sel._record(indices, at, weights, None, None, tokens, rows=(rows, device, copier))
         return stats
 
-    def planned(self, sel: "Selector", plan: Any) -> None:
+    def planned(self, sel: Any, plan: Any) -> None:
         """A started epoch's plan: count the prompts it leaves out (global draws below N)."""
         sel._counters.rollouts["skipped_prompts"] += max(0, sel.num_samples - int(plan.epoch_size))
 
     # -- reporting ---------------------------------------------------------------------------
     @staticmethod
-    def metrics(sel: "Selector") -> dict[str, Any]:
+    def metrics(sel: Any) -> dict[str, Any]:
         counters = sel._counters
         prompts = counters.forwarded
         zero_variance = counters.count_of("zero_variance_prompts")

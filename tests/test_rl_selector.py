@@ -190,6 +190,29 @@ def test_state_dict_carries_the_rollout_table():
     np.testing.assert_array_equal(other.table.field("flat_run"), sel.table.field("flat_run"))
 
 
+def test_device_rows_reach_the_table_one_step_late():
+    from test_selector_device_indices import FakeCopy
+
+    host = Selector(N, "greso", epochs=2, seed=9)
+    late = Selector(N, "greso", epochs=2, seed=9)
+    late._host_copy = copier = FakeCopy()
+    plan, _ = late.plan()
+    first, second = torch.from_numpy(plan[:B]), torch.from_numpy(plan[B : 2 * B])
+    for idx in (first, second):
+        host.observe_rewards(idx, _rewards(idx, 0), _lengths(idx))
+    late.observe_rewards(first, _rewards(first, 0), _lengths(first))
+    assert (late.table.field("visits") == 0).all() and copier.copies == 6  # queued, copies started
+    late.observe_rewards(second, _rewards(second, 0), _lengths(second))
+    assert late.table.field("visits")[first.numpy()].tolist() == [1] * B and copier.events[0].waited
+    assert (late.table.field("visits")[second.numpy()] == 0).all()
+    _run_epoch(host), _run_epoch(late)
+    _run_epoch(host), _run_epoch(late)
+    a, b = host.state_dict(), late.state_dict()  # state_dict applies what is queued
+    for key in ("seconds", "history"):
+        a.pop(key), b.pop(key)
+    assert pickle.dumps(a) == pickle.dumps(b)
+
+
 # -- checks ---------------------------------------------------------------------------------
 BAD = [
     ("nan", lambda idx: (idx, torch.full((B, G), float("nan")), None), ValueError, "finite"),
