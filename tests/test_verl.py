@@ -34,7 +34,10 @@ needs_verl = pytest.mark.skipif(
     AbstractCurriculumSampler is None,
     reason="verl with its curriculum-sampler hook (0.5.0-0.7.1) is not installed; .ci/run runs this file in a verl environment",
 )
-pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning"),  # torchdata 0.11 on torch 2.13
+    pytest.mark.filterwarnings("ignore:Ray state API is no longer experimental:DeprecationWarning"),  # verl 0.7.1's import
+]
 
 N, BATCH, G, T = 24, 4, 4, 6
 
