@@ -97,10 +97,13 @@ def grpo_batch(batch_dict: dict, rows_of_keys: dict, step: int):
 def data_config(**sampler):
     from omegaconf import OmegaConf
 
-    options = {"class_path": "pkg://geko_core.integrations.verl", "class_name": "GekoCurriculumSampler", "epochs": 3, **sampler}
-    return OmegaConf.create(
-        {"train_batch_size": BATCH, "gen_batch_size": None, "dataloader_num_workers": 0, "shuffle": True, "seed": 3, "sampler": options}
-    )
+    """verl's ``config.data`` with the lines docs/verl.md gives (the epochs by interpolation)."""
+    options = {
+        "class_path": "pkg://geko_core.integrations.verl", "class_name": "GekoCurriculumSampler",
+        "epochs": "${trainer.total_epochs}", **sampler,
+    }
+    data = {"train_batch_size": BATCH, "gen_batch_size": None, "dataloader_num_workers": 0, "shuffle": True, "seed": 3, "sampler": options}
+    return OmegaConf.create({"trainer": {"total_epochs": 3}, "data": data}).data
 
 
 # -- the rewards-mode Selector, or a stand-in until it is merged -----------------------------------
@@ -196,7 +199,8 @@ def test_verl_builds_it_from_the_config_lines(rewards_selector):
 
     sampler = make_sampler(Prompts(frame=True), policy="uniform")
     assert VERL_HOOK and isinstance(sampler, GekoCurriculumSampler) and isinstance(sampler, AbstractCurriculumSampler)
-    assert sampler.selector.batch_size == BATCH and sampler.selector.drop_last and sampler.selector.seed == 3
+    selector = sampler.selector
+    assert selector.batch_size == BATCH and selector.drop_last and selector.seed == 3 and selector.epochs == 3
     assert len(sampler) == N
     loader = loader_for(Prompts(frame=True), sampler)
     assert len(loader) == N // BATCH
