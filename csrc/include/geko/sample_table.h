@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "geko/config.h"
+#include "geko/record_table.h"
 
 namespace geko {
 
@@ -26,11 +27,6 @@ enum SampleFlag : uint8_t {
   kFlagSuspectedNoisy = 1u << 0,
 };
 constexpr uint8_t kKnownFlags = kFlagSuspectedNoisy;
-
-// Steps are stored as int32: a step must lie in [0, kMaxStep]; -1 in
-// SampleRecord::last_step means "never updated".
-constexpr int64_t kMaxStep = INT32_MAX;
-constexpr int kMaxThreads = 1024;
 
 // The record layout below is a versioned format: state dicts and checkpoint files
 // (geko_core/_table_file.py, docs/design.md §3) store records byte for byte, with this
@@ -52,19 +48,13 @@ struct alignas(32) SampleRecord {
   uint8_t hard_streak;    // consecutive visits in the instant bucket HARD, saturating at 255
   uint8_t flags;          // SampleFlag bits
 };
-static_assert(sizeof(SampleRecord) == 32, "a sample record must stay 32 bytes");
+static_assert(sizeof(SampleRecord) == kRecordSize, "a sample record must stay 32 bytes");
 static_assert(alignof(SampleRecord) == 32, "records are aligned to half a cache line");
 
 // The record a never-updated sample holds.
 SampleRecord unseen_record(const Config& config);
 
-// One field of SampleRecord, described for the bindings, state dicts and files.
-struct FieldInfo {
-  const char* name;
-  size_t offset;
-  size_t size;
-  char kind;  // 'f' float, 'u' unsigned, 'i' signed (numpy dtype kinds)
-};
+// The fields of SampleRecord, described for the bindings, state dicts and files.
 const std::vector<FieldInfo>& record_fields();
 
 // Counters of a table (they travel with its state).
@@ -72,9 +62,6 @@ struct TableCounters {
   uint64_t updates = 0;            // sample-updates applied
   uint64_t nonfinite_skipped = 0;  // sample-updates skipped for a NaN/inf loss, confidence or correct
 };
-
-// Number of samples per bucket code (FREEZE, LIGHT, FOCUS, HARD, UNSEEN).
-using BucketCounts = std::array<int64_t, kNumBuckets>;
 
 // The per-sample state table. Every public member function locks one mutex, so
 // a table may be used from several threads; update() applies its batch under
@@ -147,12 +134,12 @@ class SampleTable {
   int64_t num_samples_;
   Config config_;
   TableCounters counters_;
-  SampleRecord* records_ = nullptr;
-  size_t allocation_bytes_ = 0;
+  detail::RecordBlock block_;
+  SampleRecord* records_;
   int num_threads_ = 1;
   mutable std::mutex mutex_;
 
-  int threads_for(size_t work) const;  // call with mutex_ held
+  int threads_for(size_t work) const { return detail::threads_for(work, num_threads_); }  // call with mutex_ held
 };
 
 // Checks one record against the invariants of the update rule; returns an
