@@ -195,6 +195,9 @@ def test_update_reads_indices_rewards_and_lengths_from_the_batch(frame):
     assert sorted(np.concatenate([c[0] for c in calls]).tolist()) == list(range(N))  # one epoch, every prompt once
     assert sampler.selector.step_count == N // BATCH
     assert sampler._pending == []
+    metrics = sampler.metrics()
+    assert metrics["geko/prompts"] == N and metrics["geko/rollouts"] == N * G
+    assert metrics["geko/rollout_tokens"] == sum(int(c[2].sum()) for c in calls)
 
 
 @needs_verl
@@ -233,6 +236,10 @@ def test_config_errors_are_clear():
         make_sampler(dataset, epochs=None)
     with pytest.raises(ValueError, match="unknown data.sampler option"):
         make_sampler(dataset, polcy="geko")
+    sampler = make_sampler(dataset, policy="geko", rollout_config={"right_at": 0.5})
+    assert sampler.selector.config.right_at == 0.5
+    with pytest.raises(TypeError):
+        make_sampler(dataset, rollout_config={"right": 0.5})
     with pytest.raises(ValueError, match="draws more prompts"):
         make_sampler(dataset, policy="dynamic")
     from geko_core.integrations.verl import GekoCurriculumSampler

@@ -73,7 +73,7 @@ STATE_FORMAT = 1
 #: The ``data.sampler`` keys the sampler reads besides verl's own ``class_path``/``class_name``.
 _OPTIONS = {
     "class_path", "class_name", "policy", "policy_options", "seed", "epochs", "total_steps",
-    "reward_key", "index_key", "selector_options",
+    "reward_key", "index_key", "rollout_config", "selector_options",
 }
 
 
@@ -125,8 +125,9 @@ class GekoCurriculumSampler(_SamplerBase):
     ``policy`` (``"geko"``), ``policy_options`` (dict), ``seed`` (``data.seed``, else 0),
     ``epochs`` or ``total_steps`` (exactly one; ``'${trainer.total_epochs}'`` or
     ``'${trainer.total_training_steps}'``), ``reward_key`` (``"token_level_scores"``),
-    ``index_key`` (``"index"``), ``selector_options`` (dict of further
-    :class:`~geko_core.Selector` keyword arguments).
+    ``index_key`` (``"index"``), ``rollout_config`` (dict of
+    :class:`~geko_core.rollouts.RolloutConfig` fields, e.g. ``right_at`` for graded rewards),
+    ``selector_options`` (dict of further :class:`~geko_core.Selector` keyword arguments).
 
     Epochs are planned in whole batches of ``data.gen_batch_size`` (else
     ``data.train_batch_size``) prompts, as verl's loader drops an incomplete last batch. The
@@ -167,6 +168,13 @@ class GekoCurriculumSampler(_SamplerBase):
         self.reward_key = str(options.get("reward_key") or "token_level_scores")
         self.index_key = str(options.get("index_key") or "index")
         self.num_samples = len(data_source)
+        extra = dict(options.get("selector_options") or {})
+        if options.get("rollout_config"):
+            from ..rollouts import RolloutConfig
+
+            if "config" in extra:
+                raise ValueError("give data.sampler.rollout_config or selector_options.config, not both")
+            extra["config"] = RolloutConfig(**dict(options["rollout_config"]))
         self.selector = Selector(
             self.num_samples,
             options.get("policy") or "geko",
@@ -179,7 +187,7 @@ class GekoCurriculumSampler(_SamplerBase):
             rank=0,
             batch_size=batch_size,
             drop_last=True,
-            **dict(options.get("selector_options") or {}),
+            **extra,
         )
         if getattr(self.selector.policy, "filter_groups", False):
             raise ValueError(
