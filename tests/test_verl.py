@@ -67,7 +67,11 @@ class Prompts(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict:
         ids = torch.full((3,), row, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": torch.ones(3, dtype=torch.long), "index": self.keys[row], "data_source": "toy"}
+        key = self.keys[row]
+        return {
+            "input_ids": ids, "attention_mask": torch.ones(3, dtype=torch.long), "index": key,
+            "data_source": "toy", "extra_info": {"index": key, "split": "train"},
+        }
 
 
 def reward(row: int, j: int) -> float:
@@ -77,7 +81,8 @@ def reward(row: int, j: int) -> float:
 
 def grpo_batch(batch_dict: dict, rows_of_keys: dict, step: int):
     """The DataProto verl's trainer hands to ``sampler.update``: uids, repeat(n, interleave),
-    responses with their mask, the score on each response's last token, rows shuffled."""
+    responses with their mask, the score on each response's last token, rows shuffled; on odd
+    steps without ``index``."""
     from verl import DataProto
 
     batch = DataProto.from_single_dict(batch_dict)
@@ -94,6 +99,8 @@ def grpo_batch(batch_dict: dict, rows_of_keys: dict, step: int):
     batch.batch["attention_mask"] = torch.cat([batch.batch["attention_mask"], mask], dim=1)
     batch.batch["token_level_scores"] = scores
     batch.reorder(torch.randperm(len(rows), generator=torch.Generator().manual_seed(step)))
+    if step % 2:  # verl 0.7.1 loses "index" when its reward-loop workers score; extra_info stays
+        batch.non_tensor_batch.pop("index")
     return batch
 
 
@@ -207,10 +214,10 @@ def test_wrong_batches_are_refused_and_change_nothing():
     rows_of_keys = {k: r for r, k in enumerate(dataset.keys)}
     loader = loader_for(dataset, sampler)
     batch_dict = next(iter(loader))
-    batch = grpo_batch(batch_dict, rows_of_keys, 1)
+    batch = grpo_batch(batch_dict, rows_of_keys, 2)
     pending, step = list(sampler._pending), sampler.selector.step_count
 
-    other = grpo_batch(next(iter(loader_for(dataset, make_sampler(dataset, policy="uniform", seed=99)))), rows_of_keys, 1)
+    other = grpo_batch(next(iter(loader_for(dataset, make_sampler(dataset, policy="uniform", seed=99)))), rows_of_keys, 2)
     if sorted(other.non_tensor_batch["index"].tolist()) != sorted(batch.non_tensor_batch["index"].tolist()):
         with pytest.raises(ValueError, match="no prompt with index"):
             sampler.update(other)

@@ -25,7 +25,7 @@ verl's trainer repeats each prompt ``actor_rollout_ref.rollout.n`` times, gives 
 of a prompt one ``uid`` (``non_tensor_batch["uid"]``), and may reorder the rows to balance the
 ranks' tokens. The sampler groups the rows by ``uid``, takes each group's dataset index from
 ``non_tensor_batch[index_key]`` (``"index"``: verl's ``RLHFDataset`` copies each row's
-``extra_info["index"]`` there), its rewards from ``batch.batch[reward_key].sum(-1)``
+``extra_info["index"]`` there; when the trainer has dropped ``index``, from ``extra_info``), its rewards from ``batch.batch[reward_key].sum(-1)``
 (``"token_level_scores"``: the reward function's score, before any KL penalty) and its
 completion lengths from ``response_mask`` (or the response part of ``attention_mask``), puts
 the groups in the order it yielded the prompts and calls ``selector.observe_rewards``. With an
@@ -225,11 +225,11 @@ class GekoCurriculumSampler(_SamplerBase):
         tensors, extra = getattr(batch, "batch", None), getattr(batch, "non_tensor_batch", None)
         if tensors is None or not isinstance(extra, Mapping):
             raise TypeError(f"update() takes verl's DataProto (with .batch and .non_tensor_batch), got {type(batch).__name__}")
-        for key, where in (("uid", extra), (self.index_key, extra), (self.reward_key, tensors)):
+        for key, where in (("uid", extra), (self.reward_key, tensors)):
             if key not in where.keys():
                 raise KeyError(f"the batch has no {key!r} field (have {sorted(where.keys())})")
         uids = np.asarray(extra["uid"])
-        keys = np.asarray(extra[self.index_key])
+        keys = self._batch_keys(extra)
         scores = tensors[self.reward_key]
         if not isinstance(scores, torch.Tensor) or scores.ndim not in (1, 2):
             raise ValueError(f"batch[{self.reward_key!r}] must be a [R] or [R, T] tensor")
@@ -274,6 +274,16 @@ class GekoCurriculumSampler(_SamplerBase):
             picked[slot] = groups.pop(0)
         rows_of = members[picked]
         return pending, rewards[rows_of], None if lengths is None else lengths[rows_of]
+
+    def _batch_keys(self, extra: Mapping) -> np.ndarray:
+        """Each row's ``index_key`` value. verl 0.7.1 moves ``index`` into the generation batch
+        and gets it back only when the rewards are not computed by its reward-loop workers;
+        ``extra_info`` (where ``RLHFDataset`` takes ``index`` from) always stays."""
+        if self.index_key in extra.keys():
+            return np.asarray(extra[self.index_key])
+        if self.index_key == "index" and "extra_info" in extra.keys():
+            return np.array([(info or {}).get("index", 0) for info in extra["extra_info"]], dtype=object)
+        raise KeyError(f"the batch has no {self.index_key!r} field (have {sorted(extra.keys())})")
 
     @staticmethod
     def _lengths(tensors: Any, rows: int) -> np.ndarray | None:
