@@ -252,3 +252,103 @@ def test_policies_and_budget():
         make_policy("greso", 10, 0)
     with pytest.raises(ValueError, match="share"):
         make_policy("random_subset", 10, 0, budget=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The suite's statistics (rl_stats) on hand-made figures
+
+
+def _pt(step, tokens, seconds, val, test):
+    return {"step": step, "rollout_tokens": tokens, "rl_seconds": seconds, "validation_exact_%": val, "test_exact_%": test}
+
+
+_CURVE = [_pt(0, 0, 0.0, 30.0, 31.0), _pt(10, 100, 2.0, 38.0, 37.0), _pt(20, 200, 4.0, 41.0, 40.0), _pt(30, 300, 6.0, 40.0, 42.0)]
+
+
+def test_paired_differences_and_noise():
+    from geko_core.bench.rl_stats import mean_std, paired
+
+    base = {0: 40.0, 1: 35.0, 2: 45.0, 3: 38.0, 4: 42.0}
+    # every seed 2 pt better: no spread in the differences, so not noise whatever the seeds' spread
+    better = {s: v + 2.0 for s, v in base.items()}
+    d = paired(better, base)
+    assert d["mean"] == pytest.approx(2.0) and d["std"] == pytest.approx(0.0) and d["noise"] is False
+    assert d["seeds"] == [0, 1, 2, 3, 4]
+    # differences +3, -3, +1, -1, +0.5: mean 0.1, the interval holds 0
+    mixed = {0: 43.0, 1: 32.0, 2: 46.0, 3: 37.0, 4: 42.5}
+    d = paired(mixed, base)
+    diffs = np.array([3.0, -3.0, 1.0, -1.0, 0.5])
+    assert d["mean"] == pytest.approx(diffs.mean()) and d["std"] == pytest.approx(diffs.std(ddof=1))
+    assert d["ci95"] == pytest.approx(2.776 * diffs.std(ddof=1) / np.sqrt(5))
+    assert d["noise"] is True
+    # only the seeds both have are paired
+    assert paired({0: 1.0, 9: 5.0}, base)["seeds"] == [0]
+    assert paired({0: 1.0}, base)["noise"] is True and paired({0: 1.0}, base)["ci95"] is None
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired({7: 1.0}, base)
+    assert mean_std([2.0, 4.0]) == pytest.approx((3.0, np.sqrt(2.0)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_target_cost_and_equal_budget_on_hand_made_curves():
+    from geko_core.bench.rl_stats import accuracy_at_budget, cost_to_target, mean_curve, target_of
+
+    # full ends at 40% on 100 validation prompts: the target is 40 - 100 * sqrt(.4 * .6 / 100)
+    target = target_of(_CURVE, 100)
+    assert target == pytest.approx(40.0 - 100.0 * np.sqrt(0.24 / 100))
+    assert cost_to_target(_CURVE, target) == {"step": 10, "rollout_tokens": 100, "rl_seconds": 2.0}
+    assert cost_to_target(_CURVE, 41.0) == {"step": 20, "rollout_tokens": 200, "rl_seconds": 4.0}
+    assert cost_to_target(_CURVE, 41.5) is None
+    assert cost_to_target(_CURVE, 0.0)["step"] == 0
+    # the model held when the budget is spent: the last point within it
+    assert accuracy_at_budget(_CURVE, 250) == 40.0
+    assert accuracy_at_budget(_CURVE, 200) == 40.0
+    assert accuracy_at_budget(_CURVE, 199) == 37.0
+    assert accuracy_at_budget(_CURVE, 10_000) == 42.0
+    assert accuracy_at_budget(_CURVE, 50, key="validation_exact_%") == 30.0
+    with pytest.raises(ValueError):
+        target_of([], 100)
+    with pytest.raises(ValueError):
+        accuracy_at_budget([], 1)
+    other = [_pt(0, 0, 0.0, 30.0, 35.0), _pt(10, 150, 1.0, 30.0, 45.0)]
+    mean, std = mean_curve([_CURVE, other], np.array([0.0, 100.0, 150.0, 300.0]), "test_exact_%")
+    assert mean[:3].tolist() == pytest.approx([33.0, 36.0, 41.0])
+    assert mean[3] == 42.0 and std[3] == 0.0  # past the other run's end only one is left
+    assert std[0] == pytest.approx(np.std([31.0, 35.0], ddof=1))
+
+
+def _fake_run(policy, seed, tokens, seconds, final_test, curve):
+    return {
+        "policy": policy, "seed": seed, "rollout_tokens": tokens, "trained_tokens": tokens // 2, "rl_seconds": seconds,
+        "seconds": {"rollout": seconds * 0.6, "training": seconds * 0.3, "selection": seconds * 0.01, "other": seconds * 0.09},
+        "after": {"test": {"exact_%": final_test, "sampled_reward": final_test / 100}, "validation": {"exact_%": curve[-1]["validation_exact_%"]}},
+        "zero_variance_share": 0.5, "dropped_rollout_tokens": 0, "curve": curve,
+    }
+
+
+def test_summarise_pairs_seeds_and_costs():
+    from geko_core.bench.rl_bench import format_rl_table, summarise
+
+    runs = []
+    for seed, shift in enumerate((0.0, 2.0, -1.0, 1.0, 0.5)):
+        full = [_pt(0, 0, 0.0, 30 + shift, 30 + shift), _pt(10, 500, 5.0, 38 + shift, 38 + shift), _pt(20, 1000, 10.0, 40 + shift, 40 + shift)]
+        half = [_pt(0, 0, 0.0, 30 + shift, 30 + shift), _pt(10, 250, 2.0, 39 + shift, 39 + shift), _pt(20, 500, 4.0, 40 + shift, 41 + shift)]
+        runs.append(_fake_run("full", seed, 1000, 10.0, 40 + shift, full))
+        runs.append(_fake_run("random_subset", seed, 500, 4.0, 41 + shift, half))
+    rows = summarise(runs, num_validation=10_000, equal_budget=0.5)
+    assert [r["policy"] for r in rows] == ["full", "random_subset"]
+    full, sub = rows
+    assert sub["test_exact_%_vs_full"]["mean"] == pytest.approx(1.0) and sub["test_exact_%_vs_full"]["noise"] is False
+    assert sub["rollout_tokens_saved_%"] == pytest.approx((50.0, 0.0))
+    assert sub["rl_seconds_saved_%"] == pytest.approx((60.0, 0.0))
+    # target 40 + shift - 0.49: full reaches it at its end (100%), the subset at 500 tokens and 4 s
+    assert full["cost_to_target_tokens_%"] == pytest.approx((100.0, 0.0)) and full["target_reached"] == "5/5"
+    assert sub["cost_to_target_tokens_%"] == pytest.approx((50.0, 0.0))
+    assert sub["cost_to_target_seconds_%"] == pytest.approx((40.0, 0.0))
+    # at 500 rollout tokens full holds 38 + shift and the subset 41 + shift
+    assert sub["test_exact_at_budget_vs_full"]["mean"] == pytest.approx(3.0)
+    assert sub["selection_share_%"][0] == pytest.approx(1.0)
+    text = format_rl_table(rows)
+    assert "random_subset" in text and "+1.0 ± 0.0" in text and "5/5" in text

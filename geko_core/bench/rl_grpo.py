@@ -114,8 +114,10 @@ class LoopPolicy(Protocol):
     def choose(self, step: int, count: int) -> np.ndarray:
         """Up to ``count`` prompt indices to roll out next; empty when the epoch is over."""
 
-    def report(self, indices: np.ndarray, rewards: np.ndarray, lengths: np.ndarray) -> None:
-        """After every rollout: rewards ``[b, G]`` and completion lengths ``[b, G]``."""
+    def report(self, indices: np.ndarray, rewards: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """After every rollout: rewards ``[b, G]`` and completion lengths ``[b, G]``. May
+        return bool ``[b]``, the groups to train on (a Selector's ``stats.keep``); None lets
+        the loop keep the groups with a reward spread."""
 
 
 class FullPolicy:
@@ -181,7 +183,9 @@ class _Counters:
     zero_variance_groups: int = 0
     steps: int = 0
     updates: int = 0
-    seconds: dict = field(default_factory=lambda: {"rollout": 0.0, "training": 0.0, "other": 0.0, "evaluation": 0.0})
+    #: "selection": inside the policy's ``begin_epoch``/``choose``/``report`` (and a pre-pass
+    #: the policy asks for); "other": the loop's own bookkeeping; "evaluation" apart
+    seconds: dict = field(default_factory=lambda: {"rollout": 0.0, "training": 0.0, "selection": 0.0, "other": 0.0, "evaluation": 0.0})
 
 
 def _rollout(model: TinyLM, split: RLSplit, idx: np.ndarray, cfg: RLConfig, generator: torch.Generator):
@@ -243,14 +247,24 @@ def grpo_train(
     timed_eval()
     for epoch in range(cfg.epochs):
         mark = time.perf_counter()
+        prepare = getattr(policy, "prepare_epoch", None)
+        if prepare is not None:  # e.g. GAIN-RL's hidden-state pre-pass over the prompts
+            prepare(epoch, model, split)
         policy.begin_epoch(epoch)
+        now = time.perf_counter()
+        c.seconds["selection"] += now - mark
+        mark = now
         pass_rates: list[np.ndarray] = []
         epoch_groups = epoch_zero = 0
         exhausted = False
         while not exhausted:
             batch: list = []
             while len(batch) < cfg.batch_prompts:
+                now = time.perf_counter()
+                c.seconds["other"] += now - mark
                 idx = np.asarray(policy.choose(c.steps, cfg.batch_prompts - len(batch)), dtype=np.int64)
+                mark = time.perf_counter()
+                c.seconds["selection"] += mark - now
                 if len(idx) == 0:
                     exhausted = True
                     break
@@ -260,17 +274,21 @@ def grpo_train(
                 mark = time.perf_counter()
                 c.seconds["rollout"] += mark - now
                 lengths = out.lengths.view(len(idx), cfg.G)
-                policy.report(idx, rewards, lengths.numpy())
+                keep = policy.report(idx, rewards, lengths.numpy())
+                now = time.perf_counter()
+                c.seconds["selection"] += now - mark
+                mark = now
                 c.rollout_tokens += out.generated_tokens
                 c.rollouts += out.tokens.shape[0]
                 flat = (rewards == rewards[:, :1]).all(axis=1)
+                keep = ~flat if keep is None else np.asarray(keep, dtype=bool)
                 c.groups += len(idx)
                 c.zero_variance_groups += int(flat.sum())
                 epoch_groups += len(idx)
                 epoch_zero += int(flat.sum())
                 pass_rates.append(rewards.mean(axis=1))
                 for j, i in enumerate(idx):
-                    if flat[j]:
+                    if not keep[j]:
                         if policy.filter_zero_variance:
                             c.dropped_groups += 1
                             c.dropped_rollout_tokens += int(lengths[j].sum())
@@ -307,6 +325,12 @@ def grpo_train(
     return c, epochs
 
 
+def _rl_seconds(seconds: dict) -> float:
+    """RL wall-clock: rollout, training, selection and the loop's own bookkeeping (not the
+    evaluations)."""
+    return seconds["rollout"] + seconds["training"] + seconds["selection"] + seconds["other"]
+
+
 def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float = 0.5, config: RLConfig | None = None, policy: LoopPolicy | None = None) -> dict:
     """Warm-start the policy model, run GRPO with a selection policy and measure it.
 
@@ -340,11 +364,12 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
     curve: list[dict] = []
 
     def on_eval(step: int, m: TinyLM, counters: _Counters) -> None:
-        figures = evaluate(m, data, cfg, seed)
-        point = {"step": step, "rollout_tokens": counters.rollout_tokens, "rl_seconds": counters.seconds["rollout"] + counters.seconds["training"] + counters.seconds["other"]}
+        figures = evaluate(m, data, cfg, seed, sampled=cfg.curve_sampled)
+        point = {"step": step, "rollout_tokens": counters.rollout_tokens, "trained_tokens": counters.trained_tokens, "rl_seconds": _rl_seconds(counters.seconds)}
         for split in ("validation", "test"):
             point[f"{split}_exact_%"] = figures[split]["exact_%"]
-            point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
+            if cfg.curve_sampled:
+                point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
         curve.append(point)
 
     counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval)
@@ -366,7 +391,7 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
         "steps": counters.steps,
         "updates": counters.updates,
         "seconds": seconds,
-        "rl_seconds": seconds["rollout"] + seconds["training"] + seconds["other"],
+        "rl_seconds": _rl_seconds(seconds),
         "warm_start_seconds": warm_seconds,
         "epochs": epochs,
         "curve": curve,
@@ -382,7 +407,7 @@ def _line(r: dict) -> str:
         f"test reward@G {b['test']['sampled_reward']:.3f} -> {a['test']['sampled_reward']:.3f}  "
         f"zero-var {z[0]['zero_variance_share']:.0%} -> {z[-1]['zero_variance_share']:.0%}  "
         f"rollout tokens {r['rollout_tokens']:,} (dropped {r['dropped_rollout_tokens']:,})  trained {r['trained_tokens']:,}  "
-        f"RL {r['rl_seconds']:.1f}s (rollout {s['rollout']:.1f} train {s['training']:.1f} other {s['other']:.1f}; eval {s['evaluation']:.1f}; warm start {r['warm_start_seconds']:.1f})"
+        f"RL {r['rl_seconds']:.1f}s (rollout {s['rollout']:.1f} train {s['training']:.1f} selection {s['selection']:.2f} other {s['other']:.1f}; eval {s['evaluation']:.1f}; warm start {r['warm_start_seconds']:.1f})"
     )
 
 
@@ -411,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             for p in r["curve"]:
                 print(
                     f"    step {p['step']:>4}  rollout tokens {p['rollout_tokens']:>9,}  RL {p['rl_seconds']:6.1f}s  exact match validation {p['validation_exact_%']:5.1f}% "
-                    f"test {p['test_exact_%']:5.1f}%  reward@G validation {p['validation_sampled_reward']:.3f} test {p['test_sampled_reward']:.3f}"
+                    f"test {p['test_exact_%']:5.1f}%"
+                    + (f"  reward@G validation {p['validation_sampled_reward']:.3f} test {p['test_sampled_reward']:.3f}" if "test_sampled_reward" in p else "")
                 )
     if args.json:
         with open(args.json, "w") as fh:
