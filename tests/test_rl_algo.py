@@ -352,3 +352,34 @@ def test_summarise_pairs_seeds_and_costs():
     assert sub["selection_share_%"][0] == pytest.approx(1.0)
     text = format_rl_table(rows)
     assert "random_subset" in text and "+1.0 ± 0.0" in text and "5/5" in text
+
+
+def test_suite_smoke_runs_counts_and_rejects_unknown():
+    from geko_core.bench.rl_bench import run_suite, summarise, write_rl_outputs
+
+    with pytest.raises(ValueError, match="unknown rl-algo policy"):
+        run_suite(["full", "nope"], [0], "smoke")
+    with pytest.raises(ValueError, match="scale"):
+        run_suite(["full"], [0], "huge")
+    seen = []
+    runs = run_suite(["random_subset", "full", "dynamic"], [0, 1], "smoke", on_run=seen.append)
+    assert [(r["policy"], r["seed"]) for r in runs] == [(p, s) for s in (0, 1) for p in ("full", "dynamic", "random_subset")]
+    assert seen == runs
+    for r in runs:
+        s = r["seconds"]
+        assert r["rl_seconds"] == pytest.approx(s["rollout"] + s["training"] + s["selection"] + s["other"])
+        assert r["curve"][-1]["rollout_tokens"] == r["rollout_tokens"]
+        assert r["dropped_rollout_tokens"] <= r["rollout_tokens"]
+        assert (r["dropped_rollout_tokens"] > 0) == (r["policy"] == "dynamic" and r["dropped_groups"] > 0)
+    subset = [r for r in runs if r["policy"] == "random_subset"]
+    assert all(r["budget"] == 0.5 and r["rollouts"] == SCALES["smoke"].epochs * 24 * SCALES["smoke"].G for r in subset)
+    rows = summarise(runs, SCALES["smoke"].num_validation)
+    assert [r["policy"] for r in rows] == ["full", "dynamic", "random_subset"]
+    assert rows[2]["rollout_tokens_vs_full"]["seeds"] == [0, 1]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_rl_outputs(Path(tmp), runs, rows, {"scale": "smoke"})
+        assert [p.name for p in paths] == ["rl-algo.json", "rl-algo_test_exact_vs_rollout_tokens.png", "rl-algo_validation_exact_vs_rollout_tokens.png"]
+        assert all(p.stat().st_size > 0 for p in paths)

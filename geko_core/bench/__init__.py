@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rl-policies",
         default=",".join(RL_DEFAULT_POLICIES),
-        help="rl-algo's policies (comma list): " + ", ".join(RL_DEFAULT_POLICIES),
+        help="rl-algo's policies (comma list; default " + ",".join(RL_DEFAULT_POLICIES) + "; also greso, geko, gainrl through the Selector)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3, 5 for rl-algo (1 with --smoke)")
     parser.add_argument("--out", default="geko-bench-out", help="output directory")
@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     rl_policies = [p.strip() for p in args.rl_policies.split(",") if p.strip()]
     if "rl-algo" in names:
-        from .rl_bench import LOOP_POLICIES
+        from .rl_bench import LOOP_POLICIES, SELECTOR_POLICIES
 
         for policy in rl_policies:
-            if policy not in LOOP_POLICIES:
+            if policy not in LOOP_POLICIES + SELECTOR_POLICIES:
                 parser.error(f"unknown rl-algo policy {policy!r}")
     tasks = [make_task(name, scale_name) for name in names if name != "rl-algo"]
     if args.library_defaults:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .._atomic import atomic_write
 from . import rl_stats
+from .rl_selection import SELECTOR_POLICIES
 
 __all__ = ["LOOP_POLICIES", "format_rl_table", "run_suite", "summarise", "write_rl_outputs"]
 
@@ -51,13 +52,17 @@ def run_suite(
         ValueError: an unknown policy or scale (before anything runs).
     """
     from .rl_grpo import run_rl
-    from .rl_setup import SCALES
+    from .rl_selection import SelectorPolicy, selector_options
+    from .rl_setup import SCALES, load_data
 
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
-    unknown = [p for p in policies if p not in LOOP_POLICIES]
+    known = LOOP_POLICIES + SELECTOR_POLICIES
+    unknown = [p for p in policies if p not in known]
     if unknown:
-        raise ValueError(f"unknown rl-algo policy {unknown[0]!r}; choose among {', '.join(LOOP_POLICIES)}")
+        raise ValueError(f"unknown rl-algo policy {unknown[0]!r}; choose among {', '.join(known)}")
+    cfg = SCALES[scale]
+    num_prompts = load_data(cfg).train.prompts.shape[0]
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     runs: list[dict] = []
@@ -67,7 +72,10 @@ def run_suite(
             share = budget
             if policy == "random_subset" and "geko" in spent and "full" in spent:
                 share = min(1.0, max(1e-3, spent["geko"] / spent["full"]))
-            result = run_rl(policy, seed, scale, budget=share)
+            chosen = None
+            if policy in SELECTOR_POLICIES:
+                chosen = SelectorPolicy(policy, num_prompts, seed, cfg.epochs, options=selector_options(policy, num_prompts))
+            result = run_rl(policy, seed, scale, budget=share, policy=chosen)
             if policy == "random_subset":
                 result["budget"] = share
             spent[policy] = result["rollout_tokens"]

@@ -229,7 +229,8 @@ def grpo_train(
     """Run ``cfg.epochs`` epochs of GRPO on ``data.train`` with ``policy``'s prompts.
 
     ``on_eval(step, model, counters)`` is called before the first step, every
-    ``cfg.eval_every`` trained steps and after the last (its time is counted apart).
+    ``cfg.eval_every`` trained steps and at the end when rollouts were spent since the last
+    call (its time is counted apart).
     Returns the counters and per-epoch records (zero-variance share, pass-rate spread).
     """
     split = data.train
@@ -238,11 +239,14 @@ def grpo_train(
     c = _Counters()
     epochs: list[dict] = []
 
+    evaluated_at: list[int] = []  # rollout tokens at the latest evaluation
+
     def timed_eval() -> None:
         if on_eval is not None:
             began = time.perf_counter()
             on_eval(c.steps, model, c)
             c.seconds["evaluation"] += time.perf_counter() - began
+            evaluated_at[:] = [c.rollout_tokens]
 
     timed_eval()
     for epoch in range(cfg.epochs):
@@ -320,7 +324,9 @@ def grpo_train(
             "all_right_share": float((rates == 1).mean()) if len(rates) else 0.0,
             "rollout_tokens_so_far": c.rollout_tokens,
         })
-    if on_eval is not None and c.steps % cfg.eval_every:
+    # The last point carries the whole run's cost, rollouts after the last trained step included
+    # (an all-zero-variance last draw, dynamic sampling's leftovers).
+    if on_eval is not None and (c.steps % cfg.eval_every or evaluated_at != [c.rollout_tokens]):
         timed_eval()
     return c, epochs
 
@@ -395,6 +401,8 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
         "warm_start_seconds": warm_seconds,
         "epochs": epochs,
         "curve": curve,
+        # a Selector-driven policy's own figures (skipped prompts, a pre-pass's cost)
+        "selection_metrics": chosen.metrics() if callable(getattr(chosen, "metrics", None)) else {},
     }
 
 

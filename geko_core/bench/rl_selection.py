@@ -19,12 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SELECTOR_POLICIES", "SelectorPolicy"]
+__all__ = ["SELECTOR_POLICIES", "SelectorPolicy", "selector_options"]
 
 #: rewards-mode policies run through the Selector
 SELECTOR_POLICIES = ("greso", "geko", "gainrl")
 
 _CHUNK = 512
+
+
+def selector_options(policy: str, num_prompts: int) -> dict[str, Any] | None:
+    """rl-algo's constructor options of a Selector policy: the library's defaults."""
+    return None
 
 
 class SelectorPolicy:
