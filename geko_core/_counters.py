@@ -12,12 +12,17 @@ import torch
 
 from .epochs import Epochs, state_int
 
-__all__ = ["STATE_FORMAT_VERSION", "TIMED", "RunCounters", "batch_tokens", "parse_state"]
+__all__ = ["ROLLOUT_COUNTS", "STATE_FORMAT_VERSION", "TIMED", "RunCounters", "batch_tokens", "parse_state"]
 
 STATE_FORMAT_VERSION = 2  # 2: the epoch object's state (per-position weights, padding, trained position)
 
 #: The timed calls; ``total`` is what a training loop pays (nested calls count once).
-TIMED = ("loss", "select", "observe", "weights", "planning", "total")
+TIMED = ("loss", "select", "observe", "observe_rewards", "weights", "planning", "total")
+
+#: The counts of a Selector in rewards mode (prompts rolled out are ``forwarded``, their
+#: completions' tokens ``tokens["forwarded"]``): completions, zero-variance groups, and the
+#: prompts the plans left out (``num_samples`` minus each started epoch's global draws).
+ROLLOUT_COUNTS = ("rollouts", "zero_variance_prompts", "skipped_prompts")
 
 
 def batch_tokens(valid_tokens: torch.Tensor) -> Any:
@@ -37,9 +42,11 @@ class RunCounters:
             (summed on the device, read only by :meth:`tokens_of`).
         epoch_start: ``(forwarded, backpropagated)`` when the current epoch started.
         seconds: wall-clock per name of :data:`TIMED`.
+        rollouts: the counts of :data:`ROLLOUT_COUNTS` (rewards mode); a value may be a
+            device tensor, read only by :meth:`count_of`.
     """
 
-    __slots__ = ("forwarded", "backpropagated", "tokens", "epoch_start", "seconds", "_depth")
+    __slots__ = ("forwarded", "backpropagated", "tokens", "epoch_start", "seconds", "rollouts", "_depth")
 
     def __init__(self) -> None:
         self.forwarded = 0
@@ -47,7 +54,13 @@ class RunCounters:
         self.tokens: dict[str, Any] = {"forwarded": 0, "backpropagated": 0}
         self.epoch_start = (0, 0)
         self.seconds = dict.fromkeys(TIMED, 0.0)
+        self.rollouts: dict[str, Any] = dict.fromkeys(ROLLOUT_COUNTS, 0)
         self._depth = 0
+
+    def count_of(self, name: str) -> int:
+        """A count of :data:`ROLLOUT_COUNTS` as an int (reads a device total)."""
+        value = self.rollouts[name]
+        return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
 
     def tokens_of(self, kind: str) -> int:
         """Tokens ``"forwarded"`` or ``"backpropagated"`` as an int (reads a device total)."""
@@ -73,6 +86,7 @@ class RunCounters:
         counters = {
             "forwarded": self.forwarded, "backpropagated": self.backpropagated, "epoch_start": list(self.epoch_start),
             "forwarded_tokens": self.tokens_of("forwarded"), "backpropagated_tokens": self.tokens_of("backpropagated"),
+            **{name: self.count_of(name) for name in ROLLOUT_COUNTS},
         }
         return counters, dict(self.seconds)
 
@@ -91,6 +105,7 @@ class RunCounters:
             kind: state_int(counters.get(f"{kind}_tokens", 0), f"counters.{kind}_tokens")
             for kind in ("forwarded", "backpropagated")
         }
+        out.rollouts = {name: state_int(counters.get(name, 0), f"counters.{name}") for name in ROLLOUT_COUNTS}
         if not isinstance(seconds, dict):
             raise ValueError(f"Selector state seconds must be a dict, got {type(seconds).__name__}")
         out.seconds = {name: float(seconds.get(name, 0.0)) for name in TIMED}

@@ -163,16 +163,21 @@ def _host_floats(values: Any) -> np.ndarray:
 
 class StatsQueue:
     """Trained batches, oldest first, each applied to ``observe`` (the policy) as a
-    :class:`~geko_core.policies.StatsBatch`.
+    :class:`~geko_core.policies.StatsBatch` (or what ``batch`` builds).
 
     Args:
         observe: receives every batch, in training order.
         num_samples: the data set's size (range check of indices read late).
+        batch: builds the batch handed to ``observe`` from ``(indices, *rows, step, epoch)``
+            (host arrays); :class:`~geko_core.policies.StatsBatch` by default, whose rows are
+            loss, confidence, correct and el2n (a Selector in rewards mode queues the rollout
+            statistics' rows and builds a :class:`~geko_core.policies.RolloutBatch`).
     """
 
-    def __init__(self, observe: Callable[[StatsBatch], None], num_samples: int) -> None:
+    def __init__(self, observe: Callable[[Any], None], num_samples: int, batch: Callable[..., Any] = StatsBatch) -> None:
         self._observe = observe
         self._num_samples = num_samples
+        self._batch = batch
         self._pending: list[tuple[Any, ...]] = []
 
     def __len__(self) -> int:
@@ -181,8 +186,9 @@ class StatsQueue:
     def push(
         self, indices: "np.ndarray | DeviceIndices", rows: Sequence[Any], step: int, epoch: int, copier: HostCopy | None = None
     ) -> None:
-        """Queue a batch: ``rows`` are its loss, confidence, correct and el2n (host arrays or
-        CPU tensors, or device tensors with ``copier``, which starts their copy now)."""
+        """Queue a batch: ``rows`` are its statistics (by default loss, confidence, correct and
+        el2n; host arrays or CPU tensors, or device tensors with ``copier``, which starts their
+        copy now)."""
         if copier is None:
             event = None
         else:
@@ -202,7 +208,7 @@ class StatsQueue:
         while len(pending) > keep_last:
             indices, rows, event, step, epoch, ready = pending.pop(0)
             if ready:
-                self._observe(StatsBatch(indices, *rows, step, epoch))
+                self._observe(self._batch(indices, *rows, step, epoch))
                 continue
             if event is not None:
                 event.synchronize()
@@ -211,11 +217,7 @@ class StatsQueue:
                 indices = indices.resolve(self._num_samples, check_plan=True)
                 if keep is not None:  # gathered at full size: drop the padding copies now
                     rows = [torch.as_tensor(r)[torch.from_numpy(keep)] for r in rows]
-            loss, confidence, correct, el2n = rows
-            self._observe(StatsBatch(
-                np.ascontiguousarray(indices, dtype=np.int64), _host_floats(loss), _host_floats(confidence),
-                _host_floats(correct), _host_floats(el2n), step, epoch,
-            ))
+            self._observe(self._batch(np.ascontiguousarray(indices, dtype=np.int64), *[_host_floats(r) for r in rows], step, epoch))
 
     def clear(self) -> None:
         self._pending.clear()

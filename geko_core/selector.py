@@ -28,11 +28,12 @@ from ._counters import STATE_FORMAT_VERSION, RunCounters, batch_tokens, parse_st
 from ._gather import distributed, gather_batch
 from ._selector_inputs import batch_indices, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
 from ._queue import DeviceIndices, HostCopy, StatsQueue, host_copy_for
+from ._rewards import RewardsMode, logits_only
 from .config import BUCKET_NAMES, GekoConfig, resolve_config
 from .epoch import EpochPlan, Plan
 from .epochs import Epochs
 from .cross_entropy import _loss_and_stats
-from .policies import Policy, PolicyContext, TableView, make_policy
+from .policies import Policy, PolicyContext, TableView, make_policy, resolve_signal
 from .sampler import GekoSampler, WithIndex
 from .types import SampleStats
 
@@ -52,7 +53,8 @@ class Selector:
         total_steps: planned number of optimizer steps (progress = steps / total_steps);
             a step is one ``loss``/``observe``/``select`` call unless ``sel.step()`` is used.
         seed: seed of every plan (deterministic in seed, epoch and the table's state).
-        config: :class:`~geko_core.GekoConfig` thresholds and rates.
+        config: :class:`~geko_core.GekoConfig` thresholds and rates; in rewards mode a
+            ``geko_core.rollouts.RolloutConfig`` (what counts as right, the EMA weight).
         policy_options: constructor options of a named policy (e.g. ``budget=0.6``).
         num_replicas, rank: distributed sharding; taken from ``torch.distributed`` when it
             is initialised and these are None.
@@ -67,6 +69,11 @@ class Selector:
             model, its response tokens). Budgets in tokens need it, and ``metrics()`` then
             reports the share of tokens saved. Tokens forwarded and back-propagated are
             counted from the statistics either way.
+        signal: ``"logits"`` (a supervised loop: ``loss``/``observe``/``select``) or
+            ``"rewards"`` (an RL loop: the sampler yields prompt indices, ``observe_rewards``
+            reports their rollouts' rewards, ``table`` is a ``RolloutTable``; see
+            ``geko_core._rewards``). None: the policy's own (``Policy.signal``; ``"any"``
+            policies default to logits). Policy names resolve per signal.
 
     Thread safety: a Selector is *not* thread-safe; drive it from the one thread that runs
     the training loop (DataLoader workers are separate processes and never touch it). Its
@@ -98,6 +105,7 @@ class Selector:
         batch_size: int | None = None,
         drop_last: bool = False,
         sample_tokens: Any = None,
+        signal: str | None = None,
     ) -> None:
         from .table import SampleTable
 
@@ -117,30 +125,36 @@ class Selector:
         num_replicas = 1 if num_replicas is None else check_int(num_replicas, "num_replicas", low=1)
         rank = 0 if rank is None else check_int(rank, "rank", low=0, high=num_replicas - 1)
 
+        self.policy = make_policy(policy, signal=signal, **(policy_options or {}))
+        #: What the Selector learns from: ``"logits"`` or ``"rewards"``.
+        self.signal = resolve_signal(self.policy, signal)
+        self._rewards = RewardsMode(config) if self.signal == "rewards" else None
         self.num_samples = num_samples
         self.epochs = epochs
         self.total_steps = total_steps
         self.seed = seed
-        self.config = resolve_config(config)
+        self.config = resolve_config(config) if self._rewards is None else self._rewards.config
         self.num_replicas = num_replicas
         self.rank = rank
         self.backend = backend
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self.table = SampleTable(self.num_samples, self.config)
+        self.table = SampleTable(self.num_samples, self.config) if self._rewards is None else self._rewards.new_table(num_samples)
         #: What policies see of the run (frozen).
         self.context = PolicyContext(
             num_samples=num_samples, seed=seed, epochs=epochs, total_steps=total_steps,
             rank=rank, world_size=num_replicas, table=TableView(self.table), sample_tokens=sample_tokens,
         )
-        self.policy = make_policy(policy, **(policy_options or {}))
         self.policy.bind(self.context)
         self.policy.on_epoch(0)
         self.history: list[dict[str, Any]] = []
         self._step = 0
         self._explicit_steps = bool(explicit_steps)
         self._epochs = Epochs(self._plan_epoch, self._leave_epoch, lambda epoch: self.policy.on_epoch(epoch), drop_last=drop_last)
-        self._queue = StatsQueue(lambda batch: self.policy.observe(batch, self.table), num_samples)
+        if self._rewards is None:
+            self._queue = StatsQueue(lambda batch: self.policy.observe(batch, self.table), num_samples)
+        else:
+            self._queue = self._rewards.queue(self)
         self._counters = RunCounters()
         self._last_batch: tuple[Any, np.ndarray] | None = None  # indices, weights of the last observed batch
         # Index tensors on a GPU are read one step late (no per-step host synchronisation);
@@ -226,6 +240,8 @@ class Selector:
             started = time.perf_counter()
             plan = self._policy_plan(epoch)
             self._counters.add_planning(time.perf_counter() - started)
+            if self._rewards is not None:
+                self._rewards.planned(self, plan)
             return plan
         policy = self.policy
         attributes, state = dict(policy.__dict__), copy.deepcopy(policy.state_dict())
@@ -322,6 +338,8 @@ class Selector:
         behind the step and reach the table one step later, so a step waits at most for the
         previous step's copy (docs/design.md §1).
         """
+        if self._rewards is not None:
+            raise logits_only("loss")
         with self._counters.timed("loss"):
             packed = segments is not None or position_ids is not None
             batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
@@ -392,6 +410,8 @@ class Selector:
         rows, as in :meth:`loss`."""
         from .stats import sample_stats
 
+        if self._rewards is not None:
+            raise logits_only("observe")
         with self._counters.timed("observe"):
             packed = segments is not None or position_ids is not None
             batch_size = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 and not packed else None
@@ -406,6 +426,8 @@ class Selector:
 
     def observe_stats(self, idx: Any, stats: SampleStats, *, backpropagated: bool = True) -> None:
         """Feed statistics computed elsewhere (e.g. by ``cross_entropy_with_stats``)."""
+        if self._rewards is not None:
+            raise logits_only("observe_stats")
         with self._counters.timed("observe"):
             if not isinstance(stats, SampleStats):
                 raise TypeError(f"stats must be a geko_core.SampleStats, got {type(stats).__name__}")
@@ -426,6 +448,8 @@ class Selector:
         """
         from .stats import sample_stats
 
+        if self._rewards is not None:
+            raise logits_only("select")
         with self._counters.timed("select"):
             if not self.policy.meta_batch:
                 raise TypeError(f"policy {self.policy.name!r} does not select inside a meta-batch; use Selector.loss")
@@ -438,6 +462,35 @@ class Selector:
             weights = (np.asarray(weights, dtype=np.float32) * plan_weights[positions]).astype(np.float32)
             device = logits.device
             return torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(device), torch.from_numpy(weights).to(device)
+
+    def observe_rewards(self, idx: Any, rewards: Any, lengths: Any = None) -> Any:
+        """Report a batch of rollouts (rewards mode): the one touch point of an RL loop.
+
+        Args:
+            idx: ``[B]`` prompt indices, as the sampler gave them.
+            rewards: ``[B, G]`` float rewards of the G completions of each prompt (any
+                verifier; finite).
+            lengths: ``[B, G]`` completion tokens, or None.
+
+        Returns:
+            The per-prompt ``RolloutStats`` (on the rewards' device); ``stats.keep`` marks the
+            groups with a reward spread, the ones that carry a gradient (the post-rollout
+            filter).
+
+        Everything is checked first (``TypeError``/``ValueError``/``IndexError``; nothing
+        changes, the epoch does not start). Then the batch is bookkept as ``loss`` bookkeeps
+        a trained batch: the epoch starts if needed, the statistics are queued for
+        ``policy.observe_rollouts`` (all-gathered under DDP), the prompts, rollouts, rollout
+        tokens and zero-variance groups are counted, the epoch's position moves and the
+        step is counted (unless steps are counted explicitly).
+        """
+        if self._rewards is None:
+            raise TypeError(
+                "Selector.observe_rewards needs a Selector in rewards mode (Selector(..., signal='rewards') or an RL "
+                "policy); this one learns from logits (loss/observe)"
+            )
+        with self._counters.timed("observe_rewards"):
+            return self._rewards.observe(self, idx, rewards, lengths)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _record_located(self, indices: np.ndarray, stats: SampleStats, *, backpropagated: bool) -> np.ndarray:
@@ -455,7 +508,7 @@ class Selector:
 
     def _record(
         self, indices: "np.ndarray | DeviceIndices", at: int, weights: np.ndarray | None, stats: SampleStats | None,
-        host: Any, tokens: Any,
+        host: Any, tokens: Any, rows: tuple | None = None,
     ) -> None:
         """The one bookkeeping of a trained batch (every ``loss``/``observe``/``select``): queue
         its statistics for the policy, count it as forwarded, count the step, move the epoch's
@@ -469,15 +522,19 @@ class Selector:
             host: the loss's host arrays (``cross_entropy.HostForward``: float32 ``[6, S]`` ``values``)
                 or None; the policy then gets these rows as they are.
             tokens: the batch's valid tokens (int, or a device tensor).
+            rows: rewards mode: ``(rows, device, copier)`` of the rollout statistics
+                (``geko_core._rewards``), queued instead of the loss statistics.
         """
         plan = self._epochs.plan
         batch = indices
         count = len(indices)
         real = plan.real_mask(at, count)  # padding copies are trained with weight 0 but never update the table
         world = self.num_replicas > 1 and distributed()
-        margin = self.config.correct_margin > 0.0
+        margin = rows is None and self.config.correct_margin > 0.0
         deferred = isinstance(indices, DeviceIndices)
-        if host is not None and not (margin or world or self._host_copy is not None):
+        if rows is not None:
+            rows, device, copier = rows
+        elif host is not None and not (margin or world or self._host_copy is not None):
             values = host.values  # the usual CPU step: rows of one host block
             rows = [values[0], values[1], values[3], values[5]]
             device = copier = None
@@ -542,7 +599,7 @@ class Selector:
             "forwarded_tokens": counters.tokens_of("forwarded"),
             "backpropagated_tokens": counters.tokens_of("backpropagated"),
             "epoch_length": len(plan) if plan is not None else None,
-            "nonfinite_skipped": int(self.table.nonfinite_skipped),
+            "nonfinite_skipped": int(getattr(self.table, "nonfinite_skipped", 0)),
             "overhead_seconds": counters.seconds["total"],
             "planning_seconds": counters.seconds["planning"],
             "seconds": {name: value for name, value in counters.seconds.items() if name != "total"},
@@ -550,6 +607,8 @@ class Selector:
         if self.context.sample_tokens is not None:
             full_tokens = self.epoch_progress() * float(self.context.sample_tokens.sum()) / self.num_replicas
             out["saved_token_fraction"] = (1.0 - out["backpropagated_tokens"] / full_tokens) if full_tokens > 0 else 0.0
+        if self._rewards is not None:
+            out.update(self._rewards.metrics(self))
         curriculum = getattr(self.policy, "curriculum", None)
         if curriculum is not None:
             out["phase"] = curriculum.phase(self.progress())[1]
@@ -569,6 +628,7 @@ class Selector:
         return {
             "format_version": STATE_FORMAT_VERSION,
             "num_samples": self.num_samples,
+            "signal": self.signal,
             "policy": self.policy.name,
             "policy_state": self.policy.state_dict(),
             "table": self.table.state_dict(),
@@ -585,12 +645,15 @@ class Selector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses a mismatched one and then changes nothing."""
+        saved_signal = state.get("signal", "logits") if isinstance(state, dict) else None
+        if saved_signal is not None and saved_signal != self.signal:
+            raise ValueError(f"Selector state is from a Selector in {saved_signal} mode, this one runs in {self.signal} mode")
         parsed = parse_state(state, num_samples=self.num_samples, policy=self.policy.name, num_replicas=self.num_replicas, rank=self.rank)
         step, explicit_steps, counters, history, table_state, policy_state, (epoch, plan, batch_seen) = parsed
         # Validate the table and policy state on scratch copies first: nothing changes on error.
         from .table import SampleTable
 
-        scratch = SampleTable(self.num_samples, self.config)
+        scratch = SampleTable(self.num_samples, self.config) if self._rewards is None else self._rewards.new_table(self.num_samples)
         scratch.load_state_dict(table_state)
         before_policy = self.policy.state_dict()
         try:

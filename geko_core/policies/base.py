@@ -5,7 +5,8 @@ A policy answers two questions and nothing else:
 * ``plan_epoch(context, epoch, progress)``: which samples the next epoch holds, as a global
   :class:`~geko_core.epoch.Plan` (the same on every rank; the epoch object shards it);
 * ``observe(batch, table)``: what to learn from a batch's statistics (by default, update
-  the shared :class:`~geko_core.SampleTable`).
+  the shared :class:`~geko_core.SampleTable`); in an RL loop (``signal = "rewards"``),
+  ``observe_rollouts(batch, table)`` with a :class:`RolloutBatch` and the ``RolloutTable``.
 
 It sees the run through a frozen :class:`PolicyContext` (dataset size, seed, length of the
 run, rank, world size and a read-only view of the table), never through the Selector. The
@@ -25,7 +26,10 @@ from ..epoch import Plan
 if TYPE_CHECKING:  # pragma: no cover
     from ..table import SampleTable
 
-__all__ = ["Plan", "Policy", "PolicyContext", "StatsBatch", "TableView"]
+__all__ = ["SIGNALS", "Plan", "Policy", "PolicyContext", "RolloutBatch", "StatsBatch", "TableView", "rollout_batch"]
+
+#: What a Selector learns from: the logits of a supervised loss, or the rewards of RL rollouts.
+SIGNALS = ("logits", "rewards")
 
 
 @dataclass
@@ -47,8 +51,48 @@ class StatsBatch:
     epoch: int = 0
 
 
+@dataclass
+class RolloutBatch:
+    """Rollout statistics of one batch of prompts, on the host, as the ``RolloutTable``
+    consumes them (``Selector.observe_rewards``).
+
+    All arrays are ``[B]``: ``indices`` int64 prompt indices; ``pass_rate``, ``spread``
+    (population std of the group's rewards), ``mean_length`` (mean completion tokens, 0 when
+    not given) float32; ``zero_variance``, ``all_right``, ``all_wrong`` bool. ``step`` is the
+    optimizer step the batch belongs to, ``epoch`` the Selector's epoch.
+    """
+
+    indices: np.ndarray
+    pass_rate: np.ndarray
+    spread: np.ndarray
+    zero_variance: np.ndarray
+    all_right: np.ndarray
+    all_wrong: np.ndarray
+    mean_length: np.ndarray
+    step: int = 0
+    epoch: int = 0
+
+
+def _host(values: Any, dtype: Any) -> np.ndarray:
+    if not isinstance(values, np.ndarray):
+        values = values.numpy()
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def rollout_batch(indices: Any, pass_rate: Any, spread: Any, zero_variance: Any, all_right: Any, all_wrong: Any,
+                  mean_length: Any, step: int, epoch: int) -> RolloutBatch:
+    """A :class:`RolloutBatch` from the rows a Selector queues (host arrays or CPU tensors;
+    the flags as 0/1 floats): the Selector's queue builds every rewards batch with this."""
+    return RolloutBatch(
+        _host(indices, np.int64), _host(pass_rate, np.float32), _host(spread, np.float32),
+        _host(zero_variance, np.float32) != 0, _host(all_right, np.float32) != 0, _host(all_wrong, np.float32) != 0,
+        _host(mean_length, np.float32), int(step), int(epoch),
+    )
+
+
 class TableView:
-    """Read-only access to a :class:`~geko_core.SampleTable` for planning."""
+    """Read-only access to a :class:`~geko_core.SampleTable` (or, in rewards mode, a
+    ``RolloutTable``: the same read methods) for planning."""
 
     __slots__ = ("_table",)
 
@@ -122,6 +166,14 @@ class Policy:
     name: str = "custom"
     #: True for batch-level policies that choose inside a forwarded meta-batch (``Selector.select``).
     meta_batch: bool = False
+    #: What the policy learns from: ``"logits"`` (``observe``), ``"rewards"`` (RL rollouts,
+    #: ``observe_rollouts``) or ``"any"`` (plans that need neither: full data, random subsets;
+    #: a Selector then defaults to logits).
+    signal: str = "logits"
+    #: RL only: the loop trains the groups with a reward spread (``stats.keep``) and draws
+    #: more prompts from the sampler until it holds a full batch of them (DAPO's dynamic
+    #: sampling); the extra rollouts are counted like any other.
+    filter_groups: bool = False
 
     def __init__(self) -> None:
         self.num_samples: int | None = None
@@ -148,6 +200,14 @@ class Policy:
     # -- learning ---------------------------------------------------------------------------
     def observe(self, batch: StatsBatch, table: "SampleTable") -> None:
         table.update_arrays(batch.indices, batch.loss, batch.confidence, batch.correct, batch.step)
+
+    def observe_rollouts(self, batch: RolloutBatch, table: Any) -> None:
+        """What to learn from a batch of rollout statistics (rewards mode); by default the
+        ``RolloutTable`` applies them."""
+        table.update_stats(
+            batch.indices, batch.pass_rate, batch.spread, batch.zero_variance, batch.all_right, batch.all_wrong,
+            batch.mean_length, batch.step,
+        )
 
     def select(self, context: PolicyContext, indices: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """For meta-batch policies: positions to back-propagate and their weights relative to

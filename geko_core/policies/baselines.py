@@ -1,4 +1,5 @@
-"""The honest baselines: full data, and a random subset of the same budget."""
+"""The honest baselines: full data, and a random subset of the same budget (in either signal:
+they plan without looking at the table, so they serve supervised and RL loops alike)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from .base import Plan, Policy, PolicyContext
 
 
 class UniformPolicy(Policy):
-    """Every sample once per epoch, shuffled, weight 1: plain full-data training."""
+    """Every sample once per epoch, shuffled, weight 1: plain full-data training (in an RL
+    loop, every prompt rolled out every epoch: vanilla GRPO)."""
 
     name = "uniform"
+    signal = "any"
 
     def plan_epoch(self, context: PolicyContext, epoch: int, progress: float) -> Plan:
         order = context.rng(epoch).permutation(context.num_samples).astype(np.int64)
@@ -37,6 +40,7 @@ class RandomSubsetPolicy(Policy):
     """
 
     name = "random_subset"
+    signal = "any"
 
     def __init__(self, budget: float = 0.5, *, rescale: bool = False, unit: str = "samples") -> None:
         super().__init__()
@@ -68,3 +72,9 @@ class RandomSubsetPolicy(Policy):
 
     def metrics(self) -> dict[str, Any]:
         return {"budget": self.budget, "unit": self.unit}
+
+
+class FullPolicy(UniformPolicy):
+    """``"full"``: :class:`UniformPolicy` under the name RL results use for vanilla GRPO."""
+
+    name = "full"

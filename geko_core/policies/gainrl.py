@@ -260,3 +260,75 @@ class GainRLPolicy(Policy):
         self.mu_history = [float(m) for m in state["mu_history"]]
         self._reported = None if state["reported"] is None else (float(state["reported"][0]), float(state["reported"][1]))
         self._observed_correct, self._observed_count = float(state["observed"][0]), int(state["observed"][1])
+
+
+class GainRLRolloutPolicy(GainRLPolicy):
+    """GAIN-RL in its own setting, an RL loop (rewards mode): the same order, window and move
+    as :class:`GainRLPolicy`, with the move driven by the measured mean reward.
+
+    The caller gives the angle concentration of each prompt from the policy model's hidden
+    states (``set_angles``, from :func:`geko_core.angle_concentration` over
+    :func:`geko_core.capture_hidden_states`), as GAIN-RL orders prompts with the model it
+    starts from; ``count_prepass(prompts, tokens)`` records that forward pass's cost, which
+    the metrics report. Without a ``report()`` since the last plan, the window moves by the
+    mean pass rate of the groups rolled out since then (the mean reward for 0/1 rewards;
+    ``acc_scale`` rescales another range); a ``report(accuracy)`` overrides it, as in the
+    supervised setting.
+
+    Args:
+        samples_per_epoch: as :class:`GainRLPolicy`.
+        sigma, n: the window's width and largest move in positions; None (the default)
+            scales them to the prompt set, ``sigma = max(1, N / 10)`` and ``n = N / 20``
+            (the supervised defaults, 1000 and 500, suit data sets of tens of thousands).
+        options: the other options of :class:`GainRLPolicy`.
+    """
+
+    name = "gainrl"
+    signal = "rewards"
+
+    def __init__(self, samples_per_epoch: int | float = 0.5, *, sigma: float | None = None, n: float | None = None, **options: Any) -> None:
+        super().__init__(samples_per_epoch, sigma=1.0 if sigma is None else sigma, n=0.0 if n is None else n, **options)
+        self._scaled = (sigma is None, n is None)
+        self.prepass_prompts = 0
+        self.prepass_tokens = 0
+
+    def bind(self, context: PolicyContext) -> None:
+        super().bind(context)
+        if self._scaled[0]:
+            self.sigma = max(1.0, context.num_samples / 10.0)
+        if self._scaled[1]:
+            self.n = context.num_samples / 20.0
+
+    def observe(self, batch: StatsBatch, table) -> None:
+        raise TypeError("the RL gainrl policy learns from rewards (Selector.observe_rewards), not from logits")
+
+    def observe_rollouts(self, batch: Any, table: Any) -> None:
+        Policy.observe_rollouts(self, batch, table)
+        self._observed_correct += float(batch.pass_rate.sum(dtype=np.float64))
+        self._observed_count += int(len(batch.indices))
+
+    def count_prepass(self, prompts: int, tokens: int = 0) -> None:
+        """Add the cost of a forward pass that measured angles: ``prompts`` scored, ``tokens``
+        forwarded (both non-negative ints)."""
+        for name, value in (("prompts", prompts), ("tokens", tokens)):
+            if isinstance(value, bool) or not isinstance(value, (Integral, np.integer)) or value < 0:
+                raise ValueError(f"count_prepass {name} must be a non-negative int, got {value!r}")
+        self.prepass_prompts += int(prompts)
+        self.prepass_tokens += int(tokens)
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), "prepass_prompts": self.prepass_prompts, "prepass_tokens": self.prepass_tokens}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "prepass": [self.prepass_prompts, self.prepass_tokens]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "prepass" not in state:
+            raise ValueError("gainrl (rewards) state must have the key prepass")
+        prepass = state["prepass"]
+        if not isinstance(prepass, (list, tuple)) or len(prepass) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, (Integral, np.integer)) or v < 0 for v in prepass
+        ):
+            raise ValueError(f"gainrl state prepass must be two non-negative ints, got {prepass!r}")
+        super().load_state_dict({k: v for k, v in state.items() if k != "prepass"})
+        self.prepass_prompts, self.prepass_tokens = int(prepass[0]), int(prepass[1])

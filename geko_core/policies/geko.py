@@ -275,16 +275,20 @@ class GekoPolicy(Policy):
             last_visit_step=table.field("last_step"),
         )
         indices = np.asarray(plan.indices, dtype=np.int64)
-        weights = np.asarray(plan.weights, dtype=np.float32)
-        if self.weighting == "none":
-            weights = np.ones_like(weights)
-        elif self.weighting == "thinning":
-            weights = np.maximum(weights, np.float32(1.0))
+        weights = self._weighted(np.asarray(plan.weights, dtype=np.float32))
         if self._last_stalled:
             indices, weights = self._with_probes(context, epoch, indices, weights, stalled, probe_rate)
         if self.max_weight is not None:
             weights = np.minimum(weights, np.float32(self.max_weight))
         return Plan(indices, weights)
+
+    def _weighted(self, weights: np.ndarray) -> np.ndarray:
+        """The planner's ``1 / rate`` weights as ``weighting`` asks (before ``max_weight``)."""
+        if self.weighting == "none":
+            return np.ones_like(weights)
+        if self.weighting == "thinning":
+            return np.maximum(weights, np.float32(1.0))
+        return weights
 
     def _final_by_steps(
         self, context: PolicyContext, progress: float, live: np.ndarray, thinned: tuple[np.ndarray, float], full: np.ndarray
