@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import _rollouts_standin
+
+_rollouts_standin.install()  # until the compiled RolloutTable is on this branch
+
 from geko_core.bench.rl_data import END, FAMILIES, MAX_ANSWER, PAD, PROMPT_LEN, decode, encode, graded_reward, make_rl_data, score
 from geko_core.bench.rl_grpo import FullPolicy, group_advantages, grpo_loss, grpo_train, make_policy, run_rl
 from geko_core.bench.rl_model import TinyLM, completion_logprobs, generate, token_mask
@@ -243,15 +247,54 @@ def test_loop_counts_rollouts_and_dynamic_sampling_extras(filtering):
 
 
 def test_policies_and_budget():
-    full, subset = make_policy("full", 100, 0), make_policy("random_subset", 100, 0, budget=0.3)
-    for p in (full, subset):
-        p.begin_epoch(0)
+    full = make_policy("full", 100, 0, epochs=2)
+    full.begin_epoch(0)
     assert sorted(full.choose(0, 1000).tolist()) == list(range(100))
+    assert len(full.choose(1, 10)) == 0
+    subset = make_policy("random_subset", 100, 0, epochs=2, budget=0.3)
+    assert subset.selector.policy.name == "random_subset" and subset.selector.policy.budget == 0.3
+    subset.begin_epoch(0)
     assert len(subset.choose(0, 1000)) == 30 and len(subset.choose(1, 10)) == 0
+    assert make_policy("dynamic", 10, 0, epochs=1).filter_zero_variance is True
+    assert make_policy("greso", 10, 0, epochs=1).filter_zero_variance is False
     with pytest.raises(ValueError, match="unknown RL policy"):
-        make_policy("greso", 10, 0)
-    with pytest.raises(ValueError, match="share"):
-        make_policy("random_subset", 10, 0, budget=0.0)
+        make_policy("nope", 10, 0, epochs=1)
+    with pytest.raises(ValueError, match="budget"):
+        make_policy("random_subset", 10, 0, epochs=1, budget=0.0)
+
+
+def test_selector_policy_feeds_observe_rewards_and_trains_keep():
+    """The loop's counts agree with the Selector's: rollouts, rollout tokens, zero-variance
+    prompts; the trained groups are exactly ``stats.keep``; dynamic sampling's dropped groups
+    are the zero-variance ones."""
+    cfg = SCALES["smoke"]
+    data = load_data(cfg)
+    for name in ("greso", "dynamic", "geko"):
+        model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
+        model.load_state_dict(warm_start(cfg, 0))
+        policy = make_policy(name, len(data.train), 0, epochs=cfg.epochs)
+        counters, _ = grpo_train(model, data, policy, cfg, 0)
+        m = policy.selector.metrics()
+        assert m["rollouts"] == counters.rollouts and m["rollout_tokens"] == counters.rollout_tokens
+        assert m["zero_variance_prompts"] == counters.zero_variance_groups and m["prompts"] == counters.groups
+        if name == "dynamic":
+            assert counters.dropped_groups == counters.zero_variance_groups
+        else:
+            assert counters.dropped_groups == 0
+
+
+def test_gainrl_prepass_is_counted():
+    cfg = SCALES["smoke"]
+    data = load_data(cfg)
+    model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
+    model.load_state_dict(warm_start(cfg, 0))
+    policy = make_policy("gainrl", len(data.train), 0, epochs=cfg.epochs)
+    counters, _ = grpo_train(model, data, policy, cfg, 0)
+    m = policy.metrics()
+    # once, before the first epoch: every training prompt's PROMPT_LEN tokens
+    assert m["prepass_tokens"] == len(data.train) * PROMPT_LEN and m["prepass_seconds"] > 0
+    assert policy.selector.metrics()["gainrl/prepass_tokens"] == len(data.train) * PROMPT_LEN
+    assert counters.seconds["selection"] >= m["prepass_seconds"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,8 +405,8 @@ def test_suite_smoke_runs_counts_and_rejects_unknown():
     with pytest.raises(ValueError, match="scale"):
         run_suite(["full"], [0], "huge")
     seen = []
-    runs = run_suite(["random_subset", "full", "dynamic"], [0, 1], "smoke", on_run=seen.append)
-    assert [(r["policy"], r["seed"]) for r in runs] == [(p, s) for s in (0, 1) for p in ("full", "dynamic", "random_subset")]
+    runs = run_suite(["random_subset", "full", "dynamic", "geko"], [0, 1], "smoke", on_run=seen.append)
+    assert [(r["policy"], r["seed"]) for r in runs] == [(p, s) for s in (0, 1) for p in ("full", "geko", "dynamic", "random_subset")]
     assert seen == runs
     for r in runs:
         s = r["seconds"]
@@ -371,11 +414,13 @@ def test_suite_smoke_runs_counts_and_rejects_unknown():
         assert r["curve"][-1]["rollout_tokens"] == r["rollout_tokens"]
         assert r["dropped_rollout_tokens"] <= r["rollout_tokens"]
         assert (r["dropped_rollout_tokens"] > 0) == (r["policy"] == "dynamic" and r["dropped_groups"] > 0)
-    subset = [r for r in runs if r["policy"] == "random_subset"]
-    assert all(r["budget"] == 0.5 and r["rollouts"] == SCALES["smoke"].epochs * 24 * SCALES["smoke"].G for r in subset)
+    # the random subset's budget is GEKO's rollout-token share of full GRPO on the same seed
+    for seed in (0, 1):
+        by = {r["policy"]: r for r in runs if r["seed"] == seed}
+        assert by["random_subset"]["budget"] == pytest.approx(min(1.0, by["geko"]["rollout_tokens"] / by["full"]["rollout_tokens"]))
     rows = summarise(runs, SCALES["smoke"].num_validation)
-    assert [r["policy"] for r in rows] == ["full", "dynamic", "random_subset"]
-    assert rows[2]["rollout_tokens_vs_full"]["seeds"] == [0, 1]
+    assert [r["policy"] for r in rows] == ["full", "geko", "dynamic", "random_subset"]
+    assert rows[3]["rollout_tokens_vs_full"]["seeds"] == [0, 1]
     import tempfile
     from pathlib import Path
 

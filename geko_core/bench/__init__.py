@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 DEFAULT_TASKS = ("mnist1d", "stdlib-lm")
 DEFAULT_POLICIES = ("full", "uniform", "random_subset", "infobatch", "es", "geko")
-RL_DEFAULT_POLICIES = ("full", "random_subset", "dynamic")
+RL_DEFAULT_POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
 #: rl-algo's settings per geko-bench scale (geko_core/bench/rl_setup.py SCALES)
 RL_SCALES = {"smoke": "smoke", "quick": "quick", "default": "bench"}
 # "uniform" is full training through the Selector: its wall-clock against "full" is the
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rl-policies",
         default=",".join(RL_DEFAULT_POLICIES),
-        help="rl-algo's policies (comma list; default " + ",".join(RL_DEFAULT_POLICIES) + "; also greso, geko, gainrl through the Selector)",
+        help="rl-algo's policies (comma list; default " + ",".join(RL_DEFAULT_POLICIES) + "): full is plain GRPO, the others run through the Selector",
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3, 5 for rl-algo (1 with --smoke)")
     parser.add_argument("--out", default="geko-bench-out", help="output directory")

@@ -26,8 +26,8 @@ from .rl_selection import SELECTOR_POLICIES
 
 __all__ = ["LOOP_POLICIES", "format_rl_table", "run_suite", "summarise", "write_rl_outputs"]
 
-#: policies run at the loop level (``rl_grpo.make_policy``)
-LOOP_POLICIES = ("full", "random_subset", "dynamic")
+#: plain GRPO at the loop level; every other policy runs through the Selector
+LOOP_POLICIES = ("full",)
 #: the suite's order: full first (the pairing's baseline), GEKO before the random subset that
 #: matches its rollout budget
 _ORDER = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
@@ -52,8 +52,7 @@ def run_suite(
         ValueError: an unknown policy or scale (before anything runs).
     """
     from .rl_grpo import run_rl
-    from .rl_selection import SelectorPolicy, selector_options
-    from .rl_setup import SCALES, load_data
+    from .rl_setup import SCALES
 
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -61,8 +60,6 @@ def run_suite(
     unknown = [p for p in policies if p not in known]
     if unknown:
         raise ValueError(f"unknown rl-algo policy {unknown[0]!r}; choose among {', '.join(known)}")
-    cfg = SCALES[scale]
-    num_prompts = load_data(cfg).train.prompts.shape[0]
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     runs: list[dict] = []
@@ -72,10 +69,7 @@ def run_suite(
             share = budget
             if policy == "random_subset" and "geko" in spent and "full" in spent:
                 share = min(1.0, max(1e-3, spent["geko"] / spent["full"]))
-            chosen = None
-            if policy in SELECTOR_POLICIES:
-                chosen = SelectorPolicy(policy, num_prompts, seed, cfg.epochs, options=selector_options(policy, num_prompts))
-            result = run_rl(policy, seed, scale, budget=share, policy=chosen)
+            result = run_rl(policy, seed, scale, budget=share)
             if policy == "random_subset":
                 result["budget"] = share
             spent[policy] = result["rollout_tokens"]

@@ -17,13 +17,16 @@ the policy is told the rewards (``report``), and the groups with a reward spread
 * no reference model and no KL term; log-probabilities by a plain ``log_softmax``
   (``rl_model.completion_logprobs``).
 
-Selection policies (``LoopPolicy``) live at the loop level: ``full`` (every training prompt
-each epoch, shuffled), ``random_subset`` (a fresh random share of the prompts each epoch, the
-same share of full's rollouts), ``dynamic`` (DAPO's dynamic sampling: roll out, drop
-zero-variance groups, draw the missing count again until the batch holds ``B`` informative
-groups or the epoch's prompts run out; the dropped groups' rollouts are counted). A
-pre-rollout selector (GRESO, GEKO, GAIN-RL) plugs in as another ``LoopPolicy``: ``choose``
-before the rollout, ``report`` after it (where ``observe_rewards`` will be called).
+A selection policy is a ``LoopPolicy``: ``choose`` before the rollout, ``report`` after it
+(which may return the groups to train). ``full`` is plain GRPO at the loop level (every
+training prompt each epoch, shuffled; no selection library in the loop), the baseline; every
+other policy is the ``Selector`` in rewards mode (``rl_selection.SelectorPolicy``: the epoch's
+plan from ``sel.sampler``, ``sel.observe_rewards`` after each rollout, ``stats.keep`` trained):
+``random_subset`` (a fresh random share of the prompts each epoch), ``dynamic`` (DAPO's
+dynamic sampling: roll out, drop zero-variance groups, draw the missing count again until the
+batch holds ``B`` informative groups or the epoch's prompts run out; the dropped groups'
+rollouts are counted), ``greso``, ``geko`` and ``gainrl`` (pre-rollout selection from the
+reward history; GAIN-RL's angle pre-pass counted).
 
 ``python -m geko_core.bench.rl_grpo --policy full --seeds 1 --scale quick`` prints the figures.
 """
@@ -44,10 +47,8 @@ from .rl_model import TinyLM, completion_logprobs, generate, token_mask
 from .rl_setup import SCALES, RLConfig, evaluate, load_data, warm_start
 
 __all__ = [
-    "DynamicSampling",
     "FullPolicy",
     "LoopPolicy",
-    "RandomSubset",
     "group_advantages",
     "grpo_loss",
     "make_policy",
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 ADVANTAGE_EPS = 1e-6
-POLICIES = ("full", "random_subset", "dynamic")
+#: ``full`` at the loop level, the others through the Selector in rewards mode
+POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,21 +123,19 @@ class LoopPolicy(Protocol):
 
 
 class FullPolicy:
-    """Every training prompt once per epoch, in a fresh shuffle."""
+    """Plain GRPO, the baseline: every training prompt once per epoch, in a fresh shuffle,
+    no selection library in the loop."""
 
     filter_zero_variance = False
 
-    def __init__(self, num_prompts: int, seed: int, share: float = 1.0) -> None:
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"share must be in (0, 1], got {share}")
-        self.num_prompts, self.share = num_prompts, share
+    def __init__(self, num_prompts: int, seed: int) -> None:
+        self.num_prompts = num_prompts
         self.rng = np.random.default_rng([seed, 23])
         self.order = np.empty(0, dtype=np.int64)
         self.position = 0
 
     def begin_epoch(self, epoch: int) -> None:
-        order = self.rng.permutation(self.num_prompts)
-        self.order = order[: max(1, int(round(self.share * self.num_prompts)))]
+        self.order = self.rng.permutation(self.num_prompts)
         self.position = 0
 
     def choose(self, step: int, count: int) -> np.ndarray:
@@ -147,25 +147,23 @@ class FullPolicy:
         pass
 
 
-class RandomSubset(FullPolicy):
-    """A fresh random ``share`` of the prompts each epoch (about ``share`` of full's rollouts)."""
+def make_policy(name: str, num_prompts: int, seed: int, *, epochs: int, budget: float = 0.5) -> LoopPolicy:
+    """``full`` (plain GRPO, ``FullPolicy``) or a Selector policy in rewards mode
+    (``rl_selection.SelectorPolicy``: ``random_subset`` with ``budget``, the share of the
+    prompts per epoch; ``dynamic``, ``greso``, ``geko``, ``gainrl``).
 
+    Raises:
+        ValueError: an unknown name or a bad budget.
+    """
+    from .rl_selection import SelectorPolicy, selector_options
 
-class DynamicSampling(FullPolicy):
-    """DAPO's dynamic sampling over full's epoch order."""
-
-    filter_zero_variance = True
-
-
-def make_policy(name: str, num_prompts: int, seed: int, *, budget: float = 0.5) -> LoopPolicy:
-    """``full``, ``random_subset`` (``budget``: share of the prompts per epoch) or ``dynamic``."""
     if name == "full":
         return FullPolicy(num_prompts, seed)
-    if name == "random_subset":
-        return RandomSubset(num_prompts, seed, budget)
-    if name == "dynamic":
-        return DynamicSampling(num_prompts, seed)
-    raise ValueError(f"unknown RL policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name not in POLICIES:
+        raise ValueError(f"unknown RL policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a share in (0, 1], got {budget}")
+    return SelectorPolicy(name, num_prompts, seed, epochs, options=selector_options(name, num_prompts, budget))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +363,7 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
     started = time.perf_counter()
     model.load_state_dict(warm_start(cfg, seed))
     warm_seconds = time.perf_counter() - started
-    chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, budget=budget)
+    chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, epochs=cfg.epochs, budget=budget)
     before = evaluate(model, data, cfg, seed)
     curve: list[dict] = []
 

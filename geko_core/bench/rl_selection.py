@@ -22,13 +22,16 @@ import torch
 __all__ = ["SELECTOR_POLICIES", "SelectorPolicy", "selector_options"]
 
 #: rewards-mode policies run through the Selector
-SELECTOR_POLICIES = ("greso", "geko", "gainrl")
+SELECTOR_POLICIES = ("geko", "greso", "gainrl", "dynamic", "random_subset")
 
 _CHUNK = 512
 
 
-def selector_options(policy: str, num_prompts: int) -> dict[str, Any] | None:
-    """rl-algo's constructor options of a Selector policy: the library's defaults."""
+def selector_options(policy: str, num_prompts: int, budget: float = 0.5) -> dict[str, Any] | None:
+    """rl-algo's constructor options of a Selector policy: ``budget`` (share of the prompts
+    per epoch) for ``random_subset``, the library's defaults otherwise."""
+    if policy == "random_subset":
+        return {"budget": budget}
     return None
 
 
@@ -72,6 +75,7 @@ class SelectorPolicy:
         model.train(was_training)
         self.prepass_tokens += int(split.prompts.size)
         self.prepass_seconds += time.perf_counter() - began
+        policy.count_prepass(n, int(split.prompts.size))
 
     def begin_epoch(self, epoch: int) -> None:
         self.order = np.fromiter(iter(self.selector.sampler), dtype=np.int64)
