@@ -27,7 +27,9 @@ RL_DEFAULT_POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_sub
 #: rl-algo's settings per geko-bench scale (geko_core/bench/rl_setup.py SCALES)
 RL_SCALES = {"smoke": "smoke", "quick": "quick", "default": "bench"}
 # "uniform" is full training through the Selector: its wall-clock against "full" is the
-# like-for-like cost of the Selector. Also available with --policies: eswp, gainrl, grace (the
+# like-for-like cost of the Selector. "full_short" (opt-in) is full data cut to GEKO's measured
+# share of the steps, the learning-rate schedule compressed to them. Also available with
+# --policies: eswp, gainrl, grace (the
 # runner feeds GAIN-RL its angles and GRACE its embeddings from the model being trained).
 
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..policies import POLICIES
 
     for policy in policies:
-        if policy != "full" and policy not in POLICIES:
+        if policy not in ("full", "full_short") and policy not in POLICIES:
             parser.error(f"unknown policy {policy!r}")
     # GEKO runs first in each seed so the random subset can match its budget.
     ordered = sorted(policies, key=lambda p: {"full": 0, "geko": 1}.get(p, 2))
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             kept: dict[str, dict] = {}
             for repeat in range(repeats):
                 for policy in ordered:
-                    # Budgeted policies (random subset, GAIN-RL, GRACE) match GEKO's measured share.
+                    # Budgeted policies (random subset, full_short, GAIN-RL, GRACE) match GEKO's measured share.
                     fraction = geko_fraction if geko_fraction is not None else 0.5
                     options = bench_policy_options(policy, task, min(1.0, max(fraction, 1e-3)))
                     label = f"{task.name} {policy} seed {seed}" + (f" (timing {repeat + 1}/{repeats})" if repeats > 1 else "")
