@@ -134,3 +134,48 @@ def test_a_timing_repeat_that_trained_differently_is_an_error():
     with pytest.raises(RuntimeError, match="metric differ"):
         _add_timing(first, {**first, "metric": 0.5, "train_seconds": 2.0, "overhead_seconds": 0.2})
     assert first["train_seconds_repeats"] == [1.0, 2.0]
+
+
+def test_full_short_schedule_and_cost_to_target(tmp_path, monkeypatch, capsys):
+    """full_short trains full data for GEKO's share of the steps (LR schedule compressed to them);
+    the table's cost to full's metric reads the per-epoch curve."""
+    from geko_core.bench.runner import _lr_at, run_one
+    from geko_core.bench.tasks import make_task
+
+    task = make_task("mnist1d", "smoke")
+    full = run_one(task, "full", 0)
+    short = run_one(task, "full_short", 0, policy_options={"share": 0.3})
+    per_epoch = -(-task.num_samples // task.batch_size)
+    steps = round(0.3 * per_epoch * task.epochs)
+    sizes = ([task.batch_size] * (per_epoch - 1) + [task.num_samples - (per_epoch - 1) * task.batch_size]) * task.epochs
+    assert short["backpropagated"] == sum(sizes[:steps])
+    assert len(short["curve"]) == -(-steps // per_epoch) and full["backpropagated"] == task.num_samples * task.epochs
+    with pytest.raises(ValueError, match="share"):
+        run_one(task, "full_short", 0, policy_options={"share": 1.5})
+    assert _lr_at(1.0, 1.0) == pytest.approx(0.05)
+    monkeypatch.setenv("GEKO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["--smoke", "--out", str(out), "--no-progress", "--tasks", "mnist1d", "--policies", "full,geko,full_short"]) == 0
+    printed = capsys.readouterr().out
+    assert "full, shortened schedule" in printed and "to full's metric" in printed
+    runs = {r["policy"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    geko_share = runs["geko"]["backpropagated"] / (runs["geko"]["num_samples"] * runs["geko"]["epochs"])
+    assert runs["full_short"]["policy_options"] == {"share": pytest.approx(geko_share)}
+
+
+def test_cost_to_target_on_hand_made_curves():
+    from geko_core.bench.report import aggregate
+
+    def run(policy, seed, metric, curve):
+        return {"task": "t", "policy": policy, "seed": seed, "metric_name": "accuracy_%", "higher_is_better": True, "metric": metric,
+                "forwarded": curve[-1][0], "backpropagated": curve[-1][0], "train_seconds": 1.0, "overhead_share": 0.0,
+                "backpropagated_tokens": None, "curve": curve}
+
+    runs = [
+        run("full", 0, 80.0, [(100, 70.0), (200, 80.0)]), run("full", 1, 82.0, [(100, 75.0), (200, 82.0)]),
+        # full's seed std is sqrt(2): 78.59 and 80.59 are the targets
+        run("geko", 0, 79.0, [(50, 78.6), (100, 79.0)]), run("geko", 1, 79.0, [(50, 79.0), (100, 80.0)]),
+    ]
+    rows = {r["policy"]: r for r in aggregate(runs)}
+    assert rows["geko"]["to_target_reached"] == "1/2" and rows["geko"]["to_target_%"] == pytest.approx(25.0)
+    assert rows["full"]["to_target_reached"] == "2/2" and rows["full"]["to_target_%"] == pytest.approx(100.0)

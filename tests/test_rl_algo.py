@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import _rollouts_standin
+
+_rollouts_standin.install()  # until the compiled RolloutTable is on this branch
+
 from geko_core.bench.rl_data import END, FAMILIES, MAX_ANSWER, PAD, PROMPT_LEN, decode, encode, graded_reward, make_rl_data, score
 from geko_core.bench.rl_grpo import FullPolicy, group_advantages, grpo_loss, grpo_train, make_policy, run_rl
 from geko_core.bench.rl_model import TinyLM, completion_logprobs, generate, token_mask
@@ -243,12 +247,184 @@ def test_loop_counts_rollouts_and_dynamic_sampling_extras(filtering):
 
 
 def test_policies_and_budget():
-    full, subset = make_policy("full", 100, 0), make_policy("random_subset", 100, 0, budget=0.3)
-    for p in (full, subset):
-        p.begin_epoch(0)
+    full = make_policy("full", 100, 0, epochs=2)
+    full.begin_epoch(0)
     assert sorted(full.choose(0, 1000).tolist()) == list(range(100))
+    assert len(full.choose(1, 10)) == 0
+    subset = make_policy("random_subset", 100, 0, epochs=2, budget=0.3)
+    assert subset.selector.policy.name == "random_subset" and subset.selector.policy.budget == 0.3
+    subset.begin_epoch(0)
     assert len(subset.choose(0, 1000)) == 30 and len(subset.choose(1, 10)) == 0
+    assert make_policy("dynamic", 10, 0, epochs=1).filter_zero_variance is True
+    assert make_policy("greso", 10, 0, epochs=1).filter_zero_variance is False
     with pytest.raises(ValueError, match="unknown RL policy"):
-        make_policy("greso", 10, 0)
-    with pytest.raises(ValueError, match="share"):
-        make_policy("random_subset", 10, 0, budget=0.0)
+        make_policy("nope", 10, 0, epochs=1)
+    with pytest.raises(ValueError, match="budget"):
+        make_policy("random_subset", 10, 0, epochs=1, budget=0.0)
+
+
+def test_selector_policy_feeds_observe_rewards_and_trains_keep():
+    """The loop's counts agree with the Selector's: rollouts, rollout tokens, zero-variance
+    prompts; the trained groups are exactly ``stats.keep``; dynamic sampling's dropped groups
+    are the zero-variance ones."""
+    cfg = SCALES["smoke"]
+    data = load_data(cfg)
+    for name in ("greso", "dynamic", "geko"):
+        model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
+        model.load_state_dict(warm_start(cfg, 0))
+        policy = make_policy(name, len(data.train), 0, epochs=cfg.epochs)
+        counters, _ = grpo_train(model, data, policy, cfg, 0)
+        m = policy.selector.metrics()
+        assert m["rollouts"] == counters.rollouts and m["rollout_tokens"] == counters.rollout_tokens
+        assert m["zero_variance_prompts"] == counters.zero_variance_groups and m["prompts"] == counters.groups
+        if name == "dynamic":
+            assert counters.dropped_groups == counters.zero_variance_groups
+        else:
+            assert counters.dropped_groups == 0
+
+
+def test_gainrl_prepass_is_counted():
+    cfg = SCALES["smoke"]
+    data = load_data(cfg)
+    model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
+    model.load_state_dict(warm_start(cfg, 0))
+    policy = make_policy("gainrl", len(data.train), 0, epochs=cfg.epochs)
+    counters, _ = grpo_train(model, data, policy, cfg, 0)
+    m = policy.metrics()
+    # once, before the first epoch: every training prompt's PROMPT_LEN tokens
+    assert m["prepass_tokens"] == len(data.train) * PROMPT_LEN and m["prepass_seconds"] > 0
+    assert policy.selector.metrics()["gainrl/prepass_tokens"] == len(data.train) * PROMPT_LEN
+    assert counters.seconds["selection"] >= m["prepass_seconds"]
+
+
+# --------------------------------------------------------------------------------------------
+# The suite's statistics (rl_stats) on hand-made figures
+
+
+def _pt(step, tokens, seconds, val, test):
+    return {"step": step, "rollout_tokens": tokens, "rl_seconds": seconds, "validation_exact_%": val, "test_exact_%": test}
+
+
+_CURVE = [_pt(0, 0, 0.0, 30.0, 31.0), _pt(10, 100, 2.0, 38.0, 37.0), _pt(20, 200, 4.0, 41.0, 40.0), _pt(30, 300, 6.0, 40.0, 42.0)]
+
+
+def test_paired_differences_and_noise():
+    from geko_core.bench.rl_stats import mean_std, paired
+
+    base = {0: 40.0, 1: 35.0, 2: 45.0, 3: 38.0, 4: 42.0}
+    # every seed 2 pt better: no spread in the differences, so not noise whatever the seeds' spread
+    better = {s: v + 2.0 for s, v in base.items()}
+    d = paired(better, base)
+    assert d["mean"] == pytest.approx(2.0) and d["std"] == pytest.approx(0.0) and d["noise"] is False
+    assert d["seeds"] == [0, 1, 2, 3, 4]
+    # differences +3, -3, +1, -1, +0.5: mean 0.1, the interval holds 0
+    mixed = {0: 43.0, 1: 32.0, 2: 46.0, 3: 37.0, 4: 42.5}
+    d = paired(mixed, base)
+    diffs = np.array([3.0, -3.0, 1.0, -1.0, 0.5])
+    assert d["mean"] == pytest.approx(diffs.mean()) and d["std"] == pytest.approx(diffs.std(ddof=1))
+    assert d["ci95"] == pytest.approx(2.776 * diffs.std(ddof=1) / np.sqrt(5))
+    assert d["noise"] is True
+    # only the seeds both have are paired
+    assert paired({0: 1.0, 9: 5.0}, base)["seeds"] == [0]
+    assert paired({0: 1.0}, base)["noise"] is True and paired({0: 1.0}, base)["ci95"] is None
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired({7: 1.0}, base)
+    assert mean_std([2.0, 4.0]) == pytest.approx((3.0, np.sqrt(2.0)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_target_cost_and_equal_budget_on_hand_made_curves():
+    from geko_core.bench.rl_stats import accuracy_at_budget, cost_to_target, mean_curve, target_of
+
+    # full ends at 40% on 100 validation prompts: the target is 40 - 100 * sqrt(.4 * .6 / 100)
+    target = target_of(_CURVE, 100)
+    assert target == pytest.approx(40.0 - 100.0 * np.sqrt(0.24 / 100))
+    assert cost_to_target(_CURVE, target) == {"step": 10, "rollout_tokens": 100, "rl_seconds": 2.0}
+    assert cost_to_target(_CURVE, 41.0) == {"step": 20, "rollout_tokens": 200, "rl_seconds": 4.0}
+    assert cost_to_target(_CURVE, 41.5) is None
+    assert cost_to_target(_CURVE, 0.0)["step"] == 0
+    # the model held when the budget is spent: the last point within it
+    assert accuracy_at_budget(_CURVE, 250) == 40.0
+    assert accuracy_at_budget(_CURVE, 200) == 40.0
+    assert accuracy_at_budget(_CURVE, 199) == 37.0
+    assert accuracy_at_budget(_CURVE, 10_000) == 42.0
+    assert accuracy_at_budget(_CURVE, 50, key="validation_exact_%") == 30.0
+    with pytest.raises(ValueError):
+        target_of([], 100)
+    with pytest.raises(ValueError):
+        accuracy_at_budget([], 1)
+    other = [_pt(0, 0, 0.0, 30.0, 35.0), _pt(10, 150, 1.0, 30.0, 45.0)]
+    mean, std = mean_curve([_CURVE, other], np.array([0.0, 100.0, 150.0, 300.0]), "test_exact_%")
+    assert mean[:3].tolist() == pytest.approx([33.0, 36.0, 41.0])
+    assert mean[3] == 42.0 and std[3] == 0.0  # past the other run's end only one is left
+    assert std[0] == pytest.approx(np.std([31.0, 35.0], ddof=1))
+
+
+def _fake_run(policy, seed, tokens, seconds, final_test, curve):
+    return {
+        "policy": policy, "seed": seed, "rollout_tokens": tokens, "trained_tokens": tokens // 2, "rl_seconds": seconds,
+        "seconds": {"rollout": seconds * 0.6, "training": seconds * 0.3, "selection": seconds * 0.01, "other": seconds * 0.09},
+        "after": {"test": {"exact_%": final_test, "sampled_reward": final_test / 100}, "validation": {"exact_%": curve[-1]["validation_exact_%"]}},
+        "zero_variance_share": 0.5, "dropped_rollout_tokens": 0, "curve": curve,
+    }
+
+
+def test_summarise_pairs_seeds_and_costs():
+    from geko_core.bench.rl_bench import format_rl_table, summarise
+
+    runs = []
+    for seed, shift in enumerate((0.0, 2.0, -1.0, 1.0, 0.5)):
+        full = [_pt(0, 0, 0.0, 30 + shift, 30 + shift), _pt(10, 500, 5.0, 38 + shift, 38 + shift), _pt(20, 1000, 10.0, 40 + shift, 40 + shift)]
+        half = [_pt(0, 0, 0.0, 30 + shift, 30 + shift), _pt(10, 250, 2.0, 39 + shift, 39 + shift), _pt(20, 500, 4.0, 40 + shift, 41 + shift)]
+        runs.append(_fake_run("full", seed, 1000, 10.0, 40 + shift, full))
+        runs.append(_fake_run("random_subset", seed, 500, 4.0, 41 + shift, half))
+    rows = summarise(runs, num_validation=10_000, equal_budget=0.5)
+    assert [r["policy"] for r in rows] == ["full", "random_subset"]
+    full, sub = rows
+    assert sub["test_exact_%_vs_full"]["mean"] == pytest.approx(1.0) and sub["test_exact_%_vs_full"]["noise"] is False
+    assert sub["rollout_tokens_saved_%"] == pytest.approx((50.0, 0.0))
+    assert sub["rl_seconds_saved_%"] == pytest.approx((60.0, 0.0))
+    # target 40 + shift - 0.49: full reaches it at its end (100%), the subset at 500 tokens and 4 s
+    assert full["cost_to_target_tokens_%"] == pytest.approx((100.0, 0.0)) and full["target_reached"] == "5/5"
+    assert sub["cost_to_target_tokens_%"] == pytest.approx((50.0, 0.0))
+    assert sub["cost_to_target_seconds_%"] == pytest.approx((40.0, 0.0))
+    # at 500 rollout tokens full holds 38 + shift and the subset 41 + shift
+    assert sub["test_exact_at_budget_vs_full"]["mean"] == pytest.approx(3.0)
+    assert sub["selection_share_%"][0] == pytest.approx(1.0)
+    text = format_rl_table(rows)
+    assert "random_subset" in text and "+1.0 ± 0.0" in text and "5/5" in text
+
+
+def test_suite_smoke_runs_counts_and_rejects_unknown():
+    from geko_core.bench.rl_bench import run_suite, summarise, write_rl_outputs
+
+    with pytest.raises(ValueError, match="unknown rl-algo policy"):
+        run_suite(["full", "nope"], [0], "smoke")
+    with pytest.raises(ValueError, match="scale"):
+        run_suite(["full"], [0], "huge")
+    seen = []
+    runs = run_suite(["random_subset", "full", "dynamic", "geko"], [0, 1], "smoke", on_run=seen.append)
+    assert [(r["policy"], r["seed"]) for r in runs] == [(p, s) for s in (0, 1) for p in ("full", "geko", "dynamic", "random_subset")]
+    assert seen == runs
+    for r in runs:
+        s = r["seconds"]
+        assert r["rl_seconds"] == pytest.approx(s["rollout"] + s["training"] + s["selection"] + s["other"])
+        assert r["curve"][-1]["rollout_tokens"] == r["rollout_tokens"]
+        assert r["dropped_rollout_tokens"] <= r["rollout_tokens"]
+        assert (r["dropped_rollout_tokens"] > 0) == (r["policy"] == "dynamic" and r["dropped_groups"] > 0)
+    # the random subset's budget is GEKO's rollout-token share of full GRPO on the same seed
+    for seed in (0, 1):
+        by = {r["policy"]: r for r in runs if r["seed"] == seed}
+        assert by["random_subset"]["budget"] == pytest.approx(min(1.0, by["geko"]["rollout_tokens"] / by["full"]["rollout_tokens"]))
+    rows = summarise(runs, SCALES["smoke"].num_validation)
+    assert [r["policy"] for r in rows] == ["full", "geko", "dynamic", "random_subset"]
+    assert rows[3]["rollout_tokens_vs_full"]["seeds"] == [0, 1]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_rl_outputs(Path(tmp), runs, rows, {"scale": "smoke"})
+        assert [p.name for p in paths] == ["rl-algo.json", "rl-algo_test_exact_vs_rollout_tokens.png", "rl-algo_validation_exact_vs_rollout_tokens.png"]
+        assert all(p.stat().st_size > 0 for p in paths)

@@ -3,11 +3,13 @@
     geko-bench --quick          # about a minute
     geko-bench                  # the default run (within 15 minutes on 2 cores)
     geko-bench --smoke          # seconds; what CI runs
+    geko-bench --tasks rl-algo  # GRPO prompt selection, 5 seeds (opt-in: not in the default run)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -21,8 +23,13 @@ __all__ = ["main"]
 
 DEFAULT_TASKS = ("mnist1d", "stdlib-lm")
 DEFAULT_POLICIES = ("full", "uniform", "random_subset", "infobatch", "es", "geko")
+RL_DEFAULT_POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
+#: rl-algo's settings per geko-bench scale (geko_core/bench/rl_setup.py SCALES)
+RL_SCALES = {"smoke": "smoke", "quick": "quick", "default": "bench"}
 # "uniform" is full training through the Selector: its wall-clock against "full" is the
-# like-for-like cost of the Selector. Also available with --policies: eswp, gainrl, grace (the
+# like-for-like cost of the Selector. "full_short" (opt-in) is full data cut to GEKO's measured
+# share of the steps, the learning-rate schedule compressed to them. Also available with
+# --policies: eswp, gainrl, grace (the
 # runner feeds GAIN-RL its angles and GRACE its embeddings from the model being trained).
 
 
@@ -82,14 +89,56 @@ def _median_timing(result: dict) -> None:
     result["overhead_share"] = result["overhead_seconds"] / result["train_seconds"] if result["train_seconds"] > 0 else 0.0
 
 
+def _run_rl_algo(args: argparse.Namespace, scale_name: str, policies: list[str], argv: list[str] | None) -> None:
+    """The rl-algo suite (geko_core/bench/rl_bench.py): its own table, JSON and plots."""
+    from .rl_bench import format_rl_table, run_suite, summarise, write_rl_outputs
+    from .rl_setup import SCALES
+
+    scale = RL_SCALES[scale_name]
+    seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 5)
+    started = time.perf_counter()
+
+    def on_run(r: dict) -> None:
+        if not args.no_progress:
+            sys.stderr.write(
+                f"rl-algo {r['policy']} seed {r['seed']}: test exact {r['after']['test']['exact_%']:.1f}%, "
+                f"{r['rollout_tokens']:,} rollout tokens, RL {r['rl_seconds']:.1f}s ({time.perf_counter() - started:.0f}s so far)\n"
+            )
+
+    runs = run_suite(policies, list(range(seeds)), scale, on_run=on_run)
+    rows = summarise(runs, SCALES[scale].num_validation)
+    meta = {
+        "command": "geko-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "task": "rl-algo",
+        "scale": scale,
+        "config": dataclasses.asdict(SCALES[scale]),
+        "seeds": seeds,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": time.perf_counter() - started,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    written = write_rl_outputs(Path(args.out), runs, rows, meta)
+    print(f"rl-algo ({scale} scale, {seeds} seeds; test split; Δ: paired against full GRPO of the same seed, "
+          "'(noise)' when its 95% interval holds 0)")
+    print(format_rl_table(rows))
+    print(f"\n{len(runs)} rl-algo runs in {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in written))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="geko-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="small data and few epochs (about a minute)")
     scale.add_argument("--smoke", action="store_true", help="tiny end-to-end check (seconds)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm, sft-algo, sft-stdlib")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm, sft-algo, sft-stdlib, rl-algo")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of full and Selector policies (also: eswp, gainrl, grace, uniform)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3 (1 with --smoke)")
+    parser.add_argument(
+        "--rl-policies",
+        default=",".join(RL_DEFAULT_POLICIES),
+        help="rl-algo's policies (comma list; default " + ",".join(RL_DEFAULT_POLICIES) + "): full is plain GRPO, the others run through the Selector",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3, 5 for rl-algo (1 with --smoke)")
     parser.add_argument("--out", default="geko-bench-out", help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,7 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.budget is not None and not 0.0 < args.budget <= 1.0:
         parser.error("--budget must be in (0, 1]")
-    tasks = [make_task(name.strip(), scale_name) for name in args.tasks.split(",") if name.strip()]
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    rl_policies = [p.strip() for p in args.rl_policies.split(",") if p.strip()]
+    if "rl-algo" in names:
+        from .rl_bench import LOOP_POLICIES, SELECTOR_POLICIES
+
+        for policy in rl_policies:
+            if policy not in LOOP_POLICIES + SELECTOR_POLICIES:
+                parser.error(f"unknown rl-algo policy {policy!r}")
+    tasks = [make_task(name, scale_name) for name in names if name != "rl-algo"]
     if args.library_defaults:
         from .settings import without_task_settings
 
@@ -141,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..policies import POLICIES
 
     for policy in policies:
-        if policy != "full" and policy not in POLICIES:
+        if policy not in ("full", "full_short") and policy not in POLICIES:
             parser.error(f"unknown policy {policy!r}")
     # GEKO runs first in each seed so the random subset can match its budget.
     ordered = sorted(policies, key=lambda p: {"full": 0, "geko": 1}.get(p, 2))
@@ -158,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             kept: dict[str, dict] = {}
             for repeat in range(repeats):
                 for policy in ordered:
-                    # Budgeted policies (random subset, GAIN-RL, GRACE) match GEKO's measured share.
+                    # Budgeted policies (random subset, full_short, GAIN-RL, GRACE) match GEKO's measured share.
                     fraction = geko_fraction if geko_fraction is not None else 0.5
                     options = bench_policy_options(policy, task, min(1.0, max(fraction, 1e-3)))
                     label = f"{task.name} {policy} seed {seed}" + (f" (timing {repeat + 1}/{repeats})" if repeats > 1 else "")
@@ -176,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             for result in kept.values():
                 _median_timing(result)
     progress.close()
+    if "rl-algo" in names:
+        _run_rl_algo(args, scale_name, rl_policies, argv)
+    if not tasks:
+        return 0
     rows = aggregate(runs)
     meta = {
         "command": "geko-bench " + " ".join(argv if argv is not None else sys.argv[1:]),

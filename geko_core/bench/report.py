@@ -18,7 +18,7 @@ __all__ = ["aggregate", "format_table", "write_outputs"]
 
 
 #: How the table names policies; "uniform" is full data through the Selector.
-POLICY_LABELS = {"uniform": "uniform (Selector)", "random_subset": "random subset", "es": "ES (reconstructed)"}
+POLICY_LABELS = {"uniform": "uniform (Selector)", "random_subset": "random subset", "es": "ES (reconstructed)", "full_short": "full, shortened schedule"}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -64,17 +64,37 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             noise = 100.0 * (row["metric_std"] ** 2 + base["metric_std"] ** 2) ** 0.5 / base["metric"]
         # A difference smaller than the seeds' spread is called what it is.
         row["within_noise"] = row["policy"] != "full" and abs(row["metric_delta"]) <= noise
+        _cost_to_target(row, base, runs)
     return rows
 
 
+def _cost_to_target(row: dict[str, Any], base: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """The samples back-propagated until a run's held-out metric first reached full training's
+    final metric of the same seed, within full's seed spread (its std over seeds), as a share of
+    full training's samples of that seed; read on the per-epoch curve (no interpolation).
+    Sets ``to_target_%`` (mean ± std over the seeds that reached it) and ``to_target_reached``."""
+    full_runs = {r["seed"]: r for r in runs if r["task"] == row["task"] and r["policy"] == "full"}
+    shares = []
+    group = [r for r in runs if r["task"] == row["task"] and r["policy"] == row["policy"] and r["seed"] in full_runs]
+    for r in group:
+        final, total = full_runs[r["seed"]]["metric"], full_runs[r["seed"]]["backpropagated"]
+        for spent, metric in r["curve"]:
+            if (metric >= final - base["metric_std"]) if row["higher_is_better"] else (metric <= final + base["metric_std"]):
+                shares.append(100.0 * spent / total)
+                break
+    row["to_target_reached"] = f"{len(shares)}/{len(group)}"
+    if shares:
+        row["to_target_%"], row["to_target_%_std"] = _mean_std(shares)
+
+
 def _policy_order(policy: str) -> int:
-    order = ["full", "uniform", "random_subset", "infobatch", "es", "eswp", "geko"]
+    order = ["full", "full_short", "uniform", "random_subset", "infobatch", "es", "eswp", "geko"]
     return order.index(policy) if policy in order else len(order)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the aggregated rows."""
-    header = ["task", "policy", "metric", "Δ vs full", "backprop", "saved", "wall s", "wall saved", "overhead"]
+    header = ["task", "policy", "metric", "Δ vs full", "backprop", "saved", "wall s", "wall saved", "overhead", "to full's metric"]
     lines = []
     for row in rows:
         unit = "pt" if row["higher_is_better"] else "%"
@@ -89,6 +109,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{row['train_seconds']:.1f} ± {row['train_seconds_std']:.1f}",
             "" if "wall_saved_%" not in row else f"{row['wall_saved_%']:.1f} ± {row['wall_saved_%_std']:.1f}%",
             f"{100 * row['overhead_share']:.2f}%",
+            "" if "to_target_reached" not in row else (
+                f"{row['to_target_%']:.0f} ± {row['to_target_%_std']:.0f}% ({row['to_target_reached']})" if "to_target_%" in row else f"— (0/{row['to_target_reached'].split('/')[1]})"
+            ),
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

@@ -17,13 +17,16 @@ the policy is told the rewards (``report``), and the groups with a reward spread
 * no reference model and no KL term; log-probabilities by a plain ``log_softmax``
   (``rl_model.completion_logprobs``).
 
-Selection policies (``LoopPolicy``) live at the loop level: ``full`` (every training prompt
-each epoch, shuffled), ``random_subset`` (a fresh random share of the prompts each epoch, the
-same share of full's rollouts), ``dynamic`` (DAPO's dynamic sampling: roll out, drop
-zero-variance groups, draw the missing count again until the batch holds ``B`` informative
-groups or the epoch's prompts run out; the dropped groups' rollouts are counted). A
-pre-rollout selector (GRESO, GEKO, GAIN-RL) plugs in as another ``LoopPolicy``: ``choose``
-before the rollout, ``report`` after it (where ``observe_rewards`` will be called).
+A selection policy is a ``LoopPolicy``: ``choose`` before the rollout, ``report`` after it
+(which may return the groups to train). ``full`` is plain GRPO at the loop level (every
+training prompt each epoch, shuffled; no selection library in the loop), the baseline; every
+other policy is the ``Selector`` in rewards mode (``rl_selection.SelectorPolicy``: the epoch's
+plan from ``sel.sampler``, ``sel.observe_rewards`` after each rollout, ``stats.keep`` trained):
+``random_subset`` (a fresh random share of the prompts each epoch), ``dynamic`` (DAPO's
+dynamic sampling: roll out, drop zero-variance groups, draw the missing count again until the
+batch holds ``B`` informative groups or the epoch's prompts run out; the dropped groups'
+rollouts are counted), ``greso``, ``geko`` and ``gainrl`` (pre-rollout selection from the
+reward history; GAIN-RL's angle pre-pass counted).
 
 ``python -m geko_core.bench.rl_grpo --policy full --seeds 1 --scale quick`` prints the figures.
 """
@@ -44,10 +47,8 @@ from .rl_model import TinyLM, completion_logprobs, generate, token_mask
 from .rl_setup import SCALES, RLConfig, evaluate, load_data, warm_start
 
 __all__ = [
-    "DynamicSampling",
     "FullPolicy",
     "LoopPolicy",
-    "RandomSubset",
     "group_advantages",
     "grpo_loss",
     "make_policy",
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 ADVANTAGE_EPS = 1e-6
-POLICIES = ("full", "random_subset", "dynamic")
+#: ``full`` at the loop level, the others through the Selector in rewards mode
+POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,26 +116,26 @@ class LoopPolicy(Protocol):
     def choose(self, step: int, count: int) -> np.ndarray:
         """Up to ``count`` prompt indices to roll out next; empty when the epoch is over."""
 
-    def report(self, indices: np.ndarray, rewards: np.ndarray, lengths: np.ndarray) -> None:
-        """After every rollout: rewards ``[b, G]`` and completion lengths ``[b, G]``."""
+    def report(self, indices: np.ndarray, rewards: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """After every rollout: rewards ``[b, G]`` and completion lengths ``[b, G]``. May
+        return bool ``[b]``, the groups to train on (a Selector's ``stats.keep``); None lets
+        the loop keep the groups with a reward spread."""
 
 
 class FullPolicy:
-    """Every training prompt once per epoch, in a fresh shuffle."""
+    """Plain GRPO, the baseline: every training prompt once per epoch, in a fresh shuffle,
+    no selection library in the loop."""
 
     filter_zero_variance = False
 
-    def __init__(self, num_prompts: int, seed: int, share: float = 1.0) -> None:
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"share must be in (0, 1], got {share}")
-        self.num_prompts, self.share = num_prompts, share
+    def __init__(self, num_prompts: int, seed: int) -> None:
+        self.num_prompts = num_prompts
         self.rng = np.random.default_rng([seed, 23])
         self.order = np.empty(0, dtype=np.int64)
         self.position = 0
 
     def begin_epoch(self, epoch: int) -> None:
-        order = self.rng.permutation(self.num_prompts)
-        self.order = order[: max(1, int(round(self.share * self.num_prompts)))]
+        self.order = self.rng.permutation(self.num_prompts)
         self.position = 0
 
     def choose(self, step: int, count: int) -> np.ndarray:
@@ -145,25 +147,23 @@ class FullPolicy:
         pass
 
 
-class RandomSubset(FullPolicy):
-    """A fresh random ``share`` of the prompts each epoch (about ``share`` of full's rollouts)."""
+def make_policy(name: str, num_prompts: int, seed: int, *, epochs: int, budget: float = 0.5) -> LoopPolicy:
+    """``full`` (plain GRPO, ``FullPolicy``) or a Selector policy in rewards mode
+    (``rl_selection.SelectorPolicy``: ``random_subset`` with ``budget``, the share of the
+    prompts per epoch; ``dynamic``, ``greso``, ``geko``, ``gainrl``).
 
+    Raises:
+        ValueError: an unknown name or a bad budget.
+    """
+    from .rl_selection import SelectorPolicy, selector_options
 
-class DynamicSampling(FullPolicy):
-    """DAPO's dynamic sampling over full's epoch order."""
-
-    filter_zero_variance = True
-
-
-def make_policy(name: str, num_prompts: int, seed: int, *, budget: float = 0.5) -> LoopPolicy:
-    """``full``, ``random_subset`` (``budget``: share of the prompts per epoch) or ``dynamic``."""
     if name == "full":
         return FullPolicy(num_prompts, seed)
-    if name == "random_subset":
-        return RandomSubset(num_prompts, seed, budget)
-    if name == "dynamic":
-        return DynamicSampling(num_prompts, seed)
-    raise ValueError(f"unknown RL policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name not in POLICIES:
+        raise ValueError(f"unknown RL policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a share in (0, 1], got {budget}")
+    return SelectorPolicy(name, num_prompts, seed, epochs, options=selector_options(name, num_prompts, budget))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +181,9 @@ class _Counters:
     zero_variance_groups: int = 0
     steps: int = 0
     updates: int = 0
-    seconds: dict = field(default_factory=lambda: {"rollout": 0.0, "training": 0.0, "other": 0.0, "evaluation": 0.0})
+    #: "selection": inside the policy's ``begin_epoch``/``choose``/``report`` (and a pre-pass
+    #: the policy asks for); "other": the loop's own bookkeeping; "evaluation" apart
+    seconds: dict = field(default_factory=lambda: {"rollout": 0.0, "training": 0.0, "selection": 0.0, "other": 0.0, "evaluation": 0.0})
 
 
 def _rollout(model: TinyLM, split: RLSplit, idx: np.ndarray, cfg: RLConfig, generator: torch.Generator):
@@ -225,7 +227,8 @@ def grpo_train(
     """Run ``cfg.epochs`` epochs of GRPO on ``data.train`` with ``policy``'s prompts.
 
     ``on_eval(step, model, counters)`` is called before the first step, every
-    ``cfg.eval_every`` trained steps and after the last (its time is counted apart).
+    ``cfg.eval_every`` trained steps and at the end when rollouts were spent since the last
+    call (its time is counted apart).
     Returns the counters and per-epoch records (zero-variance share, pass-rate spread).
     """
     split = data.train
@@ -234,23 +237,36 @@ def grpo_train(
     c = _Counters()
     epochs: list[dict] = []
 
+    evaluated_at: list[int] = []  # rollout tokens at the latest evaluation
+
     def timed_eval() -> None:
         if on_eval is not None:
             began = time.perf_counter()
             on_eval(c.steps, model, c)
             c.seconds["evaluation"] += time.perf_counter() - began
+            evaluated_at[:] = [c.rollout_tokens]
 
     timed_eval()
     for epoch in range(cfg.epochs):
         mark = time.perf_counter()
+        prepare = getattr(policy, "prepare_epoch", None)
+        if prepare is not None:  # e.g. GAIN-RL's hidden-state pre-pass over the prompts
+            prepare(epoch, model, split)
         policy.begin_epoch(epoch)
+        now = time.perf_counter()
+        c.seconds["selection"] += now - mark
+        mark = now
         pass_rates: list[np.ndarray] = []
         epoch_groups = epoch_zero = 0
         exhausted = False
         while not exhausted:
             batch: list = []
             while len(batch) < cfg.batch_prompts:
+                now = time.perf_counter()
+                c.seconds["other"] += now - mark
                 idx = np.asarray(policy.choose(c.steps, cfg.batch_prompts - len(batch)), dtype=np.int64)
+                mark = time.perf_counter()
+                c.seconds["selection"] += mark - now
                 if len(idx) == 0:
                     exhausted = True
                     break
@@ -260,17 +276,21 @@ def grpo_train(
                 mark = time.perf_counter()
                 c.seconds["rollout"] += mark - now
                 lengths = out.lengths.view(len(idx), cfg.G)
-                policy.report(idx, rewards, lengths.numpy())
+                keep = policy.report(idx, rewards, lengths.numpy())
+                now = time.perf_counter()
+                c.seconds["selection"] += now - mark
+                mark = now
                 c.rollout_tokens += out.generated_tokens
                 c.rollouts += out.tokens.shape[0]
                 flat = (rewards == rewards[:, :1]).all(axis=1)
+                keep = ~flat if keep is None else np.asarray(keep, dtype=bool)
                 c.groups += len(idx)
                 c.zero_variance_groups += int(flat.sum())
                 epoch_groups += len(idx)
                 epoch_zero += int(flat.sum())
                 pass_rates.append(rewards.mean(axis=1))
                 for j, i in enumerate(idx):
-                    if flat[j]:
+                    if not keep[j]:
                         if policy.filter_zero_variance:
                             c.dropped_groups += 1
                             c.dropped_rollout_tokens += int(lengths[j].sum())
@@ -302,9 +322,17 @@ def grpo_train(
             "all_right_share": float((rates == 1).mean()) if len(rates) else 0.0,
             "rollout_tokens_so_far": c.rollout_tokens,
         })
-    if on_eval is not None and c.steps % cfg.eval_every:
+    # The last point carries the whole run's cost, rollouts after the last trained step included
+    # (an all-zero-variance last draw, dynamic sampling's leftovers).
+    if on_eval is not None and (c.steps % cfg.eval_every or evaluated_at != [c.rollout_tokens]):
         timed_eval()
     return c, epochs
+
+
+def _rl_seconds(seconds: dict) -> float:
+    """RL wall-clock: rollout, training, selection and the loop's own bookkeeping (not the
+    evaluations)."""
+    return seconds["rollout"] + seconds["training"] + seconds["selection"] + seconds["other"]
 
 
 def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float = 0.5, config: RLConfig | None = None, policy: LoopPolicy | None = None) -> dict:
@@ -335,16 +363,17 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
     started = time.perf_counter()
     model.load_state_dict(warm_start(cfg, seed))
     warm_seconds = time.perf_counter() - started
-    chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, budget=budget)
+    chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, epochs=cfg.epochs, budget=budget)
     before = evaluate(model, data, cfg, seed)
     curve: list[dict] = []
 
     def on_eval(step: int, m: TinyLM, counters: _Counters) -> None:
-        figures = evaluate(m, data, cfg, seed)
-        point = {"step": step, "rollout_tokens": counters.rollout_tokens, "rl_seconds": counters.seconds["rollout"] + counters.seconds["training"] + counters.seconds["other"]}
+        figures = evaluate(m, data, cfg, seed, sampled=cfg.curve_sampled)
+        point = {"step": step, "rollout_tokens": counters.rollout_tokens, "trained_tokens": counters.trained_tokens, "rl_seconds": _rl_seconds(counters.seconds)}
         for split in ("validation", "test"):
             point[f"{split}_exact_%"] = figures[split]["exact_%"]
-            point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
+            if cfg.curve_sampled:
+                point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
         curve.append(point)
 
     counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval)
@@ -366,10 +395,12 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
         "steps": counters.steps,
         "updates": counters.updates,
         "seconds": seconds,
-        "rl_seconds": seconds["rollout"] + seconds["training"] + seconds["other"],
+        "rl_seconds": _rl_seconds(seconds),
         "warm_start_seconds": warm_seconds,
         "epochs": epochs,
         "curve": curve,
+        # a Selector-driven policy's own figures (skipped prompts, a pre-pass's cost)
+        "selection_metrics": chosen.metrics() if callable(getattr(chosen, "metrics", None)) else {},
     }
 
 
@@ -382,7 +413,7 @@ def _line(r: dict) -> str:
         f"test reward@G {b['test']['sampled_reward']:.3f} -> {a['test']['sampled_reward']:.3f}  "
         f"zero-var {z[0]['zero_variance_share']:.0%} -> {z[-1]['zero_variance_share']:.0%}  "
         f"rollout tokens {r['rollout_tokens']:,} (dropped {r['dropped_rollout_tokens']:,})  trained {r['trained_tokens']:,}  "
-        f"RL {r['rl_seconds']:.1f}s (rollout {s['rollout']:.1f} train {s['training']:.1f} other {s['other']:.1f}; eval {s['evaluation']:.1f}; warm start {r['warm_start_seconds']:.1f})"
+        f"RL {r['rl_seconds']:.1f}s (rollout {s['rollout']:.1f} train {s['training']:.1f} selection {s['selection']:.2f} other {s['other']:.1f}; eval {s['evaluation']:.1f}; warm start {r['warm_start_seconds']:.1f})"
     )
 
 
@@ -411,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             for p in r["curve"]:
                 print(
                     f"    step {p['step']:>4}  rollout tokens {p['rollout_tokens']:>9,}  RL {p['rl_seconds']:6.1f}s  exact match validation {p['validation_exact_%']:5.1f}% "
-                    f"test {p['test_exact_%']:5.1f}%  reward@G validation {p['validation_sampled_reward']:.3f} test {p['test_sampled_reward']:.3f}"
+                    f"test {p['test_exact_%']:5.1f}%"
+                    + (f"  reward@G validation {p['validation_sampled_reward']:.3f} test {p['test_sampled_reward']:.3f}" if "test_sampled_reward" in p else "")
                 )
     if args.json:
         with open(args.json, "w") as fh:

@@ -36,6 +36,8 @@ def bench_policy_options(policy: str, task: Task, budget: float) -> dict[str, An
     n = task.num_samples
     if policy in task.policy_options:
         return dict(task.policy_options[policy])
+    if policy == "full_short":
+        return {"share": budget}
     if policy == "random_subset":
         # Matched in the unit compute is paid in: tokens for language models.
         return {"budget": budget, "unit": "tokens"} if sample_tokens(task) is not None else {"budget": budget}
@@ -147,7 +149,11 @@ def run_one(
     policy_options: dict[str, Any] | None = None,
     on_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``task`` under ``policy`` ("full" or a Selector policy) and report.
+    """Train ``task`` under ``policy`` ("full", "full_short" or a Selector policy) and report.
+
+    ``full_short`` is full training cut to ``policy_options["share"]`` of full training's
+    steps, its learning-rate schedule compressed to them (``bench_policy_options`` gives it
+    GEKO's measured share).
 
     Returns:
         A dict with forwarded / backpropagated sample counts, train_seconds, overhead_seconds,
@@ -170,14 +176,28 @@ def run_one(
     overhead = 0.0
     geko_metrics: dict[str, Any] = {}
 
-    if policy == "full":
+    if policy in ("full", "full_short"):
         generator = torch.Generator().manual_seed(seed)
-        for epoch in range(epochs):
+        # full_short: full data for the share of full training's steps a policy spent, the
+        # learning-rate schedule compressed to those steps (the data-pruning baseline).
+        per_epoch = -(-n // batch)
+        total_steps = per_epoch * epochs
+        if policy == "full_short":
+            share = float((policy_options or {}).get("share", 0.5))
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"full_short share must be in (0, 1], got {share}")
+            total_steps = max(1, int(round(share * per_epoch * epochs)))
+        step = 0
+        for epoch in range(-(-total_steps // per_epoch)):
             started = time.perf_counter()
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, batch):
+                if step == total_steps:
+                    break
+                step += 1
                 idx = order[start : start + batch]
-                _set_lr(optimizer, _lr_at(task.lr, (epoch + start / n) / epochs))
+                progress = (epoch + start / n) / epochs if policy == "full" else (step - 1) / total_steps
+                _set_lr(optimizer, _lr_at(task.lr, progress))
                 loss = _flat_ce(model(x[idx]), y[idx], shift)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
