@@ -1,6 +1,6 @@
 """The Selector in rewards mode (RL loops): its table, its input checks, its touch point
 ``observe_rewards`` and its counts, all on the Selector's one path (the epoch, the plan's
-position, the queue, the all-gather, the step count of ``Selector._record``).
+position, the queue, the all-gather, the step count of ``_bookkeeping.record_batch``).
 
 In rewards mode the sampler yields *prompt* indices; the loop rolls out G completions per
 prompt, scores them with any verifier and calls ``sel.observe_rewards(idx, rewards,
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ._bookkeeping import record_batch
 from ._gather import distributed
 from ._queue import StatsQueue, host_copy_for
 from ._selector_inputs import host_indices
@@ -151,7 +152,7 @@ class RewardsMode:
         else:  # a device's rows reach the table one step late (``_host_copy``: tests on CPU)
             device = rewards.device
             copier = sel._host_copy if sel._host_copy is not None else host_copy_for(device)
-        sel._record(indices, at, weights, None, None, tokens, rows=(rows, device, copier))
+        record_batch(sel, indices, at, weights, None, None, tokens, rows=(rows, device, copier))
         return stats
 
     def planned(self, sel: Any, plan: Any) -> None:

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from ._checks import check_bool, check_int
-from ._counters import STATE_FORMAT_VERSION, RunCounters, batch_tokens, parse_state
-from ._gather import distributed, gather_batch
+from ._bookkeeping import record_batch, record_located
+from ._counters import RunCounters, batch_tokens
+from ._gather import distributed
 from ._selector_inputs import batch_indices, check_index_range, check_loss_inputs, check_sample_tokens, head_parameters, host_indices
-from ._queue import DeviceIndices, HostCopy, StatsQueue, host_copy_for
+from ._queue import DeviceIndices, HostCopy, StatsQueue
 from ._rewards import RewardsMode, logits_only
-from .config import BUCKET_NAMES, GekoConfig, resolve_config
+from ._selector_state import epoch_entry, load_selector_state, selector_metrics, selector_state
+from .config import GekoConfig, resolve_config
 from .epoch import EpochPlan, Plan
 from .epochs import Epochs
 from .cross_entropy import _loss_and_stats
@@ -266,13 +268,7 @@ class Selector:
     def _leave_epoch(self, plan: EpochPlan | None) -> None:
         self._queue.apply()
         if plan is not None and (plan.position > 0 or plan.exhausted):  # an epoch that ran
-            entry = self.metrics()
-            counters = self._counters
-            entry["epoch_forwarded"] = counters.forwarded - counters.epoch_start[0]
-            entry["epoch_backpropagated"] = counters.backpropagated - counters.epoch_start[1]
-            entry["epoch_backpropagated_tokens"] = entry["backpropagated_tokens"] - (self.history[-1]["backpropagated_tokens"] if self.history else 0)
-            counters.new_epoch()
-            self.history.append(entry)
+            self.history.append(epoch_entry(self))
 
     # -- batches ------------------------------------------------------------------------------
     def weights(self, idx: Any) -> torch.Tensor:
@@ -395,7 +391,7 @@ class Selector:
             counters.backpropagated += count
             counters.tokens["backpropagated"] = counters.tokens["backpropagated"] + tokens
             if observe:
-                self._record(indices, at, batch_weights, stats, host, tokens)
+                record_batch(self, indices, at, batch_weights, stats, host, tokens)
             else:
                 counters.forwarded += count
                 counters.tokens["forwarded"] = counters.tokens["forwarded"] + tokens
@@ -428,7 +424,7 @@ class Selector:
                 logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend,
                 **packing,
             )
-            self._record_located(indices, stats, backpropagated=True)
+            record_located(self, indices, stats, backpropagated=True)
             return stats
 
     def observe_stats(self, idx: Any, stats: SampleStats, *, backpropagated: bool = True) -> None:
@@ -439,7 +435,7 @@ class Selector:
             if not isinstance(stats, SampleStats):
                 raise TypeError(f"stats must be a geko_core.SampleStats, got {type(stats).__name__}")
             indices = host_indices(idx, self.num_samples, expected=stats.loss.shape[0])
-            self._record_located(indices, stats, backpropagated=backpropagated)
+            record_located(self, indices, stats, backpropagated=backpropagated)
 
     def select(self, idx: Any, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta-batch selection (policies "es", "eswp"): score a forwarded meta-batch
@@ -463,7 +459,7 @@ class Selector:
             indices = host_indices(idx, self.num_samples, expected=logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None)
             # Statistics first: bad input raises before the epoch starts (nothing changes).
             stats = sample_stats(logits.detach(), labels, ignore_index=ignore_index, shift=shift, config=self.config, backend=self.backend)
-            plan_weights = self._record_located(indices, stats, backpropagated=False)
+            plan_weights = record_located(self, indices, stats, backpropagated=False)
             self._queue.apply()  # selection needs this batch's scores now
             positions, weights = self.policy.select(self.context, indices, self._step)
             weights = (np.asarray(weights, dtype=np.float32) * plan_weights[positions]).astype(np.float32)
@@ -499,130 +495,15 @@ class Selector:
         with self._counters.timed("observe_rewards"):
             return self._rewards.observe(self, idx, rewards, lengths)
 
-    # -- bookkeeping --------------------------------------------------------------------------
-    def _record_located(self, indices: np.ndarray, stats: SampleStats, *, backpropagated: bool) -> np.ndarray:
-        """``_record`` for a batch scored by the caller: located in the plan here. Returns the
-        batch's plan weights."""
-        plan = self._epochs.start()
-        at = plan.locate(indices)
-        weights = np.array(plan.batch_weights(indices, at), dtype=np.float32)
-        tokens = batch_tokens(stats.valid_tokens)
-        if backpropagated:
-            self._counters.backpropagated += len(indices)
-            self._counters.tokens["backpropagated"] = self._counters.tokens["backpropagated"] + tokens
-        self._record(indices, at, weights, stats, None, tokens)
-        return weights
-
-    def _record(
-        self, indices: "np.ndarray | DeviceIndices", at: int, weights: np.ndarray | None, stats: SampleStats | None,
-        host: Any, tokens: Any, rows: tuple | None = None,
-    ) -> None:
-        """The one bookkeeping of a trained batch (every ``loss``/``observe``/``select``): queue
-        its statistics for the policy, count it as forwarded, count the step, move the epoch's
-        position; the epoch ends here when this was its last batch.
-
-        Args:
-            indices: the batch's dataset indices (host, or still on a GPU).
-            at: its plan position (-1: not where the plan expects it).
-            weights: its loss weights (None: given by the caller).
-            stats: its statistics; may be None when ``host`` holds them.
-            host: the loss's host arrays (``cross_entropy.HostForward``: float32 ``[6, S]`` ``values``)
-                or None; the policy then gets these rows as they are.
-            tokens: the batch's valid tokens (int, or a device tensor).
-            rows: rewards mode: ``(rows, device, copier)`` of the rollout statistics
-                (``geko_core._rewards``), queued instead of the loss statistics.
-        """
-        plan = self._epochs.plan
-        batch = indices
-        count = len(indices)
-        real = plan.real_mask(at, count)  # padding copies are trained with weight 0 but never update the table
-        world = self.num_replicas > 1 and distributed()
-        margin = rows is None and self.config.correct_margin > 0.0
-        deferred = isinstance(indices, DeviceIndices)
-        if rows is not None:
-            rows, device, copier = rows
-        elif host is not None and not (margin or world or self._host_copy is not None):
-            values = host.values  # the usual CPU step: rows of one host block
-            rows = [values[0], values[1], values[3], values[5]]
-            device = copier = None
-        else:
-            if stats is None:
-                stats = host.stats()
-            correct = stats.correct
-            if margin:  # the table cannot apply the margin rule itself
-                from .stats import table_correct
-
-                correct = table_correct(stats, self.config)
-            rows = [stats.loss.detach(), stats.confidence.detach(), correct.detach(), stats.el2n.detach()]
-            device = stats.loss.device
-            copier = self._host_copy if self._host_copy is not None else host_copy_for(device)
-        if world:
-            late = copier is not None or deferred or self._defer_host_indices
-            indices, rows = gather_batch(indices, rows, real, device, copier, late)
-        else:
-            if real is not None:
-                keep = real if device is None else torch.from_numpy(real).to(device)
-                indices = indices.masked(torch.from_numpy(real)) if deferred else indices[real]
-                rows = [r[keep] for r in rows]
-            if deferred:
-                expected = plan.indices[at : at + count]
-                indices.start_copy(expected=expected if real is None else expected[real])
-        step = self._step if self._explicit_steps else self._step + 1  # the step this batch is trained in
-        if device is None and not deferred:
-            self._queue.push_host(indices if indices.flags.c_contiguous else np.ascontiguousarray(indices), rows, step, self._epochs.epoch)
-        else:
-            self._queue.push(indices, rows, step, self._epochs.epoch, copier)
-        counters = self._counters
-        counters.forwarded += count
-        counters.tokens["forwarded"] = counters.tokens["forwarded"] + tokens
-        self._last_batch = (
-            batch if isinstance(batch, DeviceIndices) else batch.copy(), np.ones(count, dtype=np.float32) if weights is None else weights
-        )
-        if not self._explicit_steps:
-            self._step += 1
-        self._queue.apply(keep_last=copier is not None)  # a GPU batch is applied one step late
-        self._epochs.trained(count)
-
-    # -- reporting ----------------------------------------------------------------------------
+    # -- reporting and resume -----------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         """Bucket counts, samples forwarded / back-propagated, saved fraction, phase, and the
         wall-clock of the Selector's calls (``overhead_seconds``: the whole ``loss``,
         ``select``, ``observe``, ``weights`` calls and planning, as a training loop pays them).
         Changes nothing: on a GPU the table (so the bucket counts) is one batch behind until
         the next batch, the epoch's end or ``state_dict`` applies it."""
-        counters = self._counters
-        counts = self.table.bucket_counts()
-        full = self.epoch_progress() * self.num_samples / self.num_replicas
-        plan = self._epochs.plan
-        out: dict[str, Any] = {
-            "epoch": self.epoch,
-            "step": self._step,
-            "progress": self.progress(),
-            "policy": self.policy.name,
-            "buckets": {name: int(counts[name]) for name in BUCKET_NAMES},
-            "forwarded": counters.forwarded,
-            "backpropagated": counters.backpropagated,
-            "saved_fraction": (1.0 - counters.backpropagated / full) if full > 0 else 0.0,
-            "forwarded_tokens": counters.tokens_of("forwarded"),
-            "backpropagated_tokens": counters.tokens_of("backpropagated"),
-            "epoch_length": len(plan) if plan is not None else None,
-            "nonfinite_skipped": int(getattr(self.table, "nonfinite_skipped", 0)),
-            "overhead_seconds": counters.seconds["total"],
-            "planning_seconds": counters.seconds["planning"],
-            "seconds": {name: value for name, value in counters.seconds.items() if name != "total"},
-        }
-        if self.context.sample_tokens is not None:
-            full_tokens = self.epoch_progress() * float(self.context.sample_tokens.sum()) / self.num_replicas
-            out["saved_token_fraction"] = (1.0 - out["backpropagated_tokens"] / full_tokens) if full_tokens > 0 else 0.0
-        if self._rewards is not None:
-            out.update(self._rewards.metrics(self))
-        curriculum = getattr(self.policy, "curriculum", None)
-        if curriculum is not None:
-            out["phase"] = curriculum.phase(self.progress())[1]
-        out.update({f"{self.policy.name}/{k}": v for k, v in self.policy.metrics().items()})
-        return out
+        return selector_metrics(self)
 
-    # -- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: table, policy state, epoch, the epoch's plan
         with the position training reached, step and counters (plain arrays and numbers).
@@ -630,53 +511,8 @@ class Selector:
 
         The position counts samples *trained on*, not samples a DataLoader has prefetched, so
         a state saved at any point resumes with the next batch training would have seen."""
-        self._queue.apply()
-        counters, seconds = self._counters.state_dict()
-        return {
-            "format_version": STATE_FORMAT_VERSION,
-            "num_samples": self.num_samples,
-            "signal": self.signal,
-            "policy": self.policy.name,
-            "policy_state": self.policy.state_dict(),
-            "table": self.table.state_dict(),
-            "seed": self.seed,
-            "num_replicas": self.num_replicas,
-            "rank": self.rank,
-            **self._epochs.state_dict(),
-            "step": self._step,
-            "explicit_steps": self._explicit_steps,
-            "counters": counters,
-            "seconds": seconds,
-            "history": [dict(h) for h in self.history],
-        }
+        return selector_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses a mismatched one and then changes nothing."""
-        saved_signal = state.get("signal", "logits") if isinstance(state, dict) else None
-        if saved_signal is not None and saved_signal != self.signal:
-            raise ValueError(f"Selector state is from a Selector in {saved_signal} mode, this one runs in {self.signal} mode")
-        parsed = parse_state(state, num_samples=self.num_samples, policy=self.policy.name, num_replicas=self.num_replicas, rank=self.rank)
-        step, explicit_steps, counters, history, table_state, policy_state, (epoch, plan, batch_seen) = parsed
-        # Validate the table and policy state on scratch copies first: nothing changes on error.
-        from .table import SampleTable
-
-        scratch = SampleTable(self.num_samples, self.config) if self._rewards is None else self._rewards.new_table(self.num_samples)
-        scratch.load_state_dict(table_state)
-        before_policy = self.policy.state_dict()
-        try:
-            self.policy.load_state_dict(policy_state)
-            self.table.load_state_dict(table_state)
-        except Exception as exc:
-            # A policy may have replaced part of its state before refusing the rest.
-            self.policy.load_state_dict(before_policy)
-            if isinstance(exc, KeyError):
-                raise ValueError(f"Selector state's policy_state is missing {exc}") from None
-            raise
-        self._queue.clear()
-        self._epochs.install(epoch, plan, batch_seen)
-        self._last_batch = None
-        self._step = step
-        self._explicit_steps = explicit_steps
-        self._counters = counters
-        self.history = history
-
+        load_selector_state(self, state)
