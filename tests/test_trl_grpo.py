@@ -22,10 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-import _rollouts_standin  # noqa: E402
 from geko_core import Selector  # noqa: E402
-
-_rollouts_standin.install()  # until the compiled RolloutTable is merged
 from geko_core.integrations.trl_grpo import GekoGRPOTrainer, GekoGroupSampler  # noqa: E402
 
 # TRL 1.16's generation path still calls transformers' deprecated name.
