@@ -270,6 +270,9 @@ def test_refuses_mismatched_selectors(tmp_path, tokenizer):
                                                      drop_last=True))
     with pytest.raises(ValueError, match="train_dataset"):
         GekoGRPOTrainer(model=tiny_llama(len(tokenizer)), reward_funcs=[length_reward], args=args, processing_class=tokenizer)
+    with pytest.raises(TypeError, match="geko_fused_head"):
+        GekoGRPOTrainer(model=tiny_llama(len(tokenizer)), reward_funcs=[length_reward], args=args, train_dataset=prompts(),
+                        processing_class=tokenizer, geko_fused_head=True)
 
 
 def test_unscored_completions_count_as_their_groups_mean(tmp_path, tokenizer):
