@@ -11,10 +11,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import geko_core
 from geko_core import CheckpointError, RolloutConfig, RolloutStats, RolloutTable, SampleTable, rollout_stats
-from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN
+from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_UNSEEN
 from geko_core.policies.base import TableView
 from geko_core.reference_rollouts import ROLLOUT_FIELD_DTYPES, ReferenceRolloutTable, reference_group_stats
 from geko_core.rollouts import ROLLOUT_FORMAT_VERSION, ROLLOUT_RECORD_DTYPE, _device_stats, _groups
@@ -519,3 +521,49 @@ def test_thread_count_does_not_change_the_result():
     for step in range(2):
         reference.update(idx, rewards, lengths.astype(np.float32), step)
     assert_matches_reference(table, reference)
+
+
+# -- fuzz: any input is either applied as the reference applies it or refused, table unchanged ---
+
+_SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 1e-45, 3.4e38, -3.4e38]
+
+
+@st.composite
+def rollout_batches(draw, n: int):
+    count = draw(st.integers(0, 6))
+    group = draw(st.integers(0, 4))
+    index = st.one_of(st.integers(0, n - 1), st.integers(-3, n + 3), st.sampled_from([2**31, -(2**63), 2**63 - 1]))
+    indices = np.array(draw(st.lists(index, min_size=count, max_size=count)), dtype=np.int64)
+    with np.errstate(all="ignore"):
+        indices = indices.astype(draw(st.sampled_from([np.int64, np.int32, np.uint16, np.float64])))
+    reward = st.one_of(st.sampled_from([0.0, 1.0, 0.5]), st.floats(-2, 3, width=32), st.sampled_from(_SPECIAL))
+    values = draw(st.lists(reward, min_size=count * group, max_size=count * group))
+    rewards = np.array(values, dtype=np.float64).reshape(count, group)
+    with np.errstate(all="ignore"):
+        rewards = rewards.astype(draw(st.sampled_from([np.float32, np.float64, np.float16, np.int64])))
+    if draw(st.booleans()):
+        rewards = torch.from_numpy(rewards)
+    lengths = draw(st.sampled_from([None, "int", "float", "negative", "shape"]))
+    if lengths == "shape":
+        lengths = np.ones((count + 1, group))
+    elif lengths is not None:
+        lengths = np.arange(count * group, dtype=np.int64 if lengths == "int" else np.float32).reshape(count, group) - (lengths == "negative")
+    step = draw(st.one_of(st.integers(0, 50), st.sampled_from([-1, MAX_STEP + 1, 1.5, None])))
+    return indices, rewards, lengths, step
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), n=st.integers(1, 8))
+def test_update_fuzz(data, n):
+    table, reference = RolloutTable(n), ReferenceRolloutTable(n)
+    for _ in range(3):
+        indices, rewards, lengths, step = data.draw(rollout_batches(n))
+        before = snapshot(table)
+        try:
+            table.update(indices, rewards, lengths, step)
+        except (TypeError, ValueError, IndexError):
+            assert snapshot(table) == before
+            continue
+        r = rewards.numpy() if isinstance(rewards, torch.Tensor) else rewards
+        reference.update(indices.astype(np.int64), r.astype(np.float32), None if lengths is None else lengths.astype(np.float32), step)
+        assert_matches_reference(table, reference)
