@@ -3,8 +3,8 @@
 accuracy.
 
     pip install 'geko_core[trl]'
-    python examples/grpo_tiny_tasks.py                     # about two minutes on a laptop CPU
-    python examples/grpo_tiny_tasks.py --policy geko --epochs 6
+    python examples/grpo_tiny_tasks.py                     # about a minute and a half on a CPU
+    python examples/grpo_tiny_tasks.py --policy greso --epochs 6
 
 What it shows: how the Selector plugs into TRL (the only change from a plain run is the class
 name and ``geko_policy``), and what it changes: prompts whose recent groups were all right
@@ -16,9 +16,17 @@ seeds and noise is ``geko-bench --tasks rl-algo``.
 The task: three families of string problems over a character vocabulary -- copy a word
 (``c abc=`` -> ``abc``), reverse it (``r abc=`` -> ``cba``), add two digits (``a 3 4=`` ->
 ``7``) -- answered by a randomly initialised two-layer LLaMA (nothing is downloaded). A short
-supervised warm-up on part of the training answers leaves the policy solving some prompts
-always, some sometimes and some never, as at the start of real RL fine-tuning. The reward is
-exact match (1 or 0). Held-out accuracy is greedy exact match on prompts never trained on.
+supervised warm-up on other problems of the same families leaves the policy solving some
+training prompts always, some sometimes and some never, as at the start of real RL
+fine-tuning. The reward is exact match (1 or 0). Held-out accuracy is greedy exact match on
+100 prompts neither warm-up nor RL trained on. Both runs start from the same warmed-up model
+with the same GRPO settings (G = 8, 8 prompts per generation, one generation per optimizer
+step, temperature 1, no KL term).
+
+One run on a shared 2-core CPU (defaults, policy ``geko``): plain GRPOTrainer 4096 rollouts,
+16395 rollout tokens, 64 steps, 26 s, held-out 66%; GekoGRPOTrainer 2880 rollouts, 11760
+rollout tokens (28% fewer), 142 prompts skipped, 45 steps, 18 s, held-out 70% (from 51%
+after the warm-up). With ``--policy greso``: 13% fewer rollout tokens, held-out 71%.
 """
 
 from __future__ import annotations
@@ -140,7 +148,7 @@ class GekoGRPO(CountRollouts, GekoGRPOTrainer):
 def main(argv: list[str] | None = None) -> list[tuple]:
     """Run both trainers; print and return the table's rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", default="greso", help="geko_policy of the Selector (greso, geko, random_subset, ...)")
+    parser.add_argument("--policy", default="geko", help="geko_policy of the Selector (greso, geko, random_subset, ...)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--warmup-steps", type=int, default=150)
     parser.add_argument("--num-train", type=int, default=128)

@@ -309,10 +309,12 @@ class RolloutTable(RecordTable):
         """
         step = check_int(step, "step", low=0, high=_MAX_STEP)
         idx = table_indices(indices, self.num_samples)
-        floats = [check_float_array(v, name, dtype=np.float32) for v, name in ((pass_rate, "pass_rate"), (spread, "spread"), (mean_length, "mean_length"))]
-        flags = [_flags(v, name) for v, name in ((zero_variance, "zero_variance"), (all_right, "all_right"), (all_wrong, "all_wrong"))]
+        p = check_float_array(pass_rate, "pass_rate", dtype=np.float32)
+        s = check_float_array(spread, "spread", dtype=np.float32)
+        length = check_float_array(mean_length, "mean_length", dtype=np.float32)
+        flat, right, wrong = _flags(zero_variance, "zero_variance"), _flags(all_right, "all_right"), _flags(all_wrong, "all_wrong")
         with self._lock:
-            self._c.update_stats(idx, floats[0], floats[1], *flags, floats[2], step, before, after)
+            self._c.update_stats(idx, p, s, flat, right, wrong, length, step, before, after)
 
     @property
     def updates(self) -> int:

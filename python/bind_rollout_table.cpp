@@ -199,13 +199,16 @@ void bind_rollout_table(py::module_& m) {
            "Replace config, counters and records (uint8, num_samples * 32 bytes) after validating them.")
       .def("records_view", &records_view<RolloutTable>, "Read-only [num_samples, 32] uint8 view of the records.")
       .def_property("num_threads",
-                    py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::num_threads), py::call_guard<py::gil_scoped_release>()),
-                    py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::set_num_threads), py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::set_num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
                     "OpenMP threads of updates and scans (0: OpenMP's default).")
       .def_property_readonly("num_samples", &RolloutTable::num_samples)
       .def_property_readonly("nbytes", &RolloutTable::nbytes)
       .def_property_readonly("config",
-                             py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::config), py::call_guard<py::gil_scoped_release>()))
+                             py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::config),
+                                     py::call_guard<py::gil_scoped_release>()))
       .def_property_readonly("updates", py::cpp_function([](const RolloutTable& t) { return t.counters().updates; },
                                                          py::call_guard<py::gil_scoped_release>()))
       .def_static("layout", [] { return layout(rollout_record_fields()); },

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import geko_core
 from geko_core import CheckpointError, RolloutConfig, RolloutStats, RolloutTable, SampleTable, rollout_stats
-from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN
+from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_UNSEEN
 from geko_core.policies.base import TableView
 from geko_core.reference_rollouts import ROLLOUT_FIELD_DTYPES, ReferenceRolloutTable, reference_group_stats
 from geko_core.rollouts import ROLLOUT_FORMAT_VERSION, ROLLOUT_RECORD_DTYPE, _device_stats, _groups

@@ -22,10 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-import _rollouts_standin  # noqa: E402
 from geko_core import Selector  # noqa: E402
-
-_rollouts_standin.install()  # until the compiled RolloutTable is merged
 from geko_core.integrations.trl_grpo import GekoGRPOTrainer, GekoGroupSampler  # noqa: E402
 
 # TRL 1.16's generation path still calls transformers' deprecated name.
@@ -273,3 +270,77 @@ def test_refuses_mismatched_selectors(tmp_path, tokenizer):
                                                      drop_last=True))
     with pytest.raises(ValueError, match="train_dataset"):
         GekoGRPOTrainer(model=tiny_llama(len(tokenizer)), reward_funcs=[length_reward], args=args, processing_class=tokenizer)
+    with pytest.raises(TypeError, match="geko_fused_head"):
+        GekoGRPOTrainer(model=tiny_llama(len(tokenizer)), reward_funcs=[length_reward], args=args, train_dataset=prompts(),
+                        processing_class=tokenizer, geko_fused_head=True)
+
+
+def test_unscored_completions_count_as_their_groups_mean(tmp_path, tokenizer):
+    def partly_scored(completions, target, **kwargs):
+        # The first completion of every group is left unscored; the rest scored as before.
+        scores = length_reward(completions, target)
+        return [None if i % GROUP == 0 else s for i, s in enumerate(scores)]
+
+    args = make_args(tmp_path, num_train_epochs=1)
+    trainer = Recording(
+        model=tiny_llama(len(tokenizer)), reward_funcs=[partly_scored], args=args, train_dataset=prompts(),
+        processing_class=tokenizer, selector=make_selector(args),
+    )
+    trainer.train()
+    last = trainer.selector.table.field("last_pass")
+    for observed, rewards in trainer.observed:
+        assert torch.isnan(rewards[:, 0]).all() and not torch.isnan(rewards[:, 1:]).any()
+        expected = rewards[:, 1:].mean(dim=1)  # the unscored one at the mean leaves the mean as it is
+        np.testing.assert_allclose(last[observed], expected.numpy(), rtol=1e-6)
+
+
+def test_import_geko_core_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, geko_core; print(sorted(m for m in ('trl', 'transformers', 'datasets') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    # and the GRPO trainer is where the TRL integration is exported
+    from geko_core.integrations import trl as trl_integration
+
+    assert trl_integration.GekoGRPOTrainer is GekoGRPOTrainer
+
+
+def test_example_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "grpo_tiny_tasks.py"
+    spec = importlib.util.spec_from_file_location("grpo_tiny_tasks", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(["--epochs", "1", "--num-train", "32", "--warmup-steps", "5", "--policy", "random_subset"])
+    out = capsys.readouterr().out
+    plain, geko = rows
+    assert plain[0] == "GRPOTrainer" and geko[0] == "GekoGRPOTrainer (random_subset)"
+    assert plain[1] == 32 * 8 and geko[1] == 16 * 8  # rollouts: every prompt, then half of them (budget 0.5)
+    assert geko[3] == 16 and 0 < geko[2] < plain[2]  # skipped prompts; fewer rollout tokens
+    assert "rollout tokens saved" in out and "held-out" in out
+
+
+def test_several_optimisation_passes_per_generation(tmp_path, tokenizer):
+    # num_iterations=2: every generation batch is trained twice, so a chunk of prompts lasts two
+    # optimizer steps; a checkpoint between them cannot hold TRL's buffered completions.
+    trainer = build(tmp_path, tokenizer, num_train_epochs=1, num_iterations=2, save_strategy="steps", save_steps=1)
+    with pytest.warns(UserWarning, match="inside a generation window"):
+        trainer.train()
+    assert len(trainer.generated) == len(trainer.observed) == NUM_PROMPTS // 2
+    assert sorted(i for observed, _ in trainer.observed for i in observed) == list(range(NUM_PROMPTS))
+    assert trainer.state.global_step == 2 * len(trainer.observed)
+    np.testing.assert_array_equal(trainer.selector.table.field("visits"), np.ones(NUM_PROMPTS))
+
+
+def test_max_steps_runs_over_shorter_epochs(tmp_path, tokenizer):
+    trainer = build(tmp_path, tokenizer, policy="random_subset", options={"budget": 0.5}, max_steps=5)
+    trainer.train()
+    assert trainer.state.global_step == len(trainer.observed) == 5
+    selector = trainer.selector
+    assert selector.total_steps == 5 and selector.step_count == 5 and selector.epoch == 1  # 3 steps per epoch
+    assert int(selector.table.field("visits").sum()) == 10

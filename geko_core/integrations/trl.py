@@ -8,6 +8,9 @@ importance weights, metrics and checkpointed state of a geko Selector.
                              processing_class=tokenizer, geko_policy="geko")
     trainer.train()                      # resume_from_checkpoint=... continues exactly
 
+RL with GRPO is :class:`~geko_core.integrations.trl_grpo.GekoGRPOTrainer` (documented in its
+module, importable from here too).
+
 It is :class:`~geko_core.integrations.hf.GekoTrainerMixin` on ``trl.SFTTrainer``: everything
 the mixin documents for ``GekoTrainer`` (sampler, shorter epochs, learning-rate schedule
 stretched over the shorter run, optimizer-step counting, ``geko/...`` metrics, one Selector
@@ -106,8 +109,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from ..cross_entropy import cross_entropy_with_stats
 from ..types import SampleStats
 from .hf import GEKO_INDEX_KEY, GekoIndexCollator, GekoTrainerMixin
+from .trl_grpo import GekoGRPOTrainer, GekoGroupSampler  # GRPO (RL): prompts chosen before their rollouts
 
-__all__ = ["GEKO_SEGMENT_KEY", "GekoSFTCollator", "GekoSFTTrainer"]
+__all__ = ["GEKO_SEGMENT_KEY", "GekoGRPOTrainer", "GekoGroupSampler", "GekoSFTCollator", "GekoSFTTrainer"]
 
 #: Batch field of a packed row: for every token, the position in the batch (0..B-1) of the
 #: sample it belongs to, -1 for padding. int64 ``[1, T]``.

@@ -77,6 +77,16 @@ What is refused
   refill.
 - No ``train_dataset`` (an environment that owns the prompts), or an ``IterableDataset``:
   the Selector plans epochs over a dataset of known size.
+- ``geko_shift``, ``geko_fused_head``, ``geko_inplace_backward`` (options of the supervised
+  loss; GRPO computes its own).
+
+Tested (``tests/test_trl_grpo.py``, one CPU process, a tiny LLaMA, a rule-based reward):
+groups kept as ``RepeatSampler`` keeps them, the observed rewards and lengths in the table and
+the counts, skipped prompts never generated, ``geko/...`` metrics, unscored completions,
+``num_iterations > 1``, ``max_steps``, resume bit for bit (prompts, rewards, table, model) from
+inside and at the end of an epoch. Not tested: several processes, vLLM generation, tools,
+environments and ``rollout_func`` (the rewards and lengths are read where TRL computes them for
+every one of these paths), PEFT, DeepSpeed/FSDP.
 """
 
 from __future__ import annotations
@@ -168,7 +178,10 @@ class GekoGRPOTrainer(GekoTrainerMixin, GRPOTrainer):
             built at the start of training from the options below and the training arguments
             (seed: ``data_seed`` or ``seed``).
         geko_policy: policy name or object of the Selector built by default (``"geko"``,
-            ``"greso"``, ``"gainrl"``, ``"random_subset"``, ``"full"``, ...).
+            ``"greso"``, ``"random_subset"``, ``"full"``, ``"gainrl"``, ...; ``"dynamic"`` is
+            refused). GAIN-RL orders prompts by the angle concentration of the policy model's
+            hidden states: give it (``geko_options={"angles": ...}``, from
+            :func:`geko_core.angle_concentration`); this trainer does not run that pre-pass.
         geko_options: ``policy_options`` of that Selector.
         geko_config: its ``config`` (the rollout thresholds in rewards mode).
 
@@ -191,6 +204,9 @@ class GekoGRPOTrainer(GekoTrainerMixin, GRPOTrainer):
     ) -> None:
         from ._hf_model import bound_argument
 
+        for option in ("geko_shift", "geko_fused_head", "geko_inplace_backward"):
+            if option in kwargs:  # the supervised loss's options: GRPO computes its own loss
+                raise TypeError(f"{type(self).__name__} does not take {option} (GRPO computes its own loss)")
         if bound_argument(GRPOTrainer.__init__, (self, *args), kwargs, "train_dataset") is None:
             raise ValueError(
                 f"{type(self).__name__} needs a train_dataset of prompts: the Selector plans epochs over a dataset of known size"
