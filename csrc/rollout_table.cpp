@@ -86,22 +86,15 @@ std::string check_stats_row(const ConstGroupStats& s, size_t i) {
   return "";
 }
 
-RolloutRecord unseen_rollout_record() {
+}  // namespace
+
+RolloutRecord RolloutTableTraits::blank(const RolloutConfig&) {
   RolloutRecord r;
   std::memset(static_cast<void*>(&r), 0, sizeof(r));
   r.last_step = -1;
   r.bucket = kUnseen;
   return r;
 }
-
-int64_t checked_size(int64_t num_samples, const RolloutConfig& config, int num_threads) {
-  config.validate();
-  detail::check_num_threads(num_threads);
-  detail::check_num_samples(num_samples, sizeof(RolloutRecord));
-  return num_samples;
-}
-
-}  // namespace
 
 void RolloutConfig::validate() const {
   const auto ok = [](bool good, const std::string& what) { require(good, "RolloutConfig: " + what); };
@@ -130,7 +123,7 @@ std::string check_rollout_record(const RolloutRecord& r) {
   if (r.bucket < kFreeze || r.bucket > kUnseen) return "bucket code " + std::to_string(r.bucket) + " is not in [0, 4]";
   if (r.flags != 0) return "flags " + std::to_string(r.flags) + " hold unknown bits";
   if (r.visits == 0) {
-    const RolloutRecord blank = unseen_rollout_record();
+    const RolloutRecord blank = RolloutTableTraits::blank(RolloutConfig{});
     if (std::memcmp(&r, &blank, sizeof(r)) != 0) return "a never-updated prompt (visits 0) is not blank";
     return "";
   }
@@ -205,15 +198,6 @@ void rollout_group_stats(const float* rewards, const float* lengths, size_t coun
   }
 }
 
-RolloutTable::RolloutTable(int64_t num_samples, const RolloutConfig& config, int num_threads)
-    : num_samples_(checked_size(num_samples, config, num_threads)),
-      config_(config),
-      block_(static_cast<size_t>(num_samples_), sizeof(RolloutRecord)),
-      records_(static_cast<RolloutRecord*>(block_.data())),
-      num_threads_(num_threads) {
-  detail::fill_records(records_, num_samples_, unseen_rollout_record(), threads_for(static_cast<size_t>(num_samples_)));
-}
-
 template <typename Index>
 void RolloutTable::apply_locked(const Index* indices, const ConstGroupStats& stats, size_t count, int32_t step,
                                 int8_t* before, int8_t* after) {
@@ -275,68 +259,11 @@ void RolloutTable::update_stats(const Index* indices, const ConstGroupStats& sta
   apply_locked(indices, stats, count, static_cast<int32_t>(step), before, after);
 }
 
-template <typename Index>
-void RolloutTable::buckets(const Index* indices, size_t count, int8_t* out) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  detail::check_indices(indices, count, num_samples_);
-  detail::gather_buckets(records_, indices, count, out, threads_for(count));
-}
-
-BucketCounts RolloutTable::bucket_counts() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return detail::count_buckets(records_, num_samples_, threads_for(static_cast<size_t>(num_samples_)));
-}
-
-void RolloutTable::copy_field(const std::string& name, void* out) const {
-  const FieldInfo& field = detail::find_field(rollout_record_fields(), name);
-  std::lock_guard<std::mutex> lock(mutex_);
-  detail::copy_field(records_, sizeof(RolloutRecord), num_samples_, field, out,
-                     threads_for(static_cast<size_t>(num_samples_)));
-}
-
-void RolloutTable::load(const void* records, size_t nbytes_in, const RolloutConfig& config,
-                        const RolloutCounters& counters) {
-  config.validate();
-  detail::check_load_size(nbytes_in, nbytes(), num_samples_);
-  int threads;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    threads = threads_for(static_cast<size_t>(num_samples_));
-  }
-  detail::check_records<RolloutRecord>(records, num_samples_, threads, check_rollout_record);
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::memcpy(static_cast<void*>(records_), records, nbytes_in);
-  config_ = config;
-  counters_ = counters;
-}
-
-int RolloutTable::num_threads() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return num_threads_;
-}
-
-void RolloutTable::set_num_threads(int num_threads) {
-  detail::check_num_threads(num_threads);
-  std::lock_guard<std::mutex> lock(mutex_);
-  num_threads_ = num_threads;
-}
-
-RolloutConfig RolloutTable::config() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return config_;
-}
-
-RolloutCounters RolloutTable::counters() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return counters_;
-}
-
 #define GEKO_INSTANTIATE(Index)                                                                                     \
   template void RolloutTable::update<Index>(const Index*, const float*, const float*, size_t, size_t, int64_t,     \
                                             const GroupStats&, int8_t*, int8_t*);                                  \
   template void RolloutTable::update_stats<Index>(const Index*, const ConstGroupStats&, size_t, int64_t, int8_t*, \
-                                                  int8_t*);                                                        \
-  template void RolloutTable::buckets<Index>(const Index*, size_t, int8_t*) const;
+                                                  int8_t*);
 GEKO_INSTANTIATE(int32_t)
 GEKO_INSTANTIATE(int64_t)
 #undef GEKO_INSTANTIATE

@@ -427,36 +427,6 @@ std::string check_record(const SampleRecord& r) {
   return "";
 }
 
-int SampleTable::num_threads() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return num_threads_;
-}
-
-void SampleTable::set_num_threads(int num_threads) {
-  detail::check_num_threads(num_threads);
-  std::lock_guard<std::mutex> lock(mutex_);
-  num_threads_ = num_threads;
-}
-
-// The constructor's arguments, checked before anything is allocated.
-static int64_t checked_size(int64_t num_samples, const Config& config, int num_threads) {
-  config.validate();
-  detail::check_num_threads(num_threads);
-  detail::check_num_samples(num_samples, sizeof(SampleRecord));
-  return num_samples;
-}
-
-SampleTable::SampleTable(int64_t num_samples, const Config& config, int num_threads)
-    : num_samples_(checked_size(num_samples, config, num_threads)),
-      config_(config),
-      block_(static_cast<size_t>(num_samples_), sizeof(SampleRecord)),
-      records_(static_cast<SampleRecord*>(block_.data())),
-      num_threads_(num_threads) {
-  detail::fill_records(records_, num_samples_, unseen_record(config_), threads_for(static_cast<size_t>(num_samples_)));
-}
-
-SampleTable::~SampleTable() = default;
-
 template <typename Index>
 void SampleTable::update(const Index* indices, const float* loss, const float* confidence, const float* correct,
                          size_t count, int64_t step, int8_t* before, int8_t* after) {
@@ -504,55 +474,9 @@ void SampleTable::update(const Index* indices, const float* loss, const float* c
   }
 }
 
-template <typename Index>
-void SampleTable::buckets(const Index* indices, size_t count, int8_t* out) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  detail::check_indices(indices, count, num_samples_);
-  detail::gather_buckets(records_, indices, count, out, threads_for(count));
-}
-
-BucketCounts SampleTable::bucket_counts() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return detail::count_buckets(records_, num_samples_, threads_for(static_cast<size_t>(num_samples_)));
-}
-
-void SampleTable::copy_field(const std::string& name, void* out) const {
-  const FieldInfo& field = detail::find_field(record_fields(), name);
-  std::lock_guard<std::mutex> lock(mutex_);
-  detail::copy_field(records_, sizeof(SampleRecord), num_samples_, field, out,
-                     threads_for(static_cast<size_t>(num_samples_)));
-}
-
-void SampleTable::load(const void* records, size_t nbytes_in, const Config& config, const TableCounters& counters) {
-  config.validate();
-  detail::check_load_size(nbytes_in, nbytes(), num_samples_);
-  int threads;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    threads = threads_for(static_cast<size_t>(num_samples_));
-  }
-  detail::check_records<SampleRecord>(records, num_samples_, threads, check_record);
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::memcpy(static_cast<void*>(records_), records, nbytes_in);
-  config_ = config;
-  counters_ = counters;
-}
-
-Config SampleTable::config() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return config_;
-}
-
-TableCounters SampleTable::counters() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return counters_;
-}
-
 template void SampleTable::update<int32_t>(const int32_t*, const float*, const float*, const float*, size_t, int64_t,
                                            int8_t*, int8_t*);
 template void SampleTable::update<int64_t>(const int64_t*, const float*, const float*, const float*, size_t, int64_t,
                                            int8_t*, int8_t*);
-template void SampleTable::buckets<int32_t>(const int32_t*, size_t, int8_t*) const;
-template void SampleTable::buckets<int64_t>(const int64_t*, size_t, int8_t*) const;
 
 }  // namespace geko

@@ -39,7 +39,8 @@ size_t require_matrix(const py::array& array, const char* name, size_t* cols) {
   const size_t rows = static_cast<size_t>(array.shape(0));
   *cols = static_cast<size_t>(array.shape(1));
   const auto item = static_cast<py::ssize_t>(sizeof(float));
-  if ((*cols > 1 && array.strides(1) != item) || (rows > 1 && array.strides(0) != item * array.shape(1))) {
+  // An empty array has no layout to check (numpy gives it zero strides).
+  if (rows > 0 && ((*cols > 1 && array.strides(1) != item) || (rows > 1 && array.strides(0) != item * array.shape(1)))) {
     throw std::invalid_argument(std::string(name) + " must be C-contiguous");
   }
   if (reinterpret_cast<uintptr_t>(array.data()) % alignof(float) != 0) {
@@ -198,13 +199,16 @@ void bind_rollout_table(py::module_& m) {
            "Replace config, counters and records (uint8, num_samples * 32 bytes) after validating them.")
       .def("records_view", &records_view<RolloutTable>, "Read-only [num_samples, 32] uint8 view of the records.")
       .def_property("num_threads",
-                    py::cpp_function(&RolloutTable::num_threads, py::call_guard<py::gil_scoped_release>()),
-                    py::cpp_function(&RolloutTable::set_num_threads, py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::set_num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
                     "OpenMP threads of updates and scans (0: OpenMP's default).")
       .def_property_readonly("num_samples", &RolloutTable::num_samples)
       .def_property_readonly("nbytes", &RolloutTable::nbytes)
       .def_property_readonly("config",
-                             py::cpp_function(&RolloutTable::config, py::call_guard<py::gil_scoped_release>()))
+                             py::cpp_function(py::method_adaptor<RolloutTable>(&RolloutTable::config),
+                                     py::call_guard<py::gil_scoped_release>()))
       .def_property_readonly("updates", py::cpp_function([](const RolloutTable& t) { return t.counters().updates; },
                                                          py::call_guard<py::gil_scoped_release>()))
       .def_static("layout", [] { return layout(rollout_record_fields()); },

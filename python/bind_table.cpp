@@ -75,12 +75,15 @@ void bind_table(py::module_& m) {
       .def("records_view", &records_view<SampleTable>, "Read-only [num_samples, 32] uint8 view of the records.")
       // Getters wait for the table's mutex: let other Python threads run meanwhile.
       .def_property("num_threads",
-                    py::cpp_function(&SampleTable::num_threads, py::call_guard<py::gil_scoped_release>()),
-                    py::cpp_function(&SampleTable::set_num_threads, py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<SampleTable>(&SampleTable::num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<SampleTable>(&SampleTable::set_num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
                     "OpenMP threads of updates and scans (0: OpenMP's default).")
       .def_property_readonly("num_samples", &SampleTable::num_samples)
       .def_property_readonly("nbytes", &SampleTable::nbytes)
-      .def_property_readonly("config", py::cpp_function(&SampleTable::config, py::call_guard<py::gil_scoped_release>()))
+      .def_property_readonly("config", py::cpp_function(py::method_adaptor<SampleTable>(&SampleTable::config),
+                                     py::call_guard<py::gil_scoped_release>()))
       .def_property_readonly(
           "updates", py::cpp_function([](const SampleTable& t) { return t.counters().updates; },
                                       py::call_guard<py::gil_scoped_release>()))

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -140,4 +141,122 @@ void check_records(const void* src, int64_t n, int threads, Check check) {
 void check_load_size(size_t nbytes, size_t expected, int64_t num_samples);
 
 }  // namespace detail
+
+// The part of a table that does not depend on what its records mean: the block, the lock,
+// the thread count, config and counters, reads, field copies and checked loads. Every
+// public member locks one mutex, so a table may be used from several threads. Traits gives
+//   Record, Config (with validate()), Counters;
+//   static const std::vector<FieldInfo>& fields();
+//   static std::string check(const Record&)   "" when the update rule can produce it;
+//   static Record blank(const Config&)         the record of a never-updated entry.
+// num_threads: OpenMP threads of batch updates and scans (0: OpenMP's default; batches and
+// scans below 32768 entries run on one thread).
+template <typename Traits>
+class RecordTable {
+ public:
+  using Record = typename Traits::Record;
+  using Config = typename Traits::Config;
+  using Counters = typename Traits::Counters;
+  static_assert(sizeof(Record) == kRecordSize, "records are 32 bytes");
+
+  RecordTable(const RecordTable&) = delete;
+  RecordTable& operator=(const RecordTable&) = delete;
+
+  // Bucket code of each index (std::out_of_range for an index outside [0, num_samples)).
+  template <typename Index>
+  void buckets(const Index* indices, size_t count, int8_t* out) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    detail::check_indices(indices, count, num_samples_);
+    detail::gather_buckets(records_, indices, count, out, threads_for(count));
+  }
+
+  BucketCounts bucket_counts() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return detail::count_buckets(records_, num_samples_, threads_for(static_cast<size_t>(num_samples_)));
+  }
+
+  // Copies field `name` of every record into `out` (num_samples * field size bytes).
+  // Throws std::invalid_argument for an unknown name.
+  void copy_field(const std::string& name, void* out) const {
+    const FieldInfo& field = detail::find_field(Traits::fields(), name);
+    std::lock_guard<std::mutex> lock(mutex_);
+    detail::copy_field(records_, sizeof(Record), num_samples_, field, out,
+                       threads_for(static_cast<size_t>(num_samples_)));
+  }
+
+  // Replaces config, counters and every record by `records` (num_samples * 32 bytes, any
+  // alignment), after checking the config and that every record is one the update rule can
+  // produce (std::invalid_argument naming the first bad entry; the table is then unchanged).
+  void load(const void* records, size_t nbytes_in, const Config& config, const Counters& counters) {
+    config.validate();
+    detail::check_load_size(nbytes_in, nbytes(), num_samples_);
+    int threads;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      threads = threads_for(static_cast<size_t>(num_samples_));
+    }
+    detail::check_records<Record>(records, num_samples_, threads, Traits::check);
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::memcpy(static_cast<void*>(records_), records, nbytes_in);
+    config_ = config;
+    counters_ = counters;
+  }
+
+  int num_threads() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return num_threads_;
+  }
+  void set_num_threads(int num_threads) {  // std::invalid_argument outside [0, kMaxThreads]
+    detail::check_num_threads(num_threads);
+    std::lock_guard<std::mutex> lock(mutex_);
+    num_threads_ = num_threads;
+  }
+
+  int64_t num_samples() const { return num_samples_; }
+  size_t nbytes() const { return static_cast<size_t>(num_samples_) * sizeof(Record); }
+  Config config() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return config_;
+  }
+  Counters counters() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counters_;
+  }
+
+  // The records, for zero-copy read-only views. The block never moves while the table
+  // lives; load() copies into it. Readers that bypass the lock may see a batch half applied.
+  const Record* data() const { return records_; }
+
+ protected:
+  // Throws std::invalid_argument for num_samples < 1, an invalid config or num_threads
+  // outside [0, kMaxThreads]; std::bad_alloc when the records do not fit in memory.
+  RecordTable(int64_t num_samples, const Config& config, int num_threads)
+      : num_samples_(checked_size(num_samples, config, num_threads)),
+        config_(config),
+        block_(static_cast<size_t>(num_samples_), sizeof(Record)),
+        records_(static_cast<Record*>(block_.data())),
+        num_threads_(num_threads) {
+    detail::fill_records(records_, num_samples_, Traits::blank(config_), threads_for(static_cast<size_t>(num_samples_)));
+  }
+  ~RecordTable() = default;
+
+  int threads_for(size_t work) const { return detail::threads_for(work, num_threads_); }  // mutex_ held
+
+  int64_t num_samples_;
+  Config config_;
+  Counters counters_;
+  detail::RecordBlock block_;
+  Record* records_;
+  int num_threads_;
+  mutable std::mutex mutex_;
+
+ private:
+  static int64_t checked_size(int64_t num_samples, const Config& config, int num_threads) {
+    config.validate();
+    detail::check_num_threads(num_threads);
+    detail::check_num_samples(num_samples, sizeof(Record));
+    return num_samples;
+  }
+};
+
 }  // namespace geko

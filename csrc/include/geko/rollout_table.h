@@ -10,7 +10,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -82,16 +81,24 @@ struct RolloutCounters {
   uint64_t updates = 0;  // prompt-updates applied
 };
 
-// The per-prompt table. Every public member locks one mutex, as SampleTable's; batches are
-// applied in batch order (a repeated index once per occurrence), and with several threads
-// each owns one range of the table, so the result never depends on the thread count.
-class RolloutTable {
+struct RolloutTableTraits {
+  using Record = RolloutRecord;
+  using Config = RolloutConfig;
+  using Counters = RolloutCounters;
+  static const std::vector<FieldInfo>& fields() { return rollout_record_fields(); }
+  static std::string check(const RolloutRecord& record) { return check_rollout_record(record); }
+  static RolloutRecord blank(const RolloutConfig& config);
+};
+
+// The per-prompt table (reads, loads, lock and threads: RecordTable). Batches are applied
+// in batch order (a repeated index once per occurrence) under the lock; with several
+// threads each owns one range of the table, so the result never depends on the thread count.
+class RolloutTable : public RecordTable<RolloutTableTraits> {
  public:
   // std::invalid_argument for num_samples < 1, an invalid config or num_threads outside
   // [0, kMaxThreads]; std::bad_alloc when the records do not fit in memory.
-  RolloutTable(int64_t num_samples, const RolloutConfig& config, int num_threads = 1);
-  RolloutTable(const RolloutTable&) = delete;
-  RolloutTable& operator=(const RolloutTable&) = delete;
+  RolloutTable(int64_t num_samples, const RolloutConfig& config, int num_threads = 1)
+      : RecordTable(num_samples, config, num_threads) {}
 
   // One rollout batch: computes every group's statistics into `stats` (count entries each)
   // and applies them, in one locked call. Everything is validated first (std::out_of_range
@@ -109,34 +116,7 @@ class RolloutTable {
   void update_stats(const Index* indices, const ConstGroupStats& stats, size_t count, int64_t step,
                     int8_t* before = nullptr, int8_t* after = nullptr);
 
-  template <typename Index>
-  void buckets(const Index* indices, size_t count, int8_t* out) const;
-  BucketCounts bucket_counts() const;
-  // Copies field `name` of every record into out; std::invalid_argument for an unknown name.
-  void copy_field(const std::string& name, void* out) const;
-  // Replaces config, counters and records (num_samples * 32 bytes, any alignment) after
-  // checking the config and every record (std::invalid_argument naming the first bad one).
-  void load(const void* records, size_t nbytes, const RolloutConfig& config, const RolloutCounters& counters);
-
-  int num_threads() const;
-  void set_num_threads(int num_threads);
-  int64_t num_samples() const { return num_samples_; }
-  size_t nbytes() const { return static_cast<size_t>(num_samples_) * sizeof(RolloutRecord); }
-  RolloutConfig config() const;
-  RolloutCounters counters() const;
-  // The records, for zero-copy read-only views (the block never moves).
-  const RolloutRecord* data() const { return records_; }
-
  private:
-  int64_t num_samples_;
-  RolloutConfig config_;
-  RolloutCounters counters_;
-  detail::RecordBlock block_;
-  RolloutRecord* records_;
-  int num_threads_ = 1;
-  mutable std::mutex mutex_;
-
-  int threads_for(size_t work) const { return detail::threads_for(work, num_threads_); }  // mutex_ held
   template <typename Index>
   void apply_locked(const Index* indices, const ConstGroupStats& stats, size_t count, int32_t step, int8_t* before,
                     int8_t* after);
