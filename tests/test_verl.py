@@ -14,12 +14,9 @@ import io
 import subprocess
 import sys
 
-import _rollouts_standin
 import numpy as np
 import pytest
 import torch
-
-_rollouts_standin.install()  # geko_core.rollouts until the compiled RolloutTable is merged
 
 
 def test_import_geko_core_does_not_import_verl():
