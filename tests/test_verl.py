@@ -14,12 +14,9 @@ import io
 import subprocess
 import sys
 
-import _rollouts_standin
 import numpy as np
 import pytest
 import torch
-
-_rollouts_standin.install()  # geko_core.rollouts until the compiled RolloutTable is merged
 
 
 def test_import_geko_core_does_not_import_verl():
@@ -43,6 +40,7 @@ pytestmark = [
 ]
 
 N, BATCH, G, T = 24, 4, 4, 6
+STEPS = 16  # trainer.total_training_steps
 
 
 # -- data shaped as verl's RLHFDataset yields it --------------------------------------------------
@@ -105,15 +103,17 @@ def grpo_batch(batch_dict: dict, rows_of_keys: dict, step: int):
 
 
 def data_config(**sampler):
+    """verl's ``config.data`` with the lines docs/verl.md gives (the run's length by interpolation)."""
     from omegaconf import OmegaConf
 
-    """verl's ``config.data`` with the lines docs/verl.md gives (the epochs by interpolation)."""
     options = {
         "class_path": "pkg://geko_core.integrations.verl", "class_name": "GekoCurriculumSampler",
-        "epochs": "${trainer.total_epochs}", **sampler,
+        "total_steps": "${trainer.total_training_steps}", **sampler,
     }
+    options = {k: v for k, v in options.items() if v is not None}
     data = {"train_batch_size": BATCH, "gen_batch_size": None, "dataloader_num_workers": 0, "shuffle": True, "seed": 3, "sampler": options}
-    return OmegaConf.create({"trainer": {"total_epochs": 3}, "data": data}).data
+    trainer = {"total_epochs": 100, "total_training_steps": STEPS}
+    return OmegaConf.create({"trainer": trainer, "data": data}).data
 
 
 def make_sampler(dataset, **options):
@@ -142,13 +142,14 @@ def loader_for(dataset, sampler):
     return StatefulDataLoader(dataset, batch_size=BATCH, num_workers=0, drop_last=True, collate_fn=collate_fn, sampler=sampler)
 
 
-def fit(sampler, loader, dataset, epochs, *, start_step=0, stop_at=None, save="before"):
-    """verl 0.7.1's fit loop around the sampler: returns the drawn batches (dataset rows) and,
-    with ``stop_at``, the loader state saved at that step (before ``update``, as verl saves,
-    or after it)."""
+def fit(sampler, loader, dataset, *, start_step=0, stop_at=None, save="before", total_epochs=100):
+    """verl 0.7.1's ``RayPPOTrainer.fit`` loop around the sampler (its epoch count from
+    ``global_steps // len(train_dataloader)``, its end at ``total_training_steps``): returns the
+    drawn batches (dataset rows) and, with ``stop_at``, the loader state saved at that step
+    (before ``update``, where verl saves, or after it)."""
     rows_of_keys = {k: r for r, k in enumerate(dataset.keys)}
     drawn, step, saved = [], start_step, None
-    for _ in range(epochs):
+    for _ in range(step // len(loader), total_epochs):
         for batch_dict in loader:
             step += 1
             drawn.append(sorted(rows_of_keys[k] for k in batch_dict["index"]))
@@ -160,6 +161,8 @@ def fit(sampler, loader, dataset, epochs, *, start_step=0, stop_at=None, save="b
             if step == stop_at:
                 if save == "after":
                     saved = roundtrip(loader.state_dict())
+                return drawn, saved
+            if step >= STEPS:
                 return drawn, saved
     return drawn, saved
 
@@ -180,7 +183,9 @@ def test_verl_builds_it_from_the_config_lines():
     sampler = make_sampler(Prompts(frame=True), policy="uniform")
     assert VERL_HOOK and isinstance(sampler, GekoCurriculumSampler) and isinstance(sampler, AbstractCurriculumSampler)
     selector = sampler.selector
-    assert selector.batch_size == BATCH and selector.drop_last and selector.seed == 3 and selector.epochs == 3
+    assert selector.batch_size == BATCH and selector.drop_last and selector.seed == 3 and selector.total_steps == STEPS
+    by_epochs = make_sampler(Prompts(frame=True), total_steps=None, epochs="${trainer.total_epochs}")
+    assert by_epochs.selector.epochs == 100 and by_epochs.selector.total_steps is None
     assert len(sampler) == N
     loader = loader_for(Prompts(frame=True), sampler)
     assert len(loader) == N // BATCH
@@ -192,7 +197,7 @@ def test_update_reads_indices_rewards_and_lengths_from_the_batch(frame):
     dataset = Prompts(frame=frame)
     sampler = make_sampler(dataset, policy="uniform")
     calls = spy(sampler)
-    drawn, _ = fit(sampler, loader_for(dataset, sampler), dataset, epochs=1)
+    drawn, _ = fit(sampler, loader_for(dataset, sampler), dataset, total_epochs=1)
     assert len(calls) == len(drawn) == N // BATCH
     for (idx, rewards, lengths), rows in zip(calls, drawn):
         assert sorted(idx.tolist()) == rows and rewards.shape == (BATCH, G) and lengths.shape == (BATCH, G)
@@ -240,7 +245,7 @@ def test_wrong_batches_are_refused_and_change_nothing():
 def test_config_errors_are_clear():
     dataset = Prompts(frame=True)
     with pytest.raises(ValueError, match="exactly one of data.sampler.epochs"):
-        make_sampler(dataset, epochs=None)
+        make_sampler(dataset, total_steps=None)
     with pytest.raises(ValueError, match="unknown data.sampler option"):
         make_sampler(dataset, polcy="geko")
     sampler = make_sampler(dataset, policy="geko", rollout_config={"right_at": 0.5})
@@ -256,34 +261,41 @@ def test_config_errors_are_clear():
 
 
 @needs_verl
+@pytest.mark.parametrize("stop", [8, 9])  # the end of epoch 1 under geko and greso, and inside a later one
 @pytest.mark.parametrize("save", ["after", "before"])
 @pytest.mark.parametrize("policy", ["uniform", "geko", "greso"])
-def test_resume_through_the_loader_state_continues_the_prompt_stream(policy, save):
-    """verl saves data.pt before it reports the step ("before"): the resumed run still draws
-    exactly what an uninterrupted one draws; saved after the report, everything is identical."""
+def test_resume_through_the_loader_state(policy, save, stop):
+    """Saved after the step's update, the resumed run is the uninterrupted one: same prompts,
+    same table. verl saves data.pt *before* it reports the step: the resumed run finishes that
+    epoch's plan exactly and only that step's visits are missing from the table."""
     dataset = Prompts(frame=True)
     sampler = make_sampler(dataset, policy=policy)
-    full, _ = fit(sampler, loader_for(dataset, sampler), dataset, epochs=3)
+    full, _ = fit(sampler, loader_for(dataset, sampler), dataset)
     reference = sampler.selector
+    assert len(full) == STEPS
+    ends = np.cumsum([h["epoch_forwarded"] // BATCH for h in reference.history])
+    epoch_end = int(ends[ends >= stop][0]) if (ends >= stop).any() else STEPS
 
-    stop = N // BATCH + 2  # inside the second epoch
     sampler = make_sampler(dataset, policy=policy)
-    first, saved = fit(sampler, loader_for(dataset, sampler), dataset, epochs=3, stop_at=stop, save=save)
+    first, saved = fit(sampler, loader_for(dataset, sampler), dataset, stop_at=stop, save=save)
     assert len(first) == stop and saved is not None
 
     sampler = make_sampler(dataset, policy=policy)
     loader = loader_for(dataset, sampler)
     loader.load_state_dict(saved)
-    rest, _ = fit(sampler, loader, dataset, epochs=3 - 1, start_step=stop)  # the rest of epoch 1, then 2
-    assert first + rest == full
-    assert sampler.selector.step_count == reference.step_count
+    rest, _ = fit(sampler, loader, dataset, start_step=stop)
+    resumed = first + rest
+    assert len(resumed) == STEPS and sampler.selector.step_count == reference.step_count
     table, expected = sampler.selector.table, reference.table
     if save == "after":
+        assert resumed == full
         for name in ("visits", "last_step", "pass_ema", "flat_run"):
             np.testing.assert_array_equal(table.field(name), expected.field(name), err_msg=name)
-    else:  # the saved step's prompts miss exactly that one visit
-        missing = np.bincount(first[-1], minlength=N)
-        np.testing.assert_array_equal(expected.field("visits").astype(np.int64) - table.field("visits"), missing)
+    else:
+        assert resumed[:epoch_end] == full[:epoch_end]
+        if resumed == full:  # later plans may differ: they read the table
+            missing = np.bincount(first[-1], minlength=N)
+            np.testing.assert_array_equal(expected.field("visits").astype(np.int64) - table.field("visits"), missing)
 
 
 @needs_verl

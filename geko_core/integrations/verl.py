@@ -7,8 +7,10 @@ every training step with the step's rolled-out, scored batch::
     data.sampler.class_path=pkg://geko_core.integrations.verl
     data.sampler.class_name=GekoCurriculumSampler
     data.dataloader_num_workers=0                 # verl requires it for a curriculum sampler
+    trainer.total_training_steps=2000             # end by steps: skipping shortens epochs
+    trainer.total_epochs=1000
     +data.sampler.policy=greso                    # any rewards-mode policy name
-    +data.sampler.epochs='${trainer.total_epochs}'
+    +data.sampler.total_steps='${trainer.total_training_steps}'
 
 The hook (``verl.experimental.dataset.sampler.AbstractCurriculumSampler`` and
 ``data.sampler.class_path``) exists in verl 0.5.0 to 0.7.1; verl 0.8.0 removed both (its v1
@@ -41,9 +43,9 @@ Selector's whole state, the sampler's iteration and the prompts drawn but not ye
 verl saves a step's checkpoint *before* it calls ``update`` for that step, so a state saved by
 verl holds that step's prompts as drawn and unreported; loading it counts them as trained
 without statistics (the plan's position and the step count move past them), so the resumed run
-draws exactly the prompts an uninterrupted one draws next; only that one step's rewards are
-missing from the table (and from the next plans that read them). A state saved after
-``update`` (by a loop of one's own) resumes exactly.
+finishes the epoch's plan as an uninterrupted one does; only that one step's rewards are
+missing from the table (and from later plans that read it). A state saved after ``update`` (by
+a loop of one's own) resumes exactly.
 """
 
 from __future__ import annotations
