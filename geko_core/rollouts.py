@@ -11,6 +11,7 @@ reference (``geko_core.reference_rollouts``) is the tests' oracle.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -57,6 +58,12 @@ class RolloutConfig(CompiledConfig):
 
 
 _DEFAULT_CONFIG = RolloutConfig()
+
+
+@functools.lru_cache(maxsize=16)
+def _cpp_config(config: RolloutConfig) -> "_C.RolloutConfig":
+    """One C++ config per distinct configuration, only read (building one costs tens of µs)."""
+    return config.to_cpp()
 
 
 def _resolve(config: RolloutConfig | None) -> RolloutConfig:
@@ -160,7 +167,7 @@ def rollout_stats(rewards: ArrayLike, lengths: ArrayLike | None = None, config: 
     r, n = _groups(rewards, lengths)
     if r.device.type != "cpu":
         return _device_stats(r, n, config)
-    out = _C.rollout_group_stats(_host(r), None if n is None else _host(n), config.to_cpp())
+    out = _C.rollout_group_stats(_host(r), None if n is None else _host(n), _cpp_config(config))
     return RolloutStats._from_compiled(out)
 
 
