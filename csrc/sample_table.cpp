@@ -11,9 +11,6 @@
 #include <string>
 #include <type_traits>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -25,10 +22,6 @@ namespace geko {
 
 namespace {
 
-constexpr size_t kHugePage = size_t{2} << 20;
-// A batch smaller than this is applied by one thread: a parallel region costs
-// more than it saves.
-constexpr size_t kMinParallelBatch = size_t{1} << 15;
 // Records requested this many batch positions ahead of the one being applied.
 // Measured on this project's 2-core VM (DRAM latency ~390 ns, about 16 misses in
 // flight per core): random updates on a 10 M-sample table are bound by the ~22 ns
@@ -127,25 +120,6 @@ inline bool finite_outside_unit(float v) {
   return (v < 0.0f && v >= -FLT_MAX) || (v > 1.0f && v <= FLT_MAX);
 }
 
-template <typename Index>
-inline bool index_out_of_range(Index index, int64_t num_samples) {
-  return static_cast<uint64_t>(static_cast<int64_t>(index)) >= static_cast<uint64_t>(num_samples);
-}
-
-template <typename Index>
-void check_indices(const Index* indices, size_t count, int64_t num_samples) {
-  bool bad = false;
-  for (size_t i = 0; i < count; ++i) bad |= index_out_of_range(indices[i], num_samples);
-  if (!bad) return;
-  for (size_t i = 0; i < count; ++i) {
-    if (index_out_of_range(indices[i], num_samples)) {
-      throw std::out_of_range("index " + std::to_string(static_cast<int64_t>(indices[i])) + " at position " +
-                              std::to_string(i) + " is out of range for a table of " +
-                              std::to_string(num_samples) + " samples");
-    }
-  }
-}
-
 void check_unit_interval(const float* values, size_t count, const char* name) {
   bool bad = false;
   for (size_t i = 0; i < count; ++i) bad |= finite_outside_unit(values[i]);
@@ -155,13 +129,6 @@ void check_unit_interval(const float* values, size_t count, const char* name) {
       throw std::invalid_argument(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(values[i]) +
                                   " is outside [0, 1]");
     }
-  }
-}
-
-void check_num_threads(int num_threads) {
-  if (num_threads < 0 || num_threads > kMaxThreads) {
-    throw std::invalid_argument("num_threads must be in [0, " + std::to_string(kMaxThreads) + "] (0: OpenMP's default), got " +
-                                std::to_string(num_threads));
   }
 }
 
@@ -460,65 +427,12 @@ std::string check_record(const SampleRecord& r) {
   return "";
 }
 
-int SampleTable::threads_for(size_t work) const {
-#ifdef _OPENMP
-  if (work < kMinParallelBatch) return 1;
-  return num_threads_ == 0 ? std::max(1, omp_get_max_threads()) : num_threads_;
-#else
-  (void)work;
-  return 1;
-#endif
-}
-
-int SampleTable::num_threads() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return num_threads_;
-}
-
-void SampleTable::set_num_threads(int num_threads) {
-  check_num_threads(num_threads);
-  std::lock_guard<std::mutex> lock(mutex_);
-  num_threads_ = num_threads;
-}
-
-SampleTable::SampleTable(int64_t num_samples, const Config& config, int num_threads)
-    : num_samples_(num_samples), config_(config), num_threads_(num_threads) {
-  config_.validate();
-  check_num_threads(num_threads);
-  const int64_t max_samples = static_cast<int64_t>(std::numeric_limits<size_t>::max() / (2 * sizeof(SampleRecord)));
-  if (num_samples < 1 || num_samples > max_samples) {
-    throw std::invalid_argument("num_samples must be in [1, " + std::to_string(max_samples) + "], got " +
-                                std::to_string(num_samples));
-  }
-  const size_t bytes = nbytes();
-  // Large tables: 2 MiB aligned and backed by huge pages when the kernel allows
-  // it (one TLB entry covers 65536 records instead of 128).
-  const size_t alignment = bytes >= kHugePage ? kHugePage : alignof(SampleRecord);
-  allocation_bytes_ = (bytes + alignment - 1) / alignment * alignment;
-  void* memory = std::aligned_alloc(alignment, allocation_bytes_);
-  if (memory == nullptr) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (alignment == kHugePage) madvise(memory, allocation_bytes_, MADV_HUGEPAGE);  // a hint: failure is harmless
-#endif
-  records_ = static_cast<SampleRecord*>(memory);
-  const SampleRecord blank = unseen_record(config_);
-  const int64_t n = num_samples_;
-  SampleRecord* records = records_;
-  // First touch in parallel, so the pages spread over the threads that update them.
-#pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<size_t>(n)))
-  for (int64_t i = 0; i < n; ++i) records[i] = blank;
-}
-
-SampleTable::~SampleTable() { std::free(records_); }
-
 template <typename Index>
 void SampleTable::update(const Index* indices, const float* loss, const float* confidence, const float* correct,
                          size_t count, int64_t step, int8_t* before, int8_t* after) {
-  if (step < 0 || step > kMaxStep) {
-    throw std::invalid_argument("step must be in [0, " + std::to_string(kMaxStep) + "], got " + std::to_string(step));
-  }
+  detail::check_step(step);
   std::lock_guard<std::mutex> lock(mutex_);
-  check_indices(indices, count, num_samples_);
+  detail::check_indices(indices, count, num_samples_);
   check_unit_interval(confidence, count, "confidence");
   check_unit_interval(correct, count, "correct");
 
@@ -560,95 +474,9 @@ void SampleTable::update(const Index* indices, const float* loss, const float* c
   }
 }
 
-template <typename Index>
-void SampleTable::buckets(const Index* indices, size_t count, int8_t* out) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_indices(indices, count, num_samples_);
-  const SampleRecord* records = records_;
-  const int64_t m = static_cast<int64_t>(count);
-#pragma omp parallel for schedule(static) num_threads(threads_for(count))
-  for (int64_t i = 0; i < m; ++i) out[i] = records[indices[i]].bucket;
-}
-
-BucketCounts SampleTable::bucket_counts() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  BucketCounts counts{};
-  const SampleRecord* records = records_;
-  const int64_t n = num_samples_;
-#pragma omp parallel num_threads(threads_for(static_cast<size_t>(n)))
-  {
-    // Every code is in [0, kNumBuckets): update() and load() keep it so.
-    int64_t local[kNumBuckets] = {};
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < n; ++i) ++local[static_cast<uint8_t>(records[i].bucket)];
-#pragma omp critical(geko_bucket_counts)
-    for (int b = 0; b < kNumBuckets; ++b) counts[b] += local[b];
-  }
-  return counts;
-}
-
-void SampleTable::copy_field(const std::string& name, void* out) const {
-  const auto& fields = record_fields();
-  const auto it = std::find_if(fields.begin(), fields.end(), [&](const FieldInfo& f) { return name == f.name; });
-  if (it == fields.end()) throw std::invalid_argument("unknown field " + name);
-  std::lock_guard<std::mutex> lock(mutex_);
-  const auto* base = reinterpret_cast<const unsigned char*>(records_) + it->offset;
-  auto* dst = static_cast<unsigned char*>(out);
-  const int64_t n = num_samples_;
-  const size_t size = it->size;
-#pragma omp parallel for schedule(static) num_threads(threads_for(static_cast<size_t>(n)))
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(dst + static_cast<size_t>(i) * size, base + static_cast<size_t>(i) * sizeof(SampleRecord), size);
-  }
-}
-
-void SampleTable::load(const void* records, size_t nbytes_in, const Config& config, const TableCounters& counters) {
-  config.validate();
-  if (nbytes_in != nbytes()) {
-    throw std::invalid_argument("expected " + std::to_string(nbytes()) + " bytes of records (" +
-                                std::to_string(num_samples_) + " samples), got " + std::to_string(nbytes_in));
-  }
-  // Validate from an unaligned source: copy each record out before reading it.
-  const auto* src = static_cast<const unsigned char*>(records);
-  const int64_t n = num_samples_;
-  int64_t first_bad = n;
-  int threads;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    threads = threads_for(static_cast<size_t>(n));
-  }
-#pragma omp parallel for schedule(static) reduction(min : first_bad) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) {
-    SampleRecord r;
-    std::memcpy(&r, src + static_cast<size_t>(i) * sizeof(SampleRecord), sizeof(r));
-    if (i < first_bad && !check_record(r).empty()) first_bad = i;
-  }
-  if (first_bad < n) {
-    SampleRecord r;
-    std::memcpy(&r, src + static_cast<size_t>(first_bad) * sizeof(SampleRecord), sizeof(r));
-    throw std::invalid_argument("sample " + std::to_string(first_bad) + ": " + check_record(r));
-  }
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::memcpy(static_cast<void*>(records_), records, nbytes_in);
-  config_ = config;
-  counters_ = counters;
-}
-
-Config SampleTable::config() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return config_;
-}
-
-TableCounters SampleTable::counters() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return counters_;
-}
-
 template void SampleTable::update<int32_t>(const int32_t*, const float*, const float*, const float*, size_t, int64_t,
                                            int8_t*, int8_t*);
 template void SampleTable::update<int64_t>(const int64_t*, const float*, const float*, const float*, size_t, int64_t,
                                            int8_t*, int8_t*);
-template void SampleTable::buckets<int32_t>(const int32_t*, size_t, int8_t*) const;
-template void SampleTable::buckets<int64_t>(const int64_t*, size_t, int8_t*) const;
 
 }  // namespace geko

@@ -2,14 +2,14 @@
 # after changing python/*.cpp: pybind11-stubgen geko_core._C -o <dir>); tests/test_package.py
 # checks that it names every binding.
 """
-geko_core compiled core: sample table, CPU statistics kernels, curriculum and planner.
+geko_core compiled core: sample table, rollout table, CPU statistics kernels, curriculum and planner.
 """
 from __future__ import annotations
 import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'TABLE_FORMAT_VERSION', 'angle_concentration', 'bf16_round', 'build_info', 'count_visits', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'loss_forward', 'random_permutation', 'shard_plan', 'stats_forward', 'weighted_sample']
+__all__: list[str] = ['BUCKET_FOCUS', 'BUCKET_FREEZE', 'BUCKET_HARD', 'BUCKET_INVALID', 'BUCKET_LIGHT', 'BUCKET_UNSEEN', 'Config', 'DEFAULT_FREEZE_REVISIT', 'DEFAULT_MIN_RATE', 'EpochPlanner', 'FLAG_SUSPECTED_NOISY', 'MAX_RATE', 'MAX_STEP', 'MAX_VOCAB', 'MountainCurriculum', 'NUM_BUCKETS', 'ROLLOUT_FORMAT_VERSION', 'RolloutConfig', 'RolloutTable', 'SAMPLE_RECORD_SIZE', 'SampleTable', 'TABLE_FORMAT_VERSION', 'angle_concentration', 'bf16_round', 'build_info', 'count_visits', 'cross_entropy_backward', 'curriculum_progress', 'default_curriculum_phases', 'first_bad_label', 'fp16_round', 'freeze_revisit_count', 'gainrl_update_mu', 'gaussian_window_plan', 'infobatch_plan', 'loss_forward', 'random_permutation', 'rollout_group_stats', 'shard_plan', 'stats_forward', 'weighted_sample']
 class Config:
     """
     C++ mirror of geko_core.GekoConfig (defaults live here).
@@ -178,6 +178,104 @@ class EpochPlanner:
     @property
     def num_samples(self) -> int:
         ...
+class RolloutConfig:
+    """
+    C++ mirror of geko_core.RolloutConfig (defaults live here).
+    """
+    def __init__(self) -> None:
+        ...
+    def validate(self) -> None:
+        ...
+    @property
+    def alpha(self) -> float:
+        ...
+    @alpha.setter
+    def alpha(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def flat_tol(self) -> float:
+        ...
+    @flat_tol.setter
+    def flat_tol(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def light_above(self) -> float:
+        ...
+    @light_above.setter
+    def light_above(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def right_at(self) -> float:
+        ...
+    @right_at.setter
+    def right_at(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def wrong_at(self) -> float:
+        ...
+    @wrong_at.setter
+    def wrong_at(self, arg0: typing.SupportsFloat | typing.SupportsIndex) -> None:
+        ...
+class RolloutTable:
+    """
+    Per-prompt reward history, one 32-byte record per prompt (use geko_core.RolloutTable).
+    """
+    @staticmethod
+    def layout() -> list:
+        """
+        [(name, numpy dtype str, byte offset)] of the record fields.
+        """
+    def __init__(self, num_samples: typing.SupportsInt | typing.SupportsIndex, config: RolloutConfig, num_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> None:
+        ...
+    def bucket_counts(self) -> numpy.typing.NDArray[numpy.int64]:
+        """
+        int64[5]: number of prompts in FREEZE, LIGHT, FOCUS, HARD, UNSEEN.
+        """
+    def buckets(self, indices: numpy.ndarray) -> numpy.typing.NDArray[numpy.int8]:
+        """
+        Bucket code (int8) of each index.
+        """
+    def copy_field(self, name: str) -> numpy.ndarray:
+        """
+        A copy of one field of every record.
+        """
+    def load(self, records: numpy.ndarray, config: RolloutConfig, updates: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Replace config, counters and records (uint8, num_samples * 32 bytes) after validating them.
+        """
+    def records_view(self) -> numpy.ndarray:
+        """
+        Read-only [num_samples, 32] uint8 view of the records.
+        """
+    def update(self, indices: numpy.ndarray, rewards: numpy.ndarray, lengths: typing.Any, step: typing.SupportsInt | typing.SupportsIndex, before: typing.Any = None, after: typing.Any = None) -> tuple:
+        """
+        Apply one rollout batch: indices int32/int64 [B], rewards float32 [B, G], lengths None or float32
+        [B, G]. Returns the groups' statistics as rollout_group_stats.
+        """
+    def update_stats(self, indices: numpy.ndarray, pass_rate: numpy.ndarray, spread: numpy.ndarray, zero_variance: numpy.ndarray, all_right: numpy.ndarray, all_wrong: numpy.ndarray, mean_length: numpy.ndarray, step: typing.SupportsInt | typing.SupportsIndex, before: typing.Any = None, after: typing.Any = None) -> None:
+        """
+        Apply precomputed statistics (float32 / bool [B]) by the same rule.
+        """
+    @property
+    def config(self) -> RolloutConfig:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
+    @property
+    def num_samples(self) -> int:
+        ...
+    @property
+    def num_threads(self) -> int:
+        """
+        OpenMP threads of updates and scans (0: OpenMP's default).
+        """
+    @num_threads.setter
+    def num_threads(self, arg1: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def updates(self) -> int:
+        ...
 def angle_concentration(hidden: typing.Any, mask: typing.Any, prefix_len: typing.Any, concentration: typing.Any, valid_tokens: typing.Any, cross: typing.Any) -> None:
     """
     Angle concentration of [B, T, d] hidden states (DLPack capsules of CPU tensors).
@@ -244,6 +342,11 @@ def random_permutation(n: typing.SupportsInt | typing.SupportsIndex, seed: typin
     """
     A uniformly random permutation of range(n), O(n), deterministic for (seed, epoch).
     """
+def rollout_group_stats(rewards: numpy.ndarray, lengths: typing.Any, config: RolloutConfig, num_threads: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple:
+    """
+    Per-group statistics of rewards float32 [B, G] (lengths None or float32 [B, G]): (pass_rate, spread,
+    zero_variance, all_right, all_wrong, mean_length), each [B].
+    """
 def shard_plan(indices: numpy.ndarray, weights: numpy.ndarray, num_replicas: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex, drop_last: bool) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32], int, int]:
     """
     This rank's share of a global plan: (indices, weights, total_size, real entries).
@@ -273,5 +376,6 @@ MAX_RATE: float = 5.0
 MAX_STEP: int = 2147483647
 MAX_VOCAB: int = 262144
 NUM_BUCKETS: int = 5
+ROLLOUT_FORMAT_VERSION: int = 1
 SAMPLE_RECORD_SIZE: int = 32
 TABLE_FORMAT_VERSION: int = 1

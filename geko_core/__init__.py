@@ -27,6 +27,9 @@ __all__ = [
     "EpochPlanner",
     "MountainCurriculum",
     "GekoConfig",
+    "RolloutConfig",
+    "RolloutStats",
+    "RolloutTable",
     "GekoSampler",
     "SampleStats",
     "SampleTable",
@@ -44,6 +47,7 @@ __all__ = [
     "compiled_core_error",
     "cross_entropy_with_stats",
     "linear_cross_entropy_with_stats",
+    "rollout_stats",
     "sample_stats",
     "__version__",
 ]
@@ -70,6 +74,7 @@ if compiled_core_error() is None:
     from .linear_cross_entropy import linear_cross_entropy_with_stats
     from .selector import GekoSampler, Selector, WithIndex
     from .table import CheckpointError, SampleTable
+    from .rollouts import RolloutConfig, RolloutStats, RolloutTable, rollout_stats
     from .types import SampleStats, TokenStats
 else:
     # `import geko_core` still works (so `python -m geko_core.info` can report the

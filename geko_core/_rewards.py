@@ -26,7 +26,6 @@ from .policies.base import rollout_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .rollouts import RolloutStats
-    from .selector import Selector
 
 __all__ = ["RewardsMode", "check_rollout_inputs", "logits_only"]
 
@@ -49,34 +48,25 @@ def _as_tensor(values: Any, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a tensor, array or nested list, got {type(values).__name__}")
 
 
-def check_rollout_inputs(rewards: Any, lengths: Any, count: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``rewards`` ``[B, G]`` as a float tensor and ``lengths`` ``[B, G]`` (or None), checked
-    before anything changes: real numbers, the shapes, finite rewards, finite non-negative
-    lengths. ``count``: the batch's B when the indices are known (None: not checked)."""
+def check_rollout_inputs(rewards: Any, lengths: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rewards`` as a float tensor and ``lengths`` as a tensor (or None). Shapes and, on the
+    CPU, values are checked by ``rollout_stats`` (the compiled core refuses NaN/inf rewards and
+    negative lengths); on another device it reads no value (no host synchronisation), so the
+    values are checked here: refused input must change nothing, and a device batch reaches
+    the table one step late."""
     rewards = _as_tensor(rewards, "rewards")
     if rewards.dtype == torch.bool or rewards.is_complex():
         raise TypeError(f"rewards must hold real numbers, got {rewards.dtype}")
-    if rewards.dim() != 2 or rewards.shape[1] < 1:
-        raise ValueError(f"rewards must be [B, G] (G completions per prompt), got shape {tuple(rewards.shape)}")
-    if count is not None and rewards.shape[0] != count:
-        raise ValueError(f"rewards has {rewards.shape[0]} rows but idx has {count} prompts")
     if not rewards.dtype.is_floating_point:
         rewards = rewards.to(torch.float32)
-    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards must be finite: a NaN or infinite reward (a verifier's failure?) refused, nothing changed")
-    if lengths is None:
-        return rewards, None
-    lengths = _as_tensor(lengths, "lengths")
-    if lengths.dtype == torch.bool or lengths.is_complex():
-        raise TypeError(f"lengths must hold token counts, got {lengths.dtype}")
-    if tuple(lengths.shape) != tuple(rewards.shape):
-        raise ValueError(f"lengths must have the rewards' shape {tuple(rewards.shape)}, got {tuple(lengths.shape)}")
-    if lengths.device != rewards.device:
-        raise ValueError(f"lengths are on {lengths.device}, rewards on {rewards.device}")
-    if lengths.numel():
-        bad = ~torch.isfinite(lengths) | (lengths < 0) if lengths.dtype.is_floating_point else lengths < 0
-        if bool(bad.any()):
-            raise ValueError("lengths must be finite and non-negative token counts")
+    lengths = None if lengths is None else _as_tensor(lengths, "lengths")
+    if rewards.device.type != "cpu":
+        if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+            raise ValueError("rewards must be finite: a NaN or infinite reward (a verifier's failure?) refused, nothing changed")
+        if lengths is not None and lengths.numel() and lengths.dtype != torch.bool and not lengths.is_complex():
+            bad = (~torch.isfinite(lengths) | (lengths < 0)) if lengths.dtype.is_floating_point else lengths < 0
+            if bool(bad.any()):
+                raise ValueError("lengths must be finite and non-negative token counts")
     return rewards, lengths
 
 
@@ -103,18 +93,18 @@ class RewardsMode:
 
         return RolloutTable(num_samples, self.config)
 
-    def queue(self, selector: "Selector") -> StatsQueue:
+    def queue(self, selector: Any) -> StatsQueue:
         """The Selector's queue, handing :class:`RolloutBatch` es to ``observe_rollouts``."""
         return StatsQueue(lambda batch: selector.policy.observe_rollouts(batch, selector.table), selector.num_samples, rollout_batch)
 
     # -- the touch point -------------------------------------------------------------------
-    def observe(self, sel: "Selector", idx: Any, rewards: Any, lengths: Any) -> "RolloutStats":
+    def observe(self, sel: Any, idx: Any, rewards: Any, lengths: Any) -> "RolloutStats":
         """``Selector.observe_rewards`` (see there)."""
         from .rollouts import rollout_stats
 
-        rewards, lengths = check_rollout_inputs(rewards, lengths, None)
+        rewards, lengths = check_rollout_inputs(rewards, lengths)
+        stats = rollout_stats(rewards, lengths, self.config)  # checks the shapes (and the values on the CPU)
         indices = host_indices(idx, sel.num_samples, expected=rewards.shape[0])
-        stats = rollout_stats(rewards, lengths, self.config)
         batch, group = rewards.shape
         cpu = rewards.device.type == "cpu"
         if lengths is None:
@@ -123,21 +113,15 @@ class RewardsMode:
             tokens = int(round(float(lengths.to(torch.float64).sum()))) if lengths.dtype.is_floating_point else int(lengths.sum())
         else:
             tokens = lengths.to(torch.float64).sum().round().to(torch.int64)
-        all_right = getattr(stats, "all_right", None)
-        all_wrong = getattr(stats, "all_wrong", None)
-        if all_right is None or all_wrong is None:
-            all_right = (rewards >= self.config.right_at).all(dim=1)
-            all_wrong = (rewards <= self.config.wrong_at).all(dim=1)
-        flags = [stats.zero_variance, all_right, all_wrong]
-        rows = [stats.pass_rate, stats.spread, *flags, stats.mean_length]
-        rows = [torch.as_tensor(r).to(rewards.device, torch.float32) for r in rows]
+        rows = [stats.pass_rate, stats.spread, stats.zero_variance, stats.all_right, stats.all_wrong, stats.mean_length]
+        rows = [r.to(torch.float32) for r in rows]  # one dtype for the queue and the all-gather
 
         # Everything is checked: from here the batch changes the run.
         plan = sel._epochs.start()
         at = plan.locate(indices)
         weights = np.array(plan.batch_weights(indices, at), dtype=np.float32)
         counters = sel._counters
-        zero_variance = torch.as_tensor(stats.zero_variance)
+        zero_variance = stats.zero_variance
         counters.rollouts["rollouts"] += batch * group
         counters.rollouts["zero_variance_prompts"] = counters.rollouts["zero_variance_prompts"] + (
             int(zero_variance.sum()) if cpu else zero_variance.sum()
@@ -145,23 +129,23 @@ class RewardsMode:
         counters.backpropagated += batch
         counters.tokens["backpropagated"] = counters.tokens["backpropagated"] + tokens
         world = sel.num_replicas > 1 and distributed()
-        if cpu:
+        if cpu and sel._host_copy is None:
             device = copier = None
             if not world:  # the host path: plain arrays, applied in this call
                 rows = [r.numpy() for r in rows]
-        else:
+        else:  # a device's rows reach the table one step late (``_host_copy``: tests on CPU)
             device = rewards.device
             copier = sel._host_copy if sel._host_copy is not None else host_copy_for(device)
         sel._record(indices, at, weights, None, None, tokens, rows=(rows, device, copier))
         return stats
 
-    def planned(self, sel: "Selector", plan: Any) -> None:
+    def planned(self, sel: Any, plan: Any) -> None:
         """A started epoch's plan: count the prompts it leaves out (global draws below N)."""
         sel._counters.rollouts["skipped_prompts"] += max(0, sel.num_samples - int(plan.epoch_size))
 
     # -- reporting ---------------------------------------------------------------------------
     @staticmethod
-    def metrics(sel: "Selector") -> dict[str, Any]:
+    def metrics(sel: Any) -> dict[str, Any]:
         counters = sel._counters
         prompts = counters.forwarded
         zero_variance = counters.count_of("zero_variance_prompts")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ._backend import load_compiled_core
 from ._checks import check_int, check_real
@@ -28,8 +29,45 @@ NUM_BUCKETS: int = _C.NUM_BUCKETS
 BUCKET_NAMES: tuple[str, ...] = ("FREEZE", "LIGHT", "FOCUS", "HARD", "UNSEEN")
 
 
+_Config = TypeVar("_Config", bound="CompiledConfig")
+
+
+class CompiledConfig:
+    """Base of the frozen config dataclasses mirrored by a C++ struct (``_CPP``): fields are
+    checked as plain Python numbers, then by the struct's validator, the one rule."""
+
+    _CPP: type
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            check = check_int if field.type in ("int", int) else check_real
+            # Plain Python numbers from here on (a numpy scalar would not survive to_dict -> JSON).
+            value = check(getattr(self, field.name), f"{type(self).__name__}.{field.name}")
+            object.__setattr__(self, field.name, value)
+        self.to_cpp()  # the C++ validator is the one rule; it raises ValueError
+
+    def to_cpp(self) -> Any:
+        """The equivalent validated C++ struct (a new object, the caller's to keep)."""
+        cfg = self._CPP()
+        for field in dataclasses.fields(self):
+            setattr(cfg, field.name, getattr(self, field.name))
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_Config], values: dict) -> _Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class GekoConfig:
+class GekoConfig(CompiledConfig):
     """Thresholds and rates of the GEKO rules (docs/design.md §3).
 
     Attributes:
@@ -64,31 +102,7 @@ class GekoConfig:
     noise_guard_visits: int = _DEFAULTS.noise_guard_visits
     correct_margin: float = _DEFAULTS.correct_margin
 
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            check = check_int if field.type in ("int", int) else check_real
-            # Plain Python numbers from here on (a numpy scalar would not survive to_dict -> JSON).
-            object.__setattr__(self, field.name, check(getattr(self, field.name), f"GekoConfig.{field.name}"))
-        self.to_cpp()  # the C++ validator is the one rule; it raises ValueError
-
-    def to_cpp(self) -> "_C.Config":
-        """The equivalent validated ``_C.Config`` (a new object, the caller's to keep)."""
-        cfg = _C.Config()
-        for field in dataclasses.fields(self):
-            setattr(cfg, field.name, getattr(self, field.name))
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "GekoConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"GekoConfig: unknown fields {sorted(unknown)}")
-        return cls(**values)
+    _CPP = _C.Config
 
 
 # Frozen, so one shared instance is safe (building and validating one costs ~0.1 ms, and a

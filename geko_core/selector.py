@@ -47,7 +47,9 @@ class Selector:
     Args:
         num_samples: size of the (index-yielding) training set.
         policy: ``"geko"``, ``"infobatch"``, ``"es"``, ``"eswp"``, ``"gainrl"``, ``"grace"``,
-            ``"uniform"``, ``"random_subset"``, or a :class:`~geko_core.policies.Policy` object.
+            ``"uniform"``/``"full"``, ``"random_subset"``; in rewards mode ``"full"``,
+            ``"random_subset"``, ``"dynamic"``, ``"greso"``, ``"geko"``, ``"gainrl"``
+            (docs/policies.md); or a :class:`~geko_core.policies.Policy` object.
         epochs: planned number of epochs (training progress = epochs done + share of the
             current one). Give this or ``total_steps``.
         total_steps: planned number of optimizer steps (progress = steps / total_steps);

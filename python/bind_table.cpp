@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "array_checks.h"
+#include "record_bindings.h"
 #include "bindings.h"
 #include "geko/sample_table.h"
 
@@ -20,14 +21,6 @@ namespace py = pybind11;
 namespace geko::bindings {
 
 namespace {
-
-bool is_int32(const py::array& a) { return py::isinstance<py::array_t<int32_t>>(a); }
-
-void require_int_indices(const py::array& indices) {
-  if (!is_int32(indices) && !py::isinstance<py::array_t<int64_t>>(indices)) {
-    throw py::type_error("indices must have dtype int32 or int64, got " + py::str(indices.dtype()).cast<std::string>());
-  }
-}
 
 // Applies one batch. before/after (None or writable int8 arrays, one entry per row) receive
 // each row's bucket before and after the batch, in the same locked call (the report a
@@ -47,43 +40,6 @@ void update(SampleTable& table, const py::array& indices, const py::array& loss,
   }
 }
 
-py::array_t<int8_t> buckets(const SampleTable& table, const py::array& indices) {
-  require_int_indices(indices);
-  const bool narrow = is_int32(indices);
-  const size_t count = narrow ? require_vector<int32_t>(indices, "indices", "int32")
-                              : require_vector<int64_t>(indices, "indices", "int64");
-  py::array_t<int8_t> out(static_cast<py::ssize_t>(count));
-  int8_t* dst = out.mutable_data();
-  {
-    py::gil_scoped_release release;
-    if (narrow) {
-      table.buckets(static_cast<const int32_t*>(indices.data()), count, dst);
-    } else {
-      table.buckets(static_cast<const int64_t*>(indices.data()), count, dst);
-    }
-  }
-  return out;
-}
-
-py::dtype field_dtype(const FieldInfo& field) {
-  return py::dtype(std::string(1, field.kind) + std::to_string(field.size));
-}
-
-py::array copy_field(const SampleTable& table, const std::string& name) {
-  const auto& fields = record_fields();
-  for (const FieldInfo& field : fields) {
-    if (name != field.name) continue;
-    py::array out(field_dtype(field), std::vector<py::ssize_t>{static_cast<py::ssize_t>(table.num_samples())});
-    void* dst = out.mutable_data();
-    py::gil_scoped_release release;
-    table.copy_field(name, dst);
-    return out;
-  }
-  std::string known;
-  for (const FieldInfo& field : fields) known += (known.empty() ? "" : ", ") + std::string(field.name);
-  throw std::invalid_argument("unknown field '" + name + "'; the fields are " + known);
-}
-
 void load(SampleTable& table, const py::array& records, const Config& config, uint64_t updates,
           uint64_t nonfinite_skipped) {
   const size_t nbytes = require_vector<uint8_t>(records, "records", "uint8");
@@ -93,24 +49,6 @@ void load(SampleTable& table, const py::array& records, const Config& config, ui
   counters.nonfinite_skipped = nonfinite_skipped;
   py::gil_scoped_release release;
   table.load(src, nbytes, config, counters);
-}
-
-// Read-only [num_samples, 32] uint8 view of the records, keeping the table alive.
-py::array records_view(const py::object& self) {
-  const auto& table = self.cast<const SampleTable&>();
-  py::array view(py::dtype::of<uint8_t>(),
-                 {static_cast<py::ssize_t>(table.num_samples()), static_cast<py::ssize_t>(sizeof(SampleRecord))},
-                 {static_cast<py::ssize_t>(sizeof(SampleRecord)), py::ssize_t{1}}, table.data(), self);
-  view.attr("setflags")(py::arg("write") = false);
-  return view;
-}
-
-py::list layout() {
-  py::list out;
-  for (const FieldInfo& field : record_fields()) {
-    out.append(py::make_tuple(field.name, py::str(field_dtype(field).attr("str")), field.offset));
-  }
-  return out;
 }
 
 }  // namespace
@@ -125,39 +63,34 @@ void bind_table(py::module_& m) {
            "Apply one batch: indices int32/int64, loss/confidence/correct float32, all 1-D contiguous, same length.\n"
            "before/after: None or writable int8 arrays of the batch's length, filled with each row's bucket\n"
            "before and after the batch.")
-      .def("buckets", &buckets, py::arg("indices"), "Bucket code (int8) of each index.")
-      .def(
-          "bucket_counts",
-          [](const SampleTable& table) {
-            BucketCounts counts;
-            {
-              py::gil_scoped_release release;
-              counts = table.bucket_counts();
-            }
-            py::array_t<int64_t> out(kNumBuckets);
-            for (int b = 0; b < kNumBuckets; ++b) out.mutable_at(b) = counts[b];
-            return out;
-          },
+      .def("buckets", &buckets<SampleTable>, py::arg("indices"), "Bucket code (int8) of each index.")
+      .def("bucket_counts", &bucket_counts<SampleTable>,
           "int64[5]: number of samples in FREEZE, LIGHT, FOCUS, HARD, UNSEEN.")
-      .def("copy_field", &copy_field, py::arg("name"), "A copy of one field of every record.")
+      .def(
+          "copy_field",
+          [](const SampleTable& table, const std::string& name) { return copy_field(table, name, record_fields()); },
+          py::arg("name"), "A copy of one field of every record.")
       .def("load", &load, py::arg("records"), py::arg("config"), py::arg("updates"), py::arg("nonfinite_skipped"),
            "Replace config, counters and records (uint8, num_samples * 32 bytes) after validating them.")
-      .def("records_view", &records_view, "Read-only [num_samples, 32] uint8 view of the records.")
+      .def("records_view", &records_view<SampleTable>, "Read-only [num_samples, 32] uint8 view of the records.")
       // Getters wait for the table's mutex: let other Python threads run meanwhile.
       .def_property("num_threads",
-                    py::cpp_function(&SampleTable::num_threads, py::call_guard<py::gil_scoped_release>()),
-                    py::cpp_function(&SampleTable::set_num_threads, py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<SampleTable>(&SampleTable::num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
+                    py::cpp_function(py::method_adaptor<SampleTable>(&SampleTable::set_num_threads),
+                                     py::call_guard<py::gil_scoped_release>()),
                     "OpenMP threads of updates and scans (0: OpenMP's default).")
       .def_property_readonly("num_samples", &SampleTable::num_samples)
       .def_property_readonly("nbytes", &SampleTable::nbytes)
-      .def_property_readonly("config", py::cpp_function(&SampleTable::config, py::call_guard<py::gil_scoped_release>()))
+      .def_property_readonly("config", py::cpp_function(py::method_adaptor<SampleTable>(&SampleTable::config),
+                                     py::call_guard<py::gil_scoped_release>()))
       .def_property_readonly(
           "updates", py::cpp_function([](const SampleTable& t) { return t.counters().updates; },
                                       py::call_guard<py::gil_scoped_release>()))
       .def_property_readonly(
           "nonfinite_skipped", py::cpp_function([](const SampleTable& t) { return t.counters().nonfinite_skipped; },
                                                 py::call_guard<py::gil_scoped_release>()))
-      .def_static("layout", &layout, "[(name, numpy dtype str, byte offset)] of the record fields.");
+      .def_static("layout", [] { return layout(record_fields()); }, "[(name, numpy dtype str, byte offset)] of the record fields.");
   m.attr("SAMPLE_RECORD_SIZE") = sizeof(SampleRecord);
   m.attr("TABLE_FORMAT_VERSION") = kTableFormatVersion;
   m.attr("MAX_STEP") = kMaxStep;

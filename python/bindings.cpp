@@ -102,11 +102,12 @@ void bind_config(py::module_& m) {
 }  // namespace geko::bindings
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "geko_core compiled core: sample table, CPU statistics kernels, curriculum and planner.";
+  m.doc() = "geko_core compiled core: sample table, rollout table, CPU statistics kernels, curriculum and planner.";
   geko::bindings::bind_config(m);
   geko::bindings::bind_table(m);
   geko::bindings::bind_stats(m);
   geko::bindings::bind_planner(m);
   geko::bindings::bind_angle(m);
   geko::bindings::bind_visit_counters(m);
+  geko::bindings::bind_rollout_table(m);
 }

@@ -13,5 +13,6 @@ void bind_stats(pybind11::module_& m);    // bind_stats.cpp
 void bind_planner(pybind11::module_& m);  // bind_planner.cpp
 void bind_angle(pybind11::module_& m);    // bind_angle.cpp
 void bind_visit_counters(pybind11::module_& m);  // bind_visit_counters.cpp
+void bind_rollout_table(pybind11::module_& m);   // bind_rollout_table.cpp
 
 }  // namespace geko::bindings

@@ -7,12 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-import _rollouts_standin
-
-_rollouts_standin.install()
-
-from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN  # noqa: E402
-from geko_core.policies import (  # noqa: E402
+from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT, BUCKET_UNSEEN
+from geko_core.policies import (
     DynamicSamplingPolicy,
     FullPolicy,
     GainRLRolloutPolicy,
@@ -24,7 +20,7 @@ from geko_core.policies import (  # noqa: E402
     TableView,
     make_policy,
 )
-from geko_core.rollouts import RolloutTable  # noqa: E402
+from geko_core.rollouts import RolloutTable
 
 
 def _batch(indices, pass_rate, *, zero_variance=None, step=1, epoch=0):

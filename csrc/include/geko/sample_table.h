@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "geko/config.h"
+#include "geko/record_table.h"
 
 namespace geko {
 
@@ -26,11 +27,6 @@ enum SampleFlag : uint8_t {
   kFlagSuspectedNoisy = 1u << 0,
 };
 constexpr uint8_t kKnownFlags = kFlagSuspectedNoisy;
-
-// Steps are stored as int32: a step must lie in [0, kMaxStep]; -1 in
-// SampleRecord::last_step means "never updated".
-constexpr int64_t kMaxStep = INT32_MAX;
-constexpr int kMaxThreads = 1024;
 
 // The record layout below is a versioned format: state dicts and checkpoint files
 // (geko_core/_table_file.py, docs/design.md §3) store records byte for byte, with this
@@ -52,19 +48,13 @@ struct alignas(32) SampleRecord {
   uint8_t hard_streak;    // consecutive visits in the instant bucket HARD, saturating at 255
   uint8_t flags;          // SampleFlag bits
 };
-static_assert(sizeof(SampleRecord) == 32, "a sample record must stay 32 bytes");
+static_assert(sizeof(SampleRecord) == kRecordSize, "a sample record must stay 32 bytes");
 static_assert(alignof(SampleRecord) == 32, "records are aligned to half a cache line");
 
 // The record a never-updated sample holds.
 SampleRecord unseen_record(const Config& config);
 
-// One field of SampleRecord, described for the bindings, state dicts and files.
-struct FieldInfo {
-  const char* name;
-  size_t offset;
-  size_t size;
-  char kind;  // 'f' float, 'u' unsigned, 'i' signed (numpy dtype kinds)
-};
+// The fields of SampleRecord, described for the bindings, state dicts and files.
 const std::vector<FieldInfo>& record_fields();
 
 // Counters of a table (they travel with its state).
@@ -73,29 +63,35 @@ struct TableCounters {
   uint64_t nonfinite_skipped = 0;  // sample-updates skipped for a NaN/inf loss, confidence or correct
 };
 
-// Number of samples per bucket code (FREEZE, LIGHT, FOCUS, HARD, UNSEEN).
-using BucketCounts = std::array<int64_t, kNumBuckets>;
+// Checks one record against the invariants of the update rule; returns an
+// empty string when it holds, else what is wrong.
+std::string check_record(const SampleRecord& record);
 
-// The per-sample state table. Every public member function locks one mutex, so
-// a table may be used from several threads; update() applies its batch under
-// the lock.
+struct SampleTableTraits {
+  using Record = SampleRecord;
+  using Config = geko::Config;
+  using Counters = TableCounters;
+  static const std::vector<FieldInfo>& fields() { return record_fields(); }
+  static std::string check(const SampleRecord& record) { return check_record(record); }
+  static SampleRecord blank(const Config& config) { return unseen_record(config); }
+};
+
+// The per-sample state table (reads, loads, lock and threads: RecordTable). update()
+// applies its batch under the lock.
 //
-// num_threads: OpenMP threads of batch updates and scans (0: OpenMP's default).
-// One thread with software prefetch already exceeds the design goal (20 M
-// random updates/s), and on a machine whose cores are busy (data-loader
-// workers, other jobs) a parallel region waits for its slowest thread, so 1 is
-// the default. With more threads, each thread owns one contiguous range of the
-// table and walks the whole batch, applying only its own indices: per-sample
-// order is kept and the result does not depend on the thread count.
-class SampleTable {
+// num_threads: one thread with software prefetch already exceeds the design goal (20 M
+// random updates/s), and on a machine whose cores are busy (data-loader workers, other
+// jobs) a parallel region waits for its slowest thread, so 1 is the default. With more
+// threads, each thread owns one contiguous range of the table and walks the whole batch,
+// applying only its own indices: per-sample order is kept and the result does not depend
+// on the thread count.
+class SampleTable : public RecordTable<SampleTableTraits> {
  public:
   // Throws std::invalid_argument for num_samples < 1, an invalid config or
   // num_threads outside [0, kMaxThreads]; std::bad_alloc when the records do
   // not fit in memory.
-  SampleTable(int64_t num_samples, const Config& config, int num_threads = 1);
-  ~SampleTable();
-  SampleTable(const SampleTable&) = delete;
-  SampleTable& operator=(const SampleTable&) = delete;
+  SampleTable(int64_t num_samples, const Config& config, int num_threads = 1)
+      : RecordTable(num_samples, config, num_threads) {}
 
   // Applies one batch of statistics (docs/design.md §3), in batch order (a duplicate
   // index is applied once per occurrence). Everything is validated before any
@@ -113,50 +109,6 @@ class SampleTable {
   template <typename Index>
   void update(const Index* indices, const float* loss, const float* confidence, const float* correct,
               size_t count, int64_t step, int8_t* before = nullptr, int8_t* after = nullptr);
-
-  // Bucket code of each index (std::out_of_range as update()).
-  template <typename Index>
-  void buckets(const Index* indices, size_t count, int8_t* out) const;
-
-  BucketCounts bucket_counts() const;
-
-  // Copies field `name` of every record into `out` (num_samples * field size bytes).
-  // Throws std::invalid_argument for an unknown name.
-  void copy_field(const std::string& name, void* out) const;
-
-  // Replaces config, counters and every record by `records` (num_samples * 32
-  // bytes, any alignment), after checking that the config is valid and that
-  // every record is one the update rule can produce (std::invalid_argument
-  // naming the first bad sample otherwise; the table is then unchanged).
-  void load(const void* records, size_t nbytes, const Config& config, const TableCounters& counters);
-
-  int num_threads() const;
-  void set_num_threads(int num_threads);  // std::invalid_argument outside [0, kMaxThreads]
-
-  int64_t num_samples() const { return num_samples_; }
-  size_t nbytes() const { return static_cast<size_t>(num_samples_) * sizeof(SampleRecord); }
-  Config config() const;
-  TableCounters counters() const;
-
-  // The records, for zero-copy read-only views. The block never moves while the
-  // table lives; load() copies into it. Readers that bypass the lock may see a
-  // batch half applied.
-  const SampleRecord* data() const { return records_; }
-
- private:
-  int64_t num_samples_;
-  Config config_;
-  TableCounters counters_;
-  SampleRecord* records_ = nullptr;
-  size_t allocation_bytes_ = 0;
-  int num_threads_ = 1;
-  mutable std::mutex mutex_;
-
-  int threads_for(size_t work) const;  // call with mutex_ held
 };
-
-// Checks one record against the invariants of the update rule; returns an
-// empty string when it holds, else what is wrong.
-std::string check_record(const SampleRecord& record);
 
 }  // namespace geko
