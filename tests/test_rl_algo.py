@@ -7,10 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import _rollouts_standin
-
-_rollouts_standin.install()  # until the compiled RolloutTable is on this branch
-
 from geko_core.bench.rl_data import END, FAMILIES, MAX_ANSWER, PAD, PROMPT_LEN, decode, encode, graded_reward, make_rl_data, score
 from geko_core.bench.rl_grpo import FullPolicy, group_advantages, grpo_loss, grpo_train, make_policy, run_rl
 from geko_core.bench.rl_model import TinyLM, completion_logprobs, generate, token_mask
