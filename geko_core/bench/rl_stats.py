@@ -127,20 +127,17 @@ def accuracy_at_budget(curve: Sequence[dict], budget_tokens: float, key: str = "
 
 
 def mean_curve(curves: Sequence[Sequence[dict]], grid: np.ndarray, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over runs of ``key`` against rollout tokens on ``grid``: each curve held
-    stepwise (the last measured point at or before each grid value), ``nan`` past a run's end.
+    """Mean and sample std over runs of ``key`` against rollout tokens on ``grid``: each curve
+    held stepwise (the last measured point at or before each grid value); ``nan`` where a run
+    has ended, so the mean never changes because a run dropped out.
     """
     rows = []
     for curve in curves:
         xs = np.array([p["rollout_tokens"] for p in curve], dtype=np.float64)
         ys = np.array([p[key] for p in curve], dtype=np.float64)
         at = np.searchsorted(xs, grid, side="right") - 1
-        row = np.where((at >= 0) & (grid <= xs[-1]), ys[np.clip(at, 0, len(ys) - 1)], np.nan)
-        rows.append(row)
+        rows.append(np.where((at >= 0) & (grid <= xs[-1]), ys[np.clip(at, 0, len(ys) - 1)], np.nan))
     stacked = np.array(rows)
-    with np.errstate(invalid="ignore"):
-        valid = ~np.isnan(stacked)
-        count = valid.sum(0)
-        mean = np.where(count > 0, np.nansum(stacked, 0) / np.maximum(count, 1), np.nan)
-        var = np.where(count > 1, np.nansum((stacked - mean) ** 2, 0) / np.maximum(count - 1, 1), 0.0)
-    return mean, np.sqrt(var)
+    mean = stacked.mean(axis=0)
+    std = stacked.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros_like(mean)
+    return mean, std
