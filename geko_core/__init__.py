@@ -44,6 +44,7 @@ __all__ = [
     "compiled_core_error",
     "cross_entropy_with_stats",
     "linear_cross_entropy_with_stats",
+    "linear_logprobs",
     "sample_stats",
     "__version__",
 ]
@@ -68,6 +69,7 @@ if compiled_core_error() is None:
     from .stats import sample_stats
     from .cross_entropy import cross_entropy_with_stats
     from .linear_cross_entropy import linear_cross_entropy_with_stats
+    from .linear_logprobs import linear_logprobs
     from .selector import GekoSampler, Selector, WithIndex
     from .table import CheckpointError, SampleTable
     from .types import SampleStats, TokenStats
