@@ -17,7 +17,8 @@ rounds of them, and each figure is the median over the rounds; each speed goal a
 range of its per-round ratios. ``chunk_size`` is left to its default.
 
 Run either way (``GEKO_BENCH_SMALL=1`` for a [1024, 256, 8000] shape that takes seconds,
-``GEKO_BENCH_REPEATS`` for the number of rounds, default 3):
+``GEKO_BENCH_TOKENS`` to change the number of tokens, ``GEKO_BENCH_DTYPES=fp32`` or ``bf16``
+for one dtype, ``GEKO_BENCH_REPEATS`` for the number of rounds, default 3):
     python benchmarks/bench_linear_logprobs.py
     pytest benchmarks/bench_linear_logprobs.py -s
 """
@@ -38,9 +39,14 @@ from geko_core.linear_logprobs import linear_logprobs
 
 SMALL = os.environ.get("GEKO_BENCH_SMALL", "0") not in ("", "0")
 TOKENS, DIM, VOCAB = (1024, 256, 8000) if SMALL else (4096, 1024, 32000)
+TOKENS = int(os.environ.get("GEKO_BENCH_TOKENS", TOKENS))
 REPEATS = int(os.environ.get("GEKO_BENCH_REPEATS", "3"))
 TEMPERATURE = 0.9
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {
+    name: dtype
+    for name, dtype in {"fp32": torch.float32, "bf16": torch.bfloat16}.items()
+    if name in os.environ.get("GEKO_BENCH_DTYPES", "fp32,bf16").split(",")
+}
 
 
 def make_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

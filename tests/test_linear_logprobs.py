@@ -239,3 +239,38 @@ def test_an_out_of_range_id_is_fine_where_masked():
     ids = torch.tensor([0, 99, 2, -7])
     lp, _ = linear_logprobs(hidden, weight, ids, mask=torch.tensor([True, False, True, False]))
     assert lp[1] == 0 and lp[3] == 0 and lp[0] < 0
+
+
+# -- the torch operators and torch.compile ---------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("entropy", [True, False])
+def test_operators_pass_opcheck(with_bias, entropy):
+    from geko_core.linear_logprobs import linear_logprobs_backward, linear_logprobs_forward
+
+    hidden, weight, bias, ids = make((7,), vocab=9, dim=5, bias=with_bias)
+    torch.library.opcheck(linear_logprobs_forward, (hidden, weight, bias, ids, 0.7, 3, entropy))
+    _, ent, lse = linear_logprobs_forward(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), ids, 0.7, 3, entropy)
+    args = (hidden.detach(), weight.detach(), None if bias is None else bias.detach(), ids, lse, ent, torch.randn(7), torch.randn(7 if entropy else 0), 0.7, 3)
+    torch.library.opcheck(linear_logprobs_backward, args)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiled_call_traces_as_one_graph_and_matches_eager(masked):
+    hidden, weight, bias, ids = make((2, 5), vocab=13, dim=6)
+    keep = torch.tensor([[True, False, True, True, True], [True, True, True, False, False]]) if masked else None
+    g_lp, g_h = torch.randn(2, 5), torch.randn(2, 5)
+
+    def step(h, w, b):
+        lp, ent = linear_logprobs(h, w, ids, bias=b, temperature=0.8, mask=keep, chunk_size=4)
+        return lp, ent
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    tensors = [hidden, weight, bias]
+    got = grads_of(lambda: compiled(hidden, weight, bias), tensors, g_lp, g_h)
+    want = grads_of(lambda: step(hidden, weight, bias), tensors, g_lp, g_h)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, **GRAD_TOL[torch.float32])
