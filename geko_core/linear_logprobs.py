@@ -76,21 +76,17 @@ class _Buffers:
         return z
 
 
-def _log_softmax_in_place(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``z`` becomes ``log_softmax(z)`` and ``p`` ``softmax(z)``; returns the rows' log-sum-exp.
-
-    ``exp(z - max) / sum``, as torch's softmax: accurate for large logits. A row whose logits
-    are all ``-inf`` has max 0 here (its values become NaN, as torch's log_softmax gives).
-    """
+def _softmax_terms_in_place(z: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z`` becomes ``z - max`` and ``e`` ``exp(z - max)``; returns the rows' ``max`` and
+    ``log Σ exp(z - max)`` (``[rows, 1]`` each), so that ``log p = z - log_total`` and
+    ``p = e / exp(log_total)``: torch's softmax arithmetic, accurate for large logits, without
+    normalising the buffers. A row whose logits are all ``-inf`` has max 0 here (its values
+    become NaN, as torch's log_softmax gives)."""
     top = z.amax(dim=1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device))
     z.sub_(top)
-    torch.exp(z, out=p)
-    total = p.sum(dim=1, keepdim=True)
-    log_total = total.log()
-    z.sub_(log_total)
-    p.div_(total)
-    return (top + log_total).squeeze(1)
+    torch.exp(z, out=e)
+    return top, e.sum(dim=1, keepdim=True).log_()
 
 
 def _clamp_log_zero(logp: torch.Tensor) -> None:
@@ -132,12 +128,15 @@ def forward_chunks(
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         z = buffers.scaled_logits(hidden2[start:stop], weight, bias, temperature)
-        p = buffers.p[: stop - start]
-        lse[start:stop] = _log_softmax_in_place(z, p)  # z is now log p
-        logprobs[start:stop] = z.gather(1, ids[start:stop].unsqueeze(1)).squeeze(1)
+        e = buffers.p[: stop - start]
+        top, log_total = _softmax_terms_in_place(z, e)  # z is now z - max
+        lse[start:stop] = (top + log_total).squeeze(1)
+        log_total = log_total.squeeze(1)
+        logprobs[start:stop] = z.gather(1, ids[start:stop].unsqueeze(1)).squeeze(1).sub_(log_total)
         if entropy:
+            # H = -Σ p log p = log Σe - Σ e (z - max) / Σe, with p = e / Σe
             _clamp_log_zero(z)
-            entropies[start:stop] = _row_dot(p, z).neg_()
+            entropies[start:stop] = log_total - _row_dot(e, z) / log_total.exp()
     return logprobs, entropies, lse
 
 
@@ -183,12 +182,15 @@ def backward_chunks(
             logp.sub_(lse[start:stop].unsqueeze(1))
             p = torch.exp(logp, out=buffers.p[:count])
             if g_h is not None:
-                # logp becomes -(g_H p (log p + H) + g_lp p): the gradient but for the one-hot term
+                # logp becomes -g_H p log p - p (g_H H + g_lp): the gradient but for the one-hot
+                # term (p log p first: 0 for a class of probability 0 whatever g_H)
                 _clamp_log_zero(logp)
-                logp.add_(entropies[start:stop].unsqueeze(1)).mul_(p).mul_(g_h[start:stop])
+                row_h = g_h[start:stop]
+                shift = row_h * entropies[start:stop].unsqueeze(1)
                 if g_lp is not None:
-                    logp.addcmul_(p, g_lp[start:stop])
-                grad = logp.neg_()
+                    shift = shift + g_lp[start:stop]
+                logp.mul_(p).mul_(row_h.neg()).addcmul_(p, shift.neg_())
+                grad = logp
             else:
                 grad = p.mul_(g_lp[start:stop].neg())
             if g_lp is not None:
