@@ -47,6 +47,7 @@ __all__ = [
     "compiled_core_error",
     "cross_entropy_with_stats",
     "linear_cross_entropy_with_stats",
+    "linear_logprobs",
     "rollout_stats",
     "sample_stats",
     "__version__",
@@ -72,6 +73,7 @@ if compiled_core_error() is None:
     from .stats import sample_stats
     from .cross_entropy import cross_entropy_with_stats
     from .linear_cross_entropy import linear_cross_entropy_with_stats
+    from .linear_logprobs import linear_logprobs
     from .selector import GekoSampler, Selector, WithIndex
     from .table import CheckpointError, SampleTable
     from .rollouts import RolloutConfig, RolloutStats, RolloutTable, rollout_stats
