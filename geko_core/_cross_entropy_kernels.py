@@ -53,31 +53,50 @@ class Spec(NamedTuple):
 
 
 # -- the kernels: KERNELS[name].forward / .backward -------------------------------------------
-# forward(logits3, labels3, weight, spec) -> (loss, statistics outputs, state, HostForward or
-#   None): the one-call C++ forward gives its statistics as a HostForward of host arrays and
-#   no statistics outputs; for the
-#   reductions "none", "sum", "mean"; backward(logits3, labels3, state, grad_output, target,
-#   spec) writes d loss / d logits into ``target`` ([S, T, V]; None: into logits3 itself).
-#   The token losses of packed rows ("token") keep state = (lse,).
+# forward(logits3, labels3, weight, spec, grad) -> (loss, statistics outputs, state, HostForward
+#   or None), for the reductions "none", "sum", "mean": the one-call C++ forward gives its
+#   statistics as a HostForward of host arrays and no statistics outputs. ``grad``: None, or
+#   where to write d loss / d logits in the same call ([S, T, V] or the flat logits' [N, V];
+#   only where ``gradient_in_forward(spec)``); the backward then only scales it.
+# backward(logits3, labels3, state, grad_output, target, spec) writes d loss / d logits into
+#   ``target`` ([S, T, V]; None: into logits3 itself). The token losses of packed rows
+#   ("token") keep state = (lse,).
+
+
+def _one_call(spec: Spec) -> bool:
+    """The C++ one-call forward: a plain ``"sum"``/``"mean"`` of the token losses."""
+    return not spec.per_token and spec.reduction in ("sum", "mean")
 
 
 class _CppKernels:
     @staticmethod
-    def forward(logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec) -> tuple:
+    def gradient_in_forward(spec: Spec) -> bool:
+        # Not in place: the logits must keep their values until the backward.
+        return _one_call(spec) and not spec.inplace
+
+    @staticmethod
+    def forward(
+        logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec, grad: torch.Tensor | None = None
+    ) -> tuple:
         # The compiled core reads a capsule without consuming it: the backward reuses these.
         capsules = (to_dlpack(logits3), to_dlpack(labels3))
-        if not spec.per_token and spec.reduction != "none":
-            # One compiled call: label check, statistics, log-sum-exp, the weighted reduction.
+        if _one_call(spec):
+            # One compiled call: label check, statistics, the weighted reduction, and either the
+            # gradient or the log-sum-exp the backward needs.
             samples = labels3.shape[0]
             values = np.empty((6, samples), dtype=np.float32)
             valid = np.empty(samples, dtype=np.int32)
             bucket = np.empty(samples, dtype=np.int8)
-            lse = np.empty((samples, labels3.shape[1] if labels3.dim() == 2 else 1), dtype=np.float32)
-            weight_capsule = None if weight is None else weight.numpy().__dlpack__()  # read again by the backward
-            capsules = (*capsules, lse.__dlpack__(), weight_capsule)
+            weight_capsule = None if weight is None else to_dlpack(weight)  # read again by the backward
+            if grad is None:
+                lse = np.empty((samples, labels3.shape[1] if labels3.dim() == 2 else 1), dtype=np.float32)
+                lse_capsule, grad_capsule = lse.__dlpack__(), None
+            else:
+                lse_capsule, grad_capsule = None, to_dlpack(grad)
+            capsules = (*capsules, lse_capsule, weight_capsule)
             bad, value, total = load_compiled_core().loss_forward(
                 capsules[0], capsules[1], spec.ignore_index, cpp_config_for_kernels(spec.config), weight_capsule,
-                spec.reduction, values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), capsules[2],
+                spec.reduction, values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), lse_capsule, grad_capsule,
             )
             if bad >= 0:
                 raise label_error(labels3, bad, logits3.shape[-1], spec.ignore_index)
@@ -127,7 +146,13 @@ class _CppKernels:
 
 class _TritonKernels:
     @staticmethod
-    def forward(logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec) -> tuple:
+    def gradient_in_forward(spec: Spec) -> bool:
+        return False
+
+    @staticmethod
+    def forward(
+        logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec, grad: torch.Tensor | None = None
+    ) -> tuple:
         blocks = forward_triton(logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, write_lse=True)
         sample_values, valid_tokens, bucket, token_values, token_valid, lse = blocks
         token_loss = token_values[0]

@@ -42,24 +42,43 @@ class _CrossEntropy(torch.autograd.Function):
     statistics marked non-differentiable; the one-call C++ forward gives no statistics
     outputs and its :class:`HostForward` as ``host`` (None otherwise: not a tensor, so
     autograd passes it through).
-    ``weight``: float32 ``[S]`` or None (a constant; the C++ backward reads it again, so it
-    must not change in between)."""
+    ``prepared``: ``(logits3, labels3, weight, spec)``, the kernels' views of the logits and
+    labels; ``weight`` float32 ``[S]`` or None (a constant; the C++ backward reads it again,
+    so it must not change in between). Where the kernel can (``gradient_in_forward``: the
+    C++ one-call forward, not in place), the forward writes the gradient too and the backward
+    only scales it by the incoming gradient."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, logits: torch.Tensor, logits3: torch.Tensor, labels3: torch.Tensor, weight: Any, spec: Spec
+        ctx: Any, logits: torch.Tensor, prepared: tuple
     ) -> tuple:
+        # (the kernels' views, the labels and the weights arrive in one plain argument: only the
+        # logits take a gradient, and every tensor input costs autograd bookkeeping per call)
+        logits3, labels3, weight, spec = prepared
+        grad = None
         if spec.reduction == "token":
             values, valid, bad, lse = segment_token_values(
                 logits3, labels3, name=spec.backend, ignore_index=spec.ignore_index, config=spec.config, write_lse=True
             )
             loss, outputs, state, host = values[0].clone(), (values, valid, bad), (lse,), None
         else:
-            loss, outputs, state, host = KERNELS[spec.backend].forward(logits3, labels3, weight, spec)
+            target = None
+            if ctx.needs_input_grad[0] and KERNELS[spec.backend].gradient_in_forward(spec):
+                grad, target = _gradient_buffer(logits, logits3, spec)
+            loss, outputs, state, host = KERNELS[spec.backend].forward(logits3, labels3, weight, spec, target)
+            if grad is not None and spec.shift and grad.shape[1] > 0:
+                grad[:, -1].zero_()  # the last position predicts nothing
         ctx.spec, ctx.state, ctx.logits_shape = spec, state, logits.shape
-        # Saved (not only captured) so that an in-place change of the logits or the labels
-        # before the backward is caught by autograd's version check.
-        ctx.save_for_backward(logits, logits3, labels3)
+        if grad is not None:
+            # The gradient is already written (reduction and weights included): saved, not
+            # kept on ctx, so that autograd frees it after the backward (or hands it to
+            # .grad as it is) unless the graph is retained.
+            ctx.save_for_backward(grad)
+        else:
+            # Saved (not only captured) so that an in-place change of the logits or the labels
+            # before the backward is caught by autograd's version check.
+            ctx.save_for_backward(logits, logits3, labels3)
+        ctx.precomputed = grad is not None
         ctx.mark_non_differentiable(*outputs)
         ctx.set_materialize_grads(False)  # no zero gradients made up for the statistics
         return (loss, *outputs, host)
@@ -73,20 +92,30 @@ class _CrossEntropy(torch.autograd.Function):
         return _backward(ctx, grad_output)
 
 
+def _gradient_buffer(logits: torch.Tensor, logits3: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad, target)``: one logits-sized allocation, and the view of it the kernels write
+    (``[N, V]`` logits read flat take a flat gradient; shifted rows a ``[S, T-1, V]`` view)."""
+    grad = torch.empty_like(logits) if logits.is_contiguous() else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return grad, (grad if logits3.dim() == 2 else samples_view(grad, spec.shift))
+
+
 def _backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
-    logits, logits3, labels3 = ctx.saved_tensors
     spec = ctx.spec
-    # Only the in-place path asks whether the kernels' view shares the logits' memory.
-    if spec.inplace and logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
-        grad, target = logits.detach(), None  # the same storage, now holding the gradient
-    else:  # one logits-sized allocation: the kernel writes into the gradient's [S, T, V] view
-        grad = torch.empty(ctx.logits_shape, dtype=logits.dtype, device=logits.device)
-        # [N, V] logits the kernels read flat (prepare_inputs(flat=True)) take a flat gradient
-        target = grad if logits3.dim() == 2 else samples_view(grad, spec.shift)
-    KERNELS[spec.backend].backward(logits3, labels3, ctx.state, grad_output, target, spec)
-    if spec.shift and grad.shape[1] > 0:
-        grad[:, -1].zero_()  # the last position predicts nothing
-    return grad, None, None, None, None
+    if ctx.precomputed:  # the forward wrote d loss / d logits: only the incoming factor is left
+        (grad,) = ctx.saved_tensors
+        if float(grad_output) != 1.0:  # (a CPU scalar: the one-call forward runs on the host)
+            grad = grad * grad_output
+    else:
+        logits, logits3, labels3 = ctx.saved_tensors
+        # Only the in-place path asks whether the kernels' view shares the logits' memory.
+        if spec.inplace and logits3.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            grad, target = logits.detach(), None  # the same storage, now holding the gradient
+        else:
+            grad, target = _gradient_buffer(logits, logits3, spec)
+        KERNELS[spec.backend].backward(logits3, labels3, ctx.state, grad_output, target, spec)
+        if spec.shift and grad.shape[1] > 0:
+            grad[:, -1].zero_()  # the last position predicts nothing
+    return grad, None
 
 
 _backward_once = torch.autograd.function.once_differentiable(_backward)
@@ -160,7 +189,7 @@ class _Fused:
 
     @staticmethod
     def loss(logits, logits3, labels3, weight, spec):
-        *outputs, host = _CrossEntropy.apply(logits, logits3, labels3, weight, spec)
+        *outputs, host = _CrossEntropy.apply(logits, (logits3, labels3, weight, spec))
         if host is not None:  # the usual CPU step: the statistics stay host arrays until asked for
             return outputs[0], None, host
         if spec.per_token:
@@ -169,7 +198,7 @@ class _Fused:
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
-        return tuple(_CrossEntropy.apply(logits, logits3, labels3, None, spec._replace(reduction="token", inplace=False))[:-1])
+        return tuple(_CrossEntropy.apply(logits, (logits3, labels3, None, spec._replace(reduction="token", inplace=False)))[:-1])
 
 
 class _Reference:

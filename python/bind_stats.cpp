@@ -153,6 +153,38 @@ void stats_forward(const py::object& logits, const py::object& labels, int64_t i
   sample_stats_cpu(in.logits, in.labels, ignore_index, config, out, tokens);
 }
 
+// Where a backward writes d loss / d logits: a capsule of the logits' dtype, [S, T, V] (or
+// [N, V] like flat logits) with a contiguous last dimension; None: the logits storage itself.
+struct GradTarget {
+  void* data;
+  int64_t sample_stride;
+  int64_t token_stride;
+};
+
+GradTarget checked_grad(const py::object& grad, const Inputs& in) {
+  const int64_t S = in.logits.samples;
+  const int64_t T = in.logits.tokens;
+  if (grad.is_none()) return {const_cast<void*>(in.logits.data), in.logits.sample_stride, in.logits.token_stride};
+  Tensor g = from_capsule(grad, "grad");
+  Kind want = Kind::kOther;
+  switch (in.logits.dtype) {
+    case ScalarType::kFloat32: want = Kind::kFloat32; break;
+    case ScalarType::kFloat64: want = Kind::kFloat64; break;
+    case ScalarType::kBFloat16: want = Kind::kBFloat16; break;
+    case ScalarType::kFloat16: want = Kind::kFloat16; break;
+  }
+  require_kind(g, want, "grad");
+  int64_t token_stride = 0;
+  if (g.shape.size() == 2 && T == 1) {  // [N, V], as the logits may be
+    require_shape(g, {S, in.logits.vocab}, "grad");
+  } else {
+    require_shape(g, {S, T, in.logits.vocab}, "grad");
+    token_stride = g.strides[1];
+  }
+  if (g.strides.back() != 1) throw std::invalid_argument("grad: the last dimension must be contiguous (stride 1)");
+  return {g.data, g.strides[0], token_stride};
+}
+
 void ce_backward(const py::object& logits, const py::object& labels, const py::object& lse,
                  const py::object& token_scale, const py::object& grad, int64_t ignore_index, float scale_factor) {
   Inputs in = checked_inputs(logits, labels);
@@ -187,35 +219,10 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
       }
     }
   }
-  void* grad_data = nullptr;
-  int64_t grad_sample_stride = in.logits.sample_stride;
-  int64_t grad_token_stride = in.logits.token_stride;
-  if (grad.is_none()) {
-    grad_data = const_cast<void*>(in.logits.data);  // in place: the logits storage becomes the gradient
-  } else {
-    Tensor g = from_capsule(grad, "grad");
-    Kind want = Kind::kOther;
-    switch (in.logits.dtype) {
-      case ScalarType::kFloat32: want = Kind::kFloat32; break;
-      case ScalarType::kFloat64: want = Kind::kFloat64; break;
-      case ScalarType::kBFloat16: want = Kind::kBFloat16; break;
-      case ScalarType::kFloat16: want = Kind::kFloat16; break;
-    }
-    require_kind(g, want, "grad");
-    if (g.shape.size() == 2 && T == 1) {  // [N, V], as the logits may be
-      require_shape(g, {S, in.logits.vocab}, "grad");
-      grad_token_stride = 0;
-    } else {
-      require_shape(g, {S, T, in.logits.vocab}, "grad");
-      grad_token_stride = g.strides[1];
-    }
-    if (g.strides.back() != 1) throw std::invalid_argument("grad: the last dimension must be contiguous (stride 1)");
-    grad_data = g.data;
-    grad_sample_stride = g.strides[0];
-  }
+  const GradTarget target = checked_grad(grad, in);
   py::gil_scoped_release release;
-  cross_entropy_backward_cpu(in.logits, in.labels, lse_data, scale_data, ignore_index, grad_data, grad_sample_stride,
-                             grad_token_stride);
+  cross_entropy_backward_cpu(in.logits, in.labels, lse_data, scale_data, ignore_index, target.data,
+                             target.sample_stride, target.token_stride);
 }
 
 // Flat position (s * T + t) of the first label that is neither ignore_index nor in
@@ -238,15 +245,18 @@ int64_t first_bad_label(const py::object& labels, int64_t vocab, int64_t ignore_
 
 // The fused loss's whole CPU forward in one call (the small-step path of the loss and the
 // Selector): the label check, the statistics (a float32 [6, S] block, valid_tokens, bucket),
-// the per-token log-sum-exp for the backward, and the reduction of the token losses.
+// the reduction of the token losses and, with grad_out, the loss's gradient; without it, the
+// per-token log-sum-exp a later backward reads (lse_out).
 // Returns (bad, loss, valid_total): bad is the flat position s * T + t of the first label
 // that is neither ignore_index nor in [0, V), or -1; when bad >= 0 nothing is written and
 // loss is 0. loss is the sum over samples of weight[s] (1 without weights) times the
 // sample's token losses added in token order in double; "mean" divides it by valid_total
-// (NaN for 0 / 0, as F.cross_entropy).
+// (NaN for 0 / 0, as F.cross_entropy). grad_out receives d loss / d logits:
+// (softmax - onehot) * weight[s] (/ valid_total for "mean"), 0 on tokens that are not valid.
 py::tuple loss_forward(const py::object& logits, const py::object& labels, int64_t ignore_index, const Config& config,
                        const py::object& weight, const std::string& reduction, const py::object& values_out,
-                       const py::object& valid_out, const py::object& bucket_out, const py::object& lse_out) {
+                       const py::object& valid_out, const py::object& bucket_out, const py::object& lse_out,
+                       const py::object& grad_out) {
   config.validate();
   if (reduction != "sum" && reduction != "mean")
     throw std::invalid_argument("reduction: expected 'sum' or 'mean', got '" + reduction + "'");
@@ -261,7 +271,15 @@ py::tuple loss_forward(const py::object& logits, const py::object& labels, int64
   out.valid_tokens = reinterpret_cast<int32_t*>(checked_buffer(valid_out, Kind::kInt32, {S}, "valid_tokens"));
   out.bucket = reinterpret_cast<int8_t*>(checked_buffer(bucket_out, Kind::kInt8, {S}, "bucket"));
   TokenStatsOutput tokens;
-  tokens.lse = reinterpret_cast<float*>(checked_buffer(lse_out, Kind::kFloat32, {S, T}, "lse"));
+  std::vector<float> lse_scratch;
+  if (!lse_out.is_none()) {
+    tokens.lse = reinterpret_cast<float*>(checked_buffer(lse_out, Kind::kFloat32, {S, T}, "lse"));
+  } else if (!grad_out.is_none()) {
+    lse_scratch.resize(static_cast<size_t>(S * T));
+    tokens.lse = lse_scratch.data();
+  }
+  GradTarget grad{nullptr, 0, 0};
+  if (!grad_out.is_none()) grad = checked_grad(grad_out, in);
   const float* w = nullptr;
   int64_t w_stride = 0;
   if (!weight.is_none()) {
@@ -291,6 +309,20 @@ py::tuple loss_forward(const py::object& logits, const py::object& labels, int64
       total_loss += w == nullptr ? sample : sample * static_cast<double>(w[s * w_stride]);
       valid_total += out.valid_tokens[s];
     }
+    if (grad.data != nullptr) {
+      // The scale of each token's row: its sample's weight, over the valid tokens for "mean"
+      // (the backward of a later call multiplies by the incoming gradient).
+      const float factor = reduction == "sum" ? 1.0f
+                           : valid_total > 0 ? 1.0f / static_cast<float>(valid_total)
+                                             : std::numeric_limits<float>::quiet_NaN();
+      std::vector<float> scale(static_cast<size_t>(S * T));
+      for (int64_t s = 0; s < S; ++s) {
+        const float v = w == nullptr ? factor : w[s * w_stride] * factor;
+        for (int64_t t = 0; t < T; ++t) scale[static_cast<size_t>(s * T + t)] = v;
+      }
+      cross_entropy_backward_cpu(in.logits, in.labels, tokens.lse, scale.data(), ignore_index, grad.data,
+                                 grad.sample_stride, grad.token_stride);
+    }
   }
   if (reduction == "mean")
     total_loss = valid_total > 0 ? total_loss / static_cast<double>(valid_total) : std::numeric_limits<double>::quiet_NaN();
@@ -316,10 +348,12 @@ void bind_stats(py::module_& m) {
         "grad=None writes the gradient into the logits storage. Releases the GIL.");
   m.def("loss_forward", &loss_forward, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("config"),
         py::arg("weight"), py::arg("reduction"), py::arg("values_out"), py::arg("valid_out"), py::arg("bucket_out"),
-        py::arg("lse_out"),
+        py::arg("lse_out") = py::none(), py::arg("grad_out") = py::none(),
         "The fused loss's CPU forward in one call: label check, statistics (float32 [6, S] block, int32\n"
-        "valid_tokens, int8 bucket), per-token log-sum-exp (float32 [S, T]) and the reduction ('sum' or\n"
-        "'mean') of the token losses weighted per sample (float32 [S] or None).\n\n"
+        "valid_tokens, int8 bucket), the reduction ('sum' or 'mean') of the token losses weighted per\n"
+        "sample (float32 [S] or None), and either the loss's gradient (grad_out: the logits' dtype and\n"
+        "shape) or the per-token log-sum-exp a later cross_entropy_backward reads (lse_out: float32\n"
+        "[S, T]); each may be None.\n\n"
         "Returns (bad, loss, valid_total): bad is the flat s * T + t of the first label neither\n"
         "ignore_index nor in [0, V) (then nothing is written), else -1. Releases the GIL.");
   m.def("first_bad_label", &first_bad_label, py::arg("labels"), py::arg("vocab"), py::arg("ignore_index"),

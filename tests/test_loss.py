@@ -175,3 +175,85 @@ def test_host_forward_fuzz(batch, tokens, vocab, flat, shift, reduction, dtype, 
         if dtype in (torch.float32, torch.float64):
             torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
     assert x.grad.shape == x.shape
+
+
+# -- the gradient written by the one-call forward -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,shift", [((7, 5), False), ((3, 5, 11), True)])
+def test_host_forward_scales_its_gradient_by_the_incoming_one(dtype, shape, shift):
+    logits, labels = _host_inputs(shape, dtype)
+    weight = torch.linspace(0.5, 2.0, shape[0])
+    x = logits.clone().requires_grad_(True)
+    loss, _, host = _host_step(x, labels, weight, shift=shift)
+    assert host is not None
+    (loss * -2.5).backward()
+    _, ref_grad, _ = _host_reference(logits, labels, weight, shift=shift, reduction="mean")
+    torch.testing.assert_close(x.grad.double(), -2.5 * ref_grad, rtol=HOST_TOL[dtype], atol=HOST_TOL[dtype])
+    if shift:
+        assert torch.equal(x.grad[:, -1], torch.zeros_like(x.grad[:, -1]))
+
+
+def test_host_forward_gradient_survives_a_retained_graph():
+    logits, labels = _host_inputs((6, 9), torch.float32)
+    x = logits.clone().requires_grad_(True)
+    loss, _, _ = _host_step(x, labels)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    (3 * loss).backward()  # the saved gradient is still the forward's, unscaled
+    torch.testing.assert_close(x.grad, 4 * first, rtol=1e-6, atol=1e-7)
+    _, ref_grad, _ = _host_reference(logits, labels, None, shift=False, reduction="mean")
+    torch.testing.assert_close(first.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_host_forward_gradient_is_once_differentiable():
+    logits, labels = _host_inputs((4, 6), torch.float32)
+    x = logits.clone().requires_grad_(True)
+    loss, _, _ = _host_step(x, labels)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    _, ref_grad, _ = _host_reference(logits, labels, None, shift=False, reduction="mean")
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # never a silent zero second derivative
+        grad.sum().backward()
+
+
+def test_host_forward_without_grad_matches_with_grad():
+    logits, labels = _host_inputs((5, 4, 7), torch.float32)
+    with torch.no_grad():
+        loss_ng, _, host_ng = _host_step(logits, labels, shift=True)
+    x = logits.clone().requires_grad_(True)
+    loss, _, host = _host_step(x, labels, shift=True)
+    assert torch.equal(loss.detach(), loss_ng) and np.array_equal(host.values, host_ng.values, equal_nan=True)
+
+
+def test_compiled_loss_forward_gradient_equals_its_backward():
+    from torch.utils.dlpack import to_dlpack
+
+    from geko_core._backend import load_compiled_core
+    from geko_core.config import cpp_config_for_kernels, resolve_config
+
+    core = load_compiled_core()
+    config = cpp_config_for_kernels(resolve_config(None))
+    logits, labels = _host_inputs((5, 3, 9), torch.float32)
+    weight = torch.linspace(0.5, 2.0, 5)
+    n = 5
+
+    def buffers():
+        return np.empty((6, n), np.float32), np.empty(n, np.int32), np.empty(n, np.int8)
+
+    values, valid, bucket = buffers()
+    lse = np.empty((n, 3), np.float32)
+    args = (to_dlpack(logits), to_dlpack(labels), -100, config, to_dlpack(weight), "mean")
+    _, loss_a, total = core.loss_forward(*args, values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), lse.__dlpack__(), None)
+    expected = torch.empty_like(logits)
+    core.cross_entropy_backward(args[0], args[1], lse.__dlpack__(), args[4], to_dlpack(expected), -100, 1.0 / total)
+    values_b, valid_b, bucket_b = buffers()
+    grad = torch.full_like(logits, 7.0)
+    _, loss_b, _ = core.loss_forward(*args, values_b.__dlpack__(), valid_b.__dlpack__(), bucket_b.__dlpack__(), None, to_dlpack(grad))
+    assert loss_a == loss_b and np.array_equal(values, values_b, equal_nan=True) and np.array_equal(bucket, bucket_b)
+    assert torch.equal(grad, expected)
+    with pytest.raises(ValueError, match="grad"):
+        core.loss_forward(*args, values_b.__dlpack__(), valid_b.__dlpack__(), bucket_b.__dlpack__(), None, to_dlpack(torch.empty(5, 3, 8)))
+    with pytest.raises(TypeError, match="grad"):
+        core.loss_forward(*args, values_b.__dlpack__(), valid_b.__dlpack__(), bucket_b.__dlpack__(), None, to_dlpack(torch.empty(5, 3, 9, dtype=torch.float64)))
