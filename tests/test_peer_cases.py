@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 from geko_core import cross_entropy_with_stats, linear_cross_entropy_with_stats
 
+# tiny matrices: one thread (two would spin against each other on a shared machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # -- documented reasons and categories ------------------------------------------------------------
 
 UNSUPPORTED = {
