@@ -57,7 +57,7 @@ class Counter:
         elif report.failed:
             self.endings[report.nodeid] = f"{peer}|FAILED"
             message = str(report.longrepr).strip().splitlines()
-            line = next((m for m in reversed(message) if m.startswith("E ")), message[-1] if message else "")
+            line = next((m for m in message if m.startswith("E ")), message[-1] if message else "")
             self.failures.append((report.nodeid, line))
         elif report.when == "call":
             category = dict(report.user_properties).get("category", "passed without a category")

@@ -180,15 +180,19 @@ def test_liger_ce_triton_interpreter(case, shape, dtype):
     check(case, "ce", (_logits_input(B, T, V, dtype),), torch.randint(0, V, (B * T,)), backend="triton")
 
 
-@pytest.mark.parametrize("scalar", [10.0])
+@pytest.mark.parametrize("scalar", [10.0, 1e2, 1e4])
 def test_liger_ce_scaled_logits(case, scalar):
-    check(case, "ce", (_logits_input(2, 64, 509, torch.float32, scalar),), torch.randint(0, 509, (128,)))
+    """Liger's ``scalar`` axis: logits ``randn * scalar`` (widely spread, near one-hot softmax)."""
+    check(case, "ce", (_logits_input(2, 32, 509, torch.float32, scalar),), torch.randint(0, 509, (64,)))
 
 
 @needs_large_logits
-@pytest.mark.parametrize("scalar", [1e2, 1e4])
-def test_liger_ce_large_logits(case, scalar):
-    check(case, "ce", (_logits_input(2, 64, 509, torch.float32, scalar),), torch.randint(0, 509, (128,)))
+@pytest.mark.parametrize("offset", [40.0, 1e2, 1e4])
+def test_liger_ce_large_logits(case, offset):
+    """The scalar axis's hard end: close logits far from 0 (``offset + randn``), where the
+    gradient's ``exp(x - lse)`` in float32 loses what ``exp(x - max) / sum`` keeps."""
+    x = (offset + torch.randn(64, 509)).to(torch.float32)
+    check(case, "ce", (x,), torch.randint(0, 509, (64,)))
 
 
 @needs_neg_inf
