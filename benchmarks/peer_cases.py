@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
-FILES = [str(TESTS / name) for name in ("test_peer_cases.py", "test_peer_cases_liger.py", "test_peer_cases_cce.py")]
+FILES = [str(TESTS / name) for name in ("test_peer_cases_torch.py", "test_peer_cases_liger.py", "test_peer_cases_cce.py")]
 PEERS = {"test_torch_": "torch", "test_liger_": "liger", "test_cce_": "cce"}
 
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from test_peer_cases import (
     _close,
-    case,  # noqa: F401 - the fixture
     _leaves,
     _logits,
+    case,  # noqa: F401 - the fixture
     check,
     needs_large_logits,
     needs_neg_inf,
@@ -233,7 +233,8 @@ def test_liger_flce_correctness(case, grad, shape, reduction, dtype, bias):
 def test_liger_flce_unsupported(case, feature, reduction):
     # Liger's second parameter row: class weights, label smoothing 0.1, ignore_index 42,
     # z-loss 1e-4, soft-capping 30, the z-loss returned
-    case.unsupported({"predicted-tokens": "predicted-tokens", "structured-output-z-loss": "z-loss"}.get(feature, "label-smoothing"))
+    key = {"predicted-tokens": "predicted-tokens", "structured-output-z-loss": "z-loss"}.get(feature, "label-smoothing")
+    case.unsupported(key)
 
 
 @pytest.mark.parametrize("accuracy", [True, False], ids=["accuracy", "loss"])
@@ -253,7 +254,8 @@ def test_liger_flce_token_accuracy(case, shape, dtype, bias, accuracy):
 
 
 @pytest.mark.parametrize("accum", ["default", "float32"])
-@pytest.mark.parametrize("bias, cast", [(True, torch.bfloat16), (True, torch.float16), (False, torch.bfloat16), (False, torch.float16)],
+@pytest.mark.parametrize("bias, cast", [(True, torch.bfloat16), (True, torch.float16),
+                                        (False, torch.bfloat16), (False, torch.float16)],
                          ids=["bias-bf16", "bias-fp16", "nobias-bf16", "nobias-fp16"])
 @pytest.mark.parametrize("shape", FLCE_SHAPES, ids=_ids)
 def test_liger_flce_autocast(case, shape, bias, cast, accum):
@@ -331,7 +333,8 @@ def test_liger_flce_none_per_token_upstream(case, shape, bias):
           upstream=torch.rand(B * T) + 0.5, chunk_size=7)
 
 
-@pytest.mark.parametrize("shape, dtype", [((2, 2, 8, 8), torch.float32), ((2, 2, 8, 8), torch.bfloat16), ((3, 5, 41, 41), torch.float32)],
+@pytest.mark.parametrize("shape, dtype", [((2, 2, 8, 8), torch.float32), ((2, 2, 8, 8), torch.bfloat16),
+                                          ((3, 5, 41, 41), torch.float32)],
                          ids=["2x2x8x8-float32", "2x2x8x8-bfloat16", "3x5x41x41-float32"])
 def test_liger_flce_triton_interpreter(case, shape, dtype):
     """The functional test's shapes (the larger one cut to 15 rows), the chunk loop running the
