@@ -120,12 +120,15 @@ def test_cce_loss_partials(case, de, dc, dbias):
     case.record("checked")
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids)
-def test_cce_triton_interpreter(case, dtype):
-    """A tiny backward case through the chunk loop's Triton kernels, in the interpreter."""
-    pytest.importorskip("triton")
+def test_cce_other_backends(case, dtype, backend):
+    """A tiny backward case through the chunk loop's Triton kernels in the interpreter, and
+    through the plain-torch reference backend."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     (e, c, b), y = _inputs((12, 19, 8), dtype, True, True)
-    check(case, "linear", (e, c, b), y, reduction="mean", shift=True, chunk_size=8, backend="triton")
+    check(case, "linear", (e, c, b), y, reduction="mean", shift=True, chunk_size=8, backend=backend)
 
 
 @needs_neg_inf

@@ -172,12 +172,14 @@ def test_liger_ce_confident_predictions(case, dtype, reduction):
 
 @pytest.mark.parametrize("shape, dtype", [((2, 2, 8), torch.float32), ((2, 2, 8), torch.bfloat16), ((3, 5, 41), torch.bfloat16)],
                          ids=["2x2x8-float32", "2x2x8-bfloat16", "3x5x41-bfloat16"])
-def test_liger_ce_triton_interpreter(case, shape, dtype):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_liger_ce_other_backends(case, backend, shape, dtype):
     """The functional test's shapes (the larger one cut to 15 rows), through the Triton kernels in
-    the interpreter."""
-    pytest.importorskip("triton")
+    the interpreter and through the plain-torch reference backend."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     B, T, V = shape
-    check(case, "ce", (_logits_input(B, T, V, dtype),), torch.randint(0, V, (B * T,)), backend="triton")
+    check(case, "ce", (_logits_input(B, T, V, dtype),), torch.randint(0, V, (B * T,)), backend=backend)
 
 
 @pytest.mark.parametrize("scalar", [10.0, 1e2, 1e4])
@@ -336,11 +338,13 @@ def test_liger_flce_none_per_token_upstream(case, shape, bias):
 @pytest.mark.parametrize("shape, dtype", [((2, 2, 8, 8), torch.float32), ((2, 2, 8, 8), torch.bfloat16),
                                           ((3, 5, 41, 41), torch.float32)],
                          ids=["2x2x8x8-float32", "2x2x8x8-bfloat16", "3x5x41x41-float32"])
-def test_liger_flce_triton_interpreter(case, shape, dtype):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_liger_flce_other_backends(case, backend, shape, dtype):
     """The functional test's shapes (the larger one cut to 15 rows), the chunk loop running the
-    Triton kernels in the interpreter."""
-    pytest.importorskip("triton")
+    Triton kernels in the interpreter, and the plain-torch reference backend."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     B, T, H, V = shape
-    check(case, "linear", _head(B, T, H, V, dtype, True), torch.randint(0, V, (B * T,)), backend="triton", chunk_size=16)
+    check(case, "linear", _head(B, T, H, V, dtype, True), torch.randint(0, V, (B * T,)), backend=backend, chunk_size=16)
 
 
