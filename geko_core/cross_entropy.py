@@ -377,7 +377,7 @@ def _loss_and_stats(
     per_token = check_bool(per_token, "per_token")
     inplace_backward = check_bool(inplace_backward, "inplace_backward")
     packed_rows = segments is not None or position_ids is not None or num_segments is not None
-    one_call = not per_token and reduction != "none" and not packed_rows  # the C++ one-call forward, on "cpp"
+    one_call = not per_token and reduction in ("sum", "mean") and not packed_rows  # the C++ one-call forward, on "cpp"
     logits3, labels3, name, ignore_index, shift = prepare_inputs(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, check_labels=False, flat=one_call
     )
