@@ -325,15 +325,17 @@ def test_compiled_token_losses_match_eager():
     def step(x, h, w):
         a, _ = cross_entropy_with_stats(x, labels, shift=True, sample_weight=sample_weight, reduction="none")
         b, _ = linear_cross_entropy_with_stats(h, w, labels, shift=True, sample_weight=sample_weight, reduction="none", chunk_size=5)
-        return a, b
+        c, _ = cross_entropy_with_stats(x, labels, shift=True, sample_weight=sample_weight, reduction="per_sample")
+        return a, b, c
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     results = []
     for fn in (compiled, step):
         leaves = [t.clone().requires_grad_(True) for t in (logits, hidden, weight)]
-        a, b = fn(*leaves)
+        a, b, c = fn(*leaves)
+        assert a.shape == b.shape == (3, 5) and c.shape == (3,)
         up = upstream_like(a)
-        ((a * up).sum() + (b * up).sum()).backward()
-        results.append((a.detach(), b.detach(), *(t.grad for t in leaves)))
+        ((a * up).sum() + (b * up).sum() + (c * torch.tensor([1.0, -2.0, 0.5])).sum()).backward()
+        results.append((a.detach(), b.detach(), c.detach(), *(t.grad for t in leaves)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
