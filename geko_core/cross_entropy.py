@@ -335,8 +335,8 @@ def cross_entropy_with_stats(
 
     Returns:
         (loss, stats): ``loss`` is float32 (float64 on the reference path for float64
-        logits), a scalar, ``[S]`` for ``"per_sample"``, the token losses for ``"none"``; its gradient flows to ``logits`` only,
-        in the logits' dtype. ``stats`` is the detached ``SampleStats`` of ``sample_stats``.
+        logits), a scalar, ``[S]`` for ``"per_sample"``, the token losses for ``"none"``;
+        its gradient flows to ``logits`` only, in the logits' dtype. ``stats`` is the detached ``SampleStats`` of ``sample_stats``.
 
     Raises:
         TypeError, ValueError: as ``sample_stats``; also an unknown reduction, a

@@ -313,8 +313,8 @@ def linear_cross_entropy_with_stats(
 
     Returns:
         (loss, stats): ``loss`` float32 (float64 on the reference path for float64 inputs),
-        a scalar, ``[S]`` for ``"per_sample"``, the token losses for ``"none"``. Gradients flow to ``hidden``, ``weight`` and
-        ``bias`` in their dtype (16-bit inputs accumulate the weight and bias gradients over
+        a scalar, ``[S]`` for ``"per_sample"``, the token losses for ``"none"``. Gradients
+        flow to ``hidden``, ``weight`` and ``bias`` in their dtype (16-bit inputs accumulate the weight and bias gradients over
         the chunks in float32). ``stats`` is a detached ``SampleStats``.
 
         On the fused paths a NaN or inf logit in a valid token's row (``-inf`` included, e.g.
