@@ -339,3 +339,33 @@ def test_compiled_token_losses_match_eager():
         results.append((a.detach(), b.detach(), c.detach(), *(t.grad for t in leaves)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- the Selector -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["logits", "lm_head"])
+def test_selector_loss_gives_the_plan_weighted_token_losses(head):
+    from geko_core import Selector
+
+    selector = Selector(8, "uniform", epochs=1, seed=0)
+    idx = torch.tensor(list(selector.sampler))[:4]
+    weights = selector.weights(idx)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(4, 5, D, generator=g)
+    head_weight = torch.randn(V, D, generator=g)
+    labels = torch.randint(0, V, (4, 5), generator=g)
+    labels[0, :2] = -100
+    x = (hidden if head else hidden @ head_weight.T).requires_grad_(True)
+    kwargs = dict(lm_head=head_weight) if head else {}
+    tokens = selector.loss(x, labels, idx, shift=True, reduction="none", **kwargs)
+    ref_x = x.detach().double().requires_grad_(True)
+    ref = torch_token_loss(ref_x @ head_weight.double().T if head else ref_x, labels, shift=True, weight=weights)
+    assert tokens.shape == (4, 4)
+    torch.testing.assert_close(tokens.detach().double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    up = upstream_like(ref)
+    (tokens * up.float()).sum().backward()
+    (ref * up).sum().backward()
+    assert_grad_close(x.grad, ref_x.grad, GRAD_TOL[torch.float32])
+    per_sample = selector.loss(x.detach(), labels, idx, shift=True, reduction="per_sample", observe=False, **kwargs)
+    assert per_sample.shape == (4,)
