@@ -23,6 +23,7 @@ __all__ = [
     "check_bool",
     "check_choice",
     "check_float_array",
+    "check_ignore_index",
     "check_index_array",
     "check_int",
     "check_real",
@@ -76,6 +77,23 @@ def check_int(value: object, name: str, *, low: int | None = None, high: int | N
             raise ValueError(f"{name} must be >= {low}, got {number}")
         raise ValueError(f"{name} must be <= {high}, got {number}")
     return number
+
+
+#: The label ``ignore_index=None`` stands for: torch's ``F.linear_cross_entropy`` maps its default
+#: ``None`` to -100 for class-index targets, and ``F.cross_entropy`` defaults to -100.
+DEFAULT_IGNORE_INDEX = -100
+
+
+def check_ignore_index(value: object, name: str = "ignore_index") -> int:
+    """The ``ignore_index`` of a loss or statistics call as an int: ``None`` is
+    ``DEFAULT_IGNORE_INDEX`` (-100), as in ``torch.nn.functional.linear_cross_entropy``.
+
+    Raises:
+        TypeError: neither None nor an integer (a bool included).
+    """
+    if value is None:
+        return DEFAULT_IGNORE_INDEX
+    return check_int(value, name)
 
 
 def check_real(value: object, name: str) -> float:

@@ -14,7 +14,7 @@ from torch.utils.dlpack import to_dlpack
 
 from ._backend import load_compiled_core
 from ._inputs import check_triton_backward, label_error
-from ._reduction import reduce_host, reduce_samples, sample_scale, token_scale
+from ._reduction import reduce_host, reduce_tokens, sample_scale, token_scale
 from .config import GekoConfig, cpp_config_for_kernels
 from .stats import forward_blocks_cpp, forward_triton
 from .types import SampleStats, TokenStats
@@ -46,7 +46,7 @@ class Spec(NamedTuple):
     backend: str  # "cpp" or "triton"
     ignore_index: int
     shift: bool
-    reduction: str  # "none", "sum", "mean", or "token": the token losses [S, T] (packed rows)
+    reduction: str  # "none", "per_sample", "sum", "mean", or "token": the raw token losses [S, T] (packed rows)
     per_token: bool
     config: GekoConfig
     inplace: bool
@@ -54,7 +54,7 @@ class Spec(NamedTuple):
 
 # -- the kernels: KERNELS[name].forward / .backward -------------------------------------------
 # forward(logits3, labels3, weight, spec, grad) -> (loss, statistics outputs, state, HostForward
-#   or None), for the reductions "none", "sum", "mean": the one-call C++ forward gives its
+#   or None), for the reductions "none", "per_sample", "sum", "mean": the one-call C++ forward gives its
 #   statistics as a HostForward of host arrays and no statistics outputs. ``grad``: None, or
 #   where to write d loss / d logits in the same call ([S, T, V] or the flat logits' [N, V];
 #   only where ``gradient_in_forward(spec)``); the backward then only scales it.
@@ -108,12 +108,11 @@ class _CppKernels:
             logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, per_token=spec.per_token, write_lse=True
         )
         token_loss, valid_tokens = blocks.token_values[0], blocks.valid_tokens
-        if spec.reduction != "none":
+        if spec.reduction in ("sum", "mean"):
             # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
             loss, total = reduce_host(token_loss.numpy(), valid_tokens.numpy(), weight, spec.reduction)
         else:
-            per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
-            loss, total = reduce_samples(per_sample, valid_tokens, weight, spec.reduction), None
+            loss, total = reduce_tokens(token_loss, valid_tokens, weight, spec.reduction), None
         outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
         return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight), None
 
@@ -155,9 +154,7 @@ class _TritonKernels:
     ) -> tuple:
         blocks = forward_triton(logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, write_lse=True)
         sample_values, valid_tokens, bucket, token_values, token_valid, lse = blocks
-        token_loss = token_values[0]
-        per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
-        loss = reduce_samples(per_sample, valid_tokens, weight, spec.reduction)
+        loss = reduce_tokens(token_values[0], valid_tokens, weight, spec.reduction)
         outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
         return loss, outputs, (lse, valid_tokens, weight), None
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from ._backend import compiled_core_error, load_compiled_core, resolve_backend, triton_interpreter_enabled
-from ._checks import check_bool, check_int, check_same_device, check_tensor
+from ._checks import check_bool, check_ignore_index, check_int, check_same_device, check_tensor
 from .config import GekoConfig
 from .reference import as_samples
 
@@ -99,8 +99,9 @@ def prepare_inputs(
 
     Raises:
         TypeError: non-tensor inputs, logits that are not float32/bfloat16/float16/float64
-            (float64 on the Triton backend), non-integer or bool labels, non-int
-            ignore_index, non-bool shift.
+            (float64 on the Triton backend), non-integer or bool labels, an
+            ignore_index neither int nor None (None: -100, as torch's linear cross-entropy),
+            non-bool shift.
         ValueError: mismatched shapes or devices, a vocabulary outside [2, 262144],
             ``shift=True`` on 2-D logits, an unknown or unusable backend, and (CPU tensors)
             a label outside [0, V) that is not ``ignore_index``.
@@ -123,7 +124,7 @@ def prepare_inputs(
     ):
         check_tensor(logits, "logits", dtype=LOGITS_DTYPES, ndim=(2, 3), layout="[N, V] or [B, T, V]")
         check_tensor(labels, "labels", dtype="integer")
-        ignore_index = check_int(ignore_index, "ignore_index")
+        ignore_index = check_ignore_index(ignore_index)
         shift = check_bool(shift, "shift")
         if labels.shape != logits.shape[:-1]:
             raise ValueError(

@@ -18,8 +18,9 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 from ._backend import load_compiled_core, resolve_backend
-from ._checks import check_bool, check_int, check_same_device, check_tensor
+from ._checks import check_bool, check_ignore_index, check_int, check_same_device, check_tensor
 from ._inputs import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
+from ._reduction import reduce_samples, weight_tokens
 from ._reduction import token_scale as tokens_scale
 from .config import GekoConfig, cpp_config_for_kernels
 from ._cross_entropy_kernels import cross_entropy_backward_triton
@@ -35,6 +36,7 @@ __all__ = [
     "TokenValues",
     "default_chunk_rows",
     "prepare",
+    "reduce_rows",
     "row_scale",
     "run_chunks",
     "sample_statistics",
@@ -133,7 +135,7 @@ def prepare(
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None and value.dtype != hidden.dtype:
             raise TypeError(f"{name} must have the dtype of hidden ({hidden.dtype}), got {value.dtype}")
-    ignore_index = check_int(ignore_index, "ignore_index")
+    ignore_index = check_ignore_index(ignore_index)
     shift = check_bool(shift, "shift")
     vocab = check_int(weight.shape[0], "vocabulary size (weight.shape[0])", low=2, high=MAX_VOCAB)
     dim = hidden.shape[-1]
@@ -467,9 +469,30 @@ def _bucket(
     return instant_bucket(confidence, correct, config)
 
 
+def reduce_rows(
+    token_loss: torch.Tensor, token_loss_sum: torch.Tensor, prepared: Inputs, reduction: str
+) -> torch.Tensor:
+    """The loss of ``reduction`` from every row's token loss (``[R]``, 0 where the row does
+    not count) and the per-sample sums of ``sample_statistics``: ``"none"`` gives the
+    ``[S, T]`` token losses (``T - 1`` with shift: the last row of a sample predicts nothing)
+    times the sample weights, the others reduce the sums."""
+    if reduction != "none":
+        return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction)
+    per_token = token_loss.view(prepared.samples, prepared.row_tokens)[:, : prepared.out_tokens]
+    return weight_tokens(per_token, prepared.weight)
+
+
 def row_scale(prepared: Inputs, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
     """float32 ``[R]``: d loss / d token_loss of every row (the kernels zero the rows that do
-    not count, so a sample's scale is simply repeated over its rows)."""
+    not count, so a sample's scale is simply repeated over its rows). For ``"none"``,
+    ``grad_output`` is the upstream gradient of ``reduce_rows``' token losses."""
+    if reduction == "none":
+        scale = torch.zeros((prepared.samples, prepared.row_tokens), dtype=torch.float32, device=grad_output.device)
+        upstream = grad_output.reshape(prepared.samples, prepared.out_tokens)
+        scale[:, : prepared.out_tokens] = tokens_scale(
+            upstream, prepared.valid_tokens, prepared.weight, "none", prepared.out_tokens
+        )
+        return scale.reshape(-1)
     return tokens_scale(grad_output, prepared.valid_tokens, prepared.weight, reduction, prepared.row_tokens).reshape(-1)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ._checks import check_bool, check_choice, check_same_device, check_tensor
 from ._cross_entropy_kernels import KERNELS, HostForward, Spec, cross_entropy_backward_triton, sample_stats_of
 from ._inputs import check_cpu_labels, config_values, prepare_inputs, samples_view
-from ._reduction import REDUCTIONS, reduce_samples
+from ._reduction import REDUCTIONS, reduce_tokens
 from .config import GekoConfig, resolve_config
 from .reference import sample_stats_reference
 from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
@@ -214,7 +214,7 @@ class _Reference:
         token_loss = F.cross_entropy(x.reshape(-1, vocab), target.reshape(-1), ignore_index=-100, reduction="none")
         token_loss = token_loss.reshape(samples, tokens)
         w = None if weight is None else weight.to(token_loss.dtype)
-        loss = reduce_samples(token_loss.sum(dim=1), valid.sum(dim=1), w, spec.reduction)
+        loss = reduce_tokens(token_loss, valid.sum(dim=1), w, spec.reduction)
         with torch.no_grad():
             stats = sample_stats_reference(
                 logits3.detach(), labels3, ignore_index=spec.ignore_index, per_token=spec.per_token, config=spec.config
@@ -243,8 +243,7 @@ class _Op:
     def loss(logits, logits3, labels3, weight, spec):
         blocks = stats_forward(logits3, labels3, spec.ignore_index, config_values(spec.config), spec.per_token, True)
         stats = sample_stats_of(tuple(b.detach() for b in blocks), spec.per_token)
-        token_loss = blocks[3][0]
-        return reduce_samples(token_loss.sum(dim=1), stats.valid_tokens, weight, spec.reduction), stats, None
+        return reduce_tokens(blocks[3][0], stats.valid_tokens, weight, spec.reduction), stats, None
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
@@ -271,7 +270,7 @@ def cross_entropy_with_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     shift: bool = False,
     sample_weight: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -288,8 +287,14 @@ def cross_entropy_with_stats(
     Reductions (``w_s`` is ``sample_weight[s]``, 1 when None; ``l_st`` the token loss;
     sums run over valid tokens, i.e. label != ignore_index and in ``[0, V)``):
 
-    * ``"none"``: ``[S]`` per-sample loss ``w_s * mean_t l_st`` (0 for a sample without
-      valid tokens);
+    * ``"none"``: the token losses ``w_s * l_st``, differentiable per token, as
+      ``F.cross_entropy(..., reduction="none")`` gives them (times the weights): ``[N]`` for
+      ``[N, V]`` logits, ``[B, T]`` for ``[B, T, V]``, and ``[B, T - 1]`` with ``shift`` (the
+      shifted pair ``logits[:, :-1]`` / ``labels[:, 1:]``, the layout of the per-token
+      statistics; pad a zero column for HF's ``[B, T]``); 0 at tokens that do not count;
+    * ``"per_sample"``: ``[S]`` per-sample loss ``w_s * mean_t l_st`` (0 for a sample without
+      valid tokens), differentiable (the unweighted means are also ``stats.loss``, detached,
+      NaN for an invalid sample);
     * ``"sum"``: ``sum_s w_s sum_t l_st``;
     * ``"mean"``: that sum divided by the number of valid tokens in the batch. Without
       weights this is ``F.cross_entropy(..., reduction="mean")``; with importance weights
@@ -305,12 +310,13 @@ def cross_entropy_with_stats(
         logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64 (float64 not
             on the Triton backend), any strides (see ``sample_stats``).
         labels: ``[N]`` or ``[B, T]``, integer.
-        ignore_index: label of tokens that do not count.
+        ignore_index: label of tokens that do not count; None means -100 (as
+            ``F.linear_cross_entropy``'s default).
         shift: causal-LM shift (3-D only); the gradient of the last position is 0.
         sample_weight: optional float ``[S]`` (``S = N`` or ``B``) per-sample weights, e.g.
             the planner's importance weights. Treated as constants: no gradient flows to
             them.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` (token losses) or ``"per_sample"``.
         per_token: also return token-level statistics.
         config: thresholds of the instant bucket.
         backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
@@ -322,13 +328,15 @@ def cross_entropy_with_stats(
             when the logits had to be copied (non-contiguous last dimension).
         segments, position_ids, num_segments: packed rows, as in ``sample_stats``: the
             statistics, ``sample_weight`` (``[K]``) and the reductions are then per sample
-            (``"none"`` gives ``K`` losses, ``"mean"`` divides by the batch's valid tokens),
-            and the loss and its gradient equal those of the samples computed alone.
+            (``"per_sample"`` gives ``K`` losses, ``"mean"`` divides by the batch's valid
+            tokens; ``"none"`` keeps the token losses in row layout ``[B, T']``, each times
+            its sample's weight, 0 at tokens of no sample), and the loss and its gradient
+            equal those of the samples computed alone.
 
     Returns:
         (loss, stats): ``loss`` is float32 (float64 on the reference path for float64
-        logits), a scalar or ``[S]`` for ``"none"``; its gradient flows to ``logits`` only,
-        in the logits' dtype. ``stats`` is the detached ``SampleStats`` of ``sample_stats``.
+        logits), a scalar, ``[S]`` for ``"per_sample"``, the token losses for ``"none"``;
+        its gradient flows to ``logits`` only, in the logits' dtype. ``stats`` is the detached ``SampleStats`` of ``sample_stats``.
 
     Raises:
         TypeError, ValueError: as ``sample_stats``; also an unknown reduction, a
@@ -369,7 +377,7 @@ def _loss_and_stats(
     per_token = check_bool(per_token, "per_token")
     inplace_backward = check_bool(inplace_backward, "inplace_backward")
     packed_rows = segments is not None or position_ids is not None or num_segments is not None
-    one_call = not per_token and reduction != "none" and not packed_rows  # the C++ one-call forward, on "cpp"
+    one_call = not per_token and reduction in ("sum", "mean") and not packed_rows  # the C++ one-call forward, on "cpp"
     logits3, labels3, name, ignore_index, shift = prepare_inputs(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, check_labels=False, flat=one_call
     )
@@ -405,4 +413,7 @@ def _loss_and_stats(
         return (*_segmented_loss(logits, logits3, packed, weight, spec), None)
     if name != "reference" and weight is not None and weight.dtype != torch.float32:
         weight = weight.to(torch.float32)
-    return _BACKENDS[name].loss(logits, logits3, labels3, weight, spec)
+    loss, stats, host = _BACKENDS[name].loss(logits, logits3, labels3, weight, spec)
+    if reduction == "none" and logits.dim() == 2:
+        loss = loss.reshape(labels.shape)  # [N, 1] token losses: one per row, as F.cross_entropy
+    return loss, stats, host

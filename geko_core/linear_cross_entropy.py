@@ -25,8 +25,8 @@ import torch
 from ._backend import resolve_backend
 from ._checks import check_bool, check_choice
 from ._inputs import config_from_values, config_values
-from ._linear_chunks import Inputs, Rows, TokenValues, prepare, row_scale, run_chunks, sample_statistics
-from ._reduction import REDUCTIONS, reduce_samples
+from ._linear_chunks import Inputs, Rows, TokenValues, prepare, reduce_rows, row_scale, run_chunks, sample_statistics
+from ._reduction import REDUCTIONS
 from .config import GekoConfig, resolve_config
 from .cross_entropy import cross_entropy_with_stats
 from .types import SampleStats, TokenStats
@@ -53,8 +53,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """``(loss, *statistics)``, the statistics marked non-differentiable.
 
     ``"mean"`` and ``"sum"``: the gradients are computed during the forward, when each chunk's
-    logits are in the buffer, and the backward scales them by ``grad_output``. ``"none"``: the
-    forward only scores; the backward forms each chunk's logits again.
+    logits are in the buffer, and the backward scales them by ``grad_output``. ``"none"`` and
+    ``"per_sample"`` (an upstream gradient per token or per sample, unknown in the forward):
+    the forward only scores; the backward forms each chunk's logits again.
     """
 
     @staticmethod
@@ -67,14 +68,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         spec: _Spec,
     ) -> tuple:
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        early = spec.reduction != "none"
+        early = spec.reduction in ("sum", "mean")
         one = torch.ones((), dtype=torch.float32, device=hidden2.device)
         tokens, grads = run_chunks(
             prepared.rows(), weight, bias, config=spec.config, keep_lse=not early,
             token_scale=row_scale(prepared, one, spec.reduction) if early else None, need=need,
         )
         stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
-        ctx.prepared, ctx.need = prepared, need
+        ctx.prepared, ctx.need, ctx.reduction = prepared, need, spec.reduction
         if early:
             ctx.grads = grads  # owned by this node; handed to autograd (and dropped) by the backward
         else:
@@ -82,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(hidden2, weight, bias, tokens.lse)
         outputs = _flat(stats)
         ctx.mark_non_differentiable(*outputs)
-        return (reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, spec.reduction), *outputs)
+        return (reduce_rows(tokens.values[0], token_loss_sum, prepared, spec.reduction), *outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -106,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden2, weight, bias, lse = ctx.saved_tensors
         _, grads = run_chunks(
             prepared.rows()._replace(hidden2=hidden2.detach()), weight.detach(), None if bias is None else bias.detach(),
-            config=None, token_scale=row_scale(prepared, grad_output, "none"), lse=lse, need=ctx.need,
+            config=None, token_scale=row_scale(prepared, grad_output, ctx.reduction), lse=lse, need=ctx.need,
         )
         return grads.hidden, grads.weight, grads.bias, None, None
 
@@ -219,7 +220,7 @@ def _compiled_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: 
         *(field.detach() for field in stats[:8]),
         tokens=None if stats.tokens is None else TokenStats(*(field.detach() for field in stats.tokens)),
     )
-    return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, spec.reduction), stats
+    return reduce_rows(values[0], token_loss_sum, prepared, spec.reduction), stats
 
 
 def _reference_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Spec, training: bool):
@@ -241,7 +242,7 @@ def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Sp
             rows = prepared.rows()._replace(hidden2=prepared.hidden2.detach())
             tokens, _ = run_chunks(rows, weight.detach(), None if bias is None else bias.detach(), config=spec.config)
             stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
-            return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, spec.reduction), stats
+            return reduce_rows(tokens.values[0], token_loss_sum, prepared, spec.reduction), stats
     outputs = _LinearCrossEntropy.apply(prepared.hidden2, weight, bias, prepared, spec)
     return outputs[0], _stats_of(outputs[1:], spec.per_token)
 
@@ -261,7 +262,7 @@ def linear_cross_entropy_with_stats(
     *,
     bias: torch.Tensor | None = None,
     sample_weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     shift: bool = False,
     reduction: str = "mean",
     chunk_size: int | None = None,
@@ -291,10 +292,14 @@ def linear_cross_entropy_with_stats(
         bias: optional ``[V]``, the dtype of ``hidden``.
         sample_weight: optional float ``[S]`` per-sample weights (``S = N`` or ``B``); no
             gradient flows to them.
-        ignore_index: label of tokens that do not count.
+        ignore_index: label of tokens that do not count; None means -100, as in
+            ``F.linear_cross_entropy``.
         shift: causal-LM shift (3-D only): position ``t`` is scored against label ``t + 1``;
             the last position gets no gradient.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[S]`` per-sample means).
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` (the token losses, differentiable per
+            token: ``[N]``, ``[B, T]``, ``[B, T - 1]`` with shift, each times its sample's
+            weight, 0 at tokens that do not count) or ``"per_sample"`` (``[S]`` per-sample
+            means, as in ``cross_entropy_with_stats``).
         chunk_size: tokens per chunk, ``>= 1``; None picks it from free memory: the logits
             buffer gets at most ``min(free / 8, 64 MiB)`` on the CPU, ``min(free / 8,
             256 MiB)`` on CUDA (``default_chunk_rows``).
@@ -308,8 +313,8 @@ def linear_cross_entropy_with_stats(
 
     Returns:
         (loss, stats): ``loss`` float32 (float64 on the reference path for float64 inputs),
-        a scalar or ``[S]`` for ``"none"``. Gradients flow to ``hidden``, ``weight`` and
-        ``bias`` in their dtype (16-bit inputs accumulate the weight and bias gradients over
+        a scalar, ``[S]`` for ``"per_sample"``, the token losses for ``"none"``. Gradients
+        flow to ``hidden``, ``weight`` and ``bias`` in their dtype (16-bit inputs accumulate the weight and bias gradients over
         the chunks in float32). ``stats`` is a detached ``SampleStats``.
 
         On the fused paths a NaN or inf logit in a valid token's row (``-inf`` included, e.g.
@@ -339,4 +344,7 @@ def linear_cross_entropy_with_stats(
     )
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     training = grad and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    return _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, _Spec(reduction, per_token, config), training)
+    loss, stats = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, _Spec(reduction, per_token, config), training)
+    if reduction == "none" and hidden.dim() == 2:
+        loss = loss.reshape(labels.shape)  # [N, 1] token losses: one per row
+    return loss, stats

@@ -207,16 +207,23 @@ def segment_loss(
 ) -> torch.Tensor:
     """The reductions of ``cross_entropy_with_stats`` over samples instead of rows,
     differentiable through ``token_loss`` (``[B, T']``); summed in float64, returned in
-    ``token_loss``'s dtype."""
+    ``token_loss``'s dtype. ``"none"`` keeps the row layout: each counted token's loss
+    times its sample's weight, 0 at the others."""
     num_segments = valid_tokens.shape[0]
     out_dtype = token_loss.dtype
     values = torch.where(valid, token_loss, torch.zeros((), dtype=out_dtype, device=token_loss.device))
+    if reduction == "none":
+        if weight is None:
+            return values
+        # (a zero appended for the tokens of no sample: owner -1 reads it)
+        padded = torch.cat((weight.to(out_dtype), torch.zeros(1, dtype=out_dtype, device=weight.device)))
+        return values * padded[torch.where(owner >= 0, owner, num_segments)]
     per_sample = torch.zeros(num_segments, dtype=torch.float64, device=token_loss.device).index_add(
         0, owner.clamp(min=0).reshape(-1), values.reshape(-1).to(torch.float64)
     )
     if weight is not None:
         per_sample = per_sample * weight.to(torch.float64)
-    if reduction == "none":
+    if reduction == "per_sample":
         return (per_sample / valid_tokens.clamp(min=1).to(torch.float64)).to(out_dtype)
     total = per_sample.sum()
     if reduction == "mean":

@@ -330,7 +330,9 @@ class Selector:
                 ``idx[k]`` the dataset index of segment ``k``; not with ``lm_head``.
 
         Returns:
-            The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`).
+            The weighted loss (``reduction`` as in :func:`~geko_core.cross_entropy_with_stats`:
+            a scalar for ``"mean"``/``"sum"``, the per-token losses for ``"none"``, ``[B]``
+            (``[len(idx)]`` with packed rows) for ``"per_sample"``).
 
         On a GPU the call does not wait for its own statistics: they are copied to the host
         behind the step and reach the table one step later, so a step waits at most for the

@@ -365,6 +365,8 @@ def torch_loss(logits, labels, *, ignore_index=-100, shift=False, weight=None, r
     valid = labels != ignore_index
     w = torch.ones(samples) if weight is None else weight.float()
     if reduction == "none":
+        return (w[:, None] * token_loss).reshape(labels.shape if logits.dim() == 3 else -1)
+    if reduction == "per_sample":
         return w * token_loss.sum(1) / valid.sum(1).clamp(min=1)
     total = (w[:, None] * token_loss).sum()
     return total if reduction == "sum" else total / valid.sum()
@@ -399,6 +401,7 @@ CE_CASES = [
     pytest.param(torch.float32, "mean", True, id="float32-mean-weighted"),
     pytest.param(torch.float32, "sum", True, id="float32-sum-weighted"),
     pytest.param(torch.float32, "none", True, id="float32-none-weighted"),
+    pytest.param(torch.float32, "per_sample", True, id="float32-per_sample-weighted"),
     pytest.param(torch.bfloat16, "none", True, id="bfloat16-none-weighted"),
     pytest.param(torch.float16, "none", True, id="float16-none-weighted"),
 ]
@@ -430,8 +433,8 @@ def test_stats_are_those_of_sample_stats(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     for a, b in zip(stats.tokens, alone.tokens):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # the per-sample loss statistic is the unweighted "none" loss
-    none, _ = cross_entropy_with_stats(logits, labels, shift=True, reduction="none", backend=backend)
+    # the per-sample loss statistic is the unweighted "per_sample" loss
+    none, _ = cross_entropy_with_stats(logits, labels, shift=True, reduction="per_sample", backend=backend)
     torch.testing.assert_close(none.detach().float(), stats.loss, rtol=1e-6, atol=1e-6)
 
 
@@ -440,7 +443,7 @@ def test_nan_logits_spoil_only_their_sample(backend):
     logits, labels = make_inputs((3, 4, 20))
     logits[1, 2, 5] = float("nan")
     x = logits.clone().requires_grad_(True)
-    loss, stats = cross_entropy_with_stats(x, labels, reduction="none", backend=backend)
+    loss, stats = cross_entropy_with_stats(x, labels, reduction="per_sample", backend=backend)
     assert math.isnan(loss[1].item()) and bool(torch.isfinite(loss[[0, 2]]).all())
     assert stats.bucket[1].item() == BUCKET_INVALID and bool(stats.valid[[0, 2]].all())
     loss[[0, 2]].sum().backward()
@@ -453,7 +456,7 @@ def test_no_valid_token(backend):
     logits = torch.randn(2, 3, 5, requires_grad=True)
     labels = torch.full((2, 3), -100)
     labels[1, 0] = 2
-    none, stats = cross_entropy_with_stats(logits, labels, reduction="none", backend=backend)
+    none, stats = cross_entropy_with_stats(logits, labels, reduction="per_sample", backend=backend)
     assert none[0].item() == 0.0 and stats.bucket[0].item() == BUCKET_INVALID
     none.sum().backward()
     assert bool((logits.grad[0] == 0).all()) and bool((logits.grad[1, 1:] == 0).all())
@@ -515,7 +518,7 @@ def test_inplace_backward_on_strided_logits(backend):
 def test_bad_loss_arguments_are_refused_at_the_door(backend):
     logits, labels = make_inputs((4, 10))
     bad_calls = [
-        (ValueError, "reduction must be one of 'none', 'sum', 'mean', got 'avg'", {"reduction": "avg"}),
+        (ValueError, "reduction must be one of 'none', 'sum', 'mean', 'per_sample', got 'avg'", {"reduction": "avg"}),
         (ValueError, r"sample_weight must be \[S\] \(one weight per sample\) = \(4,\), got shape \(5,\)",
          {"sample_weight": torch.ones(5)}),
         (TypeError, "sample_weight must be a floating-point tensor, got torch.int64", {"sample_weight": torch.ones(4, dtype=torch.int64)}),

@@ -584,7 +584,7 @@ def test_sample_stats_fuzz(case, per_token, ignore_index):
 @FUZZ
 @given(
     case=logits_and_labels(),
-    reduction=st.sampled_from(["mean", "sum", "none", "bogus"]),
+    reduction=st.sampled_from(["mean", "sum", "none", "per_sample", "bogus"]),
     weight_kind=st.sampled_from(["none", "ok", "nan", "short", "int", "2d"]),
     backward=st.booleans(),
 )
@@ -656,7 +656,7 @@ def linear_inputs(draw):
 @FUZZ
 @given(
     case=linear_inputs(),
-    reduction=st.sampled_from(["mean", "sum", "none", "bogus"]),
+    reduction=st.sampled_from(["mean", "sum", "none", "per_sample", "bogus"]),
     chunk_size=st.sampled_from([None, 1, 2, 3, 100, 0, -1, 2.0, True]),
     grad=st.sampled_from([True, False, 1]),
     backward=st.booleans(),

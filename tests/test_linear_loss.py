@@ -52,6 +52,7 @@ def make_case(layout: str, dtype: torch.dtype = torch.float32, *, vocab: int = V
 def reference_loss(hidden, weight, bias, labels, *, shift=False, sample_weight=None, reduction="mean", ignore_index=-100):
     """The loss in float64 with torch autograd through F.cross_entropy on the full logits."""
     logits = hidden @ weight.T
+    flat = logits.dim() == 2
     if bias is not None:
         logits = logits + bias
     if logits.dim() == 2:
@@ -64,8 +65,11 @@ def reference_loss(hidden, weight, bias, labels, *, shift=False, sample_weight=N
     ).reshape(samples, tokens)
     count = (labels != ignore_index).sum(dim=1)
     weights = torch.ones(samples, dtype=token_loss.dtype) if sample_weight is None else sample_weight.to(token_loss.dtype)
-    per_sample = token_loss.sum(dim=1) * weights
     if reduction == "none":
+        token_loss = token_loss * weights[:, None]
+        return token_loss.reshape(-1) if flat else token_loss
+    per_sample = token_loss.sum(dim=1) * weights
+    if reduction == "per_sample":
         return per_sample / count.clamp(min=1)
     if reduction == "sum":
         return per_sample.sum()
@@ -87,7 +91,7 @@ def assert_grads_close(got, want, dtype):
 
 
 @pytest.mark.parametrize("chunk_size", CHUNKS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "per_sample"])
 @pytest.mark.parametrize("layout", ["2d", "3d", "3d-shift"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_loss_and_gradients_match_torch(dtype, layout, reduction, chunk_size):
@@ -103,7 +107,7 @@ def test_loss_and_gradients_match_torch(dtype, layout, reduction, chunk_size):
     ref = reference_loss(rh, rw, rb, labels, shift=shift, sample_weight=sample_weight, reduction=reduction)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape and loss.grad_fn is not None
     torch.testing.assert_close(loss.double(), ref, rtol=LOSS_TOL[dtype], atol=LOSS_TOL[dtype])
-    upstream = torch.linspace(-1.0, 2.0, samples) if reduction == "none" else torch.tensor(1.7)
+    upstream = torch.linspace(-1.0, 2.0, ref.numel()).reshape(ref.shape) if ref.dim() else torch.tensor(1.7)
     got = torch.autograd.grad(loss, (h, w, b), upstream)
     want = torch.autograd.grad(ref, (rh, rw, rb), upstream.double())
     assert_grads_close(got, want, dtype)
@@ -129,7 +133,8 @@ def test_float64_cpp_gradients_match_reference_backend():
     for backend in ("cpp", "reference"):
         h, w, b = leaves(hidden, weight, bias)
         loss, _ = linear_cross_entropy_with_stats(h, w, labels, bias=b, shift=True, reduction="none", chunk_size=4, backend=backend)
-        results[backend] = (loss, *torch.autograd.grad(loss, (h, w, b), torch.linspace(0.5, 1.5, B)))
+        upstream = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+        results[backend] = (loss, *torch.autograd.grad(loss, (h, w, b), upstream))
     assert all(g.dtype == torch.float64 for g in results["cpp"][1:])
     for got, want in zip(results["cpp"], results["reference"]):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 from geko_core.cross_entropy import cross_entropy_with_stats
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "per_sample"])
 @pytest.mark.parametrize("shift", [False, True])
 def test_gradcheck_reference_fp64(reduction, shift):
     logits = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
@@ -29,18 +29,18 @@ def test_gradcheck_reference_fp64(reduction, shift):
     )
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none", "per_sample"])
 def test_cpp_gradient_matches_reference_in_fp64(reduction):
     logits = torch.randn(4, 5, 33, dtype=torch.float64)
     labels = torch.randint(0, 33, (4, 5))
     labels[1, :3] = -100
     weight = torch.rand(4, dtype=torch.float64)
-    upstream = torch.linspace(0.5, 1.5, 4) if reduction == "none" else torch.tensor(1.0)
     results = {}
     for backend in ("cpp", "reference"):
         x = logits.clone().requires_grad_(True)
         loss, _ = cross_entropy_with_stats(x, labels, shift=True, sample_weight=weight, reduction=reduction, backend=backend)
-        (loss * upstream.to(loss.dtype)).sum().backward()
+        upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        (loss * upstream).sum().backward()
         results[backend] = loss.detach(), x.grad
     (a_loss, a_grad), (b_loss, b_grad) = results["cpp"], results["reference"]
     assert a_grad.dtype == torch.float64

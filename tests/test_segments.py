@@ -135,32 +135,32 @@ def test_invalid_segments(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("reduction", ["per_sample", "sum", "mean"])
 def test_packed_loss_and_gradient_equal_each_sample_alone(backend, reduction):
     logits, labels, segments, _, places = packed_batch(ROWS, width=18, seed=1)
     count = len(places)
     weights = torch.linspace(0.5, 2.0, count)
-    mix = torch.linspace(1.0, 3.0, count)  # a different gradient weight per sample for "none"
+    mix = torch.linspace(1.0, 3.0, count)  # a different gradient weight per sample for "per_sample"
     if backend == "reference":
         logits = logits.double()
     leaf = logits.clone().requires_grad_(True)
     loss, stats = cross_entropy_with_stats(
         leaf, labels, shift=True, segments=segments, sample_weight=weights, reduction=reduction, backend=backend
     )
-    (loss * mix if reduction == "none" else loss).sum().backward()
+    (loss * mix if reduction == "per_sample" else loss).sum().backward()
 
     pieces = [alone(logits, p).clone().requires_grad_(True) for p in places]
     sums, singles = [], []
     for piece, place, w in zip(pieces, places, weights):
         piece_loss, piece_stats = cross_entropy_with_stats(
-            piece, alone(labels, place), shift=True, sample_weight=w.reshape(1), reduction="none" if reduction == "none" else "sum",
+            piece, alone(labels, place), shift=True, sample_weight=w.reshape(1), reduction="per_sample" if reduction == "per_sample" else "sum",
             backend=backend,
         )
         sums.append(piece_loss.reshape(()))
         singles.append(piece_stats)
     assert_equal_stats(stats, singles)
     total_tokens = sum(int(s.valid_tokens[0]) for s in singles)
-    if reduction == "none":
+    if reduction == "per_sample":
         expected = torch.stack(sums)
         (expected * mix).sum().backward()
     else:
