@@ -1,7 +1,7 @@
 """One GRPO policy-gradient step on the fused log-probability path against the plain log-softmax
 path, at an LLM-like head (CPU): the built-in RL loop's and GekoGRPOTrainer's log-probabilities.
 
-Both steps run the projects' own code at ``[512 completions x 8 tokens = 4096 tokens, d = 1024 ->
+Both steps run the project's own code at ``[512 completions x 8 tokens = 4096 tokens, d = 1024 ->
 V = 32000]`` (the backbones have no blocks, so the head and the loss are the step), forward +
 backward (``torch.autograd.grad`` over the trainable parameters):
 
@@ -206,7 +206,8 @@ def run() -> dict[str, dict[str, dict]]:
         for _ in range(REPEATS):
             one = {}
             for name in names:
-                one[name] = run_variant(name, dtype, module="bench_rl_logprobs")
+                one[name] = r = run_variant(name, dtype, module="bench_rl_logprobs")
+                print(f"  measured {dtype} {name}: {r['seconds']:.2f} s, peak RSS +{r['peak_mb'] or 0:.0f} MiB", flush=True)
             rounds.append(one)
         results[dtype] = {
             name: {
