@@ -81,13 +81,14 @@ VARIANTS: dict[str, Callable] = {"ours fwd+bwd": ours, "plain log_softmax fwd+bw
 _CHILD_SCRIPT = """
 import json, sys, time
 sys.path.insert(0, {folder!r})
-import bench_linear_logprobs as b
+import {module} as b
 
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
-inputs = b.make_inputs(b.DTYPES[{dtype!r}])
+dtype = b.DTYPES[{dtype!r}]
+inputs = b.inputs_of({name!r}, dtype) if hasattr(b, "inputs_of") else b.make_inputs(dtype)
 fn = b.VARIANTS[{name!r}]
 peak = None
 try:
@@ -104,12 +105,14 @@ print(json.dumps({{"peak_mb": peak, "seconds": time.perf_counter() - start}}))
 """
 
 
-def run_variant(name: str, dtype: str) -> dict[str, float | None]:
+def run_variant(name: str, dtype: str, module: str = "bench_linear_logprobs") -> dict[str, float | None]:
     """Peak RSS growth (MiB, None where /proc cannot say) and the seconds of one warm run, in a
-    fresh process."""
+    fresh process: ``module.VARIANTS[name](*inputs)``, the inputs from ``module.inputs_of(name,
+    dtype)`` where the module has it, else ``module.make_inputs(dtype)`` (``dtype`` looked up in
+    ``module.DTYPES``); ``module`` is a file of this folder (``bench_rl_logprobs`` uses it too)."""
     folder = str(Path(__file__).resolve().parent)
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD_SCRIPT.format(folder=folder, dtype=dtype, name=name)],
+        [sys.executable, "-c", _CHILD_SCRIPT.format(folder=folder, dtype=dtype, name=name, module=module)],
         capture_output=True,
         text=True,
         cwd=folder,  # not the repository root, whose geko_core/ folder would shadow the install
@@ -119,12 +122,19 @@ def run_variant(name: str, dtype: str) -> dict[str, float | None]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure() -> dict[str, dict[str, dict]]:
+def measure(
+    variants: tuple[str, ...] | None = None, dtypes: tuple[str, ...] | None = None, module: str = "bench_linear_logprobs",
+    repeats: int | None = None,
+) -> dict[str, dict[str, dict]]:
+    """``{dtype: {variant: {"peak_mb", "seconds", "rounds"}}}``: the variants take turns, each in
+    a fresh process (``run_variant``), ``repeats`` rounds; medians over the rounds. Defaults:
+    this file's variants, dtypes and ``REPEATS``."""
+    variants = tuple(VARIANTS) if variants is None else variants
     results: dict[str, dict[str, dict]] = {}
-    for dtype in DTYPES:
-        rounds = [{name: run_variant(name, dtype) for name in VARIANTS} for _ in range(REPEATS)]
+    for dtype in DTYPES if dtypes is None else dtypes:
+        rounds = [{name: run_variant(name, dtype, module) for name in variants} for _ in range(repeats or REPEATS)]
         results[dtype] = {}
-        for name in VARIANTS:
+        for name in variants:
             peaks = [r[name]["peak_mb"] for r in rounds if r[name]["peak_mb"] is not None]
             results[dtype][name] = {
                 "peak_mb": statistics.median(peaks) if peaks else None,

@@ -21,7 +21,10 @@ training prompts always, some sometimes and some never, as at the start of real 
 fine-tuning. The reward is exact match (1 or 0). Held-out accuracy is greedy exact match on
 100 prompts neither warm-up nor RL trained on. Both runs start from the same warmed-up model
 with the same GRPO settings (G = 8, 8 prompts per generation, one generation per optimizer
-step, temperature 1, no KL term).
+step, temperature 1, no KL term). They differ in one more way: GekoGRPOTrainer computes the
+policy's per-token log-probabilities and entropy with ``geko_core.linear_logprobs`` where plain
+GRPOTrainer runs TRL's own fused head (the same values up to rounding; the memory it saves at
+an LLM's vocabulary is measured by ``benchmarks/bench_rl_logprobs.py``).
 
 One run on a shared 2-core CPU (defaults, policy ``geko``): plain GRPOTrainer 4096 rollouts,
 16395 rollout tokens, 64 steps, 26 s, held-out 66%; GekoGRPOTrainer 2880 rollouts, 11760
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
             seconds = time.perf_counter() - started
             skipped = 0
             if isinstance(trainer, GekoGRPOTrainer):
+                print(f"{name}: per-token log-probabilities through {trainer.geko_logprob_path}")
                 metrics = trainer.selector.metrics()
                 assert (metrics["rollouts"], metrics["rollout_tokens"]) == (trainer.rollouts, trainer.rollout_tokens)
                 skipped = metrics["skipped_prompts"]

@@ -113,6 +113,40 @@ def test_kv_cache_sampling_matches_no_cache_reference():
     torch.testing.assert_close(step[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprobs_are_the_plain_log_softmax_and_its_gradient(temperature):
+    # The fused path against log_softmax(head(h) / tau).gather(...) on the materialised logits:
+    # the same values at the kept positions, 0 elsewhere, and the same parameter gradients of a
+    # GRPO loss (so the RL loop trains the same function of the parameters).
+    model = _model(4)
+    prompts = torch.from_numpy(load_data(SCALES["smoke"]).train.prompts[:3]).repeat_interleave(4, dim=0)
+    out = generate(model, prompts[::4], 4, max_new_tokens=MAX_ANSWER, generator=torch.Generator().manual_seed(5))
+    mask = token_mask(out.lengths, MAX_ANSWER)
+    assert 0 < int(mask.sum()) < mask.numel()
+    advantages = torch.linspace(-1.0, 1.0, prompts.shape[0])
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            logp = completion_logprobs(model, prompts, out.tokens, mask=mask, temperature=temperature)
+        else:
+            h = model.hidden(torch.cat((prompts, out.tokens[:, :-1]), dim=1))[:, PROMPT_LEN - 1 :]
+            plain = torch.log_softmax(model.head(h) / temperature, dim=-1)
+            logp = plain.gather(2, out.tokens[..., None]).squeeze(2)
+        old = logp.detach() + 0.1 * mask  # a ratio away from 1, so the clipping acts
+        grpo_loss(logp, old, advantages, mask).backward()
+        return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    fused, fused_grads = run(True)
+    plain, plain_grads = run(False)
+    torch.testing.assert_close(fused[mask], plain[mask], atol=1e-5, rtol=1e-5)
+    assert (fused[~mask] == 0).all()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    whole = completion_logprobs(model, prompts, out.tokens, temperature=temperature)  # no mask: every position
+    torch.testing.assert_close(whole[mask], fused[mask], atol=1e-6, rtol=1e-6)
+
+
 def test_rollout_tokens_are_the_generated_lengths():
     model = _model(2)
     prompts = torch.from_numpy(load_data(SCALES["smoke"]).train.prompts[:6])

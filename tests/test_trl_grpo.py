@@ -323,6 +323,7 @@ def test_example_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys):
     assert plain[1] == 32 * 8 and geko[1] == 16 * 8  # rollouts: every prompt, then half of them (budget 0.5)
     assert geko[3] == 16 and 0 < geko[2] < plain[2]  # skipped prompts; fewer rollout tokens
     assert "rollout tokens saved" in out and "held-out" in out
+    assert "log-probabilities through linear_logprobs" in out
 
 
 def test_several_optimisation_passes_per_generation(tmp_path, tokenizer):
@@ -344,3 +345,79 @@ def test_max_steps_runs_over_shorter_epochs(tmp_path, tokenizer):
     selector = trainer.selector
     assert selector.total_steps == 5 and selector.step_count == 5 and selector.epoch == 1  # 3 steps per epoch
     assert int(selector.table.field("visits").sum()) == 10
+
+
+# -- the policy's per-token log-probabilities through linear_logprobs -----------------------------------
+def _scored_batch(tokenizer, vocab):
+    """A left-padded prompt + completion batch as TRL scores it: ids, attention mask, completion width."""
+    generator = torch.Generator().manual_seed(7)
+    prompt_ids = torch.randint(3, vocab, (6, 5), generator=generator)
+    completion_ids = torch.randint(3, vocab, (6, 4), generator=generator)
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[:2, :2] = 0  # left padding
+    completion_mask = torch.ones_like(completion_ids)
+    completion_mask[3:, 2:] = 0  # completions that ended early
+    ids = torch.cat((prompt_ids, completion_ids), dim=1)
+    return ids, torch.cat((prompt_mask, completion_mask), dim=1), completion_ids.shape[1], completion_mask.bool()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_per_token_logprobs_are_trls_and_the_plain_log_softmax(tmp_path, tokenizer, monkeypatch, temperature):
+    import trl.trainer.utils as trl_utils
+
+    vocab = len(tokenizer)
+    ours = build(tmp_path, tokenizer, name="ours", temperature=temperature)
+    assert ours.geko_logprob_path == "linear_logprobs"
+    theirs = GRPOTrainer(
+        model=tiny_llama(vocab), reward_funcs=[length_reward], args=make_args(tmp_path, "theirs", temperature=temperature),
+        train_dataset=prompts(), processing_class=tokenizer,
+    )
+    theirs.model.load_state_dict(ours.model.state_dict())
+    ids, attention, keep, completion_mask = _scored_batch(tokenizer, vocab)
+    advantages = torch.linspace(-1.0, 1.0, ids.shape[0])[:, None]
+
+    def run(trainer):
+        trainer.model.zero_grad(set_to_none=True)
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, keep, compute_entropy=True)
+        # a policy-gradient loss with an entropy bonus, so both outputs carry a gradient
+        loss = -((logps * advantages + 0.1 * entropies) * completion_mask).sum() / completion_mask.sum()
+        loss.backward()
+        return logps.detach(), entropies.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    # Our path never enters TRL's chunked function.
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_utils, "_ChunkedLogProbFunction", None)
+        logps, entropies, grads = run(ours)
+    trl_logps, trl_entropies, trl_grads = run(theirs)
+    # The plain path: the model's own logits, divided by the temperature, log_softmax, gather.
+    with torch.no_grad():
+        logits = theirs.model(input_ids=ids, attention_mask=attention).logits[:, -keep - 1 : -1] / temperature
+    plain = torch.log_softmax(logits.float(), dim=-1)
+    plain_logps = plain.gather(2, ids[:, -keep:, None]).squeeze(2)
+    plain_entropy = -(plain.exp() * plain).sum(-1)
+    assert logps.shape == entropies.shape == completion_mask.shape
+    kept = completion_mask
+    torch.testing.assert_close(logps[kept], plain_logps[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropies[kept], plain_entropy[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps, trl_logps, atol=1e-5, rtol=1e-5)  # padding positions: 0 on both
+    torch.testing.assert_close(entropies, trl_entropies, atol=1e-5, rtol=1e-5)
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_models_whose_logits_linear_logprobs_does_not_form_keep_trls_path(tmp_path, tokenizer):
+    model = tiny_llama(len(tokenizer))
+    model.config.final_logit_softcapping = 30.0  # Gemma-2's soft-capping: TRL's fused head applies it
+    args = make_args(tmp_path)
+    trainer = GekoGRPOTrainer(
+        model=model, reward_funcs=[length_reward], args=args, train_dataset=prompts(), processing_class=tokenizer,
+        selector=make_selector(args),
+    )
+    assert trainer.geko_logprob_path.startswith("trl: ") and "final_logit_softcapping" in trainer.geko_logprob_path
+    ids, attention, keep, completion_mask = _scored_batch(tokenizer, len(tokenizer))
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, keep)
+        logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -keep - 1 : -1]
+    capped = 30.0 * torch.tanh(logits.float() / 30.0)
+    expected = torch.log_softmax(capped, dim=-1).gather(2, ids[:, -keep:, None]).squeeze(2)
+    torch.testing.assert_close(logps[completion_mask], expected[completion_mask], atol=1e-5, rtol=1e-5)

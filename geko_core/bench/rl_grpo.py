@@ -14,8 +14,11 @@ the policy is told the rewards (``report``), and the groups with a reward spread
   zero-variance; ``inner_updates`` optimiser steps on the same rollouts, the old
   log-probabilities taken before the first (with one update the ratio is exactly 1 and the
   clipping never acts: plain on-policy policy gradient);
-* no reference model and no KL term; log-probabilities by a plain ``log_softmax``
-  (``rl_model.completion_logprobs``).
+* no reference model and no KL term; the log-probabilities (old and new alike) under the
+  sampling distribution, ``softmax(logits / SAMPLING_TEMPERATURE)`` (temperature 1), through the
+  fused policy-gradient path: ``rl_model.completion_logprobs`` runs ``geko_core.linear_logprobs``
+  on the final hidden states and the head, only at the trained tokens, so the ``[B*G, T, V]``
+  logits never exist (the values of ``log_softmax(...).gather(...)`` up to rounding).
 
 A selection policy is a ``LoopPolicy``: ``choose`` before the rollout, ``report`` after it
 (which may return the groups to train). ``full`` is plain GRPO at the loop level (every
@@ -56,6 +59,8 @@ __all__ = [
 ]
 
 ADVANTAGE_EPS = 1e-6
+#: the rollouts' sampling temperature; the loss's log-probabilities are taken at the same one
+SAMPLING_TEMPERATURE = 1.0
 #: ``full`` at the loop level, the others through the Selector in rewards mode
 POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
 
@@ -187,7 +192,10 @@ class _Counters:
 
 
 def _rollout(model: TinyLM, split: RLSplit, idx: np.ndarray, cfg: RLConfig, generator: torch.Generator):
-    out = generate(model, torch.from_numpy(split.prompts[idx]), cfg.G, max_new_tokens=MAX_ANSWER, generator=generator)
+    out = generate(
+        model, torch.from_numpy(split.prompts[idx]), cfg.G, max_new_tokens=MAX_ANSWER, temperature=SAMPLING_TEMPERATURE,
+        generator=generator,
+    )
     rewards = split.rewards(idx, out.tokens.numpy())
     return out, rewards
 
@@ -204,9 +212,10 @@ def _train_step(model: TinyLM, optimizer: torch.optim.Optimizer, split: RLSplit,
     old = None
     if cfg.inner_updates > 1:
         with torch.no_grad():
-            old = completion_logprobs(model, prompts, completions)
+            old = completion_logprobs(model, prompts, completions, mask=mask, temperature=SAMPLING_TEMPERATURE)
     for _ in range(cfg.inner_updates):
-        logp = completion_logprobs(model, prompts, completions)
+        # positions after a completion's end hold 0 and are left out of the loss by its mask
+        logp = completion_logprobs(model, prompts, completions, mask=mask, temperature=SAMPLING_TEMPERATURE)
         loss = grpo_loss(logp, logp.detach() if old is None else old, advantages, mask, cfg.clip_eps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,8 +9,9 @@ cache for sampling.
   cache; each row stops at ``END``. It returns the completions, their lengths (``END``
   included) and the rollout tokens, the count of tokens actually generated.
 * ``completion_logprobs``: the log-probabilities of given completions under teacher forcing,
-  through a plain ``log_softmax``; the policy gradient and the supervised warm start both
-  train through it.
+  at a temperature, from the final hidden states and the head through the fused
+  policy-gradient path (``geko_core.linear_logprobs``: chunked, the ``[N, T, V]`` logits never
+  exist); the policy gradient and the supervised warm start both train through it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linear_logprobs import linear_logprobs
 from .rl_data import END, PAD, VOCAB
 
 __all__ = ["Rollout", "TinyLM", "completion_logprobs", "generate", "supervised_loss", "token_mask"]
@@ -169,14 +171,35 @@ def generate(
     return Rollout(tokens, lengths, logprobs, int(lengths.sum()))
 
 
-def completion_logprobs(model: TinyLM, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+def completion_logprobs(
+    model: TinyLM,
+    prompts: torch.Tensor,
+    completions: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """float32 ``[N, T]``: log-probabilities of ``completions`` ``[N, T]`` after ``prompts``
-    ``[N, P]`` under teacher forcing (plain ``log_softmax``; positions after a completion's
-    end are computed too and left to the caller's mask)."""
+    ``[N, P]`` under teacher forcing, under ``softmax(head(hidden) / temperature)``.
+
+    The values of ``log_softmax(model.head(h) / temperature).gather(...)``, computed by
+    ``linear_logprobs`` from the final hidden states ``h`` and the head's weight and bias, in
+    chunks (no ``[N, T, V]`` logits), differentiable with respect to the model's parameters.
+
+    Args:
+        model: the policy.
+        prompts: int64 ``[N, P]``.
+        completions: int64 ``[N, T]``.
+        mask: optional bool ``[N, T]``: positions left out hold 0 and cost nothing (e.g.
+            ``token_mask(lengths, T)``); without it every position is computed.
+        temperature: the sampling temperature the completions were drawn at.
+    """
     p = prompts.shape[1]
     h = model.hidden(torch.cat((prompts, completions[:, :-1]), dim=1))[:, p - 1 :]
-    logp = torch.log_softmax(model.head(h).float(), dim=-1)
-    return logp.gather(2, completions[..., None]).squeeze(2)
+    logprobs, _ = linear_logprobs(
+        h, model.head.weight, completions, bias=model.head.bias, temperature=temperature, entropy=False, mask=mask
+    )
+    return logprobs
 
 
 def token_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -187,4 +210,4 @@ def token_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
 def supervised_loss(model: TinyLM, prompts: torch.Tensor, completions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the completion tokens (``END`` included)."""
     mask = token_mask(lengths, completions.shape[1])
-    return -(completion_logprobs(model, prompts, completions) * mask).sum() / mask.sum()
+    return -(completion_logprobs(model, prompts, completions, mask=mask) * mask).sum() / mask.sum()

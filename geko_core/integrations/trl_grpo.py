@@ -57,6 +57,29 @@ Metrics
     ...), cumulative over the run, and ``geko/batch_zero_variance_share`` (the share of the
     generation batch's groups with no reward spread) averaged over the logging interval
     like TRL's ``frac_reward_zero_std``.
+Log-probabilities
+    TRL 1.16 computes the per-token log-probabilities of the completions (for the loss, the old
+    policy's for the importance ratio, the reference model's for the KL term) by calling the
+    model with ``fused_lm_head=True``: a forward that TRL's ``add_fused_lm_head`` installs,
+    which runs the backbone and then its own chunked head function. This trainer replaces that
+    head, on the policy (its base model under PEFT) and on the reference model, by
+    :func:`geko_core.linear_logprobs`: the backbone's last hidden states, shifted, and
+    ``model.get_output_embeddings()``'s weight and bias, at TRL's ``temperature``, only at the
+    completion positions TRL scores (the others hold 0, as in TRL), with the per-token entropy
+    for the policy (TRL's ``entropy`` metric, ``top_entropy_quantile`` mask and entropy bonus
+    read it). The ``[B*G, T, V]`` logits never exist, on either path; ours keeps at most a fixed
+    buffer budget of ``[chunk, V]`` rows (docs/linear_loss.md) where TRL's path forms
+    ``[4096, V]`` tiles (on the CPU, several temporaries of that size). Everything TRL does with the
+    values (masking, the importance ratio with the old log-probabilities, clipping, the loss's
+    normalisation, its metrics, DDP) is TRL's own code, unchanged. The head's matmul runs in
+    TRL's dtype: float32 with ``cast_lm_head_to_fp32``, else autocast's, else the hidden
+    states'. TRL's path is kept, and ``trainer.geko_logprob_path`` says why, for what
+    ``linear_logprobs`` does not compute: a config that transforms the logits
+    (``final_logit_softcapping``, ``logit_scale``, ``output_multiplier``,
+    ``lm_head_multiplier``, ``logits_scaling``), a mixture-of-experts model whose forward adds
+    the load-balancing loss, a multimodal model, and, call by call, a head sharded by FSDP2 or
+    DeepSpeed ZeRO-3 (TRL gathers it, in its backward too). ``trainer.geko_logprob_path`` is
+    ``"linear_logprobs"`` otherwise (``geko_core/integrations/_trl_logprobs.py``).
 Checkpoints and resume
     The Selector's state is written to ``geko_selector.pt`` in the checkpoint folder
     (atomically, with a checksum) before TRL writes its own, and restored at
@@ -80,13 +103,15 @@ What is refused
 - ``geko_shift``, ``geko_fused_head``, ``geko_inplace_backward`` (options of the supervised
   loss; GRPO computes its own).
 
-Tested (``tests/test_trl_grpo.py``, one CPU process, a tiny LLaMA, a rule-based reward):
-groups kept as ``RepeatSampler`` keeps them, the observed rewards and lengths in the table and
-the counts, skipped prompts never generated, ``geko/...`` metrics, unscored completions,
-``num_iterations > 1``, ``max_steps``, resume bit for bit (prompts, rewards, table, model) from
-inside and at the end of an epoch. Not tested: several processes, vLLM generation, tools,
-environments and ``rollout_func`` (the rewards and lengths are read where TRL computes them for
-every one of these paths), PEFT, DeepSpeed/FSDP.
+Tested (``tests/test_trl_grpo.py``, one CPU process, a tiny LLaMA, a rule-based reward): the
+per-token log-probabilities, entropies and parameter gradients equal TRL's own and the plain
+``log_softmax(logits / temperature)`` ones (temperatures 1 and 0.7), a soft-capped model keeps
+TRL's path, groups kept as ``RepeatSampler`` keeps them, the observed rewards and lengths in the
+table and the counts, skipped prompts never generated, ``geko/...`` metrics, unscored
+completions, ``num_iterations > 1``, ``max_steps``, resume bit for bit (prompts, rewards, table,
+model) from inside and at the end of an epoch. Not tested: several processes, vLLM generation,
+tools, environments and ``rollout_func`` (the rewards and lengths are read where TRL computes
+them for every one of these paths), PEFT, DeepSpeed/FSDP.
 """
 
 from __future__ import annotations
@@ -106,6 +131,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from ..selector import Selector
 from ._hf_data import GEKO_INDEX_KEY, GekoIndexCollator, save_selector_state, selector_state_file
 from ._hf_selector import whole_epochs
+from ._trl_logprobs import use_linear_logprobs
 from .hf import GekoTrainerMixin
 
 __all__ = ["GekoGRPOTrainer", "GekoGroupSampler"]
@@ -187,6 +213,9 @@ class GekoGRPOTrainer(GekoTrainerMixin, GRPOTrainer):
 
     Attributes:
         selector: the Selector (built on first access).
+        geko_logprob_path: how the policy's per-token log-probabilities are computed:
+            ``"linear_logprobs"``, or ``"trl: <why>"`` where TRL's own fused head is kept
+            (the module's documentation, "Log-probabilities").
 
     What is supported and refused is in the module's documentation.
     """
@@ -219,6 +248,12 @@ class GekoGRPOTrainer(GekoTrainerMixin, GRPOTrainer):
         self._geko_capture: dict[str, torch.Tensor] | None = None
         # A checkpoint whose random state the first generation after a mid-epoch resume restores.
         self._geko_rng_checkpoint: str | None = None
+        # The policy's (and the reference model's) per-token log-probabilities through linear_logprobs.
+        fp32_head = bool(getattr(self.args, "cast_lm_head_to_fp32", False))
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.geko_logprob_path = use_linear_logprobs(policy, self.temperature, fp32_head, entropy=True)
+        if getattr(self, "ref_model", None) is not None:
+            use_linear_logprobs(self.ref_model, self.temperature, fp32_head, entropy=False)
 
     # -- the Selector ---------------------------------------------------------------------------
     @property
