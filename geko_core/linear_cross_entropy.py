@@ -146,7 +146,7 @@ def _linear_token_forward_fake(hidden2, weight, bias, label_rows, ignore_index, 
         torch.empty((6, rows), dtype=torch.float32, device=device),
         torch.empty((rows,), dtype=torch.bool, device=device),
         torch.empty((rows,), dtype=torch.bool, device=device),
-        torch.empty((rows,), dtype=torch.float32, device=device),
+        torch.empty((rows,), dtype=torch.float64, device=device),
     )
 
 

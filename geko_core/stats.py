@@ -61,7 +61,7 @@ class ForwardBlocks(NamedTuple):
     bucket: torch.Tensor  # int8 [S]
     token_values: torch.Tensor  # float32 [K, S, T]: K = 6 with per-token values, 1 (the loss) with write_lse, else 0
     token_valid: torch.Tensor  # bool [S, T'] (T' = T with per-token values, else 0)
-    lse: torch.Tensor  # float32 [S, T] with write_lse, else [0, 0]
+    lse: torch.Tensor  # float64 [S, T] with write_lse, else [0, 0] (see _cross_entropy_kernels)
 
 
 def token_rows(per_token: bool, write_lse: bool) -> int:
@@ -93,7 +93,7 @@ def forward_blocks_cpp(
     bucket = torch.empty(samples, dtype=torch.int8)
     token_values = torch.empty((token_rows(per_token, write_lse), samples, tokens), dtype=torch.float32)
     token_valid = torch.empty((samples, tokens if per_token else 0), dtype=torch.bool)
-    lse = torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float32)
+    lse = torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float64)
     # Whole blocks, one capsule each (the binding addresses the rows itself).
     token_capsules = None
     if per_token or write_lse:
@@ -206,7 +206,7 @@ def stats_forward_triton(logits3, labels3, ignore_index, config, per_token, writ
     token_values = token_values[:count].clone() if count else torch.empty((0, samples, tokens), dtype=torch.float32, device=device)
     token_valid = token_valid.clone() if per_token else torch.empty((samples, 0), dtype=torch.bool, device=device)
     if lse is None:
-        lse = torch.empty((0, 0), dtype=torch.float32, device=device)
+        lse = torch.empty((0, 0), dtype=torch.float64, device=device)
     return sample_values, valid_tokens, bucket, token_values, token_valid, lse
 
 
@@ -220,7 +220,7 @@ def _stats_forward_fake(logits3, labels3, ignore_index, config, per_token, write
         torch.empty((samples,), dtype=torch.int8, device=logits3.device),
         torch.empty((token_rows(per_token, write_lse), samples, tokens), **f32),
         torch.empty((samples, tokens if per_token else 0), dtype=torch.bool, device=logits3.device),
-        torch.empty((samples, tokens) if write_lse else (0, 0), **f32),
+        torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float64, device=logits3.device),
     )
 
 
