@@ -326,6 +326,7 @@ def test_linear_loss_with_a_masking_bias(backend, check_stats):
     labels[1, 1] = 4  # a masked label: loss +inf
     args = [t.clone().requires_grad_(True) for t in (hidden, weight)]
     loss, stats = linear_cross_entropy_with_stats(*args, labels, bias=bias, reduction="sum", chunk_size=3, backend=backend)
+    loss.backward()
     h = hidden.double().requires_grad_(True)
     w = weight.double().requires_grad_(True)
     want = F.cross_entropy((h @ w.T + bias.double()).reshape(-1, 40), labels.reshape(-1), reduction="sum")
