@@ -929,27 +929,31 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const double* lse
       for (; i < vocab; ++i) Elem<T>::store(out + i, 0.0f);
       continue;
     }
-    // The double lse as a float pair hi + lo: t = (x - hi) - lo is x - lse to float
-    // precision however large the logits (a float lse alone is off by half its ulp, 5e-4 at
-    // |x| = 1e4, which p = exp(t) turns into a relative error). x - hi is exact near the
-    // max, where the probabilities are not small.
-    const float hi = static_cast<float>(lse[r]);
-    const float lo = static_cast<float>(lse[r] - static_cast<double>(hi));
+    // The double lse as hi + lo, hi its float rounding: p = exp(x - lse) = exp(x - hi) exp(-lo),
+    // exp(-lo) folded into the row's scale. x - hi is exact near the max, where the
+    // probabilities are not small, so p keeps float precision however large the logits (a
+    // float lse alone is off by half its ulp, 5e-4 at |x| = 1e4, a relative error of every p).
+    const double l = lse[r];
+    const float hi = static_cast<float>(l);
     const float scale = token_scale[r];
+    if (!(l == l)) {
+      // A row that invalidated its sample (NaN or +inf logits, or only -inf): NaN, as torch.
+      for (int64_t k = 0; k < vocab; ++k) Elem<T>::store(out + k, kNaN);
+      continue;
+    }
+    const float exp_neg_lo = static_cast<float>(std::exp(static_cast<double>(hi) - l));
+    const float row_scale = scale * exp_neg_lo;
     // Read x[y] first: in place, the row is overwritten by the loop below.
     const float x_label = Elem<T>::load(row + label);
 #ifdef __AVX2__
     const __m256 vh = _mm256_set1_ps(hi);
-    const __m256 vl = _mm256_set1_ps(lo);
-    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256 vs = _mm256_set1_ps(row_scale);
     const __m256 underflow = _mm256_set1_ps(kExpUnderflow);
-    // p below the clamp is 0 (a -inf logit, a masked class, gives exactly 0); NaN stays NaN.
+    // p below the clamp is 0: a -inf logit (a masked class) gives exactly 0.
     const auto prob = [&](__m256 x) {
-      const __m256 tt = _mm256_sub_ps(_mm256_sub_ps(x, vh), vl);
-      const __m256 keep = _mm256_cmp_ps(tt, underflow, _CMP_NLT_UQ);
-      // (the max keeps 2^n normal; NaN lanes come out of it as the bound and are restored)
-      const __m256 p = exp_precise(_mm256_max_ps(tt, underflow));
-      return _mm256_blendv_ps(_mm256_and_ps(keep, p), tt, _mm256_cmp_ps(tt, tt, _CMP_UNORD_Q));
+      const __m256 tt = _mm256_sub_ps(x, vh);
+      const __m256 keep = _mm256_cmp_ps(tt, underflow, _CMP_GE_OQ);
+      return _mm256_and_ps(keep, exp_precise(_mm256_max_ps(tt, underflow)));
     };
     for (; i + 8 <= vocab; i += 8) Vec<T>::store(out + i, _mm256_mul_ps(prob(Vec<T>::load(row + i)), vs));
     if (i < vocab) {
@@ -964,12 +968,12 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const double* lse
     }
 #endif
     for (; i < vocab; ++i) {
-      const float tt = (Elem<T>::load(row + i) - hi) - lo;
-      const float p = tt < kExpUnderflow ? 0.0f : std::exp(tt);  // NaN stays NaN
-      Elem<T>::store(out + i, p * scale);
+      const float tt = Elem<T>::load(row + i) - hi;
+      const float p = tt >= kExpUnderflow ? std::exp(tt) : 0.0f;
+      Elem<T>::store(out + i, p * row_scale);
     }
-    const float tl = (x_label - hi) - lo;
-    const float p_label = tl < kExpUnderflow ? 0.0f : std::exp(tl);
+    const float tl = x_label - hi;
+    const float p_label = tl >= kExpUnderflow ? std::exp(tl) * exp_neg_lo : 0.0f;
     Elem<T>::store(out + label, (p_label - 1.0f) * scale);
   }
 }
