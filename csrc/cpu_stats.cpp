@@ -31,6 +31,7 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // element adds nothing next to the max's 1, and the clamp keeps e * (x - m) finite
 // (and 2^n normal) when x is far below the max.
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLog2eLow = static_cast<float>(1.44269504088896341 - static_cast<double>(kLog2e));  // log2(e) - kLog2e
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kExp2Underflow = -125.0f;
 constexpr float kExpUnderflow = kExp2Underflow * kLn2;
@@ -313,6 +314,21 @@ struct BitsPass {
   int64_t first_max_from;  // the first element equal to the max is at this index or after
 };
 
+// Whether a row whose quick check (sum of x * 0) found a non-finite element is usable: no
+// NaN, no +inf, and some element above -inf. -inf logits (a masked vocabulary) are
+// probability 0, as in torch; their exponentials clamp to nothing next to the max's 1 (and
+// the row's max is then exact: -inf never wins it). Runs only for such rows.
+template <typename T>
+bool usable_row(const T* row, int64_t vocab) {
+  bool above = false;
+  for (int64_t i = 0; i < vocab; ++i) {
+    const float x = Elem<T>::load(row + i);
+    if (!(x < std::numeric_limits<float>::infinity())) return false;  // NaN or +inf
+    above |= x > -std::numeric_limits<float>::infinity();
+  }
+  return above;
+}
+
 // Row reductions of one token: max m, its first index, and over the other elements
 // d = sum exp(x - m), s1 = sum exp(x - m) (x - m), s2 = sum exp(2 (x - m)).
 // The softmax denominator is D = 1 + d.
@@ -347,7 +363,7 @@ RowSums short_row_sums(const T* row, int64_t vocab) {
   vmax = _mm256_max_ps(vmax, _mm256_shuffle_ps(vmax, vmax, _MM_SHUFFLE(2, 3, 0, 1)));
   const float m = _mm256_cvtss_f32(vmax);
   out.max = m;
-  out.finite = (check == 0.0f);
+  out.finite = check == 0.0f || usable_row(row, vocab);
   if (!out.finite) return out;
   const __m256 vm = _mm256_set1_ps(m);
   const unsigned eq = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(x0, vm, _CMP_EQ_OQ))) |
@@ -514,6 +530,22 @@ inline __m256 exp_natural(__m256 t) {
   const __m256 log2e = _mm256_set1_ps(kLog2e);
   const __m256 big = _mm256_fmadd_ps(t, log2e, shifter);
   const __m256 f = _mm256_fmsub_ps(t, log2e, _mm256_sub_ps(big, shifter));
+  const __m256 p = exp2_fraction(f);
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(big), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
+}
+
+// exp(t) for t in [kExpUnderflow, 0] to float precision, for the backward's softmax: as
+// exp_natural<5>(), with log2(e) split in two floats (Cody-Waite), so that the fraction f is
+// t log2(e) - n to float precision even for |t| in the tens (a float log2(e) alone is off by
+// 1.3e-8 relative, an error of |t| 1.3e-8 in f: 6e-7 relative at t = -50, where torch's expf
+// is ~1e-7). One FMA more than exp_natural<5>().
+inline __m256 exp_precise(__m256 t) {
+  const __m256 shifter = _mm256_set1_ps(0x1.8p23f);
+  const __m256 log2e = _mm256_set1_ps(kLog2e);
+  const __m256 big = _mm256_fmadd_ps(t, log2e, shifter);
+  __m256 f = _mm256_fmsub_ps(t, log2e, _mm256_sub_ps(big, shifter));
+  f = _mm256_fmadd_ps(t, _mm256_set1_ps(kLog2eLow), f);
   const __m256 p = exp2_fraction(f);
   const __m256i pow2n = _mm256_slli_epi32(_mm256_castps_si256(big), 23);
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), pow2n));
@@ -700,7 +732,7 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row, const BitsPass*
     m = std::max(m, x);
   }
   out.max = m;
-  out.finite = (check == 0.0f);
+  out.finite = check == 0.0f || usable_row(row, vocab);
   if (!out.finite) return out;
 
   // 2. argmax: the first index equal to the max (ties -> lowest index); stops there.
@@ -763,17 +795,18 @@ RowSums row_sums(const T* row, int64_t vocab, const T* next_row, const BitsPass*
 }
 
 struct TokenValues {
-  float loss, confidence, label_prob, correct, entropy, el2n, lse;
+  float loss, confidence, label_prob, correct, entropy, el2n;
+  double lse;  // m + log D in double: the backward's exp(x - lse) keeps x - m's precision
 };
 
 inline TokenValues token_values(const RowSums& r, float x_label, int64_t label) {
-  if (!r.finite) return {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, kNaN};
+  if (!r.finite) return {kNaN, kNaN, kNaN, kNaN, kNaN, kNaN, static_cast<double>(kNaN)};
   // D = 1 + d; d = D - 1 is exact, however small.
   const float denom = 1.0f + r.d;
   const float log_denom = std::log1p(r.d);
   const bool label_is_argmax = r.argmax == label;
   TokenValues v;
-  v.lse = r.max + log_denom;
+  v.lse = static_cast<double>(r.max) + static_cast<double>(log_denom);
   v.loss = label_is_argmax ? log_denom : (r.max - x_label) + log_denom;  // lse - x[y] without cancelling m
   v.confidence = 1.0f / denom;  // exp(m - lse)
   v.label_prob = std::exp(-v.loss);
@@ -803,8 +836,8 @@ constexpr int64_t kParallelMinElements = int64_t{1} << 18;
 constexpr int64_t kRowChunk = 8;
 
 template <typename T>
-void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, float* const tok[7],
-                uint8_t* valid_out, uint8_t* bad_out) {
+void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, float* const tok[6],
+                double* lse_out, uint8_t* valid_out, uint8_t* bad_out) {
   const T* base = static_cast<const T*>(lv.data);
   const int64_t rows = lv.samples * lv.tokens;
   const int64_t vocab = lv.vocab;
@@ -838,8 +871,9 @@ void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index
           // Never read a row whose label is not usable; an out-of-range counted label
           // spoils its sample, as in the reference.
           bad_out[r] = counted ? 1 : 0;
-          for (int k = 0; k < 7; ++k)
+          for (int k = 0; k < 6; ++k)
             if (tok[k] != nullptr) tok[k][r] = 0.0f;
+          if (lse_out != nullptr) lse_out[r] = 0.0;
           carried_row = nullptr;
           continue;
         }
@@ -863,9 +897,10 @@ void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index
         }
         const TokenValues v = token_values(sums, Elem<T>::load(row + label), label);
         bad_out[r] = sums.finite ? 0 : 1;
-        const float values[7] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n, v.lse};
-        for (int k = 0; k < 7; ++k)
+        const float values[6] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n};
+        for (int k = 0; k < 6; ++k)
           if (tok[k] != nullptr) tok[k][r] = values[k];
+        if (lse_out != nullptr) lse_out[r] = v.lse;
       }
       begin = following;
     }
@@ -873,7 +908,7 @@ void token_pass(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index
 }
 
 template <typename T>
-void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse, const float* token_scale,
+void backward_pass(const LogitsView& lv, const LabelsView& yv, const double* lse, const float* token_scale,
                    int64_t ignore_index, T* grad, int64_t grad_sample_stride, int64_t grad_token_stride) {
   const T* base = static_cast<const T*>(lv.data);
   const int64_t rows = lv.samples * lv.tokens;
@@ -894,36 +929,51 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const float* lse,
       for (; i < vocab; ++i) Elem<T>::store(out + i, 0.0f);
       continue;
     }
-    const float l = lse[r];
+    // The double lse as hi + lo, hi its float rounding: p = exp(x - lse) = exp(x - hi) exp(-lo),
+    // exp(-lo) folded into the row's scale. x - hi is exact near the max, where the
+    // probabilities are not small, so p keeps float precision however large the logits (a
+    // float lse alone is off by half its ulp, 5e-4 at |x| = 1e4, a relative error of every p).
+    const double l = lse[r];
+    const float hi = static_cast<float>(l);
     const float scale = token_scale[r];
+    if (!(l == l)) {
+      // A row that invalidated its sample (NaN or +inf logits, or only -inf): NaN, as torch.
+      for (int64_t k = 0; k < vocab; ++k) Elem<T>::store(out + k, kNaN);
+      continue;
+    }
+    const float exp_neg_lo = static_cast<float>(std::exp(static_cast<double>(hi) - l));
+    const float row_scale = scale * exp_neg_lo;
     // Read x[y] first: in place, the row is overwritten by the loop below.
     const float x_label = Elem<T>::load(row + label);
 #ifdef __AVX2__
-    const __m256 vl = _mm256_set1_ps(l);
-    const __m256 vs = _mm256_set1_ps(scale);
-    for (; i + 8 <= vocab; i += 8) {
-      const __m256 p = exp2_clamped(log2_units(_mm256_sub_ps(Vec<T>::load(row + i), vl)));
-      Vec<T>::store(out + i, _mm256_mul_ps(p, vs));
-    }
+    const __m256 vh = _mm256_set1_ps(hi);
+    const __m256 vs = _mm256_set1_ps(row_scale);
+    const __m256 underflow = _mm256_set1_ps(kExpUnderflow);
+    // p below the clamp is 0: a -inf logit (a masked class) gives exactly 0.
+    const auto prob = [&](__m256 x) {
+      const __m256 tt = _mm256_sub_ps(x, vh);
+      const __m256 keep = _mm256_cmp_ps(tt, underflow, _CMP_GE_OQ);
+      return _mm256_and_ps(keep, exp_precise(_mm256_max_ps(tt, underflow)));
+    };
+    for (; i + 8 <= vocab; i += 8) Vec<T>::store(out + i, _mm256_mul_ps(prob(Vec<T>::load(row + i)), vs));
     if (i < vocab) {
       // The last vocab % 8 elements through the same vector code, via an 8-lane buffer
-      // (padded with lse, dropped): only the row's own elements are read and written.
+      // (padded with hi, dropped): only the row's own elements are read and written.
       const int64_t n = vocab - i;
       alignas(32) float tail[8];
-      for (int64_t j = 0; j < 8; ++j) tail[j] = j < n ? Elem<T>::load(row + i + j) : l;
-      const __m256 p = exp2_clamped(log2_units(_mm256_sub_ps(_mm256_load_ps(tail), vl)));
-      _mm256_store_ps(tail, _mm256_mul_ps(p, vs));
+      for (int64_t j = 0; j < 8; ++j) tail[j] = j < n ? Elem<T>::load(row + i + j) : hi;
+      _mm256_store_ps(tail, _mm256_mul_ps(prob(_mm256_load_ps(tail)), vs));
       for (int64_t j = 0; j < n; ++j) Elem<T>::store(out + i + j, tail[j]);
       i = vocab;
     }
 #endif
     for (; i < vocab; ++i) {
-      const float tt = Elem<T>::load(row + i) - l;
-      const float p = tt < kExpUnderflow ? 0.0f : std::exp(tt);  // NaN stays NaN
-      Elem<T>::store(out + i, p * scale);
+      const float tt = Elem<T>::load(row + i) - hi;
+      const float p = tt >= kExpUnderflow ? std::exp(tt) : 0.0f;
+      Elem<T>::store(out + i, p * row_scale);
     }
-    const float tl = x_label - l;
-    const float p_label = tl < kExpUnderflow ? 0.0f : std::exp(tl);
+    const float tl = x_label - hi;
+    const float p_label = tl >= kExpUnderflow ? std::exp(tl) * exp_neg_lo : 0.0f;
     Elem<T>::store(out + label, (p_label - 1.0f) * scale);
   }
 }
@@ -954,8 +1004,7 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
 
   // Token values go to the caller's buffers when given, else to scratch (O(S T), small).
   std::vector<float> scratch;
-  float* tok[7] = {tokens.loss, tokens.confidence, tokens.label_prob, tokens.correct,
-                   tokens.entropy, tokens.el2n, tokens.lse};
+  float* tok[6] = {tokens.loss, tokens.confidence, tokens.label_prob, tokens.correct, tokens.entropy, tokens.el2n};
   int missing = 0;
   for (int k = 0; k < 6; ++k) missing += tok[k] == nullptr ? 1 : 0;
   scratch.resize(static_cast<size_t>(missing) * static_cast<size_t>(rows));
@@ -971,10 +1020,10 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
   std::vector<uint8_t> bad(static_cast<size_t>(rows));
 
   switch (logits.dtype) {
-    case ScalarType::kFloat32: token_pass<float>(logits, labels, ignore_index, tok, valid, bad.data()); break;
-    case ScalarType::kFloat64: token_pass<double>(logits, labels, ignore_index, tok, valid, bad.data()); break;
-    case ScalarType::kBFloat16: token_pass<BF16>(logits, labels, ignore_index, tok, valid, bad.data()); break;
-    case ScalarType::kFloat16: token_pass<FP16>(logits, labels, ignore_index, tok, valid, bad.data()); break;
+    case ScalarType::kFloat32: token_pass<float>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+    case ScalarType::kFloat64: token_pass<double>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+    case ScalarType::kBFloat16: token_pass<BF16>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+    case ScalarType::kFloat16: token_pass<FP16>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
     default: throw std::invalid_argument("sample_stats_cpu: unsupported logits dtype");
   }
 
@@ -1008,7 +1057,7 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
   }
 }
 
-void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const float* lse,
+void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const double* lse,
                                 const float* token_scale, int64_t ignore_index, void* grad,
                                 int64_t grad_sample_stride, int64_t grad_token_stride) {
   check_views(logits, labels);

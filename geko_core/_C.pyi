@@ -303,7 +303,7 @@ def count_visits(indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.
 def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, scale_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> None:
     """
     grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid
-    tokens; token_scale is float32 [S, T] or [S] (one scale per sample).
+    tokens; lse is the forward's float64 [S, T]; token_scale is float32 [S, T] or [S] (one scale per sample).
     
     grad=None writes the gradient into the logits storage. Releases the GIL.
     """
@@ -332,7 +332,7 @@ def infobatch_plan(scores: numpy.ndarray, epoch: typing.SupportsInt | typing.Sup
 def loss_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, weight: typing.Any, reduction: str, values_out: typing.Any, valid_out: typing.Any, bucket_out: typing.Any, lse_out: typing.Any) -> tuple:
     """
     The fused loss's CPU forward in one call: label check, statistics (float32 [6, S] block, int32
-    valid_tokens, int8 bucket), per-token log-sum-exp (float32 [S, T]) and the reduction ('sum' or
+    valid_tokens, int8 bucket), per-token log-sum-exp (float64 [S, T]) and the reduction ('sum' or
     'mean') of the token losses weighted per sample (float32 [S] or None).
     
     Returns (bad, loss, valid_total): bad is the flat s * T + t of the first label neither
@@ -358,7 +358,7 @@ def stats_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.S
     Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]; or 3:
     a float32 [6, S] block of the six floats, valid_tokens, bucket), optionally the per-token
     outputs (7: float32 x6, bool valid; [S, T], entries may be None; or 2: a float32 [K, S, T]
-    block of the first K fields, valid or None) and the per-token log-sum-exp (float32 [S, T]).
+    block of the first K fields, valid or None) and the per-token log-sum-exp (float64 [S, T]).
     Releases the GIL.
     """
 def weighted_sample(weights: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex, method: str) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float64]]:

@@ -142,7 +142,7 @@ def backend_status() -> dict[str, BackendStatus]:
     return status
 
 
-def resolve_backend(device_type: str, requested: str | None, *, traced: bool = False) -> str:
+def resolve_backend(device_type: str, requested: str | None, *, traced: bool = False, float64: bool = False) -> str:
     """The backend that runs for tensors on ``device_type``: the one place that chooses.
 
     Every operation (``sample_stats``, the two cross-entropies, the angle statistics) keeps a
@@ -154,19 +154,23 @@ def resolve_backend(device_type: str, requested: str | None, *, traced: bool = F
         traced: torch.compile is tracing the caller (``torch.compiler.is_compiling()``):
             every backend but the reference is then ``"op"``, the ``torch.ops.geko``
             operators, which pick the kernel by device inside the graph.
+        float64: the inputs are float64. They are computed in float64, which only the
+            reference does (the compiled kernels accumulate in float32): ``None`` and
+            ``"cpp"`` (and the operators under torch.compile) answer ``"reference"``; the
+            Triton backend refuses float64 (the caller says so).
 
     Raises:
         ValueError: unknown backend name, or a backend that cannot take these tensors.
         CompiledCoreError: the C++ backend was needed but is not built.
     """
-    if requested is None and device_type == "cpu" and not traced and compiled_core_error() is None:
+    if requested is None and device_type == "cpu" and not traced and not float64 and compiled_core_error() is None:
         return "cpp"  # the usual CPU call, answered before anything else is looked at
     # Imported here: `import geko_core` stays free of torch, so that a broken install can
     # still report itself (`python -m geko_core.info`).
     from ._checks import check_choice
 
     check_choice(requested, "backend", (None, "triton", "cpp", "reference"))
-    if requested == "reference":
+    if requested == "reference" or (float64 and requested != "triton"):
         return "reference"
     if traced:
         return "op"

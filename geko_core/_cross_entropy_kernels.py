@@ -89,7 +89,7 @@ class _CppKernels:
             bucket = np.empty(samples, dtype=np.int8)
             weight_capsule = None if weight is None else to_dlpack(weight)  # read again by the backward
             if grad is None:
-                lse = np.empty((samples, labels3.shape[1] if labels3.dim() == 2 else 1), dtype=np.float32)
+                lse = np.empty((samples, labels3.shape[1] if labels3.dim() == 2 else 1), dtype=np.float64)
                 lse_capsule, grad_capsule = lse.__dlpack__(), None
             else:
                 lse_capsule, grad_capsule = None, to_dlpack(grad)
@@ -188,7 +188,7 @@ def cross_entropy_forward_triton(
 ) -> tuple[SampleStats, torch.Tensor, torch.Tensor]:
     """Forward of the fused cross-entropy with the Triton kernels: statistics (as
     ``sample_stats_triton``), float32 ``[S, T]`` token losses (``lse - x[y]`` for valid
-    tokens, 0 for the others) and float32 ``[S, T]`` log-sum-exp of every row, from one read."""
+    tokens, 0 for the others) and float64 ``[S, T]`` log-sum-exp of every row, from one read."""
     blocks = forward_triton(logits3, labels3, ignore_index=ignore_index, config=config, write_lse=True)
     return sample_stats_of(blocks, per_token), blocks[3][0], blocks[5]
 
@@ -212,7 +212,8 @@ def cross_entropy_backward_triton(
     Args:
         logits3: the forward's ``[S, T, V]`` logits, stride 1 along V.
         labels3: the forward's ``[S, T]`` labels.
-        lse: float32 ``[S, T]`` log-sum-exp from the forward.
+        lse: float64 ``[S, T]`` log-sum-exp from the forward (float32 would cost the gradient
+            half an ulp of the log-sum-exp, relative, at large logits).
         token_scale: float32 ``[S, T]``, e.g. ``grad_output / num_valid_tokens`` times
             per-sample importance weights.
         ignore_index: as in the forward.

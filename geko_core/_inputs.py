@@ -137,7 +137,9 @@ def prepare_inputs(
             raise ValueError("shift=True needs [B, T, V] logits and [B, T] labels, got 2-D logits")
     if not -(2**63) <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64 (labels are compared as int64), got {ignore_index}")
-    name = resolve_backend(logits.device.type, backend, traced=torch.compiler.is_compiling())
+    name = resolve_backend(
+        logits.device.type, backend, traced=torch.compiler.is_compiling(), float64=logits.dtype is torch.float64
+    )
     if name == "triton" and logits.dtype not in TRITON_LOGITS_DTYPES:
         raise TypeError(
             f"logits must be float32, bfloat16 or float16 on the Triton backend, got {logits.dtype} "
@@ -279,11 +281,11 @@ def check_triton_backward(
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     rows = tuple(logits3.shape[:2])
-    for name, value in (("lse", lse), ("token_scale", token_scale)):
+    for name, value, dtype in (("lse", lse, torch.float64), ("token_scale", token_scale, torch.float32)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {value.dtype}")
+        if value.dtype != dtype:
+            raise TypeError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {value.dtype}")
         if tuple(value.shape) != rows:
             raise ValueError(f"{name} must be [S, T] = {rows}, got {tuple(value.shape)}")
         if value.device != logits3.device:

@@ -159,7 +159,7 @@ def prepare(
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size", low=1)
     compiling = torch.compiler.is_compiling()
-    name = resolve_backend(hidden.device.type, backend, traced=compiling)
+    name = resolve_backend(hidden.device.type, backend, traced=compiling, float64=hidden.dtype is torch.float64)
     if name == "triton" and hidden.dtype not in TRITON_LOGITS_DTYPES:
         raise TypeError(
             f"hidden must be float32, bfloat16 or float16 on the Triton backend, got {hidden.dtype} "
@@ -234,7 +234,7 @@ class TokenValues(NamedTuple):
     values: torch.Tensor  # float32 [6, R]
     valid: torch.Tensor  # bool [R]
     spoiled: torch.Tensor  # bool [R]: a counted row whose statistics are invalid (non-finite row, bad label)
-    lse: torch.Tensor | None  # float32 [R]
+    lse: torch.Tensor | None  # float64 [R] (the backward needs it past float32's precision)
 
 
 class _Grads(NamedTuple):
@@ -361,7 +361,7 @@ def run_chunks(
             values=torch.zeros((_NUM_FIELDS, count_rows), dtype=torch.float32, device=device),
             valid=torch.zeros((count_rows,), dtype=torch.bool, device=device),
             spoiled=torch.zeros((count_rows,), dtype=torch.bool, device=device),
-            lse=torch.zeros((count_rows,), dtype=torch.float32, device=device) if (keep_lse or with_grad) else None,
+            lse=torch.zeros((count_rows,), dtype=torch.float64, device=device) if (keep_lse or with_grad) else None,
         )
         lse = tokens.lse
     kernels = _CHUNK_KERNELS[rows.backend](config, count_rows, chunk)

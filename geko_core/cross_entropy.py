@@ -301,10 +301,12 @@ def cross_entropy_with_stats(
       (1 / inclusion probability) it is the unbiased InfoBatch-style estimate; weights are
       not renormalised. No valid token in the batch gives NaN, as torch does.
 
-    A NaN or inf logit in a valid token's row makes that sample's loss NaN on the fused
-    (C++/Triton) paths, so a mean or sum is NaN too, and marks the sample invalid in the
-    statistics. This differs from ``F.cross_entropy`` for ``-inf`` logits (masked classes),
-    which torch handles as probability 0: mask with a large negative finite value instead.
+    A NaN or ``+inf`` logit (or only ``-inf`` logits) in a valid token's row makes that
+    sample's loss NaN on the fused (C++/Triton) paths, so a mean or sum is NaN too, and marks
+    the sample invalid in the statistics. Other ``-inf`` logits (masked classes) are
+    probability 0, as in ``F.cross_entropy``: a ``-inf`` label logit gives loss ``+inf``.
+    Float64 logits are computed in float64 on the reference path, to which the default
+    backend sends them (gradcheck passes).
 
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64 (float64 not

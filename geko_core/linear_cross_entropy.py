@@ -147,7 +147,7 @@ def _linear_token_forward_fake(hidden2, weight, bias, label_rows, ignore_index, 
         torch.empty((6, rows), dtype=torch.float32, device=device),
         torch.empty((rows,), dtype=torch.bool, device=device),
         torch.empty((rows,), dtype=torch.bool, device=device),
-        torch.empty((rows,), dtype=torch.float32, device=device),
+        torch.empty((rows,), dtype=torch.float64, device=device),
     )
 
 
@@ -317,9 +317,10 @@ def linear_cross_entropy_with_stats(
         flow to ``hidden``, ``weight`` and ``bias`` in their dtype (16-bit inputs accumulate the weight and bias gradients over
         the chunks in float32). ``stats`` is a detached ``SampleStats``.
 
-        On the fused paths a NaN or inf logit in a valid token's row (``-inf`` included, e.g.
-        a masked class) makes that sample's loss NaN and the sample invalid, as in
-        ``cross_entropy_with_stats``. With ``"mean"``/``"sum"`` the gradients are computed
+        On the fused paths a NaN or ``+inf`` logit (or only ``-inf`` logits) in a valid
+        token's row makes that sample's loss NaN and the sample invalid, as in
+        ``cross_entropy_with_stats``; other ``-inf`` logits (e.g. a bias masking classes) are
+        probability 0, as in torch. Float64 inputs run on the reference path. With ``"mean"``/``"sum"`` the gradients are computed
         in the forward and handed out by the first backward; a second backward through the
         same loss (``retain_graph=True``) raises RuntimeError.
 

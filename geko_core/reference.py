@@ -38,10 +38,13 @@ def token_stats_reference(
 ) -> tuple[TokenStats, torch.Tensor]:
     """Token statistics of ``[S, T, V]`` logits and ``[S, T]`` labels.
 
+    ``-inf`` logits (a masked vocabulary) are probability 0, as in ``F.cross_entropy``: a
+    ``-inf`` label logit gives loss ``+inf`` and label probability 0.
+
     Returns:
         (TokenStats, good): ``good`` is bool ``[S, T]``, False where the token's row holds a
-        NaN or infinite logit or its label is out of range (not ignore_index, not in [0, V)).
-        Such a token has ``valid == False`` and makes its sample invalid.
+        NaN or ``+inf`` logit, or only ``-inf`` logits, or its label is out of range (not
+        ignore_index, not in [0, V)). Such a token makes its sample invalid.
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(compute_dtype)
@@ -51,7 +54,8 @@ def token_stats_reference(
     counted = labels != ignore_index
     valid = counted & in_range
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    good = torch.isfinite(x).all(dim=-1) & (in_range | ~counted)
+    # x < inf is False for NaN and +inf; a row of -inf only has no softmax (NaN in torch).
+    good = (x < float("inf")).all(dim=-1) & (x > float("-inf")).any(dim=-1) & (in_range | ~counted)
 
     lse = torch.logsumexp(x, dim=-1)
     x_label = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
@@ -60,7 +64,8 @@ def token_stats_reference(
     confidence = probs.amax(dim=-1)
     label_prob = torch.exp(x_label - lse)
     correct = (x.argmax(dim=-1) == safe_labels).to(compute_dtype)  # argmax: first maximal index
-    entropy = lse - (probs * x).sum(dim=-1)
+    # p x with p = 0 for -inf logits is 0 (not 0 * -inf = NaN)
+    entropy = lse - torch.where(probs > 0, probs * x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=-1)
     # ||p - onehot(y)||^2 = (1 - p_y)^2 + sum_{j != y} p_j^2, with 1 - p_y summed from the
     # other classes: the textbook form sum p^2 - 2 p_y + 1 cancels catastrophically when p_y -> 1.
     others = probs.scatter(-1, safe_labels.unsqueeze(-1), 0.0)

@@ -12,10 +12,12 @@ CUDA tensors, the compiled OpenMP kernels for CPU tensors, the torch reference o
 registered here. Discrete outputs (``valid_tokens``, ``correct``, ``bucket`` and invalidity)
 are identical on every path; the float outputs agree with the reference to about 1e-5
 relative for float32 logits (float32 accumulation). Low-precision logits (bfloat16, float16)
-are read as they are and accumulated in float32 everywhere. Float64 logits are exact on the
-reference path; the C++ path computes them in float32 (a float64 value beyond the float32
-range therefore reads as infinite and invalidates its sample); the Triton kernels do not
-read them (TypeError).
+are read as they are and accumulated in float32 everywhere. Float64 logits are computed in
+float64, on the reference path: ``_backend.resolve_backend`` sends them there from the
+default and ``"cpp"`` backends (the compiled kernels accumulate in float32); the Triton
+kernels do not read them (TypeError). ``-inf`` logits (a masked vocabulary) are probability
+0 on every path, as in torch; a NaN or ``+inf`` logit, or a row of ``-inf`` only, makes the
+token's sample invalid.
 
 The operator's statistics are measurements: they are marked non-differentiable. Its token
 losses (row 0 of ``token_values`` with ``write_lse``) are differentiable once
@@ -61,7 +63,7 @@ class ForwardBlocks(NamedTuple):
     bucket: torch.Tensor  # int8 [S]
     token_values: torch.Tensor  # float32 [K, S, T]: K = 6 with per-token values, 1 (the loss) with write_lse, else 0
     token_valid: torch.Tensor  # bool [S, T'] (T' = T with per-token values, else 0)
-    lse: torch.Tensor  # float32 [S, T] with write_lse, else [0, 0]
+    lse: torch.Tensor  # float64 [S, T] with write_lse, else [0, 0] (see _cross_entropy_kernels)
 
 
 def token_rows(per_token: bool, write_lse: bool) -> int:
@@ -93,7 +95,7 @@ def forward_blocks_cpp(
     bucket = torch.empty(samples, dtype=torch.int8)
     token_values = torch.empty((token_rows(per_token, write_lse), samples, tokens), dtype=torch.float32)
     token_valid = torch.empty((samples, tokens if per_token else 0), dtype=torch.bool)
-    lse = torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float32)
+    lse = torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float64)
     # Whole blocks, one capsule each (the binding addresses the rows itself).
     token_capsules = None
     if per_token or write_lse:
@@ -154,8 +156,9 @@ def sample_stats_triton(
     Returns:
         SampleStats on the logits' device: float32 fields ``[S]`` (NaN for invalid samples),
         int32 ``valid_tokens``, int8 ``bucket`` (-1 for invalid samples). A sample is invalid
-        when it has no valid token, a counted token whose label is out of range, or a
-        non-finite logit in a counted token's row.
+        when it has no valid token, a counted token whose label is out of range, or a NaN or
+        ``+inf`` logit (or only ``-inf`` logits) in a counted token's row; other ``-inf``
+        logits are probability 0.
 
     Raises:
         TypeError, ValueError: see ``check_triton_inputs``; a config that is not a GekoConfig.
@@ -206,7 +209,7 @@ def stats_forward_triton(logits3, labels3, ignore_index, config, per_token, writ
     token_values = token_values[:count].clone() if count else torch.empty((0, samples, tokens), dtype=torch.float32, device=device)
     token_valid = token_valid.clone() if per_token else torch.empty((samples, 0), dtype=torch.bool, device=device)
     if lse is None:
-        lse = torch.empty((0, 0), dtype=torch.float32, device=device)
+        lse = torch.empty((0, 0), dtype=torch.float64, device=device)
     return sample_values, valid_tokens, bucket, token_values, token_valid, lse
 
 
@@ -220,7 +223,7 @@ def _stats_forward_fake(logits3, labels3, ignore_index, config, per_token, write
         torch.empty((samples,), dtype=torch.int8, device=logits3.device),
         torch.empty((token_rows(per_token, write_lse), samples, tokens), **f32),
         torch.empty((samples, tokens if per_token else 0), dtype=torch.bool, device=logits3.device),
-        torch.empty((samples, tokens) if write_lse else (0, 0), **f32),
+        torch.empty((samples, tokens) if write_lse else (0, 0), dtype=torch.float64, device=logits3.device),
     )
 
 
@@ -283,11 +286,13 @@ def _tokens_op(logits3, labels3, *, ignore_index, config, write_lse):
     valid = blocks.token_valid
     counted = labels3 != ignore_index
     vocab = logits3.shape[-1]
-    bad = (valid & ~torch.isfinite(blocks.token_values[0].detach())) | (counted & ((labels3 < 0) | (labels3 >= vocab)))
+    # A row that invalidates its sample (NaN or +inf, or -inf only) has a NaN loss on every
+    # kernel; a -inf label logit gives +inf, a valid token.
+    bad = (valid & torch.isnan(blocks.token_values[0].detach())) | (counted & ((labels3 < 0) | (labels3 >= vocab)))
     if logits3.device.type != "cpu":
-        # The GPU kernel keeps a finite loss for a row with -inf logits, which still
-        # invalidates its sample: ask the logits (one more read, compiled paths only).
-        bad = bad | (valid & ~torch.isfinite(logits3).all(dim=-1))
+        # The same rule from the logits themselves (one more read, compiled GPU paths only).
+        usable = (logits3 < float("inf")).all(dim=-1) & (logits3 > float("-inf")).any(dim=-1)
+        bad = bad | (valid & ~usable)
     return blocks.token_values, valid, bad, blocks.lse if write_lse else None
 
 
@@ -377,8 +382,10 @@ def sample_stats(
 
     Returns:
         SampleStats with one entry per sample (``S = N`` or ``B``; ``K`` with segments). A sample with no valid
-        token, or whose counted tokens include a row with a NaN/inf logit (or, on the GPU, a
-        label out of range), is invalid: NaN floats, bucket ``BUCKET_INVALID``.
+        token, or whose counted tokens include a row with a NaN or ``+inf`` logit or only ``-inf``
+        logits (or, on the GPU, a label out of range), is invalid: NaN floats, bucket
+        ``BUCKET_INVALID``. Other ``-inf`` logits (a masked vocabulary) are probability 0, as in
+        torch: a ``-inf`` label logit gives loss ``+inf`` and label probability 0.
         ``valid_tokens`` still counts its tokens with an in-range label. In the per-token
         output, tokens that do not count are 0 (``valid`` False); on the C++ path a counted
         token with a non-finite row is NaN in every float field.

@@ -92,14 +92,15 @@ class CompileReport:
         return self.spill_stores + self.spill_loads
 
 
-def _stats_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
+def _stats_signature(dtype: str, index: str, write_lse: bool) -> tuple[tuple[str, str], ...]:
+    # (the launcher passes the float32 token block as the unused lse pointer without WRITE_LSE)
     return (
         ("logits_ptr", f"*{dtype}"),
         ("labels_ptr", "*i64"),
         ("token_ptr", "*fp32"),
         ("valid_ptr", "*i8"),
         ("bad_ptr", "*i8"),
-        ("lse_ptr", "*fp32"),
+        ("lse_ptr", "*fp64" if write_lse else "*fp32"),
         ("T", "i32"),
         ("V", "i32"),
         ("stride_ls", index),
@@ -117,7 +118,7 @@ def _backward_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
     return (
         ("logits_ptr", f"*{dtype}"),
         ("labels_ptr", "*i64"),
-        ("lse_ptr", "*fp32"),
+        ("lse_ptr", "*fp64"),
         ("scale_ptr", "*fp32"),
         ("grad_ptr", f"*{dtype}"),
         ("T", "i32"),
@@ -286,7 +287,7 @@ def kernel_variants() -> list[KernelVariant]:
                 KernelVariant(
                     "_sample_stats_kernel",
                     dtype,
-                    _stats_signature(dtype, "i32"),
+                    _stats_signature(dtype, "i32", write_lse),
                     (("BLOCK_V", large_block), ("WRITE_LSE", write_lse)),
                     large_warps,
                     stats_aligned,
@@ -296,7 +297,7 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant(
             "_sample_stats_kernel",
             "bf16",
-            _stats_signature("bf16", "i64"),
+            _stats_signature("bf16", "i64", True),
             (("BLOCK_V", large_block), ("WRITE_LSE", True)),
             large_warps,
             stats_aligned,
@@ -306,7 +307,7 @@ def kernel_variants() -> list[KernelVariant]:
         KernelVariant(
             "_sample_stats_kernel",
             "bf16",
-            _stats_signature("bf16", "i32"),
+            _stats_signature("bf16", "i32", True),
             (("BLOCK_V", large_block), ("WRITE_LSE", True)),
             large_warps,
             ("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr"),
@@ -318,7 +319,7 @@ def kernel_variants() -> list[KernelVariant]:
             KernelVariant(
                 "_sample_stats_kernel",
                 "bf16",
-                _stats_signature("bf16", "i32"),
+                _stats_signature("bf16", "i32", False),
                 (("BLOCK_V", block), ("WRITE_LSE", False)),
                 warps,
                 stats_aligned,

@@ -23,7 +23,7 @@ __all__ = ["launch_cross_entropy_backward"]
 def _cross_entropy_backward_kernel(
     logits_ptr,  # [S, T, V] fp32/bf16/fp16, stride along V == 1
     labels_ptr,  # [S, T] int64 (or int32)
-    lse_ptr,  # fp32 [S, T] from the forward
+    lse_ptr,  # fp64 [S, T] from the forward
     scale_ptr,  # fp32 [S, T]: d(total loss) / d(token loss)
     grad_ptr,  # [S, T, V] logits dtype, stride along V == 1; may alias logits_ptr
     T,
@@ -51,6 +51,11 @@ def _cross_entropy_backward_kernel(
     label = tl.load(labels_ptr + s * stride_ys + t * stride_yt).to(tl.int64)
     valid = (label != ignore_index) & (label >= 0) & (label < V)
     lse = tl.load(lse_ptr + s * stride_lse_s + t * stride_lse_t)
+    # lse as a float32 pair hi + lo: (x - hi) - lo is x - lse to float32 precision however
+    # large the logits (x - hi is exact near the max, where the probabilities are not small);
+    # a float32 lse alone is off by up to half its ulp, a relative error of exp(x - lse).
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     scale = tl.load(scale_ptr + s * stride_scale_s + t * stride_scale_t)
     row_ptr = logits_ptr + s * stride_ls + t * stride_lt
     grad_row_ptr = grad_ptr + s * stride_gs + t * stride_gt
@@ -63,7 +68,7 @@ def _cross_entropy_backward_kernel(
         cols = start + offsets
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=cols < read_limit, other=0.0).to(tl.float32)
-        prob = tl.exp(x - lse)
+        prob = tl.exp((x - lse_hi) - lse_lo)  # 0 for -inf logits (masked classes)
         grad = (prob - tl.where(cols == label, 1.0, 0.0)) * scale
         grad = tl.where(valid, grad, 0.0)
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -82,7 +87,7 @@ def launch_cross_entropy_backward(
     ``grad`` (zero rows for tokens that are not valid) and return it.
 
     Inputs as the caller checked them: ``[S, T, V]`` logits with stride 1 along V, ``[S, T]``
-    labels, float32 ``[S, T]`` ``lse`` and ``token_scale``, ``grad`` ``[S, T, V]`` in the
+    labels, float64 ``[S, T]`` ``lse``, float32 ``[S, T]`` ``token_scale``, ``grad`` ``[S, T, V]`` in the
     logits' dtype with stride 1 along V and rows that do not overlap (it may be
     ``logits3`` itself: each tile is read before it is written).
     """

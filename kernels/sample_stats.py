@@ -45,8 +45,8 @@ def _sample_stats_kernel(
     labels_ptr,  # [S, T] int64 (or int32), any strides
     token_ptr,  # fp32 [6, S, T] contiguous: loss, confidence, label_prob, correct, entropy, el2n
     valid_ptr,  # int8 [S, T]: label != ignore_index and 0 <= label < V
-    bad_ptr,  # int8 [S, T]: counted token with an out-of-range label or a non-finite logit
-    lse_ptr,  # fp32 [S, T] contiguous, written when WRITE_LSE
+    bad_ptr,  # int8 [S, T]: counted token with an out-of-range label, a NaN or +inf logit, or only -inf
+    lse_ptr,  # fp64 [S, T] contiguous, written when WRITE_LSE
     T,
     V,
     stride_ls,
@@ -95,8 +95,9 @@ def _sample_stats_kernel(
         cols = start + offsets
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        # |x| < inf is false for NaN and +-inf
-        n_nonfinite += tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+        # x < inf is false for NaN and +inf; -inf logits (a masked vocabulary) are probability
+        # 0, as in torch
+        n_nonfinite += tl.sum((mask & ~(x < float("inf"))).to(tl.int32), axis=0)
         # tie_break_left: the lowest index among equal maxima, like torch.argmax
         tile_max, tile_arg = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
         # strict >: on a tie across tiles the earlier tile keeps the argmax
@@ -117,7 +118,8 @@ def _sample_stats_kernel(
         m = m_new
         shift = shift_new
 
-    # 3. token statistics (NaN/inf rows give NaN/inf, as torch's cross-entropy does)
+    # 3. token statistics (NaN/+inf rows give NaN/inf, as torch's cross-entropy does; a -inf
+    #    label logit gives loss +inf and label_prob 0, as torch)
     e_label = tl.exp(x_label - shift)
     d = sum_other + e_label
     log_d = tl.log(d)
@@ -129,7 +131,7 @@ def _sample_stats_kernel(
     sum_ex = sum_ex_other + e_label * tl.where(e_label > 0.0, x_label - shift, 0.0)
     entropy = log_d - sum_ex / d
     el2n = tl.sqrt(sum_other * sum_other + sum_other_sq) / d
-    bad = counted & ((~in_range) | (n_nonfinite > 0))
+    bad = counted & ((~in_range) | (n_nonfinite > 0) | (m == -float("inf")))
 
     # 4. write O(1) values per token; tokens that are not valid read as 0
     out = token_ptr + row
@@ -142,7 +144,9 @@ def _sample_stats_kernel(
     tl.store(valid_ptr + row, valid.to(tl.int8))
     tl.store(bad_ptr + row, bad.to(tl.int8))
     if WRITE_LSE:
-        tl.store(lse_ptr + row, lse)
+        # in float64: the backward's exp(x - lse) needs lse to better than float32's half ulp
+        # (5e-4 at |x| = 1e4); shift is a logit, log_d a float32 in [0, log V]
+        tl.store(lse_ptr + row, shift.to(tl.float64) + log_d.to(tl.float64))
 
 
 @triton.jit
@@ -261,8 +265,8 @@ def launch_token_stats(
         (token_values, valid, bad, lse): fp32 ``[6, S, T]`` (loss, confidence, label_prob,
         correct, entropy, el2n; 0 for tokens that are not valid), bool ``[S, T]`` valid
         tokens, bool ``[S, T]`` counted tokens whose label is out of range or whose row holds
-        a non-finite logit (they invalidate their sample), fp32 ``[S, T]`` log-sum-exp when
-        ``write_lse`` else None.
+        a NaN or +inf logit, or only -inf logits (they invalidate their sample), fp64 ``[S, T]``
+        log-sum-exp when ``write_lse`` else None.
     """
     num_samples, seq_len, vocab = logits3.shape
     num_tokens = num_samples * seq_len
@@ -272,7 +276,7 @@ def launch_token_stats(
     # int8 0/1 so that valid can be viewed as bool without a copy
     token_valid = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
     token_bad = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
-    lse = torch.empty((num_samples, seq_len), dtype=torch.float32, device=device) if write_lse else None
+    lse = torch.empty((num_samples, seq_len), dtype=torch.float64, device=device) if write_lse else None
     if num_tokens > 0:
         block_v, num_warps = stats_launch_config(vocab)
         with _device_guard(device):

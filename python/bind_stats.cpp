@@ -147,7 +147,7 @@ void stats_forward(const py::object& logits, const py::object& labels, int64_t i
       tokens.valid = reinterpret_cast<uint8_t*>(checked_buffer(valid, Kind::kBool, token_shape, "token valid"));
   }
   if (!lse_out.is_none())
-    tokens.lse = reinterpret_cast<float*>(checked_buffer(lse_out, Kind::kFloat32, token_shape, "lse"));
+    tokens.lse = reinterpret_cast<double*>(checked_buffer(lse_out, Kind::kFloat64, token_shape, "lse"));
 
   py::gil_scoped_release release;
   sample_stats_cpu(in.logits, in.labels, ignore_index, config, out, tokens);
@@ -191,7 +191,7 @@ void ce_backward(const py::object& logits, const py::object& labels, const py::o
   const int64_t S = in.logits.samples;
   const int64_t T = in.logits.tokens;
   const std::vector<int64_t> token_shape{S, T};
-  const float* lse_data = reinterpret_cast<const float*>(checked_buffer(lse, Kind::kFloat32, token_shape, "lse"));
+  const double* lse_data = reinterpret_cast<const double*>(checked_buffer(lse, Kind::kFloat64, token_shape, "lse"));
   // token_scale: [S, T], or [S] (one scale per sample, the usual case) widened here;
   // times scale_factor (the reduction's common factor, so callers need no tensor op for it).
   std::vector<float> widened;
@@ -271,9 +271,9 @@ py::tuple loss_forward(const py::object& logits, const py::object& labels, int64
   out.valid_tokens = reinterpret_cast<int32_t*>(checked_buffer(valid_out, Kind::kInt32, {S}, "valid_tokens"));
   out.bucket = reinterpret_cast<int8_t*>(checked_buffer(bucket_out, Kind::kInt8, {S}, "bucket"));
   TokenStatsOutput tokens;
-  std::vector<float> lse_scratch;
+  std::vector<double> lse_scratch;
   if (!lse_out.is_none()) {
-    tokens.lse = reinterpret_cast<float*>(checked_buffer(lse_out, Kind::kFloat32, {S, T}, "lse"));
+    tokens.lse = reinterpret_cast<double*>(checked_buffer(lse_out, Kind::kFloat64, {S, T}, "lse"));
   } else if (!grad_out.is_none()) {
     lse_scratch.resize(static_cast<size_t>(S * T));
     tokens.lse = lse_scratch.data();
@@ -339,12 +339,12 @@ void bind_stats(py::module_& m) {
         "Writes the 8 per-sample outputs (float32 x6, int32 valid_tokens, int8 bucket; each [S]; or 3:\n"
         "a float32 [6, S] block of the six floats, valid_tokens, bucket), optionally the per-token\n"
         "outputs (7: float32 x6, bool valid; [S, T], entries may be None; or 2: a float32 [K, S, T]\n"
-        "block of the first K fields, valid or None) and the per-token log-sum-exp (float32 [S, T]).\n"
+        "block of the first K fields, valid or None) and the per-token log-sum-exp (float64 [S, T]).\n"
         "Releases the GIL.");
   m.def("cross_entropy_backward", &ce_backward, py::arg("logits"), py::arg("labels"), py::arg("lse"),
         py::arg("token_scale"), py::arg("grad"), py::arg("ignore_index"), py::arg("scale_factor") = 1.0f,
         "grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid\n"
-        "tokens; token_scale is float32 [S, T] or [S] (one scale per sample).\n\n"
+        "tokens; lse is the forward's float64 [S, T]; token_scale is float32 [S, T] or [S] (one scale per sample).\n\n"
         "grad=None writes the gradient into the logits storage. Releases the GIL.");
   m.def("loss_forward", &loss_forward, py::arg("logits"), py::arg("labels"), py::arg("ignore_index"), py::arg("config"),
         py::arg("weight"), py::arg("reduction"), py::arg("values_out"), py::arg("valid_out"), py::arg("bucket_out"),
@@ -352,7 +352,7 @@ void bind_stats(py::module_& m) {
         "The fused loss's CPU forward in one call: label check, statistics (float32 [6, S] block, int32\n"
         "valid_tokens, int8 bucket), the reduction ('sum' or 'mean') of the token losses weighted per\n"
         "sample (float32 [S] or None), and either the loss's gradient (grad_out: the logits' dtype and\n"
-        "shape) or the per-token log-sum-exp a later cross_entropy_backward reads (lse_out: float32\n"
+        "shape) or the per-token log-sum-exp a later cross_entropy_backward reads (lse_out: float64\n"
         "[S, T]); each may be None.\n\n"
         "Returns (bad, loss, valid_total): bad is the flat s * T + t of the first label neither\n"
         "ignore_index nor in [0, V) (then nothing is written), else -1. Releases the GIL.");

@@ -164,7 +164,7 @@ def test_shift_scores_each_token_against_the_next_label(backend, check_stats, dt
 # The Triton interpreter runs the kernels in numpy, which warns about inf - inf and overflows.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])  # -inf is probability 0: tests/test_numerics.py
 @pytest.mark.parametrize("dtype", LOW_AND_SINGLE_PRECISION, ids=dtype_id)
 def test_non_finite_logit_invalidates_only_its_sample(backend, check_stats, bad, dtype):
     logits, labels = make_inputs((3, 4, 37), dtype)
@@ -183,14 +183,14 @@ def test_non_finite_logit_invalidates_only_its_sample(backend, check_stats, bad,
 def test_huge_finite_values_and_masked_vocabulary(backend, check_stats):
     logits, labels = make_inputs((4, 1001))
     logits[0, 100] = float("nan")
-    logits[1, 16] = float("-inf")
+    logits[1, 16] = float("-inf")  # a masked class: probability 0
     logits[2, 500:] = -1e30  # masked vocabulary: finite, contributes nothing
     labels[2] = 3
     logits[3, 0] = 3e38
     logits[3, 1] = -3e38
     got = sample_stats(logits, labels, backend=backend)
     check_stats(got, logits, labels)
-    assert got.valid.tolist() == [False, False, True, True]
+    assert got.valid.tolist() == [False, True, True, True]
 
 
 def test_argmax_ties_take_the_lowest_index(backend, check_stats):

@@ -59,7 +59,7 @@ from hypothesis import strategies as st  # noqa: E402
 from geko_core import sample_stats  # noqa: E402
 from geko_core.cross_entropy import _loss_and_stats  # noqa: E402
 
-HOST_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HOST_DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # float64 runs on the reference: tests/test_numerics.py
 HOST_TOL = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # the kernels compute in fp32
 
 
@@ -243,7 +243,7 @@ def test_compiled_loss_forward_gradient_equals_its_backward():
         return np.empty((6, n), np.float32), np.empty(n, np.int32), np.empty(n, np.int8)
 
     values, valid, bucket = buffers()
-    lse = np.empty((n, 3), np.float32)
+    lse = np.empty((n, 3), np.float64)
     args = (to_dlpack(logits), to_dlpack(labels), -100, config, to_dlpack(weight), "mean")
     _, loss_a, total = core.loss_forward(*args, values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), lse.__dlpack__(), None)
     expected = torch.empty_like(logits)

@@ -48,8 +48,10 @@ struct SampleStatsOutput {
 
 // Per-token outputs, each contiguous [S, T]; any may be null (not written).
 // Tokens that are not valid (ignored or out-of-range label) get 0 everywhere
-// (valid = 0, lse = 0). A valid token whose row holds a NaN/inf logit gets NaN
-// in every float field (its sample is invalid).
+// (valid = 0, lse = 0). A valid token whose row holds a NaN or +inf logit, or only -inf
+// logits, gets NaN in every float field (its sample is invalid); -inf logits (a masked
+// vocabulary) are otherwise probability 0, as in torch (a -inf label logit: loss +inf).
+// lse is double: the backward reads it to float precision whatever the logits' magnitude.
 struct TokenStatsOutput {
   float* loss = nullptr;
   float* confidence = nullptr;
@@ -58,7 +60,7 @@ struct TokenStatsOutput {
   float* entropy = nullptr;
   float* el2n = nullptr;
   uint8_t* valid = nullptr;
-  float* lse = nullptr;
+  double* lse = nullptr;
 };
 
 // One pass over the logits: token statistics, their per-sample means over valid
@@ -70,10 +72,10 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
                       const Config& config, const SampleStatsOutput& out, const TokenStatsOutput& tokens);
 
 // grad[s, t, :] = (softmax(x[s, t, :]) - onehot(y[s, t])) * token_scale[s, t] for valid
-// tokens, 0 for the others, written in the logits' dtype. `lse` and `token_scale` are
-// contiguous [S, T] float32; `grad` has the logits' shape and dtype, last stride 1, and
+// tokens, 0 for the others, written in the logits' dtype. `lse` (double) and `token_scale`
+// (float) are contiguous [S, T]; `grad` has the logits' shape and dtype, last stride 1, and
 // may be the logits storage itself (in place: each element is read before it is written).
-void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const float* lse,
+void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const double* lse,
                                 const float* token_scale, int64_t ignore_index, void* grad,
                                 int64_t grad_sample_stride, int64_t grad_token_stride);
 
