@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - the Triton cases skip
 LOSS_PATHS = [
     pytest.param(None, {}, id="cpp-one-call"),
     pytest.param("cpp", {"per_token": True}, id="cpp-per-token"),
-    pytest.param("cpp", {"reduction": "none"}, id="cpp-none"),
+    pytest.param("cpp", {"reduction": "per_sample"}, id="cpp-per-sample"),
     pytest.param("triton", {}, id="triton", marks=pytest.mark.skipif(not triton_available, reason="no triton")),
     pytest.param("reference", {}, id="reference"),
 ]
@@ -55,7 +55,7 @@ def _batch(shape, dtype=torch.float32, *, scale=3.0, seed=0, ignore_every=5):
 
 def _torch_loss_and_grad(logits, labels, reduction, upstream=None):
     """F.cross_entropy in the logits' own dtype (what a user would compare against) and its
-    gradient; ``reduction`` "none" is per sample: the mean over the sample's valid tokens."""
+    gradient; ``reduction`` "per_sample": the mean over the sample's valid tokens."""
     valid = labels != -100
     # (an ignored token's row does not count: zeros, since torch's gradient of an ignored row of
     # -inf only is 0 * NaN)
@@ -103,7 +103,7 @@ def test_float64_runs_on_the_float64_path():
     torch.testing.assert_close(loss, expected, rtol=1e-15, atol=1e-15)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "per_sample"])
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_gradcheck_float64_default_backend(reduction, shift, weighted):
@@ -122,7 +122,7 @@ def test_gradcheck_float64_default_backend(reduction, shift, weighted):
     assert torch.autograd.gradcheck(lambda x: cross_entropy_with_stats(x, flat_labels, reduction=reduction)[0], (flat,))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "per_sample"])
 @pytest.mark.parametrize("shift", [False, True])
 def test_gradcheck_float64_linear_loss_default_backend(reduction, shift):
     hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
@@ -188,7 +188,7 @@ def test_large_logit_gradients_as_accurate_as_torch(backend, options, dtype, sca
     # half an ulp of lse (|x| 6e-8) relative in every probability; torch computes from x - max.
     vocab = 96 if backend == "triton" else 1000
     logits, labels = _batch((2, 4, vocab), dtype, scale=scale / 3, ignore_every=3)
-    upstream = torch.tensor([0.75, -1.5]) if options.get("reduction") == "none" else None
+    upstream = torch.tensor([0.75, -1.5]) if options.get("reduction") == "per_sample" else None
     reduction = options.get("reduction", "sum")
     _, exact = _torch_loss_and_grad(logits.double(), labels, reduction, upstream)
     _, torch_grad = _torch_loss_and_grad(logits, labels, reduction, upstream)
@@ -251,7 +251,7 @@ def _masked_batch(dtype, vocab=37):
 @pytest.mark.parametrize("vocab", [9, 37, 300])
 def test_minus_inf_logits_are_probability_zero(backend, options, dtype, vocab, check_stats):
     logits, labels = _masked_batch(dtype, vocab)
-    upstream = torch.tensor([0.5, 1.0, 2.0]) if options.get("reduction") == "none" else None
+    upstream = torch.tensor([0.5, 1.0, 2.0]) if options.get("reduction") == "per_sample" else None
     loss, grad, stats, reduction = _our_loss_and_grad(logits, labels, backend, options, upstream)
     want_loss, want_grad = _torch_loss_and_grad(logits.double(), labels, reduction, upstream)
     assert math.isinf(float(want_loss.sum())) and want_loss.sum() > 0  # torch: the -inf label logit
