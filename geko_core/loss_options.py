@@ -4,7 +4,8 @@ class weights) and their torch reference, written once.
 Every backend of every loss computes, for a token with logits ``x`` (``[V]``) and label ``y``:
 
 * ``u = x / temperature``; ``z = softcap * tanh(u / softcap)`` when ``softcap`` is set, else
-  ``z = u``: the logits the model's distribution is ``softmax(z)`` of;
+  ``z = u``: the logits the model's distribution is ``softmax(z)`` of. A ``-inf`` logit (a
+  masked vocabulary entry) stays ``-inf`` under soft-capping: probability 0, not ``-softcap``;
 * ``lse = logsumexp(z)``, ``logp = z - lse``;
 * the token loss ``l = w_y (1 - eps) (-logp_y) + (eps / V) sum_j w_j (-logp_j) + zeta lse^2``,
   where ``eps`` is ``label_smoothing``, ``zeta`` is ``z_loss`` and ``w`` the class weights
@@ -12,6 +13,10 @@ Every backend of every loss computes, for a token with logits ``x`` (``[V]``) an
 * the token's weight ``w_y``: a ``"mean"`` reduction divides the sum of the token losses by the
   sum of the counted tokens' weights (their number without class weights), as
   ``F.cross_entropy`` does with ``weight=`` and ``label_smoothing=``.
+
+The per-sample statistics (confidence, correctness, entropy, el2n, and their ``loss``, the
+plain ``-logp_y``) describe ``softmax(z)`` and the label: the options change what is trained
+on, the statistics stay a measure of the model's distribution.
 
 With every option at its default the loss is the plain cross-entropy of ``x``. Without class
 weights, label smoothing is ``F.cross_entropy``'s and z-loss is PaLM's ``zeta * lse^2`` (the
@@ -115,7 +120,8 @@ def transformed_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tens
     if options.temperature != 1.0:
         z = z / options.temperature
     if options.softcap is not None:
-        z = options.softcap * torch.tanh(z / options.softcap)
+        capped = options.softcap * torch.tanh(z / options.softcap)
+        z = torch.where(torch.isneginf(z), z, capped)  # a masked entry keeps probability 0
     return z
 
 

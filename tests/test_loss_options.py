@@ -88,3 +88,15 @@ def test_gradient_is_the_documented_closed_form() -> None:
 def test_bad_options_are_refused(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         check_loss_options(vocab=V, **kwargs)
+
+
+def test_masked_logits_stay_masked_under_softcap() -> None:
+    x, y, _ = _inputs(3)
+    x[:, 5] = float("-inf")
+    y[y == 5] = 0
+    options = LossOptions(softcap=2.0)
+    loss, lse, _ = options_token_loss_reference(x, y, options)
+    z = 2.0 * torch.tanh(x / 2.0)
+    z[:, 5] = float("-inf")
+    torch.testing.assert_close(loss, F.cross_entropy(z, y, reduction="none"), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(loss).all()
