@@ -287,6 +287,9 @@ def test_policies_and_budget():
     assert len(subset.choose(0, 1000)) == 30 and len(subset.choose(1, 10)) == 0
     assert make_policy("dynamic", 10, 0, epochs=1).filter_zero_variance is True
     assert make_policy("greso", 10, 0, epochs=1).filter_zero_variance is False
+    for name in ("greso", "geko", "gainrl", "random_subset", "dynamic"):
+        assert make_policy(name, 10, 0, epochs=1, fill=True).filter_zero_variance is True
+    assert make_policy("full", 10, 0, epochs=1, fill=True).filter_zero_variance is False  # plain GRPO either way
     with pytest.raises(ValueError, match="unknown RL policy"):
         make_policy("nope", 10, 0, epochs=1)
     with pytest.raises(ValueError, match="budget"):
@@ -299,15 +302,15 @@ def test_selector_policy_feeds_observe_rewards_and_trains_keep():
     are the zero-variance ones."""
     cfg = SCALES["smoke"]
     data = load_data(cfg)
-    for name in ("greso", "dynamic", "geko"):
+    for name, fill in (("greso", False), ("dynamic", False), ("geko", False), ("greso", True)):
         model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
         model.load_state_dict(warm_start(cfg, 0))
-        policy = make_policy(name, len(data.train), 0, epochs=cfg.epochs)
+        policy = make_policy(name, len(data.train), 0, epochs=cfg.epochs, fill=fill)
         counters, _ = grpo_train(model, data, policy, cfg, 0)
         m = policy.selector.metrics()
         assert m["rollouts"] == counters.rollouts and m["rollout_tokens"] == counters.rollout_tokens
         assert m["zero_variance_prompts"] == counters.zero_variance_groups and m["prompts"] == counters.groups
-        if name == "dynamic":
+        if name == "dynamic" or fill:
             assert counters.dropped_groups == counters.zero_variance_groups
         else:
             assert counters.dropped_groups == 0

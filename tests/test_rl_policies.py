@@ -55,6 +55,16 @@ def test_names_resolve_per_signal():
     assert make_policy("geko").signal == "logits"
 
 
+@pytest.mark.parametrize("name", ["greso", "geko", "gainrl", "random_subset"])
+def test_filter_groups_option_puts_a_policy_on_dynamic_sampling(name):
+    assert not make_policy(name, signal="rewards").filter_groups
+    policy = make_policy(name, signal="rewards", filter_groups=True)
+    assert policy.filter_groups is True
+    assert type(policy).filter_groups is False  # an instance's option, not the class's
+    with pytest.raises(TypeError, match="filter_groups must be a bool"):
+        make_policy(name, signal="rewards", filter_groups=1)
+
+
 # -- GRESO ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,p_easy,p_hard", [("easy", 0.6, 0.3), ("hard", 0.6, 0.3)])
 def test_greso_skips_with_probability_one_minus_p_to_the_run(kind, p_easy, p_hard):

@@ -152,10 +152,12 @@ class FullPolicy:
         pass
 
 
-def make_policy(name: str, num_prompts: int, seed: int, *, epochs: int, budget: float = 0.5) -> LoopPolicy:
+def make_policy(name: str, num_prompts: int, seed: int, *, epochs: int, budget: float = 0.5, fill: bool = False) -> LoopPolicy:
     """``full`` (plain GRPO, ``FullPolicy``) or a Selector policy in rewards mode
     (``rl_selection.SelectorPolicy``: ``random_subset`` with ``budget``, the share of the
-    prompts per epoch; ``dynamic``, ``greso``, ``geko``, ``gainrl``).
+    prompts per epoch; ``dynamic``, ``greso``, ``geko``, ``gainrl``). ``fill``: the Selector
+    policies also fill every batch with informative groups, as ``dynamic`` does (``full``
+    is plain GRPO either way).
 
     Raises:
         ValueError: an unknown name or a bad budget.
@@ -168,7 +170,7 @@ def make_policy(name: str, num_prompts: int, seed: int, *, epochs: int, budget: 
         raise ValueError(f"unknown RL policy {name!r}; choose one of {', '.join(POLICIES)}")
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be a share in (0, 1], got {budget}")
-    return SelectorPolicy(name, num_prompts, seed, epochs, options=selector_options(name, num_prompts, budget))
+    return SelectorPolicy(name, num_prompts, seed, epochs, options=selector_options(name, num_prompts, budget, fill=fill))
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +346,10 @@ def _rl_seconds(seconds: dict) -> float:
     return seconds["rollout"] + seconds["training"] + seconds["selection"] + seconds["other"]
 
 
-def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float = 0.5, config: RLConfig | None = None, policy: LoopPolicy | None = None) -> dict:
+def run_rl(
+    policy_name: str, seed: int, scale: str = "quick", *, budget: float = 0.5, config: RLConfig | None = None,
+    policy: LoopPolicy | None = None, fill: bool = False,
+) -> dict:
     """Warm-start the policy model, run GRPO with a selection policy and measure it.
 
     Args:
@@ -355,6 +360,7 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
         budget: ``random_subset``'s share of the prompts per epoch.
         config: overrides the scale's settings.
         policy: a ``LoopPolicy`` of one's own instead of ``policy_name``'s.
+        fill: the Selector policies fill every batch with informative groups (``make_policy``).
 
     Returns:
         A dict with the held-out figures before and after RL (``before``, ``after``: greedy
@@ -372,7 +378,7 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
     started = time.perf_counter()
     model.load_state_dict(warm_start(cfg, seed))
     warm_seconds = time.perf_counter() - started
-    chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, epochs=cfg.epochs, budget=budget)
+    chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, epochs=cfg.epochs, budget=budget, fill=fill)
     before = evaluate(model, data, cfg, seed)
     curve: list[dict] = []
 
@@ -390,6 +396,7 @@ def run_rl(policy_name: str, seed: int, scale: str = "quick", *, budget: float =
     seconds = dict(counters.seconds)
     return {
         "policy": policy_name,
+        "fill": bool(getattr(chosen, "filter_zero_variance", False)),
         "seed": seed,
         "scale": scale,
         "before": before,
@@ -433,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--scale", default="quick", choices=tuple(SCALES))
     parser.add_argument("--budget", type=float, default=0.5, help="random_subset's share of the prompts per epoch")
+    parser.add_argument("--fill", action="store_true", help="the Selector policies fill every batch with informative groups, as dynamic sampling does")
+    parser.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--epochs-detail", action="store_true", help="print the per-epoch zero-variance shares")
@@ -441,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        r = run_rl(args.policy, seed, args.scale, budget=args.budget)
+        cfg = SCALES[args.scale] if args.epochs is None else SCALES[args.scale].with_(epochs=args.epochs)
+        r = run_rl(args.policy, seed, args.scale, budget=args.budget, config=cfg, fill=args.fill)
         results.append(r)
         print(_line(r), flush=True)
         if args.epochs_detail:

@@ -27,12 +27,14 @@ SELECTOR_POLICIES = ("geko", "greso", "gainrl", "dynamic", "random_subset")
 _CHUNK = 512
 
 
-def selector_options(policy: str, num_prompts: int, budget: float = 0.5) -> dict[str, Any] | None:
+def selector_options(policy: str, num_prompts: int, budget: float = 0.5, *, fill: bool = False) -> dict[str, Any] | None:
     """rl-algo's constructor options of a Selector policy: ``budget`` (share of the prompts
-    per epoch) for ``random_subset``, the library's defaults otherwise."""
-    if policy == "random_subset":
-        return {"budget": budget}
-    return None
+    per epoch) for ``random_subset``, the library's defaults otherwise; ``fill``: the policy
+    also fills each batch with informative groups (``filter_groups``; ``dynamic`` always does)."""
+    options: dict[str, Any] = {"budget": budget} if policy == "random_subset" else {}
+    if fill and policy != "dynamic":
+        options["filter_groups"] = True
+    return options or None
 
 
 class SelectorPolicy:

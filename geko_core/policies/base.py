@@ -175,6 +175,14 @@ class Policy:
     #: sampling); the extra rollouts are counted like any other.
     filter_groups: bool = False
 
+    def _set_filter_groups(self, value: Any) -> None:
+        """The constructor option of the RL policies that may run on top of dynamic sampling
+        (GRESO's own setting: skip before the rollout, then fill the batch with informative
+        groups); ignored outside an RL loop."""
+        if not isinstance(value, bool):
+            raise TypeError(f"filter_groups must be a bool, got {type(value).__name__}")
+        self.filter_groups = value
+
     def __init__(self) -> None:
         self.num_samples: int | None = None
         self.epoch = 0  # the Selector's current epoch (see on_epoch)

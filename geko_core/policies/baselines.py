@@ -37,13 +37,16 @@ class RandomSubsetPolicy(Policy):
             the tokens, ``Selector(sample_tokens=...)``: the random order is cut where its
             tokens reach the budget), so a language-model baseline costs what the policy
             under test cost in the unit compute is paid in.
+        filter_groups: in an RL loop, also fill each batch with informative groups after the
+            rollout, as dynamic sampling does (the random baseline of a policy that does).
     """
 
     name = "random_subset"
     signal = "any"
 
-    def __init__(self, budget: float = 0.5, *, rescale: bool = False, unit: str = "samples") -> None:
+    def __init__(self, budget: float = 0.5, *, rescale: bool = False, unit: str = "samples", filter_groups: bool = False) -> None:
         super().__init__()
+        self._set_filter_groups(filter_groups)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
             raise ValueError(f"random_subset budget must be a fraction in (0, 1], got {budget!r}")
         if unit not in ("samples", "tokens"):

@@ -280,14 +280,20 @@ class GainRLRolloutPolicy(GainRLPolicy):
         sigma, n: the window's width and largest move in positions; None (the default)
             scales them to the prompt set, ``sigma = max(1, N / 10)`` and ``n = N / 20``
             (the supervised defaults, 1000 and 500, suit data sets of tens of thousands).
+        filter_groups: also fill each batch with informative groups after the rollout, as
+            dynamic sampling does.
         options: the other options of :class:`GainRLPolicy`.
     """
 
     name = "gainrl"
     signal = "rewards"
 
-    def __init__(self, samples_per_epoch: int | float = 0.5, *, sigma: float | None = None, n: float | None = None, **options: Any) -> None:
+    def __init__(
+        self, samples_per_epoch: int | float = 0.5, *, sigma: float | None = None, n: float | None = None,
+        filter_groups: bool = False, **options: Any,
+    ) -> None:
         super().__init__(samples_per_epoch, sigma=1.0 if sigma is None else sigma, n=0.0 if n is None else n, **options)
+        self._set_filter_groups(filter_groups)
         self._scaled = (sigma is None, n is None)
         self.prepass_prompts = 0
         self.prepass_tokens = 0

@@ -53,6 +53,8 @@ class GekoRolloutPolicy(GekoPolicy):
         hard_rate: the HARD rate at curriculum HARD rate 1, in [0, 1].
         weighting, max_weight, budget, budget_unit, guard, min_revisit, revisit_gain,
             final_full: as :class:`~geko_core.policies.GekoPolicy`.
+        filter_groups: also fill each batch with informative groups after the rollout, as
+            dynamic sampling does.
     """
 
     name = "geko"
@@ -71,11 +73,13 @@ class GekoRolloutPolicy(GekoPolicy):
         min_revisit: float = 0.1,
         revisit_gain: float = 2.0,
         final_full: float = 0.0,
+        filter_groups: bool = False,
     ) -> None:
         super().__init__(
             curriculum, weighting=weighting, max_weight=max_weight, budget=budget, budget_unit=budget_unit, guard=guard,
             min_revisit=min_revisit, revisit_gain=revisit_gain, final_full=final_full,
         )
+        self._set_filter_groups(filter_groups)
         if isinstance(hard_rate, bool) or not isinstance(hard_rate, (int, float)) or not 0.0 <= hard_rate <= 1.0:
             raise ValueError(f"hard_rate must be a number in [0, 1], got {hard_rate!r}")
         self.hard_rate = float(hard_rate)

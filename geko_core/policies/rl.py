@@ -89,6 +89,8 @@ class GresoPolicy(Policy):
         step: the change of ``p`` per observed batch, in [0, 1].
         min_explore: the exploration floor: the least probability of rolling a prompt out
             in an epoch, and the least ``p``, in (0, 1].
+        filter_groups: also fill each batch with informative groups after the rollout, as
+            dynamic sampling does (GRESO's setting in the paper: skipping on top of DAPO).
     """
 
     name = "greso"
@@ -104,8 +106,10 @@ class GresoPolicy(Policy):
         step: float = 0.01,
         min_explore: float = 0.05,
         adapt: bool = True,
+        filter_groups: bool = False,
     ) -> None:
         super().__init__()
+        self._set_filter_groups(filter_groups)
         self.min_explore = _fraction(min_explore, "min_explore")
         if self.min_explore <= 0.0:
             raise ValueError("min_explore must be > 0: every prompt keeps a chance to be rolled out again")
