@@ -461,3 +461,25 @@ def test_suite_smoke_runs_counts_and_rejects_unknown():
         paths = write_rl_outputs(Path(tmp), runs, rows, {"scale": "smoke"})
         assert [p.name for p in paths] == ["rl-algo.json", "rl-algo_test_exact_vs_rollout_tokens.png", "rl-algo_validation_exact_vs_rollout_tokens.png"]
         assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_matched_steps_keep_full_grpos_steps_and_shrink_each_rollout():
+    """``matched_steps``: a policy planning a share of the prompts rolls out that share of a
+    batch each step, so an epoch has full GRPO's number of steps; a filtering policy is left
+    as it is."""
+    cfg = SCALES["smoke"]
+    data = load_data(cfg)
+    steps = {}
+    for name, matched in (("full", False), ("random_subset", True), ("random_subset", False)):
+        model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
+        model.load_state_dict(warm_start(cfg, 0))
+        policy = make_policy(name, len(data.train), 0, epochs=cfg.epochs, budget=0.5)
+        counters, _ = grpo_train(model, data, policy, cfg, 0, matched_steps=matched)
+        steps[name, matched] = counters
+    full, matched, plain = steps["full", False], steps["random_subset", True], steps["random_subset", False]
+    per_epoch = cfg.num_train // cfg.batch_prompts
+    assert matched.groups == plain.groups == cfg.epochs * cfg.num_train // 2  # the same prompts rolled out
+    assert plain.steps <= cfg.epochs * per_epoch // 2 + cfg.epochs
+    # every draw holds half a batch: full GRPO's step count, less the steps whose groups were all flat
+    assert matched.steps <= cfg.epochs * per_epoch and full.steps <= cfg.epochs * per_epoch
+    assert matched.steps > plain.steps

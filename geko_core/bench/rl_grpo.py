@@ -126,6 +126,9 @@ class LoopPolicy(Protocol):
         return bool ``[b]``, the groups to train on (a Selector's ``stats.keep``); None lets
         the loop keep the groups with a reward spread."""
 
+    def epoch_share(self) -> float:
+        """The share of the training prompts planned for the epoch begun last."""
+
 
 class FullPolicy:
     """Plain GRPO, the baseline: every training prompt once per epoch, in a fresh shuffle,
@@ -150,6 +153,9 @@ class FullPolicy:
 
     def report(self, indices: np.ndarray, rewards: np.ndarray, lengths: np.ndarray) -> None:
         pass
+
+    def epoch_share(self) -> float:
+        return 1.0
 
 
 def make_policy(name: str, num_prompts: int, seed: int, *, epochs: int, budget: float = 0.5, fill: bool = False) -> LoopPolicy:
@@ -234,8 +240,16 @@ def grpo_train(
     seed: int,
     *,
     on_eval: Callable[[int, TinyLM, _Counters], None] | None = None,
+    matched_steps: bool = False,
 ) -> tuple[_Counters, list[dict]]:
     """Run ``cfg.epochs`` epochs of GRPO on ``data.train`` with ``policy``'s prompts.
+
+    A step rolls out ``cfg.batch_prompts`` prompts of the plan (a filtering policy draws again
+    until its batch holds that many informative groups). ``matched_steps``: a policy that
+    plans a share ``s`` of the prompts for an epoch rolls out ``round(s * batch_prompts)``
+    a step instead, so every epoch has full GRPO's number of optimizer steps and selection
+    shrinks each step's rollouts rather than the number of steps (not with a filtering
+    policy).
 
     ``on_eval(step, model, counters)`` is called before the first step, every
     ``cfg.eval_every`` trained steps and at the end when rollouts were spent since the last
@@ -264,6 +278,9 @@ def grpo_train(
         if prepare is not None:  # e.g. GAIN-RL's hidden-state pre-pass over the prompts
             prepare(epoch, model, split)
         policy.begin_epoch(epoch)
+        draw = cfg.batch_prompts
+        if matched_steps and not policy.filter_zero_variance:
+            draw = max(1, round(policy.epoch_share() * cfg.batch_prompts))
         now = time.perf_counter()
         c.seconds["selection"] += now - mark
         mark = now
@@ -272,10 +289,10 @@ def grpo_train(
         exhausted = False
         while not exhausted:
             batch: list = []
-            while len(batch) < cfg.batch_prompts:
+            while len(batch) < draw:
                 now = time.perf_counter()
                 c.seconds["other"] += now - mark
-                idx = np.asarray(policy.choose(c.steps, cfg.batch_prompts - len(batch)), dtype=np.int64)
+                idx = np.asarray(policy.choose(c.steps, draw - len(batch)), dtype=np.int64)
                 mark = time.perf_counter()
                 c.seconds["selection"] += mark - now
                 if len(idx) == 0:
@@ -348,7 +365,7 @@ def _rl_seconds(seconds: dict) -> float:
 
 def run_rl(
     policy_name: str, seed: int, scale: str = "quick", *, budget: float = 0.5, config: RLConfig | None = None,
-    policy: LoopPolicy | None = None, fill: bool = False,
+    policy: LoopPolicy | None = None, fill: bool = False, matched_steps: bool = False,
 ) -> dict:
     """Warm-start the policy model, run GRPO with a selection policy and measure it.
 
@@ -361,6 +378,7 @@ def run_rl(
         config: overrides the scale's settings.
         policy: a ``LoopPolicy`` of one's own instead of ``policy_name``'s.
         fill: the Selector policies fill every batch with informative groups (``make_policy``).
+        matched_steps: every epoch has full GRPO's number of steps (``grpo_train``).
 
     Returns:
         A dict with the held-out figures before and after RL (``before``, ``after``: greedy
@@ -391,12 +409,13 @@ def run_rl(
                 point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
         curve.append(point)
 
-    counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval)
+    counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval, matched_steps=matched_steps)
     after = evaluate(model, data, cfg, seed)
     seconds = dict(counters.seconds)
     return {
         "policy": policy_name,
         "fill": bool(getattr(chosen, "filter_zero_variance", False)),
+        "matched_steps": bool(matched_steps),
         "seed": seed,
         "scale": scale,
         "before": before,
@@ -441,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="quick", choices=tuple(SCALES))
     parser.add_argument("--budget", type=float, default=0.5, help="random_subset's share of the prompts per epoch")
     parser.add_argument("--fill", action="store_true", help="the Selector policies fill every batch with informative groups, as dynamic sampling does")
+    parser.add_argument("--matched-steps", action="store_true", help="every epoch has full GRPO's number of steps: selection shrinks each step's rollouts")
     parser.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the results to this file")
@@ -451,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = SCALES[args.scale] if args.epochs is None else SCALES[args.scale].with_(epochs=args.epochs)
-        r = run_rl(args.policy, seed, args.scale, budget=args.budget, config=cfg, fill=args.fill)
+        r = run_rl(args.policy, seed, args.scale, budget=args.budget, config=cfg, fill=args.fill, matched_steps=args.matched_steps)
         results.append(r)
         print(_line(r), flush=True)
         if args.epochs_detail:

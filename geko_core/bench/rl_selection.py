@@ -83,6 +83,10 @@ class SelectorPolicy:
         self.order = np.fromiter(iter(self.selector.sampler), dtype=np.int64)
         self.position = 0
 
+    def epoch_share(self) -> float:
+        """The share of the training prompts in the epoch's plan."""
+        return len(self.order) / self.selector.num_samples
+
     def choose(self, step: int, count: int) -> np.ndarray:
         taken = self.order[self.position : self.position + count]
         self.position += len(taken)
