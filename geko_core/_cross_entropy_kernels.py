@@ -16,6 +16,7 @@ from ._backend import load_compiled_core
 from ._inputs import check_triton_backward, label_error
 from ._reduction import reduce_host, reduce_tokens, sample_scale, token_scale
 from .config import GekoConfig, cpp_config_for_kernels
+from .loss_options import LossOptions
 from .stats import forward_blocks_cpp, forward_triton
 from .types import SampleStats, TokenStats
 
@@ -50,6 +51,7 @@ class Spec(NamedTuple):
     per_token: bool
     config: GekoConfig
     inplace: bool
+    options: LossOptions = LossOptions()  # temperature, soft-capping, label smoothing, z-loss, class weights
 
 
 # -- the kernels: KERNELS[name].forward / .backward -------------------------------------------

@@ -9,7 +9,9 @@ token that does not count):
 * ``"per_sample"``: ``w_s * mean_t l_st`` over the sample's valid tokens, ``[S]`` (0 for a
   sample without one);
 * ``"sum"``: ``sum_s w_s sum_t l_st``;
-* ``"mean"``: that sum over the batch's number of valid tokens (0 / 0 = NaN, as torch).
+* ``"mean"``: that sum over the batch's number of valid tokens (0 / 0 = NaN, as torch); with
+  class weights (``geko_core.loss_options``) over the sum of the valid tokens' class weights
+  instead (``mean_total``), as ``F.cross_entropy(weight=...)``.
 """
 
 from __future__ import annotations
@@ -23,17 +25,21 @@ REDUCTIONS = ("none", "sum", "mean", "per_sample")
 
 
 def reduce_samples(
-    token_loss_sum: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
+    token_loss_sum: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str,
+    mean_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss from per-sample sums of token losses ``[S]`` and valid-token counts ``[S]``, for
-    every reduction but ``"none"`` (which needs the token losses: ``reduce_tokens``)."""
+    every reduction but ``"none"`` (which needs the token losses: ``reduce_tokens``).
+    ``mean_total``: the divisor of ``"mean"`` when it is not the number of valid tokens (the
+    sum of their class weights)."""
     weighted = token_loss_sum if weight is None else token_loss_sum * weight
     if reduction == "per_sample":
         return weighted / valid_tokens.clamp(min=1).to(weighted.dtype)
     total = weighted.sum()
     if reduction == "sum":
         return total
-    return total / valid_tokens.sum().to(weighted.dtype)  # 0 / 0 = NaN, as F.cross_entropy
+    divisor = valid_tokens.sum() if mean_total is None else mean_total
+    return total / divisor.to(weighted.dtype)  # 0 / 0 = NaN, as F.cross_entropy
 
 
 def weight_tokens(token_loss: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -45,13 +51,14 @@ def weight_tokens(token_loss: torch.Tensor, weight: torch.Tensor | None) -> torc
 
 
 def reduce_tokens(
-    token_loss: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str
+    token_loss: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str,
+    mean_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of any reduction from the ``[S, T]`` token losses (0 where not valid)."""
     if reduction == "none":
         return weight_tokens(token_loss, weight)
     per_sample = token_loss[:, 0] if token_loss.shape[1] == 1 else token_loss.sum(dim=1)
-    return reduce_samples(per_sample, valid_tokens, weight, reduction)
+    return reduce_samples(per_sample, valid_tokens, weight, reduction, mean_total)
 
 
 def _token_grad(grad_output: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -63,9 +70,11 @@ def _token_grad(grad_output: torch.Tensor, weight: torch.Tensor | None) -> torch
 
 
 def token_scale(
-    grad_output: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str, tokens: int
+    grad_output: torch.Tensor, valid_tokens: torch.Tensor, weight: torch.Tensor | None, reduction: str, tokens: int,
+    mean_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """d loss / d token_loss, float32 ``[S, T]`` (the kernels zero non-valid tokens)."""
+    """d loss / d token_loss, float32 ``[S, T]`` (the kernels zero non-valid tokens);
+    ``mean_total`` as in :func:`reduce_samples`."""
     if reduction == "none":
         return _token_grad(grad_output, weight)
     samples = valid_tokens.shape[0]
@@ -76,7 +85,8 @@ def token_scale(
     elif reduction == "sum":
         scale = g * scale
     else:
-        scale = g * scale / valid_tokens.sum().to(torch.float32)
+        divisor = valid_tokens.sum() if mean_total is None else mean_total
+        scale = g * scale / divisor.to(torch.float32)
     return scale[:, None].expand(samples, tokens).contiguous()
 
 

@@ -29,6 +29,7 @@ from ._cross_entropy_kernels import KERNELS, HostForward, Spec, cross_entropy_ba
 from ._inputs import check_cpu_labels, config_values, prepare_inputs, samples_view
 from ._reduction import REDUCTIONS, reduce_tokens
 from .config import GekoConfig, resolve_config
+from .loss_options import LossOptions, check_loss_options, options_token_loss_reference, transformed_logits
 from .reference import sample_stats_reference
 from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
 from .stats import segment_token_values, stats_forward
@@ -206,6 +207,8 @@ class _Reference:
 
     @staticmethod
     def loss(logits, logits3, labels3, weight, spec):
+        if not spec.options.plain:
+            return _reference_with_options(logits3, labels3, weight, spec)
         samples, tokens, vocab = logits3.shape
         x = logits3 if logits3.dtype == torch.float64 else logits3.float()
         valid = (labels3 != spec.ignore_index) & (labels3 >= 0) & (labels3 < vocab)
@@ -235,6 +238,27 @@ class _Reference:
         return token_loss.reshape(labels3.shape), values, valid, bad
 
 
+def _reference_with_options(logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec) -> tuple:
+    """The reference backend under the loss options: ``loss_options``' token losses, the
+    statistics of ``softmax(z)``."""
+    samples, tokens, vocab = logits3.shape
+    valid = (labels3 != spec.ignore_index) & (labels3 >= 0) & (labels3 < vocab)
+    target = torch.where(valid, labels3, torch.full_like(labels3, -100))
+    token_loss, _, token_weight = options_token_loss_reference(
+        logits3.reshape(-1, vocab), target.reshape(-1), spec.options, ignore_index=-100
+    )
+    token_loss = token_loss.reshape(samples, tokens)
+    mean_total = None if spec.options.class_weight is None else token_weight.sum()
+    w = None if weight is None else weight.to(token_loss.dtype)
+    loss = reduce_tokens(token_loss, valid.sum(dim=1), w, spec.reduction, mean_total)
+    with torch.no_grad():
+        stats = sample_stats_reference(
+            transformed_logits(logits3.detach(), spec.options), labels3, ignore_index=spec.ignore_index,
+            per_token=spec.per_token, config=spec.config,
+        )
+    return loss, stats, None
+
+
 class _Op:
     """torch.compile: the ``geko::stats_forward`` operator (whose token losses carry the fused
     backward) and the reduction in plain torch operations."""
@@ -254,6 +278,7 @@ class _Op:
 
 
 _BACKENDS = {"cpp": _Fused, "triton": _Fused, "reference": _Reference, "op": _Op}
+_PLAIN = LossOptions()
 
 
 def _segmented_loss(
@@ -281,6 +306,11 @@ def cross_entropy_with_stats(
     segments: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     num_segments: int | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Differentiable cross-entropy and the per-sample statistics, from one pass.
 
@@ -328,6 +358,14 @@ def cross_entropy_with_stats(
             buffer, but the logits tensor is overwritten by its gradient during backward, so
             do not use it afterwards. Ignored on the reference path, with segments, and
             when the logits had to be copied (non-contiguous last dimension).
+        temperature, softcap, label_smoothing, z_loss, class_weight: the loss options of
+            ``geko_core.loss_options`` (its docstring has the formulas): the logits are
+            divided by ``temperature`` and soft-capped (``softcap * tanh(x / softcap)``,
+            ``-inf`` kept), the token loss is label-smoothed, adds ``z_loss * lse**2`` and is
+            weighted by the label's class weight (``"mean"`` then divides by the valid
+            tokens' class weights, as ``F.cross_entropy(weight=...)``). The statistics are
+            those of the capped, tempered distribution. Not with packed rows nor under
+            torch.compile.
         segments, position_ids, num_segments: packed rows, as in ``sample_stats``: the
             statistics, ``sample_weight`` (``[K]``) and the reductions are then per sample
             (``"per_sample"`` gives ``K`` losses, ``"mean"`` divides by the batch's valid
@@ -345,10 +383,16 @@ def cross_entropy_with_stats(
             ``sample_weight`` that is not a float tensor of shape ``[S]`` on the logits'
             device.
     """
+    loss_options = None
+    if temperature != 1.0 or softcap is not None or label_smoothing != 0.0 or z_loss != 0.0 or class_weight is not None:
+        loss_options = {
+            "temperature": temperature, "softcap": softcap, "label_smoothing": label_smoothing, "z_loss": z_loss,
+            "class_weight": class_weight,
+        }
     loss, stats, host = _loss_and_stats(
         logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=sample_weight, reduction=reduction,
         per_token=per_token, config=config, backend=backend, inplace_backward=inplace_backward, segments=segments,
-        position_ids=position_ids, num_segments=num_segments,
+        position_ids=position_ids, num_segments=num_segments, loss_options=loss_options,
     )
     return loss, (host.stats() if stats is None else stats)
 
@@ -368,12 +412,14 @@ def _loss_and_stats(
     segments: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     num_segments: int | None,
+    loss_options: dict | None = None,
 ) -> tuple[torch.Tensor, SampleStats | None, HostForward | None]:
     """``cross_entropy_with_stats`` and, for the one-call C++ forward (CPU tensors, a plain
     ``"sum"``/``"mean"`` reduction, no per-token output, no packed rows), the host arrays the
     Selector reads every step; there ``stats`` is None (``host.stats()`` gives it as tensors,
     sharing the memory), so nothing is converted twice. ``host`` is None on the other paths. The
-    Selector's one seam into the loss: its usual CPU step costs what this function costs."""
+    Selector's one seam into the loss: its usual CPU step costs what this function costs.
+    ``loss_options``: the unchecked keyword options of ``geko_core.loss_options`` (None: none)."""
     config = resolve_config(config)
     check_choice(reduction, "reduction", REDUCTIONS)
     per_token = check_bool(per_token, "per_token")
@@ -383,6 +429,18 @@ def _loss_and_stats(
     logits3, labels3, name, ignore_index, shift = prepare_inputs(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, check_labels=False, flat=one_call
     )
+    options = _PLAIN
+    if loss_options:
+        options = check_loss_options(vocab=logits3.shape[-1], device=logits.device, **loss_options)
+        if not options.plain and packed_rows:
+            raise ValueError("the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) do not take packed rows (segments=, position_ids=)")
+        if not options.plain and name == "op":
+            raise ValueError("the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) do not run under torch.compile")
+        if not options.plain and name != "reference":
+            raise ValueError(
+                "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) run on "
+                "backend='reference' only so far"
+            )
     if name != "cpp" or not one_call:
         # (the one-call C++ forward refuses an out-of-range label itself, before writing anything)
         check_cpu_labels(labels3, logits3.shape[-1], ignore_index)
@@ -410,7 +468,7 @@ def _loss_and_stats(
         check_same_device(weight, "sample_weight", logits, "logits")
         if weight.requires_grad:
             weight = weight.detach()
-    spec = Spec(name, ignore_index, shift, reduction, per_token, config, inplace_backward)
+    spec = Spec(name, ignore_index, shift, reduction, per_token, config, inplace_backward, options)
     if packed is not None:
         return (*_segmented_loss(logits, logits3, packed, weight, spec), None)
     if name != "reference" and weight is not None and weight.dtype != torch.float32:

@@ -45,7 +45,7 @@ class LossOptions(NamedTuple):
     softcap: float | None = None
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    class_weight: torch.Tensor | None = None  # float32 [V], on the logits' device
+    class_weight: torch.Tensor | None = None  # float32 (float64 if given so) [V], on the logits' device
 
     @property
     def plain(self) -> bool:
@@ -80,8 +80,8 @@ def check_loss_options(
 ) -> LossOptions:
     """The options, checked: ``temperature`` finite and > 0; ``softcap`` None or finite and
     > 0; ``label_smoothing`` in [0, 1]; ``z_loss`` finite and >= 0; ``class_weight`` None or a
-    floating ``[vocab]`` tensor of finite values >= 0 (on ``device`` when given), returned as
-    float32 and detached.
+    floating ``[vocab]`` tensor of finite values >= 0 (on ``device`` when given), returned
+    detached, contiguous, as float32 (float64 kept: the float64 reference path reads it).
 
     Raises:
         TypeError: an option of the wrong type.
@@ -108,7 +108,8 @@ def check_loss_options(
             raise ValueError(f"class_weight must have shape [{vocab}] (one weight per class), got {list(class_weight.shape)}")
         if device is not None and class_weight.device != torch.device(device):
             raise ValueError(f"class_weight is on {class_weight.device}, the logits on {device}")
-        weight = class_weight.detach().to(torch.float32).contiguous()
+        dtype = torch.float64 if class_weight.dtype == torch.float64 else torch.float32
+        weight = class_weight.detach().to(dtype).contiguous()
         if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
             raise ValueError("class_weight must hold finite values >= 0")
     return LossOptions(temperature, softcap, label_smoothing, z_loss, weight)

@@ -100,3 +100,120 @@ def test_masked_logits_stay_masked_under_softcap() -> None:
     z[:, 5] = float("-inf")
     torch.testing.assert_close(loss, F.cross_entropy(z, y, reduction="none"), rtol=1e-12, atol=1e-12)
     assert torch.isfinite(loss).all()
+
+
+# -- the options through cross_entropy_with_stats, every backend -------------------------------
+
+from geko_core import cross_entropy_with_stats  # noqa: E402
+from geko_core.loss_options import transformed_logits  # noqa: E402
+from geko_core.reference import sample_stats_reference  # noqa: E402
+
+API_BACKENDS = ["reference"]
+ALL_ON = {"temperature": 0.7, "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3}
+OPTION_CASES = [
+    {"temperature": 0.5},
+    {"temperature": 2.0},
+    {"softcap": 2.5},
+    {"label_smoothing": 0.2},
+    {"z_loss": 1e-2},
+    {"class_weight": "w"},
+    ALL_ON,
+    {**ALL_ON, "class_weight": "w"},
+]
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.bfloat16: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def _api_inputs(dtype, seed=0, shape=(3, 5, 37)):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g) * 4).to(dtype)
+    y = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    y.view(-1)[::7] = -100
+    w = torch.rand(shape[-1], generator=g) + 0.25
+    return x, y, w
+
+
+def _expected(x, y, options, reduction, sample_weight=None):
+    """The reference written once, reduced by hand (float64)."""
+    vocab = x.shape[-1]
+    opts = options._replace(class_weight=None if options.class_weight is None else options.class_weight.double())
+    xd = x.detach().double().requires_grad_(True)
+    loss, _, tw = options_token_loss_reference(xd.reshape(-1, vocab), y.reshape(-1), opts)
+    loss = loss.reshape(y.shape)
+    sw = torch.ones(y.shape[0], dtype=torch.float64) if sample_weight is None else sample_weight.double()
+    weighted = loss * sw.view(-1, *([1] * (y.dim() - 1)))
+    if reduction == "none":
+        out = weighted
+    elif reduction == "sum":
+        out = weighted.sum()
+    else:
+        out = weighted.sum() / tw.sum()
+    return out, xd
+
+
+@pytest.mark.parametrize("backend", API_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(OPTION_CASES)))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_options_match_the_reference_forward_and_backward(backend, dtype, case, reduction):
+    x, y, w = _api_inputs(dtype, seed=case)
+    kwargs = {k: (w if v == "w" else v) for k, v in OPTION_CASES[case].items()}
+    options = check_loss_options(vocab=x.shape[-1], **kwargs)
+    sample_weight = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(9)) + 0.5
+    xg = x.clone().requires_grad_(True)
+    loss, stats = cross_entropy_with_stats(xg, y, backend=backend, reduction=reduction, sample_weight=sample_weight, **kwargs)
+    expected, xd = _expected(x, y, options, reduction, sample_weight)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(loss.double(), expected, **tol)
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((loss.double() * upstream).sum(), xg)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), xd)
+    grad_tol = dict(rtol=1.6e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, **grad_tol)
+    # the statistics are those of softmax(z): buckets and correctness exactly
+    ref = sample_stats_reference(transformed_logits(x, options), y)
+    assert torch.equal(stats.bucket, ref.bucket) and torch.equal(stats.correct.isnan(), ref.correct.isnan())
+    torch.testing.assert_close(stats.correct, ref.correct, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(stats.confidence, ref.confidence, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", API_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_label_smoothing_and_class_weights_equal_torch(backend, reduction):
+    x, y, w = _api_inputs(torch.float32, seed=4, shape=(40, 23))
+    loss, _ = cross_entropy_with_stats(x, y, backend=backend, reduction=reduction, label_smoothing=0.15, class_weight=w)
+    torch.testing.assert_close(loss, F.cross_entropy(x, y, weight=w, label_smoothing=0.15, reduction=reduction), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", API_BACKENDS)
+def test_default_options_change_nothing(backend):
+    x, y, _ = _api_inputs(torch.float32, seed=5)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    la, sa = cross_entropy_with_stats(xa, y, backend=backend)
+    lb, sb = cross_entropy_with_stats(xb, y, backend=backend, temperature=1.0, softcap=None, label_smoothing=0.0, z_loss=0.0)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(xa.grad, xb.grad) and torch.equal(sa.confidence, sb.confidence)
+
+
+def test_options_are_refused_where_unsupported_and_checked():
+    x, y, w = _api_inputs(torch.float32, seed=6, shape=(2, 6, 11))
+    segments = torch.zeros(2, 6, dtype=torch.int64)
+    with pytest.raises(ValueError, match="packed rows"):
+        cross_entropy_with_stats(x, y, segments=segments, num_segments=1, softcap=5.0)
+    with pytest.raises(ValueError, match="class_weight must have shape"):
+        cross_entropy_with_stats(x, y, class_weight=torch.ones(12))
+    with pytest.raises(ValueError, match="temperature"):
+        cross_entropy_with_stats(x, y, temperature=-1.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy_with_stats(x, y, label_smoothing=2.0)
+
+
+def test_float64_options_pass_gradcheck_on_the_default_backend():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (4, 3), generator=g)
+    w = torch.rand(7, generator=g, dtype=torch.float64) + 0.1
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda t: cross_entropy_with_stats(t, y, reduction=reduction, class_weight=w, **ALL_ON)[0], (x,)
+        )
