@@ -29,6 +29,7 @@ from ._linear_chunks import Inputs, Rows, TokenValues, prepare, reduce_rows, row
 from ._reduction import REDUCTIONS
 from .config import GekoConfig, resolve_config
 from .cross_entropy import cross_entropy_with_stats
+from .loss_options import LossOptions, check_loss_options
 from .types import SampleStats, TokenStats
 
 __all__ = ["linear_cross_entropy_with_stats", "linear_token_backward", "linear_token_forward"]
@@ -38,6 +39,7 @@ class _Spec(NamedTuple):
     reduction: str
     per_token: bool
     config: GekoConfig
+    options: LossOptions = LossOptions()
 
 
 def _flat(stats: SampleStats) -> tuple[torch.Tensor, ...]:
@@ -229,9 +231,12 @@ def _reference_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec:
         logits = hidden @ weight.T
         if bias is not None:
             logits = logits + bias
+        o = spec.options
         return cross_entropy_with_stats(
             logits, labels, ignore_index=prepared.ignore_index, shift=prepared.shift, sample_weight=prepared.weight,
             reduction=spec.reduction, per_token=spec.per_token, config=spec.config, backend="reference",
+            temperature=o.temperature, softcap=o.softcap, label_smoothing=o.label_smoothing, z_loss=o.z_loss,
+            class_weight=o.class_weight,
         )
 
 
@@ -247,6 +252,7 @@ def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Sp
     return outputs[0], _stats_of(outputs[1:], spec.per_token)
 
 
+_PLAIN = LossOptions()
 _BACKENDS = {
     "cpp": _fused_linear_loss,
     "triton": _fused_linear_loss,
@@ -270,6 +276,11 @@ def linear_cross_entropy_with_stats(
     per_token: bool = False,
     config: GekoConfig | None = None,
     backend: str | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleStats]:
     """Cross-entropy of ``hidden @ weight.T + bias`` and its per-sample statistics, never
     holding the ``[N, V]`` logits.
@@ -306,6 +317,8 @@ def linear_cross_entropy_with_stats(
         grad: False runs a scoring pass: no gradient is computed, and the loss has no
             ``grad_fn``. Also the case when no input requires grad, or grad mode is off.
         per_token: also return token-level statistics (``[S, T]``, ``T - 1`` with shift).
+        temperature, softcap, label_smoothing, z_loss, class_weight: the loss options, as in
+            ``cross_entropy_with_stats``.
         config: thresholds of the instant bucket.
         backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
             ``"reference"`` (plain torch on materialised logits, differentiable in float64;
@@ -345,7 +358,19 @@ def linear_cross_entropy_with_stats(
     )
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     training = grad and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    loss, stats = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, _Spec(reduction, per_token, config), training)
+    options = _PLAIN
+    if temperature != 1.0 or softcap is not None or label_smoothing != 0.0 or z_loss != 0.0 or class_weight is not None:
+        options = check_loss_options(
+            temperature=temperature, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
+            class_weight=class_weight, vocab=weight.shape[0], device=hidden.device,
+        )
+        if not options.plain and prepared.backend != "reference":
+            raise ValueError(
+                "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) run on "
+                "backend='reference' only so far"
+            )
+    spec = _Spec(reduction, per_token, config, options)
+    loss, stats = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, spec, training)
     if reduction == "none" and hidden.dim() == 2:
         loss = loss.reshape(labels.shape)  # [N, 1] token losses: one per row
     return loss, stats

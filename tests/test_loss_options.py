@@ -217,3 +217,34 @@ def test_float64_options_pass_gradcheck_on_the_default_backend():
         assert torch.autograd.gradcheck(
             lambda t: cross_entropy_with_stats(t, y, reduction=reduction, class_weight=w, **ALL_ON)[0], (x,)
         )
+
+
+# -- the options through linear_cross_entropy_with_stats ----------------------------------------
+
+from geko_core import linear_cross_entropy_with_stats  # noqa: E402
+
+LINEAR_BACKENDS = ["reference"]
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("case", [2, 6, 7])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_options_equal_the_options_on_materialised_logits(backend, case, reduction):
+    g = torch.Generator().manual_seed(case)
+    hidden = torch.randn(2, 6, 16, generator=g)
+    weight = torch.randn(37, 16, generator=g) * 0.5
+    labels = torch.randint(0, 37, (2, 6), generator=g)
+    labels[0, 2] = -100
+    w = torch.rand(37, generator=g) + 0.25
+    kwargs = {k: (w if v == "w" else v) for k, v in OPTION_CASES[case].items()}
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, stats = linear_cross_entropy_with_stats(h1, w1, labels, shift=True, reduction=reduction, backend=backend, **kwargs)
+    expected, expected_stats = cross_entropy_with_stats(h2 @ w2.T, labels, shift=True, reduction=reduction, backend="reference", **kwargs)
+    torch.testing.assert_close(loss, expected, rtol=2e-5, atol=2e-6)
+    upstream = torch.randn(loss.shape, generator=g)
+    (loss * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(stats.bucket, expected_stats.bucket)
