@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .loss_options import _tanh, check_kernel_options
 from .sample_stats import _device_guard, stats_launch_config
 
 __all__ = ["launch_cross_entropy_backward"]
@@ -39,10 +40,27 @@ def _cross_entropy_backward_kernel(
     stride_gs,
     stride_gt,
     ignore_index,
+    class_weight_ptr,  # fp32 [V], read when HAS_CLASS_WEIGHT
+    weight_sum_ptr,  # fp32 [1]: sum of class_weight, read when HAS_SMOOTHING and HAS_CLASS_WEIGHT
+    temperature,  # fp32 > 0, used when HAS_TEMPERATURE
+    softcap,  # fp32 > 0, used when HAS_SOFTCAP
+    label_smoothing,  # fp32 in [0, 1], used when HAS_SMOOTHING
+    z_loss,  # fp32 >= 0, used when HAS_Z_LOSS
     BLOCK_V: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
 ):
     # d loss / d x = softmax(x) - onehot(y) = exp(x - lse) - onehot(y), times the token's
     # scale; zero for tokens that are not valid (ignored or out-of-range label).
+    # Under the loss options (geko_core/loss_options.py), with z the transformed logits,
+    # p = softmax(z) = exp(z - lse) (lse of z, from the forward) and W = sum_j w_j:
+    #   d l / d z_k = w_y (1 - eps) (p_k - [k = y]) + (eps / V) (W p_k - w_k) + 2 zeta lse p_k
+    #   d z / d x = (1 - tanh(u / softcap)^2) / temperature, u = x / temperature
+    # (1 / temperature for a -inf logit, which soft-capping leaves as it is). The constexprs
+    # remove every term of an option that is off.
 
     # 1. locate the row; int64 before multiplying by strides
     row = tl.program_id(0).to(tl.int64)
@@ -59,6 +77,19 @@ def _cross_entropy_backward_kernel(
     scale = tl.load(scale_ptr + s * stride_scale_s + t * stride_scale_t)
     row_ptr = logits_ptr + s * stride_ls + t * stride_lt
     grad_row_ptr = grad_ptr + s * stride_gs + t * stride_gt
+    if HAS_CLASS_WEIGHT:
+        label_coef = tl.load(class_weight_ptr + tl.where(valid, label, 0))  # w_y
+    else:
+        label_coef = 1.0
+    if HAS_SMOOTHING:
+        label_coef = label_coef * (1.0 - label_smoothing)
+        smooth_coef = label_smoothing / V
+        if HAS_CLASS_WEIGHT:
+            weight_sum = tl.load(weight_sum_ptr)
+        else:
+            weight_sum = V * 1.0
+    if HAS_Z_LOSS:
+        z_coef = 2.0 * z_loss * lse_hi
 
     # 2. one pass over V tiles; each tile is read before it is written, so in place is safe.
     #    The rows of tokens that are not valid are not read at all (masked loads).
@@ -68,8 +99,33 @@ def _cross_entropy_backward_kernel(
         cols = start + offsets
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=cols < read_limit, other=0.0).to(tl.float32)
-        prob = tl.exp((x - lse_hi) - lse_lo)  # 0 for -inf logits (masked classes)
-        grad = (prob - tl.where(cols == label, 1.0, 0.0)) * scale
+        if HAS_TEMPERATURE or HAS_SOFTCAP or HAS_SMOOTHING or HAS_Z_LOSS or HAS_CLASS_WEIGHT:
+            z = x
+            if HAS_TEMPERATURE:
+                z = z / temperature
+            if HAS_SOFTCAP:
+                capped = _tanh(z / softcap)
+                masked = z == -float("inf")
+                dz = tl.where(masked, 1.0, 1.0 - capped * capped)  # d z / d u
+                z = tl.where(masked, z, softcap * capped)
+            prob = tl.exp((z - lse_hi) - lse_lo)
+            grad = label_coef * (prob - tl.where(cols == label, 1.0, 0.0))
+            if HAS_SMOOTHING:
+                if HAS_CLASS_WEIGHT:
+                    w = tl.load(class_weight_ptr + cols, mask=cols < read_limit, other=0.0)
+                else:
+                    w = 1.0
+                grad += smooth_coef * (weight_sum * prob - w)
+            if HAS_Z_LOSS:
+                grad += z_coef * prob
+            if HAS_SOFTCAP:
+                grad = grad * dz
+            if HAS_TEMPERATURE:
+                grad = grad / temperature
+            grad = grad * scale
+        else:
+            prob = tl.exp((x - lse_hi) - lse_lo)  # 0 for -inf logits (masked classes)
+            grad = (prob - tl.where(cols == label, 1.0, 0.0)) * scale
         grad = tl.where(valid, grad, 0.0)
         tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -82,6 +138,11 @@ def launch_cross_entropy_backward(
     grad: torch.Tensor,
     *,
     ignore_index: int,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``(softmax(logits3[s, t]) - onehot(labels3[s, t])) * token_scale[s, t]`` into
     ``grad`` (zero rows for tokens that are not valid) and return it.
@@ -90,12 +151,35 @@ def launch_cross_entropy_backward(
     labels, float64 ``[S, T]`` ``lse``, float32 ``[S, T]`` ``token_scale``, ``grad`` ``[S, T, V]`` in the
     logits' dtype with stride 1 along V and rows that do not overlap (it may be
     ``logits3`` itself: each tile is read before it is written).
+
+    Args:
+        temperature, softcap, label_smoothing, z_loss, class_weight: the loss options of
+            ``geko_core/loss_options.py``, as given to the forward (``launch_token_stats``);
+            ``lse`` is then the forward's log-sum-exp of ``z``. With any option set the
+            gradient written is ``d l / d x`` of the option token loss ``l`` (its closed form
+            there), times ``token_scale``; the defaults compile the kernel without options.
+
+    Raises:
+        TypeError, ValueError: a bad option (see ``check_kernel_options``).
     """
     num_samples, seq_len, vocab = logits3.shape
     num_tokens = num_samples * seq_len
+    options = check_kernel_options(
+        vocab=vocab,
+        device=logits3.device,
+        temperature=temperature,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        class_weight=class_weight,
+    )
     if num_tokens == 0:
         return grad
     block_v, num_warps = stats_launch_config(vocab)
+    # W, summed on the device (no host synchronisation), only when the smoothing term reads it
+    weight_sum = token_scale  # (float32, unused)
+    if options.flags["HAS_SMOOTHING"] and class_weight is not None:
+        weight_sum = class_weight.sum(dtype=torch.float32).reshape(1)
     with _device_guard(logits3.device):
         _cross_entropy_backward_kernel[(num_tokens,)](
             logits3,
@@ -116,7 +200,14 @@ def launch_cross_entropy_backward(
             grad.stride(0),
             grad.stride(1),
             ignore_index,
+            token_scale if class_weight is None else class_weight,  # unused without class weights
+            weight_sum,
+            options.temperature,
+            options.softcap,
+            options.label_smoothing,
+            options.z_loss,
             BLOCK_V=block_v,
+            **options.flags,
             num_warps=num_warps,
         )
     return grad
