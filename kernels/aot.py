@@ -47,6 +47,17 @@ _LARGE_VOCAB = 32000
 # A small vocabulary (classification): one small tile; and the smallest tile.
 _SMALL_VOCAB = 1000
 _TINY_VOCAB = 10
+# The loss options' constexprs (kernels/loss_options.py), in the kernels' order.
+_OPTION_FLAGS = ("HAS_TEMPERATURE", "HAS_SOFTCAP", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_CLASS_WEIGHT")
+_OPTION_ARGS = (("temperature", "fp32"), ("softcap", "fp32"), ("label_smoothing", "fp32"), ("z_loss", "fp32"))
+
+
+def _option_flags(on: Sequence[str] = ()) -> tuple[tuple[str, bool], ...]:
+    """The options' constexprs, ``on`` set and the others off."""
+    unknown = set(on) - set(_OPTION_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown option flag(s): {sorted(unknown)}")
+    return tuple((name, name in on) for name in _OPTION_FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +73,9 @@ class KernelVariant:
 
     @property
     def label(self) -> str:
-        consts = ",".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in self.constexprs)
+        # the loss options' flags only when on: the plain variants keep their labels
+        shown = [(name, value) for name, value in self.constexprs if not (name in _OPTION_FLAGS and not value)]
+        consts = ",".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in shown)
         index = "i64" if any(ty == "i64" for _, ty in self.signature) else "i32"
         # align=16: pointers and row strides divisible by 16 (e.g. V = 32000), vector loads;
         # align=1: an odd vocabulary such as 50257, element-wise loads
@@ -109,8 +122,11 @@ def _stats_signature(dtype: str, index: str, write_lse: bool) -> tuple[tuple[str
         ("stride_yt", "i32"),
         ("field_stride", "i32"),
         ("ignore_index", "i32"),
+        ("class_weight_ptr", "*fp32"),  # (the token block when unused)
+        *_OPTION_ARGS,
         ("BLOCK_V", "constexpr"),
         ("WRITE_LSE", "constexpr"),
+        *((name, "constexpr") for name in _OPTION_FLAGS),
     )
 
 
@@ -134,7 +150,11 @@ def _backward_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
         ("stride_gs", index),
         ("stride_gt", index),
         ("ignore_index", "i32"),
+        ("class_weight_ptr", "*fp32"),  # (the token scales when unused)
+        ("weight_sum_ptr", "*fp32"),
+        *_OPTION_ARGS,
         ("BLOCK_V", "constexpr"),
+        *((name, "constexpr") for name in _OPTION_FLAGS),
     )
 
 
@@ -274,7 +294,8 @@ def kernel_variants() -> list[KernelVariant]:
     Every kernel in every logits dtype with the launch configuration of a large vocabulary
     (largest tile, most registers); the statistics kernel also with and without ``WRITE_LSE``,
     with small vocabularies, with unaligned rows (odd V) and with 64-bit strides (tensors
-    past 2**31 elements).
+    past 2**31 elements); the loss forward and the backward also with the loss options on
+    (every option in every dtype, soft-capping alone, smoothing with class weights).
     """
     from .sample_stats import reduce_launch_config, stats_launch_config
 
@@ -288,7 +309,7 @@ def kernel_variants() -> list[KernelVariant]:
                     "_sample_stats_kernel",
                     dtype,
                     _stats_signature(dtype, "i32", write_lse),
-                    (("BLOCK_V", large_block), ("WRITE_LSE", write_lse)),
+                    (("BLOCK_V", large_block), ("WRITE_LSE", write_lse), *_option_flags()),
                     large_warps,
                     stats_aligned,
                 )
@@ -298,7 +319,7 @@ def kernel_variants() -> list[KernelVariant]:
             "_sample_stats_kernel",
             "bf16",
             _stats_signature("bf16", "i64", True),
-            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
+            (("BLOCK_V", large_block), ("WRITE_LSE", True), *_option_flags()),
             large_warps,
             stats_aligned,
         )
@@ -308,7 +329,7 @@ def kernel_variants() -> list[KernelVariant]:
             "_sample_stats_kernel",
             "bf16",
             _stats_signature("bf16", "i32", True),
-            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
+            (("BLOCK_V", large_block), ("WRITE_LSE", True), *_option_flags()),
             large_warps,
             ("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr"),
         )
@@ -320,7 +341,7 @@ def kernel_variants() -> list[KernelVariant]:
                 "_sample_stats_kernel",
                 "bf16",
                 _stats_signature("bf16", "i32", False),
-                (("BLOCK_V", block), ("WRITE_LSE", False)),
+                (("BLOCK_V", block), ("WRITE_LSE", False), *_option_flags()),
                 warps,
                 stats_aligned,
             )
@@ -332,7 +353,7 @@ def kernel_variants() -> list[KernelVariant]:
                 "_cross_entropy_backward_kernel",
                 dtype,
                 _backward_signature(dtype, "i32"),
-                (("BLOCK_V", large_block),),
+                (("BLOCK_V", large_block), *_option_flags()),
                 large_warps,
                 backward_aligned,
             )
@@ -342,11 +363,37 @@ def kernel_variants() -> list[KernelVariant]:
             "_cross_entropy_backward_kernel",
             "bf16",
             _backward_signature("bf16", "i32"),
-            (("BLOCK_V", large_block),),
+            (("BLOCK_V", large_block), *_option_flags()),
             large_warps,
             ("labels_ptr", "lse_ptr", "scale_ptr"),
         )
     )
+    # the loss options (forward of the loss, WRITE_LSE=1, and its backward): every option on
+    # in every dtype, soft-capping alone (Gemma) and smoothing with class weights in bf16
+    all_options = _option_flags(_OPTION_FLAGS)
+    option_cases = [(dtype, all_options) for dtype in _DTYPES]
+    option_cases += [("bf16", _option_flags(("HAS_SOFTCAP",))), ("bf16", _option_flags(("HAS_SMOOTHING", "HAS_CLASS_WEIGHT")))]
+    for dtype, flags in option_cases:
+        variants.append(
+            KernelVariant(
+                "_sample_stats_kernel",
+                dtype,
+                _stats_signature(dtype, "i32", True),
+                (("BLOCK_V", large_block), ("WRITE_LSE", True), *flags),
+                large_warps,
+                (*stats_aligned, "class_weight_ptr"),
+            )
+        )
+        variants.append(
+            KernelVariant(
+                "_cross_entropy_backward_kernel",
+                dtype,
+                _backward_signature(dtype, "i32"),
+                (("BLOCK_V", large_block), *flags),
+                large_warps,
+                (*backward_aligned, "class_weight_ptr", "weight_sum_ptr"),
+            )
+        )
     block_t, reduce_warps = reduce_launch_config(4096)
     for margin in (False, True):  # without and with the margin rule of "correct"
         variants.append(
