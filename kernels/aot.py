@@ -302,98 +302,30 @@ def kernel_variants() -> list[KernelVariant]:
     variants: list[KernelVariant] = []
     large_block, large_warps = stats_launch_config(_LARGE_VOCAB)
     stats_aligned = ("logits_ptr", "labels_ptr", "token_ptr", "valid_ptr", "bad_ptr", "lse_ptr", "stride_ls", "stride_lt")
-    for dtype in _DTYPES:
-        for write_lse in (False, True):
-            variants.append(
-                KernelVariant(
-                    "_sample_stats_kernel",
-                    dtype,
-                    _stats_signature(dtype, "i32", write_lse),
-                    (("BLOCK_V", large_block), ("WRITE_LSE", write_lse), *_option_flags()),
-                    large_warps,
-                    stats_aligned,
-                )
-            )
-    variants.append(
-        KernelVariant(
-            "_sample_stats_kernel",
-            "bf16",
-            _stats_signature("bf16", "i64", True),
-            (("BLOCK_V", large_block), ("WRITE_LSE", True), *_option_flags()),
-            large_warps,
-            stats_aligned,
-        )
-    )
-    variants.append(
-        KernelVariant(
-            "_sample_stats_kernel",
-            "bf16",
-            _stats_signature("bf16", "i32", True),
-            (("BLOCK_V", large_block), ("WRITE_LSE", True), *_option_flags()),
-            large_warps,
-            ("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr"),
-        )
-    )
-    for vocab in (_SMALL_VOCAB, _TINY_VOCAB):
-        block, warps = stats_launch_config(vocab)
-        variants.append(
-            KernelVariant(
-                "_sample_stats_kernel",
-                "bf16",
-                _stats_signature("bf16", "i32", False),
-                (("BLOCK_V", block), ("WRITE_LSE", False), *_option_flags()),
-                warps,
-                stats_aligned,
-            )
-        )
     backward_aligned = ("logits_ptr", "labels_ptr", "lse_ptr", "scale_ptr", "grad_ptr", "stride_ls", "stride_lt", "stride_gs", "stride_gt")
-    for dtype in _DTYPES:
-        variants.append(
-            KernelVariant(
-                "_cross_entropy_backward_kernel",
-                dtype,
-                _backward_signature(dtype, "i32"),
-                (("BLOCK_V", large_block), *_option_flags()),
-                large_warps,
-                backward_aligned,
-            )
-        )
-    variants.append(
-        KernelVariant(
-            "_cross_entropy_backward_kernel",
-            "bf16",
-            _backward_signature("bf16", "i32"),
-            (("BLOCK_V", large_block), *_option_flags()),
-            large_warps,
-            ("labels_ptr", "lse_ptr", "scale_ptr"),
-        )
-    )
+
+    def stats(dtype, write_lse, index="i32", aligned=stats_aligned, vocab=_LARGE_VOCAB, flags=_option_flags()):
+        block, warps = stats_launch_config(vocab)
+        consts = (("BLOCK_V", block), ("WRITE_LSE", write_lse), *flags)
+        return KernelVariant("_sample_stats_kernel", dtype, _stats_signature(dtype, index, write_lse), consts, warps, aligned)
+
+    def backward(dtype, aligned=backward_aligned, flags=_option_flags()):
+        consts = (("BLOCK_V", large_block), *flags)
+        return KernelVariant("_cross_entropy_backward_kernel", dtype, _backward_signature(dtype, "i32"), consts, large_warps, aligned)
+
+    variants += [stats(dtype, write_lse) for dtype in _DTYPES for write_lse in (False, True)]
+    variants.append(stats("bf16", True, index="i64"))
+    variants.append(stats("bf16", True, aligned=("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr")))
+    variants += [stats("bf16", False, vocab=vocab) for vocab in (_SMALL_VOCAB, _TINY_VOCAB)]
+    variants += [backward(dtype) for dtype in _DTYPES]
+    variants.append(backward("bf16", aligned=("labels_ptr", "lse_ptr", "scale_ptr")))
     # the loss options (forward of the loss, WRITE_LSE=1, and its backward): every option on
     # in every dtype, soft-capping alone (Gemma) and smoothing with class weights in bf16
-    all_options = _option_flags(_OPTION_FLAGS)
-    option_cases = [(dtype, all_options) for dtype in _DTYPES]
+    option_cases = [(dtype, _option_flags(_OPTION_FLAGS)) for dtype in _DTYPES]
     option_cases += [("bf16", _option_flags(("HAS_SOFTCAP",))), ("bf16", _option_flags(("HAS_SMOOTHING", "HAS_CLASS_WEIGHT")))]
     for dtype, flags in option_cases:
-        variants.append(
-            KernelVariant(
-                "_sample_stats_kernel",
-                dtype,
-                _stats_signature(dtype, "i32", True),
-                (("BLOCK_V", large_block), ("WRITE_LSE", True), *flags),
-                large_warps,
-                (*stats_aligned, "class_weight_ptr"),
-            )
-        )
-        variants.append(
-            KernelVariant(
-                "_cross_entropy_backward_kernel",
-                dtype,
-                _backward_signature(dtype, "i32"),
-                (("BLOCK_V", large_block), *flags),
-                large_warps,
-                (*backward_aligned, "class_weight_ptr", "weight_sum_ptr"),
-            )
-        )
+        variants.append(stats(dtype, True, aligned=(*stats_aligned, "class_weight_ptr"), flags=flags))
+        variants.append(backward(dtype, aligned=(*backward_aligned, "class_weight_ptr", "weight_sum_ptr"), flags=flags))
     block_t, reduce_warps = reduce_launch_config(4096)
     for margin in (False, True):  # without and with the margin rule of "correct"
         variants.append(
