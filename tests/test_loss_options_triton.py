@@ -30,8 +30,8 @@ FIELDS = ("loss", "confidence", "label_prob", "correct", "entropy", "el2n")
 # (exactly upcast) values: the kernels compute in float32; the gradient is rounded once to
 # the logits' dtype.
 DTYPES = [
-    (torch.float32, dict(atol=2e-5, rtol=2e-5), dict(atol=1e-6, rtol=2e-5)),
-    (torch.bfloat16, dict(atol=2e-5, rtol=2e-5), dict(atol=1e-5, rtol=8e-3)),
+    pytest.param(torch.float32, dict(atol=2e-5, rtol=2e-5), dict(atol=1e-6, rtol=2e-5), id="fp32"),
+    pytest.param(torch.bfloat16, dict(atol=2e-5, rtol=2e-5), dict(atol=1e-5, rtol=8e-3), id="bf16"),
 ]
 CONFIG = GekoConfig()
 THRESHOLDS = (CONFIG.correct_threshold, CONFIG.freeze_confidence, CONFIG.hard_confidence, CONFIG.correct_margin)
