@@ -3,8 +3,9 @@
 The forward is the statistics kernel of ``sample_stats.py`` with ``WRITE_LSE=True``: one read
 of the logits gives the loss of every token, the per-sample statistics and the log-sum-exp
 the backward needs. The backward reads the logits a second time (unavoidably) and writes
-``(softmax(x) - onehot(y)) * token_scale`` per token, optionally into the logits' storage,
-so that no ``[S, T, V]`` buffer is allocated. Imports triton and torch only: the caller
+``(softmax(x) - onehot(y)) * token_scale`` per token (under the loss options, the closed-form
+gradient of the option token loss), optionally into the logits' storage, so that no
+``[S, T, V]`` buffer is allocated. Imports triton and torch only: the caller
 (``geko_core.cross_entropy``) checks the inputs.
 """
 

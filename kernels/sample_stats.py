@@ -6,7 +6,9 @@ Two launches, no host synchronisation:
    V tiles in fp32 gives, from a single read of the row, the log-sum-exp, the loss, the
    confidence, the label probability, the argmax, the entropy and the EL2N norm. It writes
    six fp32 values and two int8 flags per token (``O(S*T)`` bytes), and optionally the
-   log-sum-exp for the backward of the fused cross-entropy (``WRITE_LSE``).
+   log-sum-exp for the backward of the fused cross-entropy (``WRITE_LSE``). Under the loss
+   options (``loss_options.py``) it reads ``z``, the logits after temperature and
+   soft-capping, and writes a seventh value, the option token loss.
 2. ``_sample_reduce_kernel``: one program per sample. Masked mean over the sample's valid
    tokens, ``valid_tokens`` and the instant bucket. Plain tree sums, so the result is
    deterministic (no atomics).

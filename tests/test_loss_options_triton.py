@@ -182,6 +182,18 @@ def test_minus_inf_logits_stay_masked(softcap, smoothing, tiles):
         assert bool((grad[0, 1, :20] == 0).all())
 
 
+@pytest.mark.parametrize("dtype,fwd_tol,grad_tol", DTYPES)
+def test_two_classes(dtype, fwd_tol, grad_tol):
+    logits, labels = make_batch((3, 5, 2), dtype)
+    options = LossOptions(0.6, 2.0, 0.3, 1e-2, class_weight(2))
+    sample_values, valid_tokens, bucket, token_values, valid, lse, scale, grad = run(logits, labels, options)
+    ref_loss, ref_lse, x = reference(logits, labels, options)
+    torch.testing.assert_close(token_values[OPTION_LOSS_FIELD].double(), ref_loss, **fwd_tol)
+    torch.testing.assert_close(lse, ref_lse, **fwd_tol)
+    assert_statistics_of_z(logits, labels, options, sample_values, valid_tokens, bucket, token_values, fwd_tol)
+    torch.testing.assert_close(grad.double(), reference_gradient(x, ref_loss, scale), **grad_tol)
+
+
 def test_custom_ignore_index_and_out_of_range_label():
     logits, labels = make_batch((2, 4, 21), torch.float32, ignore_fraction=0.0)
     labels[0, 1] = 5
