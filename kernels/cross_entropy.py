@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .loss_options import _tanh, check_kernel_options
+from .loss_options import _transformed_logits, check_kernel_options
 from .sample_stats import _device_guard, stats_launch_config
 
 __all__ = ["launch_cross_entropy_backward"]
@@ -59,7 +59,7 @@ def _cross_entropy_backward_kernel(
     # Under the loss options (geko_core/loss_options.py), with z the transformed logits,
     # p = softmax(z) = exp(z - lse) (lse of z, from the forward) and W = sum_j w_j:
     #   d l / d z_k = w_y (1 - eps) (p_k - [k = y]) + (eps / V) (W p_k - w_k) + 2 zeta lse p_k
-    #   d z / d x = (1 - tanh(u / softcap)^2) / temperature, u = x / temperature
+    #   d z / d x = (1 - (z / softcap)^2) / temperature
     # (1 / temperature for a -inf logit, which soft-capping leaves as it is). The constexprs
     # remove every term of an option that is off.
 
@@ -101,14 +101,7 @@ def _cross_entropy_backward_kernel(
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=cols < read_limit, other=0.0).to(tl.float32)
         if HAS_TEMPERATURE or HAS_SOFTCAP or HAS_SMOOTHING or HAS_Z_LOSS or HAS_CLASS_WEIGHT:
-            z = x
-            if HAS_TEMPERATURE:
-                z = z / temperature
-            if HAS_SOFTCAP:
-                capped = _tanh(z / softcap)
-                masked = z == -float("inf")
-                dz = tl.where(masked, 1.0, 1.0 - capped * capped)  # d z / d u
-                z = tl.where(masked, z, softcap * capped)
+            z = _transformed_logits(x, temperature, softcap, HAS_TEMPERATURE, HAS_SOFTCAP)
             prob = tl.exp((z - lse_hi) - lse_lo)
             grad = label_coef * (prob - tl.where(cols == label, 1.0, 0.0))
             if HAS_SMOOTHING:
@@ -120,7 +113,10 @@ def _cross_entropy_backward_kernel(
             if HAS_Z_LOSS:
                 grad += z_coef * prob
             if HAS_SOFTCAP:
-                grad = grad * dz
+                # d z / d u = 1 - tanh^2 = 1 - (z / softcap)^2; 1 for a -inf logit, which the
+                # reference's torch.where passes through
+                capped = z / softcap
+                grad = grad * tl.where(z == -float("inf"), 1.0, 1.0 - capped * capped)
             if HAS_TEMPERATURE:
                 grad = grad / temperature
             grad = grad * scale
