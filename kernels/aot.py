@@ -304,14 +304,16 @@ def kernel_variants() -> list[KernelVariant]:
     stats_aligned = ("logits_ptr", "labels_ptr", "token_ptr", "valid_ptr", "bad_ptr", "lse_ptr", "stride_ls", "stride_lt")
     backward_aligned = ("logits_ptr", "labels_ptr", "lse_ptr", "scale_ptr", "grad_ptr", "stride_ls", "stride_lt", "stride_gs", "stride_gt")
 
+    plain = _option_flags()  # every loss option off
+
     def stats(
-        dtype: str, write_lse: bool, index: str = "i32", aligned=stats_aligned, vocab: int = _LARGE_VOCAB, flags=_option_flags()
+        dtype: str, write_lse: bool, index: str = "i32", aligned=stats_aligned, vocab: int = _LARGE_VOCAB, flags=plain
     ) -> KernelVariant:
         block, warps = stats_launch_config(vocab)
         consts = (("BLOCK_V", block), ("WRITE_LSE", write_lse), *flags)
         return KernelVariant("_sample_stats_kernel", dtype, _stats_signature(dtype, index, write_lse), consts, warps, aligned)
 
-    def backward(dtype: str, aligned=backward_aligned, flags=_option_flags()) -> KernelVariant:
+    def backward(dtype: str, aligned=backward_aligned, flags=plain) -> KernelVariant:
         consts = (("BLOCK_V", large_block), *flags)
         return KernelVariant("_cross_entropy_backward_kernel", dtype, _backward_signature(dtype, "i32"), consts, large_warps, aligned)
 
