@@ -47,6 +47,17 @@ _LARGE_VOCAB = 32000
 # A small vocabulary (classification): one small tile; and the smallest tile.
 _SMALL_VOCAB = 1000
 _TINY_VOCAB = 10
+# The loss options' constexprs (kernels/loss_options.py), in the kernels' order.
+_OPTION_FLAGS = ("HAS_TEMPERATURE", "HAS_SOFTCAP", "HAS_SMOOTHING", "HAS_Z_LOSS", "HAS_CLASS_WEIGHT")
+_OPTION_ARGS = (("temperature", "fp32"), ("softcap", "fp32"), ("label_smoothing", "fp32"), ("z_loss", "fp32"))
+
+
+def _option_flags(on: Sequence[str] = ()) -> tuple[tuple[str, bool], ...]:
+    """The options' constexprs, ``on`` set and the others off."""
+    unknown = set(on) - set(_OPTION_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown option flag(s): {sorted(unknown)}")
+    return tuple((name, name in on) for name in _OPTION_FLAGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +73,9 @@ class KernelVariant:
 
     @property
     def label(self) -> str:
-        consts = ",".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in self.constexprs)
+        # the loss options' flags only when on: the plain variants keep their labels
+        shown = [(name, value) for name, value in self.constexprs if not (name in _OPTION_FLAGS and not value)]
+        consts = ",".join(f"{name}={int(value) if isinstance(value, bool) else value}" for name, value in shown)
         index = "i64" if any(ty == "i64" for _, ty in self.signature) else "i32"
         # align=16: pointers and row strides divisible by 16 (e.g. V = 32000), vector loads;
         # align=1: an odd vocabulary such as 50257, element-wise loads
@@ -109,8 +122,11 @@ def _stats_signature(dtype: str, index: str, write_lse: bool) -> tuple[tuple[str
         ("stride_yt", "i32"),
         ("field_stride", "i32"),
         ("ignore_index", "i32"),
+        ("class_weight_ptr", "*fp32"),  # (the token block when unused)
+        *_OPTION_ARGS,
         ("BLOCK_V", "constexpr"),
         ("WRITE_LSE", "constexpr"),
+        *((name, "constexpr") for name in _OPTION_FLAGS),
     )
 
 
@@ -134,7 +150,11 @@ def _backward_signature(dtype: str, index: str) -> tuple[tuple[str, str], ...]:
         ("stride_gs", index),
         ("stride_gt", index),
         ("ignore_index", "i32"),
+        ("class_weight_ptr", "*fp32"),  # (the token scales when unused)
+        ("weight_sum_ptr", "*fp32"),
+        *_OPTION_ARGS,
         ("BLOCK_V", "constexpr"),
+        *((name, "constexpr") for name in _OPTION_FLAGS),
     )
 
 
@@ -274,79 +294,42 @@ def kernel_variants() -> list[KernelVariant]:
     Every kernel in every logits dtype with the launch configuration of a large vocabulary
     (largest tile, most registers); the statistics kernel also with and without ``WRITE_LSE``,
     with small vocabularies, with unaligned rows (odd V) and with 64-bit strides (tensors
-    past 2**31 elements).
+    past 2**31 elements); the loss forward and the backward also with the loss options on
+    (every option in every dtype, soft-capping alone, smoothing with class weights).
     """
     from .sample_stats import reduce_launch_config, stats_launch_config
 
     variants: list[KernelVariant] = []
     large_block, large_warps = stats_launch_config(_LARGE_VOCAB)
     stats_aligned = ("logits_ptr", "labels_ptr", "token_ptr", "valid_ptr", "bad_ptr", "lse_ptr", "stride_ls", "stride_lt")
-    for dtype in _DTYPES:
-        for write_lse in (False, True):
-            variants.append(
-                KernelVariant(
-                    "_sample_stats_kernel",
-                    dtype,
-                    _stats_signature(dtype, "i32", write_lse),
-                    (("BLOCK_V", large_block), ("WRITE_LSE", write_lse)),
-                    large_warps,
-                    stats_aligned,
-                )
-            )
-    variants.append(
-        KernelVariant(
-            "_sample_stats_kernel",
-            "bf16",
-            _stats_signature("bf16", "i64", True),
-            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
-            large_warps,
-            stats_aligned,
-        )
-    )
-    variants.append(
-        KernelVariant(
-            "_sample_stats_kernel",
-            "bf16",
-            _stats_signature("bf16", "i32", True),
-            (("BLOCK_V", large_block), ("WRITE_LSE", True)),
-            large_warps,
-            ("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr"),
-        )
-    )
-    for vocab in (_SMALL_VOCAB, _TINY_VOCAB):
-        block, warps = stats_launch_config(vocab)
-        variants.append(
-            KernelVariant(
-                "_sample_stats_kernel",
-                "bf16",
-                _stats_signature("bf16", "i32", False),
-                (("BLOCK_V", block), ("WRITE_LSE", False)),
-                warps,
-                stats_aligned,
-            )
-        )
     backward_aligned = ("logits_ptr", "labels_ptr", "lse_ptr", "scale_ptr", "grad_ptr", "stride_ls", "stride_lt", "stride_gs", "stride_gt")
-    for dtype in _DTYPES:
-        variants.append(
-            KernelVariant(
-                "_cross_entropy_backward_kernel",
-                dtype,
-                _backward_signature(dtype, "i32"),
-                (("BLOCK_V", large_block),),
-                large_warps,
-                backward_aligned,
-            )
-        )
-    variants.append(
-        KernelVariant(
-            "_cross_entropy_backward_kernel",
-            "bf16",
-            _backward_signature("bf16", "i32"),
-            (("BLOCK_V", large_block),),
-            large_warps,
-            ("labels_ptr", "lse_ptr", "scale_ptr"),
-        )
-    )
+
+    plain = _option_flags()  # every loss option off
+
+    def stats(
+        dtype: str, write_lse: bool, index: str = "i32", aligned=stats_aligned, vocab: int = _LARGE_VOCAB, flags=plain
+    ) -> KernelVariant:
+        block, warps = stats_launch_config(vocab)
+        consts = (("BLOCK_V", block), ("WRITE_LSE", write_lse), *flags)
+        return KernelVariant("_sample_stats_kernel", dtype, _stats_signature(dtype, index, write_lse), consts, warps, aligned)
+
+    def backward(dtype: str, aligned=backward_aligned, flags=plain) -> KernelVariant:
+        consts = (("BLOCK_V", large_block), *flags)
+        return KernelVariant("_cross_entropy_backward_kernel", dtype, _backward_signature(dtype, "i32"), consts, large_warps, aligned)
+
+    variants += [stats(dtype, write_lse) for dtype in _DTYPES for write_lse in (False, True)]
+    variants.append(stats("bf16", True, index="i64"))
+    variants.append(stats("bf16", True, aligned=("token_ptr", "valid_ptr", "bad_ptr", "lse_ptr")))
+    variants += [stats("bf16", False, vocab=vocab) for vocab in (_SMALL_VOCAB, _TINY_VOCAB)]
+    variants += [backward(dtype) for dtype in _DTYPES]
+    variants.append(backward("bf16", aligned=("labels_ptr", "lse_ptr", "scale_ptr")))
+    # the loss options (forward of the loss, WRITE_LSE=1, and its backward): every option on
+    # in every dtype, soft-capping alone (Gemma) and smoothing with class weights in bf16
+    option_cases = [(dtype, _option_flags(_OPTION_FLAGS)) for dtype in _DTYPES]
+    option_cases += [("bf16", _option_flags(("HAS_SOFTCAP",))), ("bf16", _option_flags(("HAS_SMOOTHING", "HAS_CLASS_WEIGHT")))]
+    for dtype, flags in option_cases:
+        variants.append(stats(dtype, True, aligned=(*stats_aligned, "class_weight_ptr"), flags=flags))
+        variants.append(backward(dtype, aligned=(*backward_aligned, "class_weight_ptr", "weight_sum_ptr"), flags=flags))
     block_t, reduce_warps = reduce_launch_config(4096)
     for margin in (False, True):  # without and with the margin rule of "correct"
         variants.append(

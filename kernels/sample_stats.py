@@ -6,7 +6,9 @@ Two launches, no host synchronisation:
    V tiles in fp32 gives, from a single read of the row, the log-sum-exp, the loss, the
    confidence, the label probability, the argmax, the entropy and the EL2N norm. It writes
    six fp32 values and two int8 flags per token (``O(S*T)`` bytes), and optionally the
-   log-sum-exp for the backward of the fused cross-entropy (``WRITE_LSE``).
+   log-sum-exp for the backward of the fused cross-entropy (``WRITE_LSE``). Under the loss
+   options (``loss_options.py``) it reads ``z``, the logits after temperature and
+   soft-capping, and writes a seventh value, the option token loss.
 2. ``_sample_reduce_kernel``: one program per sample. Masked mean over the sample's valid
    tokens, ``valid_tokens`` and the instant bucket. Plain tree sums, so the result is
    deterministic (no atomics).
@@ -25,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_sample_stats", "launch_token_stats", "reduce_launch_config", "stats_launch_config"]
+from .loss_options import _transformed_logits, check_kernel_options
+
+__all__ = [
+    "OPTION_LOSS_FIELD",
+    "launch_sample_stats",
+    "launch_token_stats",
+    "reduce_launch_config",
+    "stats_launch_config",
+]
 
 # Largest V tile one program holds in registers. Tests lower it to exercise several tiles on
 # tiny vocabularies.
@@ -38,6 +48,10 @@ MAX_BLOCK_T = 512
 
 # Order of the float fields in the token and sample buffers; matches SampleStats/TokenStats.
 NUM_FIELDS = 6
+# Under the loss options the token buffer has one more row: the option token loss l, what the
+# loss reduces (row 0 stays the statistics' -log p_y of softmax(z)).
+OPTION_LOSS_FIELD = NUM_FIELDS
+
 
 @triton.jit
 def _sample_stats_kernel(
@@ -55,8 +69,18 @@ def _sample_stats_kernel(
     stride_yt,
     field_stride,  # S * T, distance between two fields of token_ptr
     ignore_index,
+    class_weight_ptr,  # fp32 [V], read when HAS_CLASS_WEIGHT
+    temperature,  # fp32 > 0, used when HAS_TEMPERATURE
+    softcap,  # fp32 > 0, used when HAS_SOFTCAP
+    label_smoothing,  # fp32 in [0, 1], used when HAS_SMOOTHING
+    z_loss,  # fp32 >= 0, used when HAS_Z_LOSS
     BLOCK_V: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
 ):
     # Maths (docs/design.md §2), per row x of V logits with label y, all in fp32:
     #   m = max x, d = sum exp(x - m), lse = m + log d, p = exp(x - lse)
@@ -68,6 +92,13 @@ def _sample_stats_kernel(
     # softmax), so the row is read once. Entropy's sum is relative to m and EL2N's sums
     # leave the label out, so neither cancels: lse - sum p x loses digits for large logits,
     # and sqrt(sum p^2 - 2 p_y + 1) for p_y near 1 (a well-learned token).
+    # Under the loss options (geko_core/loss_options.py) x is replaced by z, the logits after
+    # temperature and soft-capping, as soon as it is read: the statistics describe softmax(z).
+    # The option loss l = w_y (1 - eps) (lse - z_y) + (eps / V) sum_j w_j (lse - z_j)
+    #   + zeta lse^2 goes to one more row; its smoothing sum is W log d - sum_j w_j (z_j - m)
+    # (W = sum_j w_j), both terms >= 0, with sum_j w_j (z_j - m) kept relative to the running
+    # max like the other sums. With every option off the constexprs remove all of it.
+    OPTIONS: tl.constexpr = HAS_TEMPERATURE or HAS_SOFTCAP or HAS_SMOOTHING or HAS_Z_LOSS or HAS_CLASS_WEIGHT
 
     # 1. locate the row; int64 before multiplying by strides (S*T*V overflows int32)
     row = tl.program_id(0).to(tl.int64)
@@ -81,6 +112,8 @@ def _sample_stats_kernel(
     # An out-of-range label is never used as an address.
     safe_label = tl.where(valid, label, 0)
     x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    if HAS_TEMPERATURE or HAS_SOFTCAP:
+        x_label = _transformed_logits(x_label, temperature, softcap, HAS_TEMPERATURE, HAS_SOFTCAP)
 
     # 2. online max / sums over V tiles
     offsets = tl.arange(0, BLOCK_V)
@@ -91,10 +124,15 @@ def _sample_stats_kernel(
     sum_ex_other = 0.0  # sum_{j != y} exp(x_j - shift) (x_j - shift)
     argmax = 0
     n_nonfinite = 0
+    if HAS_SMOOTHING:
+        sum_w = 0.0  # sum_j w_j over the tiles read so far (their count without class weights)
+        sum_wz = 0.0  # sum_j w_j (z_j - shift)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        if HAS_TEMPERATURE or HAS_SOFTCAP:
+            x = _transformed_logits(x, temperature, softcap, HAS_TEMPERATURE, HAS_SOFTCAP)
         # x < inf is false for NaN and +inf; -inf logits (a masked vocabulary) are probability
         # 0, as in torch
         n_nonfinite += tl.sum((mask & ~(x < float("inf"))).to(tl.int32), axis=0)
@@ -115,6 +153,17 @@ def _sample_stats_kernel(
         sum_ex_other = alpha * (sum_ex_other - (shift_new - shift) * sum_other) + tl.sum(ex_other, axis=0)
         sum_other = alpha * sum_other + tl.sum(e_other, axis=0)
         sum_other_sq = alpha * alpha * sum_other_sq + tl.sum(e_other * e_other, axis=0)
+        if HAS_SMOOTHING:
+            # a -inf z_j makes the sum -inf (l = +inf, as the reference); padding adds nothing
+            if HAS_CLASS_WEIGHT:
+                w = tl.load(class_weight_ptr + cols, mask=mask, other=0.0)
+                wz = w * tl.where(mask, x - shift_new, 0.0)  # (0 * -inf would be NaN in padding)
+                tile_w = tl.sum(w, axis=0)
+            else:
+                wz = tl.where(mask, x - shift_new, 0.0)
+                tile_w = tl.sum(mask.to(tl.float32), axis=0)
+            sum_wz = sum_wz - (shift_new - shift) * sum_w + tl.sum(wz, axis=0)
+            sum_w += tile_w
         m = m_new
         shift = shift_new
 
@@ -143,6 +192,16 @@ def _sample_stats_kernel(
     tl.store(out + 5 * field_stride, tl.where(valid, el2n, 0.0))
     tl.store(valid_ptr + row, valid.to(tl.int8))
     tl.store(bad_ptr + row, bad.to(tl.int8))
+    if OPTIONS:
+        option_loss = loss
+        if HAS_CLASS_WEIGHT:
+            option_loss = tl.load(class_weight_ptr + safe_label) * option_loss
+        if HAS_SMOOTHING:
+            smooth = sum_w * log_d - sum_wz  # sum_j w_j (lse - z_j)
+            option_loss = (1.0 - label_smoothing) * option_loss + (label_smoothing / V) * smooth
+        if HAS_Z_LOSS:
+            option_loss += z_loss * lse * lse
+        tl.store(out + 6 * field_stride, tl.where(valid, option_loss, 0.0))
     if WRITE_LSE:
         # in float64: the backward's exp(x - lse) needs lse to better than float32's half ulp
         # (5e-4 at |x| = 1e4); shift is a logit, log_d a float32 in [0, log V]
@@ -257,9 +316,20 @@ def launch_token_stats(
     *,
     ignore_index: int,
     write_lse: bool,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the token kernel only, on inputs the caller checked (``[S, T, V]`` logits of a
     supported dtype with stride 1 along V, ``[S, T]`` int64 or int32 labels, one device).
+
+    Args:
+        temperature, softcap, label_smoothing, z_loss, class_weight: the loss options of
+            ``geko_core/loss_options.py`` (``class_weight`` float32 ``[V]``, contiguous, on the
+            logits' device, values finite and >= 0: not checked here). The defaults are the
+            plain cross-entropy, computed by the kernel compiled without options.
 
     Returns:
         (token_values, valid, bad, lse): fp32 ``[6, S, T]`` (loss, confidence, label_prob,
@@ -267,12 +337,32 @@ def launch_token_stats(
         tokens, bool ``[S, T]`` counted tokens whose label is out of range or whose row holds
         a NaN or +inf logit, or only -inf logits (they invalidate their sample), fp64 ``[S, T]``
         log-sum-exp when ``write_lse`` else None.
+
+        With any option set, the statistics, their ``loss`` (row 0, ``-log p_y``), the
+        validity flags (NaN/+inf tested on ``z``) and ``lse`` are those of ``z``, the logits
+        after temperature and soft-capping, and ``token_values`` is ``[7, S, T]``: row
+        ``OPTION_LOSS_FIELD`` (6) holds the option token loss ``l`` (0 for tokens that are not
+        valid), the value a loss reduces; a ``"mean"`` divides by the valid tokens'
+        ``class_weight[y]`` (their count without class weights).
+
+    Raises:
+        TypeError, ValueError: a bad option (see ``check_kernel_options``).
     """
     num_samples, seq_len, vocab = logits3.shape
     num_tokens = num_samples * seq_len
     device = logits3.device
+    options = check_kernel_options(
+        vocab=vocab,
+        device=device,
+        temperature=temperature,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        class_weight=class_weight,
+    )
 
-    token_values = torch.empty((NUM_FIELDS, num_samples, seq_len), dtype=torch.float32, device=device)
+    fields = NUM_FIELDS if options.plain else NUM_FIELDS + 1
+    token_values = torch.empty((fields, num_samples, seq_len), dtype=torch.float32, device=device)
     # int8 0/1 so that valid can be viewed as bool without a copy
     token_valid = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
     token_bad = torch.empty((num_samples, seq_len), dtype=torch.int8, device=device)
@@ -295,8 +385,14 @@ def launch_token_stats(
                 labels3.stride(1),
                 num_tokens,
                 ignore_index,
+                token_values if class_weight is None else class_weight,  # unused without class weights
+                options.temperature,
+                options.softcap,
+                options.label_smoothing,
+                options.z_loss,
                 BLOCK_V=block_v,
                 WRITE_LSE=write_lse,
+                **options.flags,
                 num_warps=num_warps,
             )
     return token_values, token_valid.view(torch.bool), token_bad.view(torch.bool), lse
@@ -310,8 +406,14 @@ def launch_sample_stats(
     write_lse: bool,
     thresholds: tuple[float, float, float, float],
     buckets: tuple[int, int, int, int, int],
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Run both kernels on checked inputs (see ``launch_token_stats``).
+    """Run both kernels on checked inputs (see ``launch_token_stats``, which also describes
+    the loss options and the ``[7, S, T]`` token values they give).
 
     Args:
         thresholds: ``(correct_threshold, freeze_confidence, hard_confidence,
@@ -323,10 +425,23 @@ def launch_sample_stats(
         (sample_values, valid_tokens, bucket, token_values, token_valid, lse): fp32
         ``[6, S]`` per-sample means (NaN for invalid samples), int32 ``[S]``, int8 ``[S]``,
         fp32 ``[6, S, T]`` token values (0 for tokens that are not valid; row 0 the token
-        losses), bool ``[S, T]``, fp32 ``[S, T]`` log-sum-exp when ``write_lse`` else None.
+        losses; ``[7, S, T]`` under options, row 6 the option token losses), bool ``[S, T]``,
+        fp64 ``[S, T]`` log-sum-exp when ``write_lse`` else None. The sample means and the
+        bucket are the statistics of ``z`` under options.
+
+    Raises:
+        TypeError, ValueError: a bad option (see ``check_kernel_options``).
     """
     token_values, token_valid, token_bad, lse = launch_token_stats(
-        logits3, labels3, ignore_index=ignore_index, write_lse=write_lse
+        logits3,
+        labels3,
+        ignore_index=ignore_index,
+        write_lse=write_lse,
+        temperature=temperature,
+        softcap=softcap,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        class_weight=class_weight,
     )
     num_samples, seq_len = labels3.shape
     num_tokens = num_samples * seq_len
