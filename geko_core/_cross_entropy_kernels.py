@@ -16,7 +16,7 @@ from ._backend import load_compiled_core
 from ._inputs import check_triton_backward, label_error
 from ._reduction import reduce_host, reduce_tokens, sample_scale, token_scale
 from .config import GekoConfig, cpp_config_for_kernels
-from .loss_options import LossOptions
+from .loss_options import LossOptions, class_weight_total, kernel_options
 from .stats import forward_blocks_cpp, forward_triton
 from .types import SampleStats, TokenStats
 
@@ -154,11 +154,16 @@ class _TritonKernels:
     def forward(
         logits3: torch.Tensor, labels3: torch.Tensor, weight: torch.Tensor | None, spec: Spec, grad: torch.Tensor | None = None
     ) -> tuple:
-        blocks = forward_triton(logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, write_lse=True)
+        options = kernel_options(spec.options)
+        blocks = forward_triton(
+            logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, write_lse=True, options=options
+        )
         sample_values, valid_tokens, bucket, token_values, token_valid, lse = blocks
-        loss = reduce_tokens(token_values[0], valid_tokens, weight, spec.reduction)
-        outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
-        return loss, outputs, (lse, valid_tokens, weight), None
+        # Under the options the token loss trained on is the last row; the first six are the statistics.
+        mean_total = class_weight_total(spec.options, labels3, token_valid) if options else None
+        loss = reduce_tokens(token_values[-1] if options else token_values[0], valid_tokens, weight, spec.reduction, mean_total)
+        outputs = (*blocks[:3], token_values[:6], token_valid) if spec.per_token else tuple(blocks[:3])
+        return loss, outputs, (lse, valid_tokens, weight, mean_total), None
 
     @staticmethod
     def backward(logits3, labels3, state, grad_output, target, spec) -> None:
@@ -166,10 +171,11 @@ class _TritonKernels:
             (lse,) = state
             scale = grad_output.to(torch.float32).contiguous()
         else:
-            lse, valid_tokens, weight = state
-            scale = token_scale(grad_output, valid_tokens, weight, spec.reduction, labels3.shape[1])
+            lse, valid_tokens, weight, mean_total = state
+            scale = token_scale(grad_output, valid_tokens, weight, spec.reduction, labels3.shape[1], mean_total)
         cross_entropy_backward_triton(
-            logits3, labels3, lse, scale, ignore_index=spec.ignore_index, inplace=target is None, out=target
+            logits3, labels3, lse, scale, ignore_index=spec.ignore_index, inplace=target is None, out=target,
+            options=kernel_options(spec.options),
         )
 
 
@@ -204,9 +210,11 @@ def cross_entropy_backward_triton(
     ignore_index: int,
     inplace: bool,
     out: torch.Tensor | None = None,
+    options: dict | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(token_scale * token_loss)`` with respect to the logits, with the
-    Triton kernel (``kernels.cross_entropy``).
+    Triton kernel (``kernels.cross_entropy``); ``options``: the loss options' kernel
+    arguments (``loss_options.kernel_options``), the forward's.
 
     ``grad[s, t, :] = (softmax(logits3[s, t]) - onehot(labels3[s, t])) * token_scale[s, t]``,
     zero rows for tokens that are not valid.
@@ -240,6 +248,6 @@ def cross_entropy_backward_triton(
         grad = out
     else:
         grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
-    return launch_cross_entropy_backward(logits3, labels3, lse, token_scale, grad, ignore_index=ignore_index)
+    return launch_cross_entropy_backward(logits3, labels3, lse, token_scale, grad, ignore_index=ignore_index, **(options or {}))
 
 

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossOptions", "check_loss_options", "options_token_loss_reference", "transformed_logits"]
+__all__ = ["LossOptions", "check_loss_options", "class_weight_total", "kernel_options", "options_token_loss_reference", "transformed_logits"]
 
 
 class LossOptions(NamedTuple):
@@ -113,6 +113,28 @@ def check_loss_options(
         if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
             raise ValueError("class_weight must hold finite values >= 0")
     return LossOptions(temperature, softcap, label_smoothing, z_loss, weight)
+
+
+def kernel_options(options: LossOptions) -> dict:
+    """The compiled kernels' keyword arguments for ``options`` (none when plain): the same
+    names, the class weights as float32."""
+    if options.plain:
+        return {}
+    weight = options.class_weight
+    return {
+        "temperature": options.temperature, "softcap": options.softcap, "label_smoothing": options.label_smoothing,
+        "z_loss": options.z_loss, "class_weight": None if weight is None else weight.to(torch.float32).contiguous(),
+    }
+
+
+def class_weight_total(options: LossOptions, labels3: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+    """The divisor of ``"mean"`` under class weights: the valid tokens' summed class weights
+    (None without class weights: the number of valid tokens)."""
+    weight = options.class_weight
+    if weight is None:
+        return None
+    picked = weight.to(torch.float32)[labels3.clamp(0, weight.shape[0] - 1)]
+    return torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)).sum(dtype=torch.float64)
 
 
 def transformed_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:

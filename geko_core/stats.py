@@ -123,17 +123,21 @@ def triton_token_values(
 
 
 def forward_triton(
-    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, write_lse: bool
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, write_lse: bool,
+    options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Both Triton kernels, checked: ``(sample_values [6, S], valid_tokens, bucket,
-    token_values [6, S, T], token_valid [S, T], lse or None)``."""
+    token_values [6, S, T], token_valid [S, T], lse or None)``. ``options``: the loss
+    options' kernel arguments (``loss_options.kernel_options``); then ``token_values`` is
+    ``[7, S, T]``, its last row the options' token loss."""
     from .kernels.sample_stats import launch_sample_stats
 
     check_triton_inputs(logits3, labels3, ignore_index)
     config = resolve_config(config)
     thresholds = (config.correct_threshold, config.freeze_confidence, config.hard_confidence, config.correct_margin)
     return launch_sample_stats(
-        logits3, labels3, ignore_index=ignore_index, write_lse=write_lse, thresholds=thresholds, buckets=_BUCKET_CODES
+        logits3, labels3, ignore_index=ignore_index, write_lse=write_lse, thresholds=thresholds, buckets=_BUCKET_CODES,
+        **(options or {}),
     )
 
 

@@ -105,10 +105,19 @@ def test_masked_logits_stay_masked_under_softcap() -> None:
 # -- the options through cross_entropy_with_stats, every backend -------------------------------
 
 from geko_core import cross_entropy_with_stats  # noqa: E402
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 from geko_core.loss_options import transformed_logits  # noqa: E402
 from geko_core.reference import sample_stats_reference  # noqa: E402
 
-API_BACKENDS = ["reference"]
+API_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="triton is not installed"))]
 ALL_ON = {"temperature": 0.7, "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3}
 OPTION_CASES = [
     {"temperature": 0.5},
