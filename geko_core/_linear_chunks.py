@@ -23,6 +23,7 @@ from ._inputs import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
 from ._reduction import reduce_samples, weight_tokens
 from ._reduction import token_scale as tokens_scale
 from .config import GekoConfig, cpp_config_for_kernels
+from .loss_options import LossOptions, kernel_options
 from ._cross_entropy_kernels import cross_entropy_backward_triton
 from .reference import instant_bucket
 from .stats import forward_triton
@@ -111,9 +112,9 @@ class Inputs(NamedTuple):
     ignore_index: int
     shift: bool
 
-    def rows(self) -> "Rows":
-        """What the chunk loop reads."""
-        return Rows(self.hidden2, self.label_rows, self.backend, self.chunk, self.ignore_index)
+    def rows(self, options: LossOptions | None = None) -> "Rows":
+        """What the chunk loop reads (``options``: the loss options, None: plain)."""
+        return Rows(self.hidden2, self.label_rows, self.backend, self.chunk, self.ignore_index, options or _PLAIN)
 
 
 def prepare(
@@ -235,6 +236,13 @@ class TokenValues(NamedTuple):
     valid: torch.Tensor  # bool [R]
     spoiled: torch.Tensor  # bool [R]: a counted row whose statistics are invalid (non-finite row, bad label)
     lse: torch.Tensor | None  # float64 [R] (the backward needs it past float32's precision)
+    #: float32 [R]: the token loss trained on under the loss options (None: ``values[0]``)
+    loss: torch.Tensor | None = None
+
+    @property
+    def trained_loss(self) -> torch.Tensor:
+        """Every row's token loss as the reduction reads it."""
+        return self.values[0] if self.loss is None else self.loss
 
 
 class _Grads(NamedTuple):
@@ -267,12 +275,15 @@ class Rows(NamedTuple):
     backend: str  # "cpp" or "triton": the key of _CHUNK_KERNELS
     chunk: int
     ignore_index: int
+    options: LossOptions = LossOptions()
 
 
 class _CppChunk:
     """The C++ kernels of ``cross_entropy_with_stats`` on one chunk (each row a one-token sample)."""
 
-    def __init__(self, config: GekoConfig | None, rows: int, chunk: int) -> None:
+    def __init__(self, config: GekoConfig | None, rows: int, chunk: int, options: LossOptions) -> None:
+        if not options.plain:  # (the chunk loop's caller refuses them first)
+            raise ValueError("the loss options do not run on the C++ chunk kernels yet")
         self.core = load_compiled_core()
         self.config = None if config is None else cpp_config_for_kernels(config)
         self.sample_out: list[torch.Tensor] = []
@@ -302,14 +313,17 @@ class _CppChunk:
 class _TritonChunk:
     """The Triton kernels of ``cross_entropy_with_stats`` on one chunk."""
 
-    def __init__(self, config: GekoConfig | None, rows: int, chunk: int) -> None:
+    def __init__(self, config: GekoConfig | None, rows: int, chunk: int, options: LossOptions) -> None:
         self.config = config
+        self.options = kernel_options(options)
 
     def score(self, logits3, labels3, ignore_index, tokens, start, stop) -> torch.Tensor:
         count = stop - start
         _, _, bucket, token_values, token_valid, lse = forward_triton(
-            logits3, labels3, ignore_index=ignore_index, config=self.config, write_lse=True
+            logits3, labels3, ignore_index=ignore_index, config=self.config, write_lse=True, options=self.options
         )
+        if tokens.loss is not None:
+            tokens.loss[start:stop].copy_(token_values[-1].view(count))
         for k in range(_NUM_FIELDS):
             tokens.values[k, start:stop].copy_(token_values[k].view(count))
         tokens.valid[start:stop].copy_(token_valid.view(count))
@@ -318,10 +332,13 @@ class _TritonChunk:
         return bucket
 
     def backward_in_place(self, logits3, labels3, lse3, scale3, ignore_index) -> None:
-        cross_entropy_backward_triton(logits3, labels3, lse3, scale3, ignore_index=ignore_index, inplace=True)
+        cross_entropy_backward_triton(
+            logits3, labels3, lse3, scale3, ignore_index=ignore_index, inplace=True, options=self.options
+        )
 
 
 _CHUNK_KERNELS = {"cpp": _CppChunk, "triton": _TritonChunk}
+_PLAIN = LossOptions()
 
 
 def run_chunks(
@@ -362,9 +379,10 @@ def run_chunks(
             valid=torch.zeros((count_rows,), dtype=torch.bool, device=device),
             spoiled=torch.zeros((count_rows,), dtype=torch.bool, device=device),
             lse=torch.zeros((count_rows,), dtype=torch.float64, device=device) if (keep_lse or with_grad) else None,
+            loss=None if rows.options.plain else torch.zeros((count_rows,), dtype=torch.float32, device=device),
         )
         lse = tokens.lse
-    kernels = _CHUNK_KERNELS[rows.backend](config, count_rows, chunk)
+    kernels = _CHUNK_KERNELS[rows.backend](config, count_rows, chunk, rows.options)
     buffer = torch.empty((min(chunk, count_rows), vocab), dtype=dtype, device=device) if count_rows else None
 
     for start in range(0, count_rows, chunk):
@@ -451,7 +469,8 @@ def sample_statistics(
         bucket=_bucket(confidence, correct, values[2], valid, config),
         tokens=token_out,
     )
-    token_loss_sum = values[0].sum(dim=1) if row_tokens > 0 else torch.zeros(samples, dtype=torch.float32, device=values.device)
+    trained = tokens.trained_loss.view(samples, row_tokens)
+    token_loss_sum = trained.sum(dim=1) if row_tokens > 0 else torch.zeros(samples, dtype=torch.float32, device=values.device)
     return stats, token_loss_sum
 
 
@@ -470,19 +489,20 @@ def _bucket(
 
 
 def reduce_rows(
-    token_loss: torch.Tensor, token_loss_sum: torch.Tensor, prepared: Inputs, reduction: str
+    token_loss: torch.Tensor, token_loss_sum: torch.Tensor, prepared: Inputs, reduction: str,
+    mean_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of ``reduction`` from every row's token loss (``[R]``, 0 where the row does
     not count) and the per-sample sums of ``sample_statistics``: ``"none"`` gives the
     ``[S, T]`` token losses (``T - 1`` with shift: the last row of a sample predicts nothing)
     times the sample weights, the others reduce the sums."""
     if reduction != "none":
-        return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction)
+        return reduce_samples(token_loss_sum, prepared.valid_tokens, prepared.weight, reduction, mean_total)
     per_token = token_loss.view(prepared.samples, prepared.row_tokens)[:, : prepared.out_tokens]
     return weight_tokens(per_token, prepared.weight)
 
 
-def row_scale(prepared: Inputs, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+def row_scale(prepared: Inputs, grad_output: torch.Tensor, reduction: str, mean_total: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[R]``: d loss / d token_loss of every row (the kernels zero the rows that do
     not count, so a sample's scale is simply repeated over its rows). For ``"none"``,
     ``grad_output`` is the upstream gradient of ``reduce_rows``' token losses."""
@@ -493,6 +513,8 @@ def row_scale(prepared: Inputs, grad_output: torch.Tensor, reduction: str) -> to
             upstream, prepared.valid_tokens, prepared.weight, "none", prepared.out_tokens
         )
         return scale.reshape(-1)
-    return tokens_scale(grad_output, prepared.valid_tokens, prepared.weight, reduction, prepared.row_tokens).reshape(-1)
+    return tokens_scale(
+        grad_output, prepared.valid_tokens, prepared.weight, reduction, prepared.row_tokens, mean_total
+    ).reshape(-1)
 
 

@@ -29,7 +29,7 @@ from ._linear_chunks import Inputs, Rows, TokenValues, prepare, reduce_rows, row
 from ._reduction import REDUCTIONS
 from .config import GekoConfig, resolve_config
 from .cross_entropy import cross_entropy_with_stats
-from .loss_options import LossOptions, check_loss_options
+from .loss_options import LossOptions, check_loss_options, class_weight_total
 from .types import SampleStats, TokenStats
 
 __all__ = ["linear_cross_entropy_with_stats", "linear_token_backward", "linear_token_forward"]
@@ -72,12 +72,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         early = spec.reduction in ("sum", "mean")
         one = torch.ones((), dtype=torch.float32, device=hidden2.device)
+        mean_total = _mean_total(prepared, spec.options)
         tokens, grads = run_chunks(
-            prepared.rows(), weight, bias, config=spec.config, keep_lse=not early,
-            token_scale=row_scale(prepared, one, spec.reduction) if early else None, need=need,
+            prepared.rows(spec.options), weight, bias, config=spec.config, keep_lse=not early,
+            token_scale=row_scale(prepared, one, spec.reduction, mean_total) if early else None, need=need,
         )
         stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
         ctx.prepared, ctx.need, ctx.reduction = prepared, need, spec.reduction
+        ctx.options, ctx.mean_total = spec.options, mean_total
         if early:
             ctx.grads = grads  # owned by this node; handed to autograd (and dropped) by the backward
         else:
@@ -85,7 +87,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(hidden2, weight, bias, tokens.lse)
         outputs = _flat(stats)
         ctx.mark_non_differentiable(*outputs)
-        return (reduce_rows(tokens.values[0], token_loss_sum, prepared, spec.reduction), *outputs)
+        return (reduce_rows(tokens.trained_loss, token_loss_sum, prepared, spec.reduction, mean_total), *outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -108,10 +110,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return result[0], result[1], result[2], None, None
         hidden2, weight, bias, lse = ctx.saved_tensors
         _, grads = run_chunks(
-            prepared.rows()._replace(hidden2=hidden2.detach()), weight.detach(), None if bias is None else bias.detach(),
-            config=None, token_scale=row_scale(prepared, grad_output, ctx.reduction), lse=lse, need=ctx.need,
+            prepared.rows(ctx.options)._replace(hidden2=hidden2.detach()), weight.detach(),
+            None if bias is None else bias.detach(), config=None,
+            token_scale=row_scale(prepared, grad_output, ctx.reduction, ctx.mean_total), lse=lse, need=ctx.need,
         )
         return grads.hidden, grads.weight, grads.bias, None, None
+
+
+def _mean_total(prepared: Inputs, options: LossOptions) -> torch.Tensor | None:
+    """The class-weighted ``"mean"``'s divisor (None: the number of valid tokens)."""
+    labels = prepared.label_rows
+    return class_weight_total(options, labels, (labels != prepared.ignore_index) & (labels >= 0))
 
 
 # -- geko::linear_token_forward / geko::linear_token_backward ------------------------------------
@@ -244,10 +253,11 @@ def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Sp
     """The chunk loop with the C++ or Triton kernels: ``_LinearCrossEntropy``, or a scoring pass."""
     if not training:
         with torch.no_grad():
-            rows = prepared.rows()._replace(hidden2=prepared.hidden2.detach())
+            rows = prepared.rows(spec.options)._replace(hidden2=prepared.hidden2.detach())
             tokens, _ = run_chunks(rows, weight.detach(), None if bias is None else bias.detach(), config=spec.config)
             stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
-            return reduce_rows(tokens.values[0], token_loss_sum, prepared, spec.reduction), stats
+            mean_total = _mean_total(prepared, spec.options)
+            return reduce_rows(tokens.trained_loss, token_loss_sum, prepared, spec.reduction, mean_total), stats
     outputs = _LinearCrossEntropy.apply(prepared.hidden2, weight, bias, prepared, spec)
     return outputs[0], _stats_of(outputs[1:], spec.per_token)
 
@@ -364,10 +374,10 @@ def linear_cross_entropy_with_stats(
             temperature=temperature, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
             class_weight=class_weight, vocab=weight.shape[0], device=hidden.device,
         )
-        if not options.plain and prepared.backend != "reference":
+        if not options.plain and prepared.backend in ("cpp", "op"):
             raise ValueError(
                 "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) run on "
-                "backend='reference' only so far"
+                "backend='reference' and 'triton' only so far (not under torch.compile)"
             )
     spec = _Spec(reduction, per_token, config, options)
     loss, stats = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, spec, training)

@@ -232,13 +232,14 @@ def test_float64_options_pass_gradcheck_on_the_default_backend():
 
 from geko_core import linear_cross_entropy_with_stats  # noqa: E402
 
-LINEAR_BACKENDS = ["reference"]
+LINEAR_BACKENDS = API_BACKENDS
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-@pytest.mark.parametrize("case", [2, 6, 7])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_options_equal_the_options_on_materialised_logits(backend, case, reduction):
+@pytest.mark.parametrize("case", [2, 5, 6, 7])
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum", "per_sample"])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_linear_options_equal_the_options_on_materialised_logits(backend, case, reduction, chunk_size):
     g = torch.Generator().manual_seed(case)
     hidden = torch.randn(2, 6, 16, generator=g)
     weight = torch.randn(37, 16, generator=g) * 0.5
@@ -248,9 +249,16 @@ def test_linear_options_equal_the_options_on_materialised_logits(backend, case, 
     kwargs = {k: (w if v == "w" else v) for k, v in OPTION_CASES[case].items()}
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, stats = linear_cross_entropy_with_stats(h1, w1, labels, shift=True, reduction=reduction, backend=backend, **kwargs)
+    loss, stats = linear_cross_entropy_with_stats(
+        h1, w1, labels, shift=True, reduction=reduction, backend=backend, chunk_size=chunk_size, **kwargs
+    )
+    with torch.no_grad():  # the scoring pass (no gradient) gives the same loss
+        scored, _ = linear_cross_entropy_with_stats(
+            hidden, weight, labels, shift=True, reduction=reduction, backend=backend, chunk_size=chunk_size, **kwargs
+        )
     expected, expected_stats = cross_entropy_with_stats(h2 @ w2.T, labels, shift=True, reduction=reduction, backend="reference", **kwargs)
     torch.testing.assert_close(loss, expected, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(scored, expected.detach(), rtol=2e-5, atol=2e-6)
     upstream = torch.randn(loss.shape, generator=g)
     (loss * upstream).sum().backward()
     (expected * upstream).sum().backward()
