@@ -36,10 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 UNSUPPORTED = {
     "probability-targets": "class-probability (soft) targets",
     "k-dim-linear-weight": "a K-dimensional linear weight [C, d1.., d] (several softmaxes per row)",
-    "label-smoothing": "label smoothing (issue 24 item 2)",
-    "soft-capping": "logit soft-capping (issue 24 item 2)",
-    "z-loss": "z-loss and the log-sum-exp as an output (issue 24 item 2)",
-    "class-weights": "per-class weights (issue 24 item 2)",
+    "z-loss-output": "the z-loss or the log-sum-exp returned as an output (the z-loss term itself is computed)",
     "predicted-tokens": "the argmax token ids as an output (the statistics give correctness only)",
     "autocast": "inputs of different dtypes (autocast inside the call); cast them first",
 }
@@ -165,25 +162,54 @@ def _logits(kind: str, ts) -> torch.Tensor:
     return ts[0] if kind == "ce" else F.linear(ts[0], ts[1], ts[2])
 
 
-def torch_loss(kind, ts, labels, *, ignore_index, reduction, shift, work_dtype) -> torch.Tensor:
+def _capped(logits: torch.Tensor, options: dict | None) -> torch.Tensor:
+    """The peers' temperature and soft-capping (``softcap * tanh(x / softcap)``; a ``-inf``
+    logit stays masked)."""
+    if not options:
+        return logits
+    z = logits / options.get("temperature", 1.0)
+    cap = options.get("softcap")
+    if cap is not None:
+        z = torch.where(torch.isneginf(z), z, cap * torch.tanh(z / cap))
+    return z
+
+
+def torch_loss(kind, ts, labels, *, ignore_index, reduction, shift, work_dtype, options=None) -> torch.Tensor:
     """torch's loss on ``ts``: ``F.cross_entropy`` of the logits (formed in the inputs' dtype,
     then cast to ``work_dtype``), reduced with our conventions (``"none"``: token losses, 0
-    where ignored; ``"mean"``: over the counted tokens, NaN without any)."""
-    logits = _logits(kind, ts).to(work_dtype)
+    where ignored; ``"mean"``: over the counted tokens, NaN without any). ``options``: the
+    peers' temperature, soft-capping, ``label_smoothing`` and class ``weight`` as torch
+    composes them, and z-loss as the peers define it (``z_loss * lse**2`` per counted token);
+    ``"mean"`` then divides by the counted tokens' class weights, as torch does."""
+    logits = _capped(_logits(kind, ts).to(work_dtype), options)
     y = labels
     if shift:
         logits, y = logits[:, :-1], y[:, 1:]
     ii = -100 if ignore_index is None else ignore_index
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=ii, reduction="none")
+    options = options or {}
+    weight = options.get("class_weight")
+    weight = None if weight is None else weight.to(work_dtype)
+    flat = logits.reshape(-1, logits.shape[-1])
+    tok = F.cross_entropy(
+        flat, y.reshape(-1), ignore_index=ii, reduction="none", weight=weight,
+        label_smoothing=options.get("label_smoothing", 0.0),
+    )
+    counted = y.reshape(-1) != ii
+    if options.get("z_loss", 0.0):
+        tok = tok + torch.where(counted, options["z_loss"] * torch.logsumexp(flat, -1) ** 2, 0.0)
     tok = tok.reshape(y.shape)
     if reduction == "none":
         return tok
     total = tok.sum()
-    return total if reduction == "sum" else total / (y != ii).sum()
+    if reduction == "sum":
+        return total
+    if weight is None:
+        return total / counted.sum()
+    return total / torch.where(counted, weight[y.reshape(-1).clamp(min=0)], 0.0).sum()
 
 
-def ours(kind, ts, labels, *, ignore_index=-100, reduction="mean", shift=False, chunk_size=None, backend=None):
-    kw = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, backend=backend)
+def ours(kind, ts, labels, *, ignore_index=-100, reduction="mean", shift=False, chunk_size=None, backend=None, options=None):
+    kw = dict(ignore_index=ignore_index, reduction=reduction, shift=shift, backend=backend, **(options or {}))
     if kind == "ce":
         return cross_entropy_with_stats(ts[0], labels, **kw)
     return linear_cross_entropy_with_stats(ts[0], ts[1], labels, bias=ts[2], chunk_size=chunk_size, **kw)
@@ -242,25 +268,30 @@ def _align_none(loss, ref, shift):
 
 
 def check(case, kind, ts, labels, *, ignore_index=-100, reduction="mean", shift=False, upstream=None,
-          chunk_size=None, backend=None, grad=True, post=None):
+          chunk_size=None, backend=None, grad=True, post=None, options=None):
     """Runs one case through our function and the reference and compares everything.
+
+    ``options``: the loss options (``temperature``, ``softcap``, ``label_smoothing``,
+    ``z_loss``, ``class_weight``), given to our function and composed in torch for the reference.
 
     ``upstream``: a float (the loss is multiplied by it before backward, a "not last layer"
     factor) or, for ``"none"``, a tensor of the reference's shape; None means 1 / ones.
     ``post``: optional ``f(loss, stats) -> tensor`` applied to ours and ``f(loss, probs)`` to
     the references (e.g. Liger's token scaling), replacing the loss compared."""
     dtype = next(t for t in ts if t is not None).dtype
+    # GEKO_PEER_CASES_BACKEND=triton (or reference) runs the cases that name no backend on that one
+    backend = backend or os.environ.get("GEKO_PEER_CASES_BACKEND") or None
     kw = dict(ignore_index=ignore_index, reduction=reduction, shift=shift)
     mine = _leaves(ts, grad=grad)
     if grad:
-        loss, stats = ours(kind, mine, labels, chunk_size=chunk_size, backend=backend, **kw)
+        loss, stats = ours(kind, mine, labels, chunk_size=chunk_size, backend=backend, options=options, **kw)
     else:
         with torch.no_grad():
-            loss, stats = ours(kind, mine, labels, chunk_size=chunk_size, backend=backend, **kw)
+            loss, stats = ours(kind, mine, labels, chunk_size=chunk_size, backend=backend, options=options, **kw)
         assert not loss.requires_grad
     ref_in, same_in = _leaves(ts, torch.float64), _leaves(ts)
-    ref = torch_loss(kind, ref_in, labels, work_dtype=torch.float64, **kw)
-    same = torch_loss(kind, same_in, labels, work_dtype=torch.float32 if dtype != torch.float64 else dtype, **kw)
+    ref = torch_loss(kind, ref_in, labels, work_dtype=torch.float64, options=options, **kw)
+    same = torch_loss(kind, same_in, labels, work_dtype=torch.float32 if dtype != torch.float64 else dtype, options=options, **kw)
     if reduction == "none":
         loss = _align_none(loss, ref, shift)
     if post is not None:
@@ -273,7 +304,7 @@ def check(case, kind, ts, labels, *, ignore_index=-100, reduction="mean", shift=
     eps = torch.finfo(dtype).eps if low else 0.0
     _close("loss", loss, ref, same, torch.float64 if dtype == torch.float64 else torch.float32,
            slack=eps * float(ref.detach().abs().nan_to_num().max()) if ref.numel() else 0.0)
-    _check_stats(kind, stats, same_in, labels, **kw)
+    _check_stats(kind, stats, same_in, labels, options=options, **kw)
     if grad:
         if upstream is None:
             g = torch.ones_like(ref)
@@ -296,13 +327,14 @@ def check(case, kind, ts, labels, *, ignore_index=-100, reduction="mean", shift=
     case.record("checked")
 
 
-def _check_stats(kind, stats, same_in, labels, *, ignore_index, reduction, shift):
+def _check_stats(kind, stats, same_in, labels, *, ignore_index, reduction, shift, options=None):
     """The statistics' counts exactly, their per-sample mean loss to the reference's on the
-    logits materialised in the inputs' dtype (what the statistics describe)."""
+    logits materialised in the inputs' dtype (what the statistics describe: under the options,
+    the tempered, soft-capped distribution, its plain ``-log p_y``)."""
     ii = -100 if ignore_index is None else ignore_index
     y = labels[:, 1:] if shift else labels
     with torch.no_grad():
-        logits = _logits(kind, same_in).double()
+        logits = _capped(_logits(kind, same_in).double(), options)
         if shift:
             logits = logits[:, :-1]
         V = logits.shape[-1]

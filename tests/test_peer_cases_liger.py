@@ -92,23 +92,56 @@ def test_liger_ce_forward_only(case, shape, ignore_index, reduction, dtype):
           reduction=reduction, grad=False)
 
 
+def _class_weight(V):
+    return torch.rand(V)  # Liger's class weights: uniform in [0, 1)
+
+
+# Liger's option rows: (feature, reduction) -> (ignore_index, options, logits scale, upstream factor)
+_CE_OPTION_CASES = {
+    ("label-smoothing", "mean"): (-100, {"label_smoothing": 0.1}, 1.0, None),
+    ("label-smoothing-ignore-index", "mean"): (-300, {"label_smoothing": 0.2}, 1.0, None),
+    ("soft-capping", "sum"): (-100, {"softcap": 30.0}, 1.0, None),
+    ("soft-capping", "mean"): (-100, {"softcap": 30.0}, 1.0, None),
+    ("soft-capping", "none"): (-100, {"softcap": 30.0}, 1.0, None),
+    ("z-loss", "mean"): (-100, {"z_loss": 1e-4}, 1.0, None),
+    ("z-loss-other-params", "mean"): (2, {"z_loss": 1e-4, "label_smoothing": 0.1}, 1.0, None),
+    ("z-loss-other-params", "sum"): (-123, {"z_loss": 1e-5, "label_smoothing": 0.2}, 1.0, None),
+    ("class-weights", "sum"): (-100, {"class_weight": "w"}, 1.0, None),
+    ("class-weights", "mean"): (-100, {"class_weight": "w"}, 1.0, None),
+    ("class-weights", "none"): (-100, {"class_weight": "w"}, 1.0, None),
+    ("class-weights-other-params", "sum"): (2, {"class_weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}, 1.0, None),
+    ("class-weights-other-params", "mean"): (2, {"class_weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}, 1.0, None),
+    ("class-weights-other-params", "none"): (2, {"class_weight": "w", "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}, 1.0, None),
+    ("not-last-layer-other-params", "sum"): (-100, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}, 1.0, 3.0),
+    ("not-last-layer-other-params", "mean"): (-100, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}, 1.0, 3.0),
+    ("confident-label-smoothing", "sum"): (-100, {"label_smoothing": 0.1}, 10.0, None),
+    ("confident-label-smoothing", "mean"): (-100, {"label_smoothing": 0.1}, 10.0, None),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("feature, reduction", list(_CE_OPTION_CASES), ids=lambda v: v)
+def test_liger_ce_options(case, feature, reduction, dtype):
+    """Liger's label smoothing, soft-capping, z-loss (``lse_square_scale``) and class weights,
+    alone and together, with its ignore indices; the upstream factor of its "not last layer"
+    rows."""
+    B, T, V = CE_SHAPES[1]
+    ignore_index, options, scalar, factor = _CE_OPTION_CASES[feature, reduction]
+    options = {k: (_class_weight(V) if v == "w" else v) for k, v in options.items()}
+    y = torch.randint(0, V, (B * T,))
+    if ignore_index != -100:
+        y = _ignore_some(y, ignore_index)
+    up = torch.rand(B * T) + 0.5 if reduction == "none" else factor
+    check(case, "ce", (_logits_input(B, T, V, dtype, scalar),), y, ignore_index=ignore_index, reduction=reduction,
+          upstream=up, options=options)
+
+
 @pytest.mark.parametrize("feature, reduction", [
-    ("label-smoothing", "mean"), ("label-smoothing-ignore-index", "mean"),
-    ("soft-capping", "sum"), ("soft-capping", "mean"), ("soft-capping", "none"),
-    ("z-loss", "mean"), ("z-loss-other-params", "mean"), ("z-loss-other-params", "sum"),
-    ("class-weights", "sum"), ("class-weights", "mean"), ("class-weights", "none"),
-    ("class-weights-other-params", "sum"), ("class-weights-other-params", "mean"), ("class-weights-other-params", "none"),
-    ("not-last-layer-other-params", "sum"), ("not-last-layer-other-params", "mean"),
     ("functional-all-options", "mean"), ("structured-output-z-loss", "mean"), ("structured-output-predicted-tokens", "mean"),
-    ("predicted-tokens", "mean"), ("confident-label-smoothing", "sum"), ("confident-label-smoothing", "mean"),
+    ("predicted-tokens", "mean"),
 ])
 def test_liger_ce_unsupported(case, feature, reduction):
-    key = {
-        "label-smoothing-ignore-index": "label-smoothing", "z-loss-other-params": "z-loss",
-        "class-weights-other-params": "class-weights", "not-last-layer-other-params": "label-smoothing",
-        "functional-all-options": "label-smoothing", "structured-output-z-loss": "z-loss",
-        "structured-output-predicted-tokens": "predicted-tokens", "confident-label-smoothing": "label-smoothing",
-    }.get(feature, feature)
+    key = "predicted-tokens" if "predicted-tokens" in feature else "z-loss-output"
     case.unsupported(key)
 
 
@@ -227,16 +260,24 @@ def test_liger_flce_correctness(case, grad, shape, reduction, dtype, bias):
     check(case, "linear", _head(B, T, H, V, dtype, bias), y, reduction=reduction, grad=grad, chunk_size=37)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("reduction, dtype", FLCE_GRID, ids=lambda v: v if isinstance(v, str) else str(v)[6:])
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "forward-only"])
+def test_liger_flce_all_options(case, grad, reduction, dtype, bias):
+    """Liger's second parameter row: class weights, label smoothing 0.1, ignore_index 42,
+    z-loss 1e-4, soft-capping 30 (its returned z-loss: ``test_liger_flce_unsupported``)."""
+    B, T, H, V = FLCE_SHAPES[1]
+    y = _ignore_some(torch.randint(0, V, (B * T,)), 42)
+    options = {"class_weight": _class_weight(V), "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
+    check(case, "linear", _head(B, T, H, V, dtype, bias), y, ignore_index=42, reduction=reduction, grad=grad,
+          chunk_size=37, options=options)
+
+
 @pytest.mark.parametrize("feature, reduction", [
-    ("all-options", "mean"), ("all-options", "sum"), ("all-options-forward-only", "mean"),
-    ("all-options-forward-only", "sum"), ("functional-all-options", "mean"), ("structured-output-z-loss", "mean"),
-    ("predicted-tokens", "mean"),
+    ("functional-all-options", "mean"), ("structured-output-z-loss", "mean"), ("predicted-tokens", "mean"),
 ])
 def test_liger_flce_unsupported(case, feature, reduction):
-    # Liger's second parameter row: class weights, label smoothing 0.1, ignore_index 42,
-    # z-loss 1e-4, soft-capping 30, the z-loss returned
-    key = {"predicted-tokens": "predicted-tokens", "structured-output-z-loss": "z-loss"}.get(feature, "label-smoothing")
-    case.unsupported(key)
+    case.unsupported("predicted-tokens" if feature == "predicted-tokens" else "z-loss-output")
 
 
 @pytest.mark.parametrize("accuracy", [True, False], ids=["accuracy", "loss"])
