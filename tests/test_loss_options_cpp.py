@@ -382,3 +382,31 @@ def test_options_are_keyword_only() -> None:
     with pytest.raises(TypeError):
         core().cross_entropy_backward(x.__dlpack__(), y.__dlpack__(), lse.__dlpack__(), torch.ones(2).__dlpack__(),
                                       None, IGNORE, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("name", ["softcap", "all", "z_loss"])
+def test_masked_label_logit(name) -> None:
+    """A -inf label logit: token loss +inf (as F.cross_entropy), the gradient finite."""
+    kwargs, options = _options(OPTION_SETS[name], 10)
+    x, y = _inputs((3, 2, 10), torch.float32, ignored=False, masked=True)
+    x[1, 1, y[1, 1]] = float("-inf")
+    out, (loss, _, _) = _check_forward(x, y, kwargs, options)
+    assert math.isinf(float(out["loss"][1, 1])) and math.isinf(float(loss[3]))
+    _check_backward(x, y, kwargs, options, out["lse"])
+
+
+def test_full_label_smoothing() -> None:
+    """label_smoothing = 1: the label's own term is gone, the uniform target remains."""
+    kwargs, options = _options({"label_smoothing": 1.0, "class_weight": True}, 1037)
+    x, y = _inputs((3, 2, 1037), torch.float32)
+    out, _ = _check_forward(x, y, kwargs, options)
+    _check_backward(x, y, kwargs, options, out["lse"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_threaded_rows(dtype) -> None:
+    """Enough logits for the kernels' thread team: the same values as the reference."""
+    kwargs, options = _options(OPTION_SETS["all"], 2053)
+    x, y = _inputs((64, 3, 2053), dtype)
+    out, _ = _check_forward(x, y, kwargs, options)
+    _check_backward(x, y, kwargs, options, out["lse"])
