@@ -1294,7 +1294,7 @@ void LossOptions::validate(int64_t vocab) const {
   if (!(std::isfinite(temperature) && temperature > 0.0))
     throw std::invalid_argument("temperature must be finite and > 0, got " + std::to_string(temperature));
   if (!(std::isfinite(softcap) && softcap >= 0.0))
-    throw std::invalid_argument("softcap must be finite and > 0 (0: off), got " + std::to_string(softcap));
+    throw std::invalid_argument("softcap must be 0 (off) or finite and > 0, got " + std::to_string(softcap));
   if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))
     throw std::invalid_argument("label_smoothing must be in [0, 1], got " + std::to_string(label_smoothing));
   if (!(std::isfinite(z_loss) && z_loss >= 0.0))
