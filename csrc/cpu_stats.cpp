@@ -978,6 +978,305 @@ void backward_pass(const LogitsView& lv, const LabelsView& yv, const double* lse
   }
 }
 
+// ---------------------------------------------------------------- loss options
+//
+// The options' path reads each row once into a float buffer of z (the transformed logits)
+// and runs the plain path's float row code on it; the plain path itself is not touched.
+
+// What the options' kernels read per call: the options, their float constants and the class
+// weights as a contiguous copy (V floats) with their sum W.
+struct OptionsPlan {
+  const LossOptions* options;
+  float inv_temperature;
+  float one_minus_eps;  // 1 - label_smoothing, rounded once as the reference's scalar is
+  float eps_over_v;     // label_smoothing / V
+  float z_loss;
+  const float* weight = nullptr;  // contiguous [V], or null: all 1
+  double weight_sum;              // W
+  std::vector<float> weight_copy;
+};
+
+void make_plan(const LossOptions& o, int64_t vocab, OptionsPlan& plan) {
+  plan.options = &o;
+  plan.inv_temperature = static_cast<float>(1.0 / o.temperature);
+  plan.one_minus_eps = static_cast<float>(1.0 - o.label_smoothing);
+  plan.eps_over_v = static_cast<float>(o.label_smoothing / static_cast<double>(vocab));
+  plan.z_loss = static_cast<float>(o.z_loss);
+  plan.weight_sum = static_cast<double>(vocab);
+  if (o.class_weight != nullptr) {
+    plan.weight_copy.resize(static_cast<size_t>(vocab));
+    double sum = 0.0;
+    for (int64_t j = 0; j < vocab; ++j) {
+      plan.weight_copy[static_cast<size_t>(j)] = o.class_weight[j * o.class_weight_stride];
+      sum += static_cast<double>(plan.weight_copy[static_cast<size_t>(j)]);
+    }
+    plan.weight = plan.weight_copy.data();
+    plan.weight_sum = sum;
+  }
+}
+
+#ifdef __AVX2__
+// tanh(a) for finite a, to a few float ulps: for |a| < 1/2 the odd Taylor series through a^15
+// (truncation < 1e-8 relative there), above it (1 - e) / (1 + e) with e = exp(-2 |a|) <= 1/e,
+// where nothing cancels; the sign put back.
+inline __m256 tanh8(__m256 a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 x = _mm256_andnot_ps(sign, a);
+  const __m256 e = exp_precise(_mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(-2.0f)), _mm256_set1_ps(kExpUnderflow)));
+  const __m256 far = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-929569.0f / 638512875.0f);
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(21844.0f / 6081075.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1382.0f / 155925.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(62.0f / 2835.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-17.0f / 315.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.0f / 15.0f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.0f / 3.0f));
+  const __m256 near = _mm256_fmadd_ps(_mm256_mul_ps(p, x2), x, x);
+  const __m256 r = _mm256_blendv_ps(far, near, _mm256_cmp_ps(x, _mm256_set1_ps(0.5f), _CMP_LT_OQ));
+  return _mm256_or_ps(r, _mm256_and_ps(a, sign));
+}
+
+// z of eight float logits (see transformed_row).
+inline __m256 transformed8(__m256 x, __m256 temperature, bool scaled, bool capped, __m256 cap) {
+  const __m256 u = scaled ? _mm256_div_ps(x, temperature) : x;
+  if (!capped) return u;
+  const __m256 v = _mm256_mul_ps(cap, tanh8(_mm256_div_ps(u, cap)));
+  // -inf (masked) and +inf / NaN (a row to refuse) pass through.
+  const __m256 finite = _mm256_and_ps(_mm256_cmp_ps(u, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ),
+                                      _mm256_cmp_ps(u, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ));
+  return _mm256_blendv_ps(u, _mm256_andnot_ps(_mm256_cmp_ps(u, u, _CMP_UNORD_Q), v), finite);
+}
+#endif
+
+// z of one row into `z`, computed as the torch reference computes it: in float (double for
+// float64 logits), u = x / temperature, then softcap * tanh(u / softcap). -inf stays -inf
+// (a masked class); +inf and NaN stay non-finite, so that the row is refused as without
+// options. float, bf16 and fp16 rows take the vector code (its tanh within a few ulps of
+// torch's), the last vocab % 8 elements through an 8-lane buffer so that every element of a
+// row is computed alike.
+template <typename T>
+void transformed_row(const T* row, int64_t vocab, const LossOptions& o, float* z) {
+  using C = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  const auto load = [row](int64_t i) -> C {
+    if constexpr (std::is_same<T, double>::value)
+      return row[i];
+    else
+      return Elem<T>::load(row + i);
+  };
+  const C temperature = static_cast<C>(o.temperature);
+  int64_t i = 0;
+#ifdef __AVX2__
+  if constexpr (!std::is_same<T, double>::value) {
+    const bool scaled = temperature != 1.0f;
+    const bool capped = o.softcap != 0.0;
+    const __m256 vt = _mm256_set1_ps(temperature);
+    const __m256 vc = _mm256_set1_ps(static_cast<float>(o.softcap));
+    for (; i + 8 <= vocab; i += 8) _mm256_storeu_ps(z + i, transformed8(Vec<T>::load(row + i), vt, scaled, capped, vc));
+    if (i < vocab) {
+      alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t j = i; j < vocab; ++j) tail[j - i] = Elem<T>::load(row + j);
+      _mm256_store_ps(tail, transformed8(_mm256_load_ps(tail), vt, scaled, capped, vc));
+      for (int64_t j = i; j < vocab; ++j) z[j] = tail[j - i];
+    }
+    return;
+  }
+#endif
+  if (o.softcap == 0.0) {
+    for (; i < vocab; ++i) z[i] = static_cast<float>(load(i) / temperature);
+    return;
+  }
+  const C cap = static_cast<C>(o.softcap);
+  constexpr C kInf = std::numeric_limits<C>::infinity();
+  for (; i < vocab; ++i) {
+    C u = load(i);
+    if (temperature != C(1)) u = u / temperature;
+    // -inf: a masked class; +inf and NaN: not finite, the row is refused.
+    const C v = (u == -kInf || !(u < kInf)) ? u : cap * static_cast<C>(std::tanh(static_cast<double>(u / cap)));
+    z[i] = static_cast<float>(v);
+  }
+}
+
+// sum_j w_j (-logp_j) = W (lse - m) + sum_j w_j (m - z_j): positive terms, added in double.
+// A -inf z_j makes it +inf (NaN with w_j = 0, as the reference's inf * 0).
+double smoothing_sum(const float* z, int64_t vocab, float m, double lse, const OptionsPlan& plan) {
+  int64_t j = 0;
+  double total = 0.0;
+#ifdef __AVX2__
+  const __m256d vm = _mm256_set1_pd(static_cast<double>(m));
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  if (plan.weight == nullptr) {
+    for (; j + 8 <= vocab; j += 8) {
+      acc0 = _mm256_add_pd(acc0, _mm256_sub_pd(vm, _mm256_cvtps_pd(_mm_loadu_ps(z + j))));
+      acc1 = _mm256_add_pd(acc1, _mm256_sub_pd(vm, _mm256_cvtps_pd(_mm_loadu_ps(z + j + 4))));
+    }
+  } else {
+    for (; j + 8 <= vocab; j += 8) {
+      acc0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(plan.weight + j)),
+                             _mm256_sub_pd(vm, _mm256_cvtps_pd(_mm_loadu_ps(z + j))), acc0);
+      acc1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(plan.weight + j + 4)),
+                             _mm256_sub_pd(vm, _mm256_cvtps_pd(_mm_loadu_ps(z + j + 4))), acc1);
+    }
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+  for (; j < vocab; ++j) {
+    const double w = plan.weight == nullptr ? 1.0 : static_cast<double>(plan.weight[j]);
+    total += w * (static_cast<double>(m) - static_cast<double>(z[j]));
+  }
+  return plan.weight_sum * (lse - static_cast<double>(m)) + total;
+}
+
+// The options' token loss l of a valid token whose statistics on z are `v`, in float in the
+// reference's order of operations.
+float option_token_loss(const TokenValues& v, const RowSums& sums, const float* z, int64_t vocab, int64_t label,
+                        const OptionsPlan& plan) {
+  if (!sums.finite) return kNaN;
+  const float w_label = plan.weight == nullptr ? 1.0f : plan.weight[label];
+  float loss = w_label * plan.one_minus_eps * v.loss;
+  if (plan.options->label_smoothing != 0.0)
+    loss += plan.eps_over_v * static_cast<float>(smoothing_sum(z, vocab, sums.max, v.lse, plan));
+  if (plan.options->z_loss != 0.0) {
+    const float lse = static_cast<float>(v.lse);
+    loss += plan.z_loss * lse * lse;
+  }
+  return loss;
+}
+
+template <typename T>
+void token_pass_options(const LogitsView& lv, const LabelsView& yv, int64_t ignore_index, const OptionsPlan& plan,
+                        float* const tok[6], float* train_loss, double* lse_out, uint8_t* valid_out, uint8_t* bad_out) {
+  const T* base = static_cast<const T*>(lv.data);
+  const int64_t rows = lv.samples * lv.tokens;
+  const int64_t vocab = lv.vocab;
+#pragma omp parallel if (rows * vocab >= kParallelMinElements)
+  {
+    std::vector<float> z(static_cast<size_t>(vocab));
+#pragma omp for schedule(dynamic, kRowChunk)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t s = r / lv.tokens;
+      const int64_t t = r % lv.tokens;
+      const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+      const bool counted = label != ignore_index;
+      const bool valid = counted && label >= 0 && label < vocab;
+      valid_out[r] = valid ? 1 : 0;
+      if (!valid) {
+        bad_out[r] = counted ? 1 : 0;
+        for (int k = 0; k < 6; ++k)
+          if (tok[k] != nullptr) tok[k][r] = 0.0f;
+        if (lse_out != nullptr) lse_out[r] = 0.0;
+        if (train_loss != nullptr) train_loss[r] = 0.0f;
+        continue;
+      }
+      transformed_row(base + s * lv.sample_stride + t * lv.token_stride, vocab, *plan.options, z.data());
+      const RowSums sums = row_sums<float>(z.data(), vocab, nullptr);
+      const TokenValues v = token_values(sums, z[static_cast<size_t>(label)], label);
+      bad_out[r] = sums.finite ? 0 : 1;
+      const float values[6] = {v.loss, v.confidence, v.label_prob, v.correct, v.entropy, v.el2n};
+      for (int k = 0; k < 6; ++k)
+        if (tok[k] != nullptr) tok[k][r] = values[k];
+      if (lse_out != nullptr) lse_out[r] = v.lse;
+      if (train_loss != nullptr) train_loss[r] = option_token_loss(v, sums, z.data(), vocab, label, plan);
+    }
+  }
+}
+
+template <typename T>
+void backward_pass_options(const LogitsView& lv, const LabelsView& yv, const double* lse, const float* token_scale,
+                           int64_t ignore_index, T* grad, int64_t grad_sample_stride, int64_t grad_token_stride,
+                           const OptionsPlan& plan) {
+  const T* base = static_cast<const T*>(lv.data);
+  const int64_t rows = lv.samples * lv.tokens;
+  const int64_t vocab = lv.vocab;
+  const LossOptions& o = *plan.options;
+  const bool capped = o.softcap != 0.0;
+  const float inv_cap = capped ? static_cast<float>(1.0 / o.softcap) : 0.0f;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel if (rows * vocab >= kParallelMinElements)
+  {
+    std::vector<float> z(static_cast<size_t>(vocab));
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t s = r / lv.tokens;
+      const int64_t t = r % lv.tokens;
+      const int64_t label = yv.data[s * yv.sample_stride + t * yv.token_stride];
+      const T* row = base + s * lv.sample_stride + t * lv.token_stride;
+      T* out = grad + s * grad_sample_stride + t * grad_token_stride;
+      const bool valid = label != ignore_index && label >= 0 && label < vocab;
+      if (!valid) {
+        for (int64_t k = 0; k < vocab; ++k) Elem<T>::store(out + k, 0.0f);
+        continue;
+      }
+      const double l = lse[r];
+      if (!(l == l)) {
+        for (int64_t k = 0; k < vocab; ++k) Elem<T>::store(out + k, kNaN);
+        continue;
+      }
+      // The whole row is read (into z) before anything is written: grad may be the logits.
+      transformed_row(row, vocab, o, z.data());
+      const float hi = static_cast<float>(l);
+      const float exp_neg_lo = static_cast<float>(std::exp(static_cast<double>(hi) - l));
+      const float scale = token_scale[r];
+      const float w_label = plan.weight == nullptr ? 1.0f : plan.weight[label];
+      // d l / d z_k = a p_k - b w_k - [k = y] w_y (1 - eps)
+      const float a = static_cast<float>(static_cast<double>(w_label) * static_cast<double>(plan.one_minus_eps) +
+                                         static_cast<double>(plan.eps_over_v) * plan.weight_sum +
+                                         2.0 * o.z_loss * l);
+      const float b = plan.eps_over_v;
+      // d z / d x times the token's scale; p's exp(-lo) folded into a.
+      const float dzs = plan.inv_temperature * scale;
+      const float a_lo = a * exp_neg_lo;
+      const auto dz_of = [&](float zk) {
+        if (!capped || zk == neg_inf) return dzs;
+        const float c = zk * inv_cap;
+        return (1.0f - c * c) * dzs;
+      };
+      int64_t i = 0;
+#ifdef __AVX2__
+      {
+        const __m256 vh = _mm256_set1_ps(hi);
+        const __m256 underflow = _mm256_set1_ps(kExpUnderflow);
+        const __m256 va = _mm256_set1_ps(a_lo);
+        const __m256 vb = _mm256_set1_ps(b);
+        const __m256 vdzs = _mm256_set1_ps(dzs);
+        const __m256 vinv_cap = _mm256_set1_ps(inv_cap);
+        const __m256 one = _mm256_set1_ps(1.0f);
+        const __m256 vneg_inf = _mm256_set1_ps(neg_inf);
+        for (; i + 8 <= vocab; i += 8) {
+          const __m256 zk = _mm256_loadu_ps(z.data() + i);
+          const __m256 tt = _mm256_sub_ps(zk, vh);
+          const __m256 keep = _mm256_cmp_ps(tt, underflow, _CMP_GE_OQ);
+          const __m256 p = _mm256_and_ps(keep, exp_precise(_mm256_max_ps(tt, underflow)));
+          const __m256 w = plan.weight == nullptr ? one : _mm256_loadu_ps(plan.weight + i);
+          const __m256 dl = _mm256_fnmadd_ps(vb, w, _mm256_mul_ps(p, va));  // a p - b w
+          __m256 dz = vdzs;
+          if (capped) {
+            const __m256 c = _mm256_mul_ps(zk, vinv_cap);
+            const __m256 masked = _mm256_cmp_ps(zk, vneg_inf, _CMP_EQ_OQ);
+            dz = _mm256_blendv_ps(_mm256_mul_ps(_mm256_fnmadd_ps(c, c, one), vdzs), vdzs, masked);
+          }
+          Vec<T>::store(out + i, _mm256_mul_ps(dl, dz));
+        }
+      }
+#endif
+      for (; i < vocab; ++i) {
+        const float zk = z[static_cast<size_t>(i)];
+        const float tt = zk - hi;
+        const float p = tt >= kExpUnderflow ? std::exp(tt) : 0.0f;
+        const float w = plan.weight == nullptr ? 1.0f : plan.weight[i];
+        Elem<T>::store(out + i, (p * a_lo - b * w) * dz_of(zk));
+      }
+      const float zl = z[static_cast<size_t>(label)];
+      const float tl = zl - hi;
+      const float p_label = tl >= kExpUnderflow ? std::exp(tl) * exp_neg_lo : 0.0f;
+      Elem<T>::store(out + label, (p_label * a - b * w_label - w_label * plan.one_minus_eps) * dz_of(zl));
+    }
+  }
+}
+
 void check_views(const LogitsView& lv, const LabelsView& yv) {
   if (lv.data == nullptr && lv.samples * lv.tokens > 0) throw std::invalid_argument("logits: null data pointer");
   if (yv.data == nullptr && lv.samples * lv.tokens > 0) throw std::invalid_argument("labels: null data pointer");
@@ -991,9 +1290,31 @@ void check_views(const LogitsView& lv, const LabelsView& yv) {
 
 }  // namespace
 
+void LossOptions::validate(int64_t vocab) const {
+  if (!(std::isfinite(temperature) && temperature > 0.0))
+    throw std::invalid_argument("temperature must be finite and > 0, got " + std::to_string(temperature));
+  if (!(std::isfinite(softcap) && softcap >= 0.0))
+    throw std::invalid_argument("softcap must be 0 (off) or finite and > 0, got " + std::to_string(softcap));
+  if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))
+    throw std::invalid_argument("label_smoothing must be in [0, 1], got " + std::to_string(label_smoothing));
+  if (!(std::isfinite(z_loss) && z_loss >= 0.0))
+    throw std::invalid_argument("z_loss must be finite and >= 0, got " + std::to_string(z_loss));
+  if (class_weight != nullptr) {
+    if (class_weight_stride < 0) throw std::invalid_argument("class_weight: negative stride");
+    for (int64_t j = 0; j < vocab; ++j) {
+      const float w = class_weight[j * class_weight_stride];
+      if (!(std::isfinite(w) && w >= 0.0f))
+        throw std::invalid_argument("class_weight must hold finite values >= 0, got " + std::to_string(w) +
+                                    " at class " + std::to_string(j));
+    }
+  }
+}
+
 void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_t ignore_index,
-                      const Config& config, const SampleStatsOutput& out, const TokenStatsOutput& tokens) {
+                      const Config& config, const SampleStatsOutput& out, const TokenStatsOutput& tokens,
+                      const LossOptions& options) {
   check_views(logits, labels);
+  options.validate(logits.vocab);
   if (logits.samples == 0) return;  // empty batch: nothing to write (outputs may be null)
   if (out.loss == nullptr || out.confidence == nullptr || out.label_prob == nullptr || out.correct == nullptr ||
       out.entropy == nullptr || out.el2n == nullptr || out.valid_tokens == nullptr || out.bucket == nullptr)
@@ -1019,12 +1340,26 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
   }
   std::vector<uint8_t> bad(static_cast<size_t>(rows));
 
-  switch (logits.dtype) {
-    case ScalarType::kFloat32: token_pass<float>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
-    case ScalarType::kFloat64: token_pass<double>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
-    case ScalarType::kBFloat16: token_pass<BF16>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
-    case ScalarType::kFloat16: token_pass<FP16>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
-    default: throw std::invalid_argument("sample_stats_cpu: unsupported logits dtype");
+  if (options.plain()) {
+    switch (logits.dtype) {
+      case ScalarType::kFloat32: token_pass<float>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+      case ScalarType::kFloat64: token_pass<double>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+      case ScalarType::kBFloat16: token_pass<BF16>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+      case ScalarType::kFloat16: token_pass<FP16>(logits, labels, ignore_index, tok, tokens.lse, valid, bad.data()); break;
+      default: throw std::invalid_argument("sample_stats_cpu: unsupported logits dtype");
+    }
+    if (tokens.train_loss != nullptr) std::memcpy(tokens.train_loss, tok[0], static_cast<size_t>(rows) * sizeof(float));
+  } else {
+    OptionsPlan plan;
+    make_plan(options, logits.vocab, plan);
+    float* tl = tokens.train_loss;
+    switch (logits.dtype) {
+      case ScalarType::kFloat32: token_pass_options<float>(logits, labels, ignore_index, plan, tok, tl, tokens.lse, valid, bad.data()); break;
+      case ScalarType::kFloat64: token_pass_options<double>(logits, labels, ignore_index, plan, tok, tl, tokens.lse, valid, bad.data()); break;
+      case ScalarType::kBFloat16: token_pass_options<BF16>(logits, labels, ignore_index, plan, tok, tl, tokens.lse, valid, bad.data()); break;
+      case ScalarType::kFloat16: token_pass_options<FP16>(logits, labels, ignore_index, plan, tok, tl, tokens.lse, valid, bad.data()); break;
+      default: throw std::invalid_argument("sample_stats_cpu: unsupported logits dtype");
+    }
   }
 
   // 3. per-sample means over valid tokens, in double like the reference, and the bucket.
@@ -1059,12 +1394,36 @@ void sample_stats_cpu(const LogitsView& logits, const LabelsView& labels, int64_
 
 void cross_entropy_backward_cpu(const LogitsView& logits, const LabelsView& labels, const double* lse,
                                 const float* token_scale, int64_t ignore_index, void* grad,
-                                int64_t grad_sample_stride, int64_t grad_token_stride) {
+                                int64_t grad_sample_stride, int64_t grad_token_stride, const LossOptions& options) {
   check_views(logits, labels);
+  options.validate(logits.vocab);
   if (logits.samples * logits.tokens == 0) return;
   if (lse == nullptr || token_scale == nullptr || grad == nullptr)
     throw std::invalid_argument("cross_entropy_backward_cpu: lse, token_scale and grad are required");
   if (grad_sample_stride < 0 || grad_token_stride < 0) throw std::invalid_argument("grad: negative strides");
+  if (!options.plain()) {
+    OptionsPlan plan;
+    make_plan(options, logits.vocab, plan);
+    switch (logits.dtype) {
+      case ScalarType::kFloat32:
+        backward_pass_options<float>(logits, labels, lse, token_scale, ignore_index, static_cast<float*>(grad),
+                                     grad_sample_stride, grad_token_stride, plan);
+        return;
+      case ScalarType::kFloat64:
+        backward_pass_options<double>(logits, labels, lse, token_scale, ignore_index, static_cast<double*>(grad),
+                                      grad_sample_stride, grad_token_stride, plan);
+        return;
+      case ScalarType::kBFloat16:
+        backward_pass_options<BF16>(logits, labels, lse, token_scale, ignore_index, static_cast<BF16*>(grad),
+                                    grad_sample_stride, grad_token_stride, plan);
+        return;
+      case ScalarType::kFloat16:
+        backward_pass_options<FP16>(logits, labels, lse, token_scale, ignore_index, static_cast<FP16*>(grad),
+                                    grad_sample_stride, grad_token_stride, plan);
+        return;
+      default: throw std::invalid_argument("cross_entropy_backward_cpu: unsupported logits dtype");
+    }
+  }
   switch (logits.dtype) {
     case ScalarType::kFloat32:
       backward_pass<float>(logits, labels, lse, token_scale, ignore_index, static_cast<float*>(grad),

@@ -300,12 +300,14 @@ def count_visits(indices: numpy.ndarray, loss: numpy.ndarray, confidence: numpy.
     are written in place; returns the batch's FREEZE revisits as (revisits, failed). Everything is
     checked before anything is written.
     """
-def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, scale_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0) -> None:
+def cross_entropy_backward(logits: typing.Any, labels: typing.Any, lse: typing.Any, token_scale: typing.Any, grad: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, scale_factor: typing.SupportsFloat | typing.SupportsIndex = 1.0, *, temperature: typing.SupportsFloat | typing.SupportsIndex = 1.0, softcap: typing.SupportsFloat | typing.SupportsIndex = 0.0, label_smoothing: typing.SupportsFloat | typing.SupportsIndex = 0.0, z_loss: typing.SupportsFloat | typing.SupportsIndex = 0.0, class_weight: typing.Any = None) -> None:
     """
     grad = (softmax(logits) - onehot(labels)) * token_scale[..., None] * scale_factor, 0 for non-valid
     tokens; lse is the forward's float64 [S, T]; token_scale is float32 [S, T] or [S] (one scale per sample).
     
-    grad=None writes the gradient into the logits storage. Releases the GIL.
+    grad=None writes the gradient into the logits storage. Under the loss options (as stats_forward's;
+    lse is then the forward's logsumexp(z)) grad is d l / d logits * token_scale * scale_factor, the
+    options' token loss l differentiated through z. Releases the GIL.
     """
 def curriculum_progress(step: typing.SupportsInt | typing.SupportsIndex, total_steps: typing.SupportsInt | typing.SupportsIndex) -> float:
     ...
@@ -329,14 +331,20 @@ def gaussian_window_plan(order: numpy.ndarray, mu: typing.SupportsFloat | typing
     ...
 def infobatch_plan(scores: numpy.ndarray, epoch: typing.SupportsInt | typing.SupportsIndex, num_epochs: typing.SupportsInt | typing.SupportsIndex, prune_ratio: typing.SupportsFloat | typing.SupportsIndex, delta: typing.SupportsFloat | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, num_replicas: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex, shuffle: bool, drop_last: bool) -> dict:
     ...
-def loss_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, weight: typing.Any, reduction: str, values_out: typing.Any, valid_out: typing.Any, bucket_out: typing.Any, lse_out: typing.Any) -> tuple:
+def loss_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, weight: typing.Any, reduction: str, values_out: typing.Any, valid_out: typing.Any, bucket_out: typing.Any, lse_out: typing.Any = None, grad_out: typing.Any = None, *, temperature: typing.SupportsFloat | typing.SupportsIndex = 1.0, softcap: typing.SupportsFloat | typing.SupportsIndex = 0.0, label_smoothing: typing.SupportsFloat | typing.SupportsIndex = 0.0, z_loss: typing.SupportsFloat | typing.SupportsIndex = 0.0, class_weight: typing.Any = None, return_totals: bool = False) -> tuple:
     """
     The fused loss's CPU forward in one call: label check, statistics (float32 [6, S] block, int32
-    valid_tokens, int8 bucket), per-token log-sum-exp (float64 [S, T]) and the reduction ('sum' or
-    'mean') of the token losses weighted per sample (float32 [S] or None).
+    valid_tokens, int8 bucket), the reduction ('sum' or 'mean') of the token losses weighted per
+    sample (float32 [S] or None), and either the loss's gradient (grad_out: the logits' dtype and
+    shape) or the per-token log-sum-exp a later cross_entropy_backward reads (lse_out: float64
+    [S, T]); each may be None.
     
-    Returns (bad, loss, valid_total): bad is the flat s * T + t of the first label neither
-    ignore_index nor in [0, V) (then nothing is written), else -1. Releases the GIL.
+    Returns (bad, loss, valid_total), with return_totals (bad, loss, valid_total, weight_total,
+    z_loss): bad is the flat s * T + t of the first label neither ignore_index nor in [0, V) (then
+    nothing is written and the rest is 0), else -1. Under the loss options (as stats_forward's) the
+    token losses are the options' l; 'mean' divides by weight_total, the sum of the valid tokens'
+    class weights w_y (float(valid_total) without class_weight; NaN loss when it is 0); z_loss is
+    the part of loss the z-loss adds (reduced and divided the same way). Releases the GIL.
     """
 def random_permutation(n: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex) -> numpy.typing.NDArray[numpy.int64]:
     """
@@ -351,7 +359,7 @@ def shard_plan(indices: numpy.ndarray, weights: numpy.ndarray, num_replicas: typ
     """
     This rank's share of a global plan: (indices, weights, total_size, real entries).
     """
-def stats_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, sample_out: collections.abc.Sequence, token_out: typing.Any = None, lse_out: typing.Any = None) -> None:
+def stats_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.SupportsInt | typing.SupportsIndex, config: Config, sample_out: collections.abc.Sequence, token_out: typing.Any = None, lse_out: typing.Any = None, *, loss_out: typing.Any = None, temperature: typing.SupportsFloat | typing.SupportsIndex = 1.0, softcap: typing.SupportsFloat | typing.SupportsIndex = 0.0, label_smoothing: typing.SupportsFloat | typing.SupportsIndex = 0.0, z_loss: typing.SupportsFloat | typing.SupportsIndex = 0.0, class_weight: typing.Any = None) -> None:
     """
     Fused statistics of [S, T, V] logits and [S, T] int64 labels (DLPack capsules of CPU tensors).
     
@@ -359,7 +367,12 @@ def stats_forward(logits: typing.Any, labels: typing.Any, ignore_index: typing.S
     a float32 [6, S] block of the six floats, valid_tokens, bucket), optionally the per-token
     outputs (7: float32 x6, bool valid; [S, T], entries may be None; or 2: a float32 [K, S, T]
     block of the first K fields, valid or None) and the per-token log-sum-exp (float64 [S, T]).
-    Releases the GIL.
+    
+    The loss options (geko_core/loss_options.py): temperature (> 0), softcap (0: off), label_smoothing
+    (in [0, 1]), z_loss (>= 0), class_weight (float32 [V] or None). Under options the statistics
+    (and their token loss -logp_y) describe softmax(z) and lse is logsumexp(z); loss_out (float32
+    [S, T] or None) receives the token loss a reduction sums (the options' l; -logp_y without
+    options), 0 on tokens that are not valid. Releases the GIL.
     """
 def weighted_sample(weights: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, seed: typing.SupportsInt | typing.SupportsIndex, epoch: typing.SupportsInt | typing.SupportsIndex, method: str) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float64]]:
     ...
