@@ -16,7 +16,7 @@ from ._backend import load_compiled_core
 from ._inputs import check_triton_backward, label_error
 from ._reduction import reduce_host, reduce_tokens, sample_scale, token_scale
 from .config import GekoConfig, cpp_config_for_kernels
-from .loss_options import LossOptions, class_weight_total, kernel_options
+from .loss_options import LossOptions, class_weight_total, cpp_kernel_options, kernel_options
 from .stats import forward_blocks_cpp, forward_triton
 from .types import SampleStats, TokenStats
 
@@ -96,27 +96,42 @@ class _CppKernels:
             else:
                 lse_capsule, grad_capsule = None, to_dlpack(grad)
             capsules = (*capsules, lse_capsule, weight_capsule)
-            bad, value, total = load_compiled_core().loss_forward(
+            args = (
                 capsules[0], capsules[1], spec.ignore_index, cpp_config_for_kernels(spec.config), weight_capsule,
                 spec.reduction, values.__dlpack__(), valid.__dlpack__(), bucket.__dlpack__(), lse_capsule, grad_capsule,
             )
+            options = None if spec.options.plain else cpp_kernel_options(spec.options)
+            if options is None:
+                bad, value, total = load_compiled_core().loss_forward(*args)
+                divisor = total
+            else:  # "mean" divides by the valid tokens' class weights (their count without)
+                bad, value, total, divisor, _ = load_compiled_core().loss_forward(*args, return_totals=True, **options)
             if bad >= 0:
                 raise label_error(labels3, bad, logits3.shape[-1], spec.ignore_index)
             # The statistics stay host arrays (no tensor outputs for autograd to track); the
             # caller turns them into tensors only when asked (HostForward.stats).
             host = HostForward(values, valid, bucket, total)
-            return torch.from_numpy(np.array(value, dtype=np.float32)), (), (capsules, total, None, None), host
+            return torch.from_numpy(np.array(value, dtype=np.float32)), (), (capsules, divisor, None, None, options), host
+        options = None if spec.options.plain else cpp_kernel_options(spec.options)
+        trained = None if options is None else torch.empty(labels3.shape, dtype=torch.float32)
         blocks = forward_blocks_cpp(
-            logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, per_token=spec.per_token, write_lse=True
+            logits3, labels3, ignore_index=spec.ignore_index, config=spec.config, per_token=spec.per_token, write_lse=True,
+            options=options, loss_out=trained,
         )
-        token_loss, valid_tokens = blocks.token_values[0], blocks.valid_tokens
-        if spec.reduction in ("sum", "mean"):
+        token_loss, valid_tokens = (blocks.token_values[0] if trained is None else trained), blocks.valid_tokens
+        divisor = None
+        if options is not None and spec.options.class_weight is not None:
+            vocab = logits3.shape[-1]
+            counted = (labels3 != spec.ignore_index) & (labels3 >= 0) & (labels3 < vocab)
+            divisor = class_weight_total(spec.options, labels3, counted)
+        if spec.reduction in ("sum", "mean") and divisor is None:
             # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
             loss, total = reduce_host(token_loss.numpy(), valid_tokens.numpy(), weight, spec.reduction)
         else:
-            loss, total = reduce_tokens(token_loss, valid_tokens, weight, spec.reduction), None
+            loss = reduce_tokens(token_loss, valid_tokens, weight, spec.reduction, divisor)
+            total = None if divisor is None else float(divisor)
         outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
-        return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight), None
+        return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight, options), None
 
     @staticmethod
     def backward(logits3, labels3, state, grad_output, target, spec) -> None:
@@ -129,7 +144,7 @@ class _CppKernels:
                 to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse), to_dlpack(scale), target_capsule, spec.ignore_index
             )
             return
-        capsules, total, valid_tokens, weight = state
+        capsules, total, valid_tokens, weight, options = state
         if valid_tokens is None:  # the one-call forward: the scale is its weights, the rest one factor
             factor = float(grad_output)
             if spec.reduction == "mean":
@@ -141,7 +156,8 @@ class _CppKernels:
             scale, factor = sample_scale(grad_output, valid_tokens, weight, spec.reduction, total)
             scale_capsule = to_dlpack(scale)
         core.cross_entropy_backward(
-            capsules[0], capsules[1], capsules[2], scale_capsule, target_capsule, spec.ignore_index, factor
+            capsules[0], capsules[1], capsules[2], scale_capsule, target_capsule, spec.ignore_index, factor,
+            **(options or {}),
         )
 
 

@@ -23,7 +23,7 @@ from ._inputs import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
 from ._reduction import reduce_samples, weight_tokens
 from ._reduction import token_scale as tokens_scale
 from .config import GekoConfig, cpp_config_for_kernels
-from .loss_options import LossOptions, kernel_options
+from .loss_options import LossOptions, cpp_kernel_options, kernel_options
 from ._cross_entropy_kernels import cross_entropy_backward_triton
 from .reference import instant_bucket
 from .stats import forward_triton
@@ -282,8 +282,7 @@ class _CppChunk:
     """The C++ kernels of ``cross_entropy_with_stats`` on one chunk (each row a one-token sample)."""
 
     def __init__(self, config: GekoConfig | None, rows: int, chunk: int, options: LossOptions) -> None:
-        if not options.plain:  # (the chunk loop's caller refuses them first)
-            raise ValueError("the loss options do not run on the C++ chunk kernels yet")
+        self.options = cpp_kernel_options(options)
         self.core = load_compiled_core()
         self.config = None if config is None else cpp_config_for_kernels(config)
         self.sample_out: list[torch.Tensor] = []
@@ -298,15 +297,17 @@ class _CppChunk:
         token_capsules = [to_dlpack(tokens.values[k, start:stop].view(count, 1)) for k in range(_NUM_FIELDS)]
         token_capsules.append(to_dlpack(tokens.valid[start:stop].view(count, 1)))
         lse_capsule = None if tokens.lse is None else to_dlpack(tokens.lse[start:stop].view(count, 1))
+        loss_capsule = None if tokens.loss is None else to_dlpack(tokens.loss[start:stop].view(count, 1))
         self.core.stats_forward(
             to_dlpack(logits3), to_dlpack(labels3), ignore_index, self.config,
             [to_dlpack(t[:count]) for t in self.sample_out], token_capsules, lse_capsule,
+            loss_out=loss_capsule, **self.options,
         )
         return self.sample_out[7][:count]
 
     def backward_in_place(self, logits3, labels3, lse3, scale3, ignore_index) -> None:
         self.core.cross_entropy_backward(
-            to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse3), to_dlpack(scale3), None, ignore_index
+            to_dlpack(logits3), to_dlpack(labels3), to_dlpack(lse3), to_dlpack(scale3), None, ignore_index, **self.options
         )
 
 

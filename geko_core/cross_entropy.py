@@ -436,11 +436,6 @@ def _loss_and_stats(
             raise ValueError("the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) do not take packed rows (segments=, position_ids=)")
         if not options.plain and name == "op":
             raise ValueError("the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) do not run under torch.compile")
-        if not options.plain and name == "cpp":
-            raise ValueError(
-                "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) run on "
-                "backend='reference' and 'triton' only so far"
-            )
     if name != "cpp" or not one_call:
         # (the one-call C++ forward refuses an out-of-range label itself, before writing anything)
         check_cpu_labels(labels3, logits3.shape[-1], ignore_index)

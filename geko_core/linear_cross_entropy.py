@@ -374,10 +374,9 @@ def linear_cross_entropy_with_stats(
             temperature=temperature, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
             class_weight=class_weight, vocab=weight.shape[0], device=hidden.device,
         )
-        if not options.plain and prepared.backend in ("cpp", "op"):
+        if not options.plain and prepared.backend == "op":
             raise ValueError(
-                "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) run on "
-                "backend='reference' and 'triton' only so far (not under torch.compile)"
+                "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) do not run under torch.compile"
             )
     spec = _Spec(reduction, per_token, config, options)
     loss, stats = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, spec, training)

@@ -4,8 +4,10 @@ class weights) and their torch reference, written once.
 Every backend of every loss computes, for a token with logits ``x`` (``[V]``) and label ``y``:
 
 * ``u = x / temperature``; ``z = softcap * tanh(u / softcap)`` when ``softcap`` is set, else
-  ``z = u``: the logits the model's distribution is ``softmax(z)`` of. A ``-inf`` logit (a
-  masked vocabulary entry) stays ``-inf`` under soft-capping: probability 0, not ``-softcap``;
+  ``z = u``: the logits the model's distribution is ``softmax(z)`` of. An infinite logit
+  stays infinite under soft-capping: ``-inf`` (a masked vocabulary entry) is probability 0,
+  not ``-softcap``; ``+inf`` (a model that has blown up) spoils its sample as it does without
+  the options, not ``softcap``;
 * ``lse = logsumexp(z)``, ``logp = z - lse``;
 * the token loss ``l = w_y (1 - eps) (-logp_y) + (eps / V) sum_j w_j (-logp_j) + zeta lse^2``,
   where ``eps`` is ``label_smoothing``, ``zeta`` is ``z_loss`` and ``w`` the class weights
@@ -35,7 +37,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossOptions", "check_loss_options", "class_weight_total", "kernel_options", "options_token_loss_reference", "transformed_logits"]
+__all__ = ["LossOptions", "check_loss_options", "class_weight_total", "cpp_kernel_options", "kernel_options", "options_token_loss_reference", "transformed_logits"]
 
 
 class LossOptions(NamedTuple):
@@ -127,6 +129,19 @@ def kernel_options(options: LossOptions) -> dict:
     }
 
 
+def cpp_kernel_options(options: LossOptions) -> dict:
+    """:func:`kernel_options` as the compiled CPU core takes them: ``softcap=0`` for none, the
+    class weights as a DLPack capsule."""
+    from torch.utils.dlpack import to_dlpack
+
+    out = kernel_options(options)
+    if out:
+        out["softcap"] = 0.0 if out["softcap"] is None else out["softcap"]
+        if out["class_weight"] is not None:
+            out["class_weight"] = to_dlpack(out["class_weight"])
+    return out
+
+
 def class_weight_total(options: LossOptions, labels3: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
     """The divisor of ``"mean"`` under class weights: the valid tokens' summed class weights
     (None without class weights: the number of valid tokens)."""
@@ -144,7 +159,7 @@ def transformed_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tens
         z = z / options.temperature
     if options.softcap is not None:
         capped = options.softcap * torch.tanh(z / options.softcap)
-        z = torch.where(torch.isneginf(z), z, capped)  # a masked entry keeps probability 0
+        z = torch.where(torch.isinf(z), z, capped)  # a masked entry keeps probability 0, +inf spoils
     return z
 
 

@@ -82,12 +82,15 @@ def stats_from_blocks(blocks: ForwardBlocks | tuple, per_token: bool) -> SampleS
 
 
 def forward_blocks_cpp(
-    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, per_token: bool, write_lse: bool
+    logits3: torch.Tensor, labels3: torch.Tensor, *, ignore_index: int, config: GekoConfig, per_token: bool, write_lse: bool,
+    options: dict | None = None, loss_out: torch.Tensor | None = None,
 ) -> ForwardBlocks:
     """The C++ forward kernel on validated ``[S, T, V]`` / ``[S, T]`` int64 CPU views: one
     float32 block per level instead of a tensor per field. Row 0 of ``token_values`` holds
     the token losses (0 for tokens that are not valid); it has the other five fields with
-    ``per_token``, only the loss with ``write_lse``, no row otherwise."""
+    ``per_token``, only the loss with ``write_lse``, no row otherwise. ``options``: the loss
+    options as the core takes them (``loss_options.cpp_kernel_options``); ``loss_out``: float32
+    ``[S, T]`` that receives the token loss trained on (the options' loss)."""
     core = load_compiled_core()
     samples, tokens = labels3.shape
     sample_values = torch.empty((6, samples), dtype=torch.float32)
@@ -108,6 +111,8 @@ def forward_blocks_cpp(
         (to_dlpack(sample_values), to_dlpack(valid_tokens), to_dlpack(bucket)),
         token_capsules,
         to_dlpack(lse) if write_lse else None,
+        loss_out=None if loss_out is None else to_dlpack(loss_out),
+        **(options or {}),
     )
     return ForwardBlocks(sample_values, valid_tokens, bucket, token_values, token_valid, lse)
 

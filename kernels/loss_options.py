@@ -43,12 +43,13 @@ def _tanh(a):
 
 @triton.jit
 def _transformed_logits(x, temperature, softcap, HAS_TEMPERATURE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    # z = softcap * tanh((x / temperature) / softcap); a -inf logit (a masked class) stays -inf
+    # z = softcap * tanh((x / temperature) / softcap); an infinite logit stays infinite (-inf: a
+    # masked class; +inf: a row that spoils its sample, as without the options)
     z = x
     if HAS_TEMPERATURE:
         z = z / temperature
     if HAS_SOFTCAP:
-        z = tl.where(z == -float("inf"), z, softcap * _tanh(z / softcap))
+        z = tl.where((z == -float("inf")) | (z == float("inf")), z, softcap * _tanh(z / softcap))
     return z
 
 

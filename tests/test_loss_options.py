@@ -117,7 +117,7 @@ def _has_triton() -> bool:
 from geko_core.loss_options import transformed_logits  # noqa: E402
 from geko_core.reference import sample_stats_reference  # noqa: E402
 
-API_BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="triton is not installed"))]
+API_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="triton is not installed"))]
 ALL_ON = {"temperature": 0.7, "softcap": 3.0, "label_smoothing": 0.1, "z_loss": 1e-3}
 OPTION_CASES = [
     {"temperature": 0.5},
@@ -152,6 +152,9 @@ def _expected(x, y, options, reduction, sample_weight=None):
     weighted = loss * sw.view(-1, *([1] * (y.dim() - 1)))
     if reduction == "none":
         out = weighted
+    elif reduction == "per_sample":
+        counted = (y != -100).reshape(y.shape[0], -1).sum(dim=1).clamp(min=1)
+        out = weighted.reshape(y.shape[0], -1).sum(dim=1) / counted
     elif reduction == "sum":
         out = weighted.sum()
     else:
@@ -162,7 +165,7 @@ def _expected(x, y, options, reduction, sample_weight=None):
 @pytest.mark.parametrize("backend", API_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(OPTION_CASES)))
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "per_sample"])
 def test_options_match_the_reference_forward_and_backward(backend, dtype, case, reduction):
     x, y, w = _api_inputs(dtype, seed=case)
     kwargs = {k: (w if v == "w" else v) for k, v in OPTION_CASES[case].items()}
@@ -191,6 +194,20 @@ def test_label_smoothing_and_class_weights_equal_torch(backend, reduction):
     x, y, w = _api_inputs(torch.float32, seed=4, shape=(40, 23))
     loss, _ = cross_entropy_with_stats(x, y, backend=backend, reduction=reduction, label_smoothing=0.15, class_weight=w)
     torch.testing.assert_close(loss, F.cross_entropy(x, y, weight=w, label_smoothing=0.15, reduction=reduction), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="triton is not installed"))])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_options_in_place_backward(backend, reduction):
+    x, y, w = _api_inputs(torch.float32, seed=7)
+    kwargs = {**ALL_ON, "class_weight": w}
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    la, _ = cross_entropy_with_stats(xa, y, backend=backend, reduction=reduction, **kwargs)
+    lb, _ = cross_entropy_with_stats(xb * 1.0, y, backend=backend, reduction=reduction, inplace_backward=True, **kwargs)
+    upstream = torch.rand(la.shape)
+    (la * upstream).sum().backward()
+    (lb * upstream).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", API_BACKENDS)
