@@ -282,3 +282,24 @@ def test_linear_options_equal_the_options_on_materialised_logits(backend, case, 
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-4, atol=1e-6)
     assert torch.equal(stats.bucket, expected_stats.bucket)
+
+
+@pytest.mark.parametrize("backend", API_BACKENDS)
+def test_infinite_logits_keep_their_meaning_under_softcap(backend):
+    """-inf stays a masked class (probability 0) and +inf spoils its sample, as without the
+    options, on every backend."""
+    x, y, _ = _api_inputs(torch.float32, seed=11, shape=(4, 3, 37))
+    y[y == 5] = 6
+    x[:, :, 5] = float("-inf")
+    x[2, 1, 9] = float("inf")
+    y[2, 1] = 0
+    import warnings
+
+    with warnings.catch_warnings():
+        # the Triton interpreter computes inf - inf in numpy, which warns (a GPU does not)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss, stats = cross_entropy_with_stats(x, y, backend=backend, reduction="none", softcap=4.0)
+    assert torch.isnan(loss[2, 1]) or torch.isinf(loss[2, 1])
+    assert bool(torch.isfinite(loss[[0, 1, 3]]).all())
+    assert int(stats.bucket[2]) == -1 and torch.isnan(stats.confidence[2])
+    assert bool((stats.bucket[[0, 1, 3]] >= 0).all())

@@ -81,9 +81,8 @@ def test_torch_opinfo_linear_cross_entropy(case, entry, dtype, shape, target):
         case.unsupported("probability-targets")
     if shape[0] == "kdim":
         case.unsupported("k-dim-linear-weight")
-    if cw:
-        case.unsupported("class-weights")
     kind, d, C = shape
+    options = {"class_weight": torch.empty(C, dtype=dtype).uniform_(0.1, 2)} if cw else None
     h = torch.empty(8 if kind == "rows" else 1, d, dtype=dtype).uniform_(-2, 2)
     w = torch.empty(C, d, dtype=dtype).uniform_(-2, 2)
     b = torch.randn(C, dtype=dtype) if bias else None
@@ -92,7 +91,7 @@ def test_torch_opinfo_linear_cross_entropy(case, entry, dtype, shape, target):
         y[0] = (ii + 1) % C
     up = torch.rand(h.shape[0]) + 0.5 if reduction == "none" else None
     check(case, "linear", (h, w, b), y, ignore_index=-100 if ii is None else ii, reduction=reduction, chunk_size=chunk,
-          upstream=up)
+          upstream=up, options=options)
 
 
 # -- torch 2.13: OpInfo samples of nn.functional.cross_entropy (logits [2, 3], class dimension 1) ----
@@ -119,8 +118,7 @@ def _ce_opinfo_params():
 def test_torch_opinfo_cross_entropy(case, shape, reduction, cw, ii, dtype, target):
     if target == "prob":
         case.unsupported("probability-targets")
-    if cw:
-        case.unsupported("class-weights")
+    options = {"class_weight": torch.empty(3, dtype=dtype).uniform_(0.1, 2)} if cw else None
     # torch's [N, C, d1, ...] layout is ours after moving the class dimension last and flattening
     # the K extra dimensions into one sequence axis (a non-contiguous view of the same values)
     x = torch.empty(shape, dtype=dtype).uniform_(-9, 9)
@@ -132,14 +130,16 @@ def test_torch_opinfo_cross_entropy(case, shape, reduction, cw, ii, dtype, targe
         logits = logits.reshape(shape[0], -1, 3)
     labels = y.reshape(logits.shape[:-1])
     up = torch.rand(labels.shape) + 0.5 if reduction == "none" else None
-    check(case, "ce", (logits,), labels, ignore_index=-100 if ii is None else ii, reduction=reduction, upstream=up)
+    check(case, "ce", (logits,), labels, ignore_index=-100 if ii is None else ii, reduction=reduction, upstream=up,
+          options=options)
 
 
 # -- torch 2.13: ModuleInfo inputs of nn.LinearCrossEntropyLoss ------------------------------------------
 # Sizes (rows, d, C) = (8, 5, 4) and unbatched (d, C) = (8, 4); reductions; ignore_index None,
 # -100, (C - 1) // 2 and C + 5 (out of the class range), with targets random, half of them the
-# ignored value, or all of it; default and 2-row chunks. Label smoothing, class weights,
-# K-dimensional outputs and probability targets are one documented case per reduction each.
+# ignored value, or all of it; default and 2-row chunks. Label smoothing and class weights are
+# one case per reduction each; K-dimensional outputs and probability targets one documented
+# unsupported case per reduction each.
 
 
 def _module_params():
@@ -173,6 +173,9 @@ def test_torch_module_linear_cross_entropy(case, rows, chunk, reduction, ii, fil
     if isinstance(ii, str) and ii in UNSUPPORTED:
         case.unsupported(ii)
     d, C = (5, 4) if rows else (8, 4)
+    options = {"label-smoothing": {"label_smoothing": 0.15}, "class-weights": {"class_weight": torch.rand(C) + 0.1}}.get(ii)
+    if options is not None:
+        ii = -100
     n = rows or 1
     h, w = torch.randn(n, d, dtype=dtype), torch.randn(C, d, dtype=dtype)
     b = torch.randn(C, dtype=dtype) if ii == "bias" else None
@@ -187,7 +190,8 @@ def test_torch_module_linear_cross_entropy(case, rows, chunk, reduction, ii, fil
     elif ignore is not None and reduction == "mean" and 0 <= ignore < C and bool((y == ignore).all()):
         y[0] = (ignore + 1) % C
     up = torch.rand(n) + 0.5 if reduction == "none" else None
-    check(case, "linear", (h, w, b), y, ignore_index=ignore, reduction=reduction, chunk_size=chunk, upstream=up)
+    check(case, "linear", (h, w, b), y, ignore_index=ignore, reduction=reduction, chunk_size=chunk, upstream=up,
+          options=options)
 
 
 # -- torch 2.13: its own linear_cross_entropy tests --------------------------------------------------
@@ -211,8 +215,10 @@ def test_torch_refuses_bad_chunk_size(case, chunk):
     case.refused(ValueError, "chunk_size", lambda: linear_cross_entropy_with_stats(x, w, y, chunk_size=chunk))
 
 
-def test_torch_label_smoothing_range(case):
-    case.unsupported("label-smoothing")
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_torch_label_smoothing_range(case, value):
+    x, w, y = torch.randn(2, 4), torch.randn(8, 4), torch.randint(0, 8, (2,))
+    case.refused(ValueError, "label_smoothing", lambda: linear_cross_entropy_with_stats(x, w, y, label_smoothing=value))
 
 
 @pytest.mark.parametrize("backend", [
