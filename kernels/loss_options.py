@@ -43,13 +43,15 @@ def _tanh(a):
 
 @triton.jit
 def _transformed_logits(x, temperature, softcap, HAS_TEMPERATURE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    # z = softcap * tanh((x / temperature) / softcap); an infinite logit stays infinite (-inf: a
-    # masked class; +inf: a row that spoils its sample, as without the options)
+    # z = softcap * tanh((x / temperature) / softcap); -inf stays -inf (a masked class) and +inf
+    # becomes NaN: a row that spoils its sample, as without the options
     z = x
     if HAS_TEMPERATURE:
         z = z / temperature
     if HAS_SOFTCAP:
-        z = tl.where((z == -float("inf")) | (z == float("inf")), z, softcap * _tanh(z / softcap))
+        # (+inf made NaN by a select, not by inf - inf: no arithmetic on infinities)
+        spoil = tl.where(z == float("inf"), float("nan"), 0.0)
+        z = tl.where(z == -float("inf"), z, softcap * _tanh(z / softcap) + spoil)
     return z
 
 
