@@ -52,6 +52,7 @@ class Spec(NamedTuple):
     config: GekoConfig
     inplace: bool
     options: LossOptions = LossOptions()  # temperature, soft-capping, label smoothing, z-loss, class weights
+    lse: bool = False  # also output the float64 [S, T] log-sum-exp of every token (its last statistics output)
 
 
 # -- the kernels: KERNELS[name].forward / .backward -------------------------------------------
@@ -90,11 +91,11 @@ class _CppKernels:
             valid = np.empty(samples, dtype=np.int32)
             bucket = np.empty(samples, dtype=np.int8)
             weight_capsule = None if weight is None else to_dlpack(weight)  # read again by the backward
-            if grad is None:
+            lse = None
+            if grad is None or spec.lse:
                 lse = np.empty((samples, labels3.shape[1] if labels3.dim() == 2 else 1), dtype=np.float64)
-                lse_capsule, grad_capsule = lse.__dlpack__(), None
-            else:
-                lse_capsule, grad_capsule = None, to_dlpack(grad)
+            lse_capsule = None if lse is None else lse.__dlpack__()
+            grad_capsule = None if grad is None else to_dlpack(grad)
             capsules = (*capsules, lse_capsule, weight_capsule)
             args = (
                 capsules[0], capsules[1], spec.ignore_index, cpp_config_for_kernels(spec.config), weight_capsule,
@@ -111,7 +112,8 @@ class _CppKernels:
             # The statistics stay host arrays (no tensor outputs for autograd to track); the
             # caller turns them into tensors only when asked (HostForward.stats).
             host = HostForward(values, valid, bucket, total)
-            return torch.from_numpy(np.array(value, dtype=np.float32)), (), (capsules, divisor, None, None, options), host
+            outputs = (torch.from_numpy(lse),) if spec.lse else ()
+            return torch.from_numpy(np.array(value, dtype=np.float32)), outputs, (capsules, divisor, None, None, options), host
         options = None if spec.options.plain else cpp_kernel_options(spec.options)
         trained = None if options is None else torch.empty(labels3.shape, dtype=torch.float32)
         blocks = forward_blocks_cpp(
@@ -131,6 +133,8 @@ class _CppKernels:
             loss = reduce_tokens(token_loss, valid_tokens, weight, spec.reduction, divisor)
             total = None if divisor is None else float(divisor)
         outputs = tuple(blocks[:5]) if spec.per_token else tuple(blocks[:3])
+        if spec.lse:
+            outputs = (*outputs, blocks.lse)
         return loss, outputs, ((*capsules, to_dlpack(blocks.lse)), total, valid_tokens, weight, options), None
 
     @staticmethod
@@ -179,6 +183,8 @@ class _TritonKernels:
         mean_total = class_weight_total(spec.options, labels3, token_valid) if options else None
         loss = reduce_tokens(token_values[-1] if options else token_values[0], valid_tokens, weight, spec.reduction, mean_total)
         outputs = (*blocks[:3], token_values[:6], token_valid) if spec.per_token else tuple(blocks[:3])
+        if spec.lse:
+            outputs = (*outputs, lse)
         return loss, outputs, (lse, valid_tokens, weight, mean_total), None
 
     @staticmethod

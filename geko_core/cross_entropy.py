@@ -191,11 +191,13 @@ class _Fused:
     @staticmethod
     def loss(logits, logits3, labels3, weight, spec):
         *outputs, host = _CrossEntropy.apply(logits, (logits3, labels3, weight, spec))
+        lse = outputs.pop() if spec.lse else None
         if host is not None:  # the usual CPU step: the statistics stay host arrays until asked for
-            return outputs[0], None, host
+            return outputs[0], None, host, lse
         if spec.per_token:
-            return outputs[0], sample_stats_of(outputs[1:], True), None
-        return outputs[0], SampleStats(*outputs[1].unbind(0), valid_tokens=outputs[2], bucket=outputs[3], tokens=None), None
+            return outputs[0], sample_stats_of(outputs[1:], True), None, lse
+        stats = SampleStats(*outputs[1].unbind(0), valid_tokens=outputs[2], bucket=outputs[3], tokens=None)
+        return outputs[0], stats, None, lse
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
@@ -222,7 +224,8 @@ class _Reference:
             stats = sample_stats_reference(
                 logits3.detach(), labels3, ignore_index=spec.ignore_index, per_token=spec.per_token, config=spec.config
             )
-        return loss, stats, None
+            lse = torch.logsumexp(x.detach(), dim=-1) if spec.lse else None
+        return loss, stats, None, lse
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
@@ -244,7 +247,7 @@ def _reference_with_options(logits3: torch.Tensor, labels3: torch.Tensor, weight
     samples, tokens, vocab = logits3.shape
     valid = (labels3 != spec.ignore_index) & (labels3 >= 0) & (labels3 < vocab)
     target = torch.where(valid, labels3, torch.full_like(labels3, -100))
-    token_loss, _, token_weight = options_token_loss_reference(
+    token_loss, lse, token_weight = options_token_loss_reference(
         logits3.reshape(-1, vocab), target.reshape(-1), spec.options, ignore_index=-100
     )
     token_loss = token_loss.reshape(samples, tokens)
@@ -256,7 +259,7 @@ def _reference_with_options(logits3: torch.Tensor, labels3: torch.Tensor, weight
             transformed_logits(logits3.detach(), spec.options), labels3, ignore_index=spec.ignore_index,
             per_token=spec.per_token, config=spec.config,
         )
-    return loss, stats, None
+    return loss, stats, None, lse.detach().reshape(samples, tokens) if spec.lse else None
 
 
 class _Op:
@@ -267,7 +270,8 @@ class _Op:
     def loss(logits, logits3, labels3, weight, spec):
         blocks = stats_forward(logits3, labels3, spec.ignore_index, config_values(spec.config), spec.per_token, True)
         stats = sample_stats_of(tuple(b.detach() for b in blocks), spec.per_token)
-        return reduce_tokens(blocks[3][0], stats.valid_tokens, weight, spec.reduction), stats, None
+        lse = blocks[5].detach() if spec.lse else None
+        return reduce_tokens(blocks[3][0], stats.valid_tokens, weight, spec.reduction), stats, None, lse
 
     @staticmethod
     def token_loss(logits, logits3, labels3, spec):
@@ -311,7 +315,8 @@ def cross_entropy_with_stats(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     class_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, SampleStats]:
+    return_lse: bool = False,
+) -> tuple:
     """Differentiable cross-entropy and the per-sample statistics, from one pass.
 
     Reductions (``w_s`` is ``sample_weight[s]``, 1 when None; ``l_st`` the token loss;
@@ -366,6 +371,11 @@ def cross_entropy_with_stats(
             tokens' class weights, as ``F.cross_entropy(weight=...)``). The statistics are
             those of the capped, tempered distribution. Not with packed rows nor under
             torch.compile.
+        return_lse: also return every token's log-sum-exp (of the tempered, soft-capped logits):
+            ``(loss, stats, lse)``, ``lse`` in the layout of the ``"none"`` loss, 0 at tokens
+            that do not count, float32 (float64 for float64 logits), without gradient; e.g.
+            ``z_loss * (lse ** 2).sum() / counted`` is the z-loss part of a ``"mean"`` loss.
+            Not with packed rows.
         segments, position_ids, num_segments: packed rows, as in ``sample_stats``: the
             statistics, ``sample_weight`` (``[K]``) and the reductions are then per sample
             (``"per_sample"`` gives ``K`` losses, ``"mean"`` divides by the batch's valid
@@ -389,12 +399,12 @@ def cross_entropy_with_stats(
             "temperature": temperature, "softcap": softcap, "label_smoothing": label_smoothing, "z_loss": z_loss,
             "class_weight": class_weight,
         }
-    loss, stats, host = _loss_and_stats(
+    loss, stats, host, *lse = _loss_and_stats(
         logits, labels, ignore_index=ignore_index, shift=shift, sample_weight=sample_weight, reduction=reduction,
         per_token=per_token, config=config, backend=backend, inplace_backward=inplace_backward, segments=segments,
-        position_ids=position_ids, num_segments=num_segments, loss_options=loss_options,
+        position_ids=position_ids, num_segments=num_segments, loss_options=loss_options, return_lse=return_lse,
     )
-    return loss, (host.stats() if stats is None else stats)
+    return (loss, (host.stats() if stats is None else stats), *lse)
 
 
 def _loss_and_stats(
@@ -413,13 +423,15 @@ def _loss_and_stats(
     position_ids: torch.Tensor | None,
     num_segments: int | None,
     loss_options: dict | None = None,
-) -> tuple[torch.Tensor, SampleStats | None, HostForward | None]:
+    return_lse: bool = False,
+) -> tuple:
     """``cross_entropy_with_stats`` and, for the one-call C++ forward (CPU tensors, a plain
     ``"sum"``/``"mean"`` reduction, no per-token output, no packed rows), the host arrays the
     Selector reads every step; there ``stats`` is None (``host.stats()`` gives it as tensors,
     sharing the memory), so nothing is converted twice. ``host`` is None on the other paths. The
     Selector's one seam into the loss: its usual CPU step costs what this function costs.
-    ``loss_options``: the unchecked keyword options of ``geko_core.loss_options`` (None: none)."""
+    ``loss_options``: the unchecked keyword options of ``geko_core.loss_options`` (None: none).
+    ``return_lse``: a fourth element, every token's log-sum-exp (``cross_entropy_with_stats``)."""
     config = resolve_config(config)
     check_choice(reduction, "reduction", REDUCTIONS)
     per_token = check_bool(per_token, "per_token")
@@ -463,12 +475,29 @@ def _loss_and_stats(
         check_same_device(weight, "sample_weight", logits, "logits")
         if weight.requires_grad:
             weight = weight.detach()
-    spec = Spec(name, ignore_index, shift, reduction, per_token, config, inplace_backward, options)
+    return_lse = check_bool(return_lse, "return_lse")
+    if return_lse and packed is not None:
+        raise ValueError("return_lse=True does not take packed rows (segments=, position_ids=)")
+    spec = Spec(name, ignore_index, shift, reduction, per_token, config, inplace_backward, options, return_lse)
     if packed is not None:
         return (*_segmented_loss(logits, logits3, packed, weight, spec), None)
     if name != "reference" and weight is not None and weight.dtype != torch.float32:
         weight = weight.to(torch.float32)
-    loss, stats, host = _BACKENDS[name].loss(logits, logits3, labels3, weight, spec)
+    loss, stats, host, lse = _BACKENDS[name].loss(logits, logits3, labels3, weight, spec)
     if reduction == "none" and logits.dim() == 2:
         loss = loss.reshape(labels.shape)  # [N, 1] token losses: one per row, as F.cross_entropy
-    return loss, stats, host
+    if not return_lse:
+        return loss, stats, host
+    return loss, stats, host, token_lse(lse, labels3, ignore_index, logits, labels)
+
+
+def token_lse(
+    lse: torch.Tensor, labels3: torch.Tensor, ignore_index: int, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The public log-sum-exp output: ``[S, T]`` (``[N]`` for 2-D logits), 0 where the token
+    does not count, float32 (float64 for float64 logits), no gradient."""
+    lse = lse.reshape(labels3.shape)
+    counted = (labels3 != ignore_index) & (labels3 >= 0) & (labels3 < logits.shape[-1])
+    out = torch.where(counted, lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
+    out = out.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return out.reshape(labels.shape) if logits.dim() == 2 else out

@@ -40,6 +40,7 @@ class _Spec(NamedTuple):
     per_token: bool
     config: GekoConfig
     options: LossOptions = LossOptions()
+    lse: bool = False  # also output every row's log-sum-exp
 
 
 def _flat(stats: SampleStats) -> tuple[torch.Tensor, ...]:
@@ -74,7 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         one = torch.ones((), dtype=torch.float32, device=hidden2.device)
         mean_total = _mean_total(prepared, spec.options)
         tokens, grads = run_chunks(
-            prepared.rows(spec.options), weight, bias, config=spec.config, keep_lse=not early,
+            prepared.rows(spec.options), weight, bias, config=spec.config, keep_lse=not early or spec.lse,
             token_scale=row_scale(prepared, one, spec.reduction, mean_total) if early else None, need=need,
         )
         stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
@@ -86,6 +87,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # the forward's lse: the backward runs no statistics pass
             ctx.save_for_backward(hidden2, weight, bias, tokens.lse)
         outputs = _flat(stats)
+        if spec.lse:
+            outputs = (*outputs, tokens.lse.clone())
         ctx.mark_non_differentiable(*outputs)
         return (reduce_rows(tokens.trained_loss, token_loss_sum, prepared, spec.reduction, mean_total), *outputs)
 
@@ -231,7 +234,7 @@ def _compiled_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: 
         *(field.detach() for field in stats[:8]),
         tokens=None if stats.tokens is None else TokenStats(*(field.detach() for field in stats.tokens)),
     )
-    return reduce_rows(values[0], token_loss_sum, prepared, spec.reduction), stats
+    return reduce_rows(values[0], token_loss_sum, prepared, spec.reduction), stats, (lse.detach() if spec.lse else None)
 
 
 def _reference_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Spec, training: bool):
@@ -241,12 +244,13 @@ def _reference_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec:
         if bias is not None:
             logits = logits + bias
         o = spec.options
-        return cross_entropy_with_stats(
+        loss, stats, *lse = cross_entropy_with_stats(
             logits, labels, ignore_index=prepared.ignore_index, shift=prepared.shift, sample_weight=prepared.weight,
             reduction=spec.reduction, per_token=spec.per_token, config=spec.config, backend="reference",
             temperature=o.temperature, softcap=o.softcap, label_smoothing=o.label_smoothing, z_loss=o.z_loss,
-            class_weight=o.class_weight,
+            class_weight=o.class_weight, return_lse=spec.lse,
         )
+        return loss, stats, (lse[0] if lse else None)
 
 
 def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Spec, training: bool):
@@ -254,12 +258,27 @@ def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Sp
     if not training:
         with torch.no_grad():
             rows = prepared.rows(spec.options)._replace(hidden2=prepared.hidden2.detach())
-            tokens, _ = run_chunks(rows, weight.detach(), None if bias is None else bias.detach(), config=spec.config)
+            tokens, _ = run_chunks(
+                rows, weight.detach(), None if bias is None else bias.detach(), config=spec.config, keep_lse=spec.lse
+            )
             stats, token_loss_sum = sample_statistics(tokens, prepared, spec.config, spec.per_token)
             mean_total = _mean_total(prepared, spec.options)
-            return reduce_rows(tokens.trained_loss, token_loss_sum, prepared, spec.reduction, mean_total), stats
-    outputs = _LinearCrossEntropy.apply(prepared.hidden2, weight, bias, prepared, spec)
-    return outputs[0], _stats_of(outputs[1:], spec.per_token)
+            loss = reduce_rows(tokens.trained_loss, token_loss_sum, prepared, spec.reduction, mean_total)
+            return loss, stats, tokens.lse
+    outputs = list(_LinearCrossEntropy.apply(prepared.hidden2, weight, bias, prepared, spec))
+    lse = outputs.pop() if spec.lse else None
+    return outputs[0], _stats_of(outputs[1:], spec.per_token), lse
+
+
+def _row_lse(lse: torch.Tensor, prepared: Inputs, vocab: int, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Every row's log-sum-exp in the public layout: that of the ``"none"`` loss, 0 where the
+    token does not count, float32 (float64 for float64 inputs)."""
+    rows = prepared.label_rows.view(prepared.samples, prepared.row_tokens)[:, : prepared.out_tokens]
+    lse = lse.reshape(prepared.samples, prepared.row_tokens)[:, : prepared.out_tokens]
+    counted = (rows != prepared.ignore_index) & (rows >= 0) & (rows < vocab)
+    out = torch.where(counted, lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
+    out = out.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    return out.reshape(labels.shape) if hidden.dim() == 2 else out
 
 
 _PLAIN = LossOptions()
@@ -291,7 +310,8 @@ def linear_cross_entropy_with_stats(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     class_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, SampleStats]:
+    return_lse: bool = False,
+) -> tuple:
     """Cross-entropy of ``hidden @ weight.T + bias`` and its per-sample statistics, never
     holding the ``[N, V]`` logits.
 
@@ -328,6 +348,8 @@ def linear_cross_entropy_with_stats(
             ``grad_fn``. Also the case when no input requires grad, or grad mode is off.
         per_token: also return token-level statistics (``[S, T]``, ``T - 1`` with shift).
         temperature, softcap, label_smoothing, z_loss, class_weight: the loss options, as in
+            ``cross_entropy_with_stats``.
+        return_lse: also return every token's log-sum-exp, ``(loss, stats, lse)``, as in
             ``cross_entropy_with_stats``.
         config: thresholds of the instant bucket.
         backend: ``None`` (Triton on CUDA, C++ on CPU), ``"triton"``, ``"cpp"`` or
@@ -378,8 +400,13 @@ def linear_cross_entropy_with_stats(
             raise ValueError(
                 "the loss options (temperature, softcap, label_smoothing, z_loss, class_weight) do not run under torch.compile"
             )
-    spec = _Spec(reduction, per_token, config, options)
-    loss, stats = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, spec, training)
+    return_lse = check_bool(return_lse, "return_lse")
+    spec = _Spec(reduction, per_token, config, options, return_lse)
+    loss, stats, lse = _BACKENDS[prepared.backend](hidden, weight, bias, labels, prepared, spec, training)
     if reduction == "none" and hidden.dim() == 2:
         loss = loss.reshape(labels.shape)  # [N, 1] token losses: one per row
-    return loss, stats
+    if not return_lse:
+        return loss, stats
+    if prepared.backend != "reference":  # (the reference's is in the public layout already)
+        lse = _row_lse(lse, prepared, weight.shape[0], hidden, labels)
+    return loss, stats, lse

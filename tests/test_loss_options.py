@@ -303,3 +303,59 @@ def test_infinite_logits_keep_their_meaning_under_softcap(backend):
     assert bool(torch.isfinite(loss[[0, 1, 3]]).all())
     assert int(stats.bucket[2]) == -1 and torch.isnan(stats.confidence[2])
     assert bool((stats.bucket[[0, 1, 3]] >= 0).all())
+
+
+@pytest.mark.parametrize("backend", API_BACKENDS)
+@pytest.mark.parametrize("case", [0, 2, 7])
+@pytest.mark.parametrize("shape, shift", [((3, 5, 37), False), ((3, 5, 37), True), ((11, 37), False)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_lse_is_the_log_sum_exp_of_z(backend, case, shape, shift, reduction):
+    x, y, w = _api_inputs(torch.float32, seed=12 + case, shape=shape)
+    kwargs = {k: (w if v == "w" else v) for k, v in OPTION_CASES[case].items()}
+    xg = x.clone().requires_grad_(True)
+    loss, stats, lse = cross_entropy_with_stats(xg, y, backend=backend, shift=shift, reduction=reduction, return_lse=True, **kwargs)
+    options = check_loss_options(vocab=x.shape[-1], **kwargs)
+    xs, ys = (x[:, :-1], y[:, 1:]) if shift else (x, y)
+    expected = torch.logsumexp(transformed_logits(xs, options).double(), -1)
+    expected = torch.where(ys != -100, expected, torch.zeros((), dtype=torch.float64))
+    assert lse.dtype == torch.float32 and not lse.requires_grad and lse.shape == ys.shape
+    torch.testing.assert_close(lse.double(), expected, rtol=1e-6, atol=1e-6)
+    plain, _ = cross_entropy_with_stats(x.clone(), y, backend=backend, shift=shift, reduction=reduction, **kwargs)
+    torch.testing.assert_close(loss.detach(), plain, rtol=0, atol=0)  # asking for the lse changes nothing
+    if "z_loss" in kwargs and reduction == "mean" and "class_weight" not in kwargs:
+        # the z-loss part of the loss, as a recipe logs it
+        z_part = kwargs["z_loss"] * (lse.double() ** 2).sum() / (ys != -100).sum()
+        assert float(z_part) > 0
+
+
+def test_return_lse_refused_with_packed_rows():
+    x, y, _ = _api_inputs(torch.float32, seed=13, shape=(2, 6, 11))
+    with pytest.raises(ValueError, match="return_lse"):
+        segments = torch.tensor([[0] * 6, [1] * 6])
+        cross_entropy_with_stats(x, y, segments=segments, num_segments=2, return_lse=True)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("shift", [False, True])
+def test_linear_return_lse_equals_the_materialised_one(backend, reduction, grad, shift):
+    g = torch.Generator().manual_seed(21)
+    hidden = torch.randn(3, 7, 16, generator=g)
+    weight = torch.randn(37, 16, generator=g) * 0.5
+    labels = torch.randint(0, 37, (3, 7), generator=g)
+    labels[1, 3] = -100
+    h = hidden.clone().requires_grad_(grad)
+    loss, _, lse = linear_cross_entropy_with_stats(
+        h, weight, labels, shift=shift, reduction=reduction, backend=backend, chunk_size=5, softcap=4.0, z_loss=1e-3,
+        return_lse=True,
+    )
+    _, _, expected = cross_entropy_with_stats(
+        hidden @ weight.T, labels, shift=shift, reduction=reduction, backend="reference", softcap=4.0, z_loss=1e-3,
+        return_lse=True,
+    )
+    assert lse.shape == expected.shape and lse.dtype == torch.float32 and not lse.requires_grad
+    torch.testing.assert_close(lse, expected, rtol=1e-5, atol=1e-5)
+    if grad:
+        loss.sum().backward()
+        assert h.grad is not None and torch.isfinite(h.grad).all()

@@ -36,7 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 UNSUPPORTED = {
     "probability-targets": "class-probability (soft) targets",
     "k-dim-linear-weight": "a K-dimensional linear weight [C, d1.., d] (several softmaxes per row)",
-    "z-loss-output": "the z-loss or the log-sum-exp returned as an output (the z-loss term itself is computed)",
     "predicted-tokens": "the argmax token ids as an output (the statistics give correctness only)",
     "autocast": "inputs of different dtypes (autocast inside the call); cast them first",
 }
@@ -325,6 +324,39 @@ def check(case, kind, ts, labels, *, ignore_index=-100, reduction="mean", shift=
                 continue
             _close(name, a.grad, r.grad, s.grad, dtype, norm=low)
     case.record("checked")
+
+
+def check_z_loss(case, kind, ts, labels, *, ignore_index=-100, shift=False, z_loss=1e-4, options=None, chunk_size=None):
+    """A peer's returned z-loss (``z_loss * lse**2`` over the counted tokens, their mean) and
+    log-sum-exp: ours from ``return_lse=True`` against torch's ``logsumexp`` of the (capped)
+    logits in float64; the loss itself as :func:`check` does."""
+    options = {**(options or {}), "z_loss": z_loss}
+    kw = dict(ignore_index=ignore_index, reduction="mean", shift=shift, **options)
+    mine = _leaves(ts, grad=False)
+    if kind == "ce":
+        _, _, lse = cross_entropy_with_stats(mine[0], labels, return_lse=True, **kw)
+    else:
+        _, _, lse = linear_cross_entropy_with_stats(mine[0], mine[1], labels, bias=mine[2], chunk_size=chunk_size,
+                                                    return_lse=True, **kw)
+    with torch.no_grad():
+        logits = _capped(_logits(kind, _leaves(ts, torch.float64, grad=False)), options)
+        y = labels
+        if shift:
+            logits, y = logits[:, :-1], y[:, 1:]
+        counted = y != (-100 if ignore_index is None else ignore_index)
+        ref = torch.where(counted, torch.logsumexp(logits, -1), torch.zeros((), dtype=torch.float64))
+    dtype = next(t for t in ts if t is not None).dtype
+    same = torch.logsumexp(_capped(_logits(kind, _leaves(ts, grad=False)).float(), options), -1)
+    if shift:
+        same = same[:, :-1]
+    same = torch.where(counted, same, torch.zeros((), dtype=same.dtype))
+    _close("lse", lse.reshape(ref.shape), ref, same, torch.float32, slack=torch.finfo(dtype).eps * float(ref.abs().max()))
+    z_ours, z_ref, z_same = (float(z_loss * (v.double() ** 2).sum() / counted.sum()) for v in (lse, ref, same))
+    # 16-bit logits formed by a matmul: both sides round them, each its own way
+    rel = torch.finfo(dtype).eps if kind == "linear" and dtype in (torch.bfloat16, torch.float16) else 1e-5
+    bound = 2 * abs(z_same - z_ref) + rel * abs(z_ref) + 1e-12
+    assert abs(z_ours - z_ref) <= bound, f"z-loss {z_ours} != {z_ref} (torch's same-dtype {z_same})"
+    check(case, kind, ts, labels, ignore_index=ignore_index, shift=shift, chunk_size=chunk_size, options=options)
 
 
 def _check_stats(kind, stats, same_in, labels, *, ignore_index, reduction, shift, options=None):

@@ -21,6 +21,7 @@ from test_peer_cases import (
     _leaves,
     case,  # noqa: F401 - the fixture
     check,
+    check_z_loss,
     needs_neg_inf,
     needs_token_none,
     torch_loss,
@@ -110,8 +111,10 @@ def test_cce_options(case, dtype, feature, reduction):
 
 
 @pytest.mark.parametrize("feature", ["lse-kernel", "compute-z-loss"])
-def test_cce_unsupported(case, feature):
-    case.unsupported("z-loss-output")
+def test_cce_returned_lse(case, feature):
+    """CCE's log-sum-exp output and the z-loss computed from it (shifted, invalid targets)."""
+    (e, c, b), y = _inputs(SHAPES[1], torch.float32, False, True)
+    check_z_loss(case, "linear", (e, c, b), y, shift=True, chunk_size=29, options={"softcap": 20.0} if feature == "compute-z-loss" else None)
 
 
 @pytest.mark.parametrize("de, dc, dbias", [(True, False, True), (False, True, False), (False, False, True)],

@@ -20,6 +20,7 @@ from test_peer_cases import (
     _logits,
     case,  # noqa: F401 - the fixture
     check,
+    check_z_loss,
     needs_large_logits,
     needs_neg_inf,
     torch_loss,
@@ -136,13 +137,23 @@ def test_liger_ce_options(case, feature, reduction, dtype):
           upstream=up, options=options)
 
 
-@pytest.mark.parametrize("feature, reduction", [
-    ("functional-all-options", "mean"), ("structured-output-z-loss", "mean"), ("structured-output-predicted-tokens", "mean"),
-    ("predicted-tokens", "mean"),
-])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("feature", ["functional-all-options", "structured-output-z-loss"])
+def test_liger_ce_returned_z_loss(case, feature, dtype):
+    """Liger's ``return_z_loss=True``: its functional row (ignore_index 0, ``lse_square_scale``
+    1e-4, label smoothing 0.1) and its structured output; the z-loss from ``return_lse``."""
+    B, T, V = CE_SHAPES[0]
+    x = _logits_input(B, T, V, dtype)
+    y = torch.randint(0, V, (B * T,))
+    if feature == "functional-all-options":
+        check_z_loss(case, "ce", (x,), y, ignore_index=0, options={"label_smoothing": 0.1})
+    else:
+        check_z_loss(case, "ce", (x,), y)
+
+
+@pytest.mark.parametrize("feature, reduction", [("structured-output-predicted-tokens", "mean"), ("predicted-tokens", "mean")])
 def test_liger_ce_unsupported(case, feature, reduction):
-    key = "predicted-tokens" if "predicted-tokens" in feature else "z-loss-output"
-    case.unsupported(key)
+    case.unsupported("predicted-tokens")
 
 
 def test_liger_ce_float32_internal(case):
@@ -273,11 +284,17 @@ def test_liger_flce_all_options(case, grad, reduction, dtype, bias):
           chunk_size=37, options=options)
 
 
-@pytest.mark.parametrize("feature, reduction", [
-    ("functional-all-options", "mean"), ("structured-output-z-loss", "mean"), ("predicted-tokens", "mean"),
-])
-def test_liger_flce_unsupported(case, feature, reduction):
-    case.unsupported("predicted-tokens" if feature == "predicted-tokens" else "z-loss-output")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("feature", ["functional-all-options", "structured-output-z-loss"])
+def test_liger_flce_returned_z_loss(case, feature, dtype):
+    B, T, H, V = FLCE_SHAPES[1]
+    y = _ignore_some(torch.randint(0, V, (B * T,)), 42)
+    options = {"class_weight": _class_weight(V), "label_smoothing": 0.1, "softcap": 30.0} if feature == "functional-all-options" else None
+    check_z_loss(case, "linear", _head(B, T, H, V, dtype, True), y, ignore_index=42, options=options, chunk_size=37)
+
+
+def test_liger_flce_unsupported(case):
+    case.unsupported("predicted-tokens")
 
 
 @pytest.mark.parametrize("accuracy", [True, False], ids=["accuracy", "loss"])
