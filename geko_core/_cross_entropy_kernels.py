@@ -122,10 +122,8 @@ class _CppKernels:
         )
         token_loss, valid_tokens = (blocks.token_values[0] if trained is None else trained), blocks.valid_tokens
         divisor = None
-        if options is not None and spec.options.class_weight is not None:
-            vocab = logits3.shape[-1]
-            counted = (labels3 != spec.ignore_index) & (labels3 >= 0) & (labels3 < vocab)
-            divisor = class_weight_total(spec.options, labels3, counted)
+        if options is not None:
+            divisor = class_weight_total(spec.options, labels3, spec.ignore_index)
         if spec.reduction in ("sum", "mean") and divisor is None:
             # Small CPU batches pay per-op overhead more than arithmetic: reduce on the host.
             loss, total = reduce_host(token_loss.numpy(), valid_tokens.numpy(), weight, spec.reduction)
@@ -180,7 +178,7 @@ class _TritonKernels:
         )
         sample_values, valid_tokens, bucket, token_values, token_valid, lse = blocks
         # Under the options the token loss trained on is the last row; the first six are the statistics.
-        mean_total = class_weight_total(spec.options, labels3, token_valid) if options else None
+        mean_total = class_weight_total(spec.options, labels3, spec.ignore_index)
         loss = reduce_tokens(token_values[-1] if options else token_values[0], valid_tokens, weight, spec.reduction, mean_total)
         outputs = (*blocks[:3], token_values[:6], token_valid) if spec.per_token else tuple(blocks[:3])
         if spec.lse:

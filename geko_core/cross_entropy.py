@@ -29,7 +29,9 @@ from ._cross_entropy_kernels import KERNELS, HostForward, Spec, cross_entropy_ba
 from ._inputs import check_cpu_labels, config_values, prepare_inputs, samples_view
 from ._reduction import REDUCTIONS, reduce_tokens
 from .config import GekoConfig, resolve_config
-from .loss_options import LossOptions, check_loss_options, options_token_loss_reference, transformed_logits
+from .loss_options import (
+    LossOptions, check_loss_options, options_given, options_token_loss_reference, public_lse, transformed_logits,
+)
 from .reference import sample_stats_reference
 from .segments import SegmentMap, prepare_segments, segment_loss, segment_stats
 from .stats import segment_token_values, stats_forward
@@ -394,7 +396,7 @@ def cross_entropy_with_stats(
             device.
     """
     loss_options = None
-    if temperature != 1.0 or softcap is not None or label_smoothing != 0.0 or z_loss != 0.0 or class_weight is not None:
+    if options_given(temperature, softcap, label_smoothing, z_loss, class_weight):
         loss_options = {
             "temperature": temperature, "softcap": softcap, "label_smoothing": label_smoothing, "z_loss": z_loss,
             "class_weight": class_weight,
@@ -488,16 +490,5 @@ def _loss_and_stats(
         loss = loss.reshape(labels.shape)  # [N, 1] token losses: one per row, as F.cross_entropy
     if not return_lse:
         return loss, stats, host
-    return loss, stats, host, token_lse(lse, labels3, ignore_index, logits, labels)
-
-
-def token_lse(
-    lse: torch.Tensor, labels3: torch.Tensor, ignore_index: int, logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """The public log-sum-exp output: ``[S, T]`` (``[N]`` for 2-D logits), 0 where the token
-    does not count, float32 (float64 for float64 logits), no gradient."""
-    lse = lse.reshape(labels3.shape)
-    counted = (labels3 != ignore_index) & (labels3 >= 0) & (labels3 < logits.shape[-1])
-    out = torch.where(counted, lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-    out = out.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    return out.reshape(labels.shape) if logits.dim() == 2 else out
+    lse = public_lse(lse, labels3, ignore_index, logits.shape[-1], logits.dtype == torch.float64)
+    return loss, stats, host, lse.reshape(labels.shape) if logits.dim() == 2 else lse

@@ -29,7 +29,7 @@ from ._linear_chunks import Inputs, Rows, TokenValues, prepare, reduce_rows, row
 from ._reduction import REDUCTIONS
 from .config import GekoConfig, resolve_config
 from .cross_entropy import cross_entropy_with_stats
-from .loss_options import LossOptions, check_loss_options, class_weight_total
+from .loss_options import LossOptions, check_loss_options, class_weight_total, options_given, public_lse
 from .types import SampleStats, TokenStats
 
 __all__ = ["linear_cross_entropy_with_stats", "linear_token_backward", "linear_token_forward"]
@@ -122,8 +122,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _mean_total(prepared: Inputs, options: LossOptions) -> torch.Tensor | None:
     """The class-weighted ``"mean"``'s divisor (None: the number of valid tokens)."""
-    labels = prepared.label_rows
-    return class_weight_total(options, labels, (labels != prepared.ignore_index) & (labels >= 0))
+    return class_weight_total(options, prepared.label_rows, prepared.ignore_index)
 
 
 # -- geko::linear_token_forward / geko::linear_token_backward ------------------------------------
@@ -271,13 +270,10 @@ def _fused_linear_loss(hidden, weight, bias, labels, prepared: Inputs, spec: _Sp
 
 
 def _row_lse(lse: torch.Tensor, prepared: Inputs, vocab: int, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Every row's log-sum-exp in the public layout: that of the ``"none"`` loss, 0 where the
-    token does not count, float32 (float64 for float64 inputs)."""
+    """Every row's log-sum-exp in the public layout, that of the ``"none"`` loss."""
     rows = prepared.label_rows.view(prepared.samples, prepared.row_tokens)[:, : prepared.out_tokens]
     lse = lse.reshape(prepared.samples, prepared.row_tokens)[:, : prepared.out_tokens]
-    counted = (rows != prepared.ignore_index) & (rows >= 0) & (rows < vocab)
-    out = torch.where(counted, lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
-    out = out.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    out = public_lse(lse, rows, prepared.ignore_index, vocab, hidden.dtype == torch.float64)
     return out.reshape(labels.shape) if hidden.dim() == 2 else out
 
 
@@ -391,7 +387,7 @@ def linear_cross_entropy_with_stats(
     inputs = [t for t in (hidden, weight, bias) if t is not None]
     training = grad and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     options = _PLAIN
-    if temperature != 1.0 or softcap is not None or label_smoothing != 0.0 or z_loss != 0.0 or class_weight is not None:
+    if options_given(temperature, softcap, label_smoothing, z_loss, class_weight):
         options = check_loss_options(
             temperature=temperature, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
             class_weight=class_weight, vocab=weight.shape[0], device=hidden.device,

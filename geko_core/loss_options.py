@@ -37,7 +37,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossOptions", "check_loss_options", "class_weight_total", "cpp_kernel_options", "kernel_options", "options_token_loss_reference", "transformed_logits"]
+__all__ = [
+    "LossOptions", "check_loss_options", "class_weight_total", "counted_tokens", "cpp_kernel_options", "kernel_options",
+    "options_given", "options_token_loss_reference", "public_lse", "transformed_logits",
+]
 
 
 class LossOptions(NamedTuple):
@@ -142,14 +145,34 @@ def cpp_kernel_options(options: LossOptions) -> dict:
     return out
 
 
-def class_weight_total(options: LossOptions, labels3: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
-    """The divisor of ``"mean"`` under class weights: the valid tokens' summed class weights
-    (None without class weights: the number of valid tokens)."""
+def options_given(temperature: object, softcap: object, label_smoothing: object, z_loss: object, class_weight: object) -> bool:
+    """Whether any option differs from its default, before checking (the plain path skips the checks)."""
+    return temperature != 1.0 or softcap is not None or label_smoothing != 0.0 or z_loss != 0.0 or class_weight is not None
+
+
+def counted_tokens(labels: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """The tokens that count: a label in ``[0, vocab)`` that is not ``ignore_index``."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+
+
+def class_weight_total(options: LossOptions, labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The divisor of ``"mean"`` under class weights: the counted tokens' summed class weights
+    (None without class weights: the number of counted tokens)."""
     weight = options.class_weight
     if weight is None:
         return None
-    picked = weight.to(torch.float32)[labels3.clamp(0, weight.shape[0] - 1)]
-    return torch.where(valid, picked, torch.zeros((), dtype=picked.dtype, device=picked.device)).sum(dtype=torch.float64)
+    vocab = weight.shape[0]
+    picked = weight.to(torch.float32)[labels.clamp(0, vocab - 1)]
+    zero = torch.zeros((), dtype=picked.dtype, device=picked.device)
+    return torch.where(counted_tokens(labels, ignore_index, vocab), picked, zero).sum(dtype=torch.float64)
+
+
+def public_lse(lse: torch.Tensor, labels: torch.Tensor, ignore_index: int, vocab: int, wide: bool) -> torch.Tensor:
+    """The returned log-sum-exp: ``lse`` in ``labels``' layout, 0 where the token does not
+    count, float32 (float64 when ``wide``), no gradient."""
+    lse = lse.reshape(labels.shape)
+    out = torch.where(counted_tokens(labels, ignore_index, vocab), lse, torch.zeros((), dtype=lse.dtype, device=lse.device))
+    return out.to(torch.float64 if wide else torch.float32)
 
 
 def transformed_logits(logits: torch.Tensor, options: LossOptions) -> torch.Tensor:
