@@ -22,6 +22,7 @@ from ._checks import check_bool, check_ignore_index, check_int, check_same_devic
 from ._inputs import LOGITS_DTYPES, MAX_VOCAB, TRITON_LOGITS_DTYPES
 from ._reduction import reduce_samples, weight_tokens
 from ._reduction import token_scale as tokens_scale
+from ._chunk_products import ChunkProducts, wide_products
 from .config import GekoConfig, cpp_config_for_kernels
 from .loss_options import LossOptions, cpp_kernel_options, kernel_options
 from ._cross_entropy_kernels import cross_entropy_backward_triton
@@ -53,9 +54,6 @@ FREE_MEMORY_SHARE = 8
 #: Free memory assumed when the system does not say (bytes).
 _FALLBACK_FREE_BYTES = 2 * 2**30
 
-#: Classes per block when a 16-bit chunk's weight gradient is added to the fp32 accumulator.
-_CLASS_BLOCK = 4096
-
 _NUM_FIELDS = 6  # loss, confidence, label_prob, correct, entropy, el2n (SampleStats order)
 
 
@@ -83,15 +81,22 @@ def _free_memory_bytes(device: torch.device) -> int:
 def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     """Tokens per chunk when ``chunk_size=None``.
 
-    The logits buffer (``chunk * V`` elements of the input dtype) gets at most
+    The logits buffer (``chunk * V`` elements of the input dtype, and as many float32 ones
+    where 16-bit products run in float32) gets at most
     ``min(free / 8, cap)``: on the CPU, free memory is ``MemAvailable`` of ``/proc/meminfo``
     (``sysconf`` or 2 GiB when that cannot be read) and the cap 64 MiB; on CUDA, free memory
     is ``torch.cuda.mem_get_info`` and the cap 256 MiB. At least one token, at most ``rows``.
     """
     cap = MAX_CHUNK_BUFFER_BYTES_CUDA if device.type == "cuda" else MAX_CHUNK_BUFFER_BYTES
     budget = min(_free_memory_bytes(device) // FREE_MEMORY_SHARE, cap)
+    return max(1, min(budget // (vocab * _element_bytes(dtype, device)), max(rows, 1)))
+
+
+def _element_bytes(dtype: torch.dtype, device: torch.device) -> int:
+    """Buffer bytes per logit of a chunk: the input dtype's, plus a float32 scratch where the
+    products run wide (``_chunk_products``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, min(budget // (vocab * itemsize), max(rows, 1)))
+    return itemsize + (4 if wide_products(dtype, device) else 0)
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -209,7 +214,7 @@ def prepare(
     rows = samples * row_tokens
     if chunk_size is None:
         if compiling:  # no free-memory probe while tracing: the buffer cap alone
-            itemsize = torch.empty((), dtype=hidden.dtype).element_size()
+            itemsize = _element_bytes(hidden.dtype, hidden.device)
             chunk_size = max(1, min(MAX_CHUNK_BUFFER_BYTES // (vocab * itemsize), max(rows, 1)))
         else:
             chunk_size = default_chunk_rows(rows, vocab, hidden.dtype, hidden.device)
@@ -257,11 +262,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _chunk_logits(
-    buffer: torch.Tensor, hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    buffer: torch.Tensor, hidden_chunk: torch.Tensor, products: ChunkProducts, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    rows = hidden_chunk.shape[0]
-    logits = buffer[:rows]
-    torch.mm(hidden_chunk, weight.t(), out=logits)
+    logits = products.logits(hidden_chunk, buffer[: hidden_chunk.shape[0]])
     if bias is not None:
         logits.add_(bias)  # as hidden @ weight.T + bias: the product, then the sum
     return logits
@@ -384,13 +387,14 @@ def run_chunks(
         )
         lse = tokens.lse
     kernels = _CHUNK_KERNELS[rows.backend](config, count_rows, chunk, rows.options)
+    products = ChunkProducts(weight, min(chunk, count_rows))
     buffer = torch.empty((min(chunk, count_rows), vocab), dtype=dtype, device=device) if count_rows else None
 
     for start in range(0, count_rows, chunk):
         stop = min(start + chunk, count_rows)
         count = stop - start
         hidden_chunk = hidden2[start:stop]
-        logits = _chunk_logits(buffer, hidden_chunk, weight, bias)
+        logits = _chunk_logits(buffer, hidden_chunk, products, bias)
         logits3 = logits.view(count, 1, vocab)
         labels3 = label_rows[start:stop].view(count, 1)
 
@@ -409,21 +413,15 @@ def run_chunks(
         scale3 = token_scale[start:stop].view(count, 1)
         # The logits become d loss / d logits in place (zero rows for tokens that do not count).
         kernels.backward_in_place(logits3, labels3, lse3, scale3, ignore_index)
+        grad32 = products.widen(logits) if (grad_h is not None or grad_w is not None) else None
         if grad_h is not None:
-            torch.mm(logits, weight, out=grad_h[start:stop])
+            products.hidden_grad(logits, grad_h[start:stop], grad32)
         if grad_w is not None:
-            if acc == dtype:
-                grad_w.addmm_(logits.t(), hidden_chunk)
-            else:
-                # 16-bit products added to the fp32 accumulator a block of classes at a
-                # time: the temporary is [block, d], never [V, d]
-                for low in range(0, vocab, _CLASS_BLOCK):
-                    high = min(low + _CLASS_BLOCK, vocab)
-                    grad_w[low:high].add_(torch.mm(logits[:, low:high].t(), hidden_chunk))
+            products.add_weight_grad(grad_w, logits, hidden_chunk, grad32)
         if grad_b is not None:
             grad_b.add_(logits.sum(dim=0, dtype=grad_b.dtype))
 
-    buffer = logits = logits3 = None  # freed before the accumulators are cast: not needed at once
+    buffer = logits = logits3 = products = grad32 = None  # freed before the accumulators are cast: not needed at once
     grads = _Grads(
         grad_h,
         None if grad_w is None else grad_w.to(weight.dtype),

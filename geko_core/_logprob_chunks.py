@@ -10,12 +10,9 @@ from typing import NamedTuple
 
 import torch
 
+from ._chunk_products import ChunkProducts
+
 __all__ = ["backward_chunks", "forward_chunks", "work_dtype"]
-
-#: Classes per block when a 16-bit chunk's weight gradient is added to the fp32 accumulator:
-#: the temporary is ``[block, d]``, never ``[V, d]``.
-_CLASS_BLOCK = 4096
-
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the per-row pass and of the outputs: float64 stays float64, the rest is float32."""
@@ -26,27 +23,25 @@ class _Buffers:
     """The reused ``[chunk, V]`` buffers: the logits in the input dtype (16-bit inputs only;
     float32 and float64 logits are formed directly in ``z``), ``z`` and ``p`` in the work dtype."""
 
-    def __init__(self, chunk: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
-        work = work_dtype(dtype)
+    def __init__(self, chunk: int, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        work, vocab, device = work_dtype(dtype), weight.shape[0], weight.device
+        self.products = ChunkProducts(weight, chunk)
         self.logits = torch.empty((chunk, vocab), dtype=dtype, device=device) if dtype != work else None
         self.z = torch.empty((chunk, vocab), dtype=work, device=device)
         self.p = torch.empty((chunk, vocab), dtype=work, device=device)
 
-    def scaled_logits(
-        self, hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float
-    ) -> torch.Tensor:
+    def scaled_logits(self, hidden_chunk: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
         """``z = (hidden_chunk @ weight.T + bias) / temperature`` in the work dtype: the
         product and the sum in the input dtype (as the plain path computes them), the division
         in the work dtype."""
         rows = hidden_chunk.shape[0]
         z = self.z[:rows]
         if self.logits is None:
-            torch.mm(hidden_chunk, weight.t(), out=z)
+            self.products.logits(hidden_chunk, z)
             if bias is not None:
                 z.add_(bias)
         else:
-            logits = self.logits[:rows]
-            torch.mm(hidden_chunk, weight.t(), out=logits)
+            logits = self.products.logits(hidden_chunk, self.logits[:rows], scratch=z)
             if bias is not None:
                 logits.add_(bias)
             z.copy_(logits)
@@ -103,10 +98,10 @@ def forward_chunks(
     lse = torch.empty((rows,), dtype=work, device=device)
     if rows == 0:
         return logprobs, entropies, lse
-    buffers = _Buffers(min(chunk, rows), vocab, hidden2.dtype, device)
+    buffers = _Buffers(min(chunk, rows), weight, hidden2.dtype)
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
-        z = buffers.scaled_logits(hidden2[start:stop], weight, bias, temperature)
+        z = buffers.scaled_logits(hidden2[start:stop], bias, temperature)
         e = buffers.p[: stop - start]
         top, log_total = _softmax_terms_in_place(z, e)  # z is now z - max
         lse[start:stop] = (top + log_total).squeeze(1)
@@ -152,12 +147,12 @@ def backward_chunks(
         # 1/τ folded into the per-row factors
         g_lp = None if grad_logprobs is None else (grad_logprobs.to(work) / temperature).unsqueeze(1)
         g_h = None if grad_entropy is None else (grad_entropy.to(work) / temperature).unsqueeze(1)
-        buffers = _Buffers(min(chunk, rows), vocab, dtype, device)
+        buffers = _Buffers(min(chunk, rows), weight, dtype)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
             count = stop - start
             hidden_chunk = hidden2[start:stop]
-            logp = buffers.scaled_logits(hidden_chunk, weight, bias, temperature)
+            logp = buffers.scaled_logits(hidden_chunk, bias, temperature)
             logp.sub_(lse[start:stop].unsqueeze(1))
             p = torch.exp(logp, out=buffers.p[:count])
             if g_h is not None:
@@ -175,21 +170,14 @@ def backward_chunks(
             if g_lp is not None:
                 grad.scatter_add_(1, ids[start:stop].unsqueeze(1), g_lp[start:stop])
             grad_work = grad  # in the work dtype
-            if buffers.logits is not None:  # 16-bit: the hidden gradient's matmul runs in the input dtype
-                grad = buffers.logits[:count].copy_(grad)
+            products = buffers.products
+            if buffers.logits is not None and not products.wide:
+                grad = buffers.logits[:count].copy_(grad)  # 16-bit products take a 16-bit gradient
+            grad32 = grad_work if products.wide else None
             if grad_h is not None:
-                torch.mm(grad, weight, out=grad_h[start:stop])
+                products.hidden_grad(grad, grad_h[start:stop], grad32)
             if grad_w is not None:
-                if acc == dtype:
-                    grad_w.addmm_(grad.t(), hidden_chunk)
-                elif device.type == "cpu":
-                    # CPUs without 16-bit matrix units run a float32 GEMM several times faster
-                    # than a bfloat16 one (5x here), and it skips the 16-bit rounding of the gradient
-                    grad_w.addmm_(grad_work.t(), hidden_chunk.to(acc))
-                else:
-                    for low in range(0, vocab, _CLASS_BLOCK):
-                        high = min(low + _CLASS_BLOCK, vocab)
-                        grad_w[low:high].add_(torch.mm(grad[:, low:high].t(), hidden_chunk))
+                products.add_weight_grad(grad_w, grad, hidden_chunk, grad32)
             if grad_b is not None:
                 grad_b.add_(grad_work.sum(dim=0, dtype=acc))
     elif grad_h is not None:

@@ -27,6 +27,12 @@ py::dict cpu_features() {
   features["fma"] = static_cast<bool>(__builtin_cpu_supports("fma"));
   features["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
   features["avx512bw"] = static_cast<bool>(__builtin_cpu_supports("avx512bw"));
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  // 16-bit matrix instructions: torch's CPU matmuls in bfloat16/float16 are fast only with them
+  features["avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  features["amx-bf16"] = static_cast<bool>(__builtin_cpu_supports("amx-bf16"));
+  features["avx512fp16"] = static_cast<bool>(__builtin_cpu_supports("avx512fp16"));
+#endif
 #endif
   return features;
 }

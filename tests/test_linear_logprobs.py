@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import geko_core
+import geko_core._chunk_products as chunk_products
 from geko_core import linear_logprobs
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -67,6 +68,27 @@ def test_values_and_gradients_match_the_plain_path(dtype, temperature, shape, ch
     for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert got.dtype == dtype, name
         torch.testing.assert_close(got.float(), want.float(), **GRAD_TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_in_either_dtype_match_the_plain_path(monkeypatch, dtype, wide):
+    """16-bit chunk products run in the inputs' dtype (a GPU, a CPU with 16-bit matrix
+    instructions) or in float32 (other CPUs): both give the plain path's values and gradients."""
+    monkeypatch.setattr(chunk_products, "wide_products", lambda dtype, device: wide)
+    shape = (3, 7)
+    hidden, weight, bias, ids = make(shape, dtype=dtype, scale=3.0)
+    assert chunk_products.ChunkProducts(weight, 4).wide is wide
+    tensors = [hidden, weight, bias]
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_h = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    lp, ent, grads = grads_of(lambda: linear_logprobs(hidden, weight, ids, bias=bias, chunk_size=4), tensors, g_lp, g_h)
+    ref_lp, ref_ent, ref_grads = grads_of(lambda: plain(hidden, weight, ids, bias, 1.0), tensors, g_lp, g_h)
+    torch.testing.assert_close(lp, ref_lp, **TOL[torch.bfloat16])
+    torch.testing.assert_close(ent, ref_ent, **TOL[torch.bfloat16])
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.float(), want.float(), **GRAD_TOL[torch.bfloat16], msg=lambda m: f"{name}: {m}")
 
 
 def test_the_reference_backend_is_the_plain_path():

@@ -16,6 +16,8 @@ import geko_core._linear_chunks as chunks
 import geko_core.linear_cross_entropy as linear_module
 from geko_core import GekoConfig, linear_cross_entropy_with_stats, sample_stats
 from geko_core.config import BUCKET_FOCUS, BUCKET_FREEZE, BUCKET_HARD, BUCKET_LIGHT
+import geko_core._chunk_products as chunk_products
+from geko_core._chunk_products import wide_products
 from geko_core.types import SampleStats
 
 B, T, D, V = 3, 5, 8, 37
@@ -114,6 +116,27 @@ def test_loss_and_gradients_match_torch(dtype, layout, reduction, chunk_size):
     if shift:
         assert bool((got[0][:, -1] == 0).all())  # the last position predicts nothing
     assert isinstance(stats, SampleStats) and stats.bucket.shape == (samples,)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_products_in_either_dtype_match_torch(monkeypatch, dtype, wide):
+    """16-bit chunk products run in the inputs' dtype (a GPU, a CPU with 16-bit matrix
+    instructions) or in float32 (other CPUs): both give torch's loss and gradients."""
+    monkeypatch.setattr(chunk_products, "wide_products", lambda dtype, device: wide)
+    hidden, weight, bias, labels = make_case("3d-shift", dtype)
+    h, w, b = leaves(hidden, weight, bias)
+    assert chunk_products.ChunkProducts(weight, 4).wide is wide
+    loss, stats = linear_cross_entropy_with_stats(h, w, labels, bias=b, shift=True, chunk_size=4)
+    rh, rw, rb = leaves(hidden.double(), weight.double(), bias.double())
+    ref = reference_loss(rh, rw, rb, labels, shift=True)
+    torch.testing.assert_close(loss.double(), ref, rtol=LOSS_TOL[dtype], atol=LOSS_TOL[dtype])
+    got = torch.autograd.grad(loss, (h, w, b))
+    assert [g.dtype for g in got] == [dtype] * 3
+    assert_grads_close(got, torch.autograd.grad(ref, (rh, rw, rb)), dtype)
+    # the statistics are those of the 16-bit logits
+    logits = (hidden.float() @ weight.float().T).to(dtype) + bias
+    assert_stats_identical(stats, sample_stats(logits, labels, shift=True))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -295,7 +318,10 @@ def test_default_chunk_size_rule(monkeypatch):
     monkeypatch.setattr(chunks, "_free_memory_bytes", lambda device: 2**40)
     cap = chunks.MAX_CHUNK_BUFFER_BYTES
     assert chunks.default_chunk_rows(8192, 32000, torch.float32, cpu) == cap // (32000 * 4)
-    assert chunks.default_chunk_rows(8192, 32000, torch.bfloat16, cpu) == cap // (32000 * 2)
+    # 16-bit products that run in float32 (a CPU without 16-bit matrix instructions) add a
+    # float32 scratch to each logit of the buffer
+    bf16_bytes = 2 + (4 if wide_products(torch.bfloat16, cpu) else 0)
+    assert chunks.default_chunk_rows(8192, 32000, torch.bfloat16, cpu) == cap // (32000 * bf16_bytes)
     monkeypatch.setattr(chunks, "_free_memory_bytes", lambda device: 8 * 1000 * 4 * 10)
     assert chunks.default_chunk_rows(500, 1000, torch.float32, torch.device("cpu")) == 10
     assert chunks.default_chunk_rows(5, 1000, torch.float32, torch.device("cpu")) == 5
