@@ -6,10 +6,12 @@ V = 32000]`` (the backbones have no blocks, so the head and the loss are the ste
 backward (``torch.autograd.grad`` over the trainable parameters):
 
 * ``loop``: ``rl-algo``'s policy (``rl_model.TinyLM``, width 1024, no blocks, its head widened
-  to 32000 classes, with bias) and its GRPO loss (``rl_grpo.grpo_loss``, token-mean over the
-  completion tokens), the log-probabilities at the sampling temperature 1:
-  ``rl_model.completion_logprobs`` (``linear_logprobs``, no entropy) against the plain
-  ``log_softmax(model.head(h).float()).gather(...)`` it replaced.
+  to 32000 classes, with bias) and its GRPO loss (token-mean over the completion tokens) at the
+  sampling temperature 1: the loop's ``rl_model.completion_policy_loss`` (``linear_policy_loss``:
+  the loss's gradients made in the forward's chunked pass) against the plain
+  ``log_softmax(model.head(h).float()).gather(...)`` + ``rl_grpo.grpo_loss``, and against
+  ``rl_model.completion_logprobs`` (``linear_logprobs``, no entropy) + ``grpo_loss``, which forms
+  each chunk's logits again in the backward.
 * ``trl``: a LLaMA (``transformers.LlamaForCausalLM``, hidden 1024, no decoder layers, an
   untied 32000 x 1024 head without bias, the embedding frozen) called as TRL 1.16's
   ``GRPOTrainer._get_per_token_logps_and_entropies`` calls it (``fused_lm_head=True``, the
@@ -99,6 +101,13 @@ def _loop_step(logprobs_of: Callable) -> Callable:
     return step
 
 
+def _loop_policy_loss(model, prompts, completions, mask, advantages):
+    from geko_core.bench.rl_model import completion_policy_loss
+
+    loss = completion_policy_loss(model, prompts, completions, advantages, mask=mask, temperature=1.0)
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+
 def _loop_fused(model, prompts, completions, mask):
     from geko_core.bench.rl_model import completion_logprobs
 
@@ -178,12 +187,16 @@ def _trl_step(logprobs_of: Callable) -> Callable:
 
 #: step -> (fused variant, plain variant, other variants)
 PAIRS = {
-    "loop": ("loop: completion_logprobs (linear_logprobs)", "loop: plain log_softmax", ()),
+    "loop": (
+        "loop: completion_policy_loss (linear_policy_loss)", "loop: plain log_softmax",
+        ("loop: completion_logprobs (linear_logprobs)",),
+    ),
     "trl": ("trl: GekoGRPOTrainer (linear_logprobs)", "trl: plain logits + log_softmax", ("trl: TRL's own fused head",)),
 }
 _RUNS: dict[str, tuple[Callable, Callable]] = {
-    PAIRS["loop"][0]: (_loop_inputs, _loop_step(_loop_fused)),
+    PAIRS["loop"][0]: (_loop_inputs, _loop_policy_loss),
     PAIRS["loop"][1]: (_loop_inputs, _loop_step(_loop_plain)),
+    PAIRS["loop"][2][0]: (_loop_inputs, _loop_step(_loop_fused)),
     PAIRS["trl"][0]: (_trl_inputs("geko"), _trl_step(_trl_fused)),
     PAIRS["trl"][1]: (_trl_inputs("plain"), _trl_step(_trl_plain)),
     PAIRS["trl"][2][0]: (_trl_inputs("trl"), _trl_step(_trl_fused)),

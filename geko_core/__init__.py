@@ -48,6 +48,7 @@ __all__ = [
     "cross_entropy_with_stats",
     "linear_cross_entropy_with_stats",
     "linear_logprobs",
+    "linear_policy_loss",
     "rollout_stats",
     "sample_stats",
     "__version__",
@@ -74,6 +75,7 @@ if compiled_core_error() is None:
     from .cross_entropy import cross_entropy_with_stats
     from .linear_cross_entropy import linear_cross_entropy_with_stats
     from .linear_logprobs import linear_logprobs
+    from .linear_policy_loss import linear_policy_loss
     from .selector import GekoSampler, Selector, WithIndex
     from .table import CheckpointError, SampleTable
     from .rollouts import RolloutConfig, RolloutStats, RolloutTable, rollout_stats

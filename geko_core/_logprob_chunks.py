@@ -6,13 +6,13 @@ the hidden states, the head weight and bias), through reused ``[chunk, V]`` buff
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
 from ._chunk_products import ChunkProducts
 
-__all__ = ["backward_chunks", "forward_chunks", "work_dtype"]
+__all__ = ["backward_chunks", "forward_chunks", "policy_chunks", "work_dtype"]
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the per-row pass and of the outputs: float64 stays float64, the rest is float32."""
@@ -114,6 +114,96 @@ def forward_chunks(
     return logprobs, entropies, lse
 
 
+def _chunk_gradients(
+    buffers: _Buffers,
+    grad: torch.Tensor,
+    hidden_chunk: torch.Tensor,
+    start: int,
+    stop: int,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> None:
+    """A chunk's ``d / d logits`` (``grad``, work dtype) into the hidden gradient rows
+    ``[start, stop)`` and the weight and bias accumulators (those not None)."""
+    grad_work = grad
+    products = buffers.products
+    if buffers.logits is not None and not products.wide:
+        grad = buffers.logits[: stop - start].copy_(grad)  # 16-bit products take a 16-bit gradient
+    grad32 = grad_work if products.wide else None
+    if grad_h is not None:
+        products.hidden_grad(grad, grad_h[start:stop], grad32)
+    if grad_w is not None:
+        products.add_weight_grad(grad_w, grad, hidden_chunk, grad32)
+    if grad_b is not None:
+        grad_b.add_(grad_work.sum(dim=0, dtype=grad_b.dtype))
+
+
+def _gradient_buffers(
+    rows: int, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, need: tuple[bool, bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The hidden gradient (input dtype) and the weight and bias accumulators (work dtype:
+    16-bit inputs accumulate in float32) that ``need`` asks for."""
+    need_h, need_w, need_b = need
+    vocab, dim, device, acc = weight.shape[0], weight.shape[1], weight.device, work_dtype(dtype)
+    grad_h = torch.empty((rows, dim), dtype=dtype, device=device) if need_h else None
+    grad_w = torch.zeros((vocab, dim), dtype=acc, device=device) if need_w else None
+    grad_b = torch.zeros((vocab,), dtype=acc, device=device) if need_b and bias is not None else None
+    return grad_h, grad_w, grad_b
+
+
+def _grads(grad_h, grad_w, grad_b, weight: torch.Tensor, bias: torch.Tensor | None) -> _Grads:
+    return _Grads(
+        grad_h,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+
+
+def policy_chunks(
+    hidden2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    temperature: float,
+    chunk: int,
+    token_grad: Callable[[int, int, torch.Tensor], torch.Tensor] | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, _Grads]:
+    """``(logprobs [R], gradients)`` in one pass: each chunk's log-probabilities, then at once
+    the gradients of ``Σ_t loss_t(logprob_t)`` through that chunk's logits, so the logits are
+    formed once (three products per chunk, where ``forward_chunks`` + ``backward_chunks``
+    take four). ``token_grad(start, stop, logprobs)`` gives ``d loss / d logprob`` of rows
+    ``[start, stop)`` (work dtype) from their log-probabilities; None: no gradient."""
+    rows = hidden2.shape[0]
+    dtype, work = hidden2.dtype, work_dtype(hidden2.dtype)
+    logprobs = torch.empty((rows,), dtype=work, device=hidden2.device)
+    if token_grad is None:
+        need = (False, False, False)
+    grad_h, grad_w, grad_b = _gradient_buffers(rows, weight, bias, dtype, need)
+    if rows == 0:
+        if grad_h is not None:
+            grad_h.zero_()
+        return logprobs, _grads(grad_h, grad_w, grad_b, weight, bias)
+    buffers = _Buffers(min(chunk, rows), weight, dtype)
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        hidden_chunk = hidden2[start:stop]
+        z = buffers.scaled_logits(hidden_chunk, bias, temperature)
+        e = buffers.p[: stop - start]
+        _, log_total = _softmax_terms_in_place(z, e)  # z is now z - max, e = exp(z - max)
+        chunk_ids = ids[start:stop].unsqueeze(1)
+        logprobs[start:stop] = z.gather(1, chunk_ids).squeeze(1).sub_(log_total.squeeze(1))
+        if token_grad is None:
+            continue
+        # d loss / d z_j = g (δ_jy - p_j), with 1/τ folded into g: p = e / Σe
+        g = (token_grad(start, stop, logprobs[start:stop]).to(work) / temperature).unsqueeze(1)
+        grad = e.mul_(log_total.neg_().exp_()).mul_(g.neg())
+        grad.scatter_add_(1, chunk_ids, g)
+        _chunk_gradients(buffers, grad, hidden_chunk, start, stop, grad_h, grad_w, grad_b)
+    return logprobs, _grads(grad_h, grad_w, grad_b, weight, bias)
+
+
 def backward_chunks(
     hidden2: torch.Tensor,
     weight: torch.Tensor,
@@ -134,16 +224,10 @@ def backward_chunks(
     ``d log p_y / d z_j = δ_jy - p_j`` and ``d H / d z_j = -p_j (log p_j + H)``, so the
     gradient of the logits of a row is ``(g_lp (δ_jy - p_j) - g_H p_j (log p_j + H)) / τ``.
     """
-    rows, dim = hidden2.shape
-    vocab = weight.shape[0]
-    device, dtype, work = hidden2.device, hidden2.dtype, work_dtype(hidden2.dtype)
-    need_h, need_w, need_b = need
-    need_b = need_b and bias is not None
-    acc = work  # weight and bias gradients are sums over every chunk: 16-bit inputs accumulate in fp32
-    grad_h = torch.empty((rows, dim), dtype=dtype, device=device) if need_h else None
-    grad_w = torch.zeros((vocab, dim), dtype=acc, device=device) if need_w else None
-    grad_b = torch.zeros((vocab,), dtype=acc, device=device) if need_b else None
-    if rows > 0 and (need_h or need_w or need_b):
+    rows = hidden2.shape[0]
+    dtype, work = hidden2.dtype, work_dtype(hidden2.dtype)
+    grad_h, grad_w, grad_b = _gradient_buffers(rows, weight, bias, dtype, need)
+    if rows > 0 and (grad_h is not None or grad_w is not None or grad_b is not None):
         # 1/τ folded into the per-row factors
         g_lp = None if grad_logprobs is None else (grad_logprobs.to(work) / temperature).unsqueeze(1)
         g_h = None if grad_entropy is None else (grad_entropy.to(work) / temperature).unsqueeze(1)
@@ -169,21 +253,7 @@ def backward_chunks(
                 grad = p.mul_(g_lp[start:stop].neg())
             if g_lp is not None:
                 grad.scatter_add_(1, ids[start:stop].unsqueeze(1), g_lp[start:stop])
-            grad_work = grad  # in the work dtype
-            products = buffers.products
-            if buffers.logits is not None and not products.wide:
-                grad = buffers.logits[:count].copy_(grad)  # 16-bit products take a 16-bit gradient
-            grad32 = grad_work if products.wide else None
-            if grad_h is not None:
-                products.hidden_grad(grad, grad_h[start:stop], grad32)
-            if grad_w is not None:
-                products.add_weight_grad(grad_w, grad, hidden_chunk, grad32)
-            if grad_b is not None:
-                grad_b.add_(grad_work.sum(dim=0, dtype=acc))
+            _chunk_gradients(buffers, grad, hidden_chunk, start, stop, grad_h, grad_w, grad_b)
     elif grad_h is not None:
         grad_h.zero_()
-    return _Grads(
-        grad_h,
-        None if grad_w is None else grad_w.to(weight.dtype),
-        None if grad_b is None else grad_b.to(bias.dtype),
-    )
+    return _grads(grad_h, grad_w, grad_b, weight, bias)

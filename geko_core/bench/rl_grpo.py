@@ -8,7 +8,7 @@ the policy is told the rewards (``report``), and the groups with a reward spread
 * advantages ``(r - mean_g r) / (std_g r + eps)``, population std over the group's ``G``
   rewards, ``eps = 1e-6``; a group whose rewards are all equal gets exactly zero advantage
   (``group_advantages``), so it gives exactly zero gradient and is not forwarded at all;
-* loss (``grpo_loss``): PPO's clipped ratio ``-min(rho A, clip(rho, 1-eps_c, 1+eps_c) A)`` per
+* loss (``grpo_loss``, computed by ``rl_model.completion_policy_loss``): PPO's clipped ratio ``-min(rho A, clip(rho, 1-eps_c, 1+eps_c) A)`` per
   completion token, averaged over every completion token (``END`` included) of the groups
   trained — DAPO's token-mean, so a step's scale does not depend on how many groups were
   zero-variance; ``inner_updates`` optimiser steps on the same rollouts, the old
@@ -16,9 +16,10 @@ the policy is told the rewards (``report``), and the groups with a reward spread
   clipping never acts: plain on-policy policy gradient);
 * no reference model and no KL term; the log-probabilities (old and new alike) under the
   sampling distribution, ``softmax(logits / SAMPLING_TEMPERATURE)`` (temperature 1), through the
-  fused policy-gradient path: ``rl_model.completion_logprobs`` runs ``geko_core.linear_logprobs``
-  on the final hidden states and the head, only at the trained tokens, so the ``[B*G, T, V]``
-  logits never exist (the values of ``log_softmax(...).gather(...)`` up to rounding).
+  fused policy-gradient path: ``geko_core.linear_policy_loss`` on the final hidden states and
+  the head makes the loss and its gradients in one chunked pass, only at the trained tokens, so
+  the ``[B*G, T, V]`` logits never exist (the values of ``log_softmax(...).gather(...)`` and of
+  ``grpo_loss`` up to rounding); the old log-probabilities come from ``completion_logprobs``.
 
 A selection policy is a ``LoopPolicy``: ``choose`` before the rollout, ``report`` after it
 (which may return the groups to train). ``full`` is plain GRPO at the loop level (every
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 from .rl_data import MAX_ANSWER, PROMPT_LEN, RLData, RLSplit
-from .rl_model import TinyLM, completion_logprobs, generate, token_mask
+from .rl_model import TinyLM, completion_logprobs, completion_policy_loss, generate, token_mask
 from .rl_setup import SCALES, RLConfig, evaluate, load_data, warm_start
 
 __all__ = [
@@ -222,9 +223,11 @@ def _train_step(model: TinyLM, optimizer: torch.optim.Optimizer, split: RLSplit,
         with torch.no_grad():
             old = completion_logprobs(model, prompts, completions, mask=mask, temperature=SAMPLING_TEMPERATURE)
     for _ in range(cfg.inner_updates):
-        # positions after a completion's end hold 0 and are left out of the loss by its mask
-        logp = completion_logprobs(model, prompts, completions, mask=mask, temperature=SAMPLING_TEMPERATURE)
-        loss = grpo_loss(logp, logp.detach() if old is None else old, advantages, mask, cfg.clip_eps)
+        # positions after a completion's end are left out of the loss by its mask
+        loss = completion_policy_loss(
+            model, prompts, completions, advantages, mask=mask, old_logprobs=old, temperature=SAMPLING_TEMPERATURE,
+            clip_eps=cfg.clip_eps,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -11,7 +11,9 @@ cache for sampling.
 * ``completion_logprobs``: the log-probabilities of given completions under teacher forcing,
   at a temperature, from the final hidden states and the head through the fused
   policy-gradient path (``geko_core.linear_logprobs``: chunked, the ``[N, T, V]`` logits never
-  exist); the policy gradient and the supervised warm start both train through it.
+  exist); the supervised warm start trains through it.
+* ``completion_policy_loss``: GRPO's clipped loss of completions through
+  ``geko_core.linear_policy_loss`` (the loss's gradients made in the same chunked pass).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linear_logprobs import linear_logprobs
+from ..linear_policy_loss import linear_policy_loss
 from .rl_data import END, PAD, VOCAB
 
-__all__ = ["Rollout", "TinyLM", "completion_logprobs", "generate", "supervised_loss", "token_mask"]
+__all__ = ["Rollout", "TinyLM", "completion_logprobs", "completion_policy_loss", "generate", "supervised_loss", "token_mask"]
 
 Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -194,12 +197,39 @@ def completion_logprobs(
             ``token_mask(lengths, T)``); without it every position is computed.
         temperature: the sampling temperature the completions were drawn at.
     """
-    p = prompts.shape[1]
-    h = model.hidden(torch.cat((prompts, completions[:, :-1]), dim=1))[:, p - 1 :]
     logprobs, _ = linear_logprobs(
-        h, model.head.weight, completions, bias=model.head.bias, temperature=temperature, entropy=False, mask=mask
+        _completion_hidden(model, prompts, completions), model.head.weight, completions, bias=model.head.bias,
+        temperature=temperature, entropy=False, mask=mask,
     )
     return logprobs
+
+
+def completion_policy_loss(
+    model: TinyLM,
+    prompts: torch.Tensor,
+    completions: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    mask: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_eps: float = 0.2,
+) -> torch.Tensor:
+    """GRPO's clipped policy-gradient loss of ``completions`` (token-mean over ``mask``), by
+    ``linear_policy_loss``: each chunk's head logits are formed once, its gradients made in
+    the same pass. ``advantages``: ``[N]``, one per completion; ``old_logprobs``: ``[N, T]``
+    under the sampling policy (None: the current ones, detached)."""
+    loss, _ = linear_policy_loss(
+        _completion_hidden(model, prompts, completions), model.head.weight, completions, advantages,
+        old_logprobs=old_logprobs, bias=model.head.bias, temperature=temperature, clip_eps=clip_eps, mask=mask,
+    )
+    return loss
+
+
+def _completion_hidden(model: TinyLM, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """The final hidden states at the positions that predict the completion tokens, ``[N, T, d]``."""
+    p = prompts.shape[1]
+    return model.hidden(torch.cat((prompts, completions[:, :-1]), dim=1))[:, p - 1 :]
 
 
 def token_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
