@@ -198,7 +198,7 @@ def policy_chunks(
             continue
         # d loss / d z_j = g (δ_jy - p_j), with 1/τ folded into g: p = e / Σe
         g = (token_grad(start, stop, logprobs[start:stop]).to(work) / temperature).unsqueeze(1)
-        grad = e.mul_(log_total.neg_().exp_()).mul_(g.neg())
+        grad = e.mul_(log_total.neg_().exp_().mul_(g.neg()))  # one pass: e · (-g / Σe)
         grad.scatter_add_(1, chunk_ids, g)
         _chunk_gradients(buffers, grad, hidden_chunk, start, stop, grad_h, grad_w, grad_b)
     return logprobs, _grads(grad_h, grad_w, grad_b, weight, bias)
