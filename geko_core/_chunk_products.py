@@ -97,6 +97,28 @@ class ChunkProducts:
                 high = min(low + _CLASS_BLOCK, vocab)
                 grad_w[low:high].add_(torch.mm(grad[:, low:high].t(), hidden_chunk))
 
+    def add_gradients(
+        self,
+        grad: torch.Tensor,
+        hidden_chunk: torch.Tensor,
+        grad_h_rows: torch.Tensor | None,
+        grad_w: torch.Tensor | None,
+        grad_b: torch.Tensor | None,
+        grad_work: torch.Tensor | None = None,
+    ) -> None:
+        """A chunk's ``d / d logits`` into its rows of the hidden gradient and into the weight
+        and bias accumulators (those not None). ``grad``: in the inputs' dtype; ``grad_work``:
+        the same in the accumulation dtype when the caller has it (float32 for 16-bit inputs),
+        which the wide products and the bias gradient then read."""
+        if grad_work is None and self._weight32 is not None and (grad_h_rows is not None or grad_w is not None):
+            grad_work = self.widen(grad)
+        if grad_h_rows is not None:
+            self.hidden_grad(grad, grad_h_rows, grad_work)
+        if grad_w is not None:
+            self.add_weight_grad(grad_w, grad, hidden_chunk, grad_work)
+        if grad_b is not None:
+            grad_b.add_((grad if grad_work is None else grad_work).sum(dim=0, dtype=grad_b.dtype))
+
     def widen(self, grad: torch.Tensor) -> torch.Tensor | None:
         """``grad`` in float32 (in the scratch) for the wide products of one chunk; None when
         the products run in the inputs' dtype."""

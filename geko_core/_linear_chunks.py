@@ -413,15 +413,9 @@ def run_chunks(
         scale3 = token_scale[start:stop].view(count, 1)
         # The logits become d loss / d logits in place (zero rows for tokens that do not count).
         kernels.backward_in_place(logits3, labels3, lse3, scale3, ignore_index)
-        grad32 = products.widen(logits) if (grad_h is not None or grad_w is not None) else None
-        if grad_h is not None:
-            products.hidden_grad(logits, grad_h[start:stop], grad32)
-        if grad_w is not None:
-            products.add_weight_grad(grad_w, logits, hidden_chunk, grad32)
-        if grad_b is not None:
-            grad_b.add_(logits.sum(dim=0, dtype=grad_b.dtype))
+        products.add_gradients(logits, hidden_chunk, None if grad_h is None else grad_h[start:stop], grad_w, grad_b)
 
-    buffer = logits = logits3 = products = grad32 = None  # freed before the accumulators are cast: not needed at once
+    buffer = logits = logits3 = products = None  # freed before the accumulators are cast: not needed at once
     grads = _Grads(
         grad_h,
         None if grad_w is None else grad_w.to(weight.dtype),

@@ -127,16 +127,10 @@ def _chunk_gradients(
     """A chunk's ``d / d logits`` (``grad``, work dtype) into the hidden gradient rows
     ``[start, stop)`` and the weight and bias accumulators (those not None)."""
     grad_work = grad
-    products = buffers.products
-    if buffers.logits is not None and not products.wide:
+    if buffers.logits is not None and not buffers.products.wide:
         grad = buffers.logits[: stop - start].copy_(grad)  # 16-bit products take a 16-bit gradient
-    grad32 = grad_work if products.wide else None
-    if grad_h is not None:
-        products.hidden_grad(grad, grad_h[start:stop], grad32)
-    if grad_w is not None:
-        products.add_weight_grad(grad_w, grad, hidden_chunk, grad32)
-    if grad_b is not None:
-        grad_b.add_(grad_work.sum(dim=0, dtype=grad_b.dtype))
+    grad_h_rows = None if grad_h is None else grad_h[start:stop]
+    buffers.products.add_gradients(grad, hidden_chunk, grad_h_rows, grad_w, grad_b, grad_work)
 
 
 def _gradient_buffers(
