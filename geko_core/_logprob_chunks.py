@@ -21,14 +21,22 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _Buffers:
     """The reused ``[chunk, V]`` buffers: the logits in the input dtype (16-bit inputs only;
-    float32 and float64 logits are formed directly in ``z``), ``z`` and ``p`` in the work dtype."""
+    float32 and float64 logits are formed directly in ``z``), ``z`` and ``p`` in the work dtype
+    (``p`` made on first use)."""
 
     def __init__(self, chunk: int, weight: torch.Tensor, dtype: torch.dtype) -> None:
         work, vocab, device = work_dtype(dtype), weight.shape[0], weight.device
         self.products = ChunkProducts(weight, chunk)
         self.logits = torch.empty((chunk, vocab), dtype=dtype, device=device) if dtype != work else None
         self.z = torch.empty((chunk, vocab), dtype=work, device=device)
-        self.p = torch.empty((chunk, vocab), dtype=work, device=device)
+        self._p_shape = (chunk, vocab)
+        self._p: torch.Tensor | None = None
+
+    def p(self, rows: int) -> torch.Tensor:
+        """The second work-dtype buffer (made on first use: the fused loss needs only ``z``)."""
+        if self._p is None:
+            self._p = torch.empty(self._p_shape, dtype=self.z.dtype, device=self.z.device)
+        return self._p[:rows]
 
     def scaled_logits(self, hidden_chunk: torch.Tensor, bias: torch.Tensor | None, temperature: float) -> torch.Tensor:
         """``z = (hidden_chunk @ weight.T + bias) / temperature`` in the work dtype: the
@@ -102,7 +110,7 @@ def forward_chunks(
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         z = buffers.scaled_logits(hidden2[start:stop], bias, temperature)
-        e = buffers.p[: stop - start]
+        e = buffers.p(stop - start)
         top, log_total = _softmax_terms_in_place(z, e)  # z is now z - max
         lse[start:stop] = (top + log_total).squeeze(1)
         log_total = log_total.squeeze(1)
@@ -184,15 +192,18 @@ def policy_chunks(
         stop = min(start + chunk, rows)
         hidden_chunk = hidden2[start:stop]
         z = buffers.scaled_logits(hidden_chunk, bias, temperature)
-        e = buffers.p[: stop - start]
-        _, log_total = _softmax_terms_in_place(z, e)  # z is now z - max, e = exp(z - max)
+        # One buffer: z - max, the label's entry kept, then exp in place, its row sums.
+        top = z.amax(dim=1, keepdim=True)
+        z.sub_(torch.where(torch.isfinite(top), top, torch.zeros((), dtype=top.dtype, device=top.device)))
         chunk_ids = ids[start:stop].unsqueeze(1)
-        logprobs[start:stop] = z.gather(1, chunk_ids).squeeze(1).sub_(log_total.squeeze(1))
+        z_label = z.gather(1, chunk_ids).squeeze(1)
+        total = z.exp_().sum(dim=1, keepdim=True)  # z now holds e = exp(z - max)
+        logprobs[start:stop] = z_label.sub_(total.log().squeeze(1))
         if token_grad is None:
             continue
-        # d loss / d z_j = g (δ_jy - p_j), with 1/τ folded into g: p = e / Σe
+        # d loss / d z_j = g (δ_jy - p_j), with 1/τ folded into g and p = e / Σe: one pass
         g = (token_grad(start, stop, logprobs[start:stop]).to(work) / temperature).unsqueeze(1)
-        grad = e.mul_(log_total.neg_().exp_().mul_(g.neg()))  # one pass: e · (-g / Σe)
+        grad = z.mul_(g.neg().div_(total))
         grad.scatter_add_(1, chunk_ids, g)
         _chunk_gradients(buffers, grad, hidden_chunk, start, stop, grad_h, grad_w, grad_b)
     return logprobs, _grads(grad_h, grad_w, grad_b, weight, bias)
@@ -232,7 +243,7 @@ def backward_chunks(
             hidden_chunk = hidden2[start:stop]
             logp = buffers.scaled_logits(hidden_chunk, bias, temperature)
             logp.sub_(lse[start:stop].unsqueeze(1))
-            p = torch.exp(logp, out=buffers.p[:count])
+            p = torch.exp(logp, out=buffers.p(count))
             if g_h is not None:
                 # logp becomes -g_H p log p - p (g_H H + g_lp): the gradient but for the one-hot
                 # term (p log p first: 0 for a class of probability 0 whatever g_H)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._checks import check_real, check_same_device, check_tensor
+from ._linear_chunks import default_chunk_rows
 from ._logprob_chunks import policy_chunks, work_dtype
 from .linear_logprobs import _prepare
 
@@ -138,7 +139,8 @@ def linear_policy_loss(
         hidden, weight, token_ids, bias, temperature, mask, ignore_index, chunk_size, backend:
             as :func:`~geko_core.linear_logprobs` (the ``"reference"`` backend is plain torch on
             the materialised logits; under torch.compile use ``linear_logprobs`` and write the
-            loss in torch).
+            loss in torch). The pass needs one ``[chunk, V]`` work buffer where
+            ``linear_logprobs`` needs two, so the default chunk is twice as tall.
         advantages: floating, one per token (``hidden.shape[:-1]``) or, for ``[B, T, d]``
             hidden states, one per sequence (``[B]``).
         old_logprobs: floating, ``hidden.shape[:-1]``: the log-probabilities under the policy
@@ -158,6 +160,12 @@ def linear_policy_loss(
             torch.compile.
     """
     prepared, temperature = _prepare(hidden, weight, token_ids, bias, mask, ignore_index, temperature, chunk_size, backend)
+    if chunk_size is None:
+        # one work-dtype buffer (and the 16-bit logits) per chunk: twice the rows linear_logprobs takes
+        per_class = 1 if work_dtype(hidden.dtype) == hidden.dtype else 2
+        rows = prepared.hidden2.shape[0]
+        chunk = default_chunk_rows(rows, per_class * weight.shape[0], work_dtype(hidden.dtype), hidden.device)
+        prepared = prepared._replace(chunk=min(chunk, max(rows, 1)))
     if prepared.backend == "op":
         raise ValueError(
             "linear_policy_loss does not run under torch.compile: use linear_logprobs and write the loss in torch"
