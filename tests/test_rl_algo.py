@@ -474,7 +474,7 @@ def test_matched_steps_keep_full_grpos_steps_and_shrink_each_rollout():
         model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
         model.load_state_dict(warm_start(cfg, 0))
         policy = make_policy(name, len(data.train), 0, epochs=cfg.epochs, budget=0.5)
-        counters, _ = grpo_train(model, data, policy, cfg, 0, matched_steps=matched)
+        counters, _ = grpo_train(model, data, policy, cfg.with_(matched_steps=matched), 0)
         steps[name, matched] = counters
     full, matched, plain = steps["full", False], steps["random_subset", True], steps["random_subset", False]
     per_epoch = cfg.num_train // cfg.batch_prompts
@@ -483,3 +483,25 @@ def test_matched_steps_keep_full_grpos_steps_and_shrink_each_rollout():
     # every draw holds half a batch: full GRPO's step count, less the steps whose groups were all flat
     assert matched.steps <= cfg.epochs * per_epoch and full.steps <= cfg.epochs * per_epoch
     assert matched.steps > plain.steps
+
+
+def test_geko_bench_rl_late_runs_the_late_scale_with_matched_steps(tmp_path):
+    """``geko-bench --tasks rl-late`` runs the late-RL scale (matched steps) and writes its own
+    JSON and plots; rl-algo's file names are left alone."""
+    import json
+
+    from geko_core.bench import main as bench_main
+
+    code = bench_main(["--smoke", "--tasks", "rl-late", "--rl-policies", "full,random_subset", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rl-late.json", "rl-late_test_exact_vs_rollout_tokens.png", "rl-late_validation_exact_vs_rollout_tokens.png",
+    ]
+    saved = json.loads((tmp_path / "rl-late.json").read_text())
+    assert saved["meta"]["task"] == "rl-late" and saved["meta"]["scale"] == "late-smoke"
+    assert saved["meta"]["config"]["matched_steps"] is True
+    runs = {r["policy"]: r for r in saved["runs"]}
+    assert set(runs) == {"full", "random_subset"} and all(r["matched_steps"] for r in runs.values())
+    # matched steps: the random subset rolls out fewer prompts in as many steps as full GRPO
+    assert runs["random_subset"]["rollouts"] < runs["full"]["rollouts"]
+    assert runs["random_subset"]["steps"] > runs["full"]["steps"] // 2

@@ -4,6 +4,7 @@
     geko-bench                  # the default run (within 15 minutes on 2 cores)
     geko-bench --smoke          # seconds; what CI runs
     geko-bench --tasks rl-algo  # GRPO prompt selection, 5 seeds (opt-in: not in the default run)
+    geko-bench --tasks rl-late  # the same in the late-RL regime (most groups zero-variance)
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ __all__ = ["main"]
 DEFAULT_TASKS = ("mnist1d", "stdlib-lm")
 DEFAULT_POLICIES = ("full", "uniform", "random_subset", "infobatch", "es", "geko")
 RL_DEFAULT_POLICIES = ("full", "geko", "greso", "gainrl", "dynamic", "random_subset")
-#: rl-algo's settings per geko-bench scale (geko_core/bench/rl_setup.py SCALES)
-RL_SCALES = {"smoke": "smoke", "quick": "quick", "default": "bench"}
+#: the RL tasks' settings per geko-bench scale (geko_core/bench/rl_setup.py SCALES)
+RL_TASKS = {
+    "rl-algo": {"smoke": "smoke", "quick": "quick", "default": "bench"},
+    "rl-late": {"smoke": "late-smoke", "quick": "late", "default": "late"},
+}
 # "uniform" is full training through the Selector: its wall-clock against "full" is the
 # like-for-like cost of the Selector. "full_short" (opt-in) is full data cut to GEKO's measured
 # share of the steps, the learning-rate schedule compressed to them. Also available with
@@ -89,19 +93,19 @@ def _median_timing(result: dict) -> None:
     result["overhead_share"] = result["overhead_seconds"] / result["train_seconds"] if result["train_seconds"] > 0 else 0.0
 
 
-def _run_rl_algo(args: argparse.Namespace, scale_name: str, policies: list[str], argv: list[str] | None) -> None:
-    """The rl-algo suite (geko_core/bench/rl_bench.py): its own table, JSON and plots."""
+def _run_rl_task(task: str, args: argparse.Namespace, scale_name: str, policies: list[str], argv: list[str] | None) -> None:
+    """An RL suite (geko_core/bench/rl_bench.py): its own table, JSON and plots."""
     from .rl_bench import format_rl_table, run_suite, summarise, write_rl_outputs
     from .rl_setup import SCALES
 
-    scale = RL_SCALES[scale_name]
+    scale = RL_TASKS[task][scale_name]
     seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 5)
     started = time.perf_counter()
 
     def on_run(r: dict) -> None:
         if not args.no_progress:
             sys.stderr.write(
-                f"rl-algo {r['policy']} seed {r['seed']}: test exact {r['after']['test']['exact_%']:.1f}%, "
+                f"{task} {r['policy']} seed {r['seed']}: test exact {r['after']['test']['exact_%']:.1f}%, "
                 f"{r['rollout_tokens']:,} rollout tokens, RL {r['rl_seconds']:.1f}s ({time.perf_counter() - started:.0f}s so far)\n"
             )
 
@@ -109,7 +113,7 @@ def _run_rl_algo(args: argparse.Namespace, scale_name: str, policies: list[str],
     rows = summarise(runs, SCALES[scale].num_validation)
     meta = {
         "command": "geko-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "task": "rl-algo",
+        "task": task,
         "scale": scale,
         "config": dataclasses.asdict(SCALES[scale]),
         "seeds": seeds,
@@ -119,11 +123,11 @@ def _run_rl_algo(args: argparse.Namespace, scale_name: str, policies: list[str],
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
-    written = write_rl_outputs(Path(args.out), runs, rows, meta)
-    print(f"rl-algo ({scale} scale, {seeds} seeds; test split; Δ: paired against full GRPO of the same seed, "
+    written = write_rl_outputs(Path(args.out), runs, rows, meta, name=task)
+    print(f"{task} ({scale} scale, {seeds} seeds; test split; Δ: paired against full GRPO of the same seed, "
           "'(noise)' when its 95% interval holds 0)")
     print(format_rl_table(rows))
-    print(f"\n{len(runs)} rl-algo runs in {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in written))
+    print(f"\n{len(runs)} {task} runs in {meta['seconds']:.0f}s; wrote " + ", ".join(str(p) for p in written))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     scale = parser.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="small data and few epochs (about a minute)")
     scale.add_argument("--smoke", action="store_true", help="tiny end-to-end check (seconds)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm, sft-algo, sft-stdlib, rl-algo")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma list: mnist1d, mnist1d-noise20, mnist1d-noise40, stdlib-lm, sft-algo, sft-stdlib, rl-algo, rl-late")
     parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), help="comma list of full and Selector policies (also: eswp, gainrl, grace, uniform)")
     parser.add_argument(
         "--rl-policies",
         default=",".join(RL_DEFAULT_POLICIES),
-        help="rl-algo's policies (comma list; default " + ",".join(RL_DEFAULT_POLICIES) + "): full is plain GRPO, the others run through the Selector",
+        help="the RL tasks' policies (comma list; default " + ",".join(RL_DEFAULT_POLICIES) + "): full is plain GRPO, the others run through the Selector",
     )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3, 5 for rl-algo (1 with --smoke)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per (task, policy); default 3, 5 for rl-algo and rl-late (1 with --smoke)")
     parser.add_argument("--out", default="geko-bench-out", help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -181,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--budget must be in (0, 1]")
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     rl_policies = [p.strip() for p in args.rl_policies.split(",") if p.strip()]
-    if "rl-algo" in names:
+    rl_tasks = [name for name in names if name in RL_TASKS]
+    if rl_tasks:
         from .rl_bench import LOOP_POLICIES, SELECTOR_POLICIES
 
         for policy in rl_policies:
             if policy not in LOOP_POLICIES + SELECTOR_POLICIES:
-                parser.error(f"unknown rl-algo policy {policy!r}")
-    tasks = [make_task(name, scale_name) for name in names if name != "rl-algo"]
+                parser.error(f"unknown RL policy {policy!r}")
+    tasks = [make_task(name, scale_name) for name in names if name not in RL_TASKS]
     if args.library_defaults:
         from .settings import without_task_settings
 
@@ -233,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             for result in kept.values():
                 _median_timing(result)
     progress.close()
-    if "rl-algo" in names:
-        _run_rl_algo(args, scale_name, rl_policies, argv)
+    for task in rl_tasks:
+        _run_rl_task(task, args, scale_name, rl_policies, argv)
     if not tasks:
         return 0
     rows = aggregate(runs)

@@ -200,7 +200,7 @@ def format_rl_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _plot(out_dir: Path, runs: list[dict], key: str, label: str) -> Path:
+def _plot(out_dir: Path, runs: list[dict], key: str, label: str, name: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,23 +216,24 @@ def _plot(out_dir: Path, runs: list[dict], key: str, label: str) -> Path:
         ax.fill_between(grid, mean - std, mean + std, alpha=0.12)
     ax.set_xlabel("rollout tokens generated")
     ax.set_ylabel(f"{label} greedy exact match (%)")
-    ax.set_title(f"rl-algo: {label} exact match against rollout tokens (mean ± std over seeds)")
+    ax.set_title(f"{name}: {label} exact match against rollout tokens (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out_dir / f"rl-algo_{label}_exact_vs_rollout_tokens.png"
+    path = out_dir / f"{name}_{label}_exact_vs_rollout_tokens.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_rl_outputs(out_dir: Path, runs: list[dict], rows: list[dict], meta: dict) -> list[Path]:
-    """``rl-algo.json`` (meta, summary, every run with its curve) and the two plots (test and
-    validation exact match against rollout tokens) in ``out_dir``; returns the paths."""
+def write_rl_outputs(out_dir: Path, runs: list[dict], rows: list[dict], meta: dict, *, name: str = "rl-algo") -> list[Path]:
+    """``{name}.json`` (meta, summary, every run with its curve) and the two plots (test and
+    validation exact match against rollout tokens) in ``out_dir``; returns the paths. ``name``:
+    the task (``rl-algo``, ``rl-late``)."""
     import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "rl-algo.json"
+    path = out_dir / f"{name}.json"
     with atomic_write(path) as handle:
         handle.write(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1, default=float).encode("utf-8"))
-    return [path, _plot(out_dir, runs, "test_exact_%", "test"), _plot(out_dir, runs, "validation_exact_%", "validation")]
+    return [path, _plot(out_dir, runs, "test_exact_%", "test", name), _plot(out_dir, runs, "validation_exact_%", "validation", name)]

@@ -243,12 +243,11 @@ def grpo_train(
     seed: int,
     *,
     on_eval: Callable[[int, TinyLM, _Counters], None] | None = None,
-    matched_steps: bool = False,
 ) -> tuple[_Counters, list[dict]]:
     """Run ``cfg.epochs`` epochs of GRPO on ``data.train`` with ``policy``'s prompts.
 
     A step rolls out ``cfg.batch_prompts`` prompts of the plan (a filtering policy draws again
-    until its batch holds that many informative groups). ``matched_steps``: a policy that
+    until its batch holds that many informative groups). ``cfg.matched_steps``: a policy that
     plans a share ``s`` of the prompts for an epoch rolls out ``round(s * batch_prompts)``
     a step instead, so every epoch has full GRPO's number of optimizer steps and selection
     shrinks each step's rollouts rather than the number of steps (not with a filtering
@@ -282,7 +281,7 @@ def grpo_train(
             prepare(epoch, model, split)
         policy.begin_epoch(epoch)
         draw = cfg.batch_prompts
-        if matched_steps and not policy.filter_zero_variance:
+        if cfg.matched_steps and not policy.filter_zero_variance:
             draw = max(1, round(policy.epoch_share() * cfg.batch_prompts))
         now = time.perf_counter()
         c.seconds["selection"] += now - mark
@@ -381,7 +380,8 @@ def run_rl(
         config: overrides the scale's settings.
         policy: a ``LoopPolicy`` of one's own instead of ``policy_name``'s.
         fill: the Selector policies fill every batch with informative groups (``make_policy``).
-        matched_steps: every epoch has full GRPO's number of steps (``grpo_train``).
+        matched_steps: every epoch has full GRPO's number of steps (``grpo_train``; the
+            scale's ``matched_steps`` may say so too).
 
     Returns:
         A dict with the held-out figures before and after RL (``before``, ``after``: greedy
@@ -394,6 +394,8 @@ def run_rl(
     if scale not in SCALES and config is None:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     cfg = config or SCALES[scale]
+    if matched_steps:
+        cfg = cfg.with_(matched_steps=True)
     data = load_data(cfg)
     model = TinyLM(PROMPT_LEN + MAX_ANSWER, cfg.width, cfg.layers, cfg.heads)
     started = time.perf_counter()
@@ -412,13 +414,13 @@ def run_rl(
                 point[f"{split}_sampled_reward"] = figures[split]["sampled_reward"]
         curve.append(point)
 
-    counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval, matched_steps=matched_steps)
+    counters, epochs = grpo_train(model, data, chosen, cfg, seed, on_eval=on_eval)
     after = evaluate(model, data, cfg, seed)
     seconds = dict(counters.seconds)
     return {
         "policy": policy_name,
         "fill": bool(getattr(chosen, "filter_zero_variance", False)),
-        "matched_steps": bool(matched_steps),
+        "matched_steps": bool(cfg.matched_steps),
         "seed": seed,
         "scale": scale,
         "before": before,
