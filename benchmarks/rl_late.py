@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> None:
             policy = SelectorPolicy(args.policy, num_prompts, seed, cfg.epochs, options=base)
         result = run_rl(args.policy, seed, "late", config=cfg, policy=policy)
         result["options"] = run_options
+        if args.policy == "random_subset" and args.budget_from:
+            result["budget_from"] = args.budget_from + "".join(f" {item}" for item in args.budget_options)
         result["rollout_share"] = result["rollouts"] / (cfg.epochs * num_prompts * cfg.G)
         path.write_text(json.dumps(result))
         a = result["after"]
@@ -101,7 +103,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _label(r: dict) -> str:
-    return r["policy"] + "".join(f" {k}={v}" for k, v in sorted(r.get("options", {}).items()) if k != "budget")
+    label = r["policy"] + "".join(f" {k}={v}" for k, v in sorted(r.get("options", {}).items()) if k != "budget")
+    if r.get("budget_from"):
+        label += f" (share of {r['budget_from']})"
+    return label
 
 
 def report(args: argparse.Namespace) -> None:
@@ -162,7 +167,7 @@ def report(args: argparse.Namespace) -> None:
     print(f"| policy | against | {split} exact match at equal rollout tokens, Δ (paired) |")
     print("|---|---|---|")
     for label, by_seed in sorted(groups.items()):
-        if label in ("full", "random_subset") or label.startswith("dynamic"):
+        if label == "full" or label.startswith(("random_subset", "dynamic")):
             continue
         for other_label, curve_of in (("full GRPO", full), ("dynamic", groups.get("dynamic", {}))):
             at = {seed: rl_stats.accuracy_at_budget(curve_of[seed]["curve"], r["rollout_tokens"], key=key) for seed, r in by_seed.items() if seed in curve_of}

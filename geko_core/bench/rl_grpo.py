@@ -379,7 +379,8 @@ def run_rl(
         budget: ``random_subset``'s share of the prompts per epoch.
         config: overrides the scale's settings.
         policy: a ``LoopPolicy`` of one's own instead of ``policy_name``'s.
-        fill: the Selector policies fill every batch with informative groups (``make_policy``).
+        fill: the Selector policies fill every batch with informative groups (``make_policy``;
+            also the policies the scale's ``fill_policies`` names).
         matched_steps: every epoch has full GRPO's number of steps (``grpo_train``; the
             scale's ``matched_steps`` may say so too).
 
@@ -401,6 +402,7 @@ def run_rl(
     started = time.perf_counter()
     model.load_state_dict(warm_start(cfg, seed))
     warm_seconds = time.perf_counter() - started
+    fill = fill or policy_name in cfg.fill_policies
     chosen = policy if policy is not None else make_policy(policy_name, len(data.train), seed, epochs=cfg.epochs, budget=budget, fill=fill)
     before = evaluate(model, data, cfg, seed)
     curve: list[dict] = []
