@@ -17,8 +17,11 @@ One run per call, written as JSON to ``--out`` (several processes can share the 
     python benchmarks/rl_late.py run --policy random_subset --budget-from greso --seeds 0 --out OUT
     python benchmarks/rl_late.py report --out OUT [--split validation]
 
-``--budget-from P`` gives ``random_subset`` the rollout share that policy ``P`` spent on the
-same seed (read from its run in ``--out``). ``report`` pairs every run with full GRPO of the
+``--budget-from P`` gives ``random_subset`` the rollout share (rollouts, not tokens) that policy
+``P`` spent on the same seed (read from its run in ``--out``). A run here takes exactly the
+options it is given: unlike ``geko-bench --tasks rl-late``, it does not add the scale's
+``fill_policies`` (``--option filter_groups=true`` asks for filling), so the commands in
+``docs/results/2026-12-08-rl-late.md`` keep meaning what they ran. ``report`` pairs every run with full GRPO of the
 same seed (``geko_core.bench.rl_stats``): test (or validation) greedy exact match at the end,
 rollout tokens, RL wall-clock, and the accuracy at equal rollout tokens.
 """
@@ -31,9 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from geko_core._atomic import atomic_write
 from geko_core.bench import rl_stats
 from geko_core.bench.rl_grpo import FullPolicy, run_rl
 from geko_core.bench.rl_selection import SelectorPolicy, selector_options
@@ -68,14 +71,17 @@ def run(args: argparse.Namespace) -> None:
     options = _parse_options(args.option)
     cfg = LATE.with_(epochs=args.epochs) if args.epochs else LATE
     num_prompts = cfg.num_train
+    shares = {}  # seed -> the rollout share of the --budget-from runs, read once
+    if args.policy == "random_subset" and args.budget_from:
+        wanted = _parse_options(args.budget_options)
+        shares = {r["seed"]: r["rollout_share"] for r in _load(out) if r["policy"] == args.budget_from and r.get("options", {}) == wanted}
     for seed in args.seeds:
         run_options = dict(options)
         if args.policy == "random_subset":
             if args.budget_from:
-                source = [r for r in _load(out) if r["policy"] == args.budget_from and r["seed"] == seed and r.get("options", {}) == _parse_options(args.budget_options)]
-                if not source:
+                if seed not in shares:
                     raise SystemExit(f"no {args.budget_from} run of seed {seed} in {out} to take the budget from")
-                run_options["budget"] = round(source[0]["rollout_share"], 4)
+                run_options["budget"] = round(shares[seed], 4)
             run_options.setdefault("budget", 0.5)
         path = out / _name(args.policy, run_options, seed)
         if path.exists():
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
         if args.policy == "random_subset" and args.budget_from:
             result["budget_from"] = args.budget_from + "".join(f" {item}" for item in args.budget_options)
         result["rollout_share"] = result["rollouts"] / (cfg.epochs * num_prompts * cfg.G)
-        path.write_text(json.dumps(result))
+        with atomic_write(path) as handle:
+            handle.write(json.dumps(result).encode("utf-8"))
         a = result["after"]
         print(
             f"{path.name}: validation {result['before']['validation']['exact_%']:.1f} -> {a['validation']['exact_%']:.1f}, "
